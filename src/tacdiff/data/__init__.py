@@ -1,1 +1,5 @@
-"""data"""
+"""Real datasets (Fashion-MNIST IDX) and calibration-input generation."""
+
+from tacdiff.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, to_model_space, to_uint8
+
+__all__ = ["FASHION_MNIST_CLASSES", "load_fashion_mnist", "to_model_space", "to_uint8"]
