@@ -1,0 +1,207 @@
+"""The one verb: :func:`quantize` applies a :class:`QuantConfig` to a diffusers UNet.
+
+The walker plans which layers get which bits, swaps ``Conv2d``/``Linear`` for their
+quantized twins, attaches matmul-operand quantizers to attention modules, quantizes the
+weights (round-to-nearest or learned rounding) and calibrates activation ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from tacdiff.quant.calibrate import calibrate_activations
+from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor
+from tacdiff.quant.config import QuantConfig
+from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
+from tacdiff.sampling.calibration import CalibrationSet
+
+SUPPORTED_MODELS = (UNet2DModel, UNet2DConditionModel)
+STATE_ATTR = "_tacdiff_quant"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one module is quantized: ``kind`` is ``conv``, ``linear`` or ``attention`` (matmul operands)."""
+
+    name: str
+    kind: str
+    weight_bits: int | None
+    act_bits: int | None
+    split: int | None = None
+
+
+@dataclass
+class QuantState:
+    """What :func:`quantize` attached to a model: its config, plan and timestep router."""
+
+    config: QuantConfig
+    plan: list[LayerPlan]
+    router: TimestepRouter
+    hook: Any
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``TypeError`` unless ``model`` is a diffusers UNet class tacdiff supports."""
+    if not isinstance(model, SUPPORTED_MODELS):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
+        raise TypeError(f"tacdiff quantizes {names}; got {type(model).__name__}. "
+                        "Pass the pipeline's UNet (e.g. pipe.unet), not the pipeline or another model")
+    if hasattr(model, STATE_ATTR):
+        raise ValueError("this model is already quantized; start again from the full-precision model")
+
+
+def quant_state(model: nn.Module) -> QuantState:
+    """The :class:`QuantState` of a quantized model; ``ValueError`` if it was never quantized."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("model is not quantized by tacdiff; call tacdiff.quantize(model, config, calibration) first")
+    return state
+
+
+def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
+    """Decide bits and splits for every quantizable module of ``model`` (module order)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers:
+        raise ValueError("model has no Conv2d or Linear layers to quantize")
+    edges = {layers[0][0], layers[-1][0]} if config.first_last_bits is not None else set()
+    splits = skip_concat_splits(model) if config.split_shortcut else {}
+    plan = []
+    for name, module in layers:
+        if _excluded(name, config):
+            continue
+        w_bits = config.first_last_bits if name in edges else config.weight_bits
+        a_bits = config.first_last_bits if (name in edges and config.act_bits) else config.act_bits
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        plan.append(LayerPlan(name, kind, w_bits, a_bits, splits.get(name)))
+    if config.act_bits is not None and config.quantize_attention_matmuls:
+        plan += [LayerPlan(n, "attention", None, config.act_bits) for n, m in model.named_modules()
+                 if isinstance(m, Attention) and not _excluded(n, config)]
+    return plan
+
+
+def _excluded(name: str, config: QuantConfig) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in config.exclude)
+
+
+def skip_concat_splits(model: nn.Module) -> dict[str, int]:
+    """Channel index where each up-block resnet's input switches from the hidden state to the skip.
+
+    Up-block resnets consume ``cat([hidden, skip], dim=1)``: ``conv1`` (after norm and
+    activation) and ``conv_shortcut`` see that concatenation channel by channel.
+    """
+    splits: dict[str, int] = {}
+    hidden = model.config.block_out_channels[-1]
+    for b, block in enumerate(model.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            if 0 < hidden < resnet.in_channels:
+                for conv in ("conv1", "conv_shortcut"):
+                    if getattr(resnet, conv, None) is not None:
+                        splits[f"up_blocks.{b}.resnets.{j}.{conv}"] = hidden
+            hidden = resnet.out_channels
+    return splits
+
+
+def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> QuantState:
+    """Swap modules per ``plan`` (weights still float) and attach the timestep router; in place."""
+    router = TimestepRouter(config.timestep_groups, config.num_train_timesteps)
+    for entry in plan:
+        module = model.get_submodule(entry.name)
+        act = None if entry.act_bits is None else ActQuantizer(
+            entry.act_bits, config.act_symmetric, router, entry.split if entry.kind == "conv" else None)
+        if entry.kind == "attention":
+            for operand in MATMUL_OPERANDS:
+                module.add_module(operand, ActQuantizer(entry.act_bits, config.act_symmetric, router))
+            module.set_processor(QuantAttnProcessor())
+            continue
+        cls = QuantConv2d if entry.kind == "conv" else QuantLinear
+        new = cls.from_float(module, entry.weight_bits, config.weight_symmetric, entry.split, act)
+        parent, _, child = entry.name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    for name, module in model.named_modules():
+        if isinstance(module, ActQuantizer):
+            module.name = name
+    hook = model.register_forward_pre_hook(_route_timestep(router), with_kwargs=True)
+    state = QuantState(config, plan, router, hook)
+    setattr(model, STATE_ATTR, state)
+    return state
+
+
+def _route_timestep(router: TimestepRouter):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        router.set_timestep(timestep)
+    return hook
+
+
+def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet | None = None, *,
+             batch_size: int = 64, progress: bool = True) -> nn.Module:
+    """Quantize a diffusers UNet **in place** and return it.
+
+    Args:
+        model: a full-precision ``UNet2DModel`` or ``UNet2DConditionModel``.
+        config: the recipe (bits, ranges, rounding, timestep groups, ...).
+        calibration: model inputs drawn across timesteps (see
+            :func:`tacdiff.sampling.collect_calibration_set`); needed for activation
+            quantization and learned rounding, optional for RTN weight-only quantization.
+        batch_size: calibration forward batch size.
+        progress: show progress bars.
+    """
+    check_supported(model)
+    needs_data = config.act_bits is not None or config.weight_rounding == "adaround"
+    if needs_data and calibration is None:
+        raise ValueError("activation quantization and learned rounding need calibration inputs; pass "
+                         "calibration=collect_calibration_set(model, scheduler) or set act_bits=None")
+    fp_model = _frozen_copy(model) if config.weight_rounding == "adaround" else None
+    model.eval()
+    install(model, config, plan_layers(model, config))
+    for module in model.modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            module.quantize_weight(config.weight_range)
+    if fp_model is not None:
+        from tacdiff.quant.adaround import learn_rounding
+
+        learn_rounding(model, fp_model, calibration, config, progress=progress)
+    if config.act_bits is not None:
+        calibrate_activations(model, calibration, config, batch_size=batch_size, progress=progress)
+    return model
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(model).eval()
+    clone.requires_grad_(False)
+    return clone
+
+
+def quantization_summary(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per planned module: name, kind, weight bits, activation bits, split channel."""
+    return [asdict(entry) for entry in quant_state(model).plan]
+
+
+def format_summary(model: nn.Module) -> str:
+    """A plain-text table of :func:`quantization_summary` with parameter counts per bit width."""
+    rows = quantization_summary(model)
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'module':<{width}}  kind       w_bits  a_bits  split"]
+    for r in rows:
+        lines.append(f"{r['name']:<{width}}  {r['kind']:<9}  {_fmt(r['weight_bits']):>6}  "
+                     f"{_fmt(r['act_bits']):>6}  {_fmt(r['split']):>5}")
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            counts[f"{module.w_bits}-bit"] = counts.get(f"{module.w_bits}-bit", 0) + module.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    counts["float"] = total - sum(counts.values())
+    lines.append("weights: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def _fmt(value: int | None) -> str:
+    return "-" if value is None else str(value)

@@ -1,0 +1,109 @@
+"""The quantization recipe: a small validated dataclass that :func:`tacdiff.quantize` applies."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tacdiff.quant.primitives import check_bits
+
+_RANGE_METHODS = ("minmax", "percentile", "mse")
+_ROUNDINGS = ("rtn", "adaround")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Post-training quantization settings (Q-Diffusion-style PTQ).
+
+    Attributes:
+        weight_bits: bits for weights, per output channel (2..8).
+        act_bits: bits for layer inputs and attention matmul operands (2..8), or None
+            for weight-only quantization.
+        weight_symmetric / act_symmetric: symmetric ranges instead of asymmetric ones.
+        weight_range: how each channel's clipping range is chosen for round-to-nearest.
+        weight_rounding: ``"rtn"`` (round to nearest) or ``"adaround"`` (learned rounding,
+            reconstructing each block's full-precision output on calibration inputs).
+        act_range: how activation ranges are chosen from calibration samples.
+        act_percentile: the upper percentile (in %) for ``act_range="percentile"``.
+        first_last_bits: bits for the first and last layer (weights and inputs), or None
+            to treat them like every other layer.
+        exclude: ``fnmatch`` patterns of module names to leave in full precision.
+        split_shortcut: quantize the two halves of each up-block skip concatenation
+            separately (Q-Diffusion's shortcut splitting).
+        quantize_attention_matmuls: also quantize the operands of ``q @ k^T`` and ``softmax @ v``.
+        timestep_groups: number of activation ranges per quantizer; the one in use is
+            picked at run time from the current timestep (1 = one time-uniform range).
+        num_train_timesteps: the scheduler's training timesteps; the groups split ``[0, T)`` evenly.
+        adaround_iters: optimisation steps per block for learned rounding.
+        adaround_lr: Adam learning rate for the rounding variables.
+        adaround_batch_size: calibration samples per learned-rounding step.
+        seed: seed for every random choice made while quantizing.
+    """
+
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
+    weight_range: Literal["minmax", "percentile", "mse"] = "mse"
+    weight_rounding: Literal["rtn", "adaround"] = "rtn"
+    act_range: Literal["minmax", "percentile", "mse"] = "mse"
+    act_percentile: float = 99.99
+    first_last_bits: int | None = 8
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    split_shortcut: bool = True
+    quantize_attention_matmuls: bool = True
+    timestep_groups: int = 1
+    num_train_timesteps: int = 1000
+    adaround_iters: int = 500
+    adaround_lr: float = 1e-3
+    adaround_batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "act_bits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        _check_choice("weight_range", self.weight_range, _RANGE_METHODS)
+        _check_choice("act_range", self.act_range, _RANGE_METHODS)
+        _check_choice("weight_rounding", self.weight_rounding, _ROUNDINGS)
+        if not 50.0 < self.act_percentile <= 100.0:
+            raise ValueError(f"act_percentile must be in (50, 100], got {self.act_percentile}")
+        _check_positive("timestep_groups", self.timestep_groups)
+        _check_positive("num_train_timesteps", self.num_train_timesteps)
+        _check_positive("adaround_iters", self.adaround_iters)
+        _check_positive("adaround_batch_size", self.adaround_batch_size)
+        if self.timestep_groups > self.num_train_timesteps:
+            raise ValueError(f"timestep_groups ({self.timestep_groups}) cannot exceed "
+                             f"num_train_timesteps ({self.num_train_timesteps})")
+        if isinstance(self.exclude, str):
+            raise ValueError("exclude must be a sequence of patterns, e.g. ('time_embedding.*',), not a string")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_json(self) -> str:
+        """The config as a JSON string (stored in artifact metadata)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        """Rebuild a config written by :meth:`to_json`; unknown keys raise ``ValueError``."""
+        data: dict[str, Any] = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {unknown}; the artifact comes from a newer tacdiff")
+        data["exclude"] = tuple(data.get("exclude", ()))
+        return cls(**data)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,219 @@
+"""Quantized layers: an activation quantizer with timestep-grouped ranges and fake-quant Conv2d/Linear.
+
+Weights are stored as integer codes with per-output-channel scale and zero point (two
+of each per channel when the input is a split skip concatenation); the float weight the
+layer computes with is always the exact dequantization of those codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tacdiff.quant import primitives as P
+
+
+class TimestepRouter:
+    """Shared state telling every activation quantizer which timestep group is running.
+
+    The range ``[0, num_train_timesteps)`` is cut into ``groups`` equal intervals; a
+    forward pre-hook on the model calls :meth:`set_timestep` before each call.
+    """
+
+    def __init__(self, groups: int = 1, num_train_timesteps: int = 1000) -> None:
+        self.groups = groups
+        self.num_train_timesteps = num_train_timesteps
+        self.group = 0
+
+    def group_of(self, timestep: torch.Tensor | float | int) -> int:
+        """The group index of ``timestep`` (a number or a tensor whose entries share one group)."""
+        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
+        groups = torch.clamp((t * self.groups / self.num_train_timesteps).floor().long(), 0, self.groups - 1)
+        if groups.numel() == 0:
+            raise ValueError("timestep is empty")
+        if (groups != groups[0]).any():
+            raise ValueError("a batch mixes timesteps from different range groups "
+                             f"({sorted(set(groups.tolist()))}); call the model once per timestep group")
+        return int(groups[0])
+
+    def set_timestep(self, timestep: torch.Tensor | float | int) -> None:
+        """Select the group of ``timestep`` for the next forward pass."""
+        self.group = self.group_of(timestep) if self.groups > 1 else 0
+
+
+class RangeObserver:
+    """Collects a bounded random subsample plus exact min/max of every value seen, per group and segment."""
+
+    def __init__(self, groups: int, segments: int, per_call: int = 4096, cap: int = 1 << 18,
+                 seed: int = 0) -> None:
+        self.values: list[list[list[torch.Tensor]]] = [[[] for _ in range(segments)] for _ in range(groups)]
+        self.per_call, self.cap = per_call, cap
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def observe(self, parts: list[torch.Tensor], group: int, name: str) -> None:
+        """Record each segment's values for ``group``; non-finite values raise ``ValueError``."""
+        for seg, x in enumerate(parts):
+            flat = x.detach().reshape(-1).float()
+            if not torch.isfinite(flat).all():
+                raise ValueError(f"NaN or inf in the activations entering {name!r} during calibration; "
+                                 "check the model's weights and the calibration inputs")
+            pick = torch.randint(flat.numel(), (min(self.per_call, flat.numel()),), generator=self.generator)
+            store = self.values[group][seg]
+            store.append(torch.cat([flat[pick.to(flat.device)], flat.amin()[None], flat.amax()[None]]).cpu())
+            if sum(v.numel() for v in store) > self.cap:
+                merged = torch.cat(store)
+                keep = torch.randperm(merged.numel(), generator=self.generator)[: self.cap // 2]
+                store[:] = [merged[keep], merged.amin()[None], merged.amax()[None]]
+
+    def samples(self, group: int, segment: int) -> torch.Tensor | None:
+        """All recorded values of one group and segment, or None if none were seen."""
+        store = self.values[group][segment]
+        return torch.cat(store) if store else None
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor fake quantizer for activations with one range per timestep group.
+
+    With ``split`` set, channels ``[:split]`` and ``[split:]`` (dimension 1) get separate
+    ranges. Until calibrated (``enabled`` False) it passes values through unchanged.
+    """
+
+    def __init__(self, bits: int, symmetric: bool, router: TimestepRouter, split: int | None = None) -> None:
+        super().__init__()
+        self.bits, self.symmetric, self.split = P.check_bits(bits, "act_bits"), symmetric, split
+        self.router = router
+        segments = 1 if split is None else 2
+        self.register_buffer("scale", torch.ones(router.groups, segments))
+        self.register_buffer("zero_point", torch.zeros(router.groups, segments))
+        self.enabled = False
+        self.observer: RangeObserver | None = None
+        self.name = ""
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, groups={self.router.groups}, split={self.split}"
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The segments of ``x`` that get separate ranges."""
+        return [x] if self.split is None else [x[:, : self.split], x[:, self.split:]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(self.parts(x), self.router.group, self.name)
+        if not self.enabled:
+            return x
+        g = self.router.group
+        scale, zp = self.scale[g].to(x.dtype), self.zero_point[g].to(x.dtype)
+        out = [P.fake_quantize(part, scale[i], zp[i], self.bits) for i, part in enumerate(self.parts(x))]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+    def set_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set ranges of shape ``(groups, segments)`` and enable quantization."""
+        scale, zp = P.qparams_from_range(lo.float(), hi.float(), self.bits, self.symmetric)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.enabled = True
+
+
+class QuantWeightMixin:
+    """Integer-coded weights shared by :class:`QuantConv2d` and :class:`QuantLinear`.
+
+    Buffers: ``weight_codes`` (uint8, weight's shape), ``weight_scale`` and
+    ``weight_zero_point`` of shape ``(out_channels, segments)``.
+    """
+
+    weight: nn.Parameter
+
+    def _init_quant(self, bits: int, symmetric: bool, split: int | None, act_quant: ActQuantizer | None) -> None:
+        self.w_bits, self.w_symmetric, self.split = P.check_bits(bits, "weight_bits"), symmetric, split
+        self.act_quant = act_quant
+        segments = 1 if split is None else 2
+        out_channels = self.weight.shape[0]
+        self.weight.requires_grad_(False)
+        self.register_buffer("weight_codes", torch.zeros_like(self.weight, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(out_channels, segments, device=self.weight.device))
+        self.register_buffer("weight_zero_point", torch.zeros(out_channels, segments, device=self.weight.device))
+
+    def segments(self) -> list[slice]:
+        """Input-channel slices that get separate weight ranges."""
+        n_in = self.weight.shape[1]
+        return [slice(0, n_in)] if self.split is None else [slice(0, self.split), slice(self.split, n_in)]
+
+    def expand(self, p: torch.Tensor) -> torch.Tensor:
+        """Broadcast a ``(out_channels, segments)`` parameter against the weight."""
+        seg_of_input = torch.zeros(self.weight.shape[1], dtype=torch.long, device=p.device)
+        if self.split is not None:
+            seg_of_input[self.split:] = 1
+        full = p[:, seg_of_input]
+        return full.reshape(*full.shape, *([1] * (self.weight.dim() - 2)))
+
+    def weight_qparams(self, method: P.RangeMethod = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-output-channel (and per-segment) scale and zero point from the current float weight."""
+        ranges = [P.choose_range(self.weight[:, s].float(), method, self.w_bits, self.w_symmetric, axis=0)
+                  for s in self.segments()]
+        lo = torch.stack([r[0] for r in ranges], dim=1)
+        hi = torch.stack([r[1] for r in ranges], dim=1)
+        return P.qparams_from_range(lo, hi, self.w_bits, self.w_symmetric)
+
+    def quantize_weight(self, method: P.RangeMethod = "mse") -> None:
+        """Round-to-nearest quantization of the float weight with ranges chosen by ``method``."""
+        scale, zp = self.weight_qparams(method)
+        codes = P.quantize_tensor(self.weight.float(), self.expand(scale), self.expand(zp), self.w_bits)
+        self.set_codes(codes, scale, zp)
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Store integer codes and their parameters; the float weight becomes their dequantization."""
+        self.weight_codes.copy_(codes.to(torch.uint8))
+        self.weight_scale.copy_(scale)
+        self.weight_zero_point.copy_(zero_point)
+        self.refresh_weight()
+
+    def refresh_weight(self) -> None:
+        """Recompute the float weight from the stored codes (after loading a state dict)."""
+        with torch.no_grad():
+            self.weight.copy_(P.dequantize_tensor(self.weight_codes, self.expand(self.weight_scale),
+                                                  self.expand(self.weight_zero_point), self.weight.dtype))
+
+    def quant_repr(self) -> str:
+        act = "none" if self.act_quant is None else str(self.act_quant.bits)
+        return f"w_bits={self.w_bits}, a_bits={act}, split={self.split}"
+
+
+class QuantConv2d(QuantWeightMixin, nn.Conv2d):
+    """``nn.Conv2d`` with integer-coded weights and a fake-quantized input."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: int, symmetric: bool, split: int | None,
+                   act_quant: ActQuantizer | None) -> "QuantConv2d":
+        """A quantized copy of ``conv`` (weights still float until :meth:`quantize_weight`)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                  device=conv.weight.device, dtype=conv.weight.dtype)
+        new.load_state_dict(conv.state_dict())
+        new._init_quant(bits, symmetric, split, act_quant)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x if self.act_quant is None else self.act_quant(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.quant_repr()}"
+
+
+class QuantLinear(QuantWeightMixin, nn.Linear):
+    """``nn.Linear`` with integer-coded weights and a fake-quantized input."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, symmetric: bool, split: int | None,
+                   act_quant: ActQuantizer | None) -> "QuantLinear":
+        """A quantized copy of ``linear`` (weights still float until :meth:`quantize_weight`)."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  device=linear.weight.device, dtype=linear.weight.dtype)
+        new.load_state_dict(linear.state_dict())
+        new._init_quant(bits, symmetric, split, act_quant)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x if self.act_quant is None else self.act_quant(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.quant_repr()}"

@@ -1,0 +1,170 @@
+"""Pure uniform-affine quantization math: ranges, scales, (fake-)quantization, bit packing.
+
+Every function takes tensors and returns tensors; nothing here knows about modules.
+Codes are unsigned integers in ``[0, 2**bits - 1]`` and a value is recovered as
+``(code - zero_point) * scale``. Symmetric quantization is the special case
+``zero_point = 2**(bits-1)`` with the range ``[-amax, amax]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+RangeMethod = Literal["minmax", "percentile", "mse"]
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Return ``bits`` if it is an integer in 2..8, else raise ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def check_tensor(x: torch.Tensor, what: str = "tensor") -> torch.Tensor:
+    """Raise ``ValueError`` if ``x`` is empty or holds NaN/inf; return it otherwise."""
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantize an empty {what} (shape {tuple(x.shape)})")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contains NaN or inf; check the model and its inputs before quantizing")
+    return x
+
+
+def channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """View ``x`` as ``(C, M)`` with the channel ``axis`` first, or ``(1, numel)`` when ``axis`` is None."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def broadcast_to_axis(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Shape a per-channel parameter ``(C,)`` (or a scalar) to broadcast against ``x`` along ``axis``."""
+    if axis is None or p.dim() == 0:
+        return p.reshape(()) if p.numel() == 1 else p
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map ``[lo, hi]`` (widened to contain 0) onto ``bits``-bit codes.
+
+    Shapes of ``lo`` and ``hi`` are kept; the zero point is an integer-valued float tensor.
+    """
+    check_bits(bits)
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = torch.clamp(amax / (2 ** (bits - 1) - 1), min=tiny)
+        return scale, torch.full_like(scale, 2.0 ** (bits - 1))
+    scale = torch.clamp((hi - lo) / (2 ** bits - 1), min=tiny)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, 2 ** bits - 1)
+    return scale, zero_point
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through (identity) gradient; plain rounding without autograd."""
+    rounded = torch.round(x)
+    return x + (rounded - x).detach() if x.requires_grad else rounded
+
+
+def quantize_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / scale) + zero_point, 0, 2**bits - 1)`` as float (same shape as ``x``)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, 2 ** bits - 1)
+
+
+def dequantize_tensor(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Real values ``(codes - zero_point) * scale`` in ``dtype``."""
+    return ((codes.to(scale.dtype) - zero_point) * scale).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize ``x``; the gradient passes straight through inside the range.
+
+    ``scale`` and ``zero_point`` must broadcast against ``x``. Values outside the
+    representable range are clipped (and get zero gradient).
+    """
+    codes = torch.clamp(round_ste(x / scale) + zero_point, 0, 2 ** bits - 1)
+    return (codes - zero_point) * scale
+
+
+def minmax_range(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (or per-tensor) minimum and maximum, each of shape ``(C,)`` or ``()``."""
+    flat = channels_first(check_tensor(x), axis)
+    lo, hi = flat.amin(1), flat.amax(1)
+    return (lo, hi) if axis is not None else (lo[0], hi[0])
+
+
+def percentile_range(x: torch.Tensor, percentile: float = 99.99, axis: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range between the ``100 - percentile`` and ``percentile`` percentiles (in %)."""
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+    flat = channels_first(check_tensor(x), axis).float()
+    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], device=flat.device)
+    lo, hi = torch.quantile(flat, q, dim=1)
+    return (lo, hi) if axis is not None else (lo[0], hi[0])
+
+
+def mse_range(x: torch.Tensor, bits: int, symmetric: bool = False, axis: int | None = None,
+              grid: int = 100, norm: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipping range minimising the ``norm``-error of fake quantization, searched per channel.
+
+    Candidates shrink the min-max range (widened to contain 0) by ``k / grid`` for
+    ``k = 1..grid``; the best candidate is chosen independently for every channel.
+    """
+    check_bits(bits)
+    flat = channels_first(check_tensor(x), axis).float()
+    lo0 = torch.clamp(flat.amin(1), max=0.0)
+    hi0 = torch.clamp(flat.amax(1), min=0.0)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for k in range(grid, 0, -1):
+        lo, hi = lo0 * (k / grid), hi0 * (k / grid)
+        scale, zp = qparams_from_range(lo, hi, bits, symmetric)
+        err = (fake_quantize(flat, scale[:, None], zp[:, None], bits) - flat).abs().pow(norm).mean(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
+    return (best_lo, best_hi) if axis is not None else (best_lo[0], best_hi[0])
+
+
+def choose_range(x: torch.Tensor, method: RangeMethod, bits: int, symmetric: bool = False,
+                 axis: int | None = None, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch to :func:`minmax_range`, :func:`percentile_range` or :func:`mse_range`."""
+    if method == "minmax":
+        return minmax_range(x, axis)
+    if method == "percentile":
+        return percentile_range(x, percentile, axis)
+    if method == "mse":
+        return mse_range(x, bits, symmetric, axis)
+    raise ValueError(f"range method must be 'minmax', 'percentile' or 'mse', got {method!r}")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes into a flat uint8 tensor of ``ceil(numel * bits / 8)`` bytes."""
+    check_bits(bits)
+    values = codes.detach().to("cpu", torch.uint8).reshape(-1).numpy()
+    planes = np.unpackbits(values[:, None], axis=1, bitorder="little")[:, :bits]
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: a uint8 tensor of ``shape``."""
+    check_bits(bits)
+    numel = int(np.prod(shape)) if shape else 1
+    expected = (numel * bits + 7) // 8
+    if packed.numel() != expected:
+        raise ValueError(f"packed codes hold {packed.numel()} bytes, expected {expected} for "
+                         f"{numel} {bits}-bit values; the artifact is corrupt")
+    planes = np.unpackbits(packed.numpy(), bitorder="little")[: numel * bits].reshape(numel, bits)
+    values = np.packbits(planes, axis=1, bitorder="little")[:, 0]
+    return torch.from_numpy(values.copy()).reshape(shape)

@@ -1,0 +1,114 @@
+"""Calibration inputs: ``(x_t, t[, conditioning])`` recorded from the full-precision model's own sampling.
+
+Following Q-Diffusion's time-uniform calibration, the FP model samples from seeded noise
+and the model inputs of a uniform subset of the sampling steps are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from diffusers import DDIMScheduler, SchedulerMixin
+
+from tacdiff.sampling.loop import StepRecord, run_trajectories, seeded_noise, unet_denoiser
+
+
+@dataclass
+class CalibrationSet:
+    """Model inputs for calibration.
+
+    Attributes:
+        x: ``(N, C, H, W)`` noisy model inputs.
+        timesteps: ``(N,)`` the scheduler timestep of each input.
+        cond: extra model keyword arguments with a leading batch dimension ``N``
+            (e.g. ``encoder_hidden_states`` of shape ``(N, L, D)``).
+    """
+
+    x: torch.Tensor
+    timesteps: torch.Tensor
+    cond: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0]
+        if n == 0:
+            raise ValueError("the calibration set is empty; draw at least one sample")
+        if self.timesteps.shape != (n,):
+            raise ValueError(f"timesteps must have shape ({n},), got {tuple(self.timesteps.shape)}")
+        for key, value in self.cond.items():
+            if value.shape[0] != n:
+                raise ValueError(f"cond[{key!r}] has {value.shape[0]} rows, expected {n}")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batches(self, batch_size: int, device: torch.device | str | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """Yield ``(x, t, cond)`` batches of at most ``batch_size`` inputs sharing one timestep."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for t in torch.unique(self.timesteps, sorted=True).flip(0):
+            index = torch.nonzero(self.timesteps == t).flatten()
+            for chunk in index.split(batch_size):
+                yield (self.x[chunk].to(device), self.timesteps[chunk].to(device),
+                       {k: v[chunk].to(device) for k, v in self.cond.items()})
+
+    def subset(self, count: int, seed: int = 0) -> "CalibrationSet":
+        """A random subset of ``count`` inputs (all of them if ``count >= len(self)``)."""
+        if count >= len(self):
+            return self
+        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
+        return CalibrationSet(self.x[pick], self.timesteps[pick], {k: v[pick] for k, v in self.cond.items()})
+
+
+def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *, num_samples: int = 64,
+                            num_inference_steps: int = 50, kept_steps: int | None = 25, seed: int = 0,
+                            batch_size: int = 64, cond: dict[str, torch.Tensor] | None = None,
+                            sample_shape: tuple[int, ...] | None = None,
+                            progress: bool = True) -> CalibrationSet:
+    """Run the FP ``model`` with DDIM (built from ``scheduler``'s config) and record its inputs.
+
+    Args:
+        num_samples: trajectories started from seeded noise.
+        num_inference_steps: DDIM steps per trajectory.
+        kept_steps: how many steps, uniformly spaced over the trajectory, to keep
+            (None keeps all); the set has ``num_samples * kept_steps`` inputs.
+        cond: extra model keyword arguments of batch size ``num_samples`` (e.g. text embeddings).
+        sample_shape: ``(C, H, W)``; read from the model config when omitted.
+    Returns:
+        A :class:`CalibrationSet` on the CPU.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    kept = num_inference_steps if kept_steps is None else min(kept_steps, num_inference_steps)
+    keep = set(torch.linspace(0, num_inference_steps - 1, kept).round().long().tolist())
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    shape = sample_shape or _sample_shape(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    xs, ts, conds = [], [], {k: [] for k in (cond or {})}
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        noise = seeded_noise((count, *shape), seed + start, device, dtype)
+        chunk = {k: v[start:start + count].to(device) for k, v in (cond or {}).items()}
+
+        def record(rec: StepRecord, chunk: dict[str, Any] = chunk) -> None:
+            if rec.step in keep:
+                xs.append(rec.inputs[0].cpu())
+                ts.append(torch.full((rec.inputs[0].shape[0],), float(rec.t)))
+                for k, v in chunk.items():
+                    conds[k].append(v.cpu())
+
+        run_trajectories([unet_denoiser(model)], ddim, noise, num_inference_steps=num_inference_steps,
+                         seed=seed + start, cond=chunk, callback=record, progress=progress)
+    return CalibrationSet(torch.cat(xs), torch.cat(ts), {k: torch.cat(v) for k, v in conds.items()})
+
+
+def _sample_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    config = getattr(model, "config", None)
+    size = getattr(config, "sample_size", None)
+    if config is None or size is None:
+        raise ValueError("cannot read the sample shape from the model config; pass sample_shape=(C, H, W)")
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (config.in_channels, height, width)

@@ -1,0 +1,95 @@
+"""The one sampling loop: trajectories of several denoisers advanced in lockstep on a diffusers scheduler.
+
+In the k-diffusion style, a denoiser is any callable ``denoiser(x, t, **cond) -> eps``
+and the loop reports each step through a callback. Every trajectory gets its own copy
+of the scheduler (multistep solvers keep history) and its own generator seeded alike,
+so paired trajectories start from the same noise and draw the same per-step noise.
+Calibration, evaluation and the CLI all go through :func:`run_trajectories`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from diffusers import SchedulerMixin
+from tqdm.auto import tqdm
+
+
+class Denoiser(Protocol):
+    """Predicts the noise ``eps`` of shape ``x.shape`` from the model input ``x`` at timestep ``t``."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class StepRecord:
+    """What every trajectory saw at one sampling step (index ``step``, scheduler timestep ``t``).
+
+    ``states`` are the latents before the step, ``inputs`` the scaled model inputs and
+    ``eps`` the noise estimates the scheduler is about to consume, one per denoiser.
+    """
+
+    step: int
+    t: torch.Tensor
+    states: list[torch.Tensor]
+    inputs: list[torch.Tensor]
+    eps: list[torch.Tensor]
+
+
+def unet_denoiser(model: torch.nn.Module) -> Denoiser:
+    """Adapt a diffusers UNet (``model(x, t, **cond).sample``) to the denoiser interface."""
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return model(x, t, **cond, return_dict=False)[0]
+
+    return denoise
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict[str, Any]:
+    accepts = inspect.signature(scheduler.step).parameters
+    return {"generator": generator} if "generator" in accepts else {}
+
+
+@torch.no_grad()
+def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, noise: torch.Tensor, *,
+                     num_inference_steps: int, seed: int = 0, cond: dict[str, Any] | None = None,
+                     callback: Callable[[StepRecord], None] | None = None,
+                     progress: bool = True) -> list[torch.Tensor]:
+    """Sample with every denoiser from the same ``noise`` (shape ``(N, C, H, W)``); return the final latents.
+
+    The denoisers are called in list order at each step, so a later one may read what an
+    earlier one recorded (TAC calibration pairs the FP model with the quantized one this way).
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    cond = cond or {}
+    schedulers = [copy.deepcopy(scheduler) for _ in denoisers]
+    for sched in schedulers:
+        sched.set_timesteps(num_inference_steps, device=noise.device)
+    generators = [torch.Generator(noise.device).manual_seed(seed) for _ in denoisers]
+    states = [noise * sched.init_noise_sigma for sched in schedulers]
+    timesteps = schedulers[0].timesteps
+    for step, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+        inputs = [sched.scale_model_input(x, t) for sched, x in zip(schedulers, states)]
+        eps = [den(inp, t, **cond) for den, inp in zip(denoisers, inputs)]
+        if callback is not None:
+            callback(StepRecord(step, t, states, inputs, eps))
+        states = [sched.step(e, t, x, return_dict=False, **_step_kwargs(sched, g))[0]
+                  for sched, e, x, g in zip(schedulers, eps, states, generators)]
+    return states
+
+
+def sample(denoiser: Denoiser, scheduler: SchedulerMixin, noise: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Sample one trajectory; keyword arguments as in :func:`run_trajectories`."""
+    return run_trajectories([denoiser], scheduler, noise, **kwargs)[0]
+
+
+def seeded_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal starting noise drawn on the CPU from ``seed`` (identical on every device)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device, dtype)
