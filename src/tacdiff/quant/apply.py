@@ -79,6 +79,8 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
             continue
         w_bits = config.first_last_bits if name in edges else config.weight_bits
         a_bits = config.first_last_bits if (name in edges and config.act_bits) else config.act_bits
+        if name == layers[0][0] and not config.quantize_model_input:
+            a_bits = None
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         plan.append(LayerPlan(name, kind, w_bits, a_bits, splits.get(name)))
     if config.act_bits is not None and config.quantize_attention_matmuls:

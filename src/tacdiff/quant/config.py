@@ -29,6 +29,10 @@ class QuantConfig:
         act_percentile: the upper percentile (in %) for ``act_range="percentile"``.
         first_last_bits: bits for the first and last layer (weights and inputs), or None
             to treat them like every other layer.
+        quantize_model_input: also quantize the network input ``x_t`` (the first layer's input).
+            Off by default: as in Q-Diffusion, whose activation quantizers sit on layer
+            outputs, ``x_t`` stays in full precision, because at small ``t`` the noise the
+            model must estimate is far below an 8-bit step of ``x_t``'s range.
         exclude: ``fnmatch`` patterns of module names to leave in full precision.
         split_shortcut: quantize the two halves of each up-block skip concatenation
             separately (Q-Diffusion's shortcut splitting).
@@ -51,13 +55,14 @@ class QuantConfig:
     act_range: Literal["minmax", "percentile", "mse"] = "mse"
     act_percentile: float = 99.99
     first_last_bits: int | None = 8
+    quantize_model_input: bool = False
     exclude: tuple[str, ...] = field(default_factory=tuple)
     split_shortcut: bool = True
     quantize_attention_matmuls: bool = True
     timestep_groups: int = 1
     num_train_timesteps: int = 1000
     adaround_iters: int = 500
-    adaround_lr: float = 1e-3
+    adaround_lr: float = 1e-2
     adaround_batch_size: int = 32
     seed: int = 0
 
