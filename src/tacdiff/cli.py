@@ -13,6 +13,55 @@ def main() -> None:
     """tacdiff: low-bit diffusers models with timestep-aware correction."""
 
 
+def _fail(error: Exception) -> None:
+    """Print one clear error line and exit with status 2."""
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def quantize(
+    model_dir: str = typer.Argument(..., help="Folder from UNet2DModel/UNet2DConditionModel.save_pretrained "
+                                               "(or a pipeline folder with unet/)."),
+    out: str = typer.Option(..., "--out", help="Output folder for the quantized artifact."),
+    w_bits: int = typer.Option(8, "--w-bits", help="Weight bits (2-8), per output channel."),
+    a_bits: int = typer.Option(8, "--a-bits", help="Activation bits (2-8); 0 quantizes weights only."),
+    weight_rounding: str = typer.Option("rtn", help="rtn (round to nearest) or adaround (learned rounding)."),
+    weight_range: str = typer.Option("mse", help="Weight clipping: minmax, percentile or mse."),
+    act_range: str = typer.Option("mse", help="Activation range: minmax, percentile or mse."),
+    timestep_groups: int = typer.Option(1, help="Activation ranges per quantizer, picked by timestep."),
+    first_last_bits: int = typer.Option(8, help="Bits for the first and last layer; 0 treats them like the rest."),
+    exclude: list[str] = typer.Option([], help="fnmatch pattern of module names to keep in float (repeatable)."),
+    split_shortcut: bool = typer.Option(True, help="Quantize the halves of up-block skip concatenations apart."),
+    adaround_iters: int = typer.Option(500, help="Learned-rounding steps per block."),
+    scheduler: str = typer.Option(None, help="Scheduler folder (default: the pipeline's, else linear DDPM-1000)."),
+    calib_samples: int = typer.Option(64, help="Calibration trajectories."),
+    calib_steps: int = typer.Option(50, help="DDIM steps per calibration trajectory."),
+    calib_kept_steps: int = typer.Option(25, help="Steps per trajectory kept as calibration inputs."),
+    seed: int = typer.Option(0, help="Seed for calibration noise and every random choice."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    quiet: bool = typer.Option(False, help="Hide progress bars and the layer table."),
+) -> None:
+    """Quantize a diffusers UNet folder and write integer weights, ranges and metadata as safetensors."""
+    from tacdiff.quant import QuantConfig, format_summary
+    from tacdiff.workflows import CalibrationSettings, quantize_dir
+
+    try:
+        config = QuantConfig(weight_bits=w_bits, act_bits=a_bits or None, weight_rounding=weight_rounding,
+                             weight_range=weight_range, act_range=act_range, timestep_groups=timestep_groups,
+                             first_last_bits=first_last_bits or None, exclude=tuple(exclude),
+                             split_shortcut=split_shortcut, adaround_iters=adaround_iters, seed=seed)
+        calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed)
+        path, model, sqnr = quantize_dir(model_dir, out, config, scheduler_path=scheduler, calibration=calibration,
+                                         device=device, overwrite=overwrite, progress=not quiet)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        _fail(error)
+    if not quiet:
+        typer.echo(format_summary(model))
+    typer.echo(f"W{w_bits}A{a_bits or 'fp'}: output SQNR {sqnr:.2f} dB on held-out inputs; wrote {path}")
+
+
 @app.command()
 def train(
     out_dir: str = typer.Argument(..., help="Run folder; resumes from OUT_DIR/checkpoint/ when present."),
@@ -36,3 +85,31 @@ def train(
     out = train_model(out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay,
                       checkpoint_every=checkpoint_every, device=device, data_dir=data_dir, progress=not quiet)
     typer.echo(f"wrote {out / 'unet'}, {out / 'scheduler'} and {out / 'training.json'}")
+
+
+@app.command()
+def eval(  # noqa: A001 - the command is `tacdiff eval`
+    model: str = typer.Argument(..., help="FP diffusers model folder, quantized artifact folder, or 'reference'."),
+    fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR "
+                                                           "(folder or 'reference'); omit to skip them."),
+    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
+    steps: int = typer.Option(50, help="Sampling steps."),
+    samples: int = typer.Option(1000, help="Images to sample."),
+    seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
+    batch_size: int = typer.Option(256, help="Trajectories sampled at once."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    json_path: str = typer.Option(None, "--json", help="Write the results here as JSON (atomically)."),
+    quiet: bool = typer.Option(False, help="Hide progress bars."),
+) -> None:
+    """Sample a model and report FID/KID (1x28x28 models only) and, with --fp-model, paired x0 MSE/PSNR."""
+    from tacdiff.metrics.evaluate import evaluate, format_table, write_json
+
+    try:
+        result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
+                          batch_size=batch_size, device=device, progress=not quiet)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    typer.echo(format_table(result))
+    if json_path:
+        typer.echo(f"wrote {write_json(json_path, result)}")

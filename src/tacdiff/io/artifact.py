@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -51,6 +52,7 @@ def write_atomically(out_dir: str | Path, fill: Callable[[Path], None], overwrit
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         fill(tmp)
+        _relax_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -58,6 +60,15 @@ def write_atomically(out_dir: str | Path, fill: Callable[[Path], None], overwrit
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _relax_permissions(folder: Path) -> None:
+    """Give a temporary folder and its files the permissions the user's umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.rglob("*"):
+        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str, str] | None = None,
@@ -110,14 +121,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a quantized model saved by :func:`save_quantized`, in eval mode on ``device``."""
+def load_quantized(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a quantized model saved by :func:`save_quantized`, in eval mode on ``device``.
+
+    ``dtype`` is the compute dtype the model had when it was quantized; the quantization
+    parameters stay float32, as :func:`tacdiff.quantize` made them.
+    """
     meta = read_metadata(path)
     classes = {cls.__name__: cls for cls in SUPPORTED_MODELS}
     cls = classes.get(meta["model_class"])
     if cls is None:
         raise ValueError(f"unsupported model class {meta['model_class']!r} in {path}")
-    model = cls.from_config(cls.load_config(_folder(path))).eval()
+    model = cls.from_config(cls.load_config(_folder(path))).to(device, dtype).eval()
     config = QuantConfig.from_json(meta["quant_config"])
     install(model, config, [LayerPlan(**p) for p in json.loads(meta["plan"])])
     tensors = load_file(_weights_file(path))
@@ -135,7 +151,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
             module.refresh_weight()
         elif isinstance(module, ActQuantizer):
             module.enabled = module.name in enabled
-    return model.to(device)
+    return model
 
 
 def _folder(path: str | Path) -> Path:

@@ -127,9 +127,11 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
         new = cls.from_float(module, entry.weight_bits, config.weight_symmetric, entry.split, act)
         parent, _, child = entry.name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    device = next(model.parameters()).device
     for name, module in model.named_modules():
         if isinstance(module, ActQuantizer):
             module.name = name
+            module.to(device)
     hook = model.register_forward_pre_hook(_route_timestep(router), with_kwargs=True)
     state = QuantState(config, plan, router, hook)
     setattr(model, STATE_ATTR, state)

@@ -95,6 +95,17 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (codes - zero_point) * scale
 
 
+def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                             bits: int) -> torch.Tensor:
+    """Per-tensor :func:`fake_quantize` through PyTorch's fused kernel (about 4x faster).
+
+    ``scale`` and ``zero_point`` are 0-d tensors. The kernel multiplies by ``1 / scale``,
+    so a value within float rounding of a half step may land on the neighbouring code.
+    Its gradient is straight-through inside the range and zero outside.
+    """
+    return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point.round().int(), 0, 2 ** bits - 1)
+
+
 def minmax_range(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (or per-tensor) minimum and maximum, each of shape ``(C,)`` or ``()``."""
     flat = channels_first(check_tensor(x), axis)

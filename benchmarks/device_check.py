@@ -1,0 +1,73 @@
+"""Check that quantization follows the model's device and dtype, and time fake-quant against FP there.
+
+Usage: python benchmarks/device_check.py --device cuda [--dtype float32|bfloat16|float16]
+Prints, for the bundled reference model: output SQNR (W8A8, W4A8), whether a saved and
+reloaded artifact reproduces outputs bit for bit on that device, and forward times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import torch
+
+import tacdiff
+from tacdiff.io import load_quantized, save_quantized
+from tacdiff.models.reference import load_reference_model
+from tacdiff.workflows import output_sqnr_db
+
+
+def forward_seconds(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, repeats: int = 10) -> float:
+    """Median wall time of one forward pass (synchronised on CUDA)."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 2):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x, t)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return sorted(times[2:])[len(times[2:]) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device {args.device} ({name}), dtype {args.dtype}, torch {torch.__version__}")
+    fp, scheduler = load_reference_model(args.device)
+    fp = fp.to(dtype)
+    calib = tacdiff.collect_calibration_set(fp, scheduler, num_samples=32, num_inference_steps=20,
+                                            kept_steps=10, progress=False)
+    held_out = tacdiff.collect_calibration_set(fp, scheduler, num_samples=16, num_inference_steps=20,
+                                               kept_steps=5, seed=1, progress=False)
+    x = torch.randn(args.batch, 1, 28, 28, device=args.device, dtype=dtype)
+    t = torch.full((args.batch,), 500, device=args.device)
+    fp_time = forward_seconds(fp, x, t)
+    print("| setting | SQNR dB | weights on | weight dtype | reload bit-exact | forward vs FP |")
+    print("|---|---|---|---|---|---|")
+    for w_bits in (8, 4):
+        model = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=w_bits, act_bits=8), calib,
+                                 progress=False)
+        sqnr = output_sqnr_db(fp, model, held_out)
+        with tempfile.TemporaryDirectory() as folder:
+            save_quantized(model, f"{folder}/q")
+            reloaded = load_quantized(f"{folder}/q", args.device, dtype)
+            with torch.no_grad():
+                exact = torch.equal(model(x, t).sample, reloaded(x, t).sample)
+        weight = next(model.parameters())
+        ratio = forward_seconds(model, x, t) / fp_time
+        print(f"| W{w_bits}A8 | {sqnr:.2f} | {weight.device} | {weight.dtype} | {exact} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
