@@ -9,13 +9,19 @@ from tacdiff.metrics.fid import (
     load_feature_extractor,
     save_reference,
 )
+from tacdiff.metrics.paired import PairedErrors, PairedStepStats, paired_errors, psnr_db, sqnr_db
 
 __all__ = [
     "FashionClassifier",
     "FeatureExtractor",
+    "PairedErrors",
+    "PairedStepStats",
     "extract_features",
     "fid_kid",
     "inception_fid",
     "load_feature_extractor",
+    "paired_errors",
+    "psnr_db",
     "save_reference",
+    "sqnr_db",
 ]

@@ -1,0 +1,210 @@
+"""Evaluate a model folder (FP, quantized artifact or the bundled reference): FID/KID and paired errors.
+
+What ``tacdiff eval`` runs. FID/KID use the bundled Fashion-MNIST classifier, so they apply
+only to 1-channel 28×28 models; the paired metrics need an FP model to pair with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       SchedulerMixin)
+from torch import Tensor, nn
+
+from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
+from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
+from tacdiff.metrics.paired import batched_trajectories, paired_errors, to_images
+from tacdiff.models.loading import load_scheduler, load_unet
+from tacdiff.models.reference import load_reference_model
+from tacdiff.sampling.calibration import _sample_shape
+from tacdiff.sampling.loop import unet_denoiser
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+REFERENCE = "reference"
+KID_SUBSET_SIZE = 1000
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to sample, with the scheduler config it was trained (or quantized) with."""
+
+    model: nn.Module
+    scheduler_config: dict[str, Any] | None
+    quantized: bool
+
+
+def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load ``"reference"``, a quantized artifact folder or a diffusers UNet/pipeline folder, in eval mode."""
+    if str(spec) == REFERENCE:
+        model, scheduler = load_reference_model(device)
+        return LoadedModel(model, dict(scheduler.config), quantized=False)
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model folder, a quantized "
+                                f"artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
+    if (path / WEIGHTS_NAME).is_file():
+        config = read_metadata(path).get("scheduler_config")
+        return LoadedModel(load_quantized(path, device), json.loads(config) if config else None, quantized=True)
+    return LoadedModel(load_unet(path, device), dict(load_scheduler(None, path).config), quantized=False)
+
+
+def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
+    """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule."""
+    cls = SCHEDULERS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
+    return cls.from_config(base)
+
+
+def check_settings(scheduler: str, steps: int, samples: int, batch_size: int, device: str) -> None:
+    """Raise ``ValueError`` naming the first bad setting (before anything is loaded)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    for name, value in (("steps", steps), ("samples", samples), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"bad device {device!r} ({error}); use e.g. cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+
+
+def _fid_or_note(images: list[Tensor], shape: tuple[int, ...], seed: int) -> tuple[dict[str, float | None], str | None]:
+    empty: dict[str, float | None] = {"fid": None, "kid": None, "kid_std": None}
+    if shape != IMAGE_SHAPE:
+        return empty, f"FID skipped: it needs 1x28x28 Fashion-MNIST-domain samples, this model makes {shape}"
+    samples = torch.cat(images)
+    if samples.shape[0] < 2:
+        return empty, "FID skipped: it needs at least 2 samples"
+    return fid_kid(samples, kid_subset_size=min(KID_SUBSET_SIZE, samples.shape[0]), seed=seed), None
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerMixin, keep: bool,
+                   **run: Any) -> tuple[list[Tensor], Any]:
+    """Final images of ``model`` (kept on the CPU if ``keep``) and paired errors against ``fp`` (or None)."""
+    images: list[Tensor] = []
+    if fp is not None:
+        def collect(start: int, ref: Tensor, est: Tensor) -> None:
+            if keep:
+                images.append(est.cpu())
+        return images, paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, on_batch=collect, **run)
+    for _, (final,) in batched_trajectories([unet_denoiser(model)], scheduler, **run):
+        if keep:
+            images.append(to_images(final).cpu())
+    return images, None
+
+
+def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "ddim", steps: int = 50,
+             samples: int = 1000, seed: int = 0, batch_size: int = 256, device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """Sample ``model`` and score it; pair it with ``fp_model`` for the paired metrics.
+
+    Args:
+        model: a diffusers UNet2DModel folder (or pipeline folder), a quantized artifact folder,
+            or ``"reference"`` for the bundled Fashion-MNIST model.
+        fp_model: the FP model (same kinds of spec) to pair with; ``None`` skips the paired metrics.
+        scheduler: ddim, ddpm, dpm (DPM-Solver++ multistep) or euler, built with ``from_config``
+            from the model's scheduler config (an artifact's recorded one, else ``fp_model``'s,
+            else a 1000-step linear DDPM schedule).
+        steps, samples, seed, batch_size, device: sampling settings; see
+            :func:`tacdiff.metrics.paired.sample_noise` for how seeds map to images.
+    Returns:
+        A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
+        1×28×28 images), ``x0_mse``/``x0_psnr`` (None without ``fp_model``; PSNR with peak-to-peak
+        2), ``per_step`` paired series (or None), ``note`` and ``seconds`` (sampling plus metrics,
+        models already loaded) with ``sampling_seconds``.
+    """
+    check_settings(scheduler, steps, samples, batch_size, device)
+    loaded = load_any_model(model, device)
+    fp = load_any_model(fp_model, device) if fp_model is not None else None
+    shape = tuple(_sample_shape(loaded.model))
+    if fp is not None and tuple(_sample_shape(fp.model)) != shape:
+        raise ValueError(f"--fp-model makes {tuple(_sample_shape(fp.model))} samples but MODEL makes {shape}; "
+                         "pair a quantized model with the FP model it came from")
+    config = loaded.scheduler_config or (fp.scheduler_config if fp is not None else None)
+    sched = build_scheduler(scheduler, config)
+    if steps > sched.config.num_train_timesteps:
+        raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
+    started = time.perf_counter()
+    images, paired = _sample_images(
+        loaded.model, fp.model if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
+        num_samples=samples, sample_shape=shape, num_inference_steps=steps, seed=seed, batch_size=batch_size,
+        device=device, progress=progress)
+    _synchronize(device)
+    sampling_seconds = time.perf_counter() - started
+    scores, note = _fid_or_note(images, shape, seed)
+    return {
+        "model": str(model), "fp_model": None if fp_model is None else str(fp_model),
+        "quantized": loaded.quantized, "scheduler": scheduler, "steps": steps, "samples": samples, "seed": seed,
+        "batch_size": batch_size, "device": device, **scores,
+        "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
+        "per_step": None if paired is None else paired.per_step(), "note": note,
+        "seconds": time.perf_counter() - started, "sampling_seconds": sampling_seconds,
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.6g}"
+    return str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The scalar results of :func:`evaluate` as a two-column text table."""
+    keys = ("model", "fp_model", "scheduler", "steps", "samples", "seed", "fid", "kid", "kid_std", "x0_mse",
+            "x0_psnr", "sampling_seconds", "seconds")
+    width = max(len(k) for k in keys)
+    lines = [f"{k:<{width}}  {_cell(result.get(k))}" for k in keys]
+    return "\n".join(lines + ([result["note"]] if result.get("note") else []))
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become the strings "inf", "-inf" or "nan" (strict JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as strict JSON to ``path`` atomically (a temporary sibling, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(_json_safe(data), file, indent=2, allow_nan=False)
+            file.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,229 @@
+"""Paired trajectory errors: an estimate denoiser (e.g. quantized) against a reference (FP) one.
+
+Both run through :func:`tacdiff.sampling.run_trajectories` from the same starting noise with
+the same per-step noise, in batches, so memory is bounded by the batch size. The per-step
+sums live in :class:`PairedStepStats`, a ``run_trajectories`` callback that other per-step
+consumers (e.g. a correction calibration) can reuse or copy the shape of.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import torch
+from diffusers import SchedulerMixin
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tacdiff.sampling.loop import Denoiser, StepRecord, run_trajectories
+
+IMAGE_RANGE = (-1.0, 1.0)
+PEAK_TO_PEAK = IMAGE_RANGE[1] - IMAGE_RANGE[0]
+
+
+def sqnr_db(reference: Tensor, estimate: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(Σ reference² / Σ (estimate − reference)²)`` in dB.
+
+    Sums in float64 over all elements; ``inf`` when the tensors are equal.
+    """
+    if reference.shape != estimate.shape:
+        raise ValueError(f"shapes differ: reference {tuple(reference.shape)}, estimate {tuple(estimate.shape)}")
+    ref = reference.detach().double()
+    noise = (estimate.detach().double() - ref).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return -math.inf if signal == 0 else 10.0 * math.log10(signal / noise)
+
+
+def psnr_db(mse: float, peak_to_peak: float = PEAK_TO_PEAK) -> float:
+    """PSNR ``10·log10(peak_to_peak² / mse)`` in dB (``inf`` for ``mse == 0``); images in [-1, 1] have peak-to-peak 2."""
+    return math.inf if mse == 0 else 10.0 * math.log10(peak_to_peak ** 2 / mse)
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit seed determined by ``seed`` and ``keys`` alone (distinct keys give unrelated streams)."""
+    text = ":".join(str(k) for k in (seed, *keys)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def sample_noise(shape: Sequence[int], start: int, count: int, seed: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Starting noise ``(count, *shape)`` for samples ``start .. start+count-1``.
+
+    Sample ``i`` is drawn on the CPU from ``derive_seed(seed, "noise", i)`` alone, so an image
+    does not depend on the batch size, the device or how many samples are drawn.
+    """
+    gens = (torch.Generator("cpu").manual_seed(derive_seed(seed, "noise", i)) for i in range(start, start + count))
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device, dtype)
+
+
+def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, *, num_samples: int,
+                         sample_shape: Sequence[int], num_inference_steps: int, seed: int = 0,
+                         batch_size: int = 64, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32, cond: dict[str, Tensor] | None = None,
+                         callback: Callable[[StepRecord], None] | None = None,
+                         progress: bool = True) -> Iterator[tuple[int, list[Tensor]]]:
+    """Run :func:`run_trajectories` over ``num_samples`` in batches; yield ``(start, final latents)`` per batch.
+
+    Starting noise comes from :func:`sample_noise`. Stochastic schedulers draw their per-step
+    noise from one generator per batch (seeded by ``seed`` and the batch start), identical
+    for every denoiser of the batch, so their images depend on ``batch_size`` too.
+    ``cond`` values have a leading dimension ``num_samples`` and are sliced per batch;
+    ``callback`` sees every step of every batch.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with tqdm(total=num_samples, desc="samples", unit="img", disable=not progress) as bar:
+        for start in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - start)
+            noise = sample_noise(sample_shape, start, count, seed, device, dtype)
+            chunk = {k: v[start:start + count].to(device) for k, v in (cond or {}).items()}
+            finals = run_trajectories(denoisers, scheduler, noise, num_inference_steps=num_inference_steps,
+                                      seed=derive_seed(seed, "steps", start), cond=chunk, callback=callback,
+                                      progress=progress)
+            bar.update(count)
+            yield start, finals
+
+
+def to_images(latents: Tensor) -> Tensor:
+    """Final latents clamped to the image range [-1, 1]."""
+    return latents.clamp(*IMAGE_RANGE)
+
+
+class PairedStepStats:
+    """Per-step discrepancy sums between two trajectories of a :class:`StepRecord`; a ``run_trajectories`` callback.
+
+    With ``d = record.<field>[estimate] - record.<field>[reference]`` it accumulates, per step
+    index and over every batch it is called on, in float64: the sample count, ``Σ_n ‖d_state‖²``,
+    ``Σ_n ‖d_eps‖²`` and the sum of ``d_input`` per channel (``granularity="channel"``, summed
+    over samples and pixels) or per element (``"element"``, summed over samples).
+    ``d_state`` compares the latents before the step, ``d_input`` the scaled model inputs
+    (what a denoiser wrapper sees; the same as the latents for DDIM and DDPM).
+    """
+
+    def __init__(self, reference: int = 0, estimate: int = 1,
+                 granularity: Literal["channel", "element"] = "channel") -> None:
+        if granularity not in ("channel", "element"):
+            raise ValueError(f"granularity must be 'channel' or 'element', got {granularity!r}")
+        self.reference, self.estimate, self.granularity = reference, estimate, granularity
+        self.timesteps: list[float] = []
+        self.counts: list[int] = []
+        self.state_sq: list[float] = []
+        self.eps_sq: list[float] = []
+        self.input_sum: list[Tensor] = []
+        self.input_elements: list[int] = []
+
+    def _diff(self, pair: list[Tensor]) -> Tensor:
+        return pair[self.estimate].double() - pair[self.reference].double()
+
+    def _slot(self, step: int, t: float) -> None:
+        if step == len(self.timesteps):
+            self.timesteps.append(t)
+            self.counts.append(0)
+            self.state_sq.append(0.0)
+            self.eps_sq.append(0.0)
+            self.input_sum.append(torch.zeros(()))
+            self.input_elements.append(0)
+        elif step > len(self.timesteps) or self.timesteps[step] != t:
+            raise ValueError(f"step {step} at timestep {t} does not match the steps seen so far "
+                             f"({self.timesteps}); use one PairedStepStats per scheduler and step count")
+
+    def __call__(self, record: StepRecord) -> None:
+        self._slot(record.step, float(record.t))
+        i = record.step
+        d_state, d_input, d_eps = (self._diff(p) for p in (record.states, record.inputs, record.eps))
+        self.counts[i] += d_state.shape[0]
+        self.state_sq[i] += d_state.flatten(1).pow(2).sum().item()
+        self.eps_sq[i] += d_eps.flatten(1).pow(2).sum().item()
+        dims = (0,) if self.granularity == "element" else (0, *range(2, d_input.ndim))
+        summed = d_input.sum(dims)
+        self.input_sum[i] = self.input_sum[i] + summed.cpu()
+        self.input_elements[i] += d_input.numel() // summed.numel()
+
+    def mean_input_bias(self) -> Tensor:
+        """``(T, C)`` (or ``(T, C, H, W)`` per element): the mean of ``x̂_t − x_t`` at each step."""
+        self._require_data()
+        return torch.stack([s / n for s, n in zip(self.input_sum, self.input_elements)])
+
+    def mean_sq_norms(self) -> tuple[Tensor, Tensor]:
+        """``(T,)`` means over samples of ``‖x̂_t − x_t‖²`` and of ``‖ε̂_t − ε_t‖²``."""
+        self._require_data()
+        counts = torch.tensor(self.counts, dtype=torch.float64)
+        return (torch.tensor(self.state_sq, dtype=torch.float64) / counts,
+                torch.tensor(self.eps_sq, dtype=torch.float64) / counts)
+
+    def _require_data(self) -> None:
+        if not self.timesteps:
+            raise ValueError("no steps recorded yet; pass this object as run_trajectories' callback first")
+
+
+@dataclass(frozen=True)
+class PairedErrors:
+    """How far the estimate's trajectories are from the reference's on the same noise.
+
+    Attributes:
+        num_samples, num_inference_steps: what was run.
+        timesteps: ``(T,)`` the scheduler timesteps, in sampling order.
+        x0_mse: mean over samples and pixels of ``(x̂_0 − x_0)²``, final images clamped to [-1, 1].
+        x0_psnr: ``10·log10(2² / x0_mse)`` dB (peak-to-peak 2 for images in [-1, 1]); ``inf`` if equal.
+        state_sq_err: ``(T,)`` mean over samples of the per-sample ``‖x̂_t − x_t‖²`` (latents before step t).
+        eps_sq_err: ``(T,)`` mean over samples of the per-sample ``‖ε̂_t − ε_t‖²``.
+        input_bias: ``(T, C)`` mean over samples and pixels of ``x̂_t − x_t`` per channel (model inputs).
+    """
+
+    num_samples: int
+    num_inference_steps: int
+    timesteps: Tensor
+    x0_mse: float
+    x0_psnr: float
+    state_sq_err: Tensor
+    eps_sq_err: Tensor
+    input_bias: Tensor
+
+    def per_step(self) -> dict[str, list[Any]]:
+        """The per-step series as plain lists (for JSON)."""
+        return {"timesteps": self.timesteps.tolist(), "state_sq_err": self.state_sq_err.tolist(),
+                "eps_sq_err": self.eps_sq_err.tolist(), "input_bias": self.input_bias.tolist()}
+
+
+def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerMixin, *, num_samples: int,
+                  sample_shape: Sequence[int], num_inference_steps: int, seed: int = 0, batch_size: int = 64,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  cond: dict[str, Tensor] | None = None,
+                  on_batch: Callable[[int, Tensor, Tensor], None] | None = None,
+                  progress: bool = True) -> PairedErrors:
+    """Sample ``reference`` (FP) and ``estimate`` (e.g. quantized) in lockstep and measure their discrepancy.
+
+    Args:
+        reference, estimate: denoisers ``(x, t, **cond) -> eps`` (see :func:`tacdiff.sampling.unet_denoiser`).
+        scheduler: any diffusers scheduler; each trajectory gets its own copy.
+        num_samples: trajectories per denoiser, run ``batch_size`` at a time.
+        sample_shape: ``(C, H, W)`` of the latents.
+        seed: starting noise and per-step noise, as in :func:`batched_trajectories`.
+        cond: model keyword arguments with a leading dimension ``num_samples``.
+        on_batch: called as ``on_batch(start, reference_images, estimate_images)`` with each
+            batch's final images clamped to [-1, 1] (e.g. to keep them for FID).
+    Returns:
+        :class:`PairedErrors`; the images are not kept.
+    """
+    stats = PairedStepStats()
+    sq_err, elements = 0.0, 0
+    for start, (ref, est) in batched_trajectories(
+            [reference, estimate], scheduler, num_samples=num_samples, sample_shape=sample_shape,
+            num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, device=device,
+            dtype=dtype, cond=cond, callback=stats, progress=progress):
+        ref, est = to_images(ref), to_images(est)
+        sq_err += (est.double() - ref.double()).pow(2).sum().item()
+        elements += ref.numel()
+        if on_batch is not None:
+            on_batch(start, ref, est)
+    mse = sq_err / elements
+    state_sq, eps_sq = stats.mean_sq_norms()
+    return PairedErrors(num_samples, num_inference_steps, torch.tensor(stats.timesteps), mse, psnr_db(mse),
+                        state_sq, eps_sq, stats.mean_input_bias())

@@ -1,0 +1,89 @@
+"""`tacdiff eval` and the evaluate() it wraps: reference model, FP folders, quantized artifacts, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from typer.testing import CliRunner
+
+import tacdiff
+from tacdiff.cli import app
+from tacdiff.io import save_quantized
+from tacdiff.metrics.evaluate import evaluate, write_json
+
+REQUIRED = {"fid", "kid", "x0_mse", "x0_psnr", "seconds", "model", "fp_model", "scheduler", "steps", "samples",
+            "seed", "batch_size", "device"}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny FP UNet2DModel folder and its W4 (RTN, weight-only) quantized artifact."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    fp = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                     norm_num_groups=8).eval()
+    fp.save_pretrained(root / "fp")
+    quantized = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=4, act_bits=None), progress=False)
+    save_quantized(quantized, root / "w4")
+    return root / "fp", root / "w4"
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(app, ["eval", *args])
+
+
+def test_cli_on_reference_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "eval.json"
+    result = invoke("reference", "--fp-model", "reference", "--steps", "2", "--samples", "4", "--batch-size", "2",
+                    "--scheduler", "ddpm", "--quiet", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "x0_psnr" in result.output and "fid" in result.output
+    data = json.loads(out.read_text())
+    assert REQUIRED <= data.keys()
+    assert data["fid"] > 0 and data["kid"] is not None and data["seconds"] > 0
+    assert data["x0_mse"] == 0 and data["x0_psnr"] == "inf"  # self-pair under a stochastic sampler
+    assert (data["steps"], data["samples"], data["scheduler"]) == (2, 4, "ddpm")
+    assert [p.name for p in out.parent.iterdir()] == ["eval.json"], "no temporary file left behind"
+
+
+def test_quantized_artifact_paired_with_fp_folder(folders: tuple[Path, Path]) -> None:
+    fp, w4 = folders
+    result = evaluate(w4, fp_model=fp, scheduler="dpm", steps=3, samples=3, batch_size=2, progress=False)
+    assert result["quantized"] and result["x0_mse"] > 0 and 0 < result["x0_psnr"] < float("inf")
+    assert len(result["per_step"]["timesteps"]) == 3 and result["per_step"]["state_sq_err"][0] == 0
+    assert result["fid"] is None and "FID skipped" in result["note"]
+    alone = evaluate(w4, steps=2, samples=2, progress=False)
+    assert alone["x0_mse"] is None and alone["x0_psnr"] is None and alone["per_step"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["reference", "--scheduler", "heun"], "unknown scheduler 'heun'"),
+    (["reference", "--steps", "0"], "steps must be >= 1"),
+    (["reference", "--steps", "1001"], "steps must be <= num_train_timesteps=1000"),
+    (["reference", "--samples", "0"], "samples must be >= 1"),
+    (["/no/such/model"], "model folder not found"),
+    (["reference", "--fp-model", "/no/such/fp"], "model folder not found"),
+])
+def test_bad_input_exits_with_message(args: list[str], message: str) -> None:
+    result = invoke(*args, "--quiet")
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_mismatched_pair_is_refused(folders: tuple[Path, Path]) -> None:
+    result = invoke(str(folders[1]), "--fp-model", "reference", "--quiet")
+    assert result.exit_code == 2 and "pair a quantized model with the FP model it came from" in result.output
+
+
+def test_write_json_is_strict_and_atomic(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "r.json", {"x0_psnr": float("inf"), "per_step": {"a": [float("nan")]}})
+    assert json.loads(path.read_text()) == {"x0_psnr": "inf", "per_step": {"a": ["nan"]}}
+    with pytest.raises(TypeError):
+        write_json(path, {"bad": object()})
+    assert json.loads(path.read_text())["x0_psnr"] == "inf", "a failed write leaves the old file intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
