@@ -1,1 +1,17 @@
-"""correction"""
+"""Timestep-aware correction of quantized diffusion models (TAC: Yao et al., ECCV 2024) and the PTQD baseline.
+
+Per-timestep tables fitted on paired FP/quantized trajectories (:func:`calibrate_tac`,
+:func:`calibrate_ptqd`), saved as safetensors (:class:`CorrectionTables`) and applied by a
+drop-in UNet wrapper (:class:`CorrectedUNet`); the closed-form solvers are pure functions.
+"""
+
+from tacdiff.correction.calibrate import calibrate_ptqd, calibrate_tac
+from tacdiff.correction.ibc import input_bias
+from tacdiff.correction.ner import AbsMean, NERStats, mask_threshold, ner_scale, ner_stats
+from tacdiff.correction.ptqd import PTQDStats, ptqd_fit
+from tacdiff.correction.tables import CorrectionTables
+from tacdiff.correction.wrapper import CorrectedUNet, correct_input, correct_output
+
+__all__ = ["AbsMean", "CorrectedUNet", "CorrectionTables", "NERStats", "PTQDStats", "calibrate_ptqd",
+           "calibrate_tac", "correct_input", "correct_output", "input_bias", "mask_threshold", "ner_scale",
+           "ner_stats", "ptqd_fit"]

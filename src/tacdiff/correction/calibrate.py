@@ -1,0 +1,221 @@
+"""Fitting correction tables on paired FP/quantized trajectories through :func:`run_trajectories`.
+
+TAC (Yao et al., ECCV 2024) is calibrated in sampling order: at step ``t`` the quantized
+trajectory has been corrected at every earlier step, so each fit sees the inputs that
+inference will see. The loop gets ``[fp, calibrating]`` denoisers; the FP one records its
+input ``x_t`` and estimate ``r``; the calibrating one, called next at the same step, computes
+``mu_t`` from its own input minus the FP input, calls the quantized model on the corrected
+input, fits ``K_t`` from ``(q, r)`` and returns ``K_t q``, with which its trajectory advances.
+
+Batches: sequential calibration needs *every* sample's statistics at step ``t`` before ``t`` is
+solved, and a trajectory cannot pause between steps across :func:`run_trajectories` calls. So
+all ``num_samples`` trajectories advance together (one call; the latents and estimates of a
+step, the size of the samples themselves, stay in memory) while each network is called on
+chunks of ``batch_size``, which bounds the activation memory. The NER and PTQD sums stream
+over those chunks; the NER mask threshold ``tau * mean|r|`` is computed from the whole step's
+``r`` first (exact two-pass, see :mod:`tacdiff.correction.ner`), so the result equals the
+one-shot fit on all samples.
+
+PTQD (He et al., NeurIPS 2023) is fitted in the same loop, but as in PTQD on the quantization
+noise for a fixed input: the quantized model is called on the FP trajectory's input, and the
+fit ``q ~ (1 + k_t) r + b_t`` involves no exposure bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from diffusers import SchedulerMixin
+from torch import Tensor, nn
+
+from tacdiff.correction.ibc import Granularity, check_granularity, input_bias
+from tacdiff.correction.ner import AbsMean, NERStats, check_ner_params
+from tacdiff.correction.ptqd import PTQDStats
+from tacdiff.correction.tables import CorrectionTables
+from tacdiff.correction.wrapper import correct_input, correct_output
+from tacdiff.io.artifact import state_dict_sha256
+from tacdiff.metrics.paired import batched_trajectories
+from tacdiff.sampling.calibration import _sample_shape
+from tacdiff.sampling.loop import Denoiser, unet_denoiser
+
+DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU = 0.5, 0.0, 0.1
+
+
+@dataclass
+class _Row:
+    """One timestep's corrections (float32, as stored) and the timestep value."""
+
+    t: float
+    input_bias: Tensor
+    out_scale: Tensor
+    out_bias: Tensor
+    residual_var: float = 0.0
+
+
+@dataclass
+class _FPRecorder:
+    """The FP denoiser of the pair: returns its estimate and keeps ``(x_t, r)`` of the current step."""
+
+    denoise: Denoiser
+    x: Tensor | None = None
+    eps: Tensor | None = None
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        self.x, self.eps = x, self.denoise(x, t, **cond)
+        return self.eps
+
+
+@dataclass
+class _Calibrating:
+    """The quantized denoiser of the pair: ``step(x_hat, x_fp, r, t, quant) -> (row, eps)`` fits each step."""
+
+    quant: Denoiser
+    fp: _FPRecorder
+    step: Callable[..., tuple[_Row, Tensor]]
+    rows: list[_Row] = field(default_factory=list)
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        if self.fp.x is None or self.fp.eps is None:
+            raise RuntimeError("the FP denoiser must come first in the denoiser list")
+        row, eps = self.step(x, self.fp.x, self.fp.eps, float(t), lambda inp: self.quant(inp, t, **cond))
+        self.rows.append(row)
+        return eps
+
+
+def chunked(denoise: Denoiser, batch_size: int) -> Denoiser:
+    """A denoiser that calls ``denoise`` on chunks of ``batch_size`` samples (and the matching
+    rows of batched ``cond`` values) and concatenates the estimates."""
+
+    def run(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        n = x.shape[0]
+        pieces = []
+        for start in range(0, n, batch_size):
+            part = {k: v[start:start + batch_size] if _batched(v, n) else v for k, v in cond.items()}
+            pieces.append(denoise(x[start:start + batch_size], t, **part))
+        return torch.cat(pieces)
+
+    return run
+
+
+def _batched(value: Any, n: int) -> bool:
+    return isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n
+
+
+def _tac_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
+              lam: float, gamma: float, tau: float, ibc: Granularity, use_ibc: bool, use_ner: bool,
+              batch_size: int) -> tuple[_Row, Tensor]:
+    """IBC then NER at one step; the estimate returned is the corrected ``K_t q``."""
+    channels = x_hat.shape[1]
+    mu = input_bias(x_hat, x_fp, ibc).float().cpu()
+    if not use_ibc:
+        mu = torch.zeros_like(mu)
+    q = quant(correct_input(x_hat, mu))
+    stats = NERStats.empty(tau * AbsMean.empty(channels).update(r).mean())
+    for start in range(0, q.shape[0], batch_size):
+        stats.update(q[start:start + batch_size], r[start:start + batch_size])
+    scale = stats.solve(lam, gamma).float() if use_ner else torch.ones(channels)
+    bias = torch.zeros(channels)
+    return _Row(t, mu, scale, bias), correct_output(q, scale, bias)
+
+
+def _ptqd_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
+               batch_size: int) -> tuple[_Row, Tensor]:
+    """PTQD at one step on the FP input; the estimate returned is ``(q - b_t) / (1 + k_t)``."""
+    q = quant(x_fp)
+    stats = PTQDStats.empty(q.shape[1])
+    for start in range(0, q.shape[0], batch_size):
+        stats.update(q[start:start + batch_size], r[start:start + batch_size])
+    slope, bias, residual_var = stats.solve()
+    scale = torch.full((q.shape[1],), 1.0 / float(slope))
+    mu = torch.zeros(q.shape[1])
+    return _Row(t, mu, scale, bias.float(), float(residual_var)), correct_output(q, scale, bias.float())
+
+
+def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
+    """FP model hash and the quantized model's bits (when tacdiff quantized it)."""
+    from tacdiff.quant.apply import quant_state
+
+    meta: dict[str, Any] = {"fp_model_sha256": state_dict_sha256(fp_model)}
+    try:
+        config = quant_state(quant_model).config
+    except ValueError:
+        return meta
+    return {**meta, "weight_bits": config.weight_bits, "act_bits": config.act_bits, "quant_config": config.to_json()}
+
+
+def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
+         scheduler: SchedulerMixin, *, num_inference_steps: int, num_samples: int, batch_size: int, seed: int,
+         cond: dict[str, Tensor] | None, progress: bool, hyper: dict[str, Any]) -> CorrectionTables:
+    """Run the paired loop once over all samples with ``step`` fitting each timestep; build the tables."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    param = next(fp_model.parameters())
+    fp = _FPRecorder(chunked(unet_denoiser(fp_model), batch_size))
+    calibrating = _Calibrating(chunked(unet_denoiser(quant_model), batch_size), fp, step)
+    for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
+                                  sample_shape=_sample_shape(fp_model), num_inference_steps=num_inference_steps,
+                                  seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
+                                  cond=cond, progress=progress):
+        pass
+    rows = calibrating.rows
+    hyper = {**hyper, "num_samples": num_samples, "seed": seed}
+    return CorrectionTables(
+        method, torch.tensor([row.t for row in rows], dtype=torch.float64),
+        torch.stack([row.input_bias for row in rows]), torch.stack([row.out_scale for row in rows]),
+        torch.stack([row.out_bias for row in rows]), torch.tensor([row.residual_var for row in rows]),
+        type(scheduler).__name__, dict(scheduler.config), num_inference_steps,
+        {**_provenance(fp_model, quant_model), "hyperparameters": hyper})
+
+
+def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
+                  num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
+                  lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA, tau: float = DEFAULT_TAU,
+                  ibc: Granularity = "channel", use_ibc: bool = True, use_ner: bool = True,
+                  cond: dict[str, Tensor] | None = None, progress: bool = True) -> CorrectionTables:
+    """Fit TAC's IBC and NER tables (Yao et al., ECCV 2024) for ``quant_model`` against ``fp_model``.
+
+    Args:
+        fp_model, quant_model: diffusers UNets predicting ``eps``, on the same device.
+        scheduler: the sampler the tables are for; they are keyed by its timesteps at
+            ``num_inference_steps`` and fail on any other schedule.
+        num_samples: calibration trajectories, all advanced together; ``batch_size`` bounds
+            each network call (see the module docstring).
+        seed: starting noise and per-step noise, as in :func:`tacdiff.metrics.paired.batched_trajectories`.
+        lam, gamma, tau: NER's relative-distortion weight, pull towards 1 and mask threshold.
+        ibc: ``"channel"`` (``mu_t`` of shape ``(C,)``) or ``"element"`` (``(C, H, W)``).
+        use_ibc, use_ner: switch the parts off for ablations (method ``ner``/``ibc``).
+        cond: model keyword arguments with a leading dimension ``num_samples``.
+    Returns:
+        :class:`CorrectionTables` (method ``tac``, ``ner``, ``ibc`` or ``none``).
+    """
+    check_granularity(ibc)
+    check_ner_params(lam, gamma, tau)
+    method = {(True, True): "tac", (False, True): "ner", (True, False): "ibc", (False, False): "none"}
+    hyper = {"lam": lam, "gamma": gamma, "tau": tau, "ibc": ibc, "use_ibc": use_ibc, "use_ner": use_ner}
+
+    def step(*args: Any) -> tuple[_Row, Tensor]:
+        return _tac_step(*args, lam=lam, gamma=gamma, tau=tau, ibc=ibc, use_ibc=use_ibc, use_ner=use_ner,
+                         batch_size=batch_size)
+
+    return _fit(method[use_ibc, use_ner], step, fp_model, quant_model, scheduler,
+                num_inference_steps=num_inference_steps, num_samples=num_samples, batch_size=batch_size,
+                seed=seed, cond=cond, progress=progress, hyper=hyper)
+
+
+def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
+                   num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
+                   cond: dict[str, Tensor] | None = None, progress: bool = True) -> CorrectionTables:
+    """Fit the PTQD baseline's tables (He et al., NeurIPS 2023): per step ``q ~ (1 + k_t) r + b_t``
+    with a scalar ``k_t`` and per-channel ``b_t`` on FP-trajectory inputs, plus the residual variance.
+
+    Arguments as in :func:`calibrate_tac`.
+    """
+
+    def step(*args: Any) -> tuple[_Row, Tensor]:
+        return _ptqd_step(*args, batch_size=batch_size)
+
+    return _fit("ptqd", step, fp_model, quant_model, scheduler, num_inference_steps=num_inference_steps,
+                num_samples=num_samples, batch_size=batch_size, seed=seed, cond=cond, progress=progress,
+                hyper={})

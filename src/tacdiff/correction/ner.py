@@ -1,0 +1,151 @@
+"""Noise Estimation Reconstruction (NER) of TAC (Yao et al., ECCV 2024): closed-form per-channel scales.
+
+For one timestep and channel ``c`` the quantized noise estimate ``q`` is rescaled, ``K q``,
+towards the full-precision estimate ``r`` by minimising
+
+    L(K) = (1 - lam) mean_all (K q - r)^2 + lam mean_M ((K q - r) / r)^2 + gamma (K - 1)^2,
+
+with the mask ``M = {|r| > tau * mean|r|}`` (mean over the channel's elements). ``L`` is a
+quadratic in ``K``, so
+
+    K* = [(1-lam) S_qr/N + lam S_{q/r}/N_M + gamma] / [(1-lam) S_qq/N + lam S_{qq/rr}/N_M + gamma].
+
+Streaming: every term is a per-channel sum, kept by :class:`NERStats`. The mask threshold
+``tau * mean|r|`` is *not* a sum of the terms above, so it is fixed before the sums are
+taken: :class:`NERStats` holds the threshold it was built with, and the exact two-pass
+recipe is (1) accumulate ``sum|r|`` and the count per channel with :class:`AbsMean` over
+every batch, (2) build ``NERStats.empty(threshold=tau * absmean.mean())`` and ``update``
+it with every batch. Stats with different thresholds refuse to merge. TAC calibration
+holds all of one timestep's ``r`` in memory (the size of the latents), so pass 1 is one
+reduction there and the result equals :func:`ner_scale` on the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+def _channel_sum(x: Tensor) -> Tensor:
+    """``(N, C, ...)`` -> ``(C,)`` float64 sums over every dimension but the channel one."""
+    return x.double().transpose(0, 1).reshape(x.shape[1], -1).sum(1)
+
+
+def _check_pair(q: Tensor, r: Tensor) -> None:
+    if q.shape != r.shape or q.ndim < 2:
+        raise ValueError(f"q and r must share a shape (N, C, ...), got {tuple(q.shape)} and {tuple(r.shape)}")
+
+
+@dataclass
+class AbsMean:
+    """Per-channel running ``sum|r|`` and element count: pass 1 of the streamed NER fit."""
+
+    total: Tensor
+    count: Tensor
+
+    @classmethod
+    def empty(cls, channels: int) -> "AbsMean":
+        return cls(torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
+
+    def update(self, r: Tensor) -> "AbsMean":
+        """Add a batch ``r`` of shape ``(N, C, ...)``; returns ``self``."""
+        self.total = self.total + _channel_sum(r.abs()).to(self.total.device)
+        self.count = self.count + r.numel() // r.shape[1]
+        return self
+
+    def __add__(self, other: "AbsMean") -> "AbsMean":
+        return AbsMean(self.total + other.total, self.count + other.count)
+
+    def mean(self) -> Tensor:
+        """``(C,)`` mean of ``|r|`` per channel."""
+        return self.total / self.count
+
+
+def mask_threshold(r: Tensor, tau: float) -> Tensor:
+    """``(C,)`` float64 threshold ``tau * mean|r|`` per channel of ``r`` ``(N, C, ...)``."""
+    return tau * AbsMean.empty(r.shape[1]).update(r).mean()
+
+
+@dataclass
+class NERStats:
+    """Per-channel sums of the NER loss for a fixed mask ``threshold`` (all ``(C,)`` float64).
+
+    ``s_qr = Σ q r``, ``s_qq = Σ q²``, ``n`` = element count over all elements;
+    ``s_q_r = Σ_M q / r``, ``s_qq_rr = Σ_M q² / r²``, ``n_mask = |M|`` over the masked ones.
+    Two workers' stats (same threshold) merge with ``+``.
+    """
+
+    threshold: Tensor
+    s_qr: Tensor
+    s_qq: Tensor
+    n: Tensor
+    s_q_r: Tensor
+    s_qq_rr: Tensor
+    n_mask: Tensor
+
+    @classmethod
+    def empty(cls, threshold: Tensor) -> "NERStats":
+        """Zero sums for a ``(C,)`` mask threshold (e.g. ``tau * AbsMean.mean()``)."""
+        threshold = torch.as_tensor(threshold, dtype=torch.float64)
+        zeros = [torch.zeros_like(threshold) for _ in range(6)]
+        return cls(threshold, *zeros)
+
+    def update(self, q: Tensor, r: Tensor) -> "NERStats":
+        """Add a batch of quantized ``q`` and FP ``r`` estimates, shape ``(N, C, ...)``; returns ``self``."""
+        _check_pair(q, r)
+        q, r = q.double(), r.double()
+        shape = (1, -1) + (1,) * (r.ndim - 2)
+        mask = r.abs() > self.threshold.to(r.device).view(shape)
+        safe_r = torch.where(mask, r, torch.ones_like(r))
+        ratio = torch.where(mask, q / safe_r, torch.zeros_like(q))
+        sums = (_channel_sum(q * r), _channel_sum(q * q), torch.full_like(self.n, r.numel() // r.shape[1]),
+                _channel_sum(ratio), _channel_sum(ratio * ratio), _channel_sum(mask))
+        for name, value in zip(("s_qr", "s_qq", "n", "s_q_r", "s_qq_rr", "n_mask"), sums):
+            setattr(self, name, getattr(self, name) + value.to(self.n.device))
+        return self
+
+    def __add__(self, other: "NERStats") -> "NERStats":
+        if not torch.equal(self.threshold, other.threshold):
+            raise ValueError("NERStats with different mask thresholds cannot be merged; build both from the "
+                             "same tau * mean|r| (see AbsMean)")
+        sums = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "threshold"}
+        return NERStats(self.threshold, **sums)
+
+    def solve(self, lam: float, gamma: float) -> Tensor:
+        """``(C,)`` float64 minimisers ``K*`` of the NER loss.
+
+        A channel whose loss does not depend on ``K`` (zero curvature, e.g. ``q = 0`` with
+        ``gamma = 0``) gets ``K = 1``; an empty mask drops the relative term for that channel.
+        """
+        check_ner_params(lam, gamma)
+        n_mask = self.n_mask.clamp(min=1)
+        num = (1 - lam) * self.s_qr / self.n + lam * self.s_q_r / n_mask + gamma
+        den = (1 - lam) * self.s_qq / self.n + lam * self.s_qq_rr / n_mask + gamma
+        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
+
+
+def check_ner_params(lam: float, gamma: float, tau: float = 0.0) -> None:
+    """Raise ``ValueError`` unless ``0 <= lam <= 1``, ``gamma >= 0`` and ``tau >= 0``."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+
+
+def ner_stats(q: Tensor, r: Tensor, *, tau: float) -> NERStats:
+    """One-shot :class:`NERStats` of ``q, r`` ``(N, C, ...)`` with the mask threshold from ``r`` itself."""
+    _check_pair(q, r)
+    return NERStats.empty(mask_threshold(r, tau)).update(q, r)
+
+
+def ner_scale(q: Tensor, r: Tensor, *, lam: float, gamma: float, tau: float) -> Tensor:
+    """``(C,)`` float64 closed-form NER scales ``K*`` for quantized ``q`` and FP ``r`` of shape ``(N, C, H, W)``.
+
+    The mask keeps elements with ``|r| > tau * mean|r|``, the mean over that channel's elements.
+    """
+    check_ner_params(lam, gamma, tau)
+    return ner_stats(q, r, tau=tau).solve(lam, gamma)
