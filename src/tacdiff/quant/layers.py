@@ -28,6 +28,8 @@ class TimestepRouter:
     def group_of(self, timestep: torch.Tensor | float | int) -> int:
         """The group index of ``timestep`` (a number or a tensor whose entries share one group)."""
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"timestep must be finite, got {t.tolist()}")
         groups = torch.clamp((t * self.groups / self.num_train_timesteps).floor().long(), 0, self.groups - 1)
         if groups.numel() == 0:
             raise ValueError("timestep is empty")
@@ -173,9 +175,13 @@ class QuantWeightMixin:
             self.weight.copy_(P.dequantize_tensor(self.weight_codes, self.expand(self.weight_scale),
                                                   self.expand(self.weight_zero_point), self.weight.dtype))
 
-    def quant_repr(self) -> str:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The float layer's forward on the fake-quantized input."""
+        return super().forward(x if self.act_quant is None else self.act_quant(x))
+
+    def extra_repr(self) -> str:
         act = "none" if self.act_quant is None else str(self.act_quant.bits)
-        return f"w_bits={self.w_bits}, a_bits={act}, split={self.split}"
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={act}, split={self.split}"
 
 
 class QuantConv2d(QuantWeightMixin, nn.Conv2d):
@@ -192,12 +198,6 @@ class QuantConv2d(QuantWeightMixin, nn.Conv2d):
         new._init_quant(bits, symmetric, split, act_quant)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x if self.act_quant is None else self.act_quant(x))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self.quant_repr()}"
-
 
 class QuantLinear(QuantWeightMixin, nn.Linear):
     """``nn.Linear`` with integer-coded weights and a fake-quantized input."""
@@ -211,9 +211,3 @@ class QuantLinear(QuantWeightMixin, nn.Linear):
         new.load_state_dict(linear.state_dict())
         new._init_quant(bits, symmetric, split, act_quant)
         return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x if self.act_quant is None else self.act_quant(x))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self.quant_repr()}"
