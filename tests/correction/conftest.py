@@ -5,21 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
 import tacdiff
 from tacdiff.correction import CorrectionTables, calibrate_tac
 
-SHAPE, STEPS, SAMPLES = (3, 16, 16), 6, 8
-
-
-def make_tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+from correction_support import SAMPLES, STEPS, make_tiny_unet
 
 
 @pytest.fixture(scope="session")
@@ -38,4 +30,4 @@ def w4a8_unet(fp_unet: UNet2DModel) -> nn.Module:
 @pytest.fixture(scope="session")
 def ddim_tables(fp_unet: UNet2DModel, w4a8_unet: nn.Module) -> CorrectionTables:
     return calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), num_inference_steps=STEPS, num_samples=SAMPLES,
-                         batch_size=4, seed=0, progress=False)
+                         batch_size=SAMPLES, seed=0, progress=False)

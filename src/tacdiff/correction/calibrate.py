@@ -40,7 +40,10 @@ from tacdiff.metrics.paired import batched_trajectories
 from tacdiff.sampling.calibration import _sample_shape
 from tacdiff.sampling.loop import Denoiser, unet_denoiser
 
-DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU = 0.5, 0.0, 0.1
+# Chosen on the bundled Fashion-MNIST model (DDIM-50, 256 calibration / 256 fresh samples, H100):
+# W4A8 x0 PSNR 11.96 dB uncorrected -> 16.66 dB, W8A8 25.75 -> 26.11 dB. tau = 0.1 lets tiny |r|
+# dominate the relative term and pulls K towards 0 (W4A8 12.59 dB with lam = 0.5).
+DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU = 0.5, 0.0, 1.0
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""TAC/PTQD calibration on a tiny real UNet: identity on the FP model, determinism, fresh-seed gains."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from torch import nn
+
+from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac
+from tacdiff.metrics.paired import PairedErrors, paired_errors
+from tacdiff.sampling import unet_denoiser
+
+from correction_support import SAMPLES, SHAPE, STEPS
+
+FRESH_SEED = 1000
+
+
+def errors(fp: nn.Module, model: nn.Module, seed: int, num_samples: int = SAMPLES) -> PairedErrors:
+    return paired_errors(unet_denoiser(fp), unet_denoiser(model), DDIMScheduler(), num_samples=num_samples,
+                         sample_shape=SHAPE, num_inference_steps=STEPS, seed=seed, batch_size=num_samples,
+                         progress=False)
+
+
+def test_fp_model_as_its_own_quantized_model_gives_identity_tables(fp_unet: UNet2DModel) -> None:
+    run = dict(num_inference_steps=STEPS, num_samples=4, batch_size=2, seed=0, progress=False)
+    tac = calibrate_tac(fp_unet, copy.deepcopy(fp_unet), DDIMScheduler(), ibc="element", **run)
+    assert torch.equal(tac.out_scale, torch.ones_like(tac.out_scale))
+    assert not tac.input_bias.any() and not tac.out_bias.any()
+    ptqd = calibrate_ptqd(fp_unet, fp_unet, DDIMScheduler(), **run)
+    assert torch.equal(ptqd.out_scale, torch.ones_like(ptqd.out_scale))
+    assert not ptqd.out_bias.any() and not ptqd.input_bias.any() and not ptqd.residual_var.any()
+
+
+def test_tables_describe_the_run(ddim_tables: CorrectionTables, fp_unet: UNet2DModel) -> None:
+    expected = DDIMScheduler()
+    expected.set_timesteps(STEPS)
+    assert torch.equal(ddim_tables.timesteps, expected.timesteps.double())
+    assert ddim_tables.method == "tac" and ddim_tables.scheduler_class == "DDIMScheduler"
+    assert ddim_tables.input_bias.shape == (STEPS, 3) and ddim_tables.out_scale.shape == (STEPS, 3)
+    assert ddim_tables.metadata["weight_bits"] == 4 and ddim_tables.metadata["act_bits"] == 8
+    assert ddim_tables.metadata["hyperparameters"]["num_samples"] == SAMPLES
+    assert len(ddim_tables.metadata["fp_model_sha256"]) == 64
+    assert not ddim_tables.input_bias[0].any()  # same starting noise: no input bias at the first step
+    assert ddim_tables.input_bias[1:].abs().sum() > 0 and (ddim_tables.out_scale != 1).any()
+
+
+def test_calibration_is_deterministic(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
+                                      ddim_tables: CorrectionTables) -> None:
+    again = calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), num_inference_steps=STEPS, num_samples=SAMPLES,
+                          batch_size=SAMPLES, seed=0, progress=False)
+    for name in ("timesteps", "input_bias", "out_scale", "out_bias"):
+        assert torch.equal(getattr(again, name), getattr(ddim_tables, name)), name
+
+
+def test_statistics_stream_across_network_chunks(fp_unet: UNet2DModel) -> None:
+    # A smoothly perturbed "quantized" model: no rounding to amplify batch-size-dependent float noise.
+    perturbed = copy.deepcopy(fp_unet)
+    with torch.no_grad():
+        for param in perturbed.parameters():
+            param.mul_(1.02)
+    run = dict(num_inference_steps=4, num_samples=6, seed=0, progress=False)
+    whole = calibrate_tac(fp_unet, perturbed, DDIMScheduler(), batch_size=6, **run)
+    chunks = calibrate_tac(fp_unet, perturbed, DDIMScheduler(), batch_size=4, **run)
+    assert (whole.out_scale != 1).all() and whole.input_bias[1:].abs().sum() > 0
+    assert torch.allclose(chunks.out_scale, whole.out_scale, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(chunks.input_bias, whole.input_bias, rtol=1e-4, atol=1e-5)
+
+
+def test_wrapper_replays_the_calibration_trajectory(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
+                                                    ddim_tables: CorrectionTables) -> None:
+    # On the calibration seed, the wrapped model's input bias before correction is mu_t itself.
+    seen = errors(fp_unet, CorrectedUNet(w4a8_unet, ddim_tables), seed=0)
+    assert torch.allclose(seen.input_bias.float(), ddim_tables.input_bias, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["tac", "ner", "ptqd"])
+def test_correction_lowers_the_noise_error_on_fresh_seeds(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
+                                                          ddim_tables: CorrectionTables, method: str) -> None:
+    run = dict(num_inference_steps=STEPS, num_samples=SAMPLES, batch_size=SAMPLES, seed=0, progress=False)
+    tables = {"tac": lambda: ddim_tables,
+              "ner": lambda: calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), use_ibc=False, **run),
+              "ptqd": lambda: calibrate_ptqd(fp_unet, w4a8_unet, DDIMScheduler(), **run)}[method]()
+    plain = errors(fp_unet, w4a8_unet, FRESH_SEED, num_samples=16)
+    corrected = errors(fp_unet, CorrectedUNet(w4a8_unet, tables), FRESH_SEED, num_samples=16)
+    assert corrected.eps_sq_err[0] < plain.eps_sq_err[0]
+    if method != "ptqd":  # PTQD fits on FP inputs; on this untrained model its later steps do not gain
+        assert corrected.eps_sq_err.sum() < plain.eps_sq_err.sum()
+        assert corrected.x0_mse < plain.x0_mse
+
+
+def test_bad_settings_raise(fp_unet: UNet2DModel, w4a8_unet: nn.Module) -> None:
+    run = dict(num_inference_steps=2, num_samples=2, progress=False)
+    with pytest.raises(ValueError, match="granularity"):
+        calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), ibc="pixel", **run)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lam"):
+        calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), lam=2.0, **run)
+    with pytest.raises(ValueError, match="batch_size"):
+        calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), batch_size=0, **run)
