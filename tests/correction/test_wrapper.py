@@ -1,0 +1,134 @@
+"""The correction wrapper under diffusers schedulers and DDIMPipeline; tables on disk; every mismatch raises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import (DDIMPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, SchedulerMixin, UNet2DModel)
+from safetensors.torch import save_file
+from torch import nn
+
+from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_tac
+from tacdiff.metrics.paired import paired_errors
+from tacdiff.sampling import run_trajectories, seeded_noise, unet_denoiser
+
+from correction_support import SHAPE, STEPS
+
+
+@pytest.mark.parametrize("cls", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler],
+                         ids=lambda c: c.__name__)
+def test_wrapper_samples_with_matching_tables(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
+                                              cls: type[SchedulerMixin]) -> None:
+    scheduler = cls()
+    tables = calibrate_tac(fp_unet, w4a8_unet, scheduler, num_inference_steps=4, num_samples=4, batch_size=4,
+                           seed=0, progress=False)
+    tables.check_scheduler(scheduler, 4)
+    wrapped = CorrectedUNet(w4a8_unet, tables)
+    # mu_t is defined on the scaled model input: replaying the calibration seed shows it back.
+    seen = paired_errors(unet_denoiser(fp_unet), unet_denoiser(wrapped), scheduler, num_samples=4,
+                         sample_shape=SHAPE, num_inference_steps=4, seed=0, batch_size=4, progress=False)
+    assert torch.allclose(seen.input_bias.float(), tables.input_bias, atol=1e-4)
+    assert torch.isfinite(torch.tensor(seen.x0_mse))
+
+
+def test_wrapper_inside_ddim_pipeline(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
+    wrapped = CorrectedUNet(w4a8_unet, ddim_tables)
+    pipe = DDIMPipeline(unet=wrapped, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    plain = DDIMPipeline(unet=w4a8_unet, scheduler=DDIMScheduler())
+    plain.set_progress_bar_config(disable=True)
+    reference = plain(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and reference.shape == images.shape
+    assert abs(images - reference).max() > 0
+    with pytest.raises(ValueError, match="not in the correction tables"):
+        pipe(batch_size=1, num_inference_steps=STEPS + 1, output_type="np")
+
+
+def test_wrapper_matches_the_manual_correction_and_respects_return_dict(w4a8_unet: nn.Module,
+                                                                        ddim_tables: CorrectionTables) -> None:
+    x, t = seeded_noise((2, *SHAPE), seed=1), ddim_tables.timesteps[0].long()
+    mu, k = ddim_tables.input_bias[0].view(1, 3, 1, 1), ddim_tables.out_scale[0].view(1, 3, 1, 1)
+    expected = w4a8_unet(x - mu, t).sample * k
+    wrapped = CorrectedUNet(w4a8_unet, ddim_tables)
+    assert torch.equal(wrapped(x, t).sample, expected)
+    assert torch.equal(wrapped(x, t, return_dict=False)[0], expected)
+    assert torch.equal(wrapped(x, t.expand(2)).sample, expected)
+    assert wrapped.config is w4a8_unet.config and wrapped.dtype == torch.float32
+
+
+def test_other_schedules_raise(fp_unet: UNet2DModel, w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
+    wrapped = CorrectedUNet(w4a8_unet, ddim_tables)
+    noise = seeded_noise((1, *SHAPE), seed=0)
+    for scheduler, steps in ((DDIMScheduler(), STEPS * 2), (EulerDiscreteScheduler(), STEPS)):
+        with pytest.raises(ValueError, match="another schedule or step count"):
+            run_trajectories([unet_denoiser(wrapped)], scheduler, noise, num_inference_steps=steps, progress=False)
+    with pytest.raises(ValueError, match=r"DDIMScheduler, 6 steps.*DDIMScheduler, 3 steps"):
+        ddim_tables.check_scheduler(DDIMScheduler(), 3)
+    with pytest.raises(ValueError, match="DDPMScheduler"):
+        ddim_tables.check_scheduler(DDPMScheduler(), STEPS)
+
+
+def test_skipping_table_rows_raises(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
+    # A schedule whose timesteps are a subset of the table's (e.g. 5 of 10 DDIM steps) skips rows.
+    wrapped, x = CorrectedUNet(w4a8_unet, ddim_tables), seeded_noise((1, *SHAPE), seed=0)
+    t = ddim_tables.timesteps
+    with pytest.raises(ValueError, match="in order from the first"):
+        wrapped(x, t[1])
+    wrapped(x, t[0])
+    wrapped(x, t[0])  # a repeated call (e.g. guidance halves) is fine
+    with pytest.raises(ValueError, match="in order from the first"):
+        wrapped(x, t[2])
+    relaxed = CorrectedUNet(w4a8_unet, ddim_tables, strict_order=False)
+    relaxed(x, t[3])
+    mixed = wrapped(x.expand(2, -1, -1, -1), torch.stack([t[4], t[1]]))
+    assert mixed.sample.shape == (2, *SHAPE)
+
+
+def test_tables_round_trip_through_safetensors(tmp_path: Path, ddim_tables: CorrectionTables) -> None:
+    path = ddim_tables.save(tmp_path / "tables.safetensors")
+    loaded = CorrectionTables.load(path)
+    for name in ("timesteps", "input_bias", "out_scale", "out_bias", "residual_var"):
+        assert torch.equal(getattr(loaded, name), getattr(ddim_tables, name)), name
+    assert loaded.metadata == ddim_tables.metadata and loaded.describe() == ddim_tables.describe()
+    assert loaded.scheduler_config["num_train_timesteps"] == 1000
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ddim_tables.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tables.safetensors"]
+
+
+def test_foreign_and_corrupt_tables_raise(tmp_path: Path, ddim_tables: CorrectionTables) -> None:
+    good = ddim_tables.save(tmp_path / "good.safetensors").read_bytes()
+    cases = {"truncated.safetensors": good[: len(good) // 2], "junk.safetensors": b"not a safetensors file"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            CorrectionTables.load(tmp_path / name)
+    save_file({"weight": torch.zeros(2)}, tmp_path / "foreign.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a tacdiff correction table"):
+        CorrectionTables.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError, match="tacdiff calibrate"):
+        CorrectionTables.load(tmp_path / "missing.safetensors")
+
+
+def test_inconsistent_tables_raise(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
+    fields = dict(method="tac", timesteps=ddim_tables.timesteps, input_bias=ddim_tables.input_bias,
+                  out_scale=ddim_tables.out_scale, out_bias=ddim_tables.out_bias,
+                  residual_var=ddim_tables.residual_var, scheduler_class="DDIMScheduler", scheduler_config={},
+                  num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="rows, one per timestep"):
+        CorrectionTables(**{**fields, "out_scale": ddim_tables.out_scale[:-1]})
+    with pytest.raises(ValueError, match="NaN"):
+        CorrectionTables(**{**fields, "out_bias": ddim_tables.out_bias * float("nan")})
+    with pytest.raises(ValueError, match="unknown correction method"):
+        CorrectionTables(**{**fields, "method": "magic"})
+    two_channel = CorrectionTables(**{**fields, "input_bias": ddim_tables.input_bias[:, :2],
+                                      "out_scale": ddim_tables.out_scale[:, :2],
+                                      "out_bias": ddim_tables.out_bias[:, :2]})
+    with pytest.raises(ValueError, match="2 channels but the UNet outputs 3"):
+        CorrectedUNet(w4a8_unet, two_channel)
