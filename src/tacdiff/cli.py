@@ -134,3 +134,35 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     typer.echo(format_table(result))
     if json_path:
         typer.echo(f"wrote {write_json(json_path, result)}")
+
+
+@app.command()
+def calibrate(
+    quant_artifact: str = typer.Argument(..., help="Quantized artifact folder (tacdiff quantize --out)."),
+    fp_model: str = typer.Option(..., "--fp-model", help="The FP model it was quantized from (folder or 'reference')."),
+    out: str = typer.Option(..., "--out", help="Correction tables file to write (.safetensors)."),
+    method: str = typer.Option("tac", help="tac (IBC+NER), ner, ibc or ptqd."),
+    steps: int = typer.Option(50, help="Sampling steps; the tables only fit this step count."),
+    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler; the tables only fit this sampler."),
+    samples: int = typer.Option(256, help="Calibration trajectories (advanced together)."),
+    batch_size: int = typer.Option(64, help="Samples per network call."),
+    seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
+    lam: float = typer.Option(0.5, help="NER: weight of the relative-distortion term (0..1)."),
+    gamma: float = typer.Option(0.0, help="NER: pull of the scales towards 1."),
+    tau: float = typer.Option(1.0, help="NER: mask |r| > tau * mean|r| for the relative term."),
+    ibc: str = typer.Option("channel", help="IBC granularity: channel or element."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    quiet: bool = typer.Option(False, help="Hide progress bars."),
+) -> None:
+    """Fit per-timestep correction tables (TAC, its ablations or PTQD) for a quantized model."""
+    from tacdiff.correction.workflow import calibrate_artifact
+
+    try:
+        path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
+                                          steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
+                                          gamma=gamma, tau=tau, ibc=ibc, device=device, overwrite=overwrite,
+                                          progress=not quiet)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        _fail(error)
+    typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
