@@ -3,6 +3,7 @@
 Per-timestep tables fitted on paired FP/quantized trajectories (:func:`calibrate_tac`,
 :func:`calibrate_ptqd`), saved as safetensors (:class:`CorrectionTables`) and applied by a
 drop-in UNet wrapper (:class:`CorrectedUNet`); the closed-form solvers are pure functions.
+PTQD's variance-schedule calibration for DDPM/DDIM(eta > 0) is :func:`ptqd_variance_scheduler`.
 """
 
 from tacdiff.correction.calibrate import calibrate_ptqd, calibrate_tac
@@ -10,8 +11,9 @@ from tacdiff.correction.ibc import input_bias
 from tacdiff.correction.ner import AbsMean, NERStats, mask_threshold, ner_scale, ner_stats
 from tacdiff.correction.ptqd import PTQDStats, ptqd_fit
 from tacdiff.correction.tables import CorrectionTables
+from tacdiff.correction.variance import ptqd_variance_scheduler
 from tacdiff.correction.wrapper import CorrectedUNet, correct_input, correct_output
 
 __all__ = ["AbsMean", "CorrectedUNet", "CorrectionTables", "NERStats", "PTQDStats", "calibrate_ptqd",
            "calibrate_tac", "correct_input", "correct_output", "input_bias", "mask_threshold", "ner_scale",
-           "ner_stats", "ptqd_fit"]
+           "ner_stats", "ptqd_fit", "ptqd_variance_scheduler"]
