@@ -150,13 +150,14 @@ def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
 
 def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
          scheduler: SchedulerMixin, *, num_inference_steps: int, num_samples: int, batch_size: int, seed: int,
-         cond: dict[str, Tensor] | None, progress: bool, hyper: dict[str, Any]) -> CorrectionTables:
+         cond: dict[str, Tensor] | None, progress: bool, hyper: dict[str, Any],
+         denoiser: Callable[[nn.Module], Denoiser]) -> CorrectionTables:
     """Run the paired loop once over all samples with ``step`` fitting each timestep; build the tables."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     param = next(fp_model.parameters())
-    fp = _FPRecorder(chunked(unet_denoiser(fp_model), batch_size))
-    calibrating = _Calibrating(chunked(unet_denoiser(quant_model), batch_size), fp, step)
+    fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
+    calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step)
     for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
                                   sample_shape=_sample_shape(fp_model), num_inference_steps=num_inference_steps,
                                   seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
@@ -176,7 +177,8 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
                   num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
                   lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA, tau: float = DEFAULT_TAU,
                   ibc: Granularity = "channel", use_ibc: bool = True, use_ner: bool = True,
-                  cond: dict[str, Tensor] | None = None, progress: bool = True) -> CorrectionTables:
+                  cond: dict[str, Tensor] | None = None, progress: bool = True,
+                  denoiser: Callable[[nn.Module], Denoiser] = unet_denoiser) -> CorrectionTables:
     """Fit TAC's IBC and NER tables (Yao et al., ECCV 2024) for ``quant_model`` against ``fp_model``.
 
     Args:
@@ -190,6 +192,10 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
         ibc: ``"channel"`` (``mu_t`` of shape ``(C,)``) or ``"element"`` (``(C, H, W)``).
         use_ibc, use_ner: switch the parts off for ablations (method ``ner``/``ibc``).
         cond: model keyword arguments with a leading dimension ``num_samples``.
+        denoiser: adapts a model to ``(x, t, **cond) -> eps``; e.g. a classifier-free-guidance
+            denoiser, so the tables fit the guided estimate that enters the sampler. The
+            corrections are affine with per-step constants, so :class:`CorrectedUNet` applied to
+            both guidance halves yields exactly the corrected guided estimate.
     Returns:
         :class:`CorrectionTables` (method ``tac``, ``ner``, ``ibc`` or ``none``).
     """
@@ -204,12 +210,13 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
 
     return _fit(method[use_ibc, use_ner], step, fp_model, quant_model, scheduler,
                 num_inference_steps=num_inference_steps, num_samples=num_samples, batch_size=batch_size,
-                seed=seed, cond=cond, progress=progress, hyper=hyper)
+                seed=seed, cond=cond, progress=progress, hyper=hyper, denoiser=denoiser)
 
 
 def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
                    num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
-                   cond: dict[str, Tensor] | None = None, progress: bool = True) -> CorrectionTables:
+                   cond: dict[str, Tensor] | None = None, progress: bool = True,
+                   denoiser: Callable[[nn.Module], Denoiser] = unet_denoiser) -> CorrectionTables:
     """Fit the PTQD baseline's tables (He et al., NeurIPS 2023): per step ``q ~ (1 + k_t) r + b_t``
     with a scalar ``k_t`` and per-channel ``b_t`` on FP-trajectory inputs, plus the residual variance.
 
@@ -221,4 +228,4 @@ def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: Sched
 
     return _fit("ptqd", step, fp_model, quant_model, scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, batch_size=batch_size, seed=seed, cond=cond, progress=progress,
-                hyper={})
+                hyper={}, denoiser=denoiser)
