@@ -166,3 +166,45 @@ def calibrate(
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         _fail(error)
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
+
+
+@app.command()
+def bench(
+    json_path: str = typer.Option(None, "--json", help="Write the rows here as a JSON list (atomically)."),
+    markdown: str = typer.Option(None, "--markdown", help="Write the table here as markdown."),
+    plot: str = typer.Option(None, "--plot", help="Write the per-timestep error plot here (e.g. .png)."),
+    samples: int = typer.Option(1000, help="Evaluation images per method (paired: the same noise for all)."),
+    calib_samples: int = typer.Option(256, help="Calibration trajectories for the correction tables."),
+    bits: list[str] = typer.Option(["w8a8", "w4a8", "w3a8"], "--bits", help="Setting like w4a8 (repeatable)."),
+    steps: list[int] = typer.Option([50, 100], "--steps", help="DDIM step count (repeatable)."),
+    method: list[str] = typer.Option(["fp", "ptq", "ptqd", "ner", "ibc", "tac"], "--method",
+                                     help="Rows to report (repeatable): fp, ptq, ptqd, ner, ibc, tac."),
+    seed: int = typer.Option(0, help="Derives the quantization, calibration and (distinct) evaluation seeds."),
+    batch_size: int = typer.Option(256, help="Trajectories per sampling batch; samples per calibration call."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    quiet: bool = typer.Option(False, help="Hide progress bars."),
+) -> None:
+    """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on the bundled model: FID, KID, paired x0 error, time."""
+    from pathlib import Path
+
+    from tacdiff.bench import bench as run
+    from tacdiff.bench import format_markdown
+    from tacdiff.metrics.evaluate import write_json
+    from tacdiff.report.plots import plot_step_errors
+
+    try:
+        result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
+                     calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
+                     progress=not quiet)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        _fail(error)
+    table = format_markdown(result.rows)
+    typer.echo(table)
+    if json_path:
+        typer.echo(f"wrote {write_json(json_path, result.rows)}")
+    if markdown:
+        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown).write_text(table + "\n")
+        typer.echo(f"wrote {markdown}")
+    if plot and result.step_errors:
+        typer.echo(f"wrote {plot_step_errors(result.step_errors, result.timesteps, plot)}")

@@ -1,0 +1,266 @@
+"""``tacdiff bench``: FP, PTQ, PTQD and TAC (with its NER/IBC ablations) on the bundled model, paired.
+
+For every step count, one :func:`tacdiff.metrics.paired.batched_trajectories` call samples the
+FP model and, for every bit setting, the uncorrected PTQ model and its PTQD/NER/IBC/TAC-corrected
+wrappers from the same starting noise (and the same per-step noise), so every method is compared
+with the same FP images. Choices, written down:
+
+* Seeds: quantization calibration inputs come from ``derive_seed(seed, "quantize")``, the
+  correction tables are fitted on trajectories from ``derive_seed(seed, "calibrate")`` and the
+  evaluation samples start from ``derive_seed(seed, "evaluate")``: the tables never see an
+  evaluation seed, and the same ``seed`` reproduces every number but the timings.
+* PTQ: round-to-nearest ``QuantConfig(weight_bits=w, act_bits=a)`` (MSE-searched ranges, first
+  and last layer at 8 bits), once per bit setting, its activation ranges calibrated on
+  ``min(quant_calib_samples, calib_samples)`` FP DDIM trajectories of ``min(50, max(steps))``
+  steps with 25 steps kept (Q-Diffusion's time-uniform calibration).
+* Sampler: DDIM (eta 0) from the reference scheduler config. PTQD is its deterministic part
+  (``(q - b_t) / (1 + k_t)``); its variance-schedule calibration needs a stochastic sampler.
+* FP rows have ``bits == "fp"``, one per step count (FP is sampled once per step count).
+* ``calib_seconds``: for ``ptq`` the quantization (calibration inputs, ranges), for
+  ``ptqd``/``ner``/``ibc``/``tac`` the table fit alone (on top of the PTQ model), 0 for ``fp``.
+* ``sample_seconds``: wall time spent in that method's denoiser calls (UNet plus correction),
+  synchronised on CUDA before and after every call; the scheduler arithmetic, the same for every
+  method, is not counted.
+* ``x0_mse``/``x0_psnr``: final images clamped to [-1, 1] against FP's (PSNR peak-to-peak 2);
+  per-step ``‖x̂_t − x_t‖²`` (mean over samples, latents before each step) go to the plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac
+from tacdiff.metrics.evaluate import KID_SUBSET_SIZE, build_scheduler, check_settings
+from tacdiff.metrics.fid import fid_kid
+from tacdiff.metrics.paired import PairedStepStats, batched_trajectories, derive_seed, psnr_db, to_images
+from tacdiff.models.reference import load_reference_model
+from tacdiff.quant import QuantConfig, quantize
+from tacdiff.sampling.loop import Denoiser, StepRecord, unet_denoiser
+from tacdiff.workflows import CalibrationSettings, calibrate_inputs
+
+METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
+CORRECTED = ("ptqd", "ner", "ibc", "tac")
+ROW_KEYS = ("bits", "steps", "method", "fid", "kid", "x0_mse", "x0_psnr", "calib_seconds", "sample_seconds")
+FP_BITS = "fp"
+_BITS = re.compile(r"^w(\d)a(\d)$")
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"w4a8"`` -> ``(4, 8)``; ``ValueError`` naming the value unless it is ``w<2..8>a<2..8>``."""
+    match = _BITS.match(text.strip().lower())
+    if match is None or not all(2 <= int(b) <= 8 for b in match.groups()):
+        raise ValueError(f"bits must look like w4a8 (weight and activation bits each 2..8), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass
+class BenchResult:
+    """Rows (see :data:`ROW_KEYS`) and per-step curves ``{(bits, steps): {method: (T,) ‖x̂_t − x_t‖²}}``."""
+
+    rows: list[dict[str, Any]]
+    step_errors: dict[tuple[str, int], dict[str, list[float]]] = field(default_factory=dict)
+    timesteps: dict[int, list[float]] = field(default_factory=dict)
+
+
+class _Timed:
+    """A denoiser that adds the wall time of each call to ``seconds`` (CUDA synchronised)."""
+
+    def __init__(self, denoise: Denoiser, cuda: bool) -> None:
+        self.denoise, self.cuda, self.seconds = denoise, cuda, 0.0
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        if self.cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = self.denoise(x, t, **cond)
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - started
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_call(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    _sync(device)
+    started = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - started
+
+
+def _check(bits: Sequence[str], steps: Sequence[int], methods: Sequence[str], samples: int, calib_samples: int,
+           batch_size: int, device: str) -> list[tuple[int, int]]:
+    if not bits:
+        raise ValueError("give at least one bit setting, e.g. --bits w4a8")
+    if not steps:
+        raise ValueError("give at least one step count, e.g. --steps 50")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown or methods!r}; choose from {', '.join(METHODS)}")
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 (FID needs two images), got {samples}")
+    if calib_samples < 1:
+        raise ValueError(f"calib_samples must be >= 1, got {calib_samples}")
+    for count in steps:
+        check_settings("ddim", count, samples, batch_size, device)
+    return [parse_bits(b) for b in bits]
+
+
+@torch.no_grad()
+def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
+          methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
+          batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64,
+          progress: bool = True) -> BenchResult:
+    """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
+    pairs = _check(bits, steps, methods, samples, calib_samples, batch_size, device)
+    names = [f"w{w}a{a}" for w, a in pairs]
+    dev = torch.device(device)
+    fp, ddpm = load_reference_model(dev)
+    scheduler = build_scheduler("ddim", dict(ddpm.config))
+    quant_steps = min(50, max(steps))
+    quant_settings = CalibrationSettings(min(quant_calib_samples, calib_samples), quant_steps, min(25, quant_steps),
+                                         derive_seed(seed, "quantize"))
+    quantized: dict[str, tuple[nn.Module, float]] = {}
+    for name, (w_bits, a_bits) in zip(names, pairs):
+        _log(progress, f"quantize {name} (RTN, {quant_settings.samples} calibration trajectories)")
+
+        def build(w_bits: int = w_bits, a_bits: int = a_bits) -> nn.Module:
+            calib = calibrate_inputs(fp, ddpm, quant_settings, progress)
+            return quantize(copy.deepcopy(fp), QuantConfig(weight_bits=w_bits, act_bits=a_bits), calib,
+                            progress=progress)
+
+        quantized[name] = _timed_call(dev, build)
+
+    result = BenchResult([])
+    calib_seed, eval_seed = derive_seed(seed, "calibrate"), derive_seed(seed, "evaluate")
+    wanted = [m for m in METHODS if m in methods]
+    for count in steps:
+        labels: list[tuple[str, str]] = [(FP_BITS, "fp")]
+        denoisers: list[_Timed] = [_Timed(unet_denoiser(fp), dev.type == "cuda")]
+        calib_seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
+        for name in names:
+            model, quant_seconds = quantized[name]
+            labels.append((name, "ptq"))
+            denoisers.append(_Timed(unet_denoiser(model), dev.type == "cuda"))
+            calib_seconds[name, "ptq"] = quant_seconds
+            for method in (m for m in CORRECTED if m in wanted):
+                _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
+                tables, seconds = _timed_call(dev, lambda method=method: _calibrate(
+                    method, fp, model, scheduler, count, calib_samples, batch_size, calib_seed, progress))
+                labels.append((name, method))
+                denoisers.append(_Timed(unet_denoiser(CorrectedUNet(model, tables)), dev.type == "cuda"))
+                calib_seconds[name, method] = seconds
+        _log(progress, f"sample {len(denoisers)} denoisers x {samples} paired images, DDIM {count}")
+        result.rows += _evaluate(result, labels, denoisers, calib_seconds, scheduler, count, samples, batch_size,
+                                 eval_seed, dev, wanted, progress)
+    return result
+
+
+def _calibrate(method: str, fp: nn.Module, quant: nn.Module, scheduler: Any, steps: int, samples: int,
+               batch_size: int, seed: int, progress: bool) -> CorrectionTables:
+    run = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, seed=seed, progress=progress)
+    if method == "ptqd":
+        return calibrate_ptqd(fp, quant, scheduler, **run)
+    return calibrate_tac(fp, quant, scheduler, use_ibc=method != "ner", use_ner=method != "ibc", **run)
+
+
+class _AllPairs:
+    """A ``run_trajectories`` callback feeding one :class:`PairedStepStats` per estimate (reference 0)."""
+
+    def __init__(self, count: int) -> None:
+        self.stats = [PairedStepStats(0, i) for i in range(count)]
+
+    def __call__(self, record: StepRecord) -> None:
+        for stats in self.stats:
+            stats(record)
+
+
+def _evaluate(result: BenchResult, labels: list[tuple[str, str]], denoisers: list[_Timed],
+              calib_seconds: dict[tuple[str, str], float], scheduler: Any, steps: int, samples: int,
+              batch_size: int, seed: int, device: torch.device, wanted: list[str],
+              progress: bool) -> list[dict[str, Any]]:
+    """Sample every denoiser on the same noise; score each against FP (index 0)."""
+    callback = _AllPairs(len(denoisers))
+    images: list[list[Tensor]] = [[] for _ in denoisers]
+    for _, finals in batched_trajectories(denoisers, scheduler, num_samples=samples, sample_shape=(1, 28, 28),
+                                          num_inference_steps=steps, seed=seed, batch_size=batch_size,
+                                          device=device, callback=callback, progress=progress):
+        for kept, final in zip(images, finals):
+            kept.append(to_images(final).float().cpu())
+    result.timesteps[steps] = callback.stats[0].timesteps
+    reference = torch.cat(images[0]).double()
+    rows = []
+    for i, ((name, method), denoiser) in enumerate(zip(labels, denoisers)):
+        if method not in wanted:
+            continue
+        samples_i = torch.cat(images[i])
+        mse = float((samples_i.double() - reference).pow(2).mean())
+        scores = fid_kid(samples_i, kid_subset_size=min(KID_SUBSET_SIZE, samples), seed=seed % 2 ** 31)
+        rows.append({"bits": name, "steps": steps, "method": method, "fid": scores["fid"], "kid": scores["kid"],
+                     "x0_mse": mse, "x0_psnr": psnr_db(mse), "calib_seconds": calib_seconds[name, method],
+                     "sample_seconds": denoiser.seconds})
+        if name != FP_BITS:  # FP's own curve is zero
+            state_sq, _ = callback.stats[i].mean_sq_norms()
+            result.step_errors.setdefault((name, steps), {})[method] = state_sq.tolist()
+    return rows
+
+
+def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
+              methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
+              batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on the bundled Fashion-MNIST model with DDIM.
+
+    Args:
+        bits: settings like ``"w4a8"`` (weight bits, activation bits); each is quantized once.
+        steps: DDIM step counts; correction tables are fitted per bit setting and step count.
+        methods: the rows wanted (FP is always sampled: it is the paired reference).
+        samples: evaluation images per method, all from the same noise.
+        calib_samples: trajectories the correction tables are fitted on (calibration seeds).
+        seed: derives the quantization, calibration and evaluation seeds (see the module docstring).
+        batch_size: trajectories per batch when sampling, and samples per network call when calibrating.
+        device: torch device.
+        quant_calib_samples: FP trajectories for PTQ's calibration inputs (capped at ``calib_samples``).
+    Returns:
+        One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
+        bundled classifier's features, ``x0_mse``/``x0_psnr`` against FP (dB), ``calib_seconds``
+        and ``sample_seconds`` (see the module docstring); FP rows have ``bits == "fp"``.
+    """
+    return bench(bits=bits, steps=steps, methods=methods, samples=samples, calib_samples=calib_samples, seed=seed,
+                 batch_size=batch_size, device=device, quant_calib_samples=quant_calib_samples,
+                 progress=progress).rows
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        tqdm.write(f"[bench] {message}")
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a markdown table, grouped by step count and bits, with the FP reference first."""
+    lines = ["| bits | steps | method | FID | KID | x0 MSE | x0 PSNR dB | calib s | sample s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['bits']} | {r['steps']} | {r['method']} | {_fmt(r['fid'], 3)} | {_fmt(r['kid'], 5)} | "
+                     f"{_fmt(r['x0_mse'], 6)} | {_fmt(r['x0_psnr'], 2)} | {_fmt(r['calib_seconds'], 1)} | "
+                     f"{_fmt(r['sample_seconds'], 2)} |")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Plots for benchmark reports (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+METHOD_STYLE = {"ptq": ("tab:red", "-"), "ptqd": ("tab:orange", "--"), "ner": ("tab:blue", ":"),
+                "ibc": ("tab:purple", "-."), "tac": ("tab:green", "-")}
+
+
+def plot_step_errors(step_errors: Mapping[tuple[str, int], Mapping[str, Sequence[float]]],
+                     timesteps: Mapping[int, Sequence[float]], path: str | Path, *, title: str | None = None) -> Path:
+    """One panel per ``(bits, steps)``: mean ``‖x̂_t − x_t‖²`` against the timestep for each method (log scale).
+
+    Args:
+        step_errors: ``{(bits, steps): {method: (T,) errors}}`` in sampling order.
+        timesteps: ``{steps: (T,) scheduler timesteps}`` (the x axis, decreasing left to right).
+        path: output image (.png, .pdf, ...); parent folders are created.
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not step_errors:
+        raise ValueError("nothing to plot: step_errors is empty (did the benchmark include a quantized method?)")
+    keys = sorted(step_errors, key=lambda k: (k[1], k[0]))
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        bits, steps = key
+        t = list(timesteps[steps])
+        for method, errors in step_errors[key].items():
+            color, style = METHOD_STYLE.get(method, (None, "-"))
+            ax.plot(t, [max(e, 1e-12) for e in errors], label=method, color=color, linestyle=style)
+        ax.set_yscale("log")
+        ax.invert_xaxis()
+        ax.set_title(f"{bits}, DDIM {steps}")
+        ax.set_xlabel("timestep t (sampling runs left to right)")
+        ax.set_ylabel("mean ||x̂_t − x_t||²")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,50 @@
+"""``tacdiff bench`` end to end on a tiny run of the bundled model (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tacdiff.bench import METHODS, ROW_KEYS, parse_bits
+from tacdiff.cli import app
+
+
+def test_bench_cli_writes_rows_table_and_plot(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--json", str(out), "--markdown", str(tmp_path / "bench.md"), "--plot",
+            str(tmp_path / "bench.png"), "--samples", "8", "--calib-samples", "8", "--bits", "w4a8", "--steps", "5",
+            "--batch-size", "8", "--seed", "0", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == list(METHODS)
+    for row in rows:
+        assert tuple(row) == ROW_KEYS
+        assert row["steps"] == 5
+        assert row["bits"] == ("fp" if row["method"] == "fp" else "w4a8")
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["fp"]["x0_mse"] == 0 and by_method["fp"]["x0_psnr"] == "inf"
+    assert by_method["ptq"]["x0_mse"] > 0
+    assert all(r["sample_seconds"] > 0 for r in rows)
+    assert all(r["calib_seconds"] > 0 for r in rows if r["method"] != "fp")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "| w4a8 | 5 | tac |" in (tmp_path / "bench.md").read_text()
+    assert "| fp | 5 | fp |" in result.output
+
+
+def test_bad_bits_is_a_clear_error():
+    result = CliRunner().invoke(app, ["bench", "--bits", "w9a8", "--samples", "8", "--quiet"])
+    assert result.exit_code == 2
+    assert "w4a8" in result.output and "'w9a8'" in result.output
+
+
+@pytest.mark.parametrize("text", ["w4", "a8w4", "w1a8", "w4a9", ""])
+def test_parse_bits_rejects(text):
+    with pytest.raises(ValueError, match="w4a8"):
+        parse_bits(text)
+
+
+def test_parse_bits():
+    assert parse_bits("W3A8") == (3, 8)
