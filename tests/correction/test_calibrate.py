@@ -99,3 +99,10 @@ def test_bad_settings_raise(fp_unet: UNet2DModel, w4a8_unet: nn.Module) -> None:
         calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), lam=2.0, **run)
     with pytest.raises(ValueError, match="batch_size"):
         calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), batch_size=0, **run)
+
+
+def test_ibc_on_ddpm_warns(fp_unet: UNet2DModel) -> None:
+    from diffusers import DDPMScheduler
+
+    with pytest.warns(UserWarning, match="DDPM"):
+        calibrate_tac(fp_unet, fp_unet, DDPMScheduler(), num_inference_steps=2, num_samples=2, progress=False)

@@ -23,11 +23,12 @@ fit ``q ~ (1 + k_t) r + b_t`` involves no exposure bias.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from diffusers import SchedulerMixin
+from diffusers import DDPMScheduler, SchedulerMixin
 from torch import Tensor, nn
 
 from tacdiff.correction.ibc import Granularity, check_granularity, input_bias
@@ -201,6 +202,10 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
     """
     check_granularity(ibc)
     check_ner_params(lam, gamma, tau)
+    if use_ibc and isinstance(scheduler, DDPMScheduler):
+        warnings.warn("IBC shifts the network input only; on the stochastic DDPM sampler it was measured to make "
+                      "the drift grow (see tacdiff.correction.ibc); prefer use_ibc=False (--method ner) or PTQD",
+                      stacklevel=2)
     method = {(True, True): "tac", (False, True): "ner", (True, False): "ibc", (False, False): "none"}
     hyper = {"lam": lam, "gamma": gamma, "tau": tau, "ibc": ibc, "use_ibc": use_ibc, "use_ner": use_ner}
 
