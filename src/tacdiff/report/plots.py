@@ -37,7 +37,8 @@ def plot_step_errors(step_errors: Mapping[tuple[str, int], Mapping[str, Sequence
         t = list(timesteps[steps])
         for method, errors in step_errors[key].items():
             color, style = METHOD_STYLE.get(method, (None, "-"))
-            ax.plot(t, [max(e, 1e-12) for e in errors], label=method, color=color, linestyle=style)
+            # the first step starts from identical noise (error 0): leave it out of the log axis
+            ax.plot(t, [e if e > 0 else float("nan") for e in errors], label=method, color=color, linestyle=style)
         ax.set_yscale("log")
         ax.invert_xaxis()
         ax.set_title(f"{bits}, DDIM {steps}")
