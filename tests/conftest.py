@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny real diffusers UNets (seeded), their calibration sets and quantized copies.
+
+Session-scoped fixtures are shared by many tests and must be treated as read-only; a test
+that changes a model first takes ``copy.deepcopy`` of it (``quantize`` works in place).
+The builders and helpers live in ``tiny_models.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from diffusers import UNet2DConditionModel, UNet2DModel
+from torch import nn
+
+import tacdiff
+from tiny_models import COND_SAMPLES, calibration_of, quantized_copy, text_embeddings, tiny_cond_unet, tiny_unet
+
+
+@pytest.fixture(scope="session")
+def unet() -> UNet2DModel:
+    return tiny_unet()
+
+
+@pytest.fixture(scope="session")
+def cond_unet() -> UNet2DConditionModel:
+    return tiny_cond_unet()
+
+
+@pytest.fixture(scope="session")
+def calibration(unet: UNet2DModel) -> tacdiff.CalibrationSet:
+    return calibration_of(unet, seed=0)
+
+
+@pytest.fixture(scope="session")
+def held_out(unet: UNet2DModel) -> tacdiff.CalibrationSet:
+    """Inputs from other seeds than the calibration set (noise and trajectories never seen)."""
+    return calibration_of(unet, seed=1000)
+
+
+@pytest.fixture(scope="session")
+def cond_calibration(cond_unet: UNet2DConditionModel) -> tacdiff.CalibrationSet:
+    return calibration_of(cond_unet, seed=0, num_samples=COND_SAMPLES, cond=text_embeddings(COND_SAMPLES, seed=0))
+
+
+@pytest.fixture(scope="session")
+def cond_held_out(cond_unet: UNet2DConditionModel) -> tacdiff.CalibrationSet:
+    return calibration_of(cond_unet, seed=1000, num_samples=COND_SAMPLES,
+                          cond=text_embeddings(COND_SAMPLES, seed=1000))
+
+
+@pytest.fixture(scope="session")
+def w8a8(unet: UNet2DModel, calibration: tacdiff.CalibrationSet) -> nn.Module:
+    return quantized_copy(unet, calibration, weight_bits=8, act_bits=8)
+
+
+@pytest.fixture(scope="session")
+def w4a8(unet: UNet2DModel, calibration: tacdiff.CalibrationSet) -> nn.Module:
+    return quantized_copy(unet, calibration, weight_bits=4, act_bits=8)
+
+
+@pytest.fixture(scope="session")
+def w8a8_grouped(unet: UNet2DModel, calibration: tacdiff.CalibrationSet) -> nn.Module:
+    """W8A8 with four timestep groups (and the default skip-concat splits)."""
+    return quantized_copy(unet, calibration, weight_bits=8, act_bits=8, timestep_groups=4)
+
+
+@pytest.fixture(scope="session")
+def cond_w8a8(cond_unet: UNet2DConditionModel, cond_calibration: tacdiff.CalibrationSet) -> nn.Module:
+    return quantized_copy(cond_unet, cond_calibration, weight_bits=8, act_bits=8)
+
+
+@pytest.fixture(scope="session")
+def cond_w8a8_grouped(cond_unet: UNet2DConditionModel, cond_calibration: tacdiff.CalibrationSet) -> nn.Module:
+    return quantized_copy(cond_unet, cond_calibration, weight_bits=8, act_bits=8, timestep_groups=4)
