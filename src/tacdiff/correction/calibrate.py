@@ -38,7 +38,7 @@ from tacdiff.correction.tables import CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
 from tacdiff.metrics.paired import batched_trajectories
-from tacdiff.sampling.calibration import _sample_shape
+from tacdiff.sampling.calibration import sample_shape_of
 from tacdiff.sampling.loop import Denoiser, unet_denoiser
 
 # Chosen on the bundled Fashion-MNIST model (DDIM-50, 256 calibration / 256 fresh samples, H100):
@@ -160,7 +160,7 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
     fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
     calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step)
     for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
-                                  sample_shape=_sample_shape(fp_model), num_inference_steps=num_inference_steps,
+                                  sample_shape=sample_shape_of(fp_model), num_inference_steps=num_inference_steps,
                                   seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
                                   cond=cond, progress=progress):
         pass

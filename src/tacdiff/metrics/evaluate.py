@@ -25,7 +25,7 @@ from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
 from tacdiff.metrics.paired import batched_trajectories, paired_errors, to_images
 from tacdiff.models.loading import load_scheduler, load_unet
 from tacdiff.models.reference import load_reference_model
-from tacdiff.sampling.calibration import _sample_shape
+from tacdiff.sampling.calibration import sample_shape_of
 from tacdiff.sampling.loop import unet_denoiser
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -137,9 +137,9 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     check_settings(scheduler, steps, samples, batch_size, device)
     loaded = load_any_model(model, device)
     fp = load_any_model(fp_model, device) if fp_model is not None else None
-    shape = tuple(_sample_shape(loaded.model))
-    if fp is not None and tuple(_sample_shape(fp.model)) != shape:
-        raise ValueError(f"--fp-model makes {tuple(_sample_shape(fp.model))} samples but MODEL makes {shape}; "
+    shape = tuple(sample_shape_of(loaded.model))
+    if fp is not None and tuple(sample_shape_of(fp.model)) != shape:
+        raise ValueError(f"--fp-model makes {tuple(sample_shape_of(fp.model))} samples but MODEL makes {shape}; "
                          "pair a quantized model with the FP model it came from")
     config = loaded.scheduler_config or (fp.scheduler_config if fp is not None else None)
     sched = build_scheduler(scheduler, config)

@@ -84,7 +84,7 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
     kept = num_inference_steps if kept_steps is None else min(kept_steps, num_inference_steps)
     keep = set(torch.linspace(0, num_inference_steps - 1, kept).round().long().tolist())
     ddim = DDIMScheduler.from_config(scheduler.config)
-    shape = sample_shape or _sample_shape(model)
+    shape = sample_shape or sample_shape_of(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     xs, ts, conds = [], [], {k: [] for k in (cond or {})}
@@ -105,7 +105,8 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
     return CalibrationSet(torch.cat(xs), torch.cat(ts), {k: torch.cat(v) for k, v in conds.items()})
 
 
-def _sample_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+def sample_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the samples a diffusers UNet makes, read from its config."""
     config = getattr(model, "config", None)
     size = getattr(config, "sample_size", None)
     if config is None or size is None:
