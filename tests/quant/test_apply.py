@@ -237,8 +237,6 @@ def test_a_batch_mixing_timestep_groups_raises(w8a8_grouped: nn.Module, held_out
         w8a8_grouped(held_out.x[:2], torch.tensor([100.0, 900.0]))
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a deep copy's timestep pre-hook still routes the original "
-                                       "model's router, so the copy always uses group 0's ranges")
 def test_a_deep_copy_routes_its_own_timestep_groups(w8a8_grouped: nn.Module,
                                                     held_out: tacdiff.CalibrationSet) -> None:
     clone = copy.deepcopy(w8a8_grouped)

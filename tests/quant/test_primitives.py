@@ -321,19 +321,13 @@ def test_qparams_from_a_nan_range_raise() -> None:
 
 @SWEEP
 @given(data=tensors(per_channel=False), bits=BITS, symmetric=st.booleans())
-def test_fused_per_tensor_kernel_agrees_with_the_composed_math(data: tuple[torch.Tensor, None], bits: int,
-                                                               symmetric: bool) -> None:
+def test_in_place_fast_path_equals_the_autograd_path(data: tuple[torch.Tensor, None], bits: int,
+                                                     symmetric: bool) -> None:
     x, _ = data
     scale, zp = P.qparams_from_range(*P.minmax_range(x * 1.3), bits, symmetric)  # some values clip
-    wide = (x * 1.6).requires_grad_(True)
-    fused = P.fake_quantize_per_tensor(wide, scale, zp, bits)
-    composed = P.fake_quantize(wide.detach(), scale, zp, bits)
-    position = wide.detach() / scale + zp
-    differ = fused.detach() != composed
-    assert (fused.detach() - composed).abs().max() <= scale * 1.0001
-    assert ((position - position.floor() - 0.5).abs()[differ] < 1e-3).all(), "only half-step ties may differ"
-    fused.sum().backward()
-    inside = (position > 0.01) & (position < 2 ** bits - 1.01)
-    outside = (position < -0.51) | (position > 2 ** bits - 0.49)
-    assert torch.equal(wide.grad[inside], torch.ones_like(wide.grad[inside]))
-    assert torch.equal(wide.grad[outside], torch.zeros_like(wide.grad[outside]))
+    wide = x * 1.6
+    before = wide.clone()
+    fast = P.fake_quantize(wide, scale, zp, bits)
+    tracked = P.fake_quantize(wide.clone().requires_grad_(True), scale, zp, bits)
+    assert torch.equal(fast, tracked.detach())
+    assert torch.equal(wide, before), "the fast path must not modify its input"

@@ -132,17 +132,16 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
         if isinstance(module, ActQuantizer):
             module.name = name
             module.to(device)
-    hook = model.register_forward_pre_hook(_route_timestep(router), with_kwargs=True)
+    hook = model.register_forward_pre_hook(_route_timestep, with_kwargs=True)
     state = QuantState(config, plan, router, hook)
     setattr(model, STATE_ATTR, state)
     return state
 
 
-def _route_timestep(router: TimestepRouter):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        router.set_timestep(timestep)
-    return hook
+def _route_timestep(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: select the timestep group; reads the router from the model so deep copies work."""
+    timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+    quant_state(model).router.set_timestep(timestep)
 
 
 def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet | None = None, *,

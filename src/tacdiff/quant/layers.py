@@ -104,8 +104,8 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         g = self.router.group
-        out = [P.fake_quantize_per_tensor(part, self.scale[g, i], self.zero_point[g, i], self.bits)
-               for i, part in enumerate(self.parts(x))]
+        scale, zero_point = self.scale[g].to(x.dtype), self.zero_point[g].to(x.dtype)
+        out = [P.fake_quantize(part, scale[i], zero_point[i], self.bits) for i, part in enumerate(self.parts(x))]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def set_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
