@@ -25,8 +25,8 @@ INVALID = [
     ("exclude", "time_embedding.*"),
 ]
 
-# Values the config accepts today although they are wrong (see the report): a truthy string
-# such as "false" turns symmetric quantization *on*, a NaN learning rate poisons learned rounding.
+# Wrong values that once slipped through: a truthy string such as "false" would turn symmetric
+# quantization *on*, a NaN learning rate would poison learned rounding.
 UNVALIDATED = [
     ("weight_symmetric", "false"), ("act_symmetric", 1), ("quantize_model_input", "yes"),
     ("split_shortcut", None), ("quantize_attention_matmuls", "no"),
@@ -43,7 +43,6 @@ def test_invalid_fields_raise_value_errors_naming_them(field: str, value: object
     assert repr(value) in str(error.value) or field == "exclude", "the message shows the bad value"
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: QuantConfig does not validate these fields")
 @pytest.mark.parametrize("field, value", UNVALIDATED, ids=[f"{f}={v!r}" for f, v in UNVALIDATED])
 def test_every_field_is_validated(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):

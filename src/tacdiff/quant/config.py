@@ -75,8 +75,16 @@ class QuantConfig:
         _check_choice("weight_range", self.weight_range, _RANGE_METHODS)
         _check_choice("act_range", self.act_range, _RANGE_METHODS)
         _check_choice("weight_rounding", self.weight_rounding, _ROUNDINGS)
-        if not 50.0 < self.act_percentile <= 100.0:
-            raise ValueError(f"act_percentile must be in (50, 100], got {self.act_percentile}")
+        for name in ("weight_symmetric", "act_symmetric", "quantize_model_input", "split_shortcut",
+                     "quantize_attention_matmuls"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not _is_number(self.act_percentile) or not 50.0 < self.act_percentile <= 100.0:
+            raise ValueError(f"act_percentile must be a number in (50, 100], got {self.act_percentile!r}")
+        if not _is_number(self.adaround_lr) or not self.adaround_lr > 0:
+            raise ValueError(f"adaround_lr must be a positive number, got {self.adaround_lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         _check_positive("timestep_groups", self.timestep_groups)
         _check_positive("num_train_timesteps", self.num_train_timesteps)
         _check_positive("adaround_iters", self.adaround_iters)
@@ -84,8 +92,10 @@ class QuantConfig:
         if self.timestep_groups > self.num_train_timesteps:
             raise ValueError(f"timestep_groups ({self.timestep_groups}) cannot exceed "
                              f"num_train_timesteps ({self.num_train_timesteps})")
-        if isinstance(self.exclude, str):
-            raise ValueError("exclude must be a sequence of patterns, e.g. ('time_embedding.*',), not a string")
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, (tuple, list)) or \
+                not all(isinstance(p, str) for p in self.exclude):
+            raise ValueError(f"exclude must be a sequence of name patterns, e.g. ('time_embedding.*',); "
+                             f"got {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     def to_json(self) -> str:
@@ -107,6 +117,10 @@ class QuantConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_positive(name: str, value: int) -> None:
