@@ -127,8 +127,6 @@ def test_bad_arguments_raise(unet: nn.Module, kwargs: dict, match: str) -> None:
         collect(unet, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: kept_steps=0 / -1 and batch_size=0 fail with torch or "
-                                       "range() errors that do not name the argument")
 @pytest.mark.parametrize("kwargs, match", [({"kept_steps": 0}, "kept_steps"), ({"kept_steps": -1}, "kept_steps"),
                                            ({"batch_size": 0}, "batch_size")])
 def test_bad_step_and_batch_arguments_raise_naming_them(unet: nn.Module, kwargs: dict, match: str) -> None:

@@ -79,8 +79,10 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
     Returns:
         A :class:`CalibrationSet` on the CPU.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    for name, value in (("num_samples", num_samples), ("num_inference_steps", num_inference_steps),
+                        ("batch_size", batch_size), ("kept_steps", 1 if kept_steps is None else kept_steps)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     kept = num_inference_steps if kept_steps is None else min(kept_steps, num_inference_steps)
     keep = set(torch.linspace(0, num_inference_steps - 1, kept).round().long().tolist())
     ddim = DDIMScheduler.from_config(scheduler.config)
