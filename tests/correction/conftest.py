@@ -11,12 +11,13 @@ from torch import nn
 import tacdiff
 from tacdiff.correction import CorrectionTables, calibrate_tac
 
-from correction_support import SAMPLES, STEPS, make_tiny_unet
+from correction_support import SAMPLES, STEPS
+from tiny_models import tiny_unet
 
 
 @pytest.fixture(scope="session")
 def fp_unet() -> UNet2DModel:
-    return make_tiny_unet()
+    return tiny_unet()
 
 
 @pytest.fixture(scope="session")

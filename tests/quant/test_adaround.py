@@ -16,15 +16,9 @@ import tacdiff.quant.adaround as adaround
 from tacdiff.quant import primitives as P
 from tacdiff.quant.adaround import quant_layers, reconstruction_units
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear
+from tiny_models import tiny_unet
 
 ITERS, LR, BATCH = 100, 1e-2, 8
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
 
 
 def calibration_of(model: nn.Module, seed: int, **kwargs: object) -> tacdiff.CalibrationSet:

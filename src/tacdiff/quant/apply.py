@@ -12,7 +12,6 @@ import fnmatch
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
