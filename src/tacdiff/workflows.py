@@ -14,6 +14,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from tacdiff.io.artifact import save_quantized, state_dict_sha256
+from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.loading import load_scheduler, load_unet
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.sampling import CalibrationSet, collect_calibration_set, unet_denoiser
@@ -54,13 +55,9 @@ def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings,
 def output_sqnr_db(reference: nn.Module, model: nn.Module, inputs: CalibrationSet, batch_size: int = 64) -> float:
     """SQNR (dB) of ``model``'s noise estimates against ``reference``'s on the same inputs."""
     device = next(model.parameters()).device
-    signal = noise = 0.0
-    for x, t, cond in inputs.batches(batch_size, device):
-        ref = unet_denoiser(reference)(x, t, **cond)
-        err = unet_denoiser(model)(x, t, **cond) - ref
-        signal += float(ref.pow(2).sum())
-        noise += float(err.pow(2).sum())
-    return float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+    pairs = [(unet_denoiser(reference)(x, t, **cond), unet_denoiser(model)(x, t, **cond))
+             for x, t, cond in inputs.batches(batch_size, device)]
+    return sqnr_db(torch.cat([r for r, _ in pairs]), torch.cat([e for _, e in pairs]))
 
 
 def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig, *,
