@@ -272,6 +272,23 @@ def test_nan_in_calibration_inputs_raises(unet: nn.Module, calibration: tacdiff.
         tacdiff.quantize(tiny_unet(), QuantConfig(), poisoned, progress=False)
 
 
+def test_a_failed_quantize_leaves_the_model_full_precision(unet: nn.Module, calibration: tacdiff.CalibrationSet,
+                                                           held_out: tacdiff.CalibrationSet) -> None:
+    model = copy.deepcopy(unet)
+    processors = {n: type(m.processor) for n, m in model.named_modules() if isinstance(m, Attention)}
+    x = calibration.x.clone()
+    x[-1, 0, 0, 0] = float("inf")  # the last batch fails, after weights are quantized and ranges observed
+    with pytest.raises(ValueError, match="NaN or inf"):
+        tacdiff.quantize(model, QuantConfig(), tacdiff.CalibrationSet(x, calibration.timesteps, {}), batch_size=16,
+                         progress=False)
+    assert not any(isinstance(m, (QuantConv2d, QuantLinear, ActQuantizer)) for m in model.modules())
+    assert {n: type(m.processor) for n, m in model.named_modules() if isinstance(m, Attention)} == processors
+    assert not model._forward_pre_hooks
+    assert torch.equal(outputs(model, held_out), outputs(unet, held_out))
+    tacdiff.quantize(model, QuantConfig(), calibration, progress=False)  # and it can be quantized again
+    assert quant_state(model).config == QuantConfig()
+
+
 def test_summary_lists_every_planned_module_and_counts_every_weight(w4a8: nn.Module) -> None:
     rows = quantization_summary(w4a8)
     assert [r["name"] for r in rows] == [p.name for p in quant_state(w4a8).plan]

@@ -147,6 +147,10 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
              batch_size: int = 64, progress: bool = True) -> nn.Module:
     """Quantize a diffusers UNet **in place** and return it.
 
+    All or nothing: if any stage raises (bad calibration data, an interrupt), the model is put
+    back in full precision before the error propagates, so it can be quantized again. Until
+    it returns, the replaced float modules are kept, so peak memory is about twice the weights.
+
     Args:
         model: a full-precision ``UNet2DModel`` or ``UNet2DConditionModel``.
         config: the recipe (bits, ranges, rounding, timestep groups, ...).
@@ -163,17 +167,53 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
                          "calibration=collect_calibration_set(model, scheduler) or set act_bits=None")
     fp_model = _frozen_copy(model) if config.weight_rounding == "adaround" else None
     model.eval()
-    install(model, config, plan_layers(model, config))
-    for module in model.modules():
-        if isinstance(module, (QuantConv2d, QuantLinear)):
-            module.quantize_weight(config.weight_range)
-    if fp_model is not None:
-        from tacdiff.quant.adaround import learn_rounding
+    plan = plan_layers(model, config)
+    undo = _Undo.record(model, plan)
+    try:
+        install(model, config, plan)
+        for module in model.modules():
+            if isinstance(module, (QuantConv2d, QuantLinear)):
+                module.quantize_weight(config.weight_range)
+        if fp_model is not None:
+            from tacdiff.quant.adaround import learn_rounding
 
-        learn_rounding(model, fp_model, calibration, config, progress=progress)
-    if config.act_bits is not None:
-        calibrate_activations(model, calibration, config, batch_size=batch_size, progress=progress)
+            learn_rounding(model, fp_model, calibration, config, progress=progress)
+        if config.act_bits is not None:
+            calibrate_activations(model, calibration, config, batch_size=batch_size, progress=progress)
+    except BaseException:
+        undo.restore(model)
+        raise
     return model
+
+
+@dataclass
+class _Undo:
+    """The modules and attention processors :func:`install` replaces, to put back if quantizing fails."""
+
+    modules: dict[str, nn.Module]
+    processors: dict[str, Any]
+
+    @classmethod
+    def record(cls, model: nn.Module, plan: list[LayerPlan]) -> "_Undo":
+        modules = {e.name: model.get_submodule(e.name) for e in plan if e.kind != "attention"}
+        processors = {e.name: model.get_submodule(e.name).processor for e in plan if e.kind == "attention"}
+        return cls(modules, processors)
+
+    def restore(self, model: nn.Module) -> None:
+        """Return ``model`` to its full-precision state (the recorded modules were never modified)."""
+        for name, module in self.modules.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        for name, processor in self.processors.items():
+            attn = model.get_submodule(name)
+            for operand in MATMUL_OPERANDS:
+                if hasattr(attn, operand):
+                    delattr(attn, operand)
+            attn.set_processor(processor)
+        state = getattr(model, STATE_ATTR, None)
+        if state is not None:
+            state.hook.remove()
+            delattr(model, STATE_ATTR)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
