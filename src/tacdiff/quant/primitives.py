@@ -125,22 +125,21 @@ def mse_range(x: torch.Tensor, bits: int, symmetric: bool = False, axis: int | N
     """Clipping range minimising the ``norm``-error of fake quantization, searched per channel.
 
     Candidates shrink the min-max range (widened to contain 0) by ``k / grid`` for
-    ``k = 1..grid``; the best candidate is chosen independently for every channel.
+    ``k = grid..1``; the best candidate is chosen independently for every channel (the
+    widest one on ties). Candidates are evaluated in batches of about 4M elements.
     """
     check_bits(bits)
     flat = channels_first(check_tensor(x), axis).float()
     lo0 = torch.clamp(flat.amin(1), max=0.0)
     hi0 = torch.clamp(flat.amax(1), min=0.0)
-    best_err = torch.full_like(lo0, float("inf"))
-    best_lo, best_hi = lo0.clone(), hi0.clone()
-    for k in range(grid, 0, -1):
-        lo, hi = lo0 * (k / grid), hi0 * (k / grid)
-        scale, zp = qparams_from_range(lo, hi, bits, symmetric)
-        err = (fake_quantize(flat, scale[:, None], zp[:, None], bits) - flat).abs().pow(norm).mean(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo, best_lo)
-        best_hi = torch.where(better, hi, best_hi)
+    fractions = torch.arange(grid, 0, -1, dtype=torch.float64, device=flat.device).div(grid).float()[:, None]
+    lo, hi = lo0 * fractions, hi0 * fractions  # (grid, C)
+    scale, zp = qparams_from_range(lo, hi, bits, symmetric)
+    chunk = max(1, (1 << 22) // flat.numel())
+    err = torch.cat([(fake_quantize(flat, scale[i:i + chunk, :, None], zp[i:i + chunk, :, None], bits) - flat)
+                     .abs_().pow_(norm).mean(2) for i in range(0, grid, chunk)])
+    best = err.argmin(0, keepdim=True)  # the first minimum: the widest range among equals
+    best_lo, best_hi = lo.gather(0, best)[0], hi.gather(0, best)[0]
     return (best_lo, best_hi) if axis is not None else (best_lo[0], best_hi[0])
 
 
