@@ -171,7 +171,7 @@ def calibrate(
 @app.command()
 def bench(
     json_path: str = typer.Option(None, "--json", help="Write the rows here as a JSON list (atomically)."),
-    markdown: str = typer.Option(None, "--markdown", help="Write the table here as markdown."),
+    markdown: str = typer.Option(None, "--markdown", help="Write the table here as markdown (atomically)."),
     plot: str = typer.Option(None, "--plot", help="Write the per-timestep error plot here (e.g. .png)."),
     samples: int = typer.Option(1000, help="Evaluation images per method (paired: the same noise for all)."),
     calib_samples: int = typer.Option(256, help="Calibration trajectories for the correction tables."),
@@ -185,10 +185,9 @@ def bench(
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on the bundled model: FID, KID, paired x0 error, time."""
-    from pathlib import Path
-
     from tacdiff.bench import bench as run
     from tacdiff.bench import format_markdown
+    from tacdiff.io.atomic import write_text_atomically
     from tacdiff.metrics.evaluate import write_json
     from tacdiff.report.plots import plot_step_errors
 
@@ -203,8 +202,7 @@ def bench(
     if json_path:
         typer.echo(f"wrote {write_json(json_path, result.rows)}")
     if markdown:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(table + "\n")
-        typer.echo(f"wrote {markdown}")
+        path = write_text_atomically(markdown, table + "\n")
+        typer.echo(f"wrote {path}")
     if plot and result.step_errors:
         typer.echo(f"wrote {plot_step_errors(result.step_errors, result.timesteps, plot)}")

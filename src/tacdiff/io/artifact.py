@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 import tacdiff
+from tacdiff.io.atomic import write_dir_atomically
 from tacdiff.quant import primitives as P
 from tacdiff.quant.apply import SUPPORTED_MODELS, LayerPlan, install, quant_state
 from tacdiff.quant.config import QuantConfig
@@ -43,34 +40,6 @@ def state_dict_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(out_dir: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Create folder ``out_dir`` by calling ``fill(tmp_dir)`` on a temporary sibling, then renaming it."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass overwrite=True / --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(tmp)
-        _relax_permissions(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _relax_permissions(folder: Path) -> None:
-    """Give a temporary folder and its files the permissions the user's umask asks for."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.rglob("*"):
-        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
-
-
 def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str, str] | None = None,
                    overwrite: bool = False) -> Path:
     """Write a quantized model to the folder ``out_dir`` (atomically); return its path."""
@@ -88,7 +57,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str,
         model.save_config(tmp)
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=meta)
 
-    return write_atomically(out_dir, fill, overwrite)
+    return write_dir_atomically(out_dir, fill, overwrite=overwrite)
 
 
 def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:

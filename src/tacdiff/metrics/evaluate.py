@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
 from tacdiff.metrics.paired import batched_trajectories, paired_errors, to_images
 from tacdiff.models.loading import load_scheduler, load_unet
@@ -193,18 +192,4 @@ def _json_safe(value: Any) -> Any:
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     """Write ``data`` as strict JSON to ``path`` atomically (a temporary sibling, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(_json_safe(data), file, indent=2, allow_nan=False)
-            file.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomically(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")

@@ -19,6 +19,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from tacdiff.data import to_uint8
+from tacdiff.io.atomic import write_file_atomically
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fid"
 WEIGHTS_PATH = ASSET_DIR / "classifier.safetensors"
@@ -146,7 +147,7 @@ def save_reference(images: Tensor, path: str | Path, *, extractor: FeatureExtrac
     """Save a reusable reference for :func:`fid_kid` from real ``images`` ``(N, 1, 28, 28)`` in [-1, 1].
 
     Stores the FID statistics in float64 and the KID features in float16, tied by
-    ``weights_sha256`` to the extractor that made them.
+    ``weights_sha256`` to the extractor that made them. The file is written atomically.
     """
     extractor = extractor or load_feature_extractor()
     features = extract_features(images, extractor=extractor, batch_size=batch_size)
@@ -154,7 +155,8 @@ def save_reference(images: Tensor, path: str | Path, *, extractor: FeatureExtrac
         raise ValueError("features overflow float16; this reference cannot be stored")
     meta = {**(metadata or {}), "format": REFERENCE_FORMAT, "weights_sha256": extractor.weights_sha256,
             "num_samples": str(features.shape[0]), "num_features": str(features.shape[1])}
-    save_file({**_fid_state(features), "features": features.half()}, str(path), metadata=meta)
+    tensors = {**_fid_state(features), "features": features.half()}
+    write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _load_reference(path: str | Path, extractor: FeatureExtractor) -> tuple[dict[str, Tensor], Tensor]:

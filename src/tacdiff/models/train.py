@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from tacdiff.data.fashion_mnist import load_fashion_mnist, to_model_space
+from tacdiff.io.atomic import write_dir_atomically, write_file_atomically, write_text_atomically
 
 # ~2.8M parameters, 11 MB of fp32 weights; attention at 14x14 and 7x7 so attention
 # quantization gets exercised.
@@ -198,36 +195,21 @@ def _resume_or_init(ckpt_dir: Path, settings: TrainSettings, device: torch.devic
 
 def _save_checkpoint(ckpt_dir: Path, state: TrainState, settings: TrainSettings) -> None:
     """Write the whole training state atomically (temp file, then rename)."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "settings": asdict(settings), "step": state.step, "smoothed_loss": state.smoothed_loss,
         "wall_time_s": state.wall_time_s, "model": state.model.state_dict(),
         "ema": state.ema.state_dict(), "optimizer": state.optimizer.state_dict(),
         "generator": state.generator.get_state(),
     }
-    tmp = ckpt_dir / (CHECKPOINT_NAME + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, ckpt_dir / CHECKPOINT_NAME)
-
-
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp folder that replaces ``path`` only once the block finishes."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    write_file_atomically(ckpt_dir / CHECKPOINT_NAME, lambda tmp: torch.save(payload, tmp))
 
 
 def _export(out_dir: Path, state: TrainState, scheduler: DDPMScheduler, settings: TrainSettings,
             n_images: int) -> None:
     """Write ``unet/`` (EMA weights), ``scheduler/`` and ``training.json`` into ``out_dir``."""
-    with _atomic_dir(out_dir / "unet") as tmp:
-        state.ema.save_pretrained(tmp, safe_serialization=True)
-    with _atomic_dir(out_dir / "scheduler") as tmp:
-        scheduler.save_pretrained(tmp)
+    write_dir_atomically(out_dir / "unet", lambda tmp: state.ema.save_pretrained(tmp, safe_serialization=True),
+                         overwrite=True)
+    write_dir_atomically(out_dir / "scheduler", scheduler.save_pretrained, overwrite=True)
     record = {
         **asdict(settings), "steps": state.step, "final_loss": state.smoothed_loss,
         "final_loss_note": f"epsilon MSE of the trained (non-EMA) weights, EMA-smoothed ({LOSS_SMOOTHING})",
@@ -239,9 +221,7 @@ def _export(out_dir: Path, state: TrainState, scheduler: DDPMScheduler, settings
         "grad_clip_norm": GRAD_CLIP_NORM, "scheduler": SCHEDULER_CONFIG,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
-    tmp = out_dir / "training.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out_dir / "training.json")
+    write_text_atomically(out_dir / "training.json", json.dumps(record, indent=2) + "\n")
 
 
 def _device_name(device: torch.device) -> str:

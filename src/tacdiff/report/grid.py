@@ -10,14 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from tacdiff.io.atomic import write_file_atomically  # noqa: E402
+
 
 def save_grid(rows: dict[str, torch.Tensor], path: str | Path, columns: int = 8) -> Path:
     """Save ``{label: images (N, C, H, W) in [-1, 1]}`` as a PNG grid, one row per label.
 
-    The file is written to a temporary name and renamed, so a failed save leaves nothing behind.
+    The file is written atomically (:func:`~tacdiff.io.atomic.write_file_atomically`), so a failed
+    save leaves nothing behind.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.9, len(rows) * 1.0), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         for c in range(columns):
@@ -27,11 +28,10 @@ def save_grid(rows: dict[str, torch.Tensor], path: str | Path, columns: int = 8)
                 ax.imshow(_to_hwc(images[c]), cmap="gray", vmin=0.0, vmax=1.0)
         axes[r][0].set_title(label, fontsize=8, loc="left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def _to_hwc(image: torch.Tensor):

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from tacdiff.io.atomic import write_file_atomically
+
 METHOD_STYLE = {"ptq": ("tab:red", "-"), "ptqd": ("tab:orange", "--"), "ner": ("tab:blue", ":"),
                 "ibc": ("tab:purple", "-."), "tac": ("tab:green", "-")}
 
@@ -17,7 +19,7 @@ def plot_step_errors(step_errors: Mapping[tuple[str, int], Mapping[str, Sequence
     Args:
         step_errors: ``{(bits, steps): {method: (T,) errors}}`` in sampling order.
         timesteps: ``{steps: (T,) scheduler timesteps}`` (the x axis, decreasing left to right).
-        path: output image (.png, .pdf, ...); parent folders are created.
+        path: output image (.png, .pdf, ...), written atomically; parent folders are created.
     Returns:
         ``path``.
     """
@@ -51,8 +53,8 @@ def plot_step_errors(step_errors: Mapping[tuple[str, int], Mapping[str, Sequence
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fmt = Path(path).suffix[1:] or plt.rcParams["savefig.format"]  # the temporary name has no usable suffix
+    try:
+        return write_file_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+    finally:
+        plt.close(fig)
