@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       SchedulerMixin, UNet2DModel)
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, SchedulerMixin, UNet2DModel)
 from torch import nn
 
 import tacdiff
 from tacdiff.metrics import PairedErrors, PairedStepStats, paired_errors, psnr_db, sqnr_db
-from tacdiff.metrics.paired import sample_noise
+from tacdiff.metrics.paired import batched_trajectories, sample_noise
 from tacdiff.sampling import StepRecord, unet_denoiser
 
 SHAPE, STEPS, N = (3, 8, 8), 4, 6
@@ -75,6 +75,29 @@ def test_streamed_equals_one_batch(fp: UNet2DModel, w4: nn.Module) -> None:
     assert streamed.x0_mse == pytest.approx(whole.x0_mse, rel=1e-5)
     for name in ("state_sq_err", "eps_sq_err", "input_bias"):
         torch.testing.assert_close(getattr(streamed, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, EulerAncestralDiscreteScheduler], ids=lambda c: c.__name__)
+def test_stochastic_samples_do_not_depend_on_the_batch_size(fp: UNet2DModel, cls: type[SchedulerMixin]) -> None:
+    scheduler = cls.from_config(DDPMScheduler().config)
+
+    def images(batch_size: int, seed: int = 3) -> torch.Tensor:
+        return torch.cat([finals[0] for _, finals in batched_trajectories(
+            [unet_denoiser(fp)], scheduler, num_samples=N, sample_shape=SHAPE, num_inference_steps=STEPS,
+            seed=seed, batch_size=batch_size, progress=False)])
+
+    whole = images(N)
+    # float32 convolutions may round differently per batch size (Euler's sigma scaling amplifies that
+    # to ~2e-4); different per-step noise would differ by O(1)
+    torch.testing.assert_close(images(4), whole, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(images(1), whole, rtol=1e-3, atol=1e-3)
+    assert (images(N, seed=4) - whole).abs().max() > 0.1
+
+
+def test_per_sample_seeds_must_match_the_batch(fp: UNet2DModel) -> None:
+    with pytest.raises(ValueError, match="per-sample seeds"):
+        tacdiff.sampling.run_trajectories([unet_denoiser(fp)], DDPMScheduler(), torch.zeros(2, *SHAPE),
+                                          num_inference_steps=2, seed=[1, 2, 3], progress=False)
 
 
 def test_on_batch_sees_clamped_images_in_order(fp: UNet2DModel, w4: nn.Module) -> None:

@@ -69,9 +69,9 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
                          progress: bool = True) -> Iterator[tuple[int, list[Tensor]]]:
     """Run :func:`run_trajectories` over ``num_samples`` in batches; yield ``(start, final latents)`` per batch.
 
-    Starting noise comes from :func:`sample_noise`. Stochastic schedulers draw their per-step
-    noise from one generator per batch (seeded by ``seed`` and the batch start), identical
-    for every denoiser of the batch, so their images depend on ``batch_size`` too.
+    Starting noise comes from :func:`sample_noise`. Stochastic schedulers draw sample ``i``'s
+    per-step noise from its own generator (seeded by ``seed`` and ``i``), identical for every
+    denoiser, so no image depends on ``batch_size``.
     ``cond`` values have a leading dimension ``num_samples`` and are sliced per batch;
     ``callback`` sees every step of every batch.
     """
@@ -85,7 +85,8 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
             noise = sample_noise(sample_shape, start, count, seed, device, dtype)
             chunk = {k: v[start:start + count].to(device) for k, v in (cond or {}).items()}
             finals = run_trajectories(denoisers, scheduler, noise, num_inference_steps=num_inference_steps,
-                                      seed=derive_seed(seed, "steps", start), cond=chunk, callback=callback,
+                                      seed=[derive_seed(seed, "steps", i) for i in range(start, start + count)],
+                                      cond=chunk, callback=callback,
                                       progress=progress)
             bar.update(count)
             yield start, finals

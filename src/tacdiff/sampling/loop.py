@@ -49,20 +49,32 @@ def unet_denoiser(model: torch.nn.Module) -> Denoiser:
     return denoise
 
 
-def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict[str, Any]:
+def _generators(seed: int | Sequence[int], noise: torch.Tensor) -> torch.Generator | list[torch.Generator]:
+    """One generator seeded by ``seed``, or one per sample for a sequence of per-sample seeds."""
+    if isinstance(seed, int):
+        return torch.Generator(noise.device).manual_seed(seed)
+    if len(seed) != noise.shape[0]:
+        raise ValueError(f"got {len(seed)} per-sample seeds for {noise.shape[0]} samples; pass one seed per sample")
+    return [torch.Generator(noise.device).manual_seed(s) for s in seed]
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[torch.Generator]) -> dict[str, Any]:
     accepts = inspect.signature(scheduler.step).parameters
     return {"generator": generator} if "generator" in accepts else {}
 
 
 @torch.no_grad()
 def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, noise: torch.Tensor, *,
-                     num_inference_steps: int, seed: int = 0, cond: dict[str, Any] | None = None,
+                     num_inference_steps: int, seed: int | Sequence[int] = 0, cond: dict[str, Any] | None = None,
                      callback: Callable[[StepRecord], None] | None = None,
                      progress: bool = True) -> list[torch.Tensor]:
     """Sample with every denoiser from the same ``noise`` (shape ``(N, C, H, W)``); return the final latents.
 
     The denoisers are called in list order at each step, so a later one may read what an
     earlier one recorded (TAC calibration pairs the FP model with the quantized one this way).
+    Stochastic schedulers draw their per-step noise from ``seed``: one generator for the whole
+    batch, or with one seed per sample (a sequence of length ``N``) one generator per sample,
+    so that a sample's noise does not depend on which batch it is in.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -70,7 +82,7 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
     schedulers = [copy.deepcopy(scheduler) for _ in denoisers]
     for sched in schedulers:
         sched.set_timesteps(num_inference_steps, device=noise.device)
-    generators = [torch.Generator(noise.device).manual_seed(seed) for _ in denoisers]
+    generators = [_generators(seed, noise) for _ in denoisers]
     states = [noise * sched.init_noise_sigma for sched in schedulers]
     timesteps = schedulers[0].timesteps
     for step, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
