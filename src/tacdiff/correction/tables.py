@@ -14,8 +14,6 @@ count, quantization bits, FP model hash and hyper-parameters. Writes are atomic.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
 import tacdiff
+from tacdiff.io.atomic import write_file_atomically
 
 FORMAT = "tacdiff-correction-tables"
 FORMAT_VERSION = "1"
@@ -121,7 +120,7 @@ class CorrectionTables:
                 "scheduler_config": json.dumps(self.scheduler_config, sort_keys=True, default=str),
                 "num_inference_steps": str(self.num_inference_steps),
                 "extra": json.dumps(self.metadata, sort_keys=True, default=str)}
-        return _write_file_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite)
+        return write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "CorrectionTables":
@@ -155,28 +154,6 @@ class CorrectionTables:
 def _short(timesteps: Tensor) -> str:
     values = [f"{v:g}" for v in timesteps.tolist()]
     return "[" + ", ".join(values if len(values) <= 6 else values[:3] + ["..."] + values[-2:]) + "]"
-
-
-def _write_file_atomically(path: Path, fill: Any, overwrite: bool) -> Path:
-    """Write one file by ``fill(tmp_path)`` on a temporary sibling, then ``os.replace`` it into place.
-
-    The file counterpart of :func:`tacdiff.io.artifact.write_atomically` (which creates folders).
-    """
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another --out or pass overwrite=True / --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        fill(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def is_identity(tables: CorrectionTables) -> bool:
