@@ -1,0 +1,279 @@
+"""One-factor-at-a-time sweep of TAC's hyper-parameters on the bundled model, scored on validation seeds.
+
+    OMP_NUM_THREADS=1 python benchmarks/tac_sweep.py [--bits w4a8] [--steps 50] [--samples 256]
+        [--calib-samples 128] [--seed 0] [--device cpu] [--batch-size 256]
+        [--lams ...] [--gammas ...] [--taus ...] [--ibcs ...] [--calib-sizes ...] [--quick]
+        [--json benchmarks/results/tac_sweep.json] [--markdown benchmarks/results/tac_sweep.md]
+
+What it sweeps: around the centre ``lam=DEFAULT_LAM, gamma=DEFAULT_GAMMA, tau=DEFAULT_TAU``
+(:mod:`tacdiff.correction.calibrate`), ``ibc="channel"`` and ``--calib-samples`` calibration
+trajectories, one factor at a time: lam in {0, 0.25, 0.5, 0.75, 1}, gamma in {0, 0.1, 1}, tau in
+{0.1, 0.5, 1, 2}, IBC granularity in {channel, element}, calibration size in {32, 64, 128, 256}
+(``--lams`` etc. replace a list; ``--quick`` makes every list, the sample counts and the step
+count tiny for a smoke run). Reference rows: FP, PTQ (no correction) and NER alone at the centre.
+
+Model and quantization as in ``tacdiff bench`` (:mod:`tacdiff.bench`): the bundled Fashion-MNIST
+DDPM, DDIM (eta 0) from its scheduler config, RTN ``QuantConfig(w, a)`` once per ``--bits``
+setting with activation ranges from ``min(--quant-calib-samples, --calib-samples)`` FP
+trajectories; every table is fitted on that one quantized model.
+
+Seeds (never tune on the evaluation seeds): quantization inputs come from
+``derive_seed(seed, "quantize")`` and the tables are fitted on ``derive_seed(seed, "calibrate")``,
+as in bench; every configuration is scored on ``derive_seed(seed, "validate")``, a third stream,
+so neither the fit nor the choice made here sees bench's ``derive_seed(seed, "evaluate")`` images.
+A calibration set of n trajectories starts from the first n noises of the larger ones.
+
+Scoring: FP and every denoiser (PTQ, NER, each TAC setting) are sampled in one paired
+:func:`tacdiff.metrics.paired.batched_trajectories` run through bench's scorer, so FP's
+validation images are drawn once and every row is compared with the same ones. Per row:
+x0 MSE/PSNR of the final images (clamped to [-1, 1]) against FP on the same noise, FID/KID on
+the bundled classifier's features (:func:`tacdiff.metrics.fid.fid_kid`; with a few hundred
+samples FID is biased upwards: compare rows, not absolute values), and the table fit's seconds
+(``fit s``; for the ``ptq`` row the quantization's).
+
+How to read it: the ``factor`` column names the one setting a row changes (``centre`` for the
+current defaults); "best per factor" picks, among the centre and that factor's rows, the highest
+x0 PSNR and the lowest FID. Paired x0 PSNR (same noise as FP) says how closely the corrected
+sampler tracks FP and is less noisy; FID from a few hundred images is noisy and this
+script draws one validation set only, so treat small FID differences as ties. One factor at a
+time finds no interactions: re-run around a new centre before changing several defaults at once.
+
+Example (the full sweep, written where the other benchmark results live):
+
+    OMP_NUM_THREADS=1 python benchmarks/tac_sweep.py --bits w4a8 --steps 50 --samples 256 \
+        --json benchmarks/results/tac_sweep.json --markdown benchmarks/results/tac_sweep.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fp_reference import machine  # sibling benchmark script (run as python benchmarks/tac_sweep.py)
+from tacdiff.bench import FP_BITS, BenchResult, _check, _evaluate, _fmt, _Timed, _timed_call
+from tacdiff.correction import CorrectedUNet, calibrate_tac
+from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_LAM, DEFAULT_TAU
+from tacdiff.correction.ibc import check_granularity
+from tacdiff.correction.ner import check_ner_params
+from tacdiff.metrics.evaluate import build_scheduler, write_json
+from tacdiff.metrics.paired import derive_seed
+from tacdiff.models.reference import load_reference_model
+from tacdiff.quant import QuantConfig, quantize
+from tacdiff.sampling.loop import unet_denoiser
+from tacdiff.workflows import CalibrationSettings, calibrate_inputs
+
+FACTORS = ("lam", "gamma", "tau", "ibc", "calib")
+FULL: dict[str, Any] = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "gamma": [0.0, 0.1, 1.0], "tau": [0.1, 0.5, 1.0, 2.0],
+                        "ibc": ["channel", "element"], "calib": [32, 64, 128, 256],
+                        "samples": 256, "calib_samples": 128, "steps": 50}
+QUICK: dict[str, Any] = {"lam": [0.0, 1.0], "gamma": [0.1], "tau": [2.0], "ibc": ["element"], "calib": [8],
+                         "samples": 16, "calib_samples": 16, "steps": 10}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One TAC configuration: NER's lam/gamma/tau, IBC granularity and calibration trajectories."""
+
+    lam: float
+    gamma: float
+    tau: float
+    ibc: str
+    calib: int
+
+    def differs_in(self, centre: "Setting") -> str:
+        """The one factor this setting changes from ``centre`` (``"centre"`` when none)."""
+        changed = [f for f in FACTORS if getattr(self, f) != getattr(centre, f)]
+        return changed[0] if changed else "centre"
+
+
+def one_at_a_time(centre: Setting, values: dict[str, Sequence[Any]]) -> list[Setting]:
+    """The centre, then each factor's values with the others at the centre (duplicates dropped)."""
+    swept = [replace(centre, **{factor: value}) for factor in FACTORS for value in values[factor]]
+    return list(dict.fromkeys([centre, *swept]))
+
+
+def label(setting: Setting, centre: Setting) -> str:
+    factor = setting.differs_in(centre)
+    return "tac" if factor == "centre" else f"tac {factor}={getattr(setting, factor)}"
+
+
+def quantize_once(fp: nn.Module, ddpm: Any, bits: tuple[int, int], steps: int, samples: int, seed: int,
+                  device: torch.device, progress: bool) -> tuple[nn.Module, float]:
+    """Quantize a copy of ``fp`` the way :func:`tacdiff.bench.bench` does; returns it and the seconds."""
+    quant_steps = min(50, steps)
+    settings = CalibrationSettings(samples, quant_steps, min(25, quant_steps), derive_seed(seed, "quantize"))
+    config = QuantConfig(weight_bits=bits[0], act_bits=bits[1])
+
+    def build() -> nn.Module:
+        return quantize(copy.deepcopy(fp), config, calibrate_inputs(fp, ddpm, settings, progress), progress=progress)
+
+    return _timed_call(device, build)
+
+
+@torch.no_grad()
+def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Quantize, fit every setting's tables, score all on the validation seeds; one row per denoiser."""
+    pairs = _check(args.bits, [args.steps], ["ptq", "ner", "tac"], args.samples,
+                   min(args.calib_samples, *values["calib"]), args.batch_size, args.device)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    fp, ddpm = load_reference_model(dev)
+    scheduler = build_scheduler("ddim", dict(ddpm.config))
+    centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, "channel", args.calib_samples)
+    settings = one_at_a_time(centre, values)
+    calib_seed = derive_seed(args.seed, "calibrate")
+    labels, denoisers = [(FP_BITS, "fp")], [_Timed(unet_denoiser(fp), cuda)]
+    seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
+    swept: dict[str, Setting] = {}
+    quant_samples = min(args.quant_calib_samples, args.calib_samples)
+    for name, bits in zip(args.bits, pairs):
+        log(f"quantize {name} (RTN, {quant_samples} calibration trajectories)")
+        model, seconds[name, "ptq"] = quantize_once(fp, ddpm, bits, args.steps, quant_samples, args.seed, dev,
+                                                    args.progress)
+        labels.append((name, "ptq"))
+        denoisers.append(_Timed(unet_denoiser(model), cuda))
+        fits = [("ner", centre, False)] + [(label(s, centre), s, True) for s in settings]
+        for i, (method, s, use_ibc) in enumerate(fits, 1):
+            log(f"[{name} {i}/{len(fits)}] fit {method}: lam={s.lam} gamma={s.gamma} tau={s.tau} ibc={s.ibc}, "
+                f"{s.calib} trajectories, DDIM {args.steps}")
+            tables, seconds[name, method] = _timed_call(dev, lambda s=s, use_ibc=use_ibc: calibrate_tac(
+                fp, model, scheduler, num_inference_steps=args.steps, num_samples=s.calib,
+                batch_size=args.batch_size, seed=calib_seed, lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc,
+                use_ibc=use_ibc, progress=args.progress))
+            labels.append((name, method))
+            denoisers.append(_Timed(unet_denoiser(CorrectedUNet(model, tables)), cuda))
+            swept[method] = s
+    log(f"sample {len(denoisers)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
+    rows = _evaluate(BenchResult([]), labels, denoisers, seconds, scheduler, args.steps, args.samples,
+                     args.batch_size, derive_seed(args.seed, "validate"), dev,
+                     list(dict.fromkeys(m for _, m in labels)), args.progress)
+    for row in rows:
+        s = swept.get(row["method"])
+        row["factor"] = "" if s is None else "ner" if row["method"] == "ner" else s.differs_in(centre)
+        row.update(asdict(s) if s is not None else dict.fromkeys(FACTORS))
+    return rows
+
+
+def best_per_factor(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per bits and factor, among the centre and that factor's rows: the highest x0 PSNR and the lowest FID."""
+    best = []
+    for bits in dict.fromkeys(r["bits"] for r in rows if r["bits"] != FP_BITS):
+        for factor in FACTORS:
+            group = sorted((r for r in rows if r["bits"] == bits and r["factor"] in ("centre", factor)),
+                           key=lambda r: r[factor])
+            if len(group) < 2:
+                continue
+            by_psnr, by_fid = max(group, key=lambda r: r["x0_psnr"]), min(group, key=lambda r: r["fid"])
+            best.append({"bits": bits, "factor": factor, "values": [r[factor] for r in group],
+                         "best_psnr": by_psnr[factor], "psnr": by_psnr["x0_psnr"],
+                         "best_fid": by_fid[factor], "fid": by_fid["fid"]})
+    return best
+
+
+def format_markdown(rows: Sequence[dict[str, Any]], best: Sequence[dict[str, Any]]) -> str:
+    lines = ["| bits | method | factor | lam | gamma | tau | ibc | calib | FID | KID | x0 MSE | x0 PSNR dB | fit s |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [r["bits"], r["method"], r["factor"] or "-", *("-" if r[f] is None else r[f] for f in FACTORS)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + f" | {_fmt(r['fid'], 3)} | {_fmt(r['kid'], 5)} | "
+                     f"{_fmt(r['x0_mse'], 6)} | {_fmt(r['x0_psnr'], 2)} | {_fmt(r['calib_seconds'], 1)} |")
+    lines += ["", "Best per factor (among the centre and that factor's rows):", "",
+              "| bits | factor | values | best by x0 PSNR | best by FID |", "|---|---|---|---|---|"]
+    for b in best:
+        lines.append(f"| {b['bits']} | {b['factor']} | {', '.join(map(str, b['values']))} | "
+                     f"{b['best_psnr']} ({b['psnr']:.2f} dB) | {b['best_fid']} (FID {b['fid']:.3f}) |")
+    if not best:
+        lines.append("| - | (no factor has a second value) | - | - | - |")
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    tqdm.write(f"[tac_sweep {time.strftime('%H:%M:%S')}] {message}")
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", nargs="+", default=["w4a8"], help="settings like w4a8, each quantized once")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default 50; quick 10)")
+    parser.add_argument("--samples", type=int, help="validation images per row (default 256; quick 16)")
+    parser.add_argument("--calib-samples", type=int,
+                        help="calibration trajectories at the centre (default 128; quick 16)")
+    parser.add_argument("--quant-calib-samples", type=int, default=64, help="FP trajectories for PTQ's ranges "
+                        "(capped at --calib-samples, as in bench)")
+    parser.add_argument("--lams", type=float, nargs="+", help="NER lam values (default 0 0.25 0.5 0.75 1)")
+    parser.add_argument("--gammas", type=float, nargs="+", help="NER gamma values (default 0 0.1 1)")
+    parser.add_argument("--taus", type=float, nargs="+", help="NER tau values (default 0.1 0.5 1 2)")
+    parser.add_argument("--ibcs", nargs="+", help="IBC granularities (default channel element)")
+    parser.add_argument("--calib-sizes", type=int, nargs="+", help="calibration sizes (default 32 64 128 256)")
+    parser.add_argument("--seed", type=int, default=0, help="derives the quantize/calibrate/validate seeds")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=256, help="trajectories per sampling batch; samples "
+                        "per network call when fitting")
+    parser.add_argument("--quick", action="store_true", help="tiny lists, sample counts and steps (smoke run)")
+    parser.add_argument("--quiet", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument("--json", help="write the rows, the best per factor and the run's settings here")
+    parser.add_argument("--markdown", help="write the tables, machine and command here")
+    args = parser.parse_args()
+    base = QUICK if args.quick else FULL
+    given = {"lam": args.lams, "gamma": args.gammas, "tau": args.taus, "ibc": args.ibcs, "calib": args.calib_sizes}
+    values = {f: given[f] if given[f] is not None else base[f] for f in FACTORS}
+    for key in ("steps", "samples", "calib_samples"):
+        if getattr(args, key) is None:
+            setattr(args, key, base[key])
+    try:
+        for lam in values["lam"]:
+            check_ner_params(lam, DEFAULT_GAMMA, DEFAULT_TAU)
+        for gamma in values["gamma"]:
+            check_ner_params(DEFAULT_LAM, gamma, DEFAULT_TAU)
+        for tau in values["tau"]:
+            check_ner_params(DEFAULT_LAM, DEFAULT_GAMMA, tau)
+        for ibc in values["ibc"]:
+            check_granularity(ibc)
+    except ValueError as error:
+        parser.error(str(error))
+
+    started, began = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+    rows = sweep(args, values)
+    best = best_per_factor(rows)
+    table = format_markdown(rows, best)
+    command = "OMP_NUM_THREADS=1 python " + shlex.join(sys.argv)
+    header = (f"# TAC hyper-parameter sweep ({', '.join(args.bits)}, DDIM {args.steps}, {args.samples} validation "
+              f"images, centre calibration {args.calib_samples} trajectories)\n\n"
+              f"* Machine: {machine(args.device)}\n* Command (commit {commit()}, started {started}, "
+              f"{time.perf_counter() - began:.0f} s): `{command}`\n"
+              f"* Seeds: quantize / calibrate / validate streams derived from --seed {args.seed}; "
+              "bench's evaluate stream is not used.\n")
+    print("\n" + header + "\n" + table)
+    if args.json:
+        options = {k: v for k, v in vars(args).items() if k not in ("json", "markdown")}
+        record = {"command": command, "machine": machine(args.device), "started": started,
+                  "seconds": time.perf_counter() - began, "options": options, "values": values, "rows": rows,
+                  "best": best}
+        print(f"wrote {write_json(args.json, record)}")
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + "\n" + table + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
