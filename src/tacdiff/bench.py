@@ -13,6 +13,8 @@ with the same FP images. Choices, written down:
   and last layer at 8 bits), once per bit setting, its activation ranges calibrated on
   ``min(quant_calib_samples, calib_samples)`` FP DDIM trajectories of ``min(50, max(steps))``
   steps with 25 steps kept (Q-Diffusion's time-uniform calibration).
+* IBC (in ``ibc`` and ``tac``) shifts the quantized trajectory's latent (``ibc_target="state"``,
+  the default; the loop's ``correct_states`` hook applies it).
 * Sampler: DDIM (eta 0) from the reference scheduler config. PTQD is its deterministic part
   (``(q - b_t) / (1 + k_t)``); its variance-schedule calibration needs a stochastic sampler.
 * FP rows have ``bits == "fp"``, one per step count (FP is sampled once per step count).
@@ -38,13 +40,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac
+from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac, state_correction
 from tacdiff.metrics.evaluate import KID_SUBSET_SIZE, build_scheduler, check_settings
 from tacdiff.metrics.fid import fid_kid
 from tacdiff.metrics.paired import PairedStepStats, batched_trajectories, derive_seed, psnr_db, to_images
 from tacdiff.models.reference import load_reference_model
 from tacdiff.quant import QuantConfig, quantize
-from tacdiff.sampling.loop import Denoiser, StepRecord, unet_denoiser
+from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord, unet_denoiser
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
@@ -151,6 +153,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
         labels: list[tuple[str, str]] = [(FP_BITS, "fp")]
         denoisers: list[_Timed] = [_Timed(unet_denoiser(fp), dev.type == "cuda")]
         calib_seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
+        wrappers: dict[int, CorrectedUNet] = {}
         for name in names:
             model, quant_seconds = quantized[name]
             labels.append((name, "ptq"))
@@ -161,11 +164,13 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
                 tables, seconds = _timed_call(dev, lambda method=method: _calibrate(
                     method, fp, model, scheduler, count, calib_samples, batch_size, calib_seed, progress))
                 labels.append((name, method))
-                denoisers.append(_Timed(unet_denoiser(CorrectedUNet(model, tables)), dev.type == "cuda"))
+                wrappers[len(denoisers)] = CorrectedUNet(model, tables)
+                denoisers.append(_Timed(unet_denoiser(wrappers[len(denoisers)]), dev.type == "cuda"))
                 calib_seconds[name, method] = seconds
         _log(progress, f"sample {len(denoisers)} denoisers x {samples} paired images, DDIM {count}")
+        hook = state_correction([wrappers.get(i) for i in range(len(denoisers))])
         result.rows += _evaluate(result, labels, denoisers, calib_seconds, scheduler, count, samples, batch_size,
-                                 eval_seed, dev, wanted, progress)
+                                 eval_seed, dev, wanted, progress, hook)
     return result
 
 
@@ -191,13 +196,14 @@ class _AllPairs:
 def _evaluate(result: BenchResult, labels: list[tuple[str, str]], denoisers: list[_Timed],
               calib_seconds: dict[tuple[str, str], float], scheduler: Any, steps: int, samples: int,
               batch_size: int, seed: int, device: torch.device, wanted: list[str],
-              progress: bool) -> list[dict[str, Any]]:
+              progress: bool, correct_states: StateCorrection | None = None) -> list[dict[str, Any]]:
     """Sample every denoiser on the same noise; score each against FP (index 0)."""
     callback = _AllPairs(len(denoisers))
     images: list[list[Tensor]] = [[] for _ in denoisers]
     for _, finals in batched_trajectories(denoisers, scheduler, num_samples=samples, sample_shape=(1, 28, 28),
                                           num_inference_steps=steps, seed=seed, batch_size=batch_size,
-                                          device=device, callback=callback, progress=progress):
+                                          device=device, callback=callback, correct_states=correct_states,
+                                          progress=progress):
         for kept, final in zip(images, finals):
             kept.append(to_images(final).float().cpu())
     result.timesteps[steps] = callback.stats[0].timesteps

@@ -151,6 +151,8 @@ def calibrate(
     gamma: float = typer.Option(0.0, help="NER: pull of the scales towards 1."),
     tau: float = typer.Option(1.0, help="NER: mask |r| > tau * mean|r| for the relative term."),
     ibc: str = typer.Option("channel", help="IBC granularity: channel or element."),
+    ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (needs tacdiff's sampling loop) "
+                                                 "or only the network 'input' (works inside any diffusers pipeline)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
@@ -161,7 +163,8 @@ def calibrate(
     try:
         path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
                                           steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
-                                          gamma=gamma, tau=tau, ibc=ibc, device=device, overwrite=overwrite,
+                                          gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, device=device,
+                                          overwrite=overwrite,
                                           progress=not quiet)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         _fail(error)

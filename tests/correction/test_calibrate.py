@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac
+from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac, state_correction
 from tacdiff.metrics.paired import PairedErrors, paired_errors
 from tacdiff.sampling import unet_denoiser
 
@@ -19,9 +20,11 @@ FRESH_SEED = 1000
 
 
 def errors(fp: nn.Module, model: nn.Module, seed: int, num_samples: int = SAMPLES) -> PairedErrors:
+    """Paired errors of ``model`` against ``fp``; a :class:`CorrectedUNet` gets its state hook."""
+    hook = state_correction([None, model]) if isinstance(model, CorrectedUNet) else None
     return paired_errors(unet_denoiser(fp), unet_denoiser(model), DDIMScheduler(), num_samples=num_samples,
                          sample_shape=SHAPE, num_inference_steps=STEPS, seed=seed, batch_size=num_samples,
-                         progress=False)
+                         correct_states=hook, progress=False)
 
 
 def test_fp_model_as_its_own_quantized_model_gives_identity_tables(fp_unet: UNet2DModel) -> None:
@@ -70,17 +73,24 @@ def test_statistics_stream_across_network_chunks(fp_unet: UNet2DModel) -> None:
 
 
 def test_wrapper_replays_the_calibration_trajectory(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
-                                                    ddim_tables: CorrectionTables) -> None:
-    # On the calibration seed, the wrapped model's input bias before correction is mu_t itself.
+                                                    ddim_tables: CorrectionTables,
+                                                    ddim_input_tables: CorrectionTables) -> None:
+    # On the calibration seed, replaying the tables retraces the calibration trajectory. With IBC on
+    # the state, the latents are shifted by mu_t before the step: the mean discrepancy left is zero.
+    assert ddim_tables.ibc_target == "state" and ddim_tables.input_bias[1:].abs().max() > 1e-2
     seen = errors(fp_unet, CorrectedUNet(w4a8_unet, ddim_tables), seed=0)
-    assert torch.allclose(seen.input_bias.float(), ddim_tables.input_bias, atol=1e-4)
+    assert seen.input_bias.abs().max() < 1e-5
+    # With IBC on the input, the latents keep their bias, which is mu_t itself.
+    seen = errors(fp_unet, CorrectedUNet(w4a8_unet, ddim_input_tables), seed=0)
+    assert torch.allclose(seen.input_bias.float(), ddim_input_tables.input_bias, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["tac", "ner", "ptqd"])
+@pytest.mark.parametrize("method", ["tac", "tac_input", "ner", "ptqd"])
 def test_correction_lowers_the_noise_error_on_fresh_seeds(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
-                                                          ddim_tables: CorrectionTables, method: str) -> None:
+                                                          ddim_tables: CorrectionTables,
+                                                          ddim_input_tables: CorrectionTables, method: str) -> None:
     run = dict(num_inference_steps=STEPS, num_samples=SAMPLES, batch_size=SAMPLES, seed=0, progress=False)
-    tables = {"tac": lambda: ddim_tables,
+    tables = {"tac": lambda: ddim_tables, "tac_input": lambda: ddim_input_tables,
               "ner": lambda: calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), use_ibc=False, **run),
               "ptqd": lambda: calibrate_ptqd(fp_unet, w4a8_unet, DDIMScheduler(), **run)}[method]()
     plain = errors(fp_unet, w4a8_unet, FRESH_SEED, num_samples=16)
@@ -101,8 +111,14 @@ def test_bad_settings_raise(fp_unet: UNet2DModel, w4a8_unet: nn.Module) -> None:
         calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), batch_size=0, **run)
 
 
-def test_ibc_on_ddpm_warns(fp_unet: UNet2DModel) -> None:
+def test_input_ibc_on_ddpm_warns(fp_unet: UNet2DModel) -> None:
     from diffusers import DDPMScheduler
 
+    run = dict(num_inference_steps=2, num_samples=2, progress=False)
     with pytest.warns(UserWarning, match="DDPM"):
-        calibrate_tac(fp_unet, fp_unet, DDPMScheduler(), num_inference_steps=2, num_samples=2, progress=False)
+        calibrate_tac(fp_unet, fp_unet, DDPMScheduler(), ibc_target="input", **run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate_tac(fp_unet, fp_unet, DDPMScheduler(), **run)  # IBC on the state: no warning
+    with pytest.raises(ValueError, match="ibc_target"):
+        calibrate_tac(fp_unet, fp_unet, DDPMScheduler(), ibc_target="latent", **run)

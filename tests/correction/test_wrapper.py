@@ -11,31 +11,37 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMult
 from safetensors.torch import save_file
 from torch import nn
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_tac
+from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_tac, state_correction
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.sampling import run_trajectories, seeded_noise, unet_denoiser
 
 from correction_support import SHAPE, STEPS
 
 
+@pytest.mark.parametrize("target", ["state", "input"])
 @pytest.mark.parametrize("cls", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler],
                          ids=lambda c: c.__name__)
 def test_wrapper_samples_with_matching_tables(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
-                                              cls: type[SchedulerMixin]) -> None:
+                                              cls: type[SchedulerMixin], target: str) -> None:
     scheduler = cls()
     tables = calibrate_tac(fp_unet, w4a8_unet, scheduler, num_inference_steps=4, num_samples=4, batch_size=4,
-                           seed=0, progress=False)
+                           seed=0, ibc_target=target, progress=False)
     tables.check_scheduler(scheduler, 4)
+    assert tables.ibc_target == target and tables.input_bias[1:].abs().sum() > 0
     wrapped = CorrectedUNet(w4a8_unet, tables)
-    # mu_t is defined on the scaled model input: replaying the calibration seed shows it back.
     seen = paired_errors(unet_denoiser(fp_unet), unet_denoiser(wrapped), scheduler, num_samples=4,
-                         sample_shape=SHAPE, num_inference_steps=4, seed=0, batch_size=4, progress=False)
-    assert torch.allclose(seen.input_bias.float(), tables.input_bias, atol=1e-4)
+                         sample_shape=SHAPE, num_inference_steps=4, seed=0, batch_size=4,
+                         correct_states=state_correction([None, wrapped]), progress=False)
+    if target == "state":  # mu_t on the latents: the hook removes it, replaying the calibration seed
+        assert seen.input_bias.abs().max() < 1e-5
+    else:  # mu_t on the scaled model input: the latents keep it
+        assert torch.allclose(seen.input_bias.float(), tables.input_bias, atol=1e-4)
     assert torch.isfinite(torch.tensor(seen.x0_mse))
 
 
-def test_wrapper_inside_ddim_pipeline(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
-    wrapped = CorrectedUNet(w4a8_unet, ddim_tables)
+def test_wrapper_inside_ddim_pipeline(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables,
+                                      ddim_tables: CorrectionTables) -> None:
+    wrapped = CorrectedUNet(w4a8_unet, ddim_input_tables)
     pipe = DDIMPipeline(unet=wrapped, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
@@ -48,18 +54,39 @@ def test_wrapper_inside_ddim_pipeline(w4a8_unet: nn.Module, ddim_tables: Correct
     assert abs(images - reference).max() > 0
     with pytest.raises(ValueError, match="not in the correction tables"):
         pipe(batch_size=1, num_inference_steps=STEPS + 1, output_type="np")
+    # Tables that shift the sampler state cannot work inside a pipeline: a clear error, not silent skipping.
+    state_pipe = DDIMPipeline(unet=CorrectedUNet(w4a8_unet, ddim_tables), scheduler=DDIMScheduler())
+    state_pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="correct_states=state_correction"):
+        state_pipe(batch_size=1, num_inference_steps=STEPS, output_type="np")
 
 
 def test_wrapper_matches_the_manual_correction_and_respects_return_dict(w4a8_unet: nn.Module,
-                                                                        ddim_tables: CorrectionTables) -> None:
-    x, t = seeded_noise((2, *SHAPE), seed=1), ddim_tables.timesteps[0].long()
-    mu, k = ddim_tables.input_bias[0].view(1, 3, 1, 1), ddim_tables.out_scale[0].view(1, 3, 1, 1)
+                                                                        ddim_input_tables: CorrectionTables) -> None:
+    tables = ddim_input_tables
+    x, t = seeded_noise((2, *SHAPE), seed=1), tables.timesteps[2].long()
+    mu, k = tables.input_bias[2].view(1, 3, 1, 1), tables.out_scale[2].view(1, 3, 1, 1)
     expected = w4a8_unet(x - mu, t).sample * k
-    wrapped = CorrectedUNet(w4a8_unet, ddim_tables)
+    wrapped = CorrectedUNet(w4a8_unet, tables, strict_order=False)
+    assert torch.equal(wrapped.correct_state(x, t), x), "input-target tables leave the state alone"
     assert torch.equal(wrapped(x, t).sample, expected)
     assert torch.equal(wrapped(x, t, return_dict=False)[0], expected)
     assert torch.equal(wrapped(x, t.expand(2)).sample, expected)
     assert wrapped.config is w4a8_unet.config and wrapped.dtype == torch.float32
+
+
+def test_state_target_shifts_the_latents_not_the_input(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
+    x, t = seeded_noise((2, *SHAPE), seed=1), ddim_tables.timesteps[2].long()
+    mu, k = ddim_tables.input_bias[2].view(1, 3, 1, 1), ddim_tables.out_scale[2].view(1, 3, 1, 1)
+    wrapped = CorrectedUNet(w4a8_unet, ddim_tables, strict_order=False)
+    with pytest.raises(ValueError, match="shift the sampler state"):
+        wrapped(x, t)
+    shifted = wrapped.correct_state(x, t)
+    assert torch.equal(shifted, x - mu)
+    assert torch.equal(wrapped(shifted, t).sample, w4a8_unet(x - mu, t).sample * k)
+    assert torch.equal(state_correction([None, wrapped])(t, [x, x])[1], x - mu)
+    with pytest.raises(ValueError, match="2 wrappers for 3 trajectories"):
+        state_correction([None, wrapped])(t, [x, x, x])
 
 
 def test_other_schedules_raise(fp_unet: UNet2DModel, w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
@@ -74,8 +101,9 @@ def test_other_schedules_raise(fp_unet: UNet2DModel, w4a8_unet: nn.Module, ddim_
         ddim_tables.check_scheduler(DDPMScheduler(), STEPS)
 
 
-def test_skipping_table_rows_raises(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
+def test_skipping_table_rows_raises(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables) -> None:
     # A schedule whose timesteps are a subset of the table's (e.g. 5 of 10 DDIM steps) skips rows.
+    ddim_tables = ddim_input_tables
     wrapped, x = CorrectedUNet(w4a8_unet, ddim_tables), seeded_noise((1, *SHAPE), seed=0)
     t = ddim_tables.timesteps
     with pytest.raises(ValueError, match="in order from the first"):
@@ -96,6 +124,7 @@ def test_tables_round_trip_through_safetensors(tmp_path: Path, ddim_tables: Corr
     for name in ("timesteps", "input_bias", "out_scale", "out_bias", "residual_var"):
         assert torch.equal(getattr(loaded, name), getattr(ddim_tables, name)), name
     assert loaded.metadata == ddim_tables.metadata and loaded.describe() == ddim_tables.describe()
+    assert loaded.ibc_target == ddim_tables.ibc_target == "state"
     assert loaded.scheduler_config["num_train_timesteps"] == 1000
     with pytest.raises(FileExistsError, match="overwrite"):
         ddim_tables.save(path)

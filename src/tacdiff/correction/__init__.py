@@ -2,7 +2,8 @@
 
 Per-timestep tables fitted on paired FP/quantized trajectories (:func:`calibrate_tac`,
 :func:`calibrate_ptqd`), saved as safetensors (:class:`CorrectionTables`) and applied by a
-drop-in UNet wrapper (:class:`CorrectedUNet`); the closed-form solvers are pure functions.
+UNet wrapper (:class:`CorrectedUNet`, with :func:`state_correction` as the sampling loop's hook
+when IBC shifts the sampler state); the closed-form solvers are pure functions.
 PTQD's variance-schedule calibration for DDPM/DDIM(eta > 0) is :func:`ptqd_variance_scheduler`.
 """
 
@@ -12,8 +13,8 @@ from tacdiff.correction.ner import AbsMean, NERStats, mask_threshold, ner_scale,
 from tacdiff.correction.ptqd import PTQDStats, ptqd_fit
 from tacdiff.correction.tables import CorrectionTables
 from tacdiff.correction.variance import ptqd_variance_scheduler
-from tacdiff.correction.wrapper import CorrectedUNet, correct_input, correct_output
+from tacdiff.correction.wrapper import CorrectedUNet, correct_input, correct_output, state_correction
 
 __all__ = ["AbsMean", "CorrectedUNet", "CorrectionTables", "NERStats", "PTQDStats", "calibrate_ptqd",
            "calibrate_tac", "correct_input", "correct_output", "input_bias", "mask_threshold", "ner_scale",
-           "ner_stats", "ptqd_fit", "ptqd_variance_scheduler"]
+           "ner_stats", "ptqd_fit", "ptqd_variance_scheduler", "state_correction"]

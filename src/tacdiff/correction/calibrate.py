@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tacdiff.correction.ibc import Granularity, check_granularity, input_bias
 from tacdiff.correction.ner import AbsMean, NERStats, check_ner_params
 from tacdiff.correction.ptqd import PTQDStats
-from tacdiff.correction.tables import CorrectionTables
+from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
 from tacdiff.metrics.paired import batched_trajectories
@@ -73,17 +73,33 @@ class _FPRecorder:
 
 @dataclass
 class _Calibrating:
-    """The quantized denoiser of the pair: ``step(x_hat, x_fp, r, t, quant) -> (row, eps)`` fits each step."""
+    """The quantized denoiser of the pair: ``step(x_hat, x_fp, r, t, quant) -> (row, eps)`` fits each step.
+
+    With ``state_ibc`` set, :meth:`correct_states` (the loop's ``correct_states`` hook) measures
+    ``mu_t`` on the latents of both trajectories at the start of the step and shifts the
+    quantized one; the row then records that ``mu_t`` as its input bias.
+    """
 
     quant: Denoiser
     fp: _FPRecorder
     step: Callable[..., tuple[_Row, Tensor]]
+    state_ibc: Granularity | None = None
     rows: list[_Row] = field(default_factory=list)
+    _state_bias: Tensor | None = None
+
+    def correct_states(self, t: Tensor, states: list[Tensor]) -> list[Tensor]:
+        fp_state, q_state = states
+        if self.state_ibc is None:
+            return states
+        self._state_bias = input_bias(q_state, fp_state, self.state_ibc).float()
+        return [fp_state, correct_input(q_state, self._state_bias)]
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if self.fp.x is None or self.fp.eps is None:
             raise RuntimeError("the FP denoiser must come first in the denoiser list")
         row, eps = self.step(x, self.fp.x, self.fp.eps, float(t), lambda inp: self.quant(inp, t, **cond))
+        if self._state_bias is not None:
+            row.input_bias = self._state_bias.cpu()
         self.rows.append(row)
         return eps
 
@@ -152,17 +168,17 @@ def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
 def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
          scheduler: SchedulerMixin, *, num_inference_steps: int, num_samples: int, batch_size: int, seed: int,
          cond: dict[str, Tensor] | None, progress: bool, hyper: dict[str, Any],
-         denoiser: Callable[[nn.Module], Denoiser]) -> CorrectionTables:
+         denoiser: Callable[[nn.Module], Denoiser], state_ibc: Granularity | None = None) -> CorrectionTables:
     """Run the paired loop once over all samples with ``step`` fitting each timestep; build the tables."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     param = next(fp_model.parameters())
     fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
-    calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step)
+    calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step, state_ibc)
     for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
                                   sample_shape=sample_shape_of(fp_model), num_inference_steps=num_inference_steps,
                                   seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
-                                  cond=cond, progress=progress):
+                                  cond=cond, correct_states=calibrating.correct_states, progress=progress):
         pass
     rows = calibrating.rows
     hyper = {**hyper, "num_samples": num_samples, "seed": seed}
@@ -171,14 +187,15 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
         torch.stack([row.input_bias for row in rows]), torch.stack([row.out_scale for row in rows]),
         torch.stack([row.out_bias for row in rows]), torch.tensor([row.residual_var for row in rows]),
         type(scheduler).__name__, dict(scheduler.config), num_inference_steps,
-        {**_provenance(fp_model, quant_model), "hyperparameters": hyper})
+        {**_provenance(fp_model, quant_model), "hyperparameters": hyper},
+        "state" if state_ibc is not None else "input")
 
 
 def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
                   num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
                   lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA, tau: float = DEFAULT_TAU,
-                  ibc: Granularity = "channel", use_ibc: bool = True, use_ner: bool = True,
-                  cond: dict[str, Tensor] | None = None, progress: bool = True,
+                  ibc: Granularity = "channel", ibc_target: str = "state", use_ibc: bool = True,
+                  use_ner: bool = True, cond: dict[str, Tensor] | None = None, progress: bool = True,
                   denoiser: Callable[[nn.Module], Denoiser] = unet_denoiser) -> CorrectionTables:
     """Fit TAC's IBC and NER tables (Yao et al., ECCV 2024) for ``quant_model`` against ``fp_model``.
 
@@ -191,6 +208,12 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
         seed: starting noise and per-step noise, as in :func:`tacdiff.metrics.paired.batched_trajectories`.
         lam, gamma, tau: NER's relative-distortion weight, pull towards 1 and mask threshold.
         ibc: ``"channel"`` (``mu_t`` of shape ``(C,)``) or ``"element"`` (``(C, H, W)``).
+        ibc_target: ``"state"`` subtracts ``mu_t`` from the quantized trajectory's latent at the
+            start of each step (``x_hat_t <- x_hat_t - mu_t``), so the correction carries on to
+            later steps; sampling then needs the loop's ``correct_states`` hook
+            (:func:`tacdiff.correction.state_correction`). ``"input"`` shifts only what the
+            network sees, which a plain UNet wrapper can do inside any diffusers pipeline, but
+            the uncorrected latent keeps its bias (measured worse: see the README).
         use_ibc, use_ner: switch the parts off for ablations (method ``ner``/``ibc``).
         cond: model keyword arguments with a leading dimension ``num_samples``.
         denoiser: adapts a model to ``(x, t, **cond) -> eps``; e.g. a classifier-free-guidance
@@ -202,20 +225,24 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
     """
     check_granularity(ibc)
     check_ner_params(lam, gamma, tau)
-    if use_ibc and isinstance(scheduler, DDPMScheduler):
-        warnings.warn("IBC shifts the network input only; on the stochastic DDPM sampler it was measured to make "
-                      "the drift grow (see tacdiff.correction.ibc); prefer use_ibc=False (--method ner) or PTQD",
-                      stacklevel=2)
+    if ibc_target not in IBC_TARGETS:
+        raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
+    in_state = use_ibc and ibc_target == "state"
+    if use_ibc and not in_state and isinstance(scheduler, DDPMScheduler):
+        warnings.warn("IBC on the network input only was measured to make the drift grow on the stochastic DDPM "
+                      "sampler (see tacdiff.correction.ibc); prefer ibc_target='state'", stacklevel=2)
     method = {(True, True): "tac", (False, True): "ner", (True, False): "ibc", (False, False): "none"}
-    hyper = {"lam": lam, "gamma": gamma, "tau": tau, "ibc": ibc, "use_ibc": use_ibc, "use_ner": use_ner}
+    hyper = {"lam": lam, "gamma": gamma, "tau": tau, "ibc": ibc, "ibc_target": ibc_target, "use_ibc": use_ibc,
+             "use_ner": use_ner}
 
     def step(*args: Any) -> tuple[_Row, Tensor]:
-        return _tac_step(*args, lam=lam, gamma=gamma, tau=tau, ibc=ibc, use_ibc=use_ibc, use_ner=use_ner,
-                         batch_size=batch_size)
+        return _tac_step(*args, lam=lam, gamma=gamma, tau=tau, ibc=ibc, use_ibc=use_ibc and not in_state,
+                         use_ner=use_ner, batch_size=batch_size)
 
     return _fit(method[use_ibc, use_ner], step, fp_model, quant_model, scheduler,
                 num_inference_steps=num_inference_steps, num_samples=num_samples, batch_size=batch_size,
-                seed=seed, cond=cond, progress=progress, hyper=hyper, denoiser=denoiser)
+                seed=seed, cond=cond, progress=progress, hyper=hyper, denoiser=denoiser,
+                state_ibc=ibc if in_state else None)
 
 
 def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,

@@ -5,6 +5,10 @@ timestep values::
 
     eps = out_scale[t] * (model(x - input_bias[t], t) - out_bias[t])
 
+With ``ibc_target="state"`` the input bias is subtracted from the sampler's latent itself at the
+start of the step (``x_hat_t <- x_hat_t - mu_t``, so the trajectory carries the correction on)
+instead of from the network's input only.
+
 TAC sets ``input_bias = mu_t`` (IBC) and ``out_scale = K_t`` (NER) with ``out_bias = 0``; PTQD
 sets ``input_bias = 0``, ``out_bias = b_t`` and ``out_scale = 1 / (1 + k_t)``. The file holds
 those tensors, the residual variance per step (PTQD) and metadata naming the scheduler, step
@@ -30,6 +34,7 @@ from tacdiff.io.atomic import write_file_atomically
 FORMAT = "tacdiff-correction-tables"
 FORMAT_VERSION = "1"
 METHODS = ("tac", "ner", "ibc", "ptqd", "none")
+IBC_TARGETS = ("state", "input")
 TENSOR_NAMES = ("timesteps", "input_bias", "out_scale", "out_bias", "residual_var")
 TIMESTEP_ATOL = 1e-3
 
@@ -48,6 +53,9 @@ class CorrectionTables:
         scheduler_class, scheduler_config: the scheduler calibrated with.
         num_inference_steps: its step count.
         metadata: provenance (bits, FP model hash, hyper-parameters), JSON-able values.
+        ibc_target: ``"state"`` (subtract ``input_bias`` from the sampler's latent, which needs
+            the sampling loop's ``correct_states`` hook) or ``"input"`` (from the network input
+            only, a pure UNet wrapper). Files without it are ``"input"``.
     """
 
     method: str
@@ -60,10 +68,13 @@ class CorrectionTables:
     scheduler_config: dict[str, Any]
     num_inference_steps: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    ibc_target: str = "input"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown correction method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.ibc_target not in IBC_TARGETS:
+            raise ValueError(f"ibc_target must be 'state' or 'input', got {self.ibc_target!r}")
         steps = self.timesteps.shape[0] if self.timesteps.ndim == 1 else -1
         for name in TENSOR_NAMES[1:]:
             value = getattr(self, name)
@@ -118,7 +129,7 @@ class CorrectionTables:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tacdiff_version": tacdiff.__version__,
                 "method": self.method, "scheduler_class": self.scheduler_class,
                 "scheduler_config": json.dumps(self.scheduler_config, sort_keys=True, default=str),
-                "num_inference_steps": str(self.num_inference_steps),
+                "num_inference_steps": str(self.num_inference_steps), "ibc_target": self.ibc_target,
                 "extra": json.dumps(self.metadata, sort_keys=True, default=str)}
         return write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite)
 
@@ -146,7 +157,7 @@ class CorrectionTables:
         try:
             return cls(meta["method"], *(tensors[name] for name in TENSOR_NAMES), meta["scheduler_class"],
                        json.loads(meta["scheduler_config"]), int(meta["num_inference_steps"]),
-                       json.loads(meta["extra"]))
+                       json.loads(meta["extra"]), meta.get("ibc_target", "input"))
         except (KeyError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} has incomplete metadata ({error}); the file is corrupt, recalibrate") from None
 

@@ -9,7 +9,7 @@ import torch
 
 from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_LAM, DEFAULT_TAU, calibrate_ptqd, calibrate_tac
 from tacdiff.correction.ibc import Granularity, check_granularity
-from tacdiff.correction.tables import CorrectionTables
+from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
 from tacdiff.io.artifact import load_quantized, read_metadata, state_dict_sha256
 
 CLI_METHODS = ("tac", "ner", "ibc", "ptqd")
@@ -18,7 +18,8 @@ CLI_METHODS = ("tac", "ner", "ibc", "ptqd")
 def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: str | Path, *, method: str = "tac",
                        scheduler: str = "ddim", steps: int = 50, samples: int = 256, batch_size: int = 64,
                        seed: int = 0, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA,
-                       tau: float = DEFAULT_TAU, ibc: Granularity = "channel", device: str = "cpu",
+                       tau: float = DEFAULT_TAU, ibc: Granularity = "channel", ibc_target: str = "state",
+                       device: str = "cpu",
                        overwrite: bool = False, progress: bool = True) -> tuple[Path, CorrectionTables]:
     """Calibrate correction tables for the quantized artifact folder against its FP model; write ``out``.
 
@@ -31,6 +32,8 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     if method not in CLI_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CLI_METHODS)}")
     check_granularity(ibc)
+    if ibc_target not in IBC_TARGETS:
+        raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
     check_settings(scheduler, steps, samples, batch_size, device)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -48,7 +51,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
             tables = calibrate_ptqd(fp.model, quant, sched, **run)
         else:
             tables = calibrate_tac(fp.model, quant, sched, lam=lam, gamma=gamma, tau=tau, ibc=ibc,
-                                   use_ibc=method != "ner", use_ner=method != "ibc", **run)
+                                   ibc_target=ibc_target, use_ibc=method != "ner", use_ner=method != "ibc", **run)
     tables.metadata["quant_artifact"] = str(Path(quant_artifact).resolve())
     return tables.save(out, overwrite=overwrite), tables
 

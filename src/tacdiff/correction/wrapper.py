@@ -3,19 +3,23 @@
 :class:`CorrectedUNet` looks the timestep up in the tables, subtracts ``input_bias[t]`` from
 the sample, calls the wrapped UNet and returns ``out_scale[t] * (out - out_bias[t])`` in the
 UNet's own output type, so diffusers schedulers and pipelines (``DDIMPipeline(unet=wrapper,
-scheduler=...)``) use it unchanged. The correction arithmetic lives in :func:`correct_input`
+scheduler=...)``) use it unchanged. Tables whose IBC targets the sampler state
+(``ibc_target="state"``, TAC's default) also need the sampling loop to shift the latents:
+pass :func:`state_correction` as ``correct_states`` to :func:`tacdiff.sampling.run_trajectories`;
+a wrapper called without it raises. The correction arithmetic lives in :func:`correct_input`
 and :func:`correct_output`, which calibration uses too, so both apply the same operations.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from tacdiff.correction.ibc import broadcast_bias
 from tacdiff.correction.tables import CorrectionTables
+from tacdiff.sampling.loop import StateCorrection
 
 
 def correct_input(x: Tensor, bias: Tensor | None) -> Tensor:
@@ -61,6 +65,7 @@ class CorrectedUNet(nn.Module):
         self.tables = tables
         self.strict_order = strict_order
         self._last_row: int | None = None
+        self._shifted_row: int | None = None
 
     @property
     def config(self) -> Any:
@@ -76,7 +81,21 @@ class CorrectedUNet(nn.Module):
 
     def reset(self) -> None:
         """Forget the last timestep seen (the order check restarts)."""
-        self._last_row = None
+        self._last_row = self._shifted_row = None
+
+    @property
+    def shifts_state(self) -> bool:
+        """Whether the tables' input bias must be applied to the sampler state (see :meth:`correct_state`)."""
+        return self.tables.ibc_target == "state"
+
+    def correct_state(self, latents: Tensor, timestep: Tensor | float | int) -> Tensor:
+        """The latents at the start of the step at ``timestep``, shifted by ``-input_bias[t]`` when
+        :attr:`shifts_state`; unchanged otherwise (the bias then goes on the network input)."""
+        if not self.shifts_state:
+            return latents
+        row = int(self.tables.index_of(timestep)[0])
+        self._shifted_row = row
+        return correct_input(latents, self.tables.input_bias[row])
 
     def forward(self, sample: Tensor, timestep: Tensor | float | int, *args: Any, return_dict: bool = True,
                 **kwargs: Any) -> Any:
@@ -85,14 +104,26 @@ class CorrectedUNet(nn.Module):
             rows = rows[:1]
         self._check_order(rows)
         pick = (lambda table: table[rows[0]]) if rows.numel() == 1 else (lambda table: table[rows])
-        result = self.unet(correct_input(sample, pick(self.tables.input_bias)), timestep, *args,
-                           return_dict=return_dict, **kwargs)
+        if self.shifts_state:
+            self._check_state_shifted(rows)
+        else:
+            sample = correct_input(sample, pick(self.tables.input_bias))
+        result = self.unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
         out = result.sample if return_dict else result[0]
         eps = correct_output(out, pick(self.tables.out_scale), pick(self.tables.out_bias))
         if return_dict:
             result.sample = eps
             return result
         return (eps, *result[1:])
+
+    def _check_state_shifted(self, rows: Tensor) -> None:
+        row = int(rows[0])
+        needed = bool(self.tables.input_bias[rows].ne(0).any())
+        if needed and (rows.numel() > 1 or self._shifted_row != row):
+            raise ValueError("these correction tables shift the sampler state (ibc_target='state'), which a UNet "
+                             "wrapper cannot do alone: sample with tacdiff.sampling.run_trajectories(..., "
+                             "correct_states=state_correction([...])), one timestep per call, or recalibrate "
+                             "with ibc_target='input' for use inside diffusers pipelines")
 
     def _check_order(self, rows: Tensor) -> None:
         if rows.numel() != 1:
@@ -107,3 +138,16 @@ class CorrectedUNet(nn.Module):
                              "the sampler uses another step count or schedule. Sample with the calibrated "
                              "schedule, or pass strict_order=False to look timesteps up one by one")
         self._last_row = row
+
+
+def state_correction(wrappers: Sequence[CorrectedUNet | None]) -> StateCorrection:
+    """The ``correct_states`` hook for trajectories whose denoisers use ``wrappers`` (None: no correction),
+    in the same order as the denoisers given to :func:`tacdiff.sampling.run_trajectories`."""
+    wrappers = list(wrappers)
+
+    def correct(t: Tensor, states: list[Tensor]) -> list[Tensor]:
+        if len(states) != len(wrappers):
+            raise ValueError(f"state_correction got {len(wrappers)} wrappers for {len(states)} trajectories")
+        return [x if w is None else w.correct_state(x, t) for w, x in zip(wrappers, states)]
+
+    return correct

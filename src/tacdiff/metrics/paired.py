@@ -18,7 +18,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tacdiff.sampling.loop import Denoiser, StepRecord, run_trajectories
+from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord, run_trajectories
 
 IMAGE_RANGE = (-1.0, 1.0)
 PEAK_TO_PEAK = IMAGE_RANGE[1] - IMAGE_RANGE[0]
@@ -66,6 +66,7 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
                          batch_size: int = 64, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32, cond: dict[str, Tensor] | None = None,
                          callback: Callable[[StepRecord], None] | None = None,
+                         correct_states: StateCorrection | None = None,
                          progress: bool = True) -> Iterator[tuple[int, list[Tensor]]]:
     """Run :func:`run_trajectories` over ``num_samples`` in batches; yield ``(start, final latents)`` per batch.
 
@@ -73,7 +74,8 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
     per-step noise from its own generator (seeded by ``seed`` and ``i``), identical for every
     denoiser, so no image depends on ``batch_size``.
     ``cond`` values have a leading dimension ``num_samples`` and are sliced per batch;
-    ``callback`` sees every step of every batch.
+    ``callback`` sees every step of every batch; ``correct_states`` is passed on to
+    :func:`run_trajectories`.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -86,7 +88,7 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
             chunk = {k: v[start:start + count].to(device) for k, v in (cond or {}).items()}
             finals = run_trajectories(denoisers, scheduler, noise, num_inference_steps=num_inference_steps,
                                       seed=[derive_seed(seed, "steps", i) for i in range(start, start + count)],
-                                      cond=chunk, callback=callback,
+                                      cond=chunk, callback=callback, correct_states=correct_states,
                                       progress=progress)
             bar.update(count)
             yield start, finals
@@ -198,7 +200,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   cond: dict[str, Tensor] | None = None,
                   on_batch: Callable[[int, Tensor, Tensor], None] | None = None,
-                  progress: bool = True) -> PairedErrors:
+                  correct_states: StateCorrection | None = None, progress: bool = True) -> PairedErrors:
     """Sample ``reference`` (FP) and ``estimate`` (e.g. quantized) in lockstep and measure their discrepancy.
 
     Args:
@@ -210,6 +212,8 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
         cond: model keyword arguments with a leading dimension ``num_samples``.
         on_batch: called as ``on_batch(start, reference_images, estimate_images)`` with each
             batch's final images clamped to [-1, 1] (e.g. to keep them for FID).
+        correct_states: the loop's state hook, e.g. ``state_correction([None, wrapper])`` for an
+            ``estimate`` whose correction tables shift the sampler state.
     Returns:
         :class:`PairedErrors`; the images are not kept.
     """
@@ -218,7 +222,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
     for start, (ref, est) in batched_trajectories(
             [reference, estimate], scheduler, num_samples=num_samples, sample_shape=sample_shape,
             num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, device=device,
-            dtype=dtype, cond=cond, callback=stats, progress=progress):
+            dtype=dtype, cond=cond, callback=stats, correct_states=correct_states, progress=progress):
         ref, est = to_images(ref), to_images(est)
         sq_err += (est.double() - ref.double()).pow(2).sum().item()
         elements += ref.numel()

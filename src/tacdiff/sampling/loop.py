@@ -25,6 +25,10 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor: ...
 
 
+StateCorrection = Callable[[torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
+"""``(t, states) -> states``: replaces the trajectories' latents at the start of the step at ``t``."""
+
+
 @dataclass
 class StepRecord:
     """What every trajectory saw at one sampling step (index ``step``, scheduler timestep ``t``).
@@ -67,8 +71,13 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[to
 def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, noise: torch.Tensor, *,
                      num_inference_steps: int, seed: int | Sequence[int] = 0, cond: dict[str, Any] | None = None,
                      callback: Callable[[StepRecord], None] | None = None,
+                     correct_states: StateCorrection | None = None,
                      progress: bool = True) -> list[torch.Tensor]:
     """Sample with every denoiser from the same ``noise`` (shape ``(N, C, H, W)``); return the final latents.
+
+    ``correct_states(t, states) -> states``, if given, may replace the latents of every
+    trajectory at the start of each step, before the model inputs are formed (TAC's input
+    bias correction shifts the quantized trajectory's state this way).
 
     The denoisers are called in list order at each step, so a later one may read what an
     earlier one recorded (TAC calibration pairs the FP model with the quantized one this way).
@@ -86,6 +95,8 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
     states = [noise * sched.init_noise_sigma for sched in schedulers]
     timesteps = schedulers[0].timesteps
     for step, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+        if correct_states is not None:
+            states = list(correct_states(t, states))
         inputs = [sched.scale_model_input(x, t) for sched, x in zip(schedulers, states)]
         eps = [den(inp, t, **cond) for den, inp in zip(denoisers, inputs)]
         if callback is not None:
