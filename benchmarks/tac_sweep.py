@@ -2,13 +2,14 @@
 
     OMP_NUM_THREADS=1 python benchmarks/tac_sweep.py [--bits w4a8] [--steps 50] [--samples 256]
         [--calib-samples 128] [--seed 0] [--device cpu] [--batch-size 256]
-        [--lams ...] [--gammas ...] [--taus ...] [--ibcs ...] [--calib-sizes ...] [--quick]
+        [--lams ...] [--gammas ...] [--taus ...] [--ibcs ...] [--targets ...] [--calib-sizes ...] [--quick]
         [--json benchmarks/results/tac_sweep.json] [--markdown benchmarks/results/tac_sweep.md]
 
 What it sweeps: around the centre ``lam=DEFAULT_LAM, gamma=DEFAULT_GAMMA, tau=DEFAULT_TAU``
-(:mod:`tacdiff.correction.calibrate`), ``ibc="channel"`` and ``--calib-samples`` calibration
+(:mod:`tacdiff.correction.calibrate`), ``ibc="channel"`` on the state and ``--calib-samples`` calibration
 trajectories, one factor at a time: lam in {0, 0.25, 0.5, 0.75, 1}, gamma in {0, 0.1, 1}, tau in
-{0.1, 0.5, 1, 2}, IBC granularity in {channel, element}, calibration size in {32, 64, 128, 256}
+{0.1, 0.5, 1, 2}, IBC granularity in {channel, element}, IBC target in {state, input} (the
+sampler's latent or only the network input), calibration size in {32, 64, 128, 256}
 (``--lams`` etc. replace a list; ``--quick`` makes every list, the sample counts and the step
 count tiny for a smoke run). Reference rows: FP, PTQ (no correction) and NER alone at the centre.
 
@@ -63,7 +64,9 @@ from tqdm.auto import tqdm
 
 from fp_reference import machine  # sibling benchmark script (run as python benchmarks/tac_sweep.py)
 from tacdiff.bench import FP_BITS, BenchResult, _check, _evaluate, _fmt, _Timed, _timed_call
-from tacdiff.correction import CorrectedUNet, calibrate_tac
+from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
+from tacdiff.correction.tables import IBC_TARGETS
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_LAM, DEFAULT_TAU
 from tacdiff.correction.ibc import check_granularity
 from tacdiff.correction.ner import check_ner_params
@@ -74,22 +77,23 @@ from tacdiff.quant import QuantConfig, quantize
 from tacdiff.sampling.loop import unet_denoiser
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
-FACTORS = ("lam", "gamma", "tau", "ibc", "calib")
+FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib")
 FULL: dict[str, Any] = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "gamma": [0.0, 0.1, 1.0], "tau": [0.1, 0.5, 1.0, 2.0],
-                        "ibc": ["channel", "element"], "calib": [32, 64, 128, 256],
+                        "ibc": ["channel", "element"], "target": ["state", "input"], "calib": [32, 64, 128, 256],
                         "samples": 256, "calib_samples": 128, "steps": 50}
-QUICK: dict[str, Any] = {"lam": [0.0, 1.0], "gamma": [0.1], "tau": [2.0], "ibc": ["element"], "calib": [8],
-                         "samples": 16, "calib_samples": 16, "steps": 10}
+QUICK: dict[str, Any] = {"lam": [0.0, 1.0], "gamma": [0.1], "tau": [2.0], "ibc": ["element"], "target": ["input"],
+                         "calib": [8], "samples": 16, "calib_samples": 16, "steps": 10}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One TAC configuration: NER's lam/gamma/tau, IBC granularity and calibration trajectories."""
+    """One TAC configuration: NER's lam/gamma/tau, IBC granularity and target, calibration trajectories."""
 
     lam: float
     gamma: float
     tau: float
     ibc: str
+    target: str
     calib: int
 
     def differs_in(self, centre: "Setting") -> str:
@@ -131,10 +135,11 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
     cuda = dev.type == "cuda"
     fp, ddpm = load_reference_model(dev)
     scheduler = build_scheduler("ddim", dict(ddpm.config))
-    centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, "channel", args.calib_samples)
+    centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, "channel", "state", args.calib_samples)
     settings = one_at_a_time(centre, values)
     calib_seed = derive_seed(args.seed, "calibrate")
     labels, denoisers = [(FP_BITS, "fp")], [_Timed(unet_denoiser(fp), cuda)]
+    wrappers: list[CorrectedUNet | None] = [None]
     seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
     swept: dict[str, Setting] = {}
     quant_samples = min(args.quant_calib_samples, args.calib_samples)
@@ -144,21 +149,24 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
                                                     args.progress)
         labels.append((name, "ptq"))
         denoisers.append(_Timed(unet_denoiser(model), cuda))
+        wrappers.append(None)
         fits = [("ner", centre, False)] + [(label(s, centre), s, True) for s in settings]
         for i, (method, s, use_ibc) in enumerate(fits, 1):
-            log(f"[{name} {i}/{len(fits)}] fit {method}: lam={s.lam} gamma={s.gamma} tau={s.tau} ibc={s.ibc}, "
+            log(f"[{name} {i}/{len(fits)}] fit {method}: lam={s.lam} gamma={s.gamma} tau={s.tau} ibc={s.ibc} "
+                f"on the {s.target}, "
                 f"{s.calib} trajectories, DDIM {args.steps}")
             tables, seconds[name, method] = _timed_call(dev, lambda s=s, use_ibc=use_ibc: calibrate_tac(
                 fp, model, scheduler, num_inference_steps=args.steps, num_samples=s.calib,
                 batch_size=args.batch_size, seed=calib_seed, lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc,
-                use_ibc=use_ibc, progress=args.progress))
+                ibc_target=s.target, use_ibc=use_ibc, progress=args.progress))
             labels.append((name, method))
-            denoisers.append(_Timed(unet_denoiser(CorrectedUNet(model, tables)), cuda))
+            wrappers.append(CorrectedUNet(model, tables))
+            denoisers.append(_Timed(unet_denoiser(wrappers[-1]), cuda))
             swept[method] = s
     log(f"sample {len(denoisers)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
     rows = _evaluate(BenchResult([]), labels, denoisers, seconds, scheduler, args.steps, args.samples,
                      args.batch_size, derive_seed(args.seed, "validate"), dev,
-                     list(dict.fromkeys(m for _, m in labels)), args.progress)
+                     list(dict.fromkeys(m for _, m in labels)), args.progress, state_correction(wrappers))
     for row in rows:
         s = swept.get(row["method"])
         row["factor"] = "" if s is None else "ner" if row["method"] == "ner" else s.differs_in(centre)
@@ -183,8 +191,8 @@ def best_per_factor(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_markdown(rows: Sequence[dict[str, Any]], best: Sequence[dict[str, Any]]) -> str:
-    lines = ["| bits | method | factor | lam | gamma | tau | ibc | calib | FID | KID | x0 MSE | x0 PSNR dB | fit s |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| bits | method | factor | lam | gamma | tau | ibc | target | calib | FID | KID | x0 MSE | x0 PSNR dB "
+             "| fit s |", "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [r["bits"], r["method"], r["factor"] or "-", *("-" if r[f] is None else r[f] for f in FACTORS)]
         lines.append("| " + " | ".join(str(c) for c in cells) + f" | {_fmt(r['fid'], 3)} | {_fmt(r['kid'], 5)} | "
@@ -222,6 +230,7 @@ def main() -> None:
     parser.add_argument("--gammas", type=float, nargs="+", help="NER gamma values (default 0 0.1 1)")
     parser.add_argument("--taus", type=float, nargs="+", help="NER tau values (default 0.1 0.5 1 2)")
     parser.add_argument("--ibcs", nargs="+", help="IBC granularities (default channel element)")
+    parser.add_argument("--targets", nargs="+", help="IBC targets (default state input)")
     parser.add_argument("--calib-sizes", type=int, nargs="+", help="calibration sizes (default 32 64 128 256)")
     parser.add_argument("--seed", type=int, default=0, help="derives the quantize/calibrate/validate seeds")
     parser.add_argument("--device", default="cpu")
@@ -233,7 +242,8 @@ def main() -> None:
     parser.add_argument("--markdown", help="write the tables, machine and command here")
     args = parser.parse_args()
     base = QUICK if args.quick else FULL
-    given = {"lam": args.lams, "gamma": args.gammas, "tau": args.taus, "ibc": args.ibcs, "calib": args.calib_sizes}
+    given = {"lam": args.lams, "gamma": args.gammas, "tau": args.taus, "ibc": args.ibcs, "target": args.targets,
+             "calib": args.calib_sizes}
     values = {f: given[f] if given[f] is not None else base[f] for f in FACTORS}
     for key in ("steps", "samples", "calib_samples"):
         if getattr(args, key) is None:
@@ -247,6 +257,8 @@ def main() -> None:
             check_ner_params(DEFAULT_LAM, DEFAULT_GAMMA, tau)
         for ibc in values["ibc"]:
             check_granularity(ibc)
+        if not set(values["target"]) <= set(IBC_TARGETS):
+            raise ValueError(f"IBC targets must be among {IBC_TARGETS}, got {values['target']}")
     except ValueError as error:
         parser.error(str(error))
 
@@ -269,10 +281,8 @@ def main() -> None:
                   "best": best}
         print(f"wrote {write_json(args.json, record)}")
     if args.markdown:
-        path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + "\n" + table + "\n")
-        print(f"wrote {path}")
+        text = f"{header}\n{table}\n"
+        print(f"wrote {write_text_atomically(args.markdown, text)}")
 
 
 if __name__ == "__main__":
