@@ -8,9 +8,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import nn
 
 from tacdiff.io.artifact import save_quantized, state_dict_sha256
@@ -87,36 +88,47 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     return save_quantized(model, out_dir, metadata=metadata, overwrite=overwrite), model, sqnr
 
 
-
 @torch.no_grad()
 def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int], ...] = ((8, 8), (4, 8)),
-             samples: int = 16, steps: int = 50, seed: int = 0, progress: bool = True) -> list[dict[str, float]]:
-    """Quantize the bundled Fashion-MNIST model at each ``(weight, activation)`` bit pair and compare with FP.
+             samples: int = 16, steps: int = 50, seed: int = 0, calib_samples: int = 32,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Quantize the bundled Fashion-MNIST model at each ``(weight, activation)`` bit pair, correct the
+    last one with TAC, and compare every model's samples with FP's.
 
     All models sample with DDIM from the same seeded noise (paired trajectories). Returns one
-    row per setting: bits, quantization seconds, held-out noise-estimate SQNR (dB), final-image
-    MSE and PSNR against FP (images in [-1, 1]); writes ``out_dir/samples.png``.
+    row per setting, plus one for the last setting with TAC tables fitted on ``calib_samples``
+    trajectories of their own seed: bits, seconds to quantize (or to fit the tables), held-out
+    noise-estimate SQNR in dB (None for the TAC row, whose correction acts along trajectories),
+    final-image MSE and PSNR against FP (images in [-1, 1]); writes ``out_dir/samples.png``.
     """
-    from diffusers import DDIMScheduler
-
+    from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
     from tacdiff.metrics.paired import batched_trajectories, psnr_db, to_images
     from tacdiff.models.reference import load_reference_model
     from tacdiff.report import save_grid
 
-    fp, scheduler = load_reference_model()
-    calib = calibrate_inputs(fp, scheduler, CalibrationSettings(32, steps, 25, seed), progress)
-    held_out = calibrate_inputs(fp, scheduler, CalibrationSettings(16, steps, 10, seed + 1), progress=False)
-    names, models, rows = ["FP"], [fp], []
+    fp, ddpm = load_reference_model()
+    scheduler = DDIMScheduler.from_config(ddpm.config)
+    calib = calibrate_inputs(fp, ddpm, CalibrationSettings(calib_samples, steps, min(25, steps), seed), progress)
+    held_out = calibrate_inputs(fp, ddpm, CalibrationSettings(16, steps, min(10, steps), seed + 1), progress=False)
+    names, denoisers, wrappers, rows = ["FP"], [unet_denoiser(fp)], [None], []
     for w_bits, a_bits in bits:
         started = time.perf_counter()
         model = quantize(copy.deepcopy(fp), QuantConfig(weight_bits=w_bits, act_bits=a_bits), calib, progress=progress)
-        rows.append({"bits": f"w{w_bits}a{a_bits}", "quantize_seconds": time.perf_counter() - started,
+        rows.append({"bits": f"w{w_bits}a{a_bits}", "seconds": time.perf_counter() - started,
                      "eps_sqnr_db": output_sqnr_db(fp, model, held_out)})
         names.append(f"W{w_bits}A{a_bits}")
-        models.append(model)
+        denoisers.append(unet_denoiser(model))
+        wrappers.append(None)
+    started = time.perf_counter()
+    tables = calibrate_tac(fp, model, scheduler, num_inference_steps=steps, num_samples=calib_samples,
+                           batch_size=calib_samples, seed=seed + 3, progress=progress)
+    rows.append({"bits": f"{rows[-1]['bits']}+tac", "seconds": time.perf_counter() - started, "eps_sqnr_db": None})
+    names.append(f"{names[-1]}+TAC")
+    wrappers.append(CorrectedUNet(model, tables))
+    denoisers.append(unet_denoiser(wrappers[-1]))
     finals = [torch.cat(parts) for parts in zip(*(batch for _, batch in batched_trajectories(
-        [unet_denoiser(m) for m in models], DDIMScheduler.from_config(scheduler.config), num_samples=samples,
-        sample_shape=(1, 28, 28), num_inference_steps=steps, seed=seed + 2, progress=progress)))]
+        denoisers, scheduler, num_samples=samples, sample_shape=(1, 28, 28), num_inference_steps=steps,
+        seed=seed + 2, correct_states=state_correction(wrappers), progress=progress)))]
     images = [to_images(x) for x in finals]
     for row, image in zip(rows, images[1:]):
         row["x0_mse"] = float((image - images[0]).pow(2).mean())
