@@ -119,6 +119,8 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
     batch_size: int = typer.Option(256, help="Trajectories sampled at once."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    tables: str = typer.Option(None, "--tables", help="Correction tables (tacdiff calibrate --out) to apply to MODEL; "
+                                                      "calibrated for this scheduler and step count."),
     json_path: str = typer.Option(None, "--json", help="Write the results here as JSON (atomically)."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
@@ -127,7 +129,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
 
     try:
         result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
-                          batch_size=batch_size, device=device, progress=not quiet)
+                          batch_size=batch_size, device=device, tables=tables, progress=not quiet)
     except (ValueError, TypeError, FileNotFoundError) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from typer.testing import CliRunner
 
 import tacdiff
 from tacdiff.cli import app
-from tacdiff.io import save_quantized
+from tacdiff.correction import calibrate_tac
+from tacdiff.io import load_quantized, save_quantized
 from tacdiff.metrics.evaluate import evaluate, write_json
 
 REQUIRED = {"fid", "kid", "x0_mse", "x0_psnr", "seconds", "model", "fp_model", "scheduler", "steps", "samples",
@@ -60,6 +61,22 @@ def test_quantized_artifact_paired_with_fp_folder(folders: tuple[Path, Path]) ->
     assert result["fid"] is None and "FID skipped" in result["note"]
     alone = evaluate(w4, steps=2, samples=2, progress=False)
     assert alone["x0_mse"] is None and alone["x0_psnr"] is None and alone["per_step"] is None
+
+
+def test_correction_tables_are_applied_and_checked(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    fp_dir, w4_dir = folders
+    fp, w4 = UNet2DModel.from_pretrained(fp_dir).eval(), load_quantized(w4_dir)
+    scheduler = DDIMScheduler.from_config(DDPMScheduler().config)
+    tables = calibrate_tac(fp, w4, scheduler, num_inference_steps=3, num_samples=4, batch_size=4, seed=5,
+                           progress=False).save(tmp_path / "tac.safetensors")
+    run = dict(fp_model=fp_dir, steps=3, samples=4, batch_size=4, progress=False)
+    plain, corrected = evaluate(w4_dir, **run), evaluate(w4_dir, tables=tables, **run)
+    assert plain["correction"] is None and corrected["correction"] == "tac (IBC on the state)"
+    assert corrected["x0_mse"] != plain["x0_mse"] and corrected["per_step"]["state_sq_err"][0] == 0
+    alone = evaluate(w4_dir, steps=3, samples=2, tables=tables, progress=False)  # unpaired: the hook still runs
+    assert alone["x0_mse"] is None
+    result = invoke(str(w4_dir), "--fp-model", str(fp_dir), "--steps", "4", "--tables", str(tables), "--quiet")
+    assert result.exit_code == 2 and "correction tables are for DDIMScheduler, 3 steps" in result.output
 
 
 @pytest.mark.parametrize("args, message", [

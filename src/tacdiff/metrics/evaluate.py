@@ -18,6 +18,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        SchedulerMixin)
 from torch import Tensor, nn
 
+from tacdiff.correction import CorrectedUNet, CorrectionTables, state_correction
 from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
@@ -100,14 +101,19 @@ def _synchronize(device: str) -> None:
 
 def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerMixin, keep: bool,
                    **run: Any) -> tuple[list[Tensor], Any]:
-    """Final images of ``model`` (kept on the CPU if ``keep``) and paired errors against ``fp`` (or None)."""
+    """Final images of ``model`` (kept on the CPU if ``keep``) and paired errors against ``fp`` (or None).
+
+    A :class:`~tacdiff.correction.CorrectedUNet` ``model`` gets its state hook."""
     images: list[Tensor] = []
+    wrapper = model if isinstance(model, CorrectedUNet) else None
     if fp is not None:
         def collect(start: int, ref: Tensor, est: Tensor) -> None:
             if keep:
                 images.append(est.cpu())
-        return images, paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, on_batch=collect, **run)
-    for _, (final,) in batched_trajectories([unet_denoiser(model)], scheduler, **run):
+        return images, paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, on_batch=collect,
+                                     correct_states=state_correction([None, wrapper]), **run)
+    for _, (final,) in batched_trajectories([unet_denoiser(model)], scheduler,
+                                            correct_states=state_correction([wrapper]), **run):
         if keep:
             images.append(to_images(final).cpu())
     return images, None
@@ -115,7 +121,7 @@ def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerM
 
 def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "ddim", steps: int = 50,
              samples: int = 1000, seed: int = 0, batch_size: int = 256, device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             tables: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Sample ``model`` and score it; pair it with ``fp_model`` for the paired metrics.
 
     Args:
@@ -127,6 +133,8 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
             else a 1000-step linear DDPM schedule).
         steps, samples, seed, batch_size, device: sampling settings; see
             :func:`tacdiff.metrics.paired.sample_noise` for how seeds map to images.
+        tables: correction tables (``tacdiff calibrate --out``) to apply to ``model``; they must
+            have been calibrated for ``scheduler`` at ``steps``.
     Returns:
         A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
         1×28×28 images), ``x0_mse``/``x0_psnr`` (None without ``fp_model``; PSNR with peak-to-peak
@@ -144,9 +152,14 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     sched = build_scheduler(scheduler, config)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
+    sampler = loaded.model
+    if tables is not None:
+        correction = CorrectionTables.load(tables)
+        correction.check_scheduler(sched, steps)
+        sampler = CorrectedUNet(loaded.model, correction)
     started = time.perf_counter()
     images, paired = _sample_images(
-        loaded.model, fp.model if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
+        sampler, fp.model if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
         num_samples=samples, sample_shape=shape, num_inference_steps=steps, seed=seed, batch_size=batch_size,
         device=device, progress=progress)
     _synchronize(device)
@@ -154,6 +167,8 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     scores, note = _fid_or_note(images, shape, seed)
     return {
         "model": str(model), "fp_model": None if fp_model is None else str(fp_model),
+        "tables": None if tables is None else str(tables),
+        "correction": None if tables is None else f"{correction.method} (IBC on the {correction.ibc_target})",
         "quantized": loaded.quantized, "scheduler": scheduler, "steps": steps, "samples": samples, "seed": seed,
         "batch_size": batch_size, "device": device, **scores,
         "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
@@ -172,7 +187,7 @@ def _cell(value: Any) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The scalar results of :func:`evaluate` as a two-column text table."""
-    keys = ("model", "fp_model", "scheduler", "steps", "samples", "seed", "fid", "kid", "kid_std", "x0_mse",
+    keys = ("model", "fp_model", "tables", "correction", "scheduler", "steps", "samples", "seed", "fid", "kid", "kid_std", "x0_mse",
             "x0_psnr", "sampling_seconds", "seconds")
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {_cell(result.get(k))}" for k in keys]
