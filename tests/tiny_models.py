@@ -29,11 +29,12 @@ def tiny_unet() -> UNet2DModel:
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
 
 
-def tiny_cond_unet() -> UNet2DConditionModel:
-    """A seeded text-conditioned UNet2DConditionModel with cross-attention transformer blocks."""
+def tiny_cond_unet(layers_per_block: int = 2) -> UNet2DConditionModel:
+    """A seeded text-conditioned UNet2DConditionModel with cross-attention transformer blocks (4x16x16 latents,
+    32-wide text embeddings)."""
     torch.manual_seed(0)
-    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=layers_per_block, sample_size=16,
+                                in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=32).eval()
 

@@ -13,7 +13,7 @@ from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.sampling.loop import Denoiser
 
-from correction_support import make_tiny_cond_unet
+from tiny_models import tiny_cond_unet
 
 SCALE, SAMPLES, STEPS = 3.0, 4, 3
 
@@ -30,7 +30,7 @@ def guided(model: nn.Module) -> Denoiser:
 
 
 def test_guided_calibration_is_replayed_by_the_wrapper() -> None:
-    fp = make_tiny_cond_unet()
+    fp = tiny_cond_unet(layers_per_block=1)
     shifted = copy.deepcopy(fp)
     with torch.no_grad():
         for param in shifted.parameters():
