@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
 from torch import nn
 
 from tacdiff.io.artifact import save_quantized, state_dict_sha256
@@ -19,6 +19,7 @@ from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.loading import load_scheduler, load_unet
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.sampling import CalibrationSet, collect_calibration_set, unet_denoiser
+from tacdiff.sampling.calibration import random_text_embeddings
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,6 @@ class CalibrationSettings:
     steps: int = 50
     kept_steps: int = 25
     seed: int = 0
-
-
-def random_text_embeddings(model: nn.Module, count: int, seed: int, length: int = 77) -> dict[str, torch.Tensor]:
-    """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand."""
-    if not isinstance(model, UNet2DConditionModel):
-        return {}
-    generator = torch.Generator().manual_seed(seed)
-    width = model.config.cross_attention_dim
-    return {"encoder_hidden_states": torch.randn(count, length, width, generator=generator)}
 
 
 def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings, progress: bool = True

@@ -17,6 +17,8 @@ from tacdiff.correction import calibrate_tac
 from tacdiff.io import load_quantized, save_quantized
 from tacdiff.metrics.evaluate import evaluate, write_json
 
+from tiny_models import tiny_cond_unet
+
 REQUIRED = {"fid", "kid", "x0_mse", "x0_psnr", "seconds", "model", "fp_model", "scheduler", "steps", "samples",
             "seed", "batch_size", "device"}
 
@@ -77,6 +79,19 @@ def test_correction_tables_are_applied_and_checked(folders: tuple[Path, Path], t
     assert alone["x0_mse"] is None
     result = invoke(str(w4_dir), "--fp-model", str(fp_dir), "--steps", "4", "--tables", str(tables), "--quiet")
     assert result.exit_code == 2 and "correction tables are for DDIMScheduler, 3 steps" in result.output
+
+
+def test_conditional_unet_samples_with_seeded_text_embeddings(tmp_path: Path) -> None:
+    fp = tiny_cond_unet(layers_per_block=1)
+    fp.save_pretrained(tmp_path / "fp")
+    save_quantized(tacdiff.quantize(fp, tacdiff.QuantConfig(weight_bits=4, act_bits=None), progress=False),
+                   tmp_path / "w4")
+    run = dict(fp_model=tmp_path / "fp", steps=2, samples=2, progress=False)
+    with pytest.warns(UserWarning, match="random text embeddings"):
+        result = evaluate(tmp_path / "w4", **run)
+    assert 0 < result["x0_mse"] < float("inf") and result["fid"] is None
+    with pytest.warns(UserWarning):
+        assert evaluate(tmp_path / "fp", **run)["x0_mse"] == 0, "FP paired with itself: the same embeddings"
 
 
 @pytest.mark.parametrize("args, message", [

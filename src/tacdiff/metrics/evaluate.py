@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ from tacdiff.correction import CorrectedUNet, CorrectionTables, state_correction
 from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
-from tacdiff.metrics.paired import batched_trajectories, paired_errors, to_images
+from tacdiff.metrics.paired import batched_trajectories, derive_seed, paired_errors, to_images
 from tacdiff.models.loading import load_scheduler, load_unet
 from tacdiff.models.reference import load_reference_model
-from tacdiff.sampling.calibration import sample_shape_of
+from tacdiff.sampling.calibration import random_text_embeddings, sample_shape_of
 from tacdiff.sampling.loop import unet_denoiser
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -125,8 +126,10 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     """Sample ``model`` and score it; pair it with ``fp_model`` for the paired metrics.
 
     Args:
-        model: a diffusers UNet2DModel folder (or pipeline folder), a quantized artifact folder,
-            or ``"reference"`` for the bundled Fashion-MNIST model.
+        model: a diffusers UNet2DModel or UNet2DConditionModel folder (or pipeline folder), a
+            quantized artifact folder, or ``"reference"`` for the bundled Fashion-MNIST model.
+            Conditional UNets sample with seeded random text embeddings (a warning says so),
+            the same for ``model`` and ``fp_model``.
         fp_model: the FP model (same kinds of spec) to pair with; ``None`` skips the paired metrics.
         scheduler: ddim, ddpm, dpm (DPM-Solver++ multistep) or euler, built with ``from_config``
             from the model's scheduler config (an artifact's recorded one, else ``fp_model``'s,
@@ -157,11 +160,15 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         correction = CorrectionTables.load(tables)
         correction.check_scheduler(sched, steps)
         sampler = CorrectedUNet(loaded.model, correction)
+    cond = random_text_embeddings(loaded.model, samples, derive_seed(seed, "text"))
+    if cond:
+        warnings.warn("sampling a conditional UNet with seeded random text embeddings (the same for FP and "
+                      "quantized); for real prompts evaluate from Python with their embeddings", stacklevel=2)
     started = time.perf_counter()
     images, paired = _sample_images(
         sampler, fp.model if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
         num_samples=samples, sample_shape=shape, num_inference_steps=steps, seed=seed, batch_size=batch_size,
-        device=device, progress=progress)
+        device=device, cond=cond or None, progress=progress)
     _synchronize(device)
     sampling_seconds = time.perf_counter() - started
     scores, note = _fid_or_note(images, shape, seed)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, SchedulerMixin, UNet2DConditionModel
 
 from tacdiff.sampling.loop import StepRecord, run_trajectories, seeded_noise, unet_denoiser
 
@@ -115,3 +115,12 @@ def sample_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
         raise ValueError("cannot read the sample shape from the model config; pass sample_shape=(C, H, W)")
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return (config.in_channels, height, width)
+
+
+def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, torch.Tensor]:
+    """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand."""
+    if not isinstance(model, UNet2DConditionModel):
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    width = model.config.cross_attention_dim
+    return {"encoder_hidden_states": torch.randn(count, length, width, generator=generator)}
