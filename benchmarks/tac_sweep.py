@@ -5,9 +5,9 @@
         [--lams ...] [--gammas ...] [--taus ...] [--ibcs ...] [--targets ...] [--calib-sizes ...] [--quick]
         [--json benchmarks/results/tac_sweep.json] [--markdown benchmarks/results/tac_sweep.md]
 
-What it sweeps: around the centre ``lam=DEFAULT_LAM, gamma=DEFAULT_GAMMA, tau=DEFAULT_TAU``
-(:mod:`tacdiff.correction.calibrate`), ``ibc="channel"`` on the state and ``--calib-samples`` calibration
-trajectories, one factor at a time: lam in {0, 0.25, 0.5, 0.75, 1}, gamma in {0, 0.1, 1}, tau in
+What it sweeps: around the centre, the current defaults ``DEFAULT_LAM``, ``DEFAULT_GAMMA``,
+``DEFAULT_TAU``, ``DEFAULT_IBC`` and ``DEFAULT_IBC_TARGET`` (:mod:`tacdiff.correction.calibrate`) with
+``--calib-samples`` calibration trajectories, one factor at a time: lam in {0, 0.25, 0.5, 0.75, 1}, gamma in {0, 0.1, 1}, tau in
 {0.1, 0.5, 1, 2}, IBC granularity in {channel, element}, IBC target in {state, input} (the
 sampler's latent or only the network input), calibration size in {32, 64, 128, 256}
 (``--lams`` etc. replace a list; ``--quick`` makes every list, the sample counts and the step
@@ -67,7 +67,7 @@ from tacdiff.bench import FP_BITS, BenchResult, _check, _evaluate, _fmt, _Timed,
 from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
 from tacdiff.correction.tables import IBC_TARGETS
 from tacdiff.io.atomic import write_text_atomically
-from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_LAM, DEFAULT_TAU
+from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU
 from tacdiff.correction.ibc import check_granularity
 from tacdiff.correction.ner import check_ner_params
 from tacdiff.metrics.evaluate import build_scheduler, write_json
@@ -135,7 +135,7 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
     cuda = dev.type == "cuda"
     fp, ddpm = load_reference_model(dev)
     scheduler = build_scheduler("ddim", dict(ddpm.config))
-    centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, "channel", "state", args.calib_samples)
+    centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_IBC, DEFAULT_IBC_TARGET, args.calib_samples)
     settings = one_at_a_time(centre, values)
     calib_seed = derive_seed(args.seed, "calibrate")
     labels, denoisers = [(FP_BITS, "fp")], [_Timed(unet_denoiser(fp), cuda)]

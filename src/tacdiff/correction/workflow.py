@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_LAM, DEFAULT_TAU, calibrate_ptqd, calibrate_tac
+from tacdiff.correction.calibrate import (DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU,
+                                         calibrate_ptqd, calibrate_tac)
 from tacdiff.correction.ibc import Granularity, check_granularity
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
 from tacdiff.io.artifact import load_quantized, read_metadata, state_dict_sha256
@@ -18,7 +19,8 @@ CLI_METHODS = ("tac", "ner", "ibc", "ptqd")
 def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: str | Path, *, method: str = "tac",
                        scheduler: str = "ddim", steps: int = 50, samples: int = 256, batch_size: int = 64,
                        seed: int = 0, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA,
-                       tau: float = DEFAULT_TAU, ibc: Granularity = "channel", ibc_target: str = "state",
+                       tau: float = DEFAULT_TAU, ibc: Granularity = DEFAULT_IBC,
+                       ibc_target: str = DEFAULT_IBC_TARGET,
                        device: str = "cpu",
                        overwrite: bool = False, progress: bool = True) -> tuple[Path, CorrectionTables]:
     """Calibrate correction tables for the quantized artifact folder against its FP model; write ``out``.
