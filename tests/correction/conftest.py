@@ -30,13 +30,13 @@ def w4a8_unet(fp_unet: UNet2DModel) -> nn.Module:
 
 @pytest.fixture(scope="session")
 def ddim_tables(fp_unet: UNet2DModel, w4a8_unet: nn.Module) -> CorrectionTables:
-    """TAC with IBC on the sampler state (the default)."""
+    """TAC with element-wise IBC on the sampler state (the defaults)."""
     return calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), num_inference_steps=STEPS, num_samples=SAMPLES,
                          batch_size=SAMPLES, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")
 def ddim_input_tables(fp_unet: UNet2DModel, w4a8_unet: nn.Module) -> CorrectionTables:
-    """TAC with IBC on the network input only (a pure UNet wrapper, usable inside diffusers pipelines)."""
+    """TAC with per-channel IBC on the network input only (a pure UNet wrapper, usable inside diffusers pipelines)."""
     return calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), num_inference_steps=STEPS, num_samples=SAMPLES,
-                         batch_size=SAMPLES, seed=0, ibc_target="input", progress=False)
+                         batch_size=SAMPLES, seed=0, ibc="channel", ibc_target="input", progress=False)

@@ -42,7 +42,9 @@ def test_tables_describe_the_run(ddim_tables: CorrectionTables, fp_unet: UNet2DM
     expected.set_timesteps(STEPS)
     assert torch.equal(ddim_tables.timesteps, expected.timesteps.double())
     assert ddim_tables.method == "tac" and ddim_tables.scheduler_class == "DDIMScheduler"
-    assert ddim_tables.input_bias.shape == (STEPS, 3) and ddim_tables.out_scale.shape == (STEPS, 3)
+    size = fp_unet.config.sample_size
+    assert ddim_tables.input_bias.shape == (STEPS, 3, size, size)  # element-wise IBC, the default
+    assert ddim_tables.out_scale.shape == (STEPS, 3)
     assert ddim_tables.metadata["weight_bits"] == 4 and ddim_tables.metadata["act_bits"] == 8
     assert ddim_tables.metadata["hyperparameters"]["num_samples"] == SAMPLES
     assert len(ddim_tables.metadata["fp_model_sha256"]) == 64
