@@ -263,13 +263,14 @@ def main() -> None:
         parser.error(str(error))
 
     started, began = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+    code = commit()  # the code that runs, not whatever HEAD is when the sweep ends
     rows = sweep(args, values)
     best = best_per_factor(rows)
     table = format_markdown(rows, best)
     command = "OMP_NUM_THREADS=1 python " + shlex.join(sys.argv)
     header = (f"# TAC hyper-parameter sweep ({', '.join(args.bits)}, DDIM {args.steps}, {args.samples} validation "
               f"images, centre calibration {args.calib_samples} trajectories)\n\n"
-              f"* Machine: {machine(args.device)}\n* Command (commit {commit()}, started {started}, "
+              f"* Machine: {machine(args.device)}\n* Command (commit {code}, started {started}, "
               f"{time.perf_counter() - began:.0f} s): `{command}`\n"
               f"* Seeds: quantize / calibrate / validate streams derived from --seed {args.seed}; "
               "bench's evaluate stream is not used.\n")

@@ -151,7 +151,7 @@ def calibrate(
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
     lam: float = typer.Option(0.5, help="NER: weight of the relative-distortion term (0..1)."),
     gamma: float = typer.Option(0.0, help="NER: pull of the scales towards 1."),
-    tau: float = typer.Option(1.0, help="NER: mask |r| > tau * mean|r| for the relative term."),
+    tau: float = typer.Option(2.0, help="NER: mask |r| > tau * mean|r| for the relative term."),
     ibc: str = typer.Option("element", help="IBC granularity: channel or element."),
     ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (needs tacdiff's sampling loop) "
                                                  "or only the network 'input' (works inside any diffusers pipeline)."),
