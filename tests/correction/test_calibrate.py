@@ -89,11 +89,16 @@ def test_wrapper_replays_the_calibration_trajectory(fp_unet: UNet2DModel, w4a8_u
 
 @pytest.mark.parametrize("method", ["tac", "tac_input", "ner", "ptqd"])
 def test_correction_lowers_the_noise_error_on_fresh_seeds(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
-                                                          ddim_tables: CorrectionTables,
-                                                          ddim_input_tables: CorrectionTables, method: str) -> None:
+                                                          method: str) -> None:
+    # lam = 0: NER fits the squared error that is measured here. The default mix (relative error
+    # above tau = 2, chosen on the trained bundled model) is checked on that model in
+    # test_reference_model.py; on this random-weight UNet it trades squared for relative error.
     run = dict(num_inference_steps=STEPS, num_samples=SAMPLES, batch_size=SAMPLES, seed=0, progress=False)
-    tables = {"tac": lambda: ddim_tables, "tac_input": lambda: ddim_input_tables,
-              "ner": lambda: calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), use_ibc=False, **run),
+    tac = dict(lam=0.0, **run)
+    tables = {"tac": lambda: calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), **tac),
+              "tac_input": lambda: calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), ibc="channel",
+                                                 ibc_target="input", **tac),
+              "ner": lambda: calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), use_ibc=False, **tac),
               "ptqd": lambda: calibrate_ptqd(fp_unet, w4a8_unet, DDIMScheduler(), **run)}[method]()
     plain = errors(fp_unet, w4a8_unet, FRESH_SEED, num_samples=16)
     corrected = errors(fp_unet, CorrectedUNet(w4a8_unet, tables), FRESH_SEED, num_samples=16)
