@@ -11,11 +11,14 @@ subtracted is a choice (``ibc_target`` of :func:`tacdiff.correction.calibrate_ta
   UNet wrapper can do inside any diffusers pipeline, but the latent keeps its bias and the
   network's own pull back towards the data is lost.
 
-Measured on the bundled model (W4A8, DDIM-50, 128 calibration and 128 fresh samples, CPU): IBC
-alone on the input raised FID from 56.0 (uncorrected) to 68.5 and TAC to 72.8, while on the
-state IBC alone gave 60.0 and TAC 51.4; x0 PSNR was about the same either way (TAC 16.4-16.5
-dB against 12.5 uncorrected). On stochastic DDPM-100 the input-only shift made the fitted
-``mu_t`` grow (final step 0.79 vs 0.15 uncorrected).
+Granularity (``ibc`` of :func:`~tacdiff.correction.calibrate_tac`): ``"element"`` (default)
+keeps one mean per latent element, ``"channel"`` one per channel.
+
+Measured by ``benchmarks/tac_sweep.py`` on the bundled model (W4A8, DDIM 50, 128 calibration
+trajectories, 256 validation images; PTQ FID 55.9, FP 24.2): TAC with per-channel IBC on the
+input had FID 61.1, on the state 40.0, and per element on the state 32.3 (x0 PSNR 16.4, 16.2
+and 18.1 dB; PTQ 12.1). On stochastic DDPM-100 the input-only shift made the fitted ``mu_t``
+grow (final step 0.79 vs 0.15 uncorrected).
 """
 
 from __future__ import annotations
