@@ -31,8 +31,8 @@ def index(rows: list[dict[str, Any]]) -> Rows:
 
 
 def gap_closed(fid: float, ptq: float, fp: float) -> float:
-    """Share of the PTQ-to-FP FID gap that a method's FID closes (1 = FP's FID, 0 = PTQ's)."""
-    return (ptq - fid) / (ptq - fp)
+    """Share of the PTQ-to-FP FID gap that a method's FID closes (1 = FP's FID, 0 = PTQ's; NaN without a gap)."""
+    return (ptq - fid) / (ptq - fp) if ptq != fp else float("nan")
 
 
 def summary(rows: Rows, samples: int, calib_samples: int) -> list[dict[str, Any]]:
@@ -100,6 +100,10 @@ def main() -> None:
     if args.samples < 1 or args.calib_samples < 1:
         parser.error("--samples and --calib-samples must be >= 1")
     rows = index(json.loads(Path(args.bench_json).read_text()))
+    missing = sorted({" ".join(map(str, key)) for bits, steps, _ in rows if bits != "fp"
+                      for key in (("fp", steps, "fp"), (bits, steps, "ptq")) if key not in rows})
+    if missing:
+        parser.error(f"the bench file lacks the rows {missing}: run tacdiff bench with --method fp and ptq too")
     lines = summary(rows, args.samples, args.calib_samples)
     text = markdown(lines, targets(rows, lines))
     print(text, end="")

@@ -7,8 +7,8 @@
 
 What it sweeps: around the centre, the current defaults ``DEFAULT_LAM``, ``DEFAULT_GAMMA``,
 ``DEFAULT_TAU``, ``DEFAULT_IBC`` and ``DEFAULT_IBC_TARGET`` (:mod:`tacdiff.correction.calibrate`) with
-``--calib-samples`` calibration trajectories, one factor at a time: lam in {0, 0.25, 0.5, 0.75, 1}, gamma in {0, 0.1, 1}, tau in
-{0.1, 0.5, 1, 2}, IBC granularity in {channel, element}, IBC target in {state, input} (the
+``--calib-samples`` calibration trajectories, one factor at a time: lam in {0, 0.25, 0.5, 0.75, 1},
+gamma in {0, 0.1, 1}, tau in {0.1, 0.5, 1, 2}, IBC granularity in {channel, element}, IBC target in {state, input} (the
 sampler's latent or only the network input), calibration size in {32, 64, 128, 256}
 (``--lams`` etc. replace a list; ``--quick`` makes every list, the sample counts and the step
 count tiny for a smoke run). Reference rows: FP, PTQ (no correction) and NER alone at the centre.
@@ -42,7 +42,7 @@ time finds no interactions: re-run around a new centre before changing several d
 Example (the full sweep, written where the other benchmark results live):
 
     OMP_NUM_THREADS=1 python benchmarks/tac_sweep.py --bits w4a8 --steps 50 --samples 256 \
-        --json benchmarks/results/tac_sweep.json --markdown benchmarks/results/tac_sweep.md
+        --json benchmarks/results/tac_sweep_round1.json --markdown benchmarks/results/tac_sweep_round1.md
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib")
 FULL: dict[str, Any] = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "gamma": [0.0, 0.1, 1.0], "tau": [0.1, 0.5, 1.0, 2.0],
                         "ibc": ["channel", "element"], "target": ["state", "input"], "calib": [32, 64, 128, 256],
                         "samples": 256, "calib_samples": 128, "steps": 50}
-QUICK: dict[str, Any] = {"lam": [0.0, 1.0], "gamma": [0.1], "tau": [2.0], "ibc": ["element"], "target": ["input"],
+QUICK: dict[str, Any] = {"lam": [0.0, 1.0], "gamma": [0.1], "tau": [1.0], "ibc": ["channel"], "target": ["input"],
                          "calib": [8], "samples": 16, "calib_samples": 16, "steps": 10}
 
 

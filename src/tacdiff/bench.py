@@ -20,9 +20,10 @@ with the same FP images. Choices, written down:
 * FP rows have ``bits == "fp"``, one per step count (FP is sampled once per step count).
 * ``calib_seconds``: for ``ptq`` the quantization (calibration inputs, ranges), for
   ``ptqd``/``ner``/``ibc``/``tac`` the table fit alone (on top of the PTQ model), 0 for ``fp``.
-* ``sample_seconds``: wall time spent in that method's denoiser calls (UNet plus correction),
-  synchronised on CUDA before and after every call; the scheduler arithmetic, the same for every
-  method, is not counted.
+* ``sample_seconds``: wall time spent in that method's denoiser calls (UNet plus output
+  correction), synchronised on CUDA before and after every call; the scheduler arithmetic, the
+  same for every method, is not counted, and neither is IBC's state shift (one subtraction per
+  step in the loop's hook).
 * ``x0_mse``/``x0_psnr``: final images clamped to [-1, 1] against FP's (PSNR peak-to-peak 2);
   per-step ``‖x̂_t − x_t‖²`` (mean over samples, latents before each step) go to the plot.
 """

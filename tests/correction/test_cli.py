@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 from typer.testing import CliRunner
 
-from tacdiff.cli import app
+from tacdiff.cli import app, calibrate
 from tacdiff.correction import CorrectionTables
+from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU
 from tacdiff.io.artifact import save_quantized, state_dict_sha256
 
 from tiny_models import tiny_unet
@@ -63,3 +65,10 @@ def test_calibrate_refuses_bad_input(folders: Path, change: dict[str, str], mess
     code, output = invoke("calibrate", str(folders / "w4a8"), *args, "--samples", "2", "--quiet")
     assert code == 2 and message in output, output
     assert not (folders / "new.safetensors").exists()
+
+
+def test_calibrate_defaults_are_the_library_defaults() -> None:
+    # The CLI spells its defaults out (no torch import at start-up); they must not drift from the library's.
+    options = {name: param.default.default for name, param in inspect.signature(calibrate).parameters.items()}
+    assert (options["lam"], options["gamma"], options["tau"]) == (DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU)
+    assert (options["ibc"], options["ibc_target"]) == (DEFAULT_IBC, DEFAULT_IBC_TARGET)

@@ -13,6 +13,7 @@ from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, 
 from tacdiff.metrics.paired import PairedErrors, paired_errors
 from tacdiff.models.reference import load_reference_model
 from tacdiff.sampling import unet_denoiser
+from tacdiff.sampling.calibration import sample_shape_of
 
 STEPS, CALIBRATION, FRESH, FRESH_SEED = 10, 64, 32, 1000
 
@@ -31,7 +32,7 @@ def models() -> tuple[nn.Module, nn.Module, DDIMScheduler]:
 def fresh_errors(fp: nn.Module, model: nn.Module, scheduler: DDIMScheduler) -> PairedErrors:
     hook = state_correction([None, model]) if isinstance(model, CorrectedUNet) else None
     return paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, num_samples=FRESH,
-                         sample_shape=(1, 28, 28), num_inference_steps=STEPS, seed=FRESH_SEED, batch_size=FRESH,
+                         sample_shape=sample_shape_of(fp), num_inference_steps=STEPS, seed=FRESH_SEED, batch_size=FRESH,
                          correct_states=hook, progress=False)
 
 

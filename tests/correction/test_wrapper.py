@@ -87,6 +87,8 @@ def test_state_target_shifts_the_latents_not_the_input(w4a8_unet: nn.Module, ddi
     assert torch.equal(state_correction([None, wrapped])(t, [x, x])[1], x - mu)
     with pytest.raises(ValueError, match="2 wrappers for 3 trajectories"):
         state_correction([None, wrapped])(t, [x, x, x])
+    with pytest.raises(ValueError, match=r"fitted on \(16, 16\) latents, got \(8, 8\)"):
+        wrapped.correct_state(seeded_noise((2, 3, 8, 8), seed=1), t)
 
 
 def test_other_schedules_raise(fp_unet: UNet2DModel, w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:

@@ -17,8 +17,8 @@ keeps one mean per latent element, ``"channel"`` one per channel.
 Measured by ``benchmarks/tac_sweep.py`` on the bundled model (W4A8, DDIM 50, 128 calibration
 trajectories, 256 validation images; PTQ FID 55.9, FP 24.2): TAC with per-channel IBC on the
 input had FID 61.1, on the state 40.0, and per element on the state 32.3 (x0 PSNR 16.4, 16.2
-and 18.1 dB; PTQ 12.1). On stochastic DDPM-100 the input-only shift made the fitted ``mu_t``
-grow (final step 0.79 vs 0.15 uncorrected).
+and 18.1 dB; PTQ 12.1). On stochastic DDPM-100 the input-only shift also let the fitted
+``mu_t`` grow from step to step.
 """
 
 from __future__ import annotations
@@ -51,5 +51,8 @@ def input_bias(x_hat: Tensor, x: Tensor, granularity: Granularity = "channel") -
 
 def broadcast_bias(bias: Tensor, x: Tensor) -> Tensor:
     """``bias`` ``(C,)`` or ``(C, H, W)`` shaped to broadcast against ``x`` ``(N, C, H, W)``, in ``x``'s dtype."""
+    if bias.ndim > 1 and bias.shape[1:] != x.shape[2:]:
+        raise ValueError(f"element-wise input bias was fitted on {tuple(bias.shape[1:])} latents, got "
+                         f"{tuple(x.shape[2:])}; recalibrate at this size or with ibc='channel'")
     bias = bias.to(x.device, x.dtype)
     return bias.view(1, -1, *([1] * (x.ndim - 2))) if bias.ndim == 1 else bias.unsqueeze(0)
