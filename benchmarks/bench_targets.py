@@ -38,10 +38,10 @@ def gap_closed(fid: float, ptq: float, fp: float) -> float:
 def summary(rows: Rows, samples: int, calib_samples: int) -> list[dict[str, Any]]:
     """One line per quantized method: the ratios the targets are stated in."""
     lines = []
-    for bits, steps, method in rows:
+    for (bits, steps, method), row in rows.items():
         if method in ("fp", "ptq"):
             continue
-        row, ptq, fp = rows[bits, steps, method], rows[bits, steps, "ptq"], rows["fp", steps, "fp"]
+        ptq, fp = rows[bits, steps, "ptq"], rows["fp", steps, "fp"]
         per_calib = row["calib_seconds"] / calib_samples
         per_sample = ptq["sample_seconds"] / samples
         lines.append(dict(bits=bits, steps=steps, method=method, fid=row["fid"], fid_vs_fp=row["fid"] / fp["fid"] - 1,

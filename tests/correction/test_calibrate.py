@@ -10,21 +10,17 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac, state_correction
-from tacdiff.metrics.paired import PairedErrors, paired_errors
-from tacdiff.sampling import unet_denoiser
+from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac
+from tacdiff.metrics.paired import PairedErrors
 
-from correction_support import SAMPLES, SHAPE, STEPS
+from correction_support import SAMPLES, SHAPE, STEPS, errors_against_fp
 
 FRESH_SEED = 1000
 
 
 def errors(fp: nn.Module, model: nn.Module, seed: int, num_samples: int = SAMPLES) -> PairedErrors:
-    """Paired errors of ``model`` against ``fp``; a :class:`CorrectedUNet` gets its state hook."""
-    hook = state_correction([None, model]) if isinstance(model, CorrectedUNet) else None
-    return paired_errors(unet_denoiser(fp), unet_denoiser(model), DDIMScheduler(), num_samples=num_samples,
-                         sample_shape=SHAPE, num_inference_steps=STEPS, seed=seed, batch_size=num_samples,
-                         correct_states=hook, progress=False)
+    return errors_against_fp(fp, model, DDIMScheduler(), sample_shape=SHAPE, steps=STEPS, seed=seed,
+                             num_samples=num_samples)
 
 
 def test_fp_model_as_its_own_quantized_model_gives_identity_tables(fp_unet: UNet2DModel) -> None:

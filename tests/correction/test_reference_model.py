@@ -9,11 +9,12 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 import tacdiff
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac, state_correction
-from tacdiff.metrics.paired import PairedErrors, paired_errors
+from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac
+from tacdiff.metrics.paired import PairedErrors
 from tacdiff.models.reference import load_reference_model
-from tacdiff.sampling import unet_denoiser
 from tacdiff.sampling.calibration import sample_shape_of
+
+from correction_support import errors_against_fp
 
 STEPS, CALIBRATION, FRESH, FRESH_SEED = 10, 64, 32, 1000
 
@@ -30,10 +31,8 @@ def models() -> tuple[nn.Module, nn.Module, DDIMScheduler]:
 
 
 def fresh_errors(fp: nn.Module, model: nn.Module, scheduler: DDIMScheduler) -> PairedErrors:
-    hook = state_correction([None, model]) if isinstance(model, CorrectedUNet) else None
-    return paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, num_samples=FRESH,
-                         sample_shape=sample_shape_of(fp), num_inference_steps=STEPS, seed=FRESH_SEED, batch_size=FRESH,
-                         correct_states=hook, progress=False)
+    return errors_against_fp(fp, model, scheduler, sample_shape=sample_shape_of(fp), steps=STEPS, seed=FRESH_SEED,
+                             num_samples=FRESH)
 
 
 def fit(method: str, fp: nn.Module, w4a8: nn.Module, scheduler: DDIMScheduler) -> CorrectionTables:
