@@ -9,7 +9,8 @@ Models (random weights, seeded; the numbers measure the quantizer, not a trained
   cifar10  the full-size google/ddpm-cifar10-32 architecture (35.7M parameters, 32x32) built with
            UNet2DModel.from_config from /work/shared/configs/ddpm-cifar10-32
 
-For every setting (W8A8, W6A8, W4A8, W3A8, weight-only W8 and W4) with round-to-nearest, and
+For every setting (W8A8, W6A8, W4A8, W3A8, weight-only W8 and W4 with calibrated MSE activation
+ranges; W8A8 and W4A8 with dynamic per-sample activation ranges) with round-to-nearest, and
 for the ``--adaround-settings`` of the ``--adaround-models`` with learned rounding, it prints
 one markdown table row: the output SQNR in dB against the FP model on held-out inputs (other
 seeds than the calibration set), overall and at the noisiest / cleanest timestep, the
@@ -39,7 +40,10 @@ import tacdiff
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
 
 CIFAR_DIR = Path("/work/shared/configs/ddpm-cifar10-32")
-SETTINGS = [("W8A8", 8, 8), ("W6A8", 6, 8), ("W4A8", 4, 8), ("W3A8", 3, 8), ("W8", 8, None), ("W4", 4, None)]
+# (label, weight bits, activation bits, activation ranges)
+SETTINGS = [("W8A8", 8, 8, "mse"), ("W6A8", 6, 8, "mse"), ("W4A8", 4, 8, "mse"), ("W3A8", 3, 8, "mse"),
+            ("W8", 8, None, "mse"), ("W4", 4, None, "mse"),
+            ("W8A8 dynamic", 8, 8, "dynamic"), ("W4A8 dynamic", 4, 8, "dynamic")]
 
 
 @dataclass
@@ -179,11 +183,11 @@ def run(args: argparse.Namespace) -> None:
         learned = args.adaround_settings.split(",")
         profiled = None
         for method in methods:
-            for label, w_bits, a_bits in SETTINGS:
+            for label, w_bits, a_bits, act_range in SETTINGS:
                 if method == "adaround" and label not in learned:
                     continue
-                config = tacdiff.QuantConfig(weight_bits=w_bits, act_bits=a_bits, weight_rounding=method,
-                                             adaround_iters=args.adaround_iters)
+                config = tacdiff.QuantConfig(weight_bits=w_bits, act_bits=a_bits, act_range=act_range,
+                                             weight_rounding=method, adaround_iters=args.adaround_iters)
                 model = copy.deepcopy(work.model)
                 synchronize(device)
                 start = time.perf_counter()

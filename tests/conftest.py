@@ -71,3 +71,14 @@ def cond_w8a8(cond_unet: UNet2DConditionModel, cond_calibration: tacdiff.Calibra
 @pytest.fixture(scope="session")
 def cond_w8a8_grouped(cond_unet: UNet2DConditionModel, cond_calibration: tacdiff.CalibrationSet) -> nn.Module:
     return quantized_copy(cond_unet, cond_calibration, weight_bits=8, act_bits=8, timestep_groups=4)
+
+
+@pytest.fixture(scope="session")
+def w8a8_dynamic(unet: UNet2DModel) -> nn.Module:
+    """W8A8 with run-time per-sample activation ranges: quantized without calibration data."""
+    return quantized_copy(unet, None, weight_bits=8, act_bits=8, act_range="dynamic")
+
+
+@pytest.fixture(scope="session")
+def cond_w8a8_dynamic(cond_unet: UNet2DConditionModel) -> nn.Module:
+    return quantized_copy(cond_unet, None, weight_bits=8, act_bits=8, act_range="dynamic")

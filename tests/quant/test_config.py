@@ -14,7 +14,8 @@ INVALID = [
     ("weight_bits", None),
     ("act_bits", 1), ("act_bits", 9), ("act_bits", False), ("act_bits", 8.0),
     ("first_last_bits", 0), ("first_last_bits", 16), ("first_last_bits", 8.0),
-    ("weight_range", "max"), ("weight_range", None), ("act_range", "entropy"), ("act_range", "MSE"),
+    ("weight_range", "max"), ("weight_range", None), ("weight_range", "dynamic"), ("act_range", "entropy"),
+    ("act_range", "MSE"),
     ("weight_rounding", "ada"), ("weight_rounding", "RTN"),
     ("act_percentile", 50.0), ("act_percentile", 100.5), ("act_percentile", float("nan")), ("act_percentile", 0),
     ("timestep_groups", 0), ("timestep_groups", -2), ("timestep_groups", 2.0), ("timestep_groups", True),
@@ -47,6 +48,12 @@ def test_invalid_fields_raise_value_errors_naming_them(field: str, value: object
 def test_every_field_is_validated(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         QuantConfig(**{field: value})
+
+
+def test_dynamic_ranges_refuse_timestep_groups_naming_both() -> None:
+    with pytest.raises(ValueError, match="timestep_groups.*act_range='dynamic'"):
+        QuantConfig(act_range="dynamic", timestep_groups=4)
+    QuantConfig(act_range="dynamic", timestep_groups=1)
 
 
 def test_defaults_and_valid_edge_values_are_accepted() -> None:

@@ -106,6 +106,32 @@ def test_act_quantizer_split_gives_each_segment_its_own_range() -> None:
     assert (y[:, 3:] - x[:, 3:]).abs().max() <= 100 / 255 / 2 * 1.001
 
 
+@pytest.mark.parametrize("split", [None, 3])
+def test_dynamic_act_quantizer_gives_every_sample_its_own_minmax_range(split: int | None) -> None:
+    quant = ActQuantizer(8, symmetric=False, router=TimestepRouter(), split=split, dynamic=True)
+    assert quant.enabled, "a dynamic quantizer needs no calibration"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 4, 4, generator=generator) * torch.tensor([0.01, 1.0, 100.0])[:, None, None, None]
+    y = quant(x)
+    for part_x, part_y in zip(quant.parts(x), quant.parts(y)):
+        for sample, out in zip(part_x, part_y):
+            lo, hi = min(sample.min().item(), 0.0), max(sample.max().item(), 0.0)
+            step = (hi - lo) / 255
+            assert (out - sample).abs().max() <= step / 2 * 1.001
+            assert abs(out.min() - sample.min()) <= step / 2 and abs(out.max() - sample.max()) <= step / 2
+            assert (out / step).sub((out / step).round()).abs().max() < 1e-3, "values on the sample's grid"
+    changed = x.clone()
+    changed[2] *= 1000
+    assert torch.equal(quant(changed)[:2], y[:2]), "one sample's range must not move another's"
+
+
+def test_dynamic_act_quantizer_keeps_an_all_zero_sample_finite_and_zero() -> None:
+    quant = ActQuantizer(8, symmetric=True, router=TimestepRouter(), dynamic=True)
+    x = torch.cat([torch.zeros(1, 5), torch.randn(1, 5)]).half()
+    y = quant(x)
+    assert torch.isfinite(y).all() and torch.equal(y[0], x[0])
+
+
 def test_act_quantizer_rejects_bad_bits() -> None:
     with pytest.raises(ValueError, match="act_bits"):
         ActQuantizer(9, False, TimestepRouter())

@@ -115,11 +115,12 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
     router = TimestepRouter(config.timestep_groups, config.num_train_timesteps)
     for entry in plan:
         module = model.get_submodule(entry.name)
+        dynamic = config.act_range == "dynamic"
         act = None if entry.act_bits is None else ActQuantizer(
-            entry.act_bits, config.act_symmetric, router, entry.split if entry.kind == "conv" else None)
+            entry.act_bits, config.act_symmetric, router, entry.split if entry.kind == "conv" else None, dynamic)
         if entry.kind == "attention":
             for operand in MATMUL_OPERANDS:
-                module.add_module(operand, ActQuantizer(entry.act_bits, config.act_symmetric, router))
+                module.add_module(operand, ActQuantizer(entry.act_bits, config.act_symmetric, router, dynamic=dynamic))
             module.set_processor(QuantAttnProcessor())
             continue
         cls = QuantConv2d if entry.kind == "conv" else QuantLinear
@@ -155,16 +156,18 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
         model: a full-precision ``UNet2DModel`` or ``UNet2DConditionModel``.
         config: the recipe (bits, ranges, rounding, timestep groups, ...).
         calibration: model inputs drawn across timesteps (see
-            :func:`tacdiff.sampling.collect_calibration_set`); needed for activation
-            quantization and learned rounding, optional for RTN weight-only quantization.
+            :func:`tacdiff.sampling.collect_calibration_set`); needed for calibrated
+            activation ranges and learned rounding, optional for round-to-nearest weights with
+            ``act_bits=None`` or ``act_range="dynamic"``.
         batch_size: calibration forward batch size.
         progress: show progress bars.
     """
     check_supported(model)
-    needs_data = config.act_bits is not None or config.weight_rounding == "adaround"
-    if needs_data and calibration is None:
-        raise ValueError("activation quantization and learned rounding need calibration inputs; pass "
-                         "calibration=collect_calibration_set(model, scheduler) or set act_bits=None")
+    calibrated_acts = config.act_bits is not None and config.act_range != "dynamic"
+    if (calibrated_acts or config.weight_rounding == "adaround") and calibration is None:
+        raise ValueError("calibrated activation ranges and learned rounding need calibration inputs; pass "
+                         "calibration=collect_calibration_set(model, scheduler), or set act_bits=None or "
+                         "act_range='dynamic'")
     fp_model = _frozen_copy(model) if config.weight_rounding == "adaround" else None
     model.eval()
     plan = plan_layers(model, config)
@@ -178,7 +181,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
             from tacdiff.quant.adaround import learn_rounding
 
             learn_rounding(model, fp_model, calibration, config, progress=progress)
-        if config.act_bits is not None:
+        if calibrated_acts:
             calibrate_activations(model, calibration, config, batch_size=batch_size, progress=progress)
     except BaseException:
         undo.restore(model)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from tacdiff.quant.primitives import check_bits
 
 _RANGE_METHODS = ("minmax", "percentile", "mse")
+_ACT_RANGES = (*_RANGE_METHODS, "dynamic")
 _ROUNDINGS = ("rtn", "adaround")
 
 
@@ -25,7 +26,10 @@ class QuantConfig:
         weight_range: how each channel's clipping range is chosen for round-to-nearest.
         weight_rounding: ``"rtn"`` (round to nearest) or ``"adaround"`` (learned rounding,
             reconstructing each block's full-precision output on calibration inputs).
-        act_range: how activation ranges are chosen from calibration samples.
+        act_range: how activation ranges are chosen: ``minmax``, ``percentile`` or ``mse`` fix
+            them from calibration samples; ``dynamic`` takes each sample's own min and max at
+            run time (per sample, or per sample and head for attention operands), which needs no
+            calibration and follows the activations' drift across timesteps by construction.
         act_percentile: the upper percentile (in %) for ``act_range="percentile"``.
         first_last_bits: bits for the first and last layer (weights and inputs), or None
             to treat them like every other layer.
@@ -52,7 +56,7 @@ class QuantConfig:
     act_symmetric: bool = False
     weight_range: Literal["minmax", "percentile", "mse"] = "mse"
     weight_rounding: Literal["rtn", "adaround"] = "rtn"
-    act_range: Literal["minmax", "percentile", "mse"] = "mse"
+    act_range: Literal["minmax", "percentile", "mse", "dynamic"] = "mse"
     act_percentile: float = 99.99
     first_last_bits: int | None = 8
     quantize_model_input: bool = False
@@ -73,7 +77,7 @@ class QuantConfig:
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
         _check_choice("weight_range", self.weight_range, _RANGE_METHODS)
-        _check_choice("act_range", self.act_range, _RANGE_METHODS)
+        _check_choice("act_range", self.act_range, _ACT_RANGES)
         _check_choice("weight_rounding", self.weight_rounding, _ROUNDINGS)
         for name in ("weight_symmetric", "act_symmetric", "quantize_model_input", "split_shortcut",
                      "quantize_attention_matmuls"):
@@ -89,6 +93,9 @@ class QuantConfig:
         _check_positive("num_train_timesteps", self.num_train_timesteps)
         _check_positive("adaround_iters", self.adaround_iters)
         _check_positive("adaround_batch_size", self.adaround_batch_size)
+        if self.act_range == "dynamic" and self.timestep_groups > 1:
+            raise ValueError("timestep_groups > 1 picks calibrated ranges by timestep, and act_range='dynamic' "
+                             "has none; use one or the other")
         if self.timestep_groups > self.num_train_timesteps:
             raise ValueError(f"timestep_groups ({self.timestep_groups}) cannot exceed "
                              f"num_train_timesteps ({self.num_train_timesteps})")

@@ -77,22 +77,26 @@ class ActQuantizer(nn.Module):
     """Per-tensor fake quantizer for activations with one range per timestep group.
 
     With ``split`` set, channels ``[:split]`` and ``[split:]`` (dimension 1) get separate
-    ranges. Until calibrated (``enabled`` False) it passes values through unchanged.
+    ranges. Until calibrated (``enabled`` False) it passes values through unchanged. A
+    ``dynamic`` quantizer needs no calibration: it takes every sample's (dimension 0) own
+    min-max range at run time and is enabled from the start.
     """
 
-    def __init__(self, bits: int, symmetric: bool, router: TimestepRouter, split: int | None = None) -> None:
+    def __init__(self, bits: int, symmetric: bool, router: TimestepRouter, split: int | None = None,
+                 dynamic: bool = False) -> None:
         super().__init__()
         self.bits, self.symmetric, self.split = P.check_bits(bits, "act_bits"), symmetric, split
-        self.router = router
+        self.router, self.dynamic = router, dynamic
         segments = 1 if split is None else 2
         self.register_buffer("scale", torch.ones(router.groups, segments))
         self.register_buffer("zero_point", torch.zeros(router.groups, segments))
-        self.enabled = False
+        self.enabled = dynamic
         self.observer: RangeObserver | None = None
         self.name = ""
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}, groups={self.router.groups}, split={self.split}"
+        ranges = "dynamic" if self.dynamic else f"groups={self.router.groups}"
+        return f"bits={self.bits}, symmetric={self.symmetric}, {ranges}, split={self.split}"
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The segments of ``x`` that get separate ranges."""
@@ -103,10 +107,21 @@ class ActQuantizer(nn.Module):
             self.observer.observe(self.parts(x), self.router.group, self.name)
         if not self.enabled:
             return x
-        g = self.router.group
-        scale, zero_point = self.scale[g].to(x.dtype), self.zero_point[g].to(x.dtype)
-        out = [P.fake_quantize(part, scale[i], zero_point[i], self.bits) for i, part in enumerate(self.parts(x))]
+        if self.dynamic:
+            out = [self.quantize_per_sample(part) for part in self.parts(x)]
+        else:
+            g = self.router.group
+            scale, zero_point = self.scale[g].to(x.dtype), self.zero_point[g].to(x.dtype)
+            out = [P.fake_quantize(part, scale[i], zero_point[i], self.bits) for i, part in enumerate(self.parts(x))]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+    def quantize_per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize each sample of ``x`` (dimension 0) with its own min-max range."""
+        lo, hi = P.minmax_range(x.float(), axis=0)
+        scale, zero_point = P.qparams_from_range(lo, hi, self.bits, self.symmetric)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        scale = scale.to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny).reshape(shape)
+        return P.fake_quantize(x, scale, zero_point.to(x.dtype).reshape(shape), self.bits)
 
     def set_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set ranges of shape ``(groups, segments)`` and enable quantization."""
