@@ -117,8 +117,9 @@ class ActQuantizer(nn.Module):
 
     def quantize_per_sample(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize each sample of ``x`` (dimension 0) with its own min-max range."""
-        lo, hi = P.minmax_range(x.float(), axis=0)
-        scale, zero_point = P.qparams_from_range(lo, hi, self.bits, self.symmetric)
+        flat = x.detach().reshape(x.shape[0], -1)
+        lo, hi = flat.amin(1), flat.amax(1)  # two reductions: faster than aminmax(dim=1) on CPU
+        scale, zero_point = P.qparams_unchecked(lo.float(), hi.float(), self.bits, self.symmetric)
         shape = (-1,) + (1,) * (x.dim() - 1)
         scale = scale.to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny).reshape(shape)
         return P.fake_quantize(x, scale, zero_point.to(x.dtype).reshape(shape), self.bits)

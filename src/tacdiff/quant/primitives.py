@@ -58,6 +58,12 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
     check_bits(bits)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("the quantization range contains NaN or inf; calibrate on finite values")
+    return qparams_unchecked(lo, hi, bits, symmetric)
+
+
+def qparams_unchecked(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qparams_from_range` without validation, for ranges taken at run time (no device sync)."""
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     tiny = torch.finfo(torch.float32).tiny
