@@ -1,13 +1,15 @@
 """Output SQNR, quantization time and fake-quant forward cost of tacdiff PTQ across bit widths.
 
-    python benchmarks/quant_sqnr.py [--device cpu|cuda] [--models tiny,cifar10] [--adaround-iters 200]
+    python benchmarks/quant_sqnr.py [--device cpu|cuda] [--models tiny,fmnist,cifar10] [--adaround-iters 200]
                                     [--adaround-models tiny] [--adaround-settings W4A8,W4]
                                     [--repeats 7] [--threads N] [--profile]
 
-Models (random weights, seeded; the numbers measure the quantizer, not a trained network):
-  tiny     the tests' two-level UNet2DModel (32/64 channels, attention in level 2, 16x16 inputs)
+Models:
+  tiny     the tests' two-level UNet2DModel (32/64 channels, attention in level 2, 16x16 inputs),
+           random weights (seeded)
+  fmnist   the bundled trained Fashion-MNIST reference model (2.8M parameters, 28x28)
   cifar10  the full-size google/ddpm-cifar10-32 architecture (35.7M parameters, 32x32) built with
-           UNet2DModel.from_config from /work/shared/configs/ddpm-cifar10-32
+           UNet2DModel.from_config from /work/shared/configs/ddpm-cifar10-32, random weights (seeded)
 
 For every setting (W8A8, W6A8, W4A8, W3A8, weight-only W8 and W4 with calibrated MSE activation
 ranges; W8A8 and W4A8 with dynamic per-sample activation ranges) with round-to-nearest, and
@@ -37,6 +39,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 import tacdiff
+from tacdiff.models.reference import load_reference_model
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
 
 CIFAR_DIR = Path("/work/shared/configs/ddpm-cifar10-32")
@@ -76,6 +79,7 @@ def workload(name: str, device: torch.device, args: argparse.Namespace) -> Workl
     """Build the model and draw calibration and held-out inputs from its own DDIM trajectories."""
     build, (samples, steps, kept, held) = {
         "tiny": (tiny_model, (32, 20, 10, 16)),
+        "fmnist": (load_reference_model, (32, 20, 10, 16)),
         "cifar10": (cifar_model, (args.cifar_samples, 20, args.cifar_kept, 8)),
     }[name]
     model, scheduler = build()
@@ -215,7 +219,7 @@ def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--models", default="tiny,cifar10", help="comma-separated: tiny, cifar10")
+    parser.add_argument("--models", default="tiny,fmnist,cifar10", help="comma-separated: tiny, fmnist, cifar10")
     parser.add_argument("--adaround-iters", type=int, default=200, help="learned-rounding steps per block")
     parser.add_argument("--adaround-models", default="tiny",
                         help="models that also get learned rounding (comma-separated; '' for none)")

@@ -1,0 +1,81 @@
+"""``tacdiff quantize`` on a folder written by ``save_pretrained``: the artifact, its reload, bad input."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tacdiff
+from tacdiff.cli import app
+from tacdiff.io import load_quantized, read_metadata
+from tacdiff.models.loading import load_scheduler
+from tacdiff.quant import quant_state
+from tacdiff.quant.layers import ActQuantizer
+from tacdiff.workflows import CalibrationSettings, calibrate_inputs
+from tiny_models import tiny_unet
+
+CALIBRATION = ("--calib-samples", "4", "--calib-steps", "4", "--calib-kept-steps", "4")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli") / "unet"
+    tiny_unet().save_pretrained(folder)
+    return folder
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_quantize_writes_an_artifact_equal_to_quantizing_in_python(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w4a8"
+    code, output = invoke("quantize", str(model_dir), "--w-bits", "4", "--a-bits", "8", "--out", str(out),
+                          *CALIBRATION, "--quiet")
+    assert code == 0, output
+    assert "W4A8: output SQNR" in output and str(out) in output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "quantized.safetensors"]
+    assert float(read_metadata(out)["held_out_sqnr_db"]) > 8.0
+
+    fp = tiny_unet()
+    calibration = calibrate_inputs(fp, load_scheduler(None, model_dir), CalibrationSettings(4, 4, 4, 0), progress=False)
+    expected = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=4, act_bits=8), calibration,
+                                progress=False)
+    loaded = load_quantized(out)
+    x, t, _ = next(calibration.batches(8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t).sample, expected(x, t).sample)
+
+
+def test_dynamic_activation_ranges_survive_the_artifact(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dynamic"
+    code, output = invoke("quantize", str(model_dir), "--act-range", "dynamic", "--out", str(out), *CALIBRATION,
+                          "--quiet")
+    assert code == 0, output
+    loaded = load_quantized(out)
+    assert quant_state(loaded).config.act_range == "dynamic"
+    quantizers = [m for m in loaded.modules() if isinstance(m, ActQuantizer)]
+    assert quantizers and all(q.dynamic and q.enabled for q in quantizers)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--w-bits", "9"), "weight_bits"),
+    (("--act-range", "entropy"), "act_range"),
+    (("--act-range", "dynamic", "--timestep-groups", "4"), "timestep_groups"),
+])
+def test_bad_options_fail_with_one_message_and_write_nothing(model_dir: Path, tmp_path: Path,
+                                                             args: tuple[str, ...], message: str) -> None:
+    out = tmp_path / "never"
+    code, output = invoke("quantize", str(model_dir), "--out", str(out), *args, *CALIBRATION, "--quiet")
+    assert code == 2 and message in output, output
+    assert not out.exists()
+
+
+def test_a_folder_without_a_unet_fails_clearly(tmp_path: Path) -> None:
+    code, output = invoke("quantize", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 2 and "no diffusers UNet config.json" in output and "save_pretrained" in output, output
