@@ -284,10 +284,14 @@ def test_models_other_than_diffusers_unets_raise_type_error(model: nn.Module) ->
         tacdiff.quantize(model, QuantConfig(act_bits=None), progress=False)
 
 
-@pytest.mark.parametrize("config", [QuantConfig(act_bits=8), QuantConfig(act_bits=None, weight_rounding="adaround")])
-def test_missing_calibration_raises(unet: nn.Module, config: QuantConfig) -> None:
+@pytest.mark.parametrize("config, message", [
+    (QuantConfig(act_bits=8), "activation ranges need calibration inputs.*act_range='dynamic'"),
+    (QuantConfig(act_bits=None, weight_rounding="adaround"), "learned rounding needs calibration inputs"),
+    (QuantConfig(act_range="dynamic", weight_rounding="adaround"), "learned rounding needs calibration inputs"),
+])
+def test_missing_calibration_raises(unet: nn.Module, config: QuantConfig, message: str) -> None:
     model = copy.deepcopy(unet)
-    with pytest.raises(ValueError, match="calibration"):
+    with pytest.raises(ValueError, match=message):
         tacdiff.quantize(model, config, None, progress=False)
     assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules()), "checked before any change"
 

@@ -164,10 +164,12 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
     """
     check_supported(model)
     calibrated_acts = config.act_bits is not None and config.act_range != "dynamic"
-    if (calibrated_acts or config.weight_rounding == "adaround") and calibration is None:
-        raise ValueError("calibrated activation ranges and learned rounding need calibration inputs; pass "
-                         "calibration=collect_calibration_set(model, scheduler), or set act_bits=None or "
-                         "act_range='dynamic'")
+    if calibration is None and config.weight_rounding == "adaround":
+        raise ValueError("learned rounding needs calibration inputs; pass "
+                         "calibration=collect_calibration_set(model, scheduler) or use weight_rounding='rtn'")
+    if calibration is None and calibrated_acts:
+        raise ValueError("calibrated activation ranges need calibration inputs; pass calibration="
+                         "collect_calibration_set(model, scheduler), or set act_range='dynamic' or act_bits=None")
     fp_model = _frozen_copy(model) if config.weight_rounding == "adaround" else None
     model.eval()
     plan = plan_layers(model, config)
