@@ -113,9 +113,9 @@ def skip_concat_splits(model: nn.Module) -> dict[str, int]:
 def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> QuantState:
     """Swap modules per ``plan`` (weights still float) and attach the timestep router; in place."""
     router = TimestepRouter(config.timestep_groups, config.num_train_timesteps)
+    dynamic = config.act_range == "dynamic"
     for entry in plan:
         module = model.get_submodule(entry.name)
-        dynamic = config.act_range == "dynamic"
         act = None if entry.act_bits is None else ActQuantizer(
             entry.act_bits, config.act_symmetric, router, entry.split if entry.kind == "conv" else None, dynamic)
         if entry.kind == "attention":
