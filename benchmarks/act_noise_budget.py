@@ -7,7 +7,7 @@ UNet2DConditionModel, with the tests' calibration and held-out sets), quantized 
 calibrated (``mse``) and with ``dynamic`` activation ranges, it prints:
 
 * the output SQNR against FP on held-out inputs with every quantizer on, with weights only,
-  and with one family of activation quantizers (conv inputs, linear inputs, attention
+  with the network input x_t quantized as well (off by default), and with one family of activation quantizers (conv inputs, linear inputs, attention
   matmul operands) left in float at a time;
 * each family's local SQNR, the quantizer's own output against its input on the same
   held-out forwards (median and worst), next to the ceiling of an MSE-clipped 8-bit
@@ -86,13 +86,16 @@ def ceiling(values: torch.Tensor, bits: int = 8) -> float:
 
 
 def budget(name: str, fp: nn.Module, calibration, held_out, act_range: str) -> None:
-    model = quantized_copy(fp, calibration, weight_bits=8, act_bits=8, act_range=act_range)
+    config = dict(weight_bits=8, act_bits=8, act_range=act_range)
+    model = quantized_copy(fp, calibration, **config)
+    with_input = quantized_copy(fp, calibration, quantize_model_input=True, **config)
     reference = outputs(fp, held_out)
     families = family_of(model)
     local = local_sqnr(model, held_out)
     print(f"\n### {name}, W8A8, act_range={act_range}: {len(families)} activation quantizers\n")
     print(f"output SQNR, every quantizer on: {sqnr_db(reference, outputs(model, held_out)):.2f} dB; "
-          f"weights only: {output_sqnr_without(model, reference, held_out, set(families)):.2f} dB\n")
+          f"weights only: {output_sqnr_without(model, reference, held_out, set(families)):.2f} dB; "
+          f"x_t quantized too (quantize_model_input=True): {sqnr_db(reference, outputs(with_input, held_out)):.2f} dB\n")
     print("| family | quantizers | output SQNR with the family in float | local SQNR median | local SQNR worst |")
     print("|---|---:|---:|---:|---:|")
     for family in FAMILIES:
