@@ -75,7 +75,7 @@ def cond_w8a8_grouped(cond_unet: UNet2DConditionModel, cond_calibration: tacdiff
 
 @pytest.fixture(scope="session")
 def w8a8_dynamic(unet: UNet2DModel) -> nn.Module:
-    """W8A8 with run-time per-sample activation ranges: quantized without calibration data."""
+    """W8A8 with run-time activation ranges (per token or per sample): quantized without calibration data."""
     return quantized_copy(unet, None, weight_bits=8, act_bits=8, act_range="dynamic")
 
 

@@ -50,7 +50,7 @@ def quantize(
     weight_rounding: str = typer.Option("rtn", help="rtn (round to nearest) or adaround (learned rounding)."),
     weight_range: str = typer.Option("mse", help="Weight clipping: minmax, percentile or mse."),
     act_range: str = typer.Option("mse", help="Activation range: minmax, percentile or mse (calibrated), or "
-                                              "dynamic (each sample's own min-max at run time)."),
+                                              "dynamic (min-max at run time, per token or per sample)."),
     timestep_groups: int = typer.Option(1, help="Activation ranges per quantizer, picked by timestep."),
     first_last_bits: int = typer.Option(8, help="Bits for the first and last layer; 0 treats them like the rest."),
     exclude: list[str] = typer.Option([], help="fnmatch pattern of module names to keep in float (repeatable)."),

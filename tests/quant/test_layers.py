@@ -125,6 +125,26 @@ def test_dynamic_act_quantizer_gives_every_sample_its_own_minmax_range(split: in
     assert torch.equal(quant(changed)[:2], y[:2]), "one sample's range must not move another's"
 
 
+@pytest.mark.parametrize("shape, token_dim", [((2, 6, 3, 3), 1), ((2, 5, 7), -1)])
+def test_dynamic_per_token_quantizer_gives_every_token_its_own_minmax_range(shape: tuple[int, ...],
+                                                                           token_dim: int) -> None:
+    quant = ActQuantizer(8, symmetric=False, router=TimestepRouter(), dynamic=True, token_dim=token_dim)
+    generator = torch.Generator().manual_seed(0)
+    per_token_scale = torch.rand(shape, generator=generator).sum(token_dim, keepdim=True).mul(4).sub(10).exp()
+    x = torch.randn(shape, generator=generator) * per_token_scale  # tokens over 4 orders of magnitude
+    y = quant(x)
+    tokens_x, tokens_y = x.movedim(token_dim, -1).reshape(-1, x.shape[token_dim]), \
+        y.movedim(token_dim, -1).reshape(-1, x.shape[token_dim])
+    for token, out in zip(tokens_x, tokens_y):
+        step = (max(token.max().item(), 0.0) - min(token.min().item(), 0.0)) / 255
+        assert (out - token).abs().max() <= step / 2 * 1.001
+        assert (out / step).sub((out / step).round()).abs().max() < 1e-3, "values on the token's grid"
+    changed = x.clone()
+    changed.movedim(token_dim, -1)[(0,) * (x.dim() - 1)] *= 1000  # the first token of the first sample
+    moved = (quant(changed) != y).movedim(token_dim, -1).flatten(0, -2).any(-1)
+    assert moved.sum() == 1, "one token's range must not move any other token's values"
+
+
 def test_dynamic_act_quantizer_keeps_an_all_zero_sample_finite_and_zero() -> None:
     quant = ActQuantizer(8, symmetric=True, router=TimestepRouter(), dynamic=True)
     x = torch.cat([torch.zeros(1, 5), torch.randn(1, 5)]).half()

@@ -117,7 +117,8 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
     for entry in plan:
         module = model.get_submodule(entry.name)
         act = None if entry.act_bits is None else ActQuantizer(
-            entry.act_bits, config.act_symmetric, router, entry.split if entry.kind == "conv" else None, dynamic)
+            entry.act_bits, config.act_symmetric, router, entry.split if entry.kind == "conv" else None, dynamic,
+            _token_dim(module) if dynamic else None)
         if entry.kind == "attention":
             for operand in MATMUL_OPERANDS:
                 module.add_module(operand, ActQuantizer(entry.act_bits, config.act_symmetric, router, dynamic=dynamic))
@@ -136,6 +137,13 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
     state = QuantState(config, plan, router, hook)
     setattr(model, STATE_ATTR, state)
     return state
+
+
+def _token_dim(layer: nn.Module) -> int | None:
+    """The feature dimension of a layer whose integer matmul takes one activation scale per token, if any."""
+    if isinstance(layer, nn.Linear):
+        return -1
+    return 1 if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) else None
 
 
 def _route_timestep(model: nn.Module, args: tuple, kwargs: dict) -> None:

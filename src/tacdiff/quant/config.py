@@ -27,9 +27,11 @@ class QuantConfig:
         weight_rounding: ``"rtn"`` (round to nearest) or ``"adaround"`` (learned rounding,
             reconstructing each block's full-precision output on calibration inputs).
         act_range: how activation ranges are chosen: ``minmax``, ``percentile`` or ``mse`` fix
-            them from calibration samples; ``dynamic`` takes each sample's own min and max at
-            run time (per sample, or per sample and head for attention operands), which needs no
-            calibration and follows the activations' drift across timesteps by construction.
+            them from calibration samples; ``dynamic`` takes min and max at run time, per token
+            (each sample's position) for the inputs of linear layers and 1x1 convolutions, per
+            sample for wider convolutions, per sample and head for attention operands: the
+            finest ranges an integer kernel can rescale its output by. It needs no calibration
+            and follows the activations' drift across timesteps by construction.
         act_percentile: the upper percentile (in %) for ``act_range="percentile"``.
         first_last_bits: bits for the first and last layer (weights and inputs), or None
             to treat them like every other layer.

@@ -79,14 +79,18 @@ class ActQuantizer(nn.Module):
     With ``split`` set, channels ``[:split]`` and ``[split:]`` (dimension 1) get separate
     ranges. Until calibrated (``enabled`` False) it passes values through unchanged. A
     ``dynamic`` quantizer needs no calibration: it takes every sample's (dimension 0) own
-    min-max range at run time and is enabled from the start.
+    min-max range at run time and is enabled from the start. With ``token_dim`` set as well
+    it takes every token's own range instead, the min-max over that (feature) dimension only:
+    an integer matmul can rescale each of its output rows, so a linear layer or a 1x1
+    convolution can consume per-token codes, while a wider convolution mixes neighbouring
+    positions and needs one scale per sample.
     """
 
     def __init__(self, bits: int, symmetric: bool, router: TimestepRouter, split: int | None = None,
-                 dynamic: bool = False) -> None:
+                 dynamic: bool = False, token_dim: int | None = None) -> None:
         super().__init__()
         self.bits, self.symmetric, self.split = P.check_bits(bits, "act_bits"), symmetric, split
-        self.router, self.dynamic = router, dynamic
+        self.router, self.dynamic, self.token_dim = router, dynamic, token_dim
         segments = 1 if split is None else 2
         self.register_buffer("scale", torch.ones(router.groups, segments))
         self.register_buffer("zero_point", torch.zeros(router.groups, segments))
@@ -95,7 +99,9 @@ class ActQuantizer(nn.Module):
         self.name = ""
 
     def extra_repr(self) -> str:
-        ranges = "dynamic" if self.dynamic else f"groups={self.router.groups}"
+        ranges = f"groups={self.router.groups}"
+        if self.dynamic:
+            ranges = "dynamic per sample" if self.token_dim is None else "dynamic per token"
         return f"bits={self.bits}, symmetric={self.symmetric}, {ranges}, split={self.split}"
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -108,21 +114,25 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.dynamic:
-            out = [self.quantize_per_sample(part) for part in self.parts(x)]
+            out = [self.quantize_dynamic(part) for part in self.parts(x)]
         else:
             g = self.router.group
             scale, zero_point = self.scale[g].to(x.dtype), self.zero_point[g].to(x.dtype)
             out = [P.fake_quantize(part, scale[i], zero_point[i], self.bits) for i, part in enumerate(self.parts(x))]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
-    def quantize_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize each sample of ``x`` (dimension 0) with its own min-max range."""
-        flat = x.detach().reshape(x.shape[0], -1)
-        lo, hi = flat.amin(1), flat.amax(1)  # two reductions: faster than aminmax(dim=1) on CPU
+    def quantize_dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with the min-max range of each sample (dimension 0) or each token."""
+        x_ = x.detach()
+        if self.token_dim is None:
+            flat = x_.reshape(x.shape[0], -1)
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            lo, hi = flat.amin(1).reshape(shape), flat.amax(1).reshape(shape)  # faster than aminmax on CPU
+        else:
+            lo, hi = x_.amin(self.token_dim, keepdim=True), x_.amax(self.token_dim, keepdim=True)
         scale, zero_point = P.qparams_unchecked(lo.float(), hi.float(), self.bits, self.symmetric)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        scale = scale.to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny).reshape(shape)
-        return P.fake_quantize(x, scale, zero_point.to(x.dtype).reshape(shape), self.bits)
+        scale = scale.to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny)
+        return P.fake_quantize(x, scale, zero_point.to(x.dtype), self.bits)
 
     def set_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set ranges of shape ``(groups, segments)`` and enable quantization."""
