@@ -80,5 +80,17 @@ def w8a8_dynamic(unet: UNet2DModel) -> nn.Module:
 
 
 @pytest.fixture(scope="session")
+def w8a8_dynamic_gptq(unet: UNet2DModel, calibration: tacdiff.CalibrationSet) -> nn.Module:
+    """The most accurate fast W8A8 recipe: run-time activation ranges and GPTQ-rounded weights."""
+    return quantized_copy(unet, calibration, weight_bits=8, act_bits=8, act_range="dynamic", weight_rounding="gptq")
+
+
+@pytest.fixture(scope="session")
+def cond_w8a8_dynamic_gptq(cond_unet: UNet2DConditionModel, cond_calibration: tacdiff.CalibrationSet) -> nn.Module:
+    return quantized_copy(cond_unet, cond_calibration, weight_bits=8, act_bits=8, act_range="dynamic",
+                          weight_rounding="gptq")
+
+
+@pytest.fixture(scope="session")
 def cond_w8a8_dynamic(cond_unet: UNet2DConditionModel) -> nn.Module:
     return quantized_copy(cond_unet, None, weight_bits=8, act_bits=8, act_range="dynamic")

@@ -33,10 +33,12 @@ def invoke(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_quantize_writes_an_artifact_equal_to_quantizing_in_python(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_quantize_writes_an_artifact_equal_to_quantizing_in_python(model_dir: Path, tmp_path: Path,
+                                                                   rounding: str) -> None:
     out = tmp_path / "w4a8"
     code, output = invoke("quantize", str(model_dir), "--w-bits", "4", "--a-bits", "8", "--out", str(out),
-                          *CALIBRATION, "--quiet")
+                          "--weight-rounding", rounding, *CALIBRATION, "--quiet")
     assert code == 0, output
     assert "W4A8: output SQNR" in output and str(out) in output
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "quantized.safetensors"]
@@ -44,8 +46,8 @@ def test_quantize_writes_an_artifact_equal_to_quantizing_in_python(model_dir: Pa
 
     fp = tiny_unet()
     calibration = calibrate_inputs(fp, load_scheduler(None, model_dir), CalibrationSettings(4, 4, 4, 0), progress=False)
-    expected = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=4, act_bits=8), calibration,
-                                progress=False)
+    config = tacdiff.QuantConfig(weight_bits=4, act_bits=8, weight_rounding=rounding)
+    expected = tacdiff.quantize(copy.deepcopy(fp), config, calibration, progress=False)
     loaded = load_quantized(out)
     x, t, _ = next(calibration.batches(8))
     with torch.no_grad():

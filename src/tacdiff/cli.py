@@ -47,7 +47,8 @@ def quantize(
     out: str = typer.Option(..., "--out", help="Output folder for the quantized artifact."),
     w_bits: int = typer.Option(8, "--w-bits", help="Weight bits (2-8), per output channel."),
     a_bits: int = typer.Option(8, "--a-bits", help="Activation bits (2-8); 0 quantizes weights only."),
-    weight_rounding: str = typer.Option("rtn", help="rtn (round to nearest) or adaround (learned rounding)."),
+    weight_rounding: str = typer.Option("rtn", help="rtn (round to nearest), gptq (error-compensating, "
+                                                    "seconds) or adaround (learned, minutes)."),
     weight_range: str = typer.Option("mse", help="Weight clipping: minmax, percentile or mse."),
     act_range: str = typer.Option("mse", help="Activation range: minmax, percentile or mse (calibrated), or "
                                               "dynamic (min-max at run time, per token or per sample)."),

@@ -20,12 +20,14 @@ from tiny_models import outputs, quantized_copy, sqnr_db, tiny_unet
 # Calibrated (mse) ranges: W8A8 held-out SQNR 28.7 dB (UNet2DModel) and 26.5 dB (UNet2DConditionModel)
 # overall, at least 27.9 / 25.3 dB at every timestep (4 timestep groups: 29.4 / 26.5 dB overall).
 # Dynamic ranges (per token for linears and 1x1 convs, per sample elsewhere): 31.3 / 29.6 dB overall,
-# at least 30.1 / 28.2 dB at every timestep.
+# at least 30.1 / 28.2 dB at every timestep; with GPTQ-rounded weights 31.8 / 29.9 dB, at least 30.9 / 28.6.
 MODELS = {
     "unet": ("unet", "w8a8", "held_out", 26.0, 25.0),
     "cond_unet": ("cond_unet", "cond_w8a8", "cond_held_out", 24.0, 23.0),
     "unet_dynamic": ("unet", "w8a8_dynamic", "held_out", 30.0, 29.0),
     "cond_unet_dynamic": ("cond_unet", "cond_w8a8_dynamic", "cond_held_out", 29.0, 27.5),
+    "unet_dynamic_gptq": ("unet", "w8a8_dynamic_gptq", "held_out", 31.0, 30.0),
+    "cond_unet_dynamic_gptq": ("cond_unet", "cond_w8a8_dynamic_gptq", "cond_held_out", 29.5, 28.0),
 }
 QUANTIZED = ["w8a8", "cond_w8a8", "w8a8_dynamic"]
 FP_OF = {"w8a8": "unet", "cond_w8a8": "cond_unet", "w8a8_grouped": "unet", "cond_w8a8_grouped": "cond_unet",
@@ -303,6 +305,7 @@ def test_models_other_than_diffusers_unets_raise_type_error(model: nn.Module) ->
     (QuantConfig(act_bits=8), "activation ranges need calibration inputs.*act_range='dynamic'"),
     (QuantConfig(act_bits=None, weight_rounding="adaround"), "learned rounding needs calibration inputs"),
     (QuantConfig(act_range="dynamic", weight_rounding="adaround"), "learned rounding needs calibration inputs"),
+    (QuantConfig(act_range="dynamic", weight_rounding="gptq"), "GPTQ rounding needs calibration inputs"),
 ])
 def test_missing_calibration_raises(unet: nn.Module, config: QuantConfig, message: str) -> None:
     model = copy.deepcopy(unet)

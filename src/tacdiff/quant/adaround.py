@@ -23,8 +23,9 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from tacdiff.quant.calibrate import activations_unquantized
 from tacdiff.quant.config import QuantConfig
-from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear
+from tacdiff.quant.layers import QuantConv2d, QuantLinear
 from tacdiff.sampling.calibration import CalibrationSet
 
 UNIT_TYPES = (ResnetBlock2D, Attention, BasicTransformerBlock)
@@ -102,7 +103,7 @@ def learn_rounding(model: nn.Module, fp_model: nn.Module, calibration: Calibrati
         max_inputs: calibration inputs kept in memory per unit.
     """
     data = calibration.subset(max_inputs, seed=config.seed)
-    with _activations_unquantized(model):
+    with activations_unquantized(model):
         units = _forward_order(model, reconstruction_units(model), data)
         bar = tqdm(units, desc="learning rounding", disable=not progress, leave=False)
         for i, (name, unit) in enumerate(bar):
@@ -116,20 +117,6 @@ def learn_rounding(model: nn.Module, fp_model: nn.Module, calibration: Calibrati
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-@contextmanager
-def _activations_unquantized(model: nn.Module) -> Iterator[None]:
-    """Disable every activation quantizer (weight-only reconstruction) and restore them afterwards."""
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
-    saved = [(q.enabled, q.observer) for q in quantizers]
-    for q in quantizers:
-        q.enabled, q.observer = False, None
-    try:
-        yield
-    finally:
-        for q, (enabled, observer) in zip(quantizers, saved):
-            q.enabled, q.observer = enabled, observer
 
 
 def _forward_order(model: nn.Module, units: list[tuple[str, nn.Module]], data: CalibrationSet

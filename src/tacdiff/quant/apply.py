@@ -19,6 +19,7 @@ from torch import nn
 from tacdiff.quant.calibrate import calibrate_activations
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor
 from tacdiff.quant.config import QuantConfig
+from tacdiff.quant.gptq import quantize_weights_gptq
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
 from tacdiff.sampling.calibration import CalibrationSet
 
@@ -165,15 +166,16 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
         config: the recipe (bits, ranges, rounding, timestep groups, ...).
         calibration: model inputs drawn across timesteps (see
             :func:`tacdiff.sampling.collect_calibration_set`); needed for calibrated
-            activation ranges and learned rounding, optional for round-to-nearest weights with
+            activation ranges, GPTQ and learned rounding, optional for round-to-nearest weights with
             ``act_bits=None`` or ``act_range="dynamic"``.
         batch_size: calibration forward batch size.
         progress: show progress bars.
     """
     check_supported(model)
     calibrated_acts = config.act_bits is not None and config.act_range != "dynamic"
-    if calibration is None and config.weight_rounding == "adaround":
-        raise ValueError("learned rounding needs calibration inputs; pass "
+    if calibration is None and config.weight_rounding != "rtn":
+        what = {"adaround": "learned rounding", "gptq": "GPTQ rounding"}[config.weight_rounding]
+        raise ValueError(f"{what} needs calibration inputs; pass "
                          "calibration=collect_calibration_set(model, scheduler) or use weight_rounding='rtn'")
     if calibration is None and calibrated_acts:
         raise ValueError("calibrated activation ranges need calibration inputs; pass calibration="
@@ -184,9 +186,12 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
     undo = _Undo.record(model, plan)
     try:
         install(model, config, plan)
-        for module in model.modules():
-            if isinstance(module, (QuantConv2d, QuantLinear)):
-                module.quantize_weight(config.weight_range)
+        if config.weight_rounding == "gptq":
+            quantize_weights_gptq(model, calibration, config.weight_range, batch_size=batch_size, progress=progress)
+        else:
+            for module in model.modules():
+                if isinstance(module, (QuantConv2d, QuantLinear)):
+                    module.quantize_weight(config.weight_range)
         if fp_model is not None:
             from tacdiff.quant.adaround import learn_rounding
 

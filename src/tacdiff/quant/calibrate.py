@@ -8,6 +8,8 @@ already quantized and every activation quantizer passing values through.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -24,21 +26,41 @@ def activation_quantizers(model: nn.Module) -> list[ActQuantizer]:
     return [m for m in model.modules() if isinstance(m, ActQuantizer)]
 
 
+@contextmanager
+def activations_unquantized(model: nn.Module) -> Iterator[None]:
+    """Disable every activation quantizer (weight-only passes) and restore them afterwards."""
+    quantizers = activation_quantizers(model)
+    saved = [(q.enabled, q.observer) for q in quantizers]
+    for q in quantizers:
+        q.enabled, q.observer = False, None
+    try:
+        yield
+    finally:
+        for q, (enabled, observer) in zip(quantizers, saved):
+            q.enabled, q.observer = enabled, observer
+
+
+@torch.no_grad()
+def run_calibration(model: nn.Module, calibration: CalibrationSet, *, batch_size: int, desc: str,
+                    progress: bool = True) -> None:
+    """One forward pass of ``model`` over every calibration input (for the hooks that observe it)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    for x, t, cond in tqdm(list(calibration.batches(batch_size)), desc=desc, disable=not progress, leave=False):
+        model(x.to(device, dtype), t.to(device), **{k: v.to(device, dtype) for k, v in cond.items()})
+
+
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config: QuantConfig, *,
                           batch_size: int = 64, progress: bool = True) -> None:
     """Choose and set the range of every activation quantizer of a quantized ``model``."""
     quantizers = activation_quantizers(model)
     groups = quantizers[0].router.groups if quantizers else 1
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     for i, q in enumerate(quantizers):
         q.enabled = False
         q.observer = RangeObserver(groups, len(q.scale[0]), seed=config.seed + i)
     try:
-        batches = list(calibration.batches(batch_size))
-        for x, t, cond in tqdm(batches, desc="calibrating activations", disable=not progress, leave=False):
-            model(x.to(device, dtype), t.to(device), **{k: v.to(device, dtype) for k, v in cond.items()})
+        run_calibration(model, calibration, batch_size=batch_size, desc="calibrating activations", progress=progress)
         for q in tqdm(quantizers, desc="choosing ranges", disable=not progress, leave=False):
             ranges = _ranges(q.observer, groups, len(q.scale[0]), q, config)
             if ranges is None:

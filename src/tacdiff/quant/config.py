@@ -11,7 +11,7 @@ from tacdiff.quant.primitives import check_bits
 
 _RANGE_METHODS = ("minmax", "percentile", "mse")
 _ACT_RANGES = (*_RANGE_METHODS, "dynamic")
-_ROUNDINGS = ("rtn", "adaround")
+_ROUNDINGS = ("rtn", "gptq", "adaround")
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class QuantConfig:
             for weight-only quantization.
         weight_symmetric / act_symmetric: symmetric ranges instead of asymmetric ones.
         weight_range: how each channel's clipping range is chosen for round-to-nearest.
-        weight_rounding: ``"rtn"`` (round to nearest) or ``"adaround"`` (learned rounding,
-            reconstructing each block's full-precision output on calibration inputs).
+        weight_rounding: ``"rtn"`` (round to nearest), ``"gptq"`` (each layer's rounding error
+            compensated within the layer from its calibration inputs, seconds) or ``"adaround"``
+            (learned rounding, reconstructing each block's full-precision output, minutes).
         act_range: how activation ranges are chosen: ``minmax``, ``percentile`` or ``mse`` fix
             them from calibration samples; ``dynamic`` takes min and max at run time, per token
             (each sample's position) for the inputs of linear layers and 1x1 convolutions, per
@@ -57,7 +58,7 @@ class QuantConfig:
     weight_symmetric: bool = False
     act_symmetric: bool = False
     weight_range: Literal["minmax", "percentile", "mse"] = "mse"
-    weight_rounding: Literal["rtn", "adaround"] = "rtn"
+    weight_rounding: Literal["rtn", "gptq", "adaround"] = "rtn"
     act_range: Literal["minmax", "percentile", "mse", "dynamic"] = "mse"
     act_percentile: float = 99.99
     first_last_bits: int | None = 8
