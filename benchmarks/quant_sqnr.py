@@ -1,7 +1,8 @@
 """Output SQNR, quantization time and fake-quant forward cost of tacdiff PTQ across bit widths.
 
-    python benchmarks/quant_sqnr.py [--device cpu|cuda] [--models tiny,fmnist,cifar10] [--adaround-iters 200]
-                                    [--adaround-models tiny] [--adaround-settings W4A8,W4]
+    python benchmarks/quant_sqnr.py [--device cpu|cuda] [--models tiny,fmnist,cifar10]
+                                    [--gptq-models tiny,fmnist] [--gptq-settings W8A8,W4A8,...]
+                                    [--adaround-iters 200] [--adaround-models tiny] [--adaround-settings W4A8,W4]
                                     [--repeats 7] [--threads N] [--profile]
 
 Models:
@@ -12,8 +13,9 @@ Models:
            UNet2DModel.from_config from /work/shared/configs/ddpm-cifar10-32, random weights (seeded)
 
 For every setting (W8A8, W6A8, W4A8, W3A8, weight-only W8 and W4 with calibrated MSE activation
-ranges; W8A8 and W4A8 with dynamic per-sample activation ranges) with round-to-nearest, and
-for the ``--adaround-settings`` of the ``--adaround-models`` with learned rounding, it prints
+ranges; W8A8 and W4A8 with dynamic activation ranges) with round-to-nearest, for the
+``--gptq-settings`` of the ``--gptq-models`` with GPTQ rounding, and for the
+``--adaround-settings`` of the ``--adaround-models`` with learned rounding, it prints
 one markdown table row: the output SQNR in dB against the FP model on held-out inputs (other
 seeds than the calibration set), overall and at the noisiest / cleanest timestep, the
 quantization wall time, and the fake-quant forward time relative to FP: the median of
@@ -167,6 +169,16 @@ def profile_forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], 
     return prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=40)
 
 
+def rounding_plan(model: str, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """``(weight_rounding, setting labels)`` pairs to run on ``model``: every setting with RTN, then the chosen ones."""
+    plan = [("rtn", [label for label, *_ in SETTINGS])]
+    for method, models, settings in [("gptq", args.gptq_models, args.gptq_settings),
+                                     ("adaround", args.adaround_models, args.adaround_settings)]:
+        if model in models.split(","):
+            plan.append((method, settings.split(",")))
+    return plan
+
+
 def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if args.threads:
@@ -183,12 +195,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"| setting | rounding | SQNR dB | SQNR t={int(times[-1])} | SQNR t={int(times[0])} | "
               f"quantize s | FP fwd ms | quant fwd ms | fwd x FP |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        methods = ["rtn"] + (["adaround"] if name in args.adaround_models.split(",") else [])
-        learned = args.adaround_settings.split(",")
         profiled = None
-        for method in methods:
+        for method, labels in rounding_plan(name, args):
             for label, w_bits, a_bits, act_range in SETTINGS:
-                if method == "adaround" and label not in learned:
+                if label not in labels:
                     continue
                 config = tacdiff.QuantConfig(weight_bits=w_bits, act_bits=a_bits, act_range=act_range,
                                              weight_rounding=method, adaround_iters=args.adaround_iters)
@@ -200,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
                 elapsed = time.perf_counter() - start
                 approx = outputs(model, work.held_out, device)
                 fp_t, q_t, ratio = relative_forward_time(work.model, model, work.timing_batch, args.repeats, device)
-                method_name = "RTN" if method == "rtn" else f"learned ({args.adaround_iters} it)"
+                method_name = {"rtn": "RTN", "gptq": "GPTQ"}.get(method, f"learned ({args.adaround_iters} it)")
                 print(f"| {label} | {method_name} | {sqnr_db(reference, approx):.2f} | "
                       f"{sqnr_db(reference[high], approx[high]):.2f} | {sqnr_db(reference[low], approx[low]):.2f} | "
                       f"{elapsed:.1f} | {fp_t * 1e3:.1f} | {q_t * 1e3:.1f} | {ratio:.2f} |", flush=True)
@@ -220,6 +230,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", default="tiny,fmnist,cifar10", help="comma-separated: tiny, fmnist, cifar10")
+    parser.add_argument("--gptq-models", default="tiny,fmnist",
+                        help="models that also get GPTQ rounding (comma-separated; '' for none)")
+    parser.add_argument("--gptq-settings", default="W8A8,W4A8,W4,W8A8 dynamic,W4A8 dynamic",
+                        help="settings that also get GPTQ rounding (comma-separated)")
     parser.add_argument("--adaround-iters", type=int, default=200, help="learned-rounding steps per block")
     parser.add_argument("--adaround-models", default="tiny",
                         help="models that also get learned rounding (comma-separated; '' for none)")
