@@ -20,7 +20,7 @@ from tiny_models import outputs, quantized_copy, sqnr_db, tiny_unet
 # Calibrated (mse) ranges: W8A8 held-out SQNR 28.7 dB (UNet2DModel) and 26.5 dB (UNet2DConditionModel)
 # overall, at least 27.9 / 25.3 dB at every timestep (4 timestep groups: 29.4 / 26.5 dB overall).
 # Dynamic ranges (per token for linears and 1x1 convs, per sample elsewhere): 31.3 / 29.6 dB overall,
-# at least 30.1 / 28.2 dB at every timestep; with GPTQ-rounded weights 31.8 / 29.9 dB, at least 30.9 / 28.6.
+# at least 30.1 / 28.2 dB at every timestep; with GPTQ-rounded weights 31.8 / 29.9 dB, at least 30.8 / 28.6.
 MODELS = {
     "unet": ("unet", "w8a8", "held_out", 26.0, 25.0),
     "cond_unet": ("cond_unet", "cond_w8a8", "cond_held_out", 24.0, 23.0),

@@ -134,7 +134,7 @@ def test_gram_matrices_over_the_memory_budget_take_several_passes(unet: nn.Modul
                                                                   held_out: tacdiff.CalibrationSet,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     passes = []
-    monkeypatch.setattr(gptq, "MAX_GRAM_BYTES", 8 * 600 ** 2)  # a few layers per pass
+    monkeypatch.setattr(gptq, "MAX_GRAM_BYTES", 4 * 600 ** 2)  # a few layers per pass
     monkeypatch.setattr(gptq, "run_calibration", lambda *a, **k: (passes.append(1), run_calibration(*a, **k)))
     model = quantized_copy(unet, calibration, weight_bits=4, act_bits=None, weight_rounding="gptq")
     assert len(passes) > 3

@@ -23,6 +23,7 @@ from tacdiff.sampling.calibration import CalibrationSet
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean (GPTQ's default)
 MIN_RANK_FRACTION = 0.9  # below this, the calibration inputs are too few to tune the layer to
+RANK_RTOL = 1e-5
 BLOCK = 128  # columns rounded between two full updates of the rest (GPTQ's lazy batch updates)
 MAX_GRAM_BYTES = 1 << 30  # Gram matrices held at once; more layers take more calibration passes
 MAX_UNFOLD_BYTES = 1 << 28  # unfolded convolution inputs per chunk while accumulating H
@@ -62,8 +63,12 @@ def gptq_codes(weight: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, ze
 
 
 def gram_rank_fraction(gram: torch.Tensor) -> float:
-    """The rank of ``gram`` as a fraction of its size: how many input directions calibration covered."""
-    return torch.linalg.matrix_rank(gram.double(), hermitian=True).item() / gram.shape[0]
+    """The rank of ``gram`` as a fraction of its size: how many input directions calibration covered.
+
+    Eigenvalues below ``RANK_RTOL`` of the largest count as zero: summing the Gram matrix in
+    float32 leaves rounding noise of about 1e-8 of it in directions no input took.
+    """
+    return torch.linalg.matrix_rank(gram.double(), hermitian=True, rtol=RANK_RTOL).item() / gram.shape[0]
 
 
 @torch.no_grad()
@@ -112,11 +117,11 @@ def _columns(layer: QuantLayer) -> int:
 
 
 def _groups(layers: list[tuple[str, QuantLayer]]) -> list[list[tuple[str, QuantLayer]]]:
-    """Consecutive layers cut into groups whose float64 Gram matrices fit in ``MAX_GRAM_BYTES``."""
+    """Consecutive layers cut into groups whose float32 Gram matrices fit in ``MAX_GRAM_BYTES``."""
     groups: list[list[tuple[str, QuantLayer]]] = []
     used = MAX_GRAM_BYTES
     for entry in layers:
-        size = 8 * _columns(entry[1]) ** 2
+        size = 4 * _columns(entry[1]) ** 2
         if used + size > MAX_GRAM_BYTES:
             groups.append([])
             used = 0
@@ -132,7 +137,7 @@ def _gram_matrices(model: nn.Module, group: list[tuple[str, QuantLayer]], calibr
 
     def accumulate(name: str, layer: QuantLayer, x: torch.Tensor) -> None:
         for rows in _input_rows(layer, x):
-            rows = rows.double()  # float32 sums leave rounding noise in directions no input took
+            rows = rows.float()
             gram = rows.T @ rows
             grams[name] = gram if grams[name] is None else grams[name] + gram
 
