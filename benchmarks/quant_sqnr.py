@@ -1,6 +1,6 @@
 """Output SQNR, quantization time and fake-quant forward cost of tacdiff PTQ across bit widths.
 
-    python benchmarks/quant_sqnr.py [--device cpu|cuda] [--models tiny,fmnist,cifar10]
+    python benchmarks/quant_sqnr.py [--device cpu|cuda] [--models tiny,fmnist,cifar10] [--rtn-settings W8A8,...]
                                     [--gptq-models tiny,fmnist] [--gptq-settings W8A8,W4A8,...]
                                     [--adaround-iters 200] [--adaround-models tiny] [--adaround-settings W4A8,W4]
                                     [--repeats 7] [--threads N] [--profile]
@@ -13,9 +13,9 @@ Models:
            UNet2DModel.from_config from /work/shared/configs/ddpm-cifar10-32, random weights (seeded)
 
 For every setting (W8A8, W6A8, W4A8, W3A8, weight-only W8 and W4 with calibrated MSE activation
-ranges; W8A8 and W4A8 with dynamic activation ranges) with round-to-nearest, for the
-``--gptq-settings`` of the ``--gptq-models`` with GPTQ rounding, and for the
-``--adaround-settings`` of the ``--adaround-models`` with learned rounding, it prints
+ranges; W8A8 and W4A8 with dynamic activation ranges), or the ``--rtn-settings``, with
+round-to-nearest, for the ``--gptq-settings`` of the ``--gptq-models`` with GPTQ rounding, and
+for the ``--adaround-settings`` of the ``--adaround-models`` with learned rounding, it prints
 one markdown table row: the output SQNR in dB against the FP model on held-out inputs (other
 seeds than the calibration set), overall and at the noisiest / cleanest timestep, the
 quantization wall time, and the fake-quant forward time relative to FP: the median of
@@ -170,8 +170,8 @@ def profile_forward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], 
 
 
 def rounding_plan(model: str, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """``(weight_rounding, setting labels)`` pairs to run on ``model``: every setting with RTN, then the chosen ones."""
-    plan = [("rtn", [label for label, *_ in SETTINGS])]
+    """``(weight_rounding, setting labels)`` pairs to run on ``model``: RTN, then GPTQ and learned rounding."""
+    plan = [("rtn", args.rtn_settings.split(","))]
     for method, models, settings in [("gptq", args.gptq_models, args.gptq_settings),
                                      ("adaround", args.adaround_models, args.adaround_settings)]:
         if model in models.split(","):
@@ -230,6 +230,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", default="tiny,fmnist,cifar10", help="comma-separated: tiny, fmnist, cifar10")
+    parser.add_argument("--rtn-settings", default=",".join(label for label, *_ in SETTINGS),
+                        help="settings run with round-to-nearest (comma-separated; '' for none)")
     parser.add_argument("--gptq-models", default="tiny,fmnist",
                         help="models that also get GPTQ rounding (comma-separated; '' for none)")
     parser.add_argument("--gptq-settings", default="W8A8,W4A8,W4,W8A8 dynamic,W4A8 dynamic",
