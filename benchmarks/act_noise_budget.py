@@ -7,7 +7,8 @@ UNet2DConditionModel, with the tests' calibration and held-out sets), quantized 
 calibrated (``mse``) and with ``dynamic`` activation ranges, it prints:
 
 * the output SQNR against FP on held-out inputs with every quantizer on, with weights only,
-  with the network input x_t quantized as well (off by default), and with one family of activation quantizers (conv inputs, linear inputs, attention
+  with the network input x_t quantized as well (off by default), with GPTQ-rounded weights, and
+  with one family of activation quantizers (3x3 and 1x1 conv inputs, linear inputs, attention
   matmul operands) left in float at a time;
 * each family's local SQNR, the quantizer's own output against its input on the same
   held-out forwards (median and worst), next to the ceiling of an MSE-clipped 8-bit
@@ -37,12 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import (COND_SAMPLES, NUM_SAMPLES, calibration_of, outputs, quantized_copy,  # noqa: E402
                          sqnr_db, text_embeddings, tiny_cond_unet, tiny_unet)
 
-FAMILIES = ("conv input", "linear input", "attention operand")
+FAMILIES = ("3x3 conv input", "1x1 conv input", "linear input", "attention operand")
 
 
 def family_of(model: nn.Module) -> dict[str, str]:
     """The family of every activation quantizer of a quantized ``model``, by quantizer name."""
-    owner = {m.act_quant.name: ("conv input" if isinstance(m, QuantConv2d) else "linear input")
+    def family(layer: QuantConv2d | QuantLinear) -> str:
+        if isinstance(layer, QuantLinear):
+            return "linear input"
+        return "x".join(map(str, layer.kernel_size)) + " conv input"
+
+    owner = {m.act_quant.name: family(m)
              for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear)) and m.act_quant is not None}
     return {q.name: owner.get(q.name, "attention operand") for q in activation_quantizers(model)}
 
@@ -89,13 +95,16 @@ def budget(name: str, fp: nn.Module, calibration, held_out, act_range: str) -> N
     config = dict(weight_bits=8, act_bits=8, act_range=act_range)
     model = quantized_copy(fp, calibration, **config)
     with_input = quantized_copy(fp, calibration, quantize_model_input=True, **config)
+    gptq = quantized_copy(fp, calibration, weight_rounding="gptq", **config)
     reference = outputs(fp, held_out)
     families = family_of(model)
     local = local_sqnr(model, held_out)
     print(f"\n### {name}, W8A8, act_range={act_range}: {len(families)} activation quantizers\n")
     print(f"output SQNR, every quantizer on: {sqnr_db(reference, outputs(model, held_out)):.2f} dB; "
           f"weights only: {output_sqnr_without(model, reference, held_out, set(families)):.2f} dB; "
-          f"x_t quantized too (quantize_model_input=True): {sqnr_db(reference, outputs(with_input, held_out)):.2f} dB\n")
+          f"x_t quantized too (quantize_model_input=True): {sqnr_db(reference, outputs(with_input, held_out)):.2f} dB")
+    print(f"\nwith GPTQ-rounded weights: {sqnr_db(reference, outputs(gptq, held_out)):.2f} dB; weights only: "
+          f"{output_sqnr_without(gptq, reference, held_out, set(families)):.2f} dB\n")
     print("| family | quantizers | output SQNR with the family in float | local SQNR median | local SQNR worst |")
     print("|---|---:|---:|---:|---:|")
     for family in FAMILIES:
