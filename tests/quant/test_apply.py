@@ -273,7 +273,8 @@ def test_dynamic_ranges_are_per_token_exactly_where_an_integer_matmul_allows(con
         assert layer.act_quant.token_dim == expected[key], layer.act_quant.name
     assert {type(m) for m in layers} == {QuantConv2d, QuantLinear}
     assert {m.kernel_size for m in layers if isinstance(m, nn.Conv2d)} == {(1, 1), (3, 3)}
-    operands = [getattr(a, op) for a in cond_w8a8_dynamic.modules() if isinstance(a, Attention) for op in MATMUL_OPERANDS]
+    attentions = [a for a in cond_w8a8_dynamic.modules() if isinstance(a, Attention)]
+    operands = [getattr(a, op) for a in attentions for op in MATMUL_OPERANDS]
     assert operands and all(q.dynamic and q.token_dim is None for q in operands), "per sample and head"
     assert all(q.token_dim is None for q in cond_w8a8.modules() if isinstance(q, ActQuantizer)), "calibrated ranges"
 

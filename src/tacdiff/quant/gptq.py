@@ -11,6 +11,8 @@ scale and zero point) is the one round-to-nearest picks; only the integer codes 
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,9 +83,9 @@ def quantize_weights_gptq(model: nn.Module, calibration: CalibrationSet, method:
     quantizers off; layers are processed in groups whose Gram matrices fit in
     ``MAX_GRAM_BYTES``, one calibration pass each, so a later group sees the earlier ones
     already quantized. Layers GPTQ cannot serve keep round-to-nearest: grouped or
-    non-zero-padded convolutions, and layers whose calibration inputs span less than ``MIN_RANK_FRACTION`` of their input
-    space (the time embedding sees only as many distinct inputs as there are calibration
-    timesteps; tuning it to them would hurt every other timestep).
+    non-zero-padded convolutions, and layers whose calibration inputs span less than
+    ``MIN_RANK_FRACTION`` of their input space (the time embedding sees only as many distinct
+    inputs as there are calibration timesteps; tuning it to them would hurt every other timestep).
 
     Returns:
         The names of the layers left with round-to-nearest codes.
@@ -95,7 +97,8 @@ def quantize_weights_gptq(model: nn.Module, calibration: CalibrationSet, method:
     groups = _groups([(n, m) for n, m in layers if _supported(m)])
     with activations_unquantized(model):
         for g, group in enumerate(groups):
-            grams = _gram_matrices(model, group, calibration, batch_size, progress, f"GPTQ inputs {g + 1}/{len(groups)}")
+            desc = f"GPTQ inputs {g + 1}/{len(groups)}"
+            grams = _gram_matrices(model, group, calibration, batch_size, progress, desc)
             for name, layer in tqdm(group, desc="GPTQ rounding", disable=not progress, leave=False):
                 gram = grams.pop(name)
                 if gram is None or gram_rank_fraction(gram) < MIN_RANK_FRACTION:
@@ -151,7 +154,7 @@ def _gram_matrices(model: nn.Module, group: list[tuple[str, QuantLayer]], calibr
     return grams
 
 
-def _input_rows(layer: QuantLayer, x: torch.Tensor):
+def _input_rows(layer: QuantLayer, x: torch.Tensor) -> Iterator[torch.Tensor]:
     """The layer's input as rows of its weight's column space, in chunks of bounded memory."""
     if isinstance(layer, QuantLinear):
         yield x.reshape(-1, x.shape[-1])
