@@ -1,8 +1,9 @@
 """Check that quantization follows the model's device and dtype, and time fake-quant against FP there.
 
 Usage: python benchmarks/device_check.py --device cuda [--dtype float32|bfloat16|float16]
-Prints, for the bundled reference model: output SQNR (W8A8, W4A8), whether a saved and
-reloaded artifact reproduces outputs bit for bit on that device, and forward times.
+Prints, for the bundled reference model and each recipe (W8A8, W4A8, dynamic activation ranges,
+GPTQ rounding): output SQNR, quantization time, whether a saved and reloaded artifact reproduces
+outputs bit for bit on that device, and the forward time against FP.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import tacdiff
 from tacdiff.io import load_quantized, save_quantized
 from tacdiff.models.reference import load_reference_model
 from tacdiff.workflows import output_sqnr_db
+
+
+RECIPES = {
+    "W8A8": tacdiff.QuantConfig(weight_bits=8, act_bits=8),
+    "W4A8": tacdiff.QuantConfig(weight_bits=4, act_bits=8),
+    "W8A8 dynamic": tacdiff.QuantConfig(weight_bits=8, act_bits=8, act_range="dynamic"),
+    "W4A8 GPTQ": tacdiff.QuantConfig(weight_bits=4, act_bits=8, weight_rounding="gptq"),
+    "W4A8 dynamic GPTQ": tacdiff.QuantConfig(weight_bits=4, act_bits=8, act_range="dynamic", weight_rounding="gptq"),
+}
 
 
 def forward_seconds(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, repeats: int = 10) -> float:
@@ -53,11 +63,12 @@ def main() -> None:
     x = torch.randn(args.batch, 1, 28, 28, device=args.device, dtype=dtype)
     t = torch.full((args.batch,), 500, device=args.device)
     fp_time = forward_seconds(fp, x, t)
-    print("| setting | SQNR dB | weights on | weight dtype | reload bit-exact | forward vs FP |")
-    print("|---|---|---|---|---|---|")
-    for w_bits in (8, 4):
-        model = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=w_bits, act_bits=8), calib,
-                                 progress=False)
+    print("| setting | SQNR dB | quantize s | weights on | weight dtype | reload bit-exact | forward vs FP |")
+    print("|---|---|---|---|---|---|---|")
+    for label, config in RECIPES.items():
+        start = time.perf_counter()
+        model = tacdiff.quantize(copy.deepcopy(fp), config, calib, progress=False)
+        seconds = time.perf_counter() - start
         sqnr = output_sqnr_db(fp, model, held_out)
         with tempfile.TemporaryDirectory() as folder:
             save_quantized(model, f"{folder}/q")
@@ -66,7 +77,8 @@ def main() -> None:
                 exact = torch.equal(model(x, t).sample, reloaded(x, t).sample)
         weight = next(model.parameters())
         ratio = forward_seconds(model, x, t) / fp_time
-        print(f"| W{w_bits}A8 | {sqnr:.2f} | {weight.device} | {weight.dtype} | {exact} | {ratio:.2f}x |")
+        print(f"| {label} | {sqnr:.2f} | {seconds:.1f} | {weight.device} | {weight.dtype} | {exact} | {ratio:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":
