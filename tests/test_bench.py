@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tacdiff.bench import METHODS, ROW_KEYS, parse_bits
+from tacdiff.bench import METHODS, ROW_KEYS, parse_bits, run_bench
 from tacdiff.cli import app
 
 
@@ -38,6 +38,20 @@ def test_bad_bits_is_a_clear_error():
     result = CliRunner().invoke(app, ["bench", "--bits", "w9a8", "--samples", "8", "--quiet"])
     assert result.exit_code == 2
     assert "w4a8" in result.output and "'w9a8'" in result.output
+
+
+def test_gptq_rounding_lowers_the_ptq_error():
+    settings = dict(bits=("w4a8",), steps=(5,), methods=("fp", "ptq"), samples=8, calib_samples=8, batch_size=8,
+                    progress=False)
+    rtn, gptq = (next(r for r in run_bench(weight_rounding=rounding, **settings) if r["method"] == "ptq")
+                 for rounding in ("rtn", "gptq"))
+    assert gptq["x0_mse"] < rtn["x0_mse"]
+
+
+def test_bad_weight_rounding_is_a_clear_error():
+    result = CliRunner().invoke(app, ["bench", "--weight-rounding", "adaround", "--samples", "8", "--quiet"])
+    assert result.exit_code == 2
+    assert "weight_rounding" in result.output and "gptq" in result.output
 
 
 @pytest.mark.parametrize("text", ["w4", "a8w4", "w1a8", "w4a9", ""])

@@ -9,8 +9,9 @@ with the same FP images. Choices, written down:
   correction tables are fitted on trajectories from ``derive_seed(seed, "calibrate")`` and the
   evaluation samples start from ``derive_seed(seed, "evaluate")``: the tables never see an
   evaluation seed, and the same ``seed`` reproduces every number but the timings.
-* PTQ: round-to-nearest ``QuantConfig(weight_bits=w, act_bits=a)`` (MSE-searched ranges, first
-  and last layer at 8 bits), once per bit setting, its activation ranges calibrated on
+* PTQ: ``QuantConfig(weight_bits=w, act_bits=a, weight_rounding=...)`` (round-to-nearest by
+  default, or GPTQ; MSE-searched ranges, first and last layer at 8 bits), once per bit setting,
+  its activation ranges (and GPTQ's Gram matrices) calibrated on
   ``min(quant_calib_samples, calib_samples)`` FP DDIM trajectories of ``min(50, max(steps))``
   steps with 25 steps kept (Q-Diffusion's time-uniform calibration).
 * IBC (in ``ibc`` and ``tac``) shifts the quantized trajectory's latent (``ibc_target="state"``,
@@ -51,6 +52,7 @@ from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord, unet_de
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
+ROUNDINGS = ("rtn", "gptq")  # learned rounding takes minutes per setting; quantize it apart and use tacdiff eval
 CORRECTED = ("ptqd", "ner", "ibc", "tac")
 ROW_KEYS = ("bits", "steps", "method", "fid", "kid", "x0_mse", "x0_psnr", "calib_seconds", "sample_seconds")
 FP_BITS = "fp"
@@ -105,7 +107,10 @@ def _timed_call(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float
 
 
 def _check(bits: Sequence[str], steps: Sequence[int], methods: Sequence[str], samples: int, calib_samples: int,
-           batch_size: int, device: str) -> list[tuple[int, int]]:
+           batch_size: int, device: str, weight_rounding: str) -> list[tuple[int, int]]:
+    if weight_rounding not in ROUNDINGS:
+        raise ValueError(f"weight_rounding must be one of {', '.join(ROUNDINGS)} for the benchmark, "
+                         f"got {weight_rounding!r}")
     if not bits:
         raise ValueError("give at least one bit setting, e.g. --bits w4a8")
     if not steps:
@@ -125,10 +130,10 @@ def _check(bits: Sequence[str], steps: Sequence[int], methods: Sequence[str], sa
 @torch.no_grad()
 def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
           methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
-          batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64,
+          batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
           progress: bool = True) -> BenchResult:
     """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
-    pairs = _check(bits, steps, methods, samples, calib_samples, batch_size, device)
+    pairs = _check(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
     names = [f"w{w}a{a}" for w, a in pairs]
     dev = torch.device(device)
     fp, ddpm = load_reference_model(dev)
@@ -138,12 +143,13 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
                                          derive_seed(seed, "quantize"))
     quantized: dict[str, tuple[nn.Module, float]] = {}
     for name, (w_bits, a_bits) in zip(names, pairs):
-        _log(progress, f"quantize {name} (RTN, {quant_settings.samples} calibration trajectories)")
+        rounding = weight_rounding.upper()
+        _log(progress, f"quantize {name} ({rounding}, {quant_settings.samples} calibration trajectories)")
 
         def build(w_bits: int = w_bits, a_bits: int = a_bits) -> nn.Module:
             calib = calibrate_inputs(fp, ddpm, quant_settings, progress)
-            return quantize(copy.deepcopy(fp), QuantConfig(weight_bits=w_bits, act_bits=a_bits), calib,
-                            progress=progress)
+            config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, weight_rounding=weight_rounding)
+            return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 
         quantized[name] = _timed_call(dev, build)
 
@@ -227,7 +233,7 @@ def _evaluate(result: BenchResult, labels: list[tuple[str, str]], denoisers: lis
 
 def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
               methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
-              batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64,
+              batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
               progress: bool = True) -> list[dict[str, Any]]:
     """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on the bundled Fashion-MNIST model with DDIM.
 
@@ -241,6 +247,7 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
         batch_size: trajectories per batch when sampling, and samples per network call when calibrating.
         device: torch device.
         quant_calib_samples: FP trajectories for PTQ's calibration inputs (capped at ``calib_samples``).
+        weight_rounding: PTQ's weight rounding, ``"rtn"`` or ``"gptq"``.
     Returns:
         One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
         bundled classifier's features, ``x0_mse``/``x0_psnr`` against FP (dB), ``calib_seconds``
@@ -248,7 +255,7 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
     """
     return bench(bits=bits, steps=steps, methods=methods, samples=samples, calib_samples=calib_samples, seed=seed,
                  batch_size=batch_size, device=device, quant_calib_samples=quant_calib_samples,
-                 progress=progress).rows
+                 weight_rounding=weight_rounding, progress=progress).rows
 
 
 def _log(progress: bool, message: str) -> None:

@@ -189,6 +189,7 @@ def bench(
     seed: int = typer.Option(0, help="Derives the quantization, calibration and (distinct) evaluation seeds."),
     batch_size: int = typer.Option(256, help="Trajectories per sampling batch; samples per calibration call."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on the bundled model: FID, KID, paired x0 error, time."""
@@ -201,7 +202,7 @@ def bench(
     try:
         result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                      calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
-                     progress=not quiet)
+                     weight_rounding=weight_rounding, progress=not quiet)
     except (ValueError, TypeError, FileNotFoundError) as error:
         _fail(error)
     table = format_markdown(result.rows)
