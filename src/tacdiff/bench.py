@@ -142,8 +142,8 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     quant_settings = CalibrationSettings(min(quant_calib_samples, calib_samples), quant_steps, min(25, quant_steps),
                                          derive_seed(seed, "quantize"))
     quantized: dict[str, tuple[nn.Module, float]] = {}
+    rounding = weight_rounding.upper()
     for name, (w_bits, a_bits) in zip(names, pairs):
-        rounding = weight_rounding.upper()
         _log(progress, f"quantize {name} ({rounding}, {quant_settings.samples} calibration trajectories)")
 
         def build(w_bits: int = w_bits, a_bits: int = a_bits) -> nn.Module:

@@ -65,6 +65,8 @@ def test_columns_no_input_reaches_are_rounded_to_nearest() -> None:
     assert torch.isfinite(codes).all()
     rtn = P.quantize_tensor(weight.double(), scale.double(), zero_point.double(), 4)
     assert torch.equal(codes[:, :3], rtn[:, :3])
+    # A layer no input reached at all (an all-zero Gram matrix, so no damping either).
+    assert torch.equal(gptq_codes(weight, torch.zeros(12, 12), scale, zero_point, 4), rtn)
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(6, 5, 3, padding=1), nn.Conv2d(6, 5, 3, stride=2, padding=1),

@@ -90,11 +90,14 @@ def quantize_weights_gptq(model: nn.Module, calibration: CalibrationSet, method:
     Returns:
         The names of the layers left with round-to-nearest codes.
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
-    rounded_to_nearest = [n for n, m in layers if not _supported(m)]
-    for name in rounded_to_nearest:
-        model.get_submodule(name).quantize_weight(method)
-    groups = _groups([(n, m) for n, m in layers if _supported(m)])
+    supported, rounded_to_nearest = [], []
+    for name, layer in model.named_modules():
+        if isinstance(layer, (QuantConv2d, QuantLinear)) and _supported(layer):
+            supported.append((name, layer))
+        elif isinstance(layer, (QuantConv2d, QuantLinear)):
+            layer.quantize_weight(method)
+            rounded_to_nearest.append(name)
+    groups = _groups(supported)
     with activations_unquantized(model):
         for g, group in enumerate(groups):
             desc = f"GPTQ inputs {g + 1}/{len(groups)}"
