@@ -4,7 +4,8 @@
 
 For the tests' two tiny random-weight models (tests/tiny_models.py: a UNet2DModel and a
 UNet2DConditionModel, with the tests' calibration and held-out sets), quantized W8A8 with
-calibrated (``mse``) and with ``dynamic`` activation ranges, it prints:
+calibrated (``mse``), with ``dynamic`` activation ranges, and with block-scaled dynamic ranges
+(``act_block_size=32``: one per token and block of 32 channels, 3x3 conv inputs included), it prints:
 
 * the output SQNR against FP on held-out inputs with every quantizer on, with weights only,
   with the network input x_t quantized as well (off by default), with GPTQ-rounded weights, and
@@ -91,15 +92,16 @@ def ceiling(values: torch.Tensor, bits: int = 8) -> float:
     return sqnr_db(values, P.fake_quantize(values, scale, zero_point, bits))
 
 
-def budget(name: str, fp: nn.Module, calibration, held_out, act_range: str) -> None:
-    config = dict(weight_bits=8, act_bits=8, act_range=act_range)
+def budget(name: str, fp: nn.Module, calibration, held_out, act_range: str, block: int | None) -> None:
+    config = dict(weight_bits=8, act_bits=8, act_range=act_range, act_block_size=block)
     model = quantized_copy(fp, calibration, **config)
     with_input = quantized_copy(fp, calibration, quantize_model_input=True, **config)
     gptq = quantized_copy(fp, calibration, weight_rounding="gptq", **config)
     reference = outputs(fp, held_out)
     families = family_of(model)
     local = local_sqnr(model, held_out)
-    print(f"\n### {name}, W8A8, act_range={act_range}: {len(families)} activation quantizers\n")
+    blocks = "" if block is None else f", act_block_size={block}"
+    print(f"\n### {name}, W8A8, act_range={act_range}{blocks}: {len(families)} activation quantizers\n")
     print(f"output SQNR, every quantizer on: {sqnr_db(reference, outputs(model, held_out)):.2f} dB; "
           f"weights only: {output_sqnr_without(model, reference, held_out, set(families)):.2f} dB; "
           f"x_t quantized too (quantize_model_input=True): {sqnr_db(reference, outputs(with_input, held_out)):.2f} dB")
@@ -135,8 +137,8 @@ def main() -> None:
     print(f"\ncalibration: {NUM_SAMPLES} (UNet2DModel) / {COND_SAMPLES} (UNet2DConditionModel) DDIM trajectories, "
           "seed 0; held-out: as many from seed 1000")
     for name, fp, calibration, held_out in cases:
-        for act_range in ("mse", "dynamic"):
-            budget(name, fp, calibration, held_out, act_range)
+        for act_range, block in (("mse", None), ("dynamic", None), ("dynamic", 32)):
+            budget(name, fp, calibration, held_out, act_range, block)
 
 
 if __name__ == "__main__":

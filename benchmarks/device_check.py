@@ -1,7 +1,7 @@
 """Check that quantization follows the model's device and dtype, and time fake-quant against FP there.
 
 Usage: python benchmarks/device_check.py --device cuda [--dtype float32|bfloat16|float16]
-Prints, for the bundled reference model and each recipe (W8A8, W4A8, dynamic activation ranges,
+Prints, for the bundled reference model and each recipe (W8A8, W4A8, dynamic and block-scaled ranges,
 GPTQ rounding): output SQNR, quantization time, whether a saved and reloaded artifact reproduces
 outputs bit for bit on that device, and the forward time against FP.
 """
@@ -25,6 +25,7 @@ RECIPES = {
     "W8A8": tacdiff.QuantConfig(weight_bits=8, act_bits=8),
     "W4A8": tacdiff.QuantConfig(weight_bits=4, act_bits=8),
     "W8A8 dynamic": tacdiff.QuantConfig(weight_bits=8, act_bits=8, act_range="dynamic"),
+    "W8A8 block32": tacdiff.QuantConfig(weight_bits=8, act_bits=8, act_range="dynamic", act_block_size=32),
     "W4A8 GPTQ": tacdiff.QuantConfig(weight_bits=4, act_bits=8, weight_rounding="gptq"),
     "W4A8 dynamic GPTQ": tacdiff.QuantConfig(weight_bits=4, act_bits=8, act_range="dynamic", weight_rounding="gptq"),
 }

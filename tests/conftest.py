@@ -92,5 +92,16 @@ def cond_w8a8_dynamic_gptq(cond_unet: UNet2DConditionModel, cond_calibration: ta
 
 
 @pytest.fixture(scope="session")
+def w8a8_blocked(unet: UNet2DModel) -> nn.Module:
+    """W8A8 with block-scaled run-time ranges: one per token and block of 32 channels in every layer input."""
+    return quantized_copy(unet, None, weight_bits=8, act_bits=8, act_range="dynamic", act_block_size=32)
+
+
+@pytest.fixture(scope="session")
+def cond_w8a8_blocked(cond_unet: UNet2DConditionModel) -> nn.Module:
+    return quantized_copy(cond_unet, None, weight_bits=8, act_bits=8, act_range="dynamic", act_block_size=32)
+
+
+@pytest.fixture(scope="session")
 def cond_w8a8_dynamic(cond_unet: UNet2DConditionModel) -> nn.Module:
     return quantized_copy(cond_unet, None, weight_bits=8, act_bits=8, act_range="dynamic")

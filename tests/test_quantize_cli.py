@@ -54,21 +54,26 @@ def test_quantize_writes_an_artifact_equal_to_quantizing_in_python(model_dir: Pa
         assert torch.equal(loaded(x, t).sample, expected(x, t).sample)
 
 
-def test_dynamic_activation_ranges_survive_the_artifact(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("block", [None, 16])
+def test_dynamic_activation_ranges_survive_the_artifact(model_dir: Path, tmp_path: Path, block: int | None) -> None:
     out = tmp_path / "dynamic"
-    code, output = invoke("quantize", str(model_dir), "--act-range", "dynamic", "--out", str(out), *CALIBRATION,
-                          "--quiet")
+    blocks = () if block is None else ("--act-block-size", str(block))
+    code, output = invoke("quantize", str(model_dir), "--act-range", "dynamic", *blocks, "--out", str(out),
+                          *CALIBRATION, "--quiet")
     assert code == 0, output
     loaded = load_quantized(out)
     assert quant_state(loaded).config.act_range == "dynamic"
+    assert quant_state(loaded).config.act_block_size == block
     quantizers = [m for m in loaded.modules() if isinstance(m, ActQuantizer)]
     assert quantizers and all(q.dynamic and q.enabled for q in quantizers)
+    assert {q.block_size for q in quantizers if q.token_dim is not None} == {block}
 
 
 @pytest.mark.parametrize("args, message", [
     (("--w-bits", "9"), "weight_bits"),
     (("--act-range", "entropy"), "act_range"),
     (("--act-range", "dynamic", "--timestep-groups", "4"), "timestep_groups"),
+    (("--act-block-size", "32"), "act_block_size"),
 ])
 def test_bad_options_fail_with_one_message_and_write_nothing(model_dir: Path, tmp_path: Path,
                                                              args: tuple[str, ...], message: str) -> None:

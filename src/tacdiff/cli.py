@@ -52,6 +52,9 @@ def quantize(
     weight_range: str = typer.Option("mse", help="Weight clipping: minmax, percentile or mse."),
     act_range: str = typer.Option("mse", help="Activation range: minmax, percentile or mse (calibrated), or "
                                               "dynamic (min-max at run time, per token or per sample)."),
+    act_block_size: int = typer.Option(0, help="With --act-range dynamic: one range per token and block of this "
+                                               "many channels in every conv/linear input, for block-scaled "
+                                               "int8 matmuls (e.g. 32, as in MX formats); 0 = off."),
     timestep_groups: int = typer.Option(1, help="Activation ranges per quantizer, picked by timestep."),
     first_last_bits: int = typer.Option(8, help="Bits for the first and last layer; 0 treats them like the rest."),
     exclude: list[str] = typer.Option([], help="fnmatch pattern of module names to keep in float (repeatable)."),
@@ -72,9 +75,9 @@ def quantize(
 
     try:
         config = QuantConfig(weight_bits=w_bits, act_bits=a_bits or None, weight_rounding=weight_rounding,
-                             weight_range=weight_range, act_range=act_range, timestep_groups=timestep_groups,
-                             first_last_bits=first_last_bits or None, exclude=tuple(exclude),
-                             split_shortcut=split_shortcut, adaround_iters=adaround_iters, seed=seed)
+                             weight_range=weight_range, act_range=act_range, act_block_size=act_block_size or None,
+                             timestep_groups=timestep_groups, first_last_bits=first_last_bits or None,
+                             exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters, seed=seed)
         calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed)
         path, model, sqnr = quantize_dir(model_dir, out, config, scheduler_path=scheduler, calibration=calibration,
                                          device=device, overwrite=overwrite, progress=not quiet)

@@ -18,7 +18,7 @@ from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear
 from tiny_models import outputs, quantized_copy, tiny_unet
 
 CASES = {"unet": ("w8a8_grouped", "held_out"), "cond_unet": ("cond_w8a8_grouped", "cond_held_out"),
-         "unet_dynamic": ("w8a8_dynamic", "held_out")}
+         "unet_dynamic": ("w8a8_dynamic", "held_out"), "cond_unet_blocked": ("cond_w8a8_blocked", "cond_held_out")}
 
 
 @pytest.mark.parametrize("which", list(CASES))
@@ -34,10 +34,12 @@ def test_save_then_load_reproduces_outputs_bit_for_bit(which: str, request: pyte
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
     assert quant_state(loaded).plan == quant_state(model).plan
     assert quant_state(loaded).config == quant_state(model).config
-    assert quant_state(loaded).router.groups == (1 if "dynamic" in which else 4)
+    assert quant_state(loaded).router.groups == (1 if "dynamic" in which or "blocked" in which else 4)
     assert any(p.split for p in quant_state(loaded).plan), "skip-concat splits are part of the artifact"
-    flags = {m.name: (m.enabled, m.dynamic) for m in model.modules() if isinstance(m, ActQuantizer)}
-    assert flags == {m.name: (m.enabled, m.dynamic) for m in loaded.modules() if isinstance(m, ActQuantizer)}
+    flags = {m.name: (m.enabled, m.dynamic, m.token_dim, m.block_size)
+             for m in model.modules() if isinstance(m, ActQuantizer)}
+    assert flags == {m.name: (m.enabled, m.dynamic, m.token_dim, m.block_size)
+                     for m in loaded.modules() if isinstance(m, ActQuantizer)}
     assert read_metadata(path)["note"] == "test"
 
 

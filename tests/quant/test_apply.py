@@ -21,6 +21,8 @@ from tiny_models import outputs, quantized_copy, sqnr_db, tiny_unet
 # overall, at least 27.9 / 25.3 dB at every timestep (4 timestep groups: 29.4 / 26.5 dB overall).
 # Dynamic ranges (per token for linears and 1x1 convs, per sample elsewhere): 31.3 / 29.6 dB overall,
 # at least 30.1 / 28.2 dB at every timestep; with GPTQ-rounded weights 31.8 / 29.9 dB, at least 30.8 / 28.6.
+# Block-scaled dynamic ranges (per token and block of 32 channels in every conv and linear input):
+# 34.6 / 32.4 dB overall, at least 33.6 / 31.4 dB at every timestep.
 MODELS = {
     "unet": ("unet", "w8a8", "held_out", 26.0, 25.0),
     "cond_unet": ("cond_unet", "cond_w8a8", "cond_held_out", 24.0, 23.0),
@@ -28,6 +30,8 @@ MODELS = {
     "cond_unet_dynamic": ("cond_unet", "cond_w8a8_dynamic", "cond_held_out", 29.0, 27.5),
     "unet_dynamic_gptq": ("unet", "w8a8_dynamic_gptq", "held_out", 31.0, 30.0),
     "cond_unet_dynamic_gptq": ("cond_unet", "cond_w8a8_dynamic_gptq", "cond_held_out", 29.5, 28.0),
+    "unet_blocked": ("unet", "w8a8_blocked", "held_out", 33.5, 32.5),
+    "cond_unet_blocked": ("cond_unet", "cond_w8a8_blocked", "cond_held_out", 31.5, 30.5),
 }
 QUANTIZED = ["w8a8", "cond_w8a8", "w8a8_dynamic"]
 FP_OF = {"w8a8": "unet", "cond_w8a8": "cond_unet", "w8a8_grouped": "unet", "cond_w8a8_grouped": "cond_unet",
@@ -264,30 +268,37 @@ def test_dynamic_ranges_serve_a_batch_mixing_timesteps(w8a8_dynamic: nn.Module,
     assert sqnr_db(alone[:2], together[:2]) > 32.0
 
 
-def test_dynamic_ranges_are_per_token_exactly_where_an_integer_matmul_allows(cond_w8a8_dynamic: nn.Module,
-                                                                             cond_w8a8: nn.Module) -> None:
-    expected = {nn.Linear: -1, (1, 1): 1, (3, 3): None}
-    layers = [m for m in cond_w8a8_dynamic.modules() if isinstance(m, (QuantConv2d, QuantLinear)) and m.act_quant]
+@pytest.mark.parametrize("name, block, wide_conv_token_dim", [("cond_w8a8_dynamic", None, None),
+                                                              ("cond_w8a8_blocked", 32, 1)])
+def test_dynamic_ranges_are_per_token_exactly_where_the_integer_matmul_allows(
+        name: str, block: int | None, wide_conv_token_dim: int | None, cond_w8a8: nn.Module,
+        request: pytest.FixtureRequest) -> None:
+    """A plain int8 matmul rescales output rows (linears, 1x1 convs); a block-scaled one also 3x3 convs."""
+    model = request.getfixturevalue(name)
+    expected = {nn.Linear: -1, (1, 1): 1, (3, 3): wide_conv_token_dim}
+    layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear)) and m.act_quant]
     for layer in layers:
         key = nn.Linear if isinstance(layer, nn.Linear) else layer.kernel_size
         assert layer.act_quant.token_dim == expected[key], layer.act_quant.name
+        assert layer.act_quant.block_size == block
     assert {type(m) for m in layers} == {QuantConv2d, QuantLinear}
     assert {m.kernel_size for m in layers if isinstance(m, nn.Conv2d)} == {(1, 1), (3, 3)}
-    attentions = [a for a in cond_w8a8_dynamic.modules() if isinstance(a, Attention)]
+    attentions = [a for a in model.modules() if isinstance(a, Attention)]
     operands = [getattr(a, op) for a in attentions for op in MATMUL_OPERANDS]
     assert operands and all(q.dynamic and q.token_dim is None for q in operands), "per sample and head"
     assert all(q.token_dim is None for q in cond_w8a8.modules() if isinstance(q, ActQuantizer)), "calibrated ranges"
 
 
-def test_dynamic_ranges_beat_calibrated_ones_on_both_unets(unet: nn.Module, cond_unet: nn.Module, w8a8: nn.Module,
-                                                           cond_w8a8: nn.Module, w8a8_dynamic: nn.Module,
-                                                           cond_w8a8_dynamic: nn.Module,
-                                                           held_out: tacdiff.CalibrationSet,
-                                                           cond_held_out: tacdiff.CalibrationSet) -> None:
-    for fp, static, dynamic, data in [(unet, w8a8, w8a8_dynamic, held_out),
-                                      (cond_unet, cond_w8a8, cond_w8a8_dynamic, cond_held_out)]:
-        reference = outputs(fp, data)
-        assert sqnr_db(reference, outputs(dynamic, data)) > sqnr_db(reference, outputs(static, data)) + 1.0
+@pytest.mark.parametrize("prefix, fp_name, data_name", [("", "unet", "held_out"),
+                                                        ("cond_", "cond_unet", "cond_held_out")])
+def test_finer_ranges_beat_coarser_ones_on_both_unets(prefix: str, fp_name: str, data_name: str,
+                                                      request: pytest.FixtureRequest) -> None:
+    """Calibrated per-tensor < dynamic per sample or token < block-scaled per token block, by over 1 dB each."""
+    fp, data = request.getfixturevalue(fp_name), request.getfixturevalue(data_name)
+    reference = outputs(fp, data)
+    static, dynamic, blocked = (sqnr_db(reference, outputs(request.getfixturevalue(prefix + name), data))
+                                for name in ("w8a8", "w8a8_dynamic", "w8a8_blocked"))
+    assert static + 1.0 < dynamic and dynamic + 1.0 < blocked
 
 
 def test_quantizing_twice_raises(unet: nn.Module) -> None:

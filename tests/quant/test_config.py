@@ -24,6 +24,7 @@ INVALID = [
     ("adaround_iters", 0), ("adaround_iters", -5), ("adaround_iters", 1.5),
     ("adaround_batch_size", 0), ("adaround_batch_size", 2.0),
     ("exclude", "time_embedding.*"),
+    ("act_block_size", 0), ("act_block_size", 32.0), ("act_block_size", True),
 ]
 
 # Wrong values that once slipped through: a truthy string such as "false" would turn symmetric
@@ -54,6 +55,12 @@ def test_dynamic_ranges_refuse_timestep_groups_naming_both() -> None:
     with pytest.raises(ValueError, match="timestep_groups.*act_range='dynamic'"):
         QuantConfig(act_range="dynamic", timestep_groups=4)
     QuantConfig(act_range="dynamic", timestep_groups=1)
+
+
+def test_block_scaled_ranges_need_dynamic_ranges_naming_both() -> None:
+    with pytest.raises(ValueError, match="act_block_size.*act_range='dynamic'"):
+        QuantConfig(act_block_size=32)
+    QuantConfig(act_range="dynamic", act_block_size=32)
 
 
 def test_defaults_and_valid_edge_values_are_accepted() -> None:

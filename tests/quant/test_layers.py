@@ -125,24 +125,28 @@ def test_dynamic_act_quantizer_gives_every_sample_its_own_minmax_range(split: in
     assert torch.equal(quant(changed)[:2], y[:2]), "one sample's range must not move another's"
 
 
-@pytest.mark.parametrize("shape, token_dim", [((2, 6, 3, 3), 1), ((2, 5, 7), -1)])
-def test_dynamic_per_token_quantizer_gives_every_token_its_own_minmax_range(shape: tuple[int, ...],
-                                                                           token_dim: int) -> None:
-    quant = ActQuantizer(8, symmetric=False, router=TimestepRouter(), dynamic=True, token_dim=token_dim)
+@pytest.mark.parametrize("shape, token_dim, block", [((2, 6, 3, 3), 1, None), ((2, 5, 7), -1, None),
+                                                     ((2, 6, 3, 3), 1, 4), ((2, 5, 7), -1, 3), ((2, 5, 7), -1, 7)])
+def test_dynamic_per_token_quantizer_gives_every_token_block_its_own_minmax_range(
+        shape: tuple[int, ...], token_dim: int, block: int | None) -> None:
+    quant = ActQuantizer(8, symmetric=False, router=TimestepRouter(), dynamic=True, token_dim=token_dim,
+                         block_size=block)
     generator = torch.Generator().manual_seed(0)
-    per_token_scale = torch.rand(shape, generator=generator).sum(token_dim, keepdim=True).mul(4).sub(10).exp()
-    x = torch.randn(shape, generator=generator) * per_token_scale  # tokens over 4 orders of magnitude
+    per_entry_scale = torch.rand(shape, generator=generator).mul(12).sub(10).exp()
+    x = torch.randn(shape, generator=generator) * per_entry_scale  # entries over 5 orders of magnitude
     y = quant(x)
-    tokens_x, tokens_y = x.movedim(token_dim, -1).reshape(-1, x.shape[token_dim]), \
-        y.movedim(token_dim, -1).reshape(-1, x.shape[token_dim])
-    for token, out in zip(tokens_x, tokens_y):
-        step = (max(token.max().item(), 0.0) - min(token.min().item(), 0.0)) / 255
-        assert (out - token).abs().max() <= step / 2 * 1.001
-        assert (out / step).sub((out / step).round()).abs().max() < 1e-3, "values on the token's grid"
+    width = block or shape[token_dim]
+    blocks_x, blocks_y = (t.movedim(token_dim, -1).split(width, -1) for t in (x, y))
+    for chunk_x, chunk_y in zip(blocks_x, blocks_y):  # the k-th block of every token
+        for tokens, outs in zip(chunk_x.flatten(0, -2), chunk_y.flatten(0, -2)):
+            step = (max(tokens.max().item(), 0.0) - min(tokens.min().item(), 0.0)) / 255
+            assert (outs - tokens).abs().max() <= step / 2 * 1.001
+            assert (outs / step).sub((outs / step).round()).abs().max() < 1e-3, "values on the block's grid"
     changed = x.clone()
-    changed.movedim(token_dim, -1)[(0,) * (x.dim() - 1)] *= 1000  # the first token of the first sample
-    moved = (quant(changed) != y).movedim(token_dim, -1).flatten(0, -2).any(-1)
-    assert moved.sum() == 1, "one token's range must not move any other token's values"
+    changed.movedim(token_dim, -1)[(0,) * (x.dim() - 1)][0] *= 1000  # the first entry of the first token
+    moved = (quant(changed) != y).movedim(token_dim, -1).flatten(0, -2)
+    assert moved[0, :width].any()
+    assert not moved[0, width:].any() and not moved[1:].any(), "one block's range must not move other values"
 
 
 def test_dynamic_act_quantizer_keeps_an_all_zero_sample_finite_and_zero() -> None:

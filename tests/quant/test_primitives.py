@@ -189,6 +189,23 @@ def test_percentile_range_lies_inside_minmax(data: tuple[torch.Tensor, int | Non
     assert (lo >= mm_lo).all() and (hi <= mm_hi).all() and (lo <= hi).all()
 
 
+@SWEEP
+@given(data=tensors(per_channel=True), block=st.one_of(st.none(), st.integers(1, 8)))
+def test_blocks_hold_consecutive_chunks_padded_with_the_last_entry(data: tuple[torch.Tensor, int],
+                                                                  block: int | None) -> None:
+    x, dim = data
+    size = x.shape[dim]
+    width = size if block is None else min(block, size)
+    blocks = P.to_blocks(x, dim, block)
+    assert blocks.shape == (*x.shape[:dim], -(-size // width), width, *x.shape[dim + 1:])
+    for k, chunk in enumerate(x.split(width, dim)):
+        got = blocks.select(dim, k)
+        assert torch.equal(got.narrow(dim, 0, chunk.shape[dim]), chunk)
+        padding = got.narrow(dim, chunk.shape[dim], width - chunk.shape[dim])
+        assert torch.equal(padding, chunk.narrow(dim, chunk.shape[dim] - 1, 1).expand_as(padding))
+    assert torch.equal(P.from_blocks(blocks, dim, size), x)
+
+
 def test_percentile_range_matches_numpy_and_100_is_minmax() -> None:
     x = torch.randn(3, 5001, generator=torch.Generator().manual_seed(1)) ** 3
     lo, hi = P.percentile_range(x, 99.0, axis=0)

@@ -117,9 +117,10 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
     dynamic = config.act_range == "dynamic"
     for entry in plan:
         module = model.get_submodule(entry.name)
+        token_dim = _token_dim(module, config.act_block_size is not None) if dynamic else None
         act = None if entry.act_bits is None else ActQuantizer(
             entry.act_bits, config.act_symmetric, router, entry.split if entry.kind == "conv" else None, dynamic,
-            _token_dim(module) if dynamic else None)
+            token_dim, config.act_block_size)
         if entry.kind == "attention":
             for operand in MATMUL_OPERANDS:
                 module.add_module(operand, ActQuantizer(entry.act_bits, config.act_symmetric, router, dynamic=dynamic))
@@ -140,11 +141,17 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
     return state
 
 
-def _token_dim(layer: nn.Module) -> int | None:
-    """The feature dimension of a layer whose integer matmul takes one activation scale per token, if any."""
+def _token_dim(layer: nn.Module, block_scaled: bool) -> int | None:
+    """The feature dimension of a layer whose integer matmul takes activation scales per token, if any.
+
+    A plain int8 GEMM rescales whole output rows, so only linear layers and 1x1 convolutions
+    qualify. A block-scaled one rescales every block of the reduction dimension; a convolution's
+    reduction runs tap by tap over channels, so each block comes from one input position and
+    every layer qualifies.
+    """
     if isinstance(layer, nn.Linear):
         return -1
-    return 1 if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) else None
+    return 1 if isinstance(layer, nn.Conv2d) and (block_scaled or layer.kernel_size == (1, 1)) else None
 
 
 def _route_timestep(model: nn.Module, args: tuple, kwargs: dict) -> None:

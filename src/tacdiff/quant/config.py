@@ -33,6 +33,13 @@ class QuantConfig:
             sample for wider convolutions, per sample and head for attention operands: the
             finest ranges an integer kernel can rescale its output by. It needs no calibration
             and follows the activations' drift across timesteps by construction.
+        act_block_size: with ``act_range="dynamic"``, block-scaled activations instead: the input
+            of every convolution (3x3 ones too) and linear layer gets one range per token and per
+            block of this many consecutive channels (a block as wide as the layer: per token).
+            Much finer than ``dynamic`` alone, but it needs a block-scaled integer matmul (one
+            scale per row and per block of the reduction dimension, as in the OCP Microscaling
+            formats and Atom's group quantization) rather than a plain int8 GEMM. Attention
+            operands keep their per-sample-and-head ranges. None: off.
         act_percentile: the upper percentile (in %) for ``act_range="percentile"``.
         first_last_bits: bits for the first and last layer (weights and inputs), or None
             to treat them like every other layer.
@@ -60,6 +67,7 @@ class QuantConfig:
     weight_range: Literal["minmax", "percentile", "mse"] = "mse"
     weight_rounding: Literal["rtn", "gptq", "adaround"] = "rtn"
     act_range: Literal["minmax", "percentile", "mse", "dynamic"] = "mse"
+    act_block_size: int | None = None
     act_percentile: float = 99.99
     first_last_bits: int | None = 8
     quantize_model_input: bool = False
@@ -99,6 +107,11 @@ class QuantConfig:
         if self.act_range == "dynamic" and self.timestep_groups > 1:
             raise ValueError("timestep_groups > 1 picks calibrated ranges by timestep, and act_range='dynamic' "
                              "has none; use one or the other")
+        if self.act_block_size is not None:
+            _check_positive("act_block_size", self.act_block_size)
+            if self.act_range != "dynamic":
+                raise ValueError(f"act_block_size takes ranges at run time and needs act_range='dynamic' "
+                                 f"(got act_range={self.act_range!r}); set both or neither")
         if self.timestep_groups > self.num_train_timesteps:
             raise ValueError(f"timestep_groups ({self.timestep_groups}) cannot exceed "
                              f"num_train_timesteps ({self.num_train_timesteps})")

@@ -83,14 +83,16 @@ class ActQuantizer(nn.Module):
     it takes every token's own range instead, the min-max over that (feature) dimension only:
     an integer matmul can rescale each of its output rows, so a linear layer or a 1x1
     convolution can consume per-token codes, while a wider convolution mixes neighbouring
-    positions and needs one scale per sample.
+    positions and needs one scale per sample (unless its matmul is block-scaled).
+    ``block_size`` further splits each token's features into blocks of that many, each with
+    its own range, for block-scaled matmuls.
     """
 
     def __init__(self, bits: int, symmetric: bool, router: TimestepRouter, split: int | None = None,
-                 dynamic: bool = False, token_dim: int | None = None) -> None:
+                 dynamic: bool = False, token_dim: int | None = None, block_size: int | None = None) -> None:
         super().__init__()
         self.bits, self.symmetric, self.split = P.check_bits(bits, "act_bits"), symmetric, split
-        self.router, self.dynamic, self.token_dim = router, dynamic, token_dim
+        self.router, self.dynamic, self.token_dim, self.block_size = router, dynamic, token_dim, block_size
         segments = 1 if split is None else 2
         self.register_buffer("scale", torch.ones(router.groups, segments))
         self.register_buffer("zero_point", torch.zeros(router.groups, segments))
@@ -102,6 +104,8 @@ class ActQuantizer(nn.Module):
         ranges = f"groups={self.router.groups}"
         if self.dynamic:
             ranges = "dynamic per sample" if self.token_dim is None else "dynamic per token"
+            if self.block_size is not None:
+                ranges += f" and block of {self.block_size}"
         return f"bits={self.bits}, symmetric={self.symmetric}, {ranges}, split={self.split}"
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -122,14 +126,18 @@ class ActQuantizer(nn.Module):
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def quantize_dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` with the min-max range of each sample (dimension 0) or each token."""
-        x_ = x.detach()
+        """Fake-quantize ``x`` with the min-max range of each sample (dimension 0), token or token block."""
         if self.token_dim is None:
-            flat = x_.reshape(x.shape[0], -1)
+            flat = x.detach().reshape(x.shape[0], -1)
             shape = (-1,) + (1,) * (x.dim() - 1)
             lo, hi = flat.amin(1).reshape(shape), flat.amax(1).reshape(shape)  # faster than aminmax on CPU
-        else:
-            lo, hi = x_.amin(self.token_dim, keepdim=True), x_.amax(self.token_dim, keepdim=True)
+            return self._fake_quantize_minmax(x, lo, hi)
+        dim = self.token_dim % x.dim()
+        blocks = P.to_blocks(x, dim, self.block_size)
+        lo, hi = blocks.detach().amin(dim + 1, keepdim=True), blocks.detach().amax(dim + 1, keepdim=True)
+        return P.from_blocks(self._fake_quantize_minmax(blocks, lo, hi), dim, x.shape[dim])
+
+    def _fake_quantize_minmax(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         scale, zero_point = P.qparams_unchecked(lo.float(), hi.float(), self.bits, self.symmetric)
         scale = scale.to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny)
         return P.fake_quantize(x, scale, zero_point.to(x.dtype), self.bits)

@@ -115,6 +115,28 @@ def minmax_range(x: torch.Tensor, axis: int | None = None) -> tuple[torch.Tensor
     return (lo, hi) if axis is not None else (lo[0], hi[0])
 
 
+def to_blocks(x: torch.Tensor, dim: int, block: int | None = None) -> torch.Tensor:
+    """``x`` with dimension ``dim`` (non-negative) split into ``(blocks, block)``: a view when ``block``
+    divides it, else the last entry is repeated to fill the last block (it cannot move that block's
+    min or max). None, or a block at least as long as ``dim``, gives one block.
+
+    Reducing over ``dim + 1`` then gives one range per block, as block-scaled formats (OCP
+    Microscaling, MX) use; :func:`from_blocks` undoes it. No validation: it runs at every forward.
+    """
+    size = x.shape[dim]
+    block = size if block is None else min(block, size)
+    pad = -size % block
+    if pad:
+        tail = x.narrow(dim, size - 1, 1)
+        x = torch.cat([x, tail.expand(*x.shape[:dim], pad, *x.shape[dim + 1:])], dim=dim)
+    return x.unflatten(dim, (-1, block))
+
+
+def from_blocks(blocks: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: merge dimensions ``dim`` and ``dim + 1`` and drop the padding."""
+    return blocks.flatten(dim, dim + 1).narrow(dim, 0, size)
+
+
 def percentile_range(x: torch.Tensor, percentile: float = 99.99, axis: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Range between the ``100 - percentile`` and ``percentile`` percentiles (in %)."""
