@@ -22,7 +22,7 @@ from tiny_models import outputs, quantized_copy, sqnr_db, tiny_unet
 # Dynamic ranges (per token for linears and 1x1 convs, per sample elsewhere): 31.3 / 29.6 dB overall,
 # at least 30.1 / 28.2 dB at every timestep; with GPTQ-rounded weights 31.8 / 29.9 dB, at least 30.8 / 28.6.
 # Block-scaled dynamic ranges (per token and block of 32 channels in every conv and linear input):
-# 34.6 / 32.4 dB overall, at least 33.6 / 31.4 dB at every timestep.
+# 34.5 / 32.4 dB overall, at least 33.6 / 31.3 dB at every timestep (act_noise_budget.md).
 MODELS = {
     "unet": ("unet", "w8a8", "held_out", 26.0, 25.0),
     "cond_unet": ("cond_unet", "cond_w8a8", "cond_held_out", 24.0, 23.0),
