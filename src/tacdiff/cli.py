@@ -77,7 +77,8 @@ def quantize(
         config = QuantConfig(weight_bits=w_bits, act_bits=a_bits or None, weight_rounding=weight_rounding,
                              weight_range=weight_range, act_range=act_range, act_block_size=act_block_size or None,
                              timestep_groups=timestep_groups, first_last_bits=first_last_bits or None,
-                             exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters, seed=seed)
+                             exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters,
+                             seed=seed)
         calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed)
         path, model, sqnr = quantize_dir(model_dir, out, config, scheduler_path=scheduler, calibration=calibration,
                                          device=device, overwrite=overwrite, progress=not quiet)
@@ -195,7 +196,7 @@ def bench(
     weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
-    """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on the bundled model: FID, KID, paired x0 error, time."""
+    """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on the bundled model: FID, KID, x0 error, time."""
     from tacdiff.bench import bench as run
     from tacdiff.bench import format_markdown
     from tacdiff.io.atomic import write_text_atomically

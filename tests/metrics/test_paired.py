@@ -1,4 +1,4 @@
-"""Paired trajectory errors: exact zeros for a self-pair (also stochastic), positive for a quantized model, streaming."""
+"""Paired trajectory errors: exact zeros for a self-pair (stochastic too), positive for a quantized model, streaming."""
 
 from __future__ import annotations
 

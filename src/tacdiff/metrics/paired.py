@@ -40,7 +40,7 @@ def sqnr_db(reference: Tensor, estimate: Tensor) -> float:
 
 
 def psnr_db(mse: float, peak_to_peak: float = PEAK_TO_PEAK) -> float:
-    """PSNR ``10·log10(peak_to_peak² / mse)`` in dB (``inf`` for ``mse == 0``); images in [-1, 1] have peak-to-peak 2."""
+    """PSNR ``10·log10(peak_to_peak² / mse)`` in dB (``inf`` for ``mse == 0``); images in [-1, 1] span 2."""
     return math.inf if mse == 0 else 10.0 * math.log10(peak_to_peak ** 2 / mse)
 
 

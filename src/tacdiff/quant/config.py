@@ -31,7 +31,7 @@ class QuantConfig:
             them from calibration samples; ``dynamic`` takes min and max at run time, per token
             (each sample's position) for the inputs of linear layers and 1x1 convolutions, per
             sample for wider convolutions, per sample and head for attention operands: the
-            finest ranges an integer kernel can rescale its output by. It needs no calibration
+            finest ranges a plain int8 matmul can rescale its output by. It needs no calibration
             and follows the activations' drift across timesteps by construction.
         act_block_size: with ``act_range="dynamic"``, block-scaled activations instead: the input
             of every convolution (3x3 ones too) and linear layer gets one range per token and per
