@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0
 from torch import nn
 
 import tacdiff
@@ -14,7 +15,7 @@ from tacdiff.quant import QuantConfig, format_summary, plan_layers, quant_state,
 from tacdiff.quant.apply import skip_concat_splits
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
-from tiny_models import outputs, quantized_copy, sqnr_db, tiny_unet
+from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, text_embeddings, tiny_unet
 
 # Floors below what the tiny random-weight models give (see benchmarks/results/act_noise_budget.md).
 # Calibrated (mse) ranges: W8A8 held-out SQNR 28.7 dB (UNet2DModel) and 26.5 dB (UNet2DConditionModel)
@@ -299,6 +300,41 @@ def test_finer_ranges_beat_coarser_ones_on_both_unets(prefix: str, fp_name: str,
     static, dynamic, blocked = (sqnr_db(reference, outputs(request.getfixturevalue(prefix + name), data))
                                 for name in ("w8a8", "w8a8_dynamic", "w8a8_blocked"))
     assert static + 1.0 < dynamic and dynamic + 1.0 < blocked
+
+
+def test_attention_with_its_own_processor_keeps_it_and_float_matmuls() -> None:
+    """SimpleCrossAttn blocks add key/value projections of the text that the plain processor lacks."""
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        block_out_channels=(32, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+    cond = text_embeddings(4, seed=0)
+    data = calibration_of(model, seed=0, num_samples=4, cond=cond)
+    quantized = quantized_copy(model, None, weight_bits=8, act_bits=8, act_range="dynamic")
+    attentions = [m for m in quantized.modules() if isinstance(m, Attention)]
+    assert attentions and all(type(a.processor) is AttnAddedKVProcessor2_0 for a in attentions)
+    assert not any(hasattr(a, "q_quant") for a in attentions)
+    assert isinstance(attentions[0].add_k_proj, QuantLinear), "its projections are still quantized"
+    assert sqnr_db(outputs(model, data), outputs(quantized, data)) > 25.0
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "gptq", "adaround"])
+def test_integer_class_labels_reach_a_class_conditional_unet_as_integers(rounding: str) -> None:
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=8, num_class_embeds=10).eval()
+    data = calibration_of(model, seed=0, num_samples=4, num_inference_steps=2, kept_steps=2,
+                          cond={"class_labels": torch.tensor([1, 2, 3, 4])})
+    quantized = quantized_copy(model, data, weight_bits=8, act_bits=8, weight_rounding=rounding, adaround_iters=2)
+    assert sqnr_db(outputs(model, data), outputs(quantized, data)) > 25.0
+
+
+def test_excluding_every_layer_raises(unet: nn.Module) -> None:
+    with pytest.raises(ValueError, match="nothing left to quantize"):
+        tacdiff.quantize(copy.deepcopy(unet), QuantConfig(act_bits=None, exclude=("*",)), progress=False)
 
 
 def test_quantizing_twice_raises(unet: nn.Module) -> None:

@@ -110,6 +110,14 @@ def test_subset_is_seeded_and_keeps_rows_aligned(unet: nn.Module) -> None:
     assert aligned.subset(1000) is aligned
 
 
+def test_batches_cast_floating_tensors_only() -> None:
+    data = CalibrationSet(torch.randn(3, 1, 2, 2), torch.tensor([5, 5, 5]),
+                          {"class_labels": torch.tensor([0, 1, 2]), "encoder_hidden_states": torch.randn(3, 4, 2)})
+    x, t, cond = next(data.batches(3, dtype=torch.bfloat16))
+    assert x.dtype == cond["encoder_hidden_states"].dtype == torch.bfloat16
+    assert t.dtype == cond["class_labels"].dtype == torch.int64
+
+
 def test_calibration_set_validates_its_rows() -> None:
     x = torch.zeros(4, 3, 8, 8)
     with pytest.raises(ValueError, match="empty"):

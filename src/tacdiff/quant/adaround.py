@@ -132,7 +132,7 @@ def _forward_order(model: nn.Module, units: list[tuple[str, nn.Module]], data: C
 
     handles = [unit.register_forward_pre_hook(record(name)) for name, unit in units]
     try:
-        _run(model, next(iter(data.subset(1).batches(1))))
+        _run(model, next(_batches(model, data.subset(1), 1)))
     finally:
         for handle in handles:
             handle.remove()
@@ -144,14 +144,19 @@ def _forward_order(model: nn.Module, units: list[tuple[str, nn.Module]], data: C
     return [(name, by_name[name]) for name in called]
 
 
+def _batches(model: nn.Module, data: CalibrationSet, batch_size: int
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """``data``'s batches on ``model``'s device and in its dtype."""
+    param = next(model.parameters())
+    return data.batches(batch_size, param.device, param.dtype)
+
+
 def _run(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]) -> None:
     """One forward pass of ``model`` on a calibration batch, ended early by :class:`_StopForward`."""
-    param = next(model.parameters())
     x, t, cond = batch
     try:
         with torch.no_grad():
-            model(x.to(param.device, param.dtype), t.to(param.device),
-                  **{k: v.to(param.device, param.dtype) for k, v in cond.items()})
+            model(x, t, **cond)
     except _StopForward:
         pass
 
@@ -171,7 +176,7 @@ def _gather(model: nn.Module, fp_model: nn.Module, name: str, data: CalibrationS
         raise _StopForward
 
     sizes = []
-    for batch in data.batches(batch_size):
+    for batch in _batches(model, data, batch_size):
         sizes.append(batch[0].shape[0])
         with _hooked(model.get_submodule(name).register_forward_pre_hook(grab_inputs, with_kwargs=True)):
             _run(model, batch)

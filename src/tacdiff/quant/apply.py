@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from tacdiff.quant.calibrate import calibrate_activations
-from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor
+from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, reproduces_processor
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.gptq import quantize_weights_gptq
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
@@ -85,7 +85,10 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         plan.append(LayerPlan(name, kind, w_bits, a_bits, splits.get(name)))
     if config.act_bits is not None and config.quantize_attention_matmuls:
         plan += [LayerPlan(n, "attention", None, config.act_bits) for n, m in model.named_modules()
-                 if isinstance(m, Attention) and not _excluded(n, config)]
+                 if isinstance(m, Attention) and reproduces_processor(m) and not _excluded(n, config)]
+    if not plan:
+        raise ValueError(f"nothing left to quantize: the exclude patterns {list(config.exclude)} match every "
+                         "Conv2d and Linear layer; narrow them")
     return plan
 
 

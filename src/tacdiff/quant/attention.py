@@ -8,9 +8,19 @@ diffusers ``Attention`` module as ``q_quant``, ``k_quant``, ``v_quant`` and ``pr
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 MATMUL_OPERANDS = ("q_quant", "k_quant", "v_quant", "probs_quant")
+
+
+def reproduces_processor(attn: Attention) -> bool:
+    """Whether :class:`QuantAttnProcessor` computes what ``attn``'s own processor does.
+
+    It reproduces diffusers' plain processors only; others (added key/value projections as in
+    ``SimpleCrossAttn`` blocks, IP-adapters, ...) keep their processor and float matmuls, while
+    their projection layers are still quantized.
+    """
+    return isinstance(attn.processor, (AttnProcessor, AttnProcessor2_0)) and attn.added_kv_proj_dim is None
 
 
 class QuantAttnProcessor:

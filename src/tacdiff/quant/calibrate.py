@@ -44,10 +44,10 @@ def activations_unquantized(model: nn.Module) -> Iterator[None]:
 def run_calibration(model: nn.Module, calibration: CalibrationSet, *, batch_size: int, desc: str,
                     progress: bool = True) -> None:
     """One forward pass of ``model`` over every calibration input (for the hooks that observe it)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    for x, t, cond in tqdm(list(calibration.batches(batch_size)), desc=desc, disable=not progress, leave=False):
-        model(x.to(device, dtype), t.to(device), **{k: v.to(device, dtype) for k, v in cond.items()})
+    param = next(model.parameters())
+    batches = list(calibration.batches(batch_size, param.device, param.dtype))
+    for x, t, cond in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        model(x, t, **cond)
 
 
 @torch.no_grad()

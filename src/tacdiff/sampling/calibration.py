@@ -43,16 +43,24 @@ class CalibrationSet:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def batches(self, batch_size: int, device: torch.device | str | None = None
+    def batches(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
-        """Yield ``(x, t, cond)`` batches of at most ``batch_size`` inputs sharing one timestep."""
+        """Yield ``(x, t, cond)`` batches of at most ``batch_size`` inputs sharing one timestep.
+
+        ``dtype`` (the model's) applies to floating-point tensors only: timesteps and integer
+        conditioning such as ``class_labels`` keep theirs.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+        def move(value: torch.Tensor) -> torch.Tensor:
+            return value.to(device, dtype if value.is_floating_point() else None)
+
         for t in torch.unique(self.timesteps, sorted=True).flip(0):
             index = torch.nonzero(self.timesteps == t).flatten()
             for chunk in index.split(batch_size):
-                yield (self.x[chunk].to(device), self.timesteps[chunk].to(device),
-                       {k: v[chunk].to(device) for k, v in self.cond.items()})
+                yield (move(self.x[chunk]), self.timesteps[chunk].to(device),
+                       {k: move(v[chunk]) for k, v in self.cond.items()})
 
     def subset(self, count: int, seed: int = 0) -> "CalibrationSet":
         """A random subset of ``count`` inputs (all of them if ``count >= len(self)``)."""
