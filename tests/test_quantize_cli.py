@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from typer.testing import CliRunner
 
 import tacdiff
+from tacdiff import workflows
 from tacdiff.cli import app
 from tacdiff.io import load_quantized, read_metadata
 from tacdiff.models.loading import load_scheduler
@@ -74,6 +76,9 @@ def test_dynamic_activation_ranges_survive_the_artifact(model_dir: Path, tmp_pat
     (("--act-range", "entropy"), "act_range"),
     (("--act-range", "dynamic", "--timestep-groups", "4"), "timestep_groups"),
     (("--act-block-size", "32"), "act_block_size"),
+    (("--device", "nonsense"), "not a torch device"),
+    pytest.param(("--device", "cuda"), "no CUDA",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_options_fail_with_one_message_and_write_nothing(model_dir: Path, tmp_path: Path,
                                                              args: tuple[str, ...], message: str) -> None:
@@ -86,3 +91,27 @@ def test_bad_options_fail_with_one_message_and_write_nothing(model_dir: Path, tm
 def test_a_folder_without_a_unet_fails_clearly(tmp_path: Path) -> None:
     code, output = invoke("quantize", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet")
     assert code == 2 and "no diffusers UNet config.json" in output and "save_pretrained" in output, output
+
+
+@pytest.mark.parametrize("taken", ["exists", "file_parent"])
+def test_an_unusable_out_fails_before_any_work(model_dir: Path, tmp_path: Path, taken: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(workflows, "load_unet", never)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "taken" if taken == "exists" else tmp_path / "a_file" / "out"
+    code, output = invoke("quantize", str(model_dir), "--out", str(out), *CALIBRATION, "--quiet")
+    assert code == 2 and ("already exists" if taken == "exists" else "is a file") in output, output
+
+
+def test_timestep_groups_split_the_schedulers_own_training_range(model_dir: Path, tmp_path: Path) -> None:
+    DDPMScheduler(num_train_timesteps=4000).save_pretrained(tmp_path / "scheduler")
+    out = tmp_path / "grouped"
+    code, output = invoke("quantize", str(model_dir), "--scheduler", str(tmp_path / "scheduler"),
+                          "--timestep-groups", "4", "--out", str(out), *CALIBRATION, "--quiet")
+    assert code == 0, output
+    router = quant_state(load_quantized(out)).router
+    assert router.num_train_timesteps == 4000 and router.group_of(2500) == 2

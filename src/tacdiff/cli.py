@@ -13,6 +13,21 @@ def main() -> None:
     """tacdiff: low-bit diffusers models with timestep-aware correction."""
 
 
+def _device(value: str) -> str:
+    """Option callback: a torch device this machine has; ``auto`` is cuda when available, else cpu."""
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise typer.BadParameter(f"{value!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(f"{value!r}: no CUDA in this torch build or machine; use cpu")
+    return value
+
+
 def _fail(error: Exception) -> None:
     """Print one clear error line and exit with status 2."""
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
@@ -65,7 +80,7 @@ def quantize(
     calib_steps: int = typer.Option(50, help="DDIM steps per calibration trajectory."),
     calib_kept_steps: int = typer.Option(25, help="Steps per trajectory kept as calibration inputs."),
     seed: int = typer.Option(0, help="Seed for calibration noise and every random choice."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, help="Hide progress bars and the layer table."),
 ) -> None:
@@ -98,17 +113,13 @@ def train(
     seed: int = typer.Option(0, help="Seed for the initial weights and every random draw."),
     ema_decay: float = typer.Option(0.9995, help="Decay of the weight EMA that is exported."),
     checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints."),
-    device: str = typer.Option("auto", help="torch device; 'auto' picks cuda when available."),
+    device: str = typer.Option("auto", help="torch device; 'auto' picks cuda when available.", callback=_device),
     data_dir: str = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz files."),
     quiet: bool = typer.Option(False, help="Hide the progress bar."),
 ) -> None:
     """Train the reference DDPM (UNet2DModel, epsilon prediction) on Fashion-MNIST."""
-    import torch
-
     from tacdiff.models.train import train as train_model
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     out = train_model(out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay,
                       checkpoint_every=checkpoint_every, device=device, data_dir=data_dir, progress=not quiet)
     typer.echo(f"wrote {out / 'unet'}, {out / 'scheduler'} and {out / 'training.json'}")
@@ -124,7 +135,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     samples: int = typer.Option(1000, help="Images to sample."),
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
     batch_size: int = typer.Option(256, help="Trajectories sampled at once."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     tables: str = typer.Option(None, "--tables", help="Correction tables (tacdiff calibrate --out) to apply to MODEL; "
                                                       "calibrated for this scheduler and step count."),
     json_path: str = typer.Option(None, "--json", help="Write the results here as JSON (atomically)."),
@@ -161,7 +172,7 @@ def calibrate(
     ibc: str = typer.Option("element", help="IBC granularity: channel or element."),
     ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (needs tacdiff's sampling loop) "
                                                  "or only the network 'input' (works inside any diffusers pipeline)."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
@@ -192,7 +203,7 @@ def bench(
                                      help="Rows to report (repeatable): fp, ptq, ptqd, ner, ibc, tac."),
     seed: int = typer.Option(0, help="Derives the quantization, calibration and (distinct) evaluation seeds."),
     batch_size: int = typer.Option(256, help="Trajectories per sampling batch; samples per calibration call."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:

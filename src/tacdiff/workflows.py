@@ -6,7 +6,7 @@ import copy
 import json
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from tacdiff.io.artifact import save_quantized, state_dict_sha256
+from tacdiff.io.atomic import check_writable
 from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.loading import load_scheduler, load_unet
 from tacdiff.quant import QuantConfig, quantize
@@ -32,11 +33,11 @@ class CalibrationSettings:
     seed: int = 0
 
 
-def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings, progress: bool = True
-                     ) -> CalibrationSet:
-    """Calibration inputs for ``model``; conditional UNets get random embeddings (with a warning)."""
+def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings, progress: bool = True,
+                     warn: bool = True) -> CalibrationSet:
+    """Calibration inputs for ``model``; conditional UNets get random embeddings (with a warning, if ``warn``)."""
     cond = random_text_embeddings(model, settings.samples, settings.seed)
-    if cond:
+    if cond and warn:
         warnings.warn("calibrating a conditional UNet on random text embeddings; for best results build "
                       "the calibration set in Python with real prompt embeddings", stacklevel=2)
     return collect_calibration_set(model, scheduler, num_samples=settings.samples,
@@ -59,10 +60,13 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     """Quantize the diffusers UNet in ``model_dir`` and write the artifact to ``out_dir``.
 
     Returns the artifact path, the quantized model and its output SQNR (dB) against the
-    FP model on held-out inputs (drawn with ``calibration.seed + 1``).
+    FP model on held-out inputs (drawn with ``calibration.seed + 1``). ``out_dir`` is checked
+    first; ``config.num_train_timesteps`` is replaced by the scheduler's.
     """
+    check_writable(out_dir, overwrite)
     model = load_unet(model_dir, device)
     scheduler = load_scheduler(scheduler_path, model_dir)
+    config = replace(config, num_train_timesteps=scheduler.config.num_train_timesteps)
     fp_model = copy.deepcopy(model)
     source_hash = state_dict_sha256(model)
     started = time.perf_counter()
@@ -70,7 +74,8 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     quantize(model, config, calib, progress=progress)
     seconds = time.perf_counter() - started
     held_out = CalibrationSettings(min(calibration.samples, 16), calibration.steps, 10, calibration.seed + 1)
-    sqnr = output_sqnr_db(fp_model, model, calibrate_inputs(fp_model, scheduler, held_out, progress=False))
+    sqnr = output_sqnr_db(fp_model, model, calibrate_inputs(fp_model, scheduler, held_out, progress=False,
+                                                            warn=False))
     metadata = {
         "source_model": str(Path(model_dir).resolve()), "source_sha256": source_hash,
         "scheduler_class": type(scheduler).__name__, "scheduler_config": json.dumps(dict(scheduler.config)),

@@ -156,6 +156,13 @@ def test_dynamic_act_quantizer_keeps_an_all_zero_sample_finite_and_zero() -> Non
     assert torch.isfinite(y).all() and torch.equal(y[0], x[0])
 
 
+def test_a_calibrated_zero_range_stays_finite_in_half_precision() -> None:
+    quant = ActQuantizer(8, symmetric=False, router=TimestepRouter())
+    quant.set_ranges(torch.zeros(1, 1), torch.zeros(1, 1))  # a layer input that was always zero
+    x = torch.zeros(2, 3).half()
+    assert torch.equal(quant(x), x)
+
+
 def test_act_quantizer_rejects_bad_bits() -> None:
     with pytest.raises(ValueError, match="act_bits"):
         ActQuantizer(9, False, TimestepRouter())

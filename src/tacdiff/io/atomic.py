@@ -61,11 +61,24 @@ def write_dir_atomically(path: str | Path, fill: Callable[[Path], None], overwri
     return path
 
 
-def _claim(path: str | Path, overwrite: bool) -> Path:
-    """``path`` as a ``Path`` with its parent folders made; ``FileExistsError`` if taken and not ``overwrite``."""
+def check_writable(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a ``Path`` if an artifact can be written there, checked before any long work.
+
+    ``FileExistsError`` if it exists and not ``overwrite``, or if a file stands where one of
+    its parent folders would be.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another --out or pass overwrite=True / --overwrite")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise FileExistsError(f"cannot create {path}: {blocking} is a file, not a folder; choose another --out")
+    return path
+
+
+def _claim(path: str | Path, overwrite: bool) -> Path:
+    """``path`` checked by :func:`check_writable`, with its parent folders made."""
+    path = check_writable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

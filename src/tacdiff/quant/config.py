@@ -30,7 +30,8 @@ class QuantConfig:
         act_range: how activation ranges are chosen: ``minmax``, ``percentile`` or ``mse`` fix
             them from calibration samples; ``dynamic`` takes min and max at run time, per token
             (each sample's position) for the inputs of linear layers and 1x1 convolutions, per
-            sample for wider convolutions, per sample and head for attention operands: the
+            sample for wider convolutions, per sample and head for attention operands (each half
+            of a split skip concatenation apart, with ``split_shortcut``): the
             finest ranges a plain int8 matmul can rescale its output by. It needs no calibration
             and follows the activations' drift across timesteps by construction.
         act_block_size: with ``act_range="dynamic"``, block-scaled activations instead: the input

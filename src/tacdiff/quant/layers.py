@@ -121,7 +121,9 @@ class ActQuantizer(nn.Module):
             out = [self.quantize_dynamic(part) for part in self.parts(x)]
         else:
             g = self.router.group
-            scale, zero_point = self.scale[g].to(x.dtype), self.zero_point[g].to(x.dtype)
+            # as in quantize_dynamic: a float32 scale below the dtype's range must not become 0 (x / 0)
+            scale = self.scale[g].to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny)
+            zero_point = self.zero_point[g].to(x.dtype)
             out = [P.fake_quantize(part, scale[i], zero_point[i], self.bits) for i, part in enumerate(self.parts(x))]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
