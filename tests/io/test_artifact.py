@@ -43,6 +43,17 @@ def test_save_then_load_reproduces_outputs_bit_for_bit(which: str, request: pyte
     assert read_metadata(path)["note"] == "test"
 
 
+def test_an_artifact_reloads_in_the_dtype_it_was_saved_in(unet: nn.Module, held_out, tmp_path: Path) -> None:
+    model = quantized_copy(copy.deepcopy(unet).to(torch.bfloat16), None, weight_bits=8, act_bits=8,
+                           act_range="dynamic")
+    loaded = load_quantized(save_quantized(model, tmp_path / "artifact"))
+    assert loaded.dtype == torch.bfloat16
+    x, t = held_out.x[:4].bfloat16(), held_out.timesteps[:4]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t).sample, model(x, t).sample)
+    assert load_quantized(tmp_path / "artifact", dtype=torch.float32).dtype == torch.float32
+
+
 def test_uncalibrated_quantizers_stay_pass_through_after_loading(w8a8: nn.Module, held_out,
                                                                 tmp_path: Path) -> None:
     model = copy.deepcopy(w8a8)

@@ -50,7 +50,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str,
         "format": FORMAT, "format_version": FORMAT_VERSION, "tacdiff_version": tacdiff.__version__,
         "model_class": type(model).__name__, "quant_config": state.config.to_json(),
         "plan": json.dumps([asdict(p) for p in state.plan]), "code_shapes": json.dumps(shapes),
-        "enabled_act_quantizers": json.dumps(enabled), **(metadata or {}),
+        "enabled_act_quantizers": json.dumps(enabled), "compute_dtype": str(model.dtype).removeprefix("torch."),
+        **(metadata or {}),
     }
 
     def fill(tmp: Path) -> None:
@@ -91,18 +92,23 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> nn.Module:
+                   dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a quantized model saved by :func:`save_quantized`, in eval mode on ``device``.
 
-    ``dtype`` is the compute dtype the model had when it was quantized; the quantization
-    parameters stay float32, as :func:`tacdiff.quantize` made them.
+    ``dtype`` is the compute dtype; by default the one the model had when it was saved (float32
+    for artifacts that do not record it). The quantization parameters stay float32, as
+    :func:`tacdiff.quantize` made them.
     """
     meta = read_metadata(path)
+    if dtype is None:
+        dtype = getattr(torch, meta.get("compute_dtype", "float32"))
     classes = {cls.__name__: cls for cls in SUPPORTED_MODELS}
     cls = classes.get(meta["model_class"])
     if cls is None:
         raise ValueError(f"unsupported model class {meta['model_class']!r} in {path}")
-    model = cls.from_config(cls.load_config(_folder(path))).to(device, dtype).eval()
+    model = cls.from_config(cls.load_config(_folder(path))).to(device).eval()
+    if dtype != model.dtype:  # diffusers warns on any dtype cast, so cast only when needed
+        model.to(dtype)
     config = QuantConfig.from_json(meta["quant_config"])
     install(model, config, [LayerPlan(**p) for p in json.loads(meta["plan"])])
     tensors = load_file(_weights_file(path))
