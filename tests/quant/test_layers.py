@@ -72,6 +72,19 @@ def test_range_observer_keeps_exact_extremes_and_a_bounded_sample() -> None:
     assert torch.isin(values, everything).all(), "only observed values are kept"
 
 
+def test_range_observer_samples_every_call_in_proportion_to_its_size() -> None:
+    observer = RangeObserver(groups=1, segments=1, per_call=100, cap=2000)
+    sizes = [1000, 500] * 50  # uneven calls, and ten times the cap in all
+    for call, size in enumerate(sizes):
+        observer.observe([torch.full((size,), float(call))], group=0, name="layer")
+    counts = torch.bincount(observer.samples(0, 0).long(), minlength=len(sizes)).double()
+    share = counts / counts.sum()
+    expected = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    halves = share[:50].sum().item(), share[50:].sum().item()
+    assert abs(halves[0] - 0.5) < 0.05, f"early calls hold {halves[0]:.2f} of the sample, late ones {halves[1]:.2f}"
+    assert abs(share[0::2].sum().item() - expected[0::2].sum().item()) < 0.05, "larger calls weigh more"
+
+
 def test_range_observer_rejects_non_finite_values_naming_the_module() -> None:
     observer = RangeObserver(groups=1, segments=1)
     with pytest.raises(ValueError, match="'down_blocks.0.conv1.act_quant'"):

@@ -44,11 +44,17 @@ class TimestepRouter:
 
 
 class RangeObserver:
-    """Collects a bounded random subsample plus exact min/max of every value seen, per group and segment."""
+    """Collects a bounded random subsample plus exact min/max of every value seen, per group and segment.
+
+    The subsample draws every value seen with about the same probability: the first call
+    contributes ``per_call`` values, later calls in proportion to their size, and each time the
+    store passes ``cap`` it is halved and later calls take half as many.
+    """
 
     def __init__(self, groups: int, segments: int, per_call: int = 4096, cap: int = 1 << 18,
                  seed: int = 0) -> None:
         self.values: list[list[list[torch.Tensor]]] = [[[] for _ in range(segments)] for _ in range(groups)]
+        self.rate: list[list[float | None]] = [[None] * segments for _ in range(groups)]  # values kept per value
         self.per_call, self.cap = per_call, cap
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -59,13 +65,18 @@ class RangeObserver:
             if not torch.isfinite(flat).all():
                 raise ValueError(f"NaN or inf in the activations entering {name!r} during calibration; "
                                  "check the model's weights and the calibration inputs")
-            pick = torch.randint(flat.numel(), (min(self.per_call, flat.numel()),), generator=self.generator)
+            rate = self.rate[group][seg]
+            if rate is None:
+                rate = self.rate[group][seg] = self.per_call / flat.numel()
+            count = min(flat.numel(), max(1, round(rate * flat.numel())))
+            pick = torch.randint(flat.numel(), (count,), generator=self.generator)
             store = self.values[group][seg]
             store.append(torch.cat([flat[pick.to(flat.device)], flat.amin()[None], flat.amax()[None]]).cpu())
             if sum(v.numel() for v in store) > self.cap:
                 merged = torch.cat(store)
                 keep = torch.randperm(merged.numel(), generator=self.generator)[: self.cap // 2]
                 store[:] = [merged[keep], merged.amin()[None], merged.amax()[None]]
+                self.rate[group][seg] = rate * keep.numel() / merged.numel()
 
     def samples(self, group: int, segment: int) -> torch.Tensor | None:
         """All recorded values of one group and segment, or None if none were seen."""
