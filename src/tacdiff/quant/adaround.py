@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from tacdiff.quant.calibrate import activations_unquantized
+from tacdiff.quant.calibrate import activations_unquantized, model_batches
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.layers import QuantConv2d, QuantLinear
 from tacdiff.sampling.calibration import CalibrationSet
@@ -132,7 +132,7 @@ def _forward_order(model: nn.Module, units: list[tuple[str, nn.Module]], data: C
 
     handles = [unit.register_forward_pre_hook(record(name)) for name, unit in units]
     try:
-        _run(model, next(_batches(model, data.subset(1), 1)))
+        _run(model, next(model_batches(model, data.subset(1), 1)))
     finally:
         for handle in handles:
             handle.remove()
@@ -142,13 +142,6 @@ def _forward_order(model: nn.Module, units: list[tuple[str, nn.Module]], data: C
                       f"round-to-nearest weights: {', '.join(unused)}", stacklevel=3)
     by_name = dict(units)
     return [(name, by_name[name]) for name in called]
-
-
-def _batches(model: nn.Module, data: CalibrationSet, batch_size: int
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
-    """``data``'s batches on ``model``'s device and in its dtype."""
-    param = next(model.parameters())
-    return data.batches(batch_size, param.device, param.dtype)
 
 
 def _run(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]) -> None:
@@ -176,7 +169,7 @@ def _gather(model: nn.Module, fp_model: nn.Module, name: str, data: CalibrationS
         raise _StopForward
 
     sizes = []
-    for batch in _batches(model, data, batch_size):
+    for batch in model_batches(model, data, batch_size):
         sizes.append(batch[0].shape[0])
         with _hooked(model.get_submodule(name).register_forward_pre_hook(grab_inputs, with_kwargs=True)):
             _run(model, batch)

@@ -40,12 +40,18 @@ def activations_unquantized(model: nn.Module) -> Iterator[None]:
             q.enabled, q.observer = enabled, observer
 
 
+def model_batches(model: nn.Module, calibration: CalibrationSet, batch_size: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """``calibration``'s batches on ``model``'s device and in its dtype."""
+    param = next(model.parameters())
+    return calibration.batches(batch_size, param.device, param.dtype)
+
+
 @torch.no_grad()
 def run_calibration(model: nn.Module, calibration: CalibrationSet, *, batch_size: int, desc: str,
                     progress: bool = True) -> None:
     """One forward pass of ``model`` over every calibration input (for the hooks that observe it)."""
-    param = next(model.parameters())
-    batches = list(calibration.batches(batch_size, param.device, param.dtype))
+    batches = list(model_batches(model, calibration, batch_size))
     for x, t, cond in tqdm(batches, desc=desc, disable=not progress, leave=False):
         model(x, t, **cond)
 

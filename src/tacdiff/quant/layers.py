@@ -132,9 +132,7 @@ class ActQuantizer(nn.Module):
             out = [self.quantize_dynamic(part) for part in self.parts(x)]
         else:
             g = self.router.group
-            # as in quantize_dynamic: a float32 scale below the dtype's range must not become 0 (x / 0)
-            scale = self.scale[g].to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny)
-            zero_point = self.zero_point[g].to(x.dtype)
+            scale, zero_point = _scale_in(self.scale[g], x.dtype), self.zero_point[g].to(x.dtype)
             out = [P.fake_quantize(part, scale[i], zero_point[i], self.bits) for i, part in enumerate(self.parts(x))]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
@@ -152,8 +150,7 @@ class ActQuantizer(nn.Module):
 
     def _fake_quantize_minmax(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         scale, zero_point = P.qparams_unchecked(lo.float(), hi.float(), self.bits, self.symmetric)
-        scale = scale.to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny)
-        return P.fake_quantize(x, scale, zero_point.to(x.dtype), self.bits)
+        return P.fake_quantize(x, _scale_in(scale, x.dtype), zero_point.to(x.dtype), self.bits)
 
     def set_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set ranges of shape ``(groups, segments)`` and enable quantization."""
@@ -161,6 +158,11 @@ class ActQuantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
         self.enabled = True
+
+
+def _scale_in(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 scale cast to the activations' dtype, kept above 0 (a tiny range would divide by 0)."""
+    return scale.to(dtype).clamp(min=torch.finfo(dtype).tiny)
 
 
 class QuantWeightMixin:
