@@ -1,44 +1,106 @@
-"""The ``tacdiff`` command line: every command is a thin shell over a Python function."""
+"""The ``tacdiff`` command line: every command is a thin shell over a Python function.
+
+Errors: one catch-all (:class:`_Commands`) turns every exception a command raises into one line
+``error: ...`` on stderr and exit status 2; ``tacdiff --debug ...`` or ``TACDIFF_DEBUG=1`` shows
+the traceback instead. Warnings print as one ``warning: ...`` line each.
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
+
+DEBUG_ENV = "TACDIFF_DEBUG"
+EXPECTED = (ValueError, TypeError, OSError)
+"""Errors of input or environment, reported by their message alone; others also name their type."""
+
+
+class _Commands(TyperGroup):
+    """The command group with the one error boundary of the command line."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except typer.TyperException as error:  # bad usage: the same one line as any other error
+            _report(error.format_message())
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _report("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the boundary: one clear line, not a traceback
+            if _debug(ctx):
+                raise
+            _report(_message(error))
+            raise typer.Exit(2) from None
+
+
+def _report(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Show a warning as one ``warning: ...`` line on stderr (not Python's two-line format)."""
+    typer.secho(f"warning: {' '.join(str(message).split())}", fg=typer.colors.YELLOW, err=True)
+
+
+def _debug(ctx: typer.Context) -> bool:
+    return bool(ctx.meta.get("tacdiff.debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _message(error: Exception) -> str:
+    """One line: the message of an expected error, else its type and a pointer to --debug."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, EXPECTED):
+        return text
+    return f"{type(error).__name__}: {text} (run `tacdiff --debug ...` for the traceback)"
+
 
 app = typer.Typer(help="Quantize diffusers models and correct their error over the sampling trajectory.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, cls=_Commands)
 
 
 @app.callback()
-def main() -> None:
+def main(ctx: typer.Context,
+         debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks (also {DEBUG_ENV}=1).")) -> None:
     """tacdiff: low-bit diffusers models with timestep-aware correction."""
+    ctx.meta["tacdiff.debug"] = debug
 
 
 def _device(value: str) -> str:
     """Option callback: a torch device this machine has; ``auto`` is cuda when available, else cpu."""
-    import torch
+    from tacdiff.models.loading import check_device
 
     if value == "auto":
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(value)
-    except RuntimeError as error:
-        raise typer.BadParameter(f"{value!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter(f"{value!r}: no CUDA in this torch build or machine; use cpu")
+        check_device(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     return value
 
 
-def _fail(error: Exception) -> None:
-    """Print one clear error line and exit with status 2."""
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+def _positive(value: int) -> int:
+    """Option callback: a count of at least 1."""
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}")
+    return value
 
 
 @app.command()
 def demo(
     out: str = typer.Option("tacdiff-demo", "--out", help="Folder for the sample grid."),
-    samples: int = typer.Option(16, help="Images per model (paired: same noise for every model)."),
-    steps: int = typer.Option(50, help="DDIM steps."),
+    samples: int = typer.Option(16, help="Images per model (paired: same noise for every model).", callback=_positive),
+    steps: int = typer.Option(50, help="DDIM steps.", callback=_positive),
     seed: int = typer.Option(0, help="Seed for calibration and sampling noise."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
@@ -70,35 +132,34 @@ def quantize(
     act_block_size: int = typer.Option(0, help="With --act-range dynamic: one range per token and block of this "
                                                "many channels in every conv/linear input, for block-scaled "
                                                "int8 matmuls (e.g. 32, as in MX formats); 0 = off."),
-    timestep_groups: int = typer.Option(1, help="Activation ranges per quantizer, picked by timestep."),
+    timestep_groups: int = typer.Option(1, help="Activation ranges per quantizer, picked by timestep.",
+                                        callback=_positive),
     first_last_bits: int = typer.Option(8, help="Bits for the first and last layer; 0 treats them like the rest."),
     exclude: list[str] = typer.Option([], help="fnmatch pattern of module names to keep in float (repeatable)."),
     split_shortcut: bool = typer.Option(True, help="Quantize the halves of up-block skip concatenations apart."),
-    adaround_iters: int = typer.Option(500, help="Learned-rounding steps per block."),
+    adaround_iters: int = typer.Option(500, help="Learned-rounding steps per block.", callback=_positive),
     scheduler: str = typer.Option(None, help="Scheduler folder (default: the pipeline's, else linear DDPM-1000)."),
-    calib_samples: int = typer.Option(64, help="Calibration trajectories."),
-    calib_steps: int = typer.Option(50, help="DDIM steps per calibration trajectory."),
-    calib_kept_steps: int = typer.Option(25, help="Steps per trajectory kept as calibration inputs."),
+    calib_samples: int = typer.Option(64, help="Calibration trajectories.", callback=_positive),
+    calib_steps: int = typer.Option(50, help="DDIM steps per calibration trajectory.", callback=_positive),
+    calib_kept_steps: int = typer.Option(25, help="Steps per trajectory kept as calibration inputs.",
+                                         callback=_positive),
     seed: int = typer.Option(0, help="Seed for calibration noise and every random choice."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it is an artifact tacdiff wrote (nothing else)."),
     quiet: bool = typer.Option(False, help="Hide progress bars and the layer table."),
 ) -> None:
     """Quantize a diffusers UNet folder and write integer weights, ranges and metadata as safetensors."""
     from tacdiff.quant import QuantConfig, format_summary
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
-    try:
-        config = QuantConfig(weight_bits=w_bits, act_bits=a_bits or None, weight_rounding=weight_rounding,
-                             weight_range=weight_range, act_range=act_range, act_block_size=act_block_size or None,
-                             timestep_groups=timestep_groups, first_last_bits=first_last_bits or None,
-                             exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters,
-                             seed=seed)
-        calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed)
-        path, model, sqnr = quantize_dir(model_dir, out, config, scheduler_path=scheduler, calibration=calibration,
-                                         device=device, overwrite=overwrite, progress=not quiet)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        _fail(error)
+    config = QuantConfig(weight_bits=w_bits, act_bits=a_bits or None, weight_rounding=weight_rounding,
+                         weight_range=weight_range, act_range=act_range, act_block_size=act_block_size or None,
+                         timestep_groups=timestep_groups, first_last_bits=first_last_bits or None,
+                         exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters,
+                         seed=seed)
+    calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed)
+    path, model, sqnr = quantize_dir(model_dir, out, config, scheduler_path=scheduler, calibration=calibration,
+                                     device=device, overwrite=overwrite, progress=not quiet)
     if not quiet:
         typer.echo(format_summary(model))
     typer.echo(f"W{w_bits}A{a_bits or 'fp'}: output SQNR {sqnr:.2f} dB on held-out inputs; wrote {path}")
@@ -107,12 +168,12 @@ def quantize(
 @app.command()
 def train(
     out_dir: str = typer.Argument(..., help="Run folder; resumes from OUT_DIR/checkpoint/ when present."),
-    steps: int = typer.Option(6000, help="Total optimizer steps (6000 built the bundled model)."),
-    batch_size: int = typer.Option(256, help="Images per step."),
+    steps: int = typer.Option(6000, help="Total optimizer steps (6000 built the bundled model).", callback=_positive),
+    batch_size: int = typer.Option(256, help="Images per step.", callback=_positive),
     lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up."),
     seed: int = typer.Option(0, help="Seed for the initial weights and every random draw."),
     ema_decay: float = typer.Option(0.9995, help="Decay of the weight EMA that is exported."),
-    checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints."),
+    checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints.", callback=_positive),
     device: str = typer.Option("auto", help="torch device; 'auto' picks cuda when available.", callback=_device),
     data_dir: str = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz files."),
     quiet: bool = typer.Option(False, help="Hide the progress bar."),
@@ -131,25 +192,28 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR "
                                                            "(folder or 'reference'); omit to skip them."),
     scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
-    steps: int = typer.Option(50, help="Sampling steps."),
-    samples: int = typer.Option(1000, help="Images to sample."),
+    steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
+    samples: int = typer.Option(1000, help="Images to sample.", callback=_positive),
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
-    batch_size: int = typer.Option(256, help="Trajectories sampled at once."),
+    batch_size: int = typer.Option(256, help="Trajectories sampled at once.", callback=_positive),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     tables: str = typer.Option(None, "--tables", help="Correction tables (tacdiff calibrate --out) to apply to MODEL; "
                                                       "calibrated for this scheduler and step count."),
+    force_tables: bool = typer.Option(False, "--force-tables", help="Apply --tables although they were fitted for "
+                                                                    "another model (warns instead of failing)."),
     json_path: str = typer.Option(None, "--json", help="Write the results here as JSON (atomically)."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Sample a model and report FID/KID (1x28x28 models only) and, with --fp-model, paired x0 MSE/PSNR."""
+    from tacdiff.io.atomic import check_writable, is_regular_file
     from tacdiff.metrics.evaluate import evaluate, format_table, write_json
 
-    try:
-        result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
-                          batch_size=batch_size, device=device, tables=tables, progress=not quiet)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+    if json_path:
+        inputs = [path for path in (model, fp_model, tables) if path not in (None, "reference")]
+        check_writable(json_path, overwrite=True, recognise=is_regular_file, what="JSON file", inputs=inputs)
+    result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
+                      batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
+                      progress=not quiet)
     typer.echo(format_table(result))
     if json_path:
         typer.echo(f"wrote {write_json(json_path, result)}")
@@ -161,10 +225,10 @@ def calibrate(
     fp_model: str = typer.Option(..., "--fp-model", help="The FP model it was quantized from (folder or 'reference')."),
     out: str = typer.Option(..., "--out", help="Correction tables file to write (.safetensors)."),
     method: str = typer.Option("tac", help="tac (IBC+NER), ner, ibc or ptqd."),
-    steps: int = typer.Option(50, help="Sampling steps; the tables only fit this step count."),
+    steps: int = typer.Option(50, help="Sampling steps; the tables only fit this step count.", callback=_positive),
     scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler; the tables only fit this sampler."),
-    samples: int = typer.Option(256, help="Calibration trajectories (advanced together)."),
-    batch_size: int = typer.Option(64, help="Samples per network call."),
+    samples: int = typer.Option(256, help="Calibration trajectories (advanced together).", callback=_positive),
+    batch_size: int = typer.Option(64, help="Samples per network call.", callback=_positive),
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
     lam: float = typer.Option(0.5, help="NER: weight of the relative-distortion term (0..1)."),
     gamma: float = typer.Option(0.0, help="NER: pull of the scales towards 1."),
@@ -173,20 +237,16 @@ def calibrate(
     ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (needs tacdiff's sampling loop) "
                                                  "or only the network 'input' (works inside any diffusers pipeline)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Fit per-timestep correction tables (TAC, its ablations or PTQD) for a quantized model."""
     from tacdiff.correction.workflow import calibrate_artifact
 
-    try:
-        path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
-                                          steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
-                                          gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, device=device,
-                                          overwrite=overwrite,
-                                          progress=not quiet)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        _fail(error)
+    path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
+                                      steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
+                                      gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, device=device,
+                                      overwrite=overwrite, progress=not quiet)
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
 
 
@@ -195,14 +255,17 @@ def bench(
     json_path: str = typer.Option(None, "--json", help="Write the rows here as a JSON list (atomically)."),
     markdown: str = typer.Option(None, "--markdown", help="Write the table here as markdown (atomically)."),
     plot: str = typer.Option(None, "--plot", help="Write the per-timestep error plot here (e.g. .png)."),
-    samples: int = typer.Option(1000, help="Evaluation images per method (paired: the same noise for all)."),
-    calib_samples: int = typer.Option(256, help="Calibration trajectories for the correction tables."),
+    samples: int = typer.Option(1000, help="Evaluation images per method (paired: the same noise for all).",
+                                callback=_positive),
+    calib_samples: int = typer.Option(256, help="Calibration trajectories for the correction tables.",
+                                      callback=_positive),
     bits: list[str] = typer.Option(["w8a8", "w4a8", "w3a8"], "--bits", help="Setting like w4a8 (repeatable)."),
     steps: list[int] = typer.Option([50, 100], "--steps", help="DDIM step count (repeatable)."),
     method: list[str] = typer.Option(["fp", "ptq", "ptqd", "ner", "ibc", "tac"], "--method",
                                      help="Rows to report (repeatable): fp, ptq, ptqd, ner, ibc, tac."),
     seed: int = typer.Option(0, help="Derives the quantization, calibration and (distinct) evaluation seeds."),
-    batch_size: int = typer.Option(256, help="Trajectories per sampling batch; samples per calibration call."),
+    batch_size: int = typer.Option(256, help="Trajectories per sampling batch; samples per calibration call.",
+                                   callback=_positive),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
@@ -210,16 +273,16 @@ def bench(
     """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on the bundled model: FID, KID, x0 error, time."""
     from tacdiff.bench import bench as run
     from tacdiff.bench import format_markdown
-    from tacdiff.io.atomic import write_text_atomically
+    from tacdiff.io.atomic import check_writable, is_regular_file, write_text_atomically
     from tacdiff.metrics.evaluate import write_json
     from tacdiff.report.plots import plot_step_errors
 
-    try:
-        result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
-                     calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
-                     weight_rounding=weight_rounding, progress=not quiet)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        _fail(error)
+    for path, what in ((json_path, "JSON file"), (markdown, "markdown file"), (plot, "plot")):
+        if path:
+            check_writable(path, overwrite=True, recognise=is_regular_file, what=what)
+    result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
+                 calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
+                 weight_rounding=weight_rounding, progress=not quiet)
     table = format_markdown(result.rows)
     typer.echo(table)
     if json_path:

@@ -14,11 +14,12 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from tacdiff.io.artifact import save_quantized, state_dict_sha256
-from tacdiff.io.atomic import check_writable
+from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_sha256
+from tacdiff.io.atomic import check_writable, is_regular_file
 from tacdiff.metrics.paired import sqnr_db
-from tacdiff.models.loading import load_scheduler, load_unet
-from tacdiff.quant import QuantConfig, quantize
+from tacdiff.models.loading import find_unet_dir, load_scheduler, load_unet
+from tacdiff.quant import QuantConfig, quant_state, quantize
+from tacdiff.quant.apply import check_finite
 from tacdiff.sampling import CalibrationSet, collect_calibration_set, unet_denoiser
 from tacdiff.sampling.calibration import random_text_embeddings
 
@@ -54,6 +55,12 @@ def output_sqnr_db(reference: nn.Module, model: nn.Module, inputs: CalibrationSe
     return sqnr_db(torch.cat([r for r, _ in pairs]), torch.cat([e for _, e in pairs]))
 
 
+def _artifact_bytes(model_dir: str | Path, weight_bits: int) -> int:
+    """A generous estimate of an artifact's size: the FP weight files at ``weight_bits / 16`` of their size."""
+    files = Path(find_unet_dir(model_dir)).glob("*.safetensors")
+    return int(sum(f.stat().st_size for f in files) * weight_bits / 16) + 2**20
+
+
 def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig, *,
                  scheduler_path: str | Path | None = None, calibration: CalibrationSettings = CalibrationSettings(),
                  device: str = "cpu", overwrite: bool = False, progress: bool = True) -> tuple[Path, nn.Module, float]:
@@ -61,10 +68,14 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
 
     Returns the artifact path, the quantized model and its output SQNR (dB) against the
     FP model on held-out inputs (drawn with ``calibration.seed + 1``). ``out_dir`` is checked
-    first; ``config.num_train_timesteps`` is replaced by the scheduler's.
+    first (with ``overwrite`` it may replace an earlier artifact, nothing else; never the model
+    or scheduler folder); ``config.num_train_timesteps`` is replaced by the scheduler's.
     """
-    check_writable(out_dir, overwrite)
+    inputs = [model_dir] + ([scheduler_path] if scheduler_path is not None else [])
+    check_writable(out_dir, overwrite, recognise=is_artifact_folder, what="quantized artifact", inputs=inputs,
+                   folder=True, need_bytes=_artifact_bytes(model_dir, config.weight_bits))
     model = load_unet(model_dir, device)
+    check_finite(model, None)
     scheduler = load_scheduler(scheduler_path, model_dir)
     config = replace(config, num_train_timesteps=scheduler.config.num_train_timesteps)
     fp_model = copy.deepcopy(model)
@@ -72,6 +83,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     started = time.perf_counter()
     calib = calibrate_inputs(model, scheduler, calibration, progress)
     quantize(model, config, calib, progress=progress)
+    quant_state(model).source_sha256 = source_hash
     seconds = time.perf_counter() - started
     held_out = CalibrationSettings(min(calibration.samples, 16), calibration.steps, 10, calibration.seed + 1)
     sqnr = output_sqnr_db(fp_model, model, calibrate_inputs(fp_model, scheduler, held_out, progress=False,
@@ -103,6 +115,11 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     from tacdiff.models.reference import load_reference_model
     from tacdiff.report import save_grid
 
+    for name, value in (("samples", samples), ("steps", steps), ("calib_samples", calib_samples)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    grid = check_writable(Path(out_dir) / "samples.png", overwrite=True, recognise=is_regular_file,
+                          what="sample grid")
     fp, ddpm = load_reference_model()
     scheduler = DDIMScheduler.from_config(ddpm.config)
     calib = calibrate_inputs(fp, ddpm, CalibrationSettings(calib_samples, steps, min(25, steps), seed), progress)
@@ -130,5 +147,5 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     for row, image in zip(rows, images[1:]):
         row["x0_mse"] = float((image - images[0]).pow(2).mean())
         row["x0_psnr_db"] = psnr_db(row["x0_mse"])
-    save_grid(dict(zip(names, images)), Path(out_dir) / "samples.png")
+    save_grid(dict(zip(names, images)), grid)
     return rows

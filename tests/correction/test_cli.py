@@ -52,7 +52,7 @@ def test_calibrate_writes_tables(folders: Path, method: str) -> None:
     ({"--fp-model": "other"}, "quantized from"),
     ({"--method": "magic"}, "unknown method"),
     ({"--scheduler": "heun"}, "unknown scheduler"),
-    ({"--steps": "0"}, "steps must be >= 1"),
+    ({"--steps": "0"}, "'--steps': must be at least 1"),
     ({"--out": "exists.safetensors"}, "already exists"),
 ])
 def test_calibrate_refuses_bad_input(folders: Path, change: dict[str, str], message: str) -> None:

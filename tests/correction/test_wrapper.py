@@ -161,5 +161,5 @@ def test_inconsistent_tables_raise(w4a8_unet: nn.Module, ddim_tables: Correction
     two_channel = CorrectionTables(**{**fields, "input_bias": ddim_tables.input_bias[:, :2],
                                       "out_scale": ddim_tables.out_scale[:, :2],
                                       "out_bias": ddim_tables.out_bias[:, :2]})
-    with pytest.raises(ValueError, match="2 channels but the UNet outputs 3"):
+    with pytest.raises(ValueError, match="2 channels but the model outputs 3"):
         CorrectedUNet(w4a8_unet, two_channel)

@@ -96,9 +96,9 @@ def test_conditional_unet_samples_with_seeded_text_embeddings(tmp_path: Path) ->
 
 @pytest.mark.parametrize("args, message", [
     (["reference", "--scheduler", "heun"], "unknown scheduler 'heun'"),
-    (["reference", "--steps", "0"], "steps must be >= 1"),
+    (["reference", "--steps", "0"], "'--steps': must be at least 1"),
     (["reference", "--steps", "1001"], "steps must be <= num_train_timesteps=1000"),
-    (["reference", "--samples", "0"], "samples must be >= 1"),
+    (["reference", "--samples", "0"], "'--samples': must be at least 1"),
     (["/no/such/model"], "model folder not found"),
     (["reference", "--fp-model", "/no/such/fp"], "model folder not found"),
 ])

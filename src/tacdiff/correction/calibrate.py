@@ -159,10 +159,11 @@ def _ptqd_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable
 
 
 def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
-    """FP model hash and the quantized model's bits (when tacdiff quantized it)."""
+    """FP model hash, sample shape and the quantized model's bits (when tacdiff quantized it)."""
     from tacdiff.quant.apply import quant_state
 
-    meta: dict[str, Any] = {"fp_model_sha256": state_dict_sha256(fp_model)}
+    meta: dict[str, Any] = {"fp_model_sha256": state_dict_sha256(fp_model),
+                            "sample_shape": list(sample_shape_of(fp_model))}
     try:
         config = quant_state(quant_model).config
     except ValueError:

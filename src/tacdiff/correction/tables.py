@@ -18,6 +18,7 @@ count, quantization bits, FP model hash and hyper-parameters. Writes are atomic.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,13 @@ import torch
 from diffusers import SchedulerMixin
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 import tacdiff
-from tacdiff.io.atomic import write_file_atomically
+from tacdiff.io.atomic import is_regular_file, write_file_atomically
+from tacdiff.io.formats import safetensors_format
+from tacdiff.quant.apply import STATE_ATTR, QuantState
+from tacdiff.sampling.calibration import sample_shape_of
 
 FORMAT = "tacdiff-correction-tables"
 FORMAT_VERSION = "1"
@@ -37,6 +41,8 @@ METHODS = ("tac", "ner", "ibc", "ptqd", "none")
 IBC_TARGETS = ("state", "input")
 TENSOR_NAMES = ("timesteps", "input_bias", "out_scale", "out_bias", "residual_var")
 TIMESTEP_ATOL = 1e-3
+ALPHAS_RTOL = 1e-5
+FORCE_HINT = "pass --force-tables / force=True to apply them anyway"
 
 
 @dataclass
@@ -110,18 +116,39 @@ class CorrectionTables:
                              "or recalibrate with `tacdiff calibrate --scheduler ... --steps ...`")
         return match.double().argmax(1)
 
-    def check_scheduler(self, scheduler: SchedulerMixin, num_inference_steps: int) -> None:
-        """Raise ``ValueError`` naming both schedules unless ``scheduler`` at ``num_inference_steps``
-        is the class and timestep sequence the tables were calibrated with."""
+    def check_scheduler(self, scheduler: SchedulerMixin, num_inference_steps: int, *, force: bool = False) -> None:
+        """Raise ``ValueError`` naming both schedules unless ``scheduler`` at ``num_inference_steps`` has the
+        class, noise schedule (``alphas_cumprod``) and timestep sequence the tables were calibrated with.
+
+        ``force`` turns a class or noise-schedule mismatch into a warning; other timesteps always raise.
+        """
         probe = type(scheduler).from_config(scheduler.config)
         probe.set_timesteps(num_inference_steps)
         theirs = probe.timesteps.double().cpu()
-        same = (type(scheduler).__name__ == self.scheduler_class and theirs.shape == self.timesteps.shape
-                and bool(((theirs - self.timesteps).abs() <= TIMESTEP_ATOL).all()))
+        same = theirs.shape == self.timesteps.shape and bool(((theirs - self.timesteps).abs() <= TIMESTEP_ATOL).all())
         if not same:
             raise ValueError(f"correction tables are for {self.describe()}, but the sampler is "
                              f"{type(scheduler).__name__}, {num_inference_steps} steps, timesteps {_short(theirs)}. "
                              "Use the calibrated scheduler and step count, or recalibrate for this one")
+        problems = []
+        if type(scheduler).__name__ != self.scheduler_class:
+            problems.append(f"scheduler class {self.scheduler_class} (tables) vs {type(scheduler).__name__} (sampler)")
+        if not _same_noise_schedule(self.scheduler_config, scheduler):
+            problems.append("noise schedule (betas) of the tables' scheduler config differs from the sampler's "
+                            f"({_betas(self.scheduler_config)} vs {_betas(dict(scheduler.config))})")
+        _refuse(problems, "the sampler", force)
+
+    def check_model(self, model: nn.Module, *, force: bool = False) -> None:
+        """Raise ``ValueError`` naming both sides unless the tables were fitted for ``model``: the same
+        output channels, sample shape, quantization config and (where both record it) FP-model hash.
+
+        ``force`` turns every mismatch but the channel count into a warning (deliberate reuse).
+        """
+        channels = getattr(getattr(model, "config", None), "out_channels", self.channels)
+        if channels != self.channels:
+            raise ValueError(f"correction tables have {self.channels} channels but the model outputs {channels}; "
+                             "use tables calibrated for this model")
+        _refuse(_model_mismatches(self.metadata, model), "this model", force)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the tables to one safetensors file, atomically; return its path."""
@@ -131,12 +158,16 @@ class CorrectionTables:
                 "scheduler_config": json.dumps(self.scheduler_config, sort_keys=True, default=str),
                 "num_inference_steps": str(self.num_inference_steps), "ibc_target": self.ibc_target,
                 "extra": json.dumps(self.metadata, sort_keys=True, default=str)}
-        return write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite)
+        return write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite,
+                                     recognise=is_tables_file, what="correction tables file")
 
     @classmethod
     def load(cls, path: str | Path) -> "CorrectionTables":
         """Read tables written by :meth:`save`; ``ValueError`` for a foreign, old or corrupt file."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not a correction tables file; pass the file that "
+                             "`tacdiff calibrate --out` wrote")
         if not path.is_file():
             raise FileNotFoundError(f"correction tables not found: {path}; create them with `tacdiff calibrate`")
         try:
@@ -160,6 +191,65 @@ class CorrectionTables:
                        json.loads(meta["extra"]), meta.get("ibc_target", "input"))
         except (KeyError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} has incomplete metadata ({error}); the file is corrupt, recalibrate") from None
+
+
+def is_tables_file(path: Path) -> bool:
+    """Whether ``path`` is a correction tables file written by tacdiff (so ``--overwrite`` may replace it)."""
+    return is_regular_file(path) and safetensors_format(path) == FORMAT
+
+
+def _refuse(problems: list[str], target: str, force: bool) -> None:
+    """Raise (or with ``force`` warn) listing how the tables and ``target`` disagree."""
+    if not problems:
+        return
+    message = (f"these correction tables were fitted for another model or sampler than {target}: "
+               + "; ".join(problems) + f". Recalibrate with `tacdiff calibrate`, or {FORCE_HINT}")
+    if not force:
+        raise ValueError(message)
+    warnings.warn(message.replace(f", or {FORCE_HINT}", " (applied anyway: force=True)"), stacklevel=3)
+
+
+def _model_mismatches(metadata: dict[str, Any], model: nn.Module) -> list[str]:
+    """How the tables' provenance disagrees with ``model`` (fields the tables do not record are skipped)."""
+    problems = []
+    shape = metadata.get("sample_shape")
+    if shape is not None and list(shape) != list(sample_shape_of(model)):
+        problems.append(f"sample shape {tuple(shape)} (tables) vs {tuple(sample_shape_of(model))} (model)")
+    recorded = metadata.get("quant_config")
+    state: QuantState | None = getattr(model, STATE_ATTR, None)
+    if recorded is not None and state is None:
+        problems.append(f"tables fitted for a quantized model ({_bits(json.loads(recorded))}), model is not "
+                        "quantized by tacdiff")
+    elif recorded is not None:
+        ours, theirs = json.loads(recorded), json.loads(state.config.to_json())
+        diff = [f"{k} {ours.get(k)!r} (tables) vs {theirs.get(k)!r} (model)" for k in sorted(set(ours) | set(theirs))
+                if ours.get(k) != theirs.get(k)]
+        if diff:
+            problems.append(f"quantization {_bits(ours)} vs {_bits(theirs)}: " + ", ".join(diff))
+    source = state.source_sha256 if state is not None else None
+    if metadata.get("fp_model_sha256") and source and metadata["fp_model_sha256"] != source:
+        problems.append(f"FP model sha256 {metadata['fp_model_sha256'][:12]}... (tables) vs {source[:12]}... "
+                        "(the model was quantized from another FP model)")
+    return problems
+
+
+def _bits(config: dict[str, Any]) -> str:
+    return f"W{config.get('weight_bits')}A{config.get('act_bits') or 'fp'}"
+
+
+def _same_noise_schedule(config: dict[str, Any], scheduler: SchedulerMixin) -> bool:
+    """Whether a scheduler built from ``config`` has ``scheduler``'s ``alphas_cumprod`` (True if either lacks it)."""
+    public = {k: v for k, v in config.items() if not k.startswith("_")}  # e.g. _use_default_values resets keys
+    ours = getattr(type(scheduler).from_config(public), "alphas_cumprod", None)
+    theirs = getattr(scheduler, "alphas_cumprod", None)
+    if ours is None or theirs is None:
+        return True
+    return ours.shape == theirs.shape and torch.allclose(ours.double(), theirs.double().cpu(), rtol=ALPHAS_RTOL)
+
+
+def _betas(config: dict[str, Any]) -> str:
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+    return ", ".join(f"{k}={config.get(k)}" for k in keys) + (", trained_betas" if config.get("trained_betas") else "")
 
 
 def _short(timesteps: Tensor) -> str:

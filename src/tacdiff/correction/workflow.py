@@ -10,8 +10,9 @@ import torch
 from tacdiff.correction.calibrate import (DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU,
                                          calibrate_ptqd, calibrate_tac)
 from tacdiff.correction.ibc import Granularity, check_granularity
-from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
+from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables, is_tables_file
 from tacdiff.io.artifact import load_quantized, read_metadata, state_dict_sha256
+from tacdiff.io.atomic import check_writable
 
 CLI_METHODS = ("tac", "ner", "ibc", "ptqd")
 
@@ -29,7 +30,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     comes from the artifact's metadata when present, else from the FP model. ``ValueError``
     when the FP model is not the one the artifact was quantized from (by state-dict hash).
     """
-    from tacdiff.metrics.evaluate import build_scheduler, check_settings, load_any_model
+    from tacdiff.metrics.evaluate import REFERENCE, build_scheduler, check_settings, load_any_model
 
     if method not in CLI_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CLI_METHODS)}")
@@ -37,8 +38,8 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     if ibc_target not in IBC_TARGETS:
         raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
     check_settings(scheduler, steps, samples, batch_size, device)
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    inputs = [path for path in (quant_artifact, fp_model) if str(path) != REFERENCE]
+    check_writable(out, overwrite, recognise=is_tables_file, what="correction tables file", inputs=inputs)
     meta = read_metadata(quant_artifact)
     fp = load_any_model(fp_model, device)
     if fp.quantized:

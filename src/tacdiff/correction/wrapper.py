@@ -53,14 +53,16 @@ class CorrectedUNet(nn.Module):
             (a schedule whose timesteps are a subset of the table's, e.g. 5 of 10 DDIM
             steps). Each call must repeat the previous row, take the next one, or restart
             at the first; batches mixing timesteps are only checked for membership.
+        force: apply tables fitted for another model (other bits, FP model or sample shape)
+            with a warning instead of the error of :meth:`CorrectionTables.check_model`.
+
+    The corrected estimate must be finite: tables whose values overflow it raise ``ValueError``.
     """
 
-    def __init__(self, unet: nn.Module, tables: CorrectionTables, *, strict_order: bool = True) -> None:
+    def __init__(self, unet: nn.Module, tables: CorrectionTables, *, strict_order: bool = True,
+                 force: bool = False) -> None:
         super().__init__()
-        channels = getattr(getattr(unet, "config", None), "out_channels", tables.channels)
-        if channels != tables.channels:
-            raise ValueError(f"correction tables have {tables.channels} channels but the UNet outputs {channels}; "
-                             "use tables calibrated for this model")
+        tables.check_model(unet, force=force)
         self.unet = unet
         self.tables = tables
         self.strict_order = strict_order
@@ -111,6 +113,10 @@ class CorrectedUNet(nn.Module):
         result = self.unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
         out = result.sample if return_dict else result[0]
         eps = correct_output(out, pick(self.tables.out_scale), pick(self.tables.out_bias))
+        if not bool(torch.isfinite(eps).all()) and bool(torch.isfinite(out).all()):
+            raise ValueError(f"the correction tables turned a finite noise estimate into NaN or inf at timestep "
+                             f"{self.tables.timesteps[int(rows[0])].item():g}: their values are absurd for this "
+                             "model. Recalibrate the tables")
         if return_dict:
             result.sample = eps
             return result

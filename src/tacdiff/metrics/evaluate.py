@@ -24,7 +24,7 @@ from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
 from tacdiff.metrics.paired import batched_trajectories, derive_seed, paired_errors, to_images
-from tacdiff.models.loading import load_scheduler, load_unet
+from tacdiff.models.loading import check_device, load_scheduler, load_unet
 from tacdiff.models.reference import load_reference_model
 from tacdiff.sampling.calibration import random_text_embeddings, sample_shape_of
 from tacdiff.sampling.loop import unet_denoiser
@@ -77,12 +77,7 @@ def check_settings(scheduler: str, steps: int, samples: int, batch_size: int, de
     for name, value in (("steps", steps), ("samples", samples), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as error:
-        raise ValueError(f"bad device {device!r} ({error}); use e.g. cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    check_device(device)
 
 
 def _fid_or_note(images: list[Tensor], shape: tuple[int, ...], seed: int) -> tuple[dict[str, float | None], str | None]:
@@ -101,28 +96,41 @@ def _synchronize(device: str) -> None:
 
 
 def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerMixin, keep: bool,
-                   **run: Any) -> tuple[list[Tensor], Any]:
-    """Final images of ``model`` (kept on the CPU if ``keep``) and paired errors against ``fp`` (or None).
+                   **run: Any) -> tuple[list[Tensor], Any, int]:
+    """Final images of ``model`` (kept on the CPU if ``keep``), paired errors against ``fp`` (or None) and
+    the number of images holding NaN or inf.
 
     A :class:`~tacdiff.correction.CorrectedUNet` ``model`` gets its state hook."""
     images: list[Tensor] = []
+    broken = [0]
     wrapper = model if isinstance(model, CorrectedUNet) else None
-    if fp is not None:
-        def collect(start: int, ref: Tensor, est: Tensor) -> None:
-            if keep:
-                images.append(est.cpu())
-        return images, paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, on_batch=collect,
-                                     correct_states=state_correction([None, wrapper]), **run)
-    for _, (final,) in batched_trajectories([unet_denoiser(model)], scheduler,
-                                            correct_states=state_correction([wrapper]), **run):
+
+    def collect(start: int, ref: Tensor, est: Tensor) -> None:
+        broken[0] += int((~torch.isfinite(est)).flatten(1).any(1).sum())
         if keep:
-            images.append(to_images(final).cpu())
-    return images, None
+            images.append(est.cpu())
+
+    if fp is not None:
+        paired = paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, on_batch=collect,
+                               correct_states=state_correction([None, wrapper]), **run)
+        return images, paired, broken[0]
+    for start, (final,) in batched_trajectories([unet_denoiser(model)], scheduler,
+                                                correct_states=state_correction([wrapper]), **run):
+        collect(start, final, to_images(final))
+    return images, None, broken[0]
+
+
+def _check_finite(broken: int, samples: int, model: str | Path) -> None:
+    """Raise when samples hold NaN or inf, instead of reporting a NaN metric."""
+    if broken:
+        raise ValueError(f"{model} produced NaN or inf in {broken} of {samples} samples: the model (or its "
+                         "correction tables) is numerically broken at these settings, so no metric was computed. "
+                         "Try more bits or other ranges, or recalibrate the tables")
 
 
 def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "ddim", steps: int = 50,
              samples: int = 1000, seed: int = 0, batch_size: int = 256, device: str = "cpu",
-             tables: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+             tables: str | Path | None = None, force_tables: bool = False, progress: bool = True) -> dict[str, Any]:
     """Sample ``model`` and score it; pair it with ``fp_model`` for the paired metrics.
 
     Args:
@@ -137,7 +145,9 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         steps, samples, seed, batch_size, device: sampling settings; see
             :func:`tacdiff.metrics.paired.sample_noise` for how seeds map to images.
         tables: correction tables (``tacdiff calibrate --out``) to apply to ``model``; they must
-            have been calibrated for ``scheduler`` at ``steps``.
+            have been calibrated for ``scheduler`` at ``steps`` and for ``model`` (its bits, FP
+            model and sample shape: :meth:`CorrectionTables.check_model`).
+        force_tables: apply ``tables`` fitted for another model or noise schedule, with a warning.
     Returns:
         A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
         1×28×28 images), ``x0_mse``/``x0_psnr`` (None without ``fp_model``; PSNR with peak-to-peak
@@ -158,19 +168,20 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     sampler = loaded.model
     if tables is not None:
         correction = CorrectionTables.load(tables)
-        correction.check_scheduler(sched, steps)
-        sampler = CorrectedUNet(loaded.model, correction)
+        correction.check_scheduler(sched, steps, force=force_tables)
+        sampler = CorrectedUNet(loaded.model, correction, force=force_tables)
     cond = random_text_embeddings(loaded.model, samples, derive_seed(seed, "text"))
     if cond:
         warnings.warn("sampling a conditional UNet with seeded random text embeddings (the same for FP and "
                       "quantized); for real prompts evaluate from Python with their embeddings", stacklevel=2)
     started = time.perf_counter()
-    images, paired = _sample_images(
+    images, paired, broken = _sample_images(
         sampler, fp.model if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
         num_samples=samples, sample_shape=shape, num_inference_steps=steps, seed=seed, batch_size=batch_size,
         device=device, cond=cond or None, progress=progress)
     _synchronize(device)
     sampling_seconds = time.perf_counter() - started
+    _check_finite(broken, samples, model)
     scores, note = _fid_or_note(images, shape, seed)
     return {
         "model": str(model), "fp_model": None if fp_model is None else str(fp_model),

@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import diffusers
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from safetensors import SafetensorError
 
+T = TypeVar("T")
 UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` if this machine can compute on it; ``ValueError`` naming the fix."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{device!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "meta":
+        raise ValueError("device 'meta' holds no data, so nothing can be sampled or calibrated on it; use cpu or cuda")
+    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise ValueError(f"device {str(device)!r}: this torch build or machine has no {parsed.type.upper()} "
+                         "support; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         "use cuda:0 or another index below that")
+    return parsed
 
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -25,11 +48,13 @@ def find_unet_dir(path: str | Path) -> Path:
 def load_unet(path: str | Path, device: str | torch.device = "cpu") -> UNet2DModel | UNet2DConditionModel:
     """Load a ``UNet2DModel`` or ``UNet2DConditionModel`` in eval mode."""
     folder = find_unet_dir(path)
-    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    name = read_config(folder / "config.json").get("_class_name")
     cls = UNET_CLASSES.get(name)
     if cls is None:
-        raise ValueError(f"{folder} holds a {name!r}; tacdiff supports {', '.join(UNET_CLASSES)}")
-    return cls.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+        raise ValueError(f"{folder / 'config.json'} names model class {name!r}; tacdiff supports "
+                         f"{', '.join(UNET_CLASSES)}")
+    model = _built(folder, lambda: cls.from_pretrained(folder, low_cpu_mem_usage=False))
+    return model.to(device).eval()
 
 
 def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None) -> SchedulerMixin:
@@ -37,19 +62,48 @@ def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None)
 
     ``path`` may be a scheduler folder or a pipeline folder with ``scheduler/``.
     """
-    candidates = []
-    if path is not None:
-        candidates += [Path(path), Path(path) / "scheduler"]
-    if model_dir is not None:
+    if path is not None:  # a named scheduler must exist: no silent fallback to another one
+        candidates = [Path(path), Path(path) / "scheduler"]
+    elif model_dir is not None:
         unet_dir = find_unet_dir(model_dir)
-        candidates += [unet_dir.parent / "scheduler", unet_dir / "scheduler"]
+        candidates = [unet_dir.parent / "scheduler", unet_dir / "scheduler"]
+    else:
+        candidates = []
     for folder in candidates:
         if (folder / "scheduler_config.json").is_file():
-            name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "DDPMScheduler")
-            cls = getattr(diffusers, str(name), None)
-            if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-                raise ValueError(f"{folder} names scheduler class {name!r}, which diffusers does not provide")
-            return cls.from_pretrained(folder)
+            return _scheduler_from(folder)
     if path is not None:
-        raise FileNotFoundError(f"no scheduler_config.json in {path} or {Path(path) / 'scheduler'}")
+        raise FileNotFoundError(f"no scheduler_config.json in {path} or {Path(path) / 'scheduler'}; pass a scheduler "
+                                "folder (or a pipeline folder with scheduler/), or leave --scheduler out")
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+def read_config(file: Path) -> dict[str, Any]:
+    """A diffusers JSON config as a dict; ``ValueError`` naming the file when it is not a JSON object."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON ({error}); restore it from save_pretrained's output") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object of config fields; "
+                         "restore it from save_pretrained's output")
+    return config
+
+
+def _scheduler_from(folder: Path) -> SchedulerMixin:
+    """The diffusers scheduler saved in ``folder``, with clear errors for a bad config."""
+    name = read_config(folder / "scheduler_config.json").get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"{folder} names scheduler class {name!r}, which diffusers does not provide")
+    return _built(folder, lambda: cls.from_pretrained(folder))
+
+
+def _built(folder: Path, build: Callable[[], T]) -> T:
+    """``build()``, with any error diffusers raises on a bad folder turned into one ``ValueError`` naming it."""
+    try:
+        return build()
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, OSError,
+            SafetensorError) as error:
+        raise ValueError(f"diffusers cannot load {folder} ({type(error).__name__}: {' '.join(str(error).split())}); "
+                         "restore it from save_pretrained's output") from None

@@ -7,15 +7,17 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import diffusers
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tacdiff.data.fashion_mnist import load_fashion_mnist, to_model_space
-from tacdiff.io.atomic import write_dir_atomically, write_file_atomically, write_text_atomically
+from tacdiff.io.atomic import Recognise, check_writable, write_dir_atomically, write_text_atomically
 
 # ~2.8M parameters, 11 MB of fp32 weights; attention at 14x14 and 7x7 so attention
 # quantization gets exercised.
@@ -42,7 +44,18 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
 }
 
-CHECKPOINT_NAME = "state.pt"
+# A checkpoint is the folder RUN/checkpoint/, written whole (atomically): state.json (this format
+# name and version, settings, step, loss, wall time, optimizer param_groups) and one safetensors
+# file per entry of CHECKPOINT_TENSORS. Only safetensors and JSON are read back, never pickle.
+CHECKPOINT_FORMAT = "tacdiff-train-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_STATE = "state.json"
+CHECKPOINT_TENSORS = ("model", "ema", "optimizer", "generator")
+RUN_FORMAT = "tacdiff-training-run"
+RUN_RECORD = "training.json"
+LEGACY_CHECKPOINT = "state.pt"  # torch.save format of older versions; refused, never loaded
+# What the readers and load_state_dict raise on a missing, truncated or tampered file.
+_READ_ERRORS = (OSError, SafetensorError, ValueError, RuntimeError, KeyError, TypeError, AttributeError)
 GRAD_CLIP_NORM = 1.0
 LOSS_SMOOTHING = 0.99
 
@@ -90,7 +103,8 @@ def train(out_dir: str | Path, *, steps: int, batch_size: int = 256, lr: float =
     """Train (or resume training) the DDPM and write a diffusers model directory.
 
     Args:
-        out_dir: run folder; ``checkpoint/`` inside it is resumed from when present.
+        out_dir: run folder; its ``checkpoint/`` folder (safetensors and JSON, never pickle) is
+            resumed from when present. An old ``checkpoint/state.pt`` is refused, not loaded.
         steps: total optimizer steps (counting steps done before a resume).
         batch_size: images per step, drawn with replacement from the 60000 training images.
         lr: AdamW learning rate, reached after ``warmup_steps`` linear warm-up steps.
@@ -112,12 +126,13 @@ def train(out_dir: str | Path, *, steps: int, batch_size: int = 256, lr: float =
     settings = TrainSettings(batch_size, lr, seed, ema_decay, warmup_steps,
                              dict(model_config or DEFAULT_MODEL_CONFIG))
     out_dir, device = Path(out_dir), torch.device(device)
-    data = to_model_space(load_fashion_mnist("train", data_dir)[0]).to(device)
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     state = _resume_or_init(out_dir / "checkpoint", settings, device)
+    _check_run_folder(out_dir)
     if state.step > steps:
         raise ValueError(f"checkpoint in {out_dir / 'checkpoint'} is at step {state.step}, "
                          f"past steps={steps}; pass steps >= {state.step} or use a new out_dir")
+    data = to_model_space(load_fashion_mnist("train", data_dir)[0]).to(device)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     _run(state, data, scheduler, settings, steps, checkpoint_every, out_dir, progress)
     _export(out_dir, state, scheduler, settings, data.shape[0])
     return out_dir
@@ -176,42 +191,144 @@ def _init_state(settings: TrainSettings, device: torch.device) -> TrainState:
 
 
 def _resume_or_init(ckpt_dir: Path, settings: TrainSettings, device: torch.device) -> TrainState:
-    """Load ``ckpt_dir/state.pt`` when present (settings must match), else start fresh."""
+    """Load the checkpoint folder ``ckpt_dir`` when present (settings must match), else start fresh."""
     state = _init_state(settings, device)
-    path = ckpt_dir / CHECKPOINT_NAME
-    if not path.is_file():
+    if not ckpt_dir.exists():
         return state
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt["settings"] != asdict(settings):
-        raise ValueError(f"checkpoint {path} was made with other settings {ckpt['settings']}, "
-                         f"not {asdict(settings)}; use the same settings or a new out_dir")
-    state.model.load_state_dict(ckpt["model"])
-    state.ema.load_state_dict(ckpt["ema"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.generator.set_state(ckpt["generator"])
-    state.step, state.smoothed_loss, state.wall_time_s = ckpt["step"], ckpt["smoothed_loss"], ckpt["wall_time_s"]
+    record = _read_record(ckpt_dir, settings)
+    _load_tensors(ckpt_dir / "model.safetensors", state.model.load_state_dict)
+    _load_tensors(ckpt_dir / "ema.safetensors", state.ema.load_state_dict)
+    _load_tensors(ckpt_dir / "optimizer.safetensors", lambda tensors: state.optimizer.load_state_dict(
+        _optimizer_state_dict(tensors, record["param_groups"], state.optimizer)))
+    _load_tensors(ckpt_dir / "generator.safetensors", lambda tensors: state.generator.set_state(tensors["state"]))
+    state.step, state.smoothed_loss, state.wall_time_s = (
+        record["step"], float(record["smoothed_loss"]), float(record["wall_time_s"]))
     return state
 
 
+def _read_record(ckpt_dir: Path, settings: TrainSettings) -> dict[str, Any]:
+    """``ckpt_dir/state.json``, checked for format, version, matching settings and field types."""
+    path = ckpt_dir / CHECKPOINT_STATE
+    legacy = ckpt_dir / LEGACY_CHECKPOINT
+    if not path.exists() and legacy.exists():
+        raise ValueError(f"{legacy} is a checkpoint in the old torch.save format, which can run arbitrary code "
+                         f"when loaded, so it is not read; start a new run folder, or delete {ckpt_dir} "
+                         "to restart this run from step 0")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except _READ_ERRORS as error:
+        raise _unusable(path, error) from error
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise _unusable(path, f'it does not say "format": "{CHECKPOINT_FORMAT}"')
+    if record.get("version") != CHECKPOINT_VERSION:
+        raise _unusable(path, f"format version {record.get('version')!r} is not {CHECKPOINT_VERSION}")
+    expected = json.loads(json.dumps(asdict(settings)))
+    if record.get("settings") != expected:
+        raise ValueError(f"checkpoint {path} was made with other settings {record.get('settings')}, "
+                         f"not {expected}; use the same settings or a new out_dir")
+    fields = {"step": int, "smoothed_loss": (int, float), "wall_time_s": (int, float), "param_groups": list}
+    wrong = [k for k, kind in fields.items() if not isinstance(record.get(k), kind) or isinstance(record[k], bool)]
+    if wrong or record["step"] < 0:
+        raise _unusable(path, f"fields {wrong or ['step']} are missing or have the wrong type")
+    return record
+
+
+def _load_tensors(path: Path, apply: Callable[[dict[str, torch.Tensor]], Any]) -> None:
+    """Hand the tensors of the safetensors file ``path`` to ``apply``; any failure is one clear error."""
+    try:
+        apply(load_file(path))
+    except _READ_ERRORS as error:
+        raise _unusable(path, error) from error
+
+
+def _unusable(path: Path, problem: object) -> ValueError:
+    """The error for a missing or corrupt checkpoint file, naming it and the fix (on one line)."""
+    brief = " ".join(str(problem).split())
+    brief = brief if len(brief) <= 200 else brief[:197] + "..."
+    return ValueError(f"checkpoint file {path} is missing or unusable ({brief}); delete {path.parent} "
+                      "to restart this run from step 0, or start a new run folder")
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state tensors, keyed ``"{param_index}.{name}"`` (e.g. ``"0.exp_avg"``)."""
+    return {f"{index}.{name}": value for index, values in optimizer.state_dict()["state"].items()
+            for name, value in values.items()}
+
+
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list[dict[str, Any]],
+                          optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Rebuild ``optimizer.state_dict()`` from :func:`_optimizer_tensors` and the JSON ``param_groups``.
+
+    Lists are turned back into tuples where ``optimizer``'s own groups hold tuples (AdamW's betas).
+    """
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: tuple(v) if isinstance(own.get(k), tuple) else v for k, v in group.items()}
+              for group, own in zip(param_groups, optimizer.param_groups, strict=True)]
+    expected = {index for group in groups for index in group.get("params", [])}
+    if state and set(state) != expected:  # a partial state would silently restart some moments
+        raise ValueError(f"it holds state for {len(state)} of {len(expected)} parameters")
+    return {"state": state, "param_groups": groups}
+
+
 def _save_checkpoint(ckpt_dir: Path, state: TrainState, settings: TrainSettings) -> None:
-    """Write the whole training state atomically (temp file, then rename)."""
-    payload = {
-        "settings": asdict(settings), "step": state.step, "smoothed_loss": state.smoothed_loss,
-        "wall_time_s": state.wall_time_s, "model": state.model.state_dict(),
-        "ema": state.ema.state_dict(), "optimizer": state.optimizer.state_dict(),
-        "generator": state.generator.get_state(),
+    """Write the whole training state as the folder ``ckpt_dir``, atomically (temp folder, then rename)."""
+    write_dir_atomically(ckpt_dir, lambda tmp: _fill_checkpoint(tmp, state, settings), overwrite=True,
+                         recognise=_is_checkpoint, what="training checkpoint")
+
+
+def _fill_checkpoint(folder: Path, state: TrainState, settings: TrainSettings) -> None:
+    """Write the checkpoint's safetensors files and ``state.json`` into the empty ``folder``."""
+    tensors = {"model": state.model.state_dict(), "ema": state.ema.state_dict(),
+               "optimizer": _optimizer_tensors(state.optimizer), "generator": {"state": state.generator.get_state()}}
+    for name in CHECKPOINT_TENSORS:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors[name].items()},
+                  str(folder / f"{name}.safetensors"))
+    record = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "settings": asdict(settings),
+        "step": state.step, "smoothed_loss": state.smoothed_loss, "wall_time_s": state.wall_time_s,
+        "param_groups": state.optimizer.state_dict()["param_groups"],
     }
-    write_file_atomically(ckpt_dir / CHECKPOINT_NAME, lambda tmp: torch.save(payload, tmp))
+    (folder / CHECKPOINT_STATE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder written here (its ``state.json`` names the format)."""
+    return _json_field(path / CHECKPOINT_STATE, "format") == CHECKPOINT_FORMAT
+
+
+def _in_run(path: Path) -> bool:
+    """Whether ``path`` lies in a run folder that a finished ``train`` wrote (its ``training.json`` says so),
+    so that its ``unet/``, ``scheduler/`` and ``training.json`` may be replaced."""
+    return _json_field(path.parent / RUN_RECORD, "format") == RUN_FORMAT
+
+
+def _check_run_folder(out_dir: Path) -> None:
+    """Before any work: every output of the run can be written, and replaces only what ``train`` wrote."""
+    check_writable(out_dir / "checkpoint", overwrite=True, recognise=_is_checkpoint, what="training checkpoint",
+                   folder=True)
+    for name, folder in (("unet", True), ("scheduler", True), (RUN_RECORD, False)):
+        check_writable(out_dir / name, overwrite=True, recognise=_in_run, what=f"training run's {name}",
+                       folder=folder)
+
+
+def _json_field(path: Path, key: str) -> Any:
+    """``key`` of the JSON object in the file ``path``; None when it is unreadable or absent."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get(key) if isinstance(record, dict) else None
 
 
 def _export(out_dir: Path, state: TrainState, scheduler: DDPMScheduler, settings: TrainSettings,
             n_images: int) -> None:
-    """Write ``unet/`` (EMA weights), ``scheduler/`` and ``training.json`` into ``out_dir``."""
-    write_dir_atomically(out_dir / "unet", lambda tmp: state.ema.save_pretrained(tmp, safe_serialization=True),
-                         overwrite=True)
-    write_dir_atomically(out_dir / "scheduler", scheduler.save_pretrained, overwrite=True)
+    """Write ``training.json`` (first: it marks the folder as this run's), ``unet/`` (EMA weights) and
+    ``scheduler/`` into ``out_dir``."""
     record = {
-        **asdict(settings), "steps": state.step, "final_loss": state.smoothed_loss,
+        "format": RUN_FORMAT, **asdict(settings), "steps": state.step, "final_loss": state.smoothed_loss,
         "final_loss_note": f"epsilon MSE of the trained (non-EMA) weights, EMA-smoothed ({LOSS_SMOOTHING})",
         "wall_time_s": round(state.wall_time_s, 1), "device": _device_name(state.generator.device),
         "parameters": sum(p.numel() for p in state.ema.parameters()),
@@ -221,7 +338,11 @@ def _export(out_dir: Path, state: TrainState, scheduler: DDPMScheduler, settings
         "grad_clip_norm": GRAD_CLIP_NORM, "scheduler": SCHEDULER_CONFIG,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
-    write_text_atomically(out_dir / "training.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+    write_dir_atomically(out_dir / "unet", lambda tmp: state.ema.save_pretrained(tmp, safe_serialization=True),
+                         overwrite=True, recognise=_in_run, what="training run's unet")
+    write_dir_atomically(out_dir / "scheduler", scheduler.save_pretrained, overwrite=True, recognise=_in_run,
+                         what="training run's scheduler")
 
 
 def _device_name(device: torch.device) -> str:

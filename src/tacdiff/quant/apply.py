@@ -12,6 +12,7 @@ import fnmatch
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
@@ -40,12 +41,14 @@ class LayerPlan:
 
 @dataclass
 class QuantState:
-    """What :func:`quantize` attached to a model: its config, plan and timestep router."""
+    """What :func:`quantize` attached to a model: its config, plan and timestep router, and the
+    SHA-256 of the FP model it was quantized from when known (artifacts record it)."""
 
     config: QuantConfig
     plan: list[LayerPlan]
     router: TimestepRouter
     hook: Any
+    source_sha256: str | None = None
 
 
 def check_supported(model: nn.Module) -> None:
@@ -56,6 +59,21 @@ def check_supported(model: nn.Module) -> None:
                         "Pass the pipeline's UNet (e.g. pipe.unet), not the pipeline or another model")
     if hasattr(model, STATE_ATTR):
         raise ValueError("this model is already quantized; start again from the full-precision model")
+
+
+def check_finite(model: nn.Module, calibration: CalibrationSet | None) -> None:
+    """Raise ``ValueError`` naming the first weight or calibration tensor that holds NaN or inf."""
+    for name, tensor in [*model.state_dict().items(), *_calibration_tensors(calibration)]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} holds NaN or inf; tacdiff quantizes only finite weights and calibration "
+                             "inputs. Fix or re-export the model, or rebuild the calibration set")
+
+
+def _calibration_tensors(calibration: CalibrationSet | None) -> list[tuple[str, torch.Tensor]]:
+    if calibration is None:
+        return []
+    cond = [(f"calibration input {key!r}", value) for key, value in calibration.cond.items()]
+    return [("calibration input x", calibration.x), *cond]
 
 
 def quant_state(model: nn.Module) -> QuantState:
@@ -182,6 +200,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
         progress: show progress bars.
     """
     check_supported(model)
+    check_finite(model, calibration)
     calibrated_acts = config.act_bits is not None and config.act_range != "dynamic"
     if calibration is None and config.weight_rounding != "rtn":
         what = {"adaround": "learned rounding", "gptq": "GPTQ rounding"}[config.weight_rounding]

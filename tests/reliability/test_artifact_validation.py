@@ -1,0 +1,77 @@
+"""Fault catalogue 4: artifacts are checked on load (checksum, config, metadata, kind of folder), through
+every command that reads one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from safetensors.torch import load_file, safe_open, save_file
+
+from fault_support import EVAL_FAST, World, assert_one_error, cli, snapshot
+
+WEIGHTS = "quantized.safetensors"
+
+
+def flip_a_tensor_byte(artifact: Path) -> None:
+    data = bytearray((artifact / WEIGHTS).read_bytes())
+    data[-10] ^= 0xFF  # the last bytes are tensor data, not the JSON header
+    (artifact / WEIGHTS).write_bytes(bytes(data))
+
+
+def set_metadata(**changes: str) -> Callable[[Path], None]:
+    def change(artifact: Path) -> None:
+        with safe_open(artifact / WEIGHTS, framework="pt") as handle:
+            meta = {**handle.metadata(), **changes}
+        save_file(load_file(artifact / WEIGHTS), artifact / WEIGHTS, metadata=meta)
+    return change
+
+
+def set_config(text: str | None = None, **changes: object) -> Callable[[Path], None]:
+    def change(artifact: Path) -> None:
+        config = artifact / "config.json"
+        config.write_text(text if text is not None else json.dumps({**json.loads(config.read_text()), **changes}))
+    return change
+
+
+DAMAGE = {
+    "a flipped byte in the tensors": (flip_a_tensor_byte, "do not match the checksum"),
+    "config.json that is not JSON": (set_config("{not json"), "config.json is corrupt: it is not a JSON object"),
+    "config.json that is a list": (set_config("[1, 2]"), "config.json"),
+    "the model class changed by hand": (set_config(_class_name="UNet2DConditionModel"), "UNet2DConditionModel"),
+    "a missing config.json": (lambda artifact: (artifact / "config.json").unlink(), "config.json"),
+    "an unknown compute dtype": (set_metadata(compute_dtype="float99"), "'compute_dtype' is 'float99'"),
+    "a name that is not a dtype": (set_metadata(compute_dtype="Tensor"), "'compute_dtype' is 'Tensor'"),
+    "a broken layer plan": (set_metadata(plan="[{"), "plan"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+@pytest.mark.parametrize("command", ["eval", "calibrate"])
+def test_a_damaged_artifact_gives_one_clear_error(world: World, tmp_path: Path, case: str, command: str) -> None:
+    artifact = world.copy("w4a8", tmp_path)
+    damage, fragment = DAMAGE[case]
+    damage(artifact)
+    before = snapshot(tmp_path)
+    if command == "eval":
+        code, output = cli("eval", artifact, *EVAL_FAST)
+    else:
+        code, output = cli("calibrate", artifact, "--fp-model", world.root / "fp", "--out", tmp_path / "t.safetensors",
+                           "--steps", "2", "--samples", "2", "--quiet")
+    assert_one_error(code, output, fragment, str(artifact))
+    assert snapshot(tmp_path) == before
+
+
+def test_a_full_precision_folder_where_an_artifact_is_expected(world: World, tmp_path: Path) -> None:
+    fp = world.copy("fp", tmp_path)
+    code, output = cli("calibrate", fp, "--fp-model", fp, "--out", tmp_path / "t.safetensors", "--quiet")
+    assert_one_error(code, output, "is a full-precision diffusers model folder, not a tacdiff quantized artifact",
+                     "tacdiff quantize")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_foreign_file_where_tables_are_expected(world: World) -> None:
+    code, output = cli("eval", world.root / "w4a8", "--tables", world.root / "w4a8" / WEIGHTS, *EVAL_FAST)
+    assert_one_error(code, output, "is not a tacdiff correction table")
