@@ -220,6 +220,30 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
 
 
 @app.command()
+def sample(
+    model: str = typer.Argument(..., help="FP diffusers model folder, quantized artifact folder, or 'reference'."),
+    out: str = typer.Option(..., "--out", help="Folder for the PNG files, grid.png and samples.json."),
+    tables: str = typer.Option(None, "--tables", help="Correction tables (tacdiff calibrate --out) for MODEL."),
+    force_tables: bool = typer.Option(False, "--force-tables", help="Apply --tables fitted for another model."),
+    num_samples: int = typer.Option(16, "--num-samples", help="Images to write.", callback=_positive),
+    steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
+    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
+    seed: int = typer.Option(0, help="Image i starts from noise seeded by (seed, i) alone."),
+    batch_size: int = typer.Option(16, help="Images sampled at once.", callback=_positive),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it is a samples folder tacdiff wrote."),
+    quiet: bool = typer.Option(False, help="Hide progress bars."),
+) -> None:
+    """Sample a pixel-space model (FP, quantized or corrected) and write one PNG per image and a grid."""
+    from tacdiff.workflows import sample_dir
+
+    path = sample_dir(model, out, tables=tables, force_tables=force_tables, num_samples=num_samples, steps=steps,
+                      scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, overwrite=overwrite,
+                      progress=not quiet)
+    typer.echo(f"wrote {num_samples} images, grid.png and samples.json to {path}")
+
+
+@app.command()
 def calibrate(
     quant_artifact: str = typer.Argument(..., help="Quantized artifact folder (tacdiff quantize --out)."),
     fp_model: str = typer.Option(..., "--fp-model", help="The FP model it was quantized from (folder or 'reference')."),

@@ -1,4 +1,5 @@
-"""End-to-end workflows that the CLI exposes: quantize a model folder, and the bundled-model demo."""
+"""End-to-end workflows that the CLI exposes: quantize a model folder, write samples as PNG files, and the
+bundled-model demo."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_sha256
-from tacdiff.io.atomic import check_writable, is_regular_file
+from tacdiff.io.atomic import check_writable, is_regular_file, write_dir_atomically
 from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.loading import find_unet_dir, load_scheduler, load_unet
 from tacdiff.quant import QuantConfig, quant_state, quantize
@@ -149,3 +150,83 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
         row["x0_psnr_db"] = psnr_db(row["x0_mse"])
     save_grid(dict(zip(names, images)), grid)
     return rows
+
+
+SAMPLES_FORMAT = "tacdiff-samples"
+SAMPLES_RECORD = "samples.json"
+
+
+def is_samples_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder :func:`sample_dir` wrote (its ``samples.json`` says so) and nothing else."""
+    record = path / SAMPLES_RECORD
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(data, dict) and data.get("format") == SAMPLES_FORMAT):
+        return False
+    ours = {SAMPLES_RECORD, "grid.png"} | {entry.get("file") for entry in data.get("images", [])
+                                           if isinstance(entry, dict)}
+    return {entry.name for entry in path.iterdir()} <= ours
+
+
+@torch.no_grad()
+def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | None = None,
+               force_tables: bool = False, num_samples: int = 16, steps: int = 50, scheduler: str = "ddim",
+               seed: int = 0, batch_size: int = 16, device: str = "cpu", overwrite: bool = False,
+               progress: bool = True) -> Path:
+    """Sample a pixel-space model and write one PNG per image, ``grid.png`` and ``samples.json``.
+
+    ``model`` is a diffusers UNet or pipeline folder, a quantized artifact folder or
+    ``"reference"``; ``tables`` correct it (they must fit the model and the sampler). Image ``i``
+    starts from noise seeded by ``derive_seed(seed, "noise", i)`` alone (see
+    :func:`tacdiff.metrics.paired.sample_noise`), so the same seed gives the same PNG bytes at
+    any ``num_samples`` for a fixed batch size and thread count. The folder is written atomically;
+    ``overwrite`` replaces only a folder that this function wrote.
+    """
+    from tacdiff.correction import CorrectedUNet, CorrectionTables, state_correction
+    from tacdiff.metrics.evaluate import REFERENCE, build_scheduler, check_settings, load_any_model
+    from tacdiff.metrics.paired import batched_trajectories, derive_seed, to_images
+    from tacdiff.report.images import IMAGE_CHANNELS, save_png, tile, to_uint8
+    from tacdiff.sampling.calibration import sample_shape_of
+
+    check_settings(scheduler, steps, num_samples, batch_size, device)
+    inputs = [path for path in (model, tables) if path is not None and str(path) != REFERENCE]
+    check_writable(out_dir, overwrite, recognise=is_samples_folder, what="samples folder", inputs=inputs,
+                   folder=True)
+    loaded = load_any_model(model, device)
+    shape = sample_shape_of(loaded.model)
+    if shape[0] not in IMAGE_CHANNELS:
+        raise ValueError(f"{model} makes {shape[0]}-channel latents, not images; tacdiff sample writes 1- or "
+                         "3-channel pixel-space samples (latent pipelines with a VAE are not supported yet)")
+    if random_text_embeddings(loaded.model, 1, seed):
+        raise ValueError(f"{model} is text-conditioned; tacdiff sample does not read prompts yet, so it samples "
+                         "unconditional pixel-space models only")
+    sched = build_scheduler(scheduler, loaded.scheduler_config)
+    denoiser, wrapper = loaded.model, None
+    if tables is not None:
+        correction = CorrectionTables.load(tables)
+        correction.check_scheduler(sched, steps, force=force_tables)
+        denoiser = wrapper = CorrectedUNet(loaded.model, correction, force=force_tables)
+    finals = [to_images(final).cpu() for _, (final,) in batched_trajectories(
+        [unet_denoiser(denoiser)], sched, num_samples=num_samples, sample_shape=shape, num_inference_steps=steps,
+        seed=seed, batch_size=batch_size, device=device, correct_states=state_correction([wrapper]),
+        progress=progress)]
+    images = torch.cat(finals)
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{model} produced NaN or inf samples; nothing was written. Try more bits or other "
+                         "ranges, or recalibrate the tables")
+    pixels = to_uint8(images)
+    record = {"format": SAMPLES_FORMAT, "model": str(model), "tables": None if tables is None else str(tables),
+              "scheduler": scheduler, "steps": steps, "seed": seed, "batch_size": batch_size,
+              "images": [{"file": f"{i:06d}.png", "index": i, "noise_seed": derive_seed(seed, "noise", i)}
+                         for i in range(num_samples)]}
+
+    def fill(tmp: Path) -> None:
+        for entry, image in zip(record["images"], pixels):
+            save_png(image, tmp / entry["file"])
+        save_png(tile(pixels), tmp / "grid.png")
+        (tmp / SAMPLES_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    return write_dir_atomically(out_dir, fill, overwrite=overwrite, recognise=is_samples_folder,
+                                what="samples folder")

@@ -1,0 +1,95 @@
+"""``tacdiff sample``: PNG files, grid and record, seeds that reproduce, corrected artifacts, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tacdiff.cli import app
+from tiny_models import tiny_cond_unet, tiny_unet
+
+FAST = ("--steps", "3", "--batch-size", "4", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    tiny_unet().save_pretrained(root / "fp")
+    tiny_cond_unet(layers_per_block=1).save_pretrained(root / "cond")
+    calibration = ("--calib-samples", "2", "--calib-steps", "2", "--calib-kept-steps", "2", "--quiet")
+    for args in (("quantize", root / "fp", "--out", root / "w4a8", "--w-bits", "4", *calibration),
+                 ("calibrate", root / "w4a8", "--fp-model", root / "fp", "--out", root / "tac.safetensors",
+                  "--steps", "3", "--samples", "4", "--quiet")):
+        code, output = invoke(*args)
+        assert code == 0, output
+    return root
+
+
+def invoke(*args: str | Path) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_sample_writes_pngs_grid_and_record(folders: Path, tmp_path: Path) -> None:
+    code, output = invoke("sample", folders / "fp", "--out", tmp_path / "s", "--num-samples", "5", *FAST)
+    assert code == 0, output
+    assert sorted(files(tmp_path / "s")) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "samples.json"]
+    record = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert record["format"] == "tacdiff-samples" and record["steps"] == 3 and record["seed"] == 0
+    assert [entry["index"] for entry in record["images"]] == list(range(5))
+    assert len({entry["noise_seed"] for entry in record["images"]}) == 5
+
+
+def test_same_seed_same_bytes_other_seed_other_images(folders: Path, tmp_path: Path) -> None:
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        code, output = invoke("sample", folders / "fp", "--out", tmp_path / name, "--num-samples", "4",
+                              "--seed", seed, *FAST)
+        assert code == 0, output
+        runs[name] = {k: v for k, v in files(tmp_path / name).items() if k.endswith(".png")}
+    assert runs["a"] == runs["b"]
+    assert all(runs["a"][k] != runs["c"][k] for k in runs["a"])
+
+
+def test_more_samples_keep_the_first_ones(folders: Path, tmp_path: Path) -> None:
+    for name, count in (("few", "2"), ("many", "4")):
+        code, output = invoke("sample", folders / "fp", "--out", tmp_path / name, "--num-samples", count, *FAST)
+        assert code == 0, output
+    assert all(files(tmp_path / "few")[f] == files(tmp_path / "many")[f] for f in ("000000.png", "000001.png"))
+
+
+def test_corrected_artifact_samples_differ_from_uncorrected(folders: Path, tmp_path: Path) -> None:
+    code, output = invoke("sample", folders / "w4a8", "--out", tmp_path / "q", "--num-samples", "4", *FAST)
+    assert code == 0, output
+    code, output = invoke("sample", folders / "w4a8", "--tables", folders / "tac.safetensors", "--out",
+                          tmp_path / "tac", "--num-samples", "4", *FAST)
+    assert code == 0, output
+    assert json.loads((tmp_path / "tac" / "samples.json").read_text())["tables"] == str(folders / "tac.safetensors")
+    assert files(tmp_path / "q")["000000.png"] != files(tmp_path / "tac")["000000.png"]
+
+
+def test_overwrite_replaces_only_a_samples_folder(folders: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    assert invoke("sample", folders / "fp", "--out", out, "--num-samples", "3", *FAST)[0] == 0
+    code, output = invoke("sample", folders / "fp", "--out", out, "--num-samples", "2", "--overwrite", *FAST)
+    assert code == 0, output
+    assert sorted(files(out)) == ["000000.png", "000001.png", "grid.png", "samples.json"]
+    (out / "mine.txt").write_text("keep")
+    code, output = invoke("sample", folders / "fp", "--out", out, "--overwrite", *FAST)
+    assert code == 2 and "not a samples folder written by tacdiff" in output
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("model, message", [("cond", "makes 4-channel latents, not images"),
+                                            ("missing", "model folder not found")])
+def test_models_it_cannot_sample_give_one_error(folders: Path, tmp_path: Path, model: str, message: str) -> None:
+    code, output = invoke("sample", folders / model, "--out", tmp_path / "s", *FAST)
+    assert code == 2 and message in output, output
+    assert not (tmp_path / "s").exists()
