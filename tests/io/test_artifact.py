@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 import tacdiff.io.artifact as artifact
@@ -130,7 +130,7 @@ def rewrite(file: Path, tensors: dict[str, torch.Tensor | None] | None = None, d
             **changes: str) -> None:
     """Rewrite an artifact's safetensors file: replace tensors (None removes one; the checksum follows them,
     as from a writer that made a consistent but wrong artifact), change or drop metadata keys."""
-    with artifact.safe_open(file, framework="pt") as handle:
+    with safe_open(file, framework="pt") as handle:
         meta = {k: v for k, v in {**handle.metadata(), **changes}.items() if k not in drop}
     data = {k: v for k, v in {**load_file(file), **(tensors or {})}.items() if v is not None}
     if tensors and artifact.CHECKSUM_KEY in meta:

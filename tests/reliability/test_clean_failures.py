@@ -75,7 +75,7 @@ def test_json_pointing_into_the_model_folder(world: World, tmp_path: Path) -> No
 
 def test_tables_that_are_a_folder(world: World) -> None:
     code, output = cli("eval", world.root / "w4a8", "--tables", world.root / "w8a8", *EVAL_FAST)
-    assert_one_error(code, output, "is a folder, not a correction tables file")
+    assert_one_error(code, output, "is a folder, not a tacdiff correction tables file")
 
 
 @pytest.mark.parametrize("command", ["quantize", "calibrate", "train", "demo"])

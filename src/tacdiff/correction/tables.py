@@ -25,13 +25,12 @@ from typing import Any
 
 import torch
 from diffusers import SchedulerMixin
-from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import tacdiff
 from tacdiff.io.atomic import is_regular_file, write_file_atomically
-from tacdiff.io.formats import safetensors_format
+from tacdiff.io.formats import read_safetensors, safetensors_format
 from tacdiff.quant.apply import STATE_ATTR, QuantState
 from tacdiff.sampling.calibration import sample_shape_of
 
@@ -164,33 +163,22 @@ class CorrectionTables:
     @classmethod
     def load(cls, path: str | Path) -> "CorrectionTables":
         """Read tables written by :meth:`save`; ``ValueError`` for a foreign, old or corrupt file."""
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder, not a correction tables file; pass the file that "
-                             "`tacdiff calibrate --out` wrote")
-        if not path.is_file():
-            raise FileNotFoundError(f"correction tables not found: {path}; create them with `tacdiff calibrate`")
-        try:
-            with safe_open(path, framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except (SafetensorError, OSError, RuntimeError) as error:
-            raise ValueError(f"{path} is not a readable safetensors file ({error}); recalibrate") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a tacdiff correction table (format={meta.get('format')!r}); "
-                             "pass a file written by `tacdiff calibrate`")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has correction-table format version {meta.get('format_version')!r}; this "
-                             f"tacdiff reads version {FORMAT_VERSION}. Upgrade tacdiff or recalibrate")
+        meta, tensors = read_safetensors(path, kind="tacdiff correction tables file", fmt=FORMAT,
+                                         version=FORMAT_VERSION, fix="pass a file written by `tacdiff calibrate`")
         if set(tensors) != set(TENSOR_NAMES):
             raise ValueError(f"{path} holds tensors {sorted(tensors)}, expected {sorted(TENSOR_NAMES)}; "
                              "the file is corrupt, recalibrate")
         try:
-            return cls(meta["method"], *(tensors[name] for name in TENSOR_NAMES), meta["scheduler_class"],
-                       json.loads(meta["scheduler_config"]), int(meta["num_inference_steps"]),
-                       json.loads(meta["extra"]), meta.get("ibc_target", "input"))
-        except (KeyError, json.JSONDecodeError) as error:
+            config, extra = json.loads(meta["scheduler_config"]), json.loads(meta["extra"])
+            steps = int(meta["num_inference_steps"])
+            method, scheduler_class = meta["method"], meta["scheduler_class"]
+        except (KeyError, ValueError) as error:
             raise ValueError(f"{path} has incomplete metadata ({error}); the file is corrupt, recalibrate") from None
+        if not (isinstance(config, dict) and isinstance(extra, dict)):
+            raise ValueError(f"{path} has malformed metadata (scheduler_config and extra must be JSON objects); "
+                             "the file is corrupt, recalibrate")
+        return cls(method, *(tensors[name] for name in TENSOR_NAMES), scheduler_class, config, steps, extra,
+                   meta.get("ibc_target", "input"))
 
 
 def is_tables_file(path: Path) -> bool:

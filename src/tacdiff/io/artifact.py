@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import Attention
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tacdiff
 from tacdiff.io.atomic import write_dir_atomically
-from tacdiff.io.formats import safetensors_format
+from tacdiff.io.formats import read_safetensors, safetensors_format
 from tacdiff.quant import primitives as P
 from tacdiff.quant.apply import SUPPORTED_MODELS, LayerPlan, install, quant_state
 from tacdiff.quant.config import QuantConfig
@@ -103,17 +103,8 @@ def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of an artifact folder (or its safetensors file); clear errors for foreign or incomplete files."""
     file = _weights_file(path)
-    try:
-        with safe_open(file, framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise _unreadable(file, error) from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{file} is not a tacdiff quantized model (format={meta.get('format')!r}); "
-                         "pass a folder written by `tacdiff quantize`")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file} has format version {meta.get('format_version')!r}; this tacdiff reads "
-                         f"version {FORMAT_VERSION}. Upgrade tacdiff or re-quantize the model")
+    meta, _ = read_safetensors(file, kind="tacdiff quantized model", fmt=FORMAT, version=FORMAT_VERSION,
+                               fix="pass a folder written by `tacdiff quantize`", tensors=False)
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
         raise _corrupt(file, f"its metadata lacks {', '.join(missing)}")

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -20,6 +19,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from tacdiff.data import to_uint8
 from tacdiff.io.atomic import write_file_atomically
+from tacdiff.io.formats import read_safetensors
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fid"
 WEIGHTS_PATH = ASSET_DIR / "classifier.safetensors"
@@ -83,20 +83,9 @@ class _FeatureInput(nn.Identity):
         self.num_features = num_features
 
 
-def _existing(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"FID asset not found: {path}; reinstall tacdiff or {_REGENERATE}")
-    return path
-
-
 def _read(path: str | Path, fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    path = _existing(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != fmt:
-            raise ValueError(f"{path} is not a {fmt} file (format={meta.get('format')!r}); {_REGENERATE}")
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    meta, tensors = read_safetensors(path, kind=f"{fmt} file", fmt=fmt, fix=f"reinstall tacdiff or {_REGENERATE}")
+    return tensors, meta
 
 
 def load_feature_extractor(path: str | Path = WEIGHTS_PATH) -> FeatureExtractor:
