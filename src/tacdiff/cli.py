@@ -14,7 +14,10 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from tacdiff.io.atomic import report_file
+
 DEBUG_ENV = "TACDIFF_DEBUG"
+TRUE_WORDS = ("1", "true", "yes", "on")
 EXPECTED = (ValueError, TypeError, OSError)
 """Errors of input or environment, reported by their message alone; others also name their type."""
 
@@ -52,7 +55,7 @@ def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__
 
 
 def _debug(ctx: typer.Context) -> bool:
-    return bool(ctx.meta.get("tacdiff.debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return bool(ctx.meta.get("tacdiff.debug")) or os.environ.get(DEBUG_ENV, "").strip().lower() in TRUE_WORDS
 
 
 def _message(error: Exception) -> str:
@@ -62,6 +65,10 @@ def _message(error: Exception) -> str:
         return text
     return f"{type(error).__name__}: {text} (run `tacdiff --debug ...` for the traceback)"
 
+
+REPORTS = {"JSON file": report_file(".json"), "markdown file": report_file(".md", ".markdown", ".txt"),
+           "plot": report_file(".png", ".pdf", ".svg", ".jpg")}
+"""What an existing report path may be for ``--json``, ``--markdown`` and ``--plot`` to replace it."""
 
 app = typer.Typer(help="Quantize diffusers models and correct their error over the sampling trajectory.",
                   no_args_is_help=True, add_completion=False, cls=_Commands)
@@ -205,12 +212,12 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Sample a model and report FID/KID (1x28x28 models only) and, with --fp-model, paired x0 MSE/PSNR."""
-    from tacdiff.io.atomic import check_writable, is_regular_file
+    from tacdiff.io.atomic import check_writable
     from tacdiff.metrics.evaluate import evaluate, format_table, write_json
 
     if json_path:
         inputs = [path for path in (model, fp_model, tables) if path not in (None, "reference")]
-        check_writable(json_path, overwrite=True, recognise=is_regular_file, what="JSON file", inputs=inputs)
+        check_writable(json_path, overwrite=True, recognise=REPORTS["JSON file"], what="JSON file", inputs=inputs)
     result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
                       batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
                       progress=not quiet)
@@ -297,13 +304,13 @@ def bench(
     """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on the bundled model: FID, KID, x0 error, time."""
     from tacdiff.bench import bench as run
     from tacdiff.bench import format_markdown
-    from tacdiff.io.atomic import check_writable, is_regular_file, write_text_atomically
+    from tacdiff.io.atomic import check_writable, write_text_atomically
     from tacdiff.metrics.evaluate import write_json
     from tacdiff.report.plots import plot_step_errors
 
     for path, what in ((json_path, "JSON file"), (markdown, "markdown file"), (plot, "plot")):
         if path:
-            check_writable(path, overwrite=True, recognise=is_regular_file, what=what)
+            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what)
     result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
                  weight_rounding=weight_rounding, progress=not quiet)

@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_sha256
-from tacdiff.io.atomic import check_writable, is_regular_file, write_dir_atomically
+from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
 from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.loading import find_unet_dir, load_scheduler, load_unet
 from tacdiff.quant import QuantConfig, quant_state, quantize
@@ -119,7 +119,7 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     for name, value in (("samples", samples), ("steps", steps), ("calib_samples", calib_samples)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    grid = check_writable(Path(out_dir) / "samples.png", overwrite=True, recognise=is_regular_file,
+    grid = check_writable(Path(out_dir) / "samples.png", overwrite=True, recognise=report_file(".png"),
                           what="sample grid")
     fp, ddpm = load_reference_model()
     scheduler = DDIMScheduler.from_config(ddpm.config)

@@ -86,7 +86,7 @@ def test_an_existing_target_is_refused_and_left_untouched(writer, tmp_path: Path
     target = tmp_path / "out"
     write(target, fill("old"), overwrite=True)
     before = contents(target)
-    with pytest.raises(FileExistsError, match="already exists; choose another --out or pass overwrite=True"):
+    with pytest.raises(FileExistsError, match="already exists; choose another output path, or allow replacing it"):
         write(target, fill("new"), overwrite=False)
     assert contents(target) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

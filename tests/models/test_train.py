@@ -219,7 +219,7 @@ def test_damaged_checkpoint_gives_clear_error(tmp_path: Path, name: str, damage:
 @pytest.mark.parametrize(("override", "message"), [
     ({"steps": 0}, "steps must be >= 1"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
-    ({"lr": 0.0}, "lr must be > 0"),
+    ({"lr": 0.0}, "lr must be finite and > 0"),
     ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
     ({"checkpoint_every": 0}, "checkpoint_every must be >= 1"),
     ({"warmup_steps": -1}, "warmup_steps must be >= 0"),

@@ -75,3 +75,36 @@ def test_a_full_precision_folder_where_an_artifact_is_expected(world: World, tmp
 def test_a_foreign_file_where_tables_are_expected(world: World) -> None:
     code, output = cli("eval", world.root / "w4a8", "--tables", world.root / "w4a8" / WEIGHTS, *EVAL_FAST)
     assert_one_error(code, output, "is not a tacdiff correction table")
+
+
+def test_a_scheduler_config_that_is_not_an_object(world: World, tmp_path: Path) -> None:
+    artifact = world.copy("w4a8", tmp_path)
+    set_metadata(scheduler_config="[1, 2]")(artifact)
+    code, output = cli("eval", artifact, *EVAL_FAST)
+    assert_one_error(code, output, "'scheduler_config' is not a JSON object", str(artifact))
+
+
+@pytest.mark.parametrize("command", ["eval", "calibrate"])
+def test_a_tables_file_where_an_artifact_folder_is_expected(world: World, command: str) -> None:
+    tables = world.root / "tac.safetensors"
+    extra = ["--fp-model", str(world.root / "fp"), "--out", str(world.root / "x.safetensors")] \
+        if command == "calibrate" else []
+    code, output = cli(command, tables, *extra, "--steps", "2", "--samples", "2", "--quiet")
+    assert_one_error(code, output, "is a file, not a quantized artifact folder" if command == "calibrate"
+                     else "model folder not found")
+
+
+def test_an_artifact_where_the_fp_model_is_expected(world: World, tmp_path: Path) -> None:
+    code, output = cli("quantize", world.root / "w4a8", "--out", tmp_path / "q", "--calib-samples", "2", "--quiet")
+    assert_one_error(code, output, "is a tacdiff quantized artifact, not a full-precision model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_artifact_paired_with_another_fp_model(world: World, tmp_path: Path) -> None:
+    from tiny_models import tiny_unet
+
+    other = tiny_unet()
+    other.conv_in.bias.data.add_(0.1)
+    other.save_pretrained(tmp_path / "other")
+    code, output = cli("eval", world.root / "w4a8", "--fp-model", tmp_path / "other", *EVAL_FAST)
+    assert_one_error(code, output, "made from another model", "pass the model it was quantized from")

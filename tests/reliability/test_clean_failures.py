@@ -169,3 +169,26 @@ def test_debug_shows_the_traceback(tmp_path: Path, how: str) -> None:
                                 env={"TACDIFF_DEBUG": "1"} if how != "--debug" else None)
     assert isinstance(result.exception, FileNotFoundError)
     assert "error: " not in result.output
+
+
+def test_nan_in_the_fp_reference_of_a_paired_evaluation(world: World, nan_model: Path) -> None:
+    code, output = cli("eval", world.root / "fp", "--fp-model", nan_model, *EVAL_FAST)
+    assert_one_error(code, output, "produced NaN or inf in 2 of 2 samples")
+
+
+@pytest.mark.parametrize("args, fragment", [(["train", "RUN", "--lr", "inf"], "lr must be finite and > 0, got inf"),
+                                            (["calibrate", "--gamma", "inf"], "gamma must be finite"),
+                                            (["calibrate", "--tau", "nan"], "tau must be finite")])
+def test_infinite_hyper_parameters_are_refused_before_work(world: World, tmp_path: Path, args: list[str],
+                                                           fragment: str) -> None:
+    command, *options = args
+    base = command_line(command, world, tmp_path)
+    code, output = cli(*base, *[str(tmp_path / "run") if o == "RUN" else o for o in options if o != "RUN"])
+    assert_one_error(code, output, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["false", "0", "no", ""])
+def test_debug_words_that_mean_no_keep_the_one_line_error(tmp_path: Path, value: str) -> None:
+    code, output = cli("eval", tmp_path / "missing", env={"TACDIFF_DEBUG": value})
+    assert_one_error(code, output, "model folder not found")

@@ -45,3 +45,21 @@ def test_no_source_file_unpickles() -> None:
     offenders = [f"{path.relative_to(package)}:{number}" for path in package.rglob("*.py")
                  for number, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
     assert offenders == []
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_pickled_model_weights_are_refused_unopened(tmp_path: Path, command: str) -> None:
+    from tiny_models import tiny_unet
+
+    marker = tmp_path / "pwned"
+    model = tmp_path / "fp"
+    tiny_unet().save_pretrained(model)
+    (model / "diffusion_pytorch_model.safetensors").unlink()
+    (model / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Hostile(marker)))
+    before = snapshot(tmp_path)
+    args = ["--out", tmp_path / "q", "--calib-samples", "2"] if command == "quantize" else ["--samples", "2"]
+    code, output = cli(command, model, *args, "--quiet")
+    assert_one_error(code, output, "has no safetensors weights (only ['diffusion_pytorch_model.bin'])",
+                     "never loads pickled weights")
+    assert not marker.exists()
+    assert snapshot(tmp_path) == before

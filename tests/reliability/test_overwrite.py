@@ -78,3 +78,26 @@ def test_overwrite_replaces_an_earlier_artifact_and_nothing_beside_it(world: Wor
     assert read_metadata(out)["quant_config"].count('"weight_bits": 4') == 1
     after = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("w8a8")}
     assert after == before
+
+
+@pytest.mark.parametrize("command", ["quantize", "calibrate"])
+def test_a_path_through_a_missing_folder_is_judged_where_it_lands(world: World, tmp_path: Path,
+                                                                  command: str) -> None:
+    victim = user_folder(tmp_path) if command == "quantize" else plain_file(tmp_path)
+    sneaky = tmp_path / "missing" / ".." / victim.name
+    before = snapshot(tmp_path)
+    if command == "quantize":
+        code, output = cli("quantize", world.root / "fp", "--out", sneaky, *QUIET_CALIBRATION)
+    else:
+        code, output = cli("calibrate", world.root / "w4a8", "--fp-model", world.root / "fp", "--out", sneaky,
+                           "--steps", "2", "--samples", "2", "--quiet")
+    assert_one_error(code, output, str(victim), "already exists")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_report_path_never_replaces_tacdiff_files(world: World, tmp_path: Path) -> None:
+    tables = world.copy("tac.safetensors", tmp_path)
+    before = snapshot(tmp_path)
+    code, output = cli("eval", world.root / "w4a8", "--steps", "2", "--samples", "2", "--quiet", "--json", tables)
+    assert_one_error(code, output, "refusing to replace", "tac.safetensors")
+    assert snapshot(tmp_path) == before

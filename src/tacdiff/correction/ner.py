@@ -22,6 +22,8 @@ reduction there and the result equals :func:`ner_scale` on the whole batch.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, fields
 
 import torch
@@ -127,13 +129,13 @@ class NERStats:
 
 
 def check_ner_params(lam: float, gamma: float, tau: float = 0.0) -> None:
-    """Raise ``ValueError`` unless ``0 <= lam <= 1``, ``gamma >= 0`` and ``tau >= 0``."""
+    """Raise ``ValueError`` unless ``0 <= lam <= 1`` and ``gamma``, ``tau`` are finite and ``>= 0``."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0, got {tau}")
+    if not 0 <= gamma < math.inf:
+        raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
+    if not 0 <= tau < math.inf:
+        raise ValueError(f"tau must be finite and >= 0, got {tau}")
 
 
 def ner_stats(q: Tensor, r: Tensor, *, tau: float) -> NERStats:

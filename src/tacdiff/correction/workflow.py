@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from tacdiff.correction.calibrate import (DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IB
                                          calibrate_ptqd, calibrate_tac)
 from tacdiff.correction.ibc import Granularity, check_granularity
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables, is_tables_file
-from tacdiff.io.artifact import load_quantized, read_metadata, state_dict_sha256
+from tacdiff.io.artifact import check_source, load_quantized, read_metadata, recorded_scheduler_config
 from tacdiff.io.atomic import check_writable
 
 CLI_METHODS = ("tac", "ner", "ibc", "ptqd")
@@ -44,9 +43,9 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     fp = load_any_model(fp_model, device)
     if fp.quantized:
         raise ValueError(f"--fp-model {fp_model} is a quantized artifact; pass the full-precision model")
-    _check_source(meta, fp.model, fp_model)
+    check_source(meta, fp.model, fp_model)
     quant = load_quantized(quant_artifact, device)
-    config = json.loads(meta["scheduler_config"]) if meta.get("scheduler_config") else fp.scheduler_config
+    config = recorded_scheduler_config(quant_artifact) or fp.scheduler_config
     sched = build_scheduler(scheduler, config)
     run = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, seed=seed, progress=progress)
     with torch.no_grad():
@@ -58,10 +57,3 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     tables.metadata["quant_artifact"] = str(Path(quant_artifact).resolve())
     return tables.save(out, overwrite=overwrite), tables
 
-
-def _check_source(meta: dict[str, str], fp_model: torch.nn.Module, name: str | Path) -> None:
-    """Raise when the artifact records a source hash that the FP model does not have."""
-    source = meta.get("source_sha256")
-    if source and source != state_dict_sha256(fp_model):
-        raise ValueError(f"the quantized artifact was made from another model ({meta.get('source_model', '?')}, "
-                         f"sha256 {source[:12]}...) than --fp-model {name}; pass the model it was quantized from")

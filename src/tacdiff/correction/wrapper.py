@@ -62,6 +62,9 @@ class CorrectedUNet(nn.Module):
     def __init__(self, unet: nn.Module, tables: CorrectionTables, *, strict_order: bool = True,
                  force: bool = False) -> None:
         super().__init__()
+        if not isinstance(tables, CorrectionTables):
+            raise TypeError(f"tables must be CorrectionTables, got {type(tables).__name__}; load a file with "
+                            "CorrectionTables.load(path)")
         tables.check_model(unet, force=force)
         self.unet = unet
         self.tables = tables

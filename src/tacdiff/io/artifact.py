@@ -328,8 +328,27 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def check_source(meta: dict[str, str], fp_model: nn.Module, name: str | Path) -> None:
+    """Raise ``ValueError`` when the artifact records a source hash that ``fp_model`` does not have."""
+    source = meta.get("source_sha256")
+    if source and source != state_dict_sha256(fp_model):
+        raise ValueError(f"the quantized artifact was made from another model ({meta.get('source_model', '?')}, "
+                         f"sha256 {source[:12]}...) than --fp-model {name}; pass the model it was quantized from")
+
+
+def recorded_scheduler_config(path: str | Path) -> dict[str, Any] | None:
+    """The scheduler config an artifact recorded (None if none); ``ValueError`` unless it is a JSON object."""
+    meta = read_metadata(path)
+    if not meta.get("scheduler_config"):
+        return None
+    return _json(meta["scheduler_config"], dict, _weights_file(path), "its metadata 'scheduler_config'")
+
+
 def _folder(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_file() and path.name != WEIGHTS_NAME:
+        raise ValueError(f"{path} is a file, not a quantized artifact folder; pass the folder written by "
+                         "`tacdiff quantize`")
     return path.parent if path.is_file() else path
 
 

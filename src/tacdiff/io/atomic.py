@@ -32,20 +32,27 @@ MiB = 2**20
 
 
 def is_regular_file(path: Path) -> bool:
-    """The default :data:`Recognise` for report files (JSON, markdown, images): a plain file, not a link."""
+    """A plain file, not a link."""
     return path.is_file() and not path.is_symlink()
 
 
+def report_file(*suffixes: str) -> Recognise:
+    """The :data:`Recognise` for report files (JSON, markdown, images): a plain file with one of ``suffixes``,
+    so that e.g. ``--json tables.safetensors`` never replaces the tables."""
+    return lambda path: is_regular_file(path) and path.suffix.lower() in suffixes
+
+
 def write_file_atomically(path: str | Path, fill: Callable[[Path], None], overwrite: bool = True, *,
-                          recognise: Recognise = is_regular_file, what: str = "file",
+                          recognise: Recognise | None = None, what: str = "file",
                           inputs: Sequence[str | Path] = ()) -> Path:
     """Create the file ``path`` by calling ``fill(tmp)`` on a temporary sibling, then ``os.replace`` it.
 
     ``fill`` writes the whole file at ``tmp`` (its name does not end in ``path``'s suffix, so pass
     writers that infer a format from the extension an explicit format). Parent folders are created.
-    An existing ``path`` is replaced only with ``overwrite`` and when ``recognise(path)`` (see
-    :func:`check_writable` for the errors).
+    An existing ``path`` is replaced only with ``overwrite`` and when ``recognise(path)`` (default:
+    a plain file with ``path``'s suffix; see :func:`check_writable` for the errors).
     """
+    recognise = recognise or report_file(Path(path).suffix.lower())
     path = _claim(path, overwrite, recognise, what, inputs, folder=False)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
     os.close(handle)
@@ -53,10 +60,12 @@ def write_file_atomically(path: str | Path, fill: Callable[[Path], None], overwr
     try:
         fill(tmp)
         tmp.chmod(0o666 & ~_umask())  # mkstemp creates 0600
+        if path.exists():
+            _check_replaceable(path, overwrite, recognise, what, folder=False)  # appeared while filling?
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
-        raise
+        raise _named(error, path) from None
     return path
 
 
@@ -80,14 +89,23 @@ def write_dir_atomically(path: str | Path, fill: Callable[[Path], None], overwri
         fill(tmp)
         _relax_permissions(tmp)
         if path.exists():
+            _check_replaceable(path, overwrite, recognise, what, folder=True)  # appeared while filling?
             _swap(tmp, path)  # tmp now holds the old folder
             shutil.rmtree(tmp)
         else:
             tmp.rename(path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise _named(error, path) from None
     return path
+
+
+def _named(error: BaseException, path: Path) -> BaseException:
+    """``error``, or for a full disk an ``OSError`` naming the output that did not fit."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
+        return OSError(errno.ENOSPC, f"no space left on the device while writing {path}; nothing was written. "
+                                     "Free some space or choose another output location")
+    return error
 
 
 def check_writable(path: str | Path, overwrite: bool = False, *, recognise: Recognise | None = None,
@@ -102,9 +120,9 @@ def check_writable(path: str | Path, overwrite: bool = False, *, recognise: Reco
     ``FileExistsError`` for a file standing where a parent folder would be; ``PermissionError`` when the location is not writable; ``OSError``
     (``ENOSPC``) when it has less than ``need_bytes`` free.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "missing/../x" is x: judged by the path that will be written
     _check_not_protected(path, inputs)
-    if path.exists():
+    if path.exists() or path.is_symlink():
         _check_replaceable(path, overwrite, recognise, what, folder)
     blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
@@ -134,13 +152,14 @@ def _check_not_protected(path: Path, inputs: Sequence[str | Path]) -> None:
 def _check_replaceable(path: Path, overwrite: bool, recognise: Recognise | None, what: str, folder: bool) -> None:
     """Raise unless ``path`` may be replaced: ``overwrite`` is on and it holds tacdiff's own ``what``."""
     if not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another --out or pass overwrite=True / --overwrite")
+        raise FileExistsError(f"{path} already exists; choose another output path, or allow replacing it "
+                              "(--overwrite, overwrite=True)")
     if path.is_dir() != folder:
         expected, found = ("folder", "file") if folder else ("file", "folder")
         raise FileExistsError(f"{path} is a {found}, but the {what} is a {expected}; choose another path")
     if recognise is None or not recognise(path):
-        raise FileExistsError(f"refusing to replace {path}: it is not a {what} written by tacdiff (--overwrite "
-                              "only replaces tacdiff's own output). Choose another path or remove it yourself")
+        raise FileExistsError(f"refusing to replace {path}: it is not a {what} written by tacdiff (tacdiff "
+                              "replaces only its own output). Choose another path or remove it yourself")
 
 
 def _nearest_folder(path: Path) -> Path:

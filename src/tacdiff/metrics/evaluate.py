@@ -20,7 +20,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 from tacdiff.correction import CorrectedUNet, CorrectionTables, state_correction
-from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
+from tacdiff.io.artifact import WEIGHTS_NAME, check_source, load_quantized, read_metadata, recorded_scheduler_config
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
 from tacdiff.metrics.paired import batched_trajectories, derive_seed, paired_errors, to_images
@@ -56,8 +56,7 @@ def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
         raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model folder, a quantized "
                                 f"artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
     if (path / WEIGHTS_NAME).is_file():
-        config = read_metadata(path).get("scheduler_config")
-        return LoadedModel(load_quantized(path, device), json.loads(config) if config else None, quantized=True)
+        return LoadedModel(load_quantized(path, device), recorded_scheduler_config(path), quantized=True)
     return LoadedModel(load_unet(path, device), dict(load_scheduler(None, path).config), quantized=False)
 
 
@@ -106,7 +105,7 @@ def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerM
     wrapper = model if isinstance(model, CorrectedUNet) else None
 
     def collect(start: int, ref: Tensor, est: Tensor) -> None:
-        broken[0] += int((~torch.isfinite(est)).flatten(1).any(1).sum())
+        broken[0] += int((~torch.isfinite(est) | ~torch.isfinite(ref)).flatten(1).any(1).sum())
         if keep:
             images.append(est.cpu())
 
@@ -123,8 +122,9 @@ def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerM
 def _check_finite(broken: int, samples: int, model: str | Path) -> None:
     """Raise when samples hold NaN or inf, instead of reporting a NaN metric."""
     if broken:
-        raise ValueError(f"{model} produced NaN or inf in {broken} of {samples} samples: the model (or its "
-                         "correction tables) is numerically broken at these settings, so no metric was computed. "
+        raise ValueError(f"{model} (or its --fp-model) produced NaN or inf in {broken} of {samples} samples: the "
+                         "model (or its correction tables) is numerically broken at these settings, so no metric "
+                         "was computed. "
                          "Try more bits or other ranges, or recalibrate the tables")
 
 
@@ -157,6 +157,8 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     check_settings(scheduler, steps, samples, batch_size, device)
     loaded = load_any_model(model, device)
     fp = load_any_model(fp_model, device) if fp_model is not None else None
+    if fp is not None and loaded.quantized:
+        check_source(read_metadata(model), fp.model, fp_model)
     shape = tuple(sample_shape_of(loaded.model))
     if fp is not None and tuple(sample_shape_of(fp.model)) != shape:
         raise ValueError(f"--fp-model makes {tuple(sample_shape_of(fp.model))} samples but MODEL makes {shape}; "

@@ -53,8 +53,21 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> UNet2DMod
     if cls is None:
         raise ValueError(f"{folder / 'config.json'} names model class {name!r}; tacdiff supports "
                          f"{', '.join(UNET_CLASSES)}")
-    model = _built(folder, lambda: cls.from_pretrained(folder, low_cpu_mem_usage=False))
+    _check_weights_format(folder)
+    model = _built(folder, lambda: cls.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True))
     return model.to(device).eval()
+
+
+def _check_weights_format(folder: Path) -> None:
+    """Raise ``ValueError`` unless ``folder`` holds full-precision weights as safetensors (pickles are never read)."""
+    if (folder / "quantized.safetensors").is_file():
+        raise ValueError(f"{folder} is a tacdiff quantized artifact, not a full-precision model; pass the FP "
+                         "model folder it was quantized from")
+    if not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ValueError(f"{folder} has no safetensors weights{f' (only {found})' if found else ''}; tacdiff never "
+                         "loads pickled weights. Re-save the model with save_pretrained(..., safe_serialization=True) "
+                         "from a trusted environment")
 
 
 def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None) -> SchedulerMixin:

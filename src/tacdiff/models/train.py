@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,8 +75,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0:
@@ -127,7 +128,7 @@ def train(out_dir: str | Path, *, steps: int, batch_size: int = 256, lr: float =
                              dict(model_config or DEFAULT_MODEL_CONFIG))
     out_dir, device = Path(out_dir), torch.device(device)
     state = _resume_or_init(out_dir / "checkpoint", settings, device)
-    _check_run_folder(out_dir)
+    _check_run_folder(out_dir, _checkpoint_bytes(state))
     if state.step > steps:
         raise ValueError(f"checkpoint in {out_dir / 'checkpoint'} is at step {state.step}, "
                          f"past steps={steps}; pass steps >= {state.step} or use a new out_dir")
@@ -305,10 +306,15 @@ def _in_run(path: Path) -> bool:
     return _json_field(path.parent / RUN_RECORD, "format") == RUN_FORMAT
 
 
-def _check_run_folder(out_dir: Path) -> None:
+def _checkpoint_bytes(state: TrainState) -> int:
+    """Room a checkpoint swap needs: the old and the new checkpoint (weights, EMA, two Adam moments each)."""
+    return 2 * 4 * sum(p.numel() * p.element_size() for p in state.model.parameters())
+
+
+def _check_run_folder(out_dir: Path, need_bytes: int = 0) -> None:
     """Before any work: every output of the run can be written, and replaces only what ``train`` wrote."""
     check_writable(out_dir / "checkpoint", overwrite=True, recognise=_is_checkpoint, what="training checkpoint",
-                   folder=True)
+                   folder=True, need_bytes=need_bytes)
     for name, folder in (("unet", True), ("scheduler", True), (RUN_RECORD, False)):
         check_writable(out_dir / name, overwrite=True, recognise=_in_run, what=f"training run's {name}",
                        folder=folder)
@@ -326,7 +332,10 @@ def _json_field(path: Path, key: str) -> Any:
 def _export(out_dir: Path, state: TrainState, scheduler: DDPMScheduler, settings: TrainSettings,
             n_images: int) -> None:
     """Write ``training.json`` (first: it marks the folder as this run's), ``unet/`` (EMA weights) and
-    ``scheduler/`` into ``out_dir``."""
+    ``scheduler/`` into ``out_dir``; ``ValueError`` if the weights are not finite (training diverged)."""
+    if not all(bool(torch.isfinite(p).all()) for p in state.ema.parameters()):
+        raise ValueError(f"training diverged: the EMA weights at step {state.step} hold NaN or inf, so no model "
+                         "was exported; lower --lr or start a new run folder")
     record = {
         "format": RUN_FORMAT, **asdict(settings), "steps": state.step, "final_loss": state.smoothed_loss,
         "final_loss_note": f"epsilon MSE of the trained (non-EMA) weights, EMA-smoothed ({LOSS_SMOOTHING})",

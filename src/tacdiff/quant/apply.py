@@ -200,6 +200,9 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
         progress: show progress bars.
     """
     check_supported(model)
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}; e.g. "
+                        "tacdiff.QuantConfig(weight_bits=4, act_bits=8)")
     check_finite(model, calibration)
     calibrated_acts = config.act_bits is not None and config.act_range != "dynamic"
     if calibration is None and config.weight_rounding != "rtn":
