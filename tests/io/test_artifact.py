@@ -133,8 +133,8 @@ def rewrite(file: Path, tensors: dict[str, torch.Tensor | None] | None = None, d
     with safe_open(file, framework="pt") as handle:
         meta = {k: v for k, v in {**handle.metadata(), **changes}.items() if k not in drop}
     data = {k: v for k, v in {**load_file(file), **(tensors or {})}.items() if v is not None}
-    if tensors and artifact.CHECKSUM_KEY in meta:
-        meta[artifact.CHECKSUM_KEY] = artifact.tensors_sha256(data)
+    if artifact.CHECKSUM_KEY in meta:
+        meta[artifact.CHECKSUM_KEY] = artifact.content_sha256(data, meta)
     save_file(data, file, metadata=meta)
 
 
@@ -244,15 +244,26 @@ def flip_byte(file: Path, tensor: str) -> None:
 
 def test_the_checksum_covers_the_stored_tensors(saved: Path) -> None:
     file = saved / artifact.WEIGHTS_NAME
-    assert read_metadata(saved)[artifact.CHECKSUM_KEY] == artifact.tensors_sha256(load_file(file))
+    meta = read_metadata(saved)
+    assert meta[artifact.CHECKSUM_KEY] == artifact.content_sha256(load_file(file), meta)
 
 
 def test_a_flipped_byte_fails_the_checksum_unless_verify_is_off(art: Path, w8a8: nn.Module) -> None:
     flip_byte(art / artifact.WEIGHTS_NAME, "mid_block.resnets.0.conv1.weight_codes")  # 8-bit codes: any byte is valid
-    load_fails(art, ValueError, "is corrupt: its tensors do not match the checksum recorded when it was written; "
-                                "re-create it with tacdiff quantize")
+    load_fails(art, ValueError, "is corrupt: its tensors or metadata do not match the checksum recorded when it was "
+                                "written; re-create it with tacdiff quantize")
     loaded = load_quantized(art, verify=False)
     assert not torch.equal(loaded.mid_block.resnets[0].conv1.weight, w8a8.mid_block.resnets[0].conv1.weight)
+
+
+def test_metadata_edited_by_hand_fails_the_checksum(art: Path) -> None:
+    file = art / artifact.WEIGHTS_NAME
+    with safe_open(file, framework="pt") as handle:
+        meta = handle.metadata()
+    config = meta["quant_config"].replace('"act_range": "mse"', '"act_range": "minmax"')
+    assert config != meta["quant_config"]
+    save_file(load_file(file), file, metadata={**meta, "quant_config": config})
+    load_fails(art, ValueError, "its tensors or metadata do not match the checksum")
 
 
 def test_an_artifact_without_a_checksum_still_loads(art: Path, w8a8: nn.Module) -> None:

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file, safe_open, save_file
 
 from fault_support import EVAL_FAST, World, assert_one_error, cli, snapshot
+from tacdiff.io.artifact import CHECKSUM_KEY, content_sha256
 
 WEIGHTS = "quantized.safetensors"
 
@@ -22,11 +23,21 @@ def flip_a_tensor_byte(artifact: Path) -> None:
 
 
 def set_metadata(**changes: str) -> Callable[[Path], None]:
+    """Change metadata as a consistent writer would (checksum recomputed), so the checks behind it are reached."""
     def change(artifact: Path) -> None:
         with safe_open(artifact / WEIGHTS, framework="pt") as handle:
             meta = {**handle.metadata(), **changes}
-        save_file(load_file(artifact / WEIGHTS), artifact / WEIGHTS, metadata=meta)
+        tensors = load_file(artifact / WEIGHTS)
+        save_file(tensors, artifact / WEIGHTS, metadata={**meta, CHECKSUM_KEY: content_sha256(tensors, meta)})
     return change
+
+
+def edit_metadata_by_hand(artifact: Path) -> None:
+    with safe_open(artifact / WEIGHTS, framework="pt") as handle:
+        meta = handle.metadata()
+    config = json.loads(meta["scheduler_config"])
+    meta["scheduler_config"] = json.dumps({**config, "beta_end": 0.03})
+    save_file(load_file(artifact / WEIGHTS), artifact / WEIGHTS, metadata=meta)
 
 
 def set_config(text: str | None = None, **changes: object) -> Callable[[Path], None]:
@@ -38,6 +49,7 @@ def set_config(text: str | None = None, **changes: object) -> Callable[[Path], N
 
 DAMAGE = {
     "a flipped byte in the tensors": (flip_a_tensor_byte, "do not match the checksum"),
+    "metadata edited by hand": (edit_metadata_by_hand, "do not match the checksum"),
     "config.json that is not JSON": (set_config("{not json"), "config.json is corrupt: it is not a JSON object"),
     "config.json that is a list": (set_config("[1, 2]"), "config.json"),
     "the model class changed by hand": (set_config(_class_name="UNet2DConditionModel"), "UNet2DConditionModel"),

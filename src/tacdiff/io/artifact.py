@@ -35,7 +35,7 @@ FORMAT = "tacdiff-quantized-unet"
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "quantized.safetensors"
 CONFIG_NAME = "config.json"
-CHECKSUM_KEY = "tensors_sha256"
+CHECKSUM_KEY = "content_sha256"
 REQUIRED_KEYS = ("model_class", "quant_config", "plan", "code_shapes", "enabled_act_quantizers")
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                   "float64": torch.float64}
@@ -49,6 +49,13 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str:
+    """SHA-256 over an artifact's tensors and its metadata (all but the checksum entry itself)."""
+    digest = hashlib.sha256(tensors_sha256(tensors).encode())
+    digest.update(json.dumps({k: v for k, v in meta.items() if k != CHECKSUM_KEY}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -68,8 +75,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str,
         "model_class": type(model).__name__, "quant_config": state.config.to_json(),
         "plan": json.dumps([asdict(p) for p in state.plan]), "code_shapes": json.dumps(shapes),
         "enabled_act_quantizers": json.dumps(enabled), "compute_dtype": str(model.dtype).removeprefix("torch."),
-        **(metadata or {}), CHECKSUM_KEY: tensors_sha256(tensors),
+        **(metadata or {}),
     }
+    meta[CHECKSUM_KEY] = content_sha256(tensors, meta)
 
     def fill(tmp: Path) -> None:
         model.save_config(tmp)
@@ -117,8 +125,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
 
     ``dtype`` is the compute dtype; by default the one the model had when it was saved (float32
     for artifacts that do not record it). The quantization parameters stay float32, as
-    :func:`tacdiff.quantize` made them. ``verify`` compares the tensors with the checksum
-    recorded when the artifact was written (artifacts without one are not verified); every
+    :func:`tacdiff.quantize` made them. ``verify`` compares the tensors and metadata with the
+    checksum recorded when the artifact was written (artifacts without one are not verified); every
     tensor is checked against the rebuilt model either way. Problems raise ``ValueError``
     (``FileNotFoundError`` for missing files) naming the file and the fix.
     """
@@ -126,8 +134,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     meta = read_metadata(file)
     recipe = _Recipe.from_metadata(meta, file)
     tensors = _read_tensors(file)
-    if verify and recipe.checksum is not None and tensors_sha256(tensors) != recipe.checksum:
-        raise _corrupt(file, "its tensors do not match the checksum recorded when it was written")
+    if verify and recipe.checksum is not None and content_sha256(tensors, meta) != recipe.checksum:
+        raise _corrupt(file, "its tensors or metadata do not match the checksum recorded when it was written")
     model = _build_model(file.parent, recipe.model_class, file).to(device).eval()
     dtype = recipe.compute_dtype if dtype is None else dtype
     if dtype != model.dtype:  # diffusers warns on any dtype cast, so cast only when needed
