@@ -25,7 +25,7 @@ so neither the fit nor the choice made here sees bench's ``derive_seed(seed, "ev
 A calibration set of n trajectories starts from the first n noises of the larger ones.
 
 Scoring: FP and every denoiser (PTQ, NER, each TAC setting) are sampled in one paired
-:func:`tacdiff.metrics.paired.batched_trajectories` run through bench's scorer, so FP's
+:func:`tacdiff.sampling.batching.batched_trajectories` run through bench's scorer, so FP's
 validation images are drawn once and every row is compared with the same ones. Per row:
 x0 MSE/PSNR of the final images (clamped to [-1, 1]) against FP on the same noise, FID/KID on
 the bundled classifier's features (:func:`tacdiff.metrics.fid.fid_kid`; with a few hundred
@@ -70,10 +70,11 @@ from tacdiff.io.atomic import write_text_atomically
 from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU
 from tacdiff.correction.ibc import check_granularity
 from tacdiff.correction.ner import check_ner_params
-from tacdiff.metrics.evaluate import build_scheduler, write_json
-from tacdiff.metrics.paired import derive_seed
+from tacdiff.metrics.evaluate import write_json
+from tacdiff.models.loading import build_scheduler
 from tacdiff.models.reference import load_reference_model
 from tacdiff.quant import QuantConfig, quantize
+from tacdiff.sampling.batching import derive_seed
 from tacdiff.sampling.loop import unet_denoiser
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 

@@ -1,6 +1,6 @@
 """``tacdiff bench``: FP, PTQ, PTQD and TAC (with its NER/IBC ablations) on the bundled model, paired.
 
-For every step count, one :func:`tacdiff.metrics.paired.batched_trajectories` call samples the
+For every step count, one :func:`tacdiff.sampling.batching.batched_trajectories` call samples the
 FP model and, for every bit setting, the uncorrected PTQ model and its PTQD/NER/IBC/TAC-corrected
 wrappers from the same starting noise (and the same per-step noise), so every method is compared
 with the same FP images. Choices, written down:
@@ -43,11 +43,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac, state_correction
-from tacdiff.metrics.evaluate import KID_SUBSET_SIZE, build_scheduler, check_settings
+from tacdiff.metrics.evaluate import KID_SUBSET_SIZE
 from tacdiff.metrics.fid import fid_kid
-from tacdiff.metrics.paired import PairedStepStats, batched_trajectories, derive_seed, psnr_db, to_images
+from tacdiff.metrics.paired import PairedStepStats, psnr_db
+from tacdiff.models.loading import build_scheduler, check_settings
 from tacdiff.models.reference import load_reference_model
 from tacdiff.quant import QuantConfig, quantize
+from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
 from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord, unet_denoiser
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 

@@ -99,9 +99,10 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     final-image MSE and PSNR against FP (images in [-1, 1]); writes ``out_dir/samples.png``.
     """
     from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
-    from tacdiff.metrics.paired import batched_trajectories, psnr_db, to_images
+    from tacdiff.metrics.paired import psnr_db
     from tacdiff.models.reference import load_reference_model
     from tacdiff.report import save_grid
+    from tacdiff.sampling.batching import batched_trajectories, to_images
 
     fp, ddpm = load_reference_model()
     scheduler = DDIMScheduler.from_config(ddpm.config)

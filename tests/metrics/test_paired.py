@@ -13,8 +13,8 @@ from torch import nn
 
 import tacdiff
 from tacdiff.metrics import PairedErrors, PairedStepStats, paired_errors, psnr_db, sqnr_db
-from tacdiff.metrics.paired import batched_trajectories, sample_noise
 from tacdiff.sampling import StepRecord, unet_denoiser
+from tacdiff.sampling.batching import batched_trajectories, sample_noise
 
 SHAPE, STEPS, N = (3, 8, 8), 4, 6
 

@@ -37,7 +37,7 @@ from tacdiff.correction.ptqd import PTQDStats
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
-from tacdiff.metrics.paired import batched_trajectories
+from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.calibration import sample_shape_of
 from tacdiff.sampling.loop import Denoiser, unet_denoiser
 
@@ -210,7 +210,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
             ``num_inference_steps`` and fail on any other schedule.
         num_samples: calibration trajectories, all advanced together; ``batch_size`` bounds
             each network call (see the module docstring).
-        seed: starting noise and per-step noise, as in :func:`tacdiff.metrics.paired.batched_trajectories`.
+        seed: starting noise and per-step noise, as in :func:`tacdiff.sampling.batching.batched_trajectories`.
         lam, gamma, tau: NER's relative-distortion weight, pull towards 1 and mask threshold.
         ibc: ``"element"`` (``mu_t`` of shape ``(C, H, W)``, the default) or ``"channel"`` (``(C,)``).
             Element-wise means need more trajectories: on a tiny random-weight test UNet, 8 or 32

@@ -12,6 +12,7 @@ from tacdiff.correction.calibrate import (DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IB
 from tacdiff.correction.ibc import Granularity, check_granularity
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
 from tacdiff.io.artifact import load_quantized, read_metadata, state_dict_sha256
+from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
 
 CLI_METHODS = ("tac", "ner", "ibc", "ptqd")
 
@@ -29,8 +30,6 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     comes from the artifact's metadata when present, else from the FP model. ``ValueError``
     when the FP model is not the one the artifact was quantized from (by state-dict hash).
     """
-    from tacdiff.metrics.evaluate import build_scheduler, check_settings, load_any_model
-
     if method not in CLI_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CLI_METHODS)}")
     check_granularity(ibc)

@@ -10,79 +10,23 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       SchedulerMixin)
+from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from tacdiff.correction import CorrectedUNet, CorrectionTables, state_correction
-from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
-from tacdiff.metrics.paired import batched_trajectories, derive_seed, paired_errors, to_images
-from tacdiff.models.loading import load_scheduler, load_unet
-from tacdiff.models.reference import load_reference_model
+from tacdiff.metrics.paired import paired_errors
+from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
+from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
 from tacdiff.sampling.calibration import random_text_embeddings, sample_shape_of
 from tacdiff.sampling.loop import unet_denoiser
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-}
-REFERENCE = "reference"
 KID_SUBSET_SIZE = 1000
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to sample, with the scheduler config it was trained (or quantized) with."""
-
-    model: nn.Module
-    scheduler_config: dict[str, Any] | None
-    quantized: bool
-
-
-def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
-    """Load ``"reference"``, a quantized artifact folder or a diffusers UNet/pipeline folder, in eval mode."""
-    if str(spec) == REFERENCE:
-        model, scheduler = load_reference_model(device)
-        return LoadedModel(model, dict(scheduler.config), quantized=False)
-    path = Path(spec)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model folder, a quantized "
-                                f"artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
-    if (path / WEIGHTS_NAME).is_file():
-        config = read_metadata(path).get("scheduler_config")
-        return LoadedModel(load_quantized(path, device), json.loads(config) if config else None, quantized=True)
-    return LoadedModel(load_unet(path, device), dict(load_scheduler(None, path).config), quantized=False)
-
-
-def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
-    """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule."""
-    cls = SCHEDULERS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
-    return cls.from_config(base)
-
-
-def check_settings(scheduler: str, steps: int, samples: int, batch_size: int, device: str) -> None:
-    """Raise ``ValueError`` naming the first bad setting (before anything is loaded)."""
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    for name, value in (("steps", steps), ("samples", samples), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as error:
-        raise ValueError(f"bad device {device!r} ({error}); use e.g. cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
 
 
 def _fid_or_note(images: list[Tensor], shape: tuple[int, ...], seed: int) -> tuple[dict[str, float | None], str | None]:
@@ -135,7 +79,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
             from the model's scheduler config (an artifact's recorded one, else ``fp_model``'s,
             else a 1000-step linear DDPM schedule).
         steps, samples, seed, batch_size, device: sampling settings; see
-            :func:`tacdiff.metrics.paired.sample_noise` for how seeds map to images.
+            :func:`tacdiff.sampling.batching.sample_noise` for how seeds map to images.
         tables: correction tables (``tacdiff calibrate --out``) to apply to ``model``; they must
             have been calibrated for ``scheduler`` at ``steps``.
     Returns:

@@ -1,13 +1,21 @@
-"""Load diffusers UNets and schedulers from ``save_pretrained`` folders (a UNet folder or a pipeline)."""
+"""Load models and schedulers: diffusers ``save_pretrained`` folders (a UNet folder or a pipeline),
+quantized artifacts and the bundled reference model; schedulers by name."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       SchedulerMixin, UNet2DConditionModel, UNet2DModel)
+from torch import nn
+
+from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
+from tacdiff.models.reference import load_reference_model
 
 UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
 
@@ -53,3 +61,58 @@ def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None)
     if path is not None:
         raise FileNotFoundError(f"no scheduler_config.json in {path} or {Path(path) / 'scheduler'}")
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+REFERENCE = "reference"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to sample, with the scheduler config it was trained (or quantized) with."""
+
+    model: nn.Module
+    scheduler_config: dict[str, Any] | None
+    quantized: bool
+
+
+def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load ``"reference"``, a quantized artifact folder or a diffusers UNet/pipeline folder, in eval mode."""
+    if str(spec) == REFERENCE:
+        model, scheduler = load_reference_model(device)
+        return LoadedModel(model, dict(scheduler.config), quantized=False)
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model folder, a quantized "
+                                f"artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
+    if (path / WEIGHTS_NAME).is_file():
+        config = read_metadata(path).get("scheduler_config")
+        return LoadedModel(load_quantized(path, device), json.loads(config) if config else None, quantized=True)
+    return LoadedModel(load_unet(path, device), dict(load_scheduler(None, path).config), quantized=False)
+
+
+def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
+    """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule."""
+    cls = SCHEDULERS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
+    return cls.from_config(base)
+
+
+def check_settings(scheduler: str, steps: int, samples: int, batch_size: int, device: str) -> None:
+    """Raise ``ValueError`` naming the first bad setting (before anything is loaded)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    for name, value in (("steps", steps), ("samples", samples), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"bad device {device!r} ({error}); use e.g. cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
