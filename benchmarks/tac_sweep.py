@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from fp_reference import machine  # sibling benchmark script (run as python benchmarks/tac_sweep.py)
 from tacdiff.bench import FP_BITS, BenchResult, _check, _evaluate, _fmt, _Timed, _timed_call
-from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
+from tacdiff.correction import CorrectedDenoiser, calibrate_tac
 from tacdiff.correction.tables import IBC_TARGETS
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU
@@ -140,7 +140,6 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
     settings = one_at_a_time(centre, values)
     calib_seed = derive_seed(args.seed, "calibrate")
     labels, denoisers = [(FP_BITS, "fp")], [_Timed(unet_denoiser(fp), cuda)]
-    wrappers: list[CorrectedUNet | None] = [None]
     seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
     swept: dict[str, Setting] = {}
     quant_samples = min(args.quant_calib_samples, args.calib_samples)
@@ -150,7 +149,6 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
                                                     args.progress)
         labels.append((name, "ptq"))
         denoisers.append(_Timed(unet_denoiser(model), cuda))
-        wrappers.append(None)
         fits = [("ner", centre, False)] + [(label(s, centre), s, True) for s in settings]
         for i, (method, s, use_ibc) in enumerate(fits, 1):
             log(f"[{name} {i}/{len(fits)}] fit {method}: lam={s.lam} gamma={s.gamma} tau={s.tau} ibc={s.ibc} "
@@ -161,13 +159,12 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
                 batch_size=args.batch_size, seed=calib_seed, lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc,
                 ibc_target=s.target, use_ibc=use_ibc, progress=args.progress))
             labels.append((name, method))
-            wrappers.append(CorrectedUNet(model, tables))
-            denoisers.append(_Timed(unet_denoiser(wrappers[-1]), cuda))
+            denoisers.append(_Timed(CorrectedDenoiser(unet_denoiser(model), tables), cuda))
             swept[method] = s
     log(f"sample {len(denoisers)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
     rows = _evaluate(BenchResult([]), labels, denoisers, seconds, scheduler, args.steps, args.samples,
                      args.batch_size, derive_seed(args.seed, "validate"), dev,
-                     list(dict.fromkeys(m for _, m in labels)), args.progress, state_correction(wrappers))
+                     list(dict.fromkeys(m for _, m in labels)), args.progress)
     for row in rows:
         s = swept.get(row["method"])
         row["factor"] = "" if s is None else "ner" if row["method"] == "ner" else s.differs_in(centre)

@@ -15,7 +15,7 @@ with the same FP images. Choices, written down:
   ``min(quant_calib_samples, calib_samples)`` FP DDIM trajectories of ``min(50, max(steps))``
   steps with 25 steps kept (Q-Diffusion's time-uniform calibration).
 * IBC (in ``ibc`` and ``tac``) shifts the quantized trajectory's latent (``ibc_target="state"``,
-  the default; the loop's ``correct_states`` hook applies it).
+  the default; the loop applies it through the corrected denoiser's ``correct_state``).
 * Sampler: DDIM (eta 0) from the reference scheduler config. PTQD is its deterministic part
   (``(q - b_t) / (1 + k_t)``); its variance-schedule calibration needs a stochastic sampler.
 * FP rows have ``bits == "fp"``, one per step count (FP is sampled once per step count).
@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac, state_correction
+from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_ptqd, calibrate_tac
 from tacdiff.metrics.evaluate import KID_SUBSET_SIZE
 from tacdiff.metrics.fid import fid_kid
 from tacdiff.metrics.paired import PairedStepStats, psnr_db
@@ -50,7 +50,7 @@ from tacdiff.models.loading import build_scheduler, check_settings
 from tacdiff.models.reference import load_reference_model
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
-from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord, unet_denoiser
+from tacdiff.sampling.loop import Denoiser, DenoiserWrapper, StepRecord, unet_denoiser
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
@@ -78,17 +78,18 @@ class BenchResult:
     timesteps: dict[int, list[float]] = field(default_factory=dict)
 
 
-class _Timed:
+class _Timed(DenoiserWrapper):
     """A denoiser that adds the wall time of each call to ``seconds`` (CUDA synchronised)."""
 
     def __init__(self, denoise: Denoiser, cuda: bool) -> None:
-        self.denoise, self.cuda, self.seconds = denoise, cuda, 0.0
+        super().__init__(denoise)
+        self.cuda, self.seconds = cuda, 0.0
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if self.cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        out = self.denoise(x, t, **cond)
+        out = self.inner(x, t, **cond)
         if self.cuda:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - started
@@ -162,7 +163,6 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
         labels: list[tuple[str, str]] = [(FP_BITS, "fp")]
         denoisers: list[_Timed] = [_Timed(unet_denoiser(fp), dev.type == "cuda")]
         calib_seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
-        wrappers: dict[int, CorrectedUNet] = {}
         for name in names:
             model, quant_seconds = quantized[name]
             labels.append((name, "ptq"))
@@ -173,13 +173,11 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
                 tables, seconds = _timed_call(dev, lambda method=method: _calibrate(
                     method, fp, model, scheduler, count, calib_samples, batch_size, calib_seed, progress))
                 labels.append((name, method))
-                wrappers[len(denoisers)] = CorrectedUNet(model, tables)
-                denoisers.append(_Timed(unet_denoiser(wrappers[len(denoisers)]), dev.type == "cuda"))
+                denoisers.append(_Timed(CorrectedDenoiser(unet_denoiser(model), tables), dev.type == "cuda"))
                 calib_seconds[name, method] = seconds
         _log(progress, f"sample {len(denoisers)} denoisers x {samples} paired images, DDIM {count}")
-        hook = state_correction([wrappers.get(i) for i in range(len(denoisers))])
         result.rows += _evaluate(result, labels, denoisers, calib_seconds, scheduler, count, samples, batch_size,
-                                 eval_seed, dev, wanted, progress, hook)
+                                 eval_seed, dev, wanted, progress)
     return result
 
 
@@ -205,14 +203,13 @@ class _AllPairs:
 def _evaluate(result: BenchResult, labels: list[tuple[str, str]], denoisers: list[_Timed],
               calib_seconds: dict[tuple[str, str], float], scheduler: Any, steps: int, samples: int,
               batch_size: int, seed: int, device: torch.device, wanted: list[str],
-              progress: bool, correct_states: StateCorrection | None = None) -> list[dict[str, Any]]:
+              progress: bool) -> list[dict[str, Any]]:
     """Sample every denoiser on the same noise; score each against FP (index 0)."""
     callback = _AllPairs(len(denoisers))
     images: list[list[Tensor]] = [[] for _ in denoisers]
     for _, finals in batched_trajectories(denoisers, scheduler, num_samples=samples, sample_shape=(1, 28, 28),
                                           num_inference_steps=steps, seed=seed, batch_size=batch_size,
-                                          device=device, callback=callback, correct_states=correct_states,
-                                          progress=progress):
+                                          device=device, callback=callback, progress=progress):
         for kept, final in zip(images, finals):
             kept.append(to_images(final).float().cpu())
     result.timesteps[steps] = callback.stats[0].timesteps

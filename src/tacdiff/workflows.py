@@ -98,7 +98,7 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     noise-estimate SQNR in dB (None for the TAC row, whose correction acts along trajectories),
     final-image MSE and PSNR against FP (images in [-1, 1]); writes ``out_dir/samples.png``.
     """
-    from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
+    from tacdiff.correction import CorrectedDenoiser, calibrate_tac
     from tacdiff.metrics.paired import psnr_db
     from tacdiff.models.reference import load_reference_model
     from tacdiff.report import save_grid
@@ -108,7 +108,7 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     scheduler = DDIMScheduler.from_config(ddpm.config)
     calib = calibrate_inputs(fp, ddpm, CalibrationSettings(calib_samples, steps, min(25, steps), seed), progress)
     held_out = calibrate_inputs(fp, ddpm, CalibrationSettings(16, steps, min(10, steps), seed + 1), progress=False)
-    names, denoisers, wrappers, rows = ["FP"], [unet_denoiser(fp)], [None], []
+    names, denoisers, rows = ["FP"], [unet_denoiser(fp)], []
     for w_bits, a_bits in bits:
         started = time.perf_counter()
         model = quantize(copy.deepcopy(fp), QuantConfig(weight_bits=w_bits, act_bits=a_bits), calib, progress=progress)
@@ -116,17 +116,15 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
                      "eps_sqnr_db": output_sqnr_db(fp, model, held_out)})
         names.append(f"W{w_bits}A{a_bits}")
         denoisers.append(unet_denoiser(model))
-        wrappers.append(None)
     started = time.perf_counter()
     tables = calibrate_tac(fp, model, scheduler, num_inference_steps=steps, num_samples=calib_samples,
                            batch_size=calib_samples, seed=seed + 3, progress=progress)
     rows.append({"bits": f"{rows[-1]['bits']}+tac", "seconds": time.perf_counter() - started, "eps_sqnr_db": None})
     names.append(f"{names[-1]}+TAC")
-    wrappers.append(CorrectedUNet(model, tables))
-    denoisers.append(unet_denoiser(wrappers[-1]))
+    denoisers.append(CorrectedDenoiser(unet_denoiser(model), tables))
     finals = [torch.cat(parts) for parts in zip(*(batch for _, batch in batched_trajectories(
         denoisers, scheduler, num_samples=samples, sample_shape=(1, 28, 28), num_inference_steps=steps,
-        seed=seed + 2, correct_states=state_correction(wrappers), progress=progress)))]
+        seed=seed + 2, progress=progress)))]
     images = [to_images(x) for x in finals]
     for row, image in zip(rows, images[1:]):
         row["x0_mse"] = float((image - images[0]).pow(2).mean())

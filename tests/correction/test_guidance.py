@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
-from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
+from tacdiff.correction import CorrectedDenoiser, calibrate_tac
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.sampling.loop import Denoiser
 
@@ -41,10 +41,9 @@ def test_guided_calibration_is_replayed_by_the_wrapper() -> None:
     chunked = calibrate_tac(fp, shifted, DDIMScheduler(), batch_size=3, **run)
     assert torch.allclose(chunked.out_scale, tables.out_scale, rtol=1e-4)
     assert (tables.out_scale != 1).all() and tables.input_bias[1:].abs().sum() > 0
-    wrapped = CorrectedUNet(shifted, tables)
-    seen = paired_errors(guided(fp), guided(wrapped), DDIMScheduler(), num_samples=SAMPLES,
+    seen = paired_errors(guided(fp), CorrectedDenoiser(guided(shifted), tables), DDIMScheduler(), num_samples=SAMPLES,
                          sample_shape=(4, 16, 16), num_inference_steps=STEPS, seed=0, batch_size=SAMPLES, cond=text,
-                         correct_states=state_correction([None, wrapped]), progress=False)
+                         progress=False)
     assert seen.input_bias.abs().max() < 1e-6, "the replay removes mu_t from the latents, as calibration did"
     plain = paired_errors(guided(fp), guided(shifted), DDIMScheduler(), num_samples=SAMPLES,
                           sample_shape=(4, 16, 16), num_inference_steps=STEPS, seed=0, batch_size=SAMPLES,

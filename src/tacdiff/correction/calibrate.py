@@ -65,11 +65,16 @@ class _Row:
 
 @dataclass
 class _FPRecorder:
-    """The FP denoiser of the pair: returns its estimate and keeps ``(x_t, r)`` of the current step."""
+    """The FP denoiser of the pair: returns its estimate and keeps the latents, ``x_t`` and ``r`` of the step."""
 
     denoise: Denoiser
+    state: Tensor | None = None
     x: Tensor | None = None
     eps: Tensor | None = None
+
+    def correct_state(self, x: Tensor, t: Tensor, step: int) -> Tensor:
+        self.state = x
+        return x
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         self.x, self.eps = x, self.denoise(x, t, **cond)
@@ -80,8 +85,8 @@ class _FPRecorder:
 class _Calibrating:
     """The quantized denoiser of the pair: ``step(x_hat, x_fp, r, t, quant) -> (row, eps)`` fits each step.
 
-    With ``state_ibc`` set, :meth:`correct_states` (the loop's ``correct_states`` hook) measures
-    ``mu_t`` on the latents of both trajectories at the start of the step and shifts the
+    With ``state_ibc`` set, :meth:`correct_state` (called by the loop at the start of the step,
+    after the FP recorder's) measures ``mu_t`` on the latents of both trajectories and shifts the
     quantized one; the row then records that ``mu_t`` as its input bias.
     """
 
@@ -92,12 +97,11 @@ class _Calibrating:
     rows: list[_Row] = field(default_factory=list)
     _state_bias: Tensor | None = None
 
-    def correct_states(self, t: Tensor, states: list[Tensor]) -> list[Tensor]:
-        fp_state, q_state = states
+    def correct_state(self, x: Tensor, t: Tensor, step: int) -> Tensor:
         if self.state_ibc is None:
-            return states
-        self._state_bias = input_bias(q_state, fp_state, self.state_ibc).float()
-        return [fp_state, correct_input(q_state, self._state_bias)]
+            return x
+        self._state_bias = input_bias(x, self.fp.state, self.state_ibc).float()
+        return correct_input(x, self._state_bias)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if self.fp.x is None or self.fp.eps is None:
@@ -183,7 +187,7 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
     for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
                                   sample_shape=sample_shape_of(fp_model), num_inference_steps=num_inference_steps,
                                   seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
-                                  cond=cond, correct_states=calibrating.correct_states, progress=progress):
+                                  cond=cond, progress=progress):
         pass
     rows = calibrating.rows
     hyper = {**hyper, "num_samples": num_samples, "seed": seed}
@@ -217,16 +221,15 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
             of them overfit (fresh-seed x0 error above the uncorrected one) and 64 did not.
         ibc_target: ``"state"`` subtracts ``mu_t`` from the quantized trajectory's latent at the
             start of each step (``x_hat_t <- x_hat_t - mu_t``), so the correction carries on to
-            later steps; sampling then needs the loop's ``correct_states`` hook
-            (:func:`tacdiff.correction.state_correction`). ``"input"`` shifts only what the
+            later steps; sampling then needs tacdiff's loop, which calls
+            :class:`~tacdiff.correction.CorrectedDenoiser`'s ``correct_state``. ``"input"`` shifts only what the
             network sees, which a plain UNet wrapper can do inside any diffusers pipeline, but
             the uncorrected latent keeps its bias (measured worse: see the README).
         use_ibc, use_ner: switch the parts off for ablations (method ``ner``/``ibc``).
         cond: model keyword arguments with a leading dimension ``num_samples``.
         denoiser: adapts a model to ``(x, t, **cond) -> eps``; e.g. a classifier-free-guidance
-            denoiser, so the tables fit the guided estimate that enters the sampler. The
-            corrections are affine with per-step constants, so :class:`CorrectedUNet` applied to
-            both guidance halves yields exactly the corrected guided estimate.
+            denoiser, so the tables fit the guided estimate that enters the sampler. Wrap the
+            same guided denoiser in :class:`CorrectedDenoiser` to sample with the tables.
     Returns:
         :class:`CorrectionTables` (method ``tac``, ``ner``, ``ibc`` or ``none``).
     """

@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 from diffusers import SchedulerMixin
-from torch import Tensor, nn
+from torch import Tensor
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, state_correction
+from tacdiff.correction import CorrectedDenoiser, CorrectionTables
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
 from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
 from tacdiff.sampling.calibration import random_text_embeddings, sample_shape_of
-from tacdiff.sampling.loop import unet_denoiser
+from tacdiff.sampling.loop import Denoiser, unet_denoiser
 
 KID_SUBSET_SIZE = 1000
 
@@ -44,21 +44,16 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerMixin, keep: bool,
+def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: SchedulerMixin, keep: bool,
                    **run: Any) -> tuple[list[Tensor], Any]:
-    """Final images of ``model`` (kept on the CPU if ``keep``) and paired errors against ``fp`` (or None).
-
-    A :class:`~tacdiff.correction.CorrectedUNet` ``model`` gets its state hook."""
+    """Final images of ``denoiser`` (kept on the CPU if ``keep``) and paired errors against ``fp`` (or None)."""
     images: list[Tensor] = []
-    wrapper = model if isinstance(model, CorrectedUNet) else None
     if fp is not None:
         def collect(start: int, ref: Tensor, est: Tensor) -> None:
             if keep:
                 images.append(est.cpu())
-        return images, paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, on_batch=collect,
-                                     correct_states=state_correction([None, wrapper]), **run)
-    for _, (final,) in batched_trajectories([unet_denoiser(model)], scheduler,
-                                            correct_states=state_correction([wrapper]), **run):
+        return images, paired_errors(fp, denoiser, scheduler, on_batch=collect, **run)
+    for _, (final,) in batched_trajectories([denoiser], scheduler, **run):
         if keep:
             images.append(to_images(final).cpu())
     return images, None
@@ -99,18 +94,18 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     sched = build_scheduler(scheduler, config)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
-    sampler = loaded.model
+    sampler = unet_denoiser(loaded.model)
     if tables is not None:
         correction = CorrectionTables.load(tables)
         correction.check_scheduler(sched, steps)
-        sampler = CorrectedUNet(loaded.model, correction)
+        sampler = CorrectedDenoiser(sampler, correction)
     cond = random_text_embeddings(loaded.model, samples, derive_seed(seed, "text"))
     if cond:
         warnings.warn("sampling a conditional UNet with seeded random text embeddings (the same for FP and "
                       "quantized); for real prompts evaluate from Python with their embeddings", stacklevel=2)
     started = time.perf_counter()
     images, paired = _sample_images(
-        sampler, fp.model if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
+        sampler, unet_denoiser(fp.model) if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
         num_samples=samples, sample_shape=shape, num_inference_steps=steps, seed=seed, batch_size=batch_size,
         device=device, cond=cond or None, progress=progress)
     _synchronize(device)

@@ -17,7 +17,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 
 from tacdiff.sampling.batching import IMAGE_RANGE, batched_trajectories, to_images
-from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord
+from tacdiff.sampling.loop import Denoiser, StepRecord
 
 PEAK_TO_PEAK = IMAGE_RANGE[1] - IMAGE_RANGE[0]
 
@@ -143,7 +143,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   cond: dict[str, Tensor] | None = None,
                   on_batch: Callable[[int, Tensor, Tensor], None] | None = None,
-                  correct_states: StateCorrection | None = None, progress: bool = True) -> PairedErrors:
+                  progress: bool = True) -> PairedErrors:
     """Sample ``reference`` (FP) and ``estimate`` (e.g. quantized) in lockstep and measure their discrepancy.
 
     Args:
@@ -155,8 +155,6 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
         cond: model keyword arguments with a leading dimension ``num_samples``.
         on_batch: called as ``on_batch(start, reference_images, estimate_images)`` with each
             batch's final images clamped to [-1, 1] (e.g. to keep them for FID).
-        correct_states: the loop's state hook, e.g. ``state_correction([None, wrapper])`` for an
-            ``estimate`` whose correction tables shift the sampler state.
     Returns:
         :class:`PairedErrors`; the images are not kept.
     """
@@ -165,7 +163,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
     for start, (ref, est) in batched_trajectories(
             [reference, estimate], scheduler, num_samples=num_samples, sample_shape=sample_shape,
             num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, device=device,
-            dtype=dtype, cond=cond, callback=stats, correct_states=correct_states, progress=progress):
+            dtype=dtype, cond=cond, callback=stats, progress=progress):
         ref, est = to_images(ref), to_images(est)
         sq_err += (est.double() - ref.double()).pow(2).sum().item()
         elements += ref.numel()

@@ -15,7 +15,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord, run_trajectories
+from tacdiff.sampling.loop import Denoiser, StepRecord, run_trajectories
 
 IMAGE_RANGE = (-1.0, 1.0)
 
@@ -42,7 +42,6 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
                          batch_size: int = 64, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32, cond: dict[str, Tensor] | None = None,
                          callback: Callable[[StepRecord], None] | None = None,
-                         correct_states: StateCorrection | None = None,
                          progress: bool = True) -> Iterator[tuple[int, list[Tensor]]]:
     """Run :func:`run_trajectories` over ``num_samples`` in batches; yield ``(start, final latents)`` per batch.
 
@@ -50,8 +49,7 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
     per-step noise from its own generator (seeded by ``seed`` and ``i``), identical for every
     denoiser, so no image depends on ``batch_size``.
     ``cond`` values have a leading dimension ``num_samples`` and are sliced per batch;
-    ``callback`` sees every step of every batch; ``correct_states`` is passed on to
-    :func:`run_trajectories`.
+    ``callback`` sees every step of every batch.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -64,8 +62,7 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
             chunk = {k: v[start:start + count].to(device) for k, v in (cond or {}).items()}
             finals = run_trajectories(denoisers, scheduler, noise, num_inference_steps=num_inference_steps,
                                       seed=[derive_seed(seed, "steps", i) for i in range(start, start + count)],
-                                      cond=chunk, callback=callback, correct_states=correct_states,
-                                      progress=progress)
+                                      cond=chunk, callback=callback, progress=progress)
             bar.update(count)
             yield start, finals
 

@@ -20,13 +20,30 @@ from tqdm.auto import tqdm
 
 
 class Denoiser(Protocol):
-    """Predicts the noise ``eps`` of shape ``x.shape`` from the model input ``x`` at timestep ``t``."""
+    """Predicts the noise ``eps`` of shape ``x.shape`` from the model input ``x`` at timestep ``t``.
+
+    A denoiser may also have ``correct_state(x, t, step) -> x``: :func:`run_trajectories` calls it
+    at the start of step number ``step`` (timestep ``t``) with that trajectory's latents ``x``
+    and continues from what it returns (TAC's state IBC shifts the quantized latents this way).
+    """
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor: ...
 
 
-StateCorrection = Callable[[torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
-"""``(t, states) -> states``: replaces the trajectories' latents at the start of the step at ``t``."""
+def correct_state(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+    """``denoiser.correct_state(x, t, step)`` when the denoiser has that capability, else ``x``."""
+    hook = getattr(denoiser, "correct_state", None)
+    return x if hook is None else hook(x, t, step)
+
+
+class DenoiserWrapper:
+    """Base of denoisers that wrap another (``inner``): passes ``correct_state`` on to it."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        self.inner = inner
+
+    def correct_state(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return correct_state(self.inner, x, t, step)
 
 
 @dataclass
@@ -71,16 +88,14 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[to
 def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, noise: torch.Tensor, *,
                      num_inference_steps: int, seed: int | Sequence[int] = 0, cond: dict[str, Any] | None = None,
                      callback: Callable[[StepRecord], None] | None = None,
-                     correct_states: StateCorrection | None = None,
                      progress: bool = True) -> list[torch.Tensor]:
     """Sample with every denoiser from the same ``noise`` (shape ``(N, C, H, W)``); return the final latents.
 
-    ``correct_states(t, states) -> states``, if given, may replace the latents of every
-    trajectory at the start of each step, before the model inputs are formed (TAC's input
-    bias correction shifts the quantized trajectory's state this way).
+    At the start of each step, before the model inputs are formed, every denoiser with a
+    ``correct_state`` capability (see :class:`Denoiser`) may replace its trajectory's latents.
 
-    The denoisers are called in list order at each step, so a later one may read what an
-    earlier one recorded (TAC calibration pairs the FP model with the quantized one this way).
+    The denoisers (and their ``correct_state``) are called in list order at each step, so a later
+    one may read what an earlier one recorded (TAC calibration pairs the FP model with the quantized one this way).
     Stochastic schedulers draw their per-step noise from ``seed``: one generator for the whole
     batch, or with one seed per sample (a sequence of length ``N``) one generator per sample,
     so that a sample's noise does not depend on which batch it is in.
@@ -95,8 +110,7 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
     states = [noise * sched.init_noise_sigma for sched in schedulers]
     timesteps = schedulers[0].timesteps
     for step, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-        if correct_states is not None:
-            states = list(correct_states(t, states))
+        states = [correct_state(den, x, t, step) for den, x in zip(denoisers, states)]
         inputs = [sched.scale_model_input(x, t) for sched, x in zip(schedulers, states)]
         eps = [den(inp, t, **cond) for den, inp in zip(denoisers, inputs)]
         if callback is not None:
