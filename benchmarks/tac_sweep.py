@@ -71,11 +71,11 @@ from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC
 from tacdiff.correction.ibc import check_granularity
 from tacdiff.correction.ner import check_ner_params
 from tacdiff.metrics.evaluate import write_json
+from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.models.loading import build_scheduler
 from tacdiff.models.reference import load_reference_model
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.sampling.batching import derive_seed
-from tacdiff.sampling.loop import unet_denoiser
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib")
@@ -139,7 +139,7 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
     centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_IBC, DEFAULT_IBC_TARGET, args.calib_samples)
     settings = one_at_a_time(centre, values)
     calib_seed = derive_seed(args.seed, "calibrate")
-    labels, denoisers = [(FP_BITS, "fp")], [_Timed(unet_denoiser(fp), cuda)]
+    labels, denoisers = [(FP_BITS, "fp")], [_Timed(ModelDenoiser(fp, scheduler), cuda)]
     seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
     swept: dict[str, Setting] = {}
     quant_samples = min(args.quant_calib_samples, args.calib_samples)
@@ -148,7 +148,7 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
         model, seconds[name, "ptq"] = quantize_once(fp, ddpm, bits, args.steps, quant_samples, args.seed, dev,
                                                     args.progress)
         labels.append((name, "ptq"))
-        denoisers.append(_Timed(unet_denoiser(model), cuda))
+        denoisers.append(_Timed(ModelDenoiser(model, scheduler), cuda))
         fits = [("ner", centre, False)] + [(label(s, centre), s, True) for s in settings]
         for i, (method, s, use_ibc) in enumerate(fits, 1):
             log(f"[{name} {i}/{len(fits)}] fit {method}: lam={s.lam} gamma={s.gamma} tau={s.tau} ibc={s.ibc} "
@@ -159,7 +159,7 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
                 batch_size=args.batch_size, seed=calib_seed, lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc,
                 ibc_target=s.target, use_ibc=use_ibc, progress=args.progress))
             labels.append((name, method))
-            denoisers.append(_Timed(CorrectedDenoiser(unet_denoiser(model), tables), cuda))
+            denoisers.append(_Timed(CorrectedDenoiser(ModelDenoiser(model, scheduler), tables), cuda))
             swept[method] = s
     log(f"sample {len(denoisers)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
     rows = _evaluate(BenchResult([]), labels, denoisers, seconds, scheduler, args.steps, args.samples,

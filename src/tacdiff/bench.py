@@ -46,11 +46,12 @@ from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_pt
 from tacdiff.metrics.evaluate import KID_SUBSET_SIZE
 from tacdiff.metrics.fid import fid_kid
 from tacdiff.metrics.paired import PairedStepStats, psnr_db
+from tacdiff.models.kinds import Denoiser, DenoiserWrapper, ModelDenoiser
 from tacdiff.models.loading import build_scheduler, check_settings
 from tacdiff.models.reference import load_reference_model
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
-from tacdiff.sampling.loop import Denoiser, DenoiserWrapper, StepRecord, unet_denoiser
+from tacdiff.sampling.loop import StepRecord
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
@@ -161,19 +162,19 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     wanted = [m for m in METHODS if m in methods]
     for count in steps:
         labels: list[tuple[str, str]] = [(FP_BITS, "fp")]
-        denoisers: list[_Timed] = [_Timed(unet_denoiser(fp), dev.type == "cuda")]
+        denoisers: list[_Timed] = [_Timed(ModelDenoiser(fp, scheduler), dev.type == "cuda")]
         calib_seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
         for name in names:
             model, quant_seconds = quantized[name]
             labels.append((name, "ptq"))
-            denoisers.append(_Timed(unet_denoiser(model), dev.type == "cuda"))
+            denoisers.append(_Timed(ModelDenoiser(model, scheduler), dev.type == "cuda"))
             calib_seconds[name, "ptq"] = quant_seconds
             for method in (m for m in CORRECTED if m in wanted):
                 _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
                 tables, seconds = _timed_call(dev, lambda method=method: _calibrate(
                     method, fp, model, scheduler, count, calib_samples, batch_size, calib_seed, progress))
                 labels.append((name, method))
-                denoisers.append(_Timed(CorrectedDenoiser(unet_denoiser(model), tables), dev.type == "cuda"))
+                denoisers.append(_Timed(CorrectedDenoiser(ModelDenoiser(model, scheduler), tables), dev.type == "cuda"))
                 calib_seconds[name, method] = seconds
         _log(progress, f"sample {len(denoisers)} denoisers x {samples} paired images, DDIM {count}")
         result.rows += _evaluate(result, labels, denoisers, calib_seconds, scheduler, count, samples, batch_size,

@@ -17,9 +17,10 @@ from torch import nn
 from tacdiff.io.artifact import save_quantized, state_dict_sha256
 from tacdiff.io.atomic import check_writable
 from tacdiff.metrics.paired import sqnr_db
+from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.models.loading import load_scheduler, load_unet
 from tacdiff.quant import QuantConfig, quantize
-from tacdiff.sampling import CalibrationSet, collect_calibration_set, unet_denoiser
+from tacdiff.sampling import CalibrationSet, collect_calibration_set
 from tacdiff.sampling.calibration import random_text_embeddings
 
 
@@ -49,7 +50,7 @@ def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings,
 def output_sqnr_db(reference: nn.Module, model: nn.Module, inputs: CalibrationSet, batch_size: int = 64) -> float:
     """SQNR (dB) of ``model``'s noise estimates against ``reference``'s on the same inputs."""
     device = next(model.parameters()).device
-    pairs = [(unet_denoiser(reference)(x, t, **cond), unet_denoiser(model)(x, t, **cond))
+    pairs = [(ModelDenoiser(reference)(x, t, **cond), ModelDenoiser(model)(x, t, **cond))
              for x, t, cond in inputs.batches(batch_size, device)]
     return sqnr_db(torch.cat([r for r, _ in pairs]), torch.cat([e for _, e in pairs]))
 
@@ -108,20 +109,20 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     scheduler = DDIMScheduler.from_config(ddpm.config)
     calib = calibrate_inputs(fp, ddpm, CalibrationSettings(calib_samples, steps, min(25, steps), seed), progress)
     held_out = calibrate_inputs(fp, ddpm, CalibrationSettings(16, steps, min(10, steps), seed + 1), progress=False)
-    names, denoisers, rows = ["FP"], [unet_denoiser(fp)], []
+    names, denoisers, rows = ["FP"], [ModelDenoiser(fp, scheduler)], []
     for w_bits, a_bits in bits:
         started = time.perf_counter()
         model = quantize(copy.deepcopy(fp), QuantConfig(weight_bits=w_bits, act_bits=a_bits), calib, progress=progress)
         rows.append({"bits": f"w{w_bits}a{a_bits}", "seconds": time.perf_counter() - started,
                      "eps_sqnr_db": output_sqnr_db(fp, model, held_out)})
         names.append(f"W{w_bits}A{a_bits}")
-        denoisers.append(unet_denoiser(model))
+        denoisers.append(ModelDenoiser(model, scheduler))
     started = time.perf_counter()
     tables = calibrate_tac(fp, model, scheduler, num_inference_steps=steps, num_samples=calib_samples,
                            batch_size=calib_samples, seed=seed + 3, progress=progress)
     rows.append({"bits": f"{rows[-1]['bits']}+tac", "seconds": time.perf_counter() - started, "eps_sqnr_db": None})
     names.append(f"{names[-1]}+TAC")
-    denoisers.append(CorrectedDenoiser(unet_denoiser(model), tables))
+    denoisers.append(CorrectedDenoiser(ModelDenoiser(model, scheduler), tables))
     finals = [torch.cat(parts) for parts in zip(*(batch for _, batch in batched_trajectories(
         denoisers, scheduler, num_samples=samples, sample_shape=(1, 28, 28), num_inference_steps=steps,
         seed=seed + 2, progress=progress)))]

@@ -7,7 +7,7 @@ from torch import nn
 
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables
 from tacdiff.metrics.paired import PairedErrors, paired_errors
-from tacdiff.sampling import unet_denoiser
+from tacdiff.models.kinds import ModelDenoiser
 
 SHAPE, STEPS = (3, 16, 16), 6
 SAMPLES = 64  # calibration trajectories: element-wise IBC (768 means per step) overfits 8 or 32 on fresh seeds
@@ -16,6 +16,6 @@ SAMPLES = 64  # calibration trajectories: element-wise IBC (768 means per step) 
 def errors_against_fp(fp: nn.Module, model: nn.Module, scheduler: SchedulerMixin, *, sample_shape: tuple[int, ...],
                       steps: int, seed: int, num_samples: int, tables: CorrectionTables | None = None) -> PairedErrors:
     """Paired errors of ``model`` (corrected by ``tables``, if given) against ``fp`` in one batch."""
-    estimate = unet_denoiser(model) if tables is None else CorrectedDenoiser(unet_denoiser(model), tables)
-    return paired_errors(unet_denoiser(fp), estimate, scheduler, num_samples=num_samples, sample_shape=sample_shape,
+    estimate = ModelDenoiser(model) if tables is None else CorrectedDenoiser(ModelDenoiser(model), tables)
+    return paired_errors(ModelDenoiser(fp), estimate, scheduler, num_samples=num_samples, sample_shape=sample_shape,
                          num_inference_steps=steps, seed=seed, batch_size=num_samples, progress=False)

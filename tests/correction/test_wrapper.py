@@ -13,7 +13,8 @@ from torch import nn
 
 from tacdiff.correction import CorrectedDenoiser, CorrectedUNet, CorrectionTables, calibrate_tac
 from tacdiff.metrics.paired import paired_errors
-from tacdiff.sampling import run_trajectories, sample, seeded_noise, unet_denoiser
+from tacdiff.models.kinds import ModelDenoiser
+from tacdiff.sampling import run_trajectories, sample, seeded_noise
 
 from correction_support import SHAPE, STEPS
 
@@ -28,7 +29,7 @@ def test_wrapper_samples_with_matching_tables(fp_unet: UNet2DModel, w4a8_unet: n
                            seed=0, ibc_target=target, progress=False)
     tables.check_scheduler(scheduler, 4)
     assert tables.ibc_target == target and tables.input_bias[1:].abs().sum() > 0
-    seen = paired_errors(unet_denoiser(fp_unet), CorrectedDenoiser(unet_denoiser(w4a8_unet), tables), scheduler,
+    seen = paired_errors(ModelDenoiser(fp_unet), CorrectedDenoiser(ModelDenoiser(w4a8_unet), tables), scheduler,
                          num_samples=4, sample_shape=SHAPE, num_inference_steps=4, seed=0, batch_size=4,
                          progress=False)
     if target == "state":  # mu_t on the latents: correct_state removes it, replaying the calibration seed
@@ -45,7 +46,7 @@ def test_wrapper_inside_ddim_pipeline_matches_the_loop(w4a8_unet: nn.Module, ddi
     images = pipe(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     noise = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(0))
-    latents = sample(CorrectedDenoiser(unet_denoiser(w4a8_unet), ddim_input_tables), DDIMScheduler(), noise,
+    latents = sample(CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_input_tables), DDIMScheduler(), noise,
                      num_inference_steps=STEPS, progress=False)
     expected = (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert images.shape == (2, 16, 16, 3)
@@ -68,7 +69,7 @@ def test_wrapper_matches_the_manual_correction_and_respects_return_dict(w4a8_une
     assert torch.equal(wrapped(x, t, return_dict=False)[0], expected)
     assert torch.equal(wrapped(x, t.expand(2)).sample, expected)
     assert wrapped.config is w4a8_unet.config and wrapped.dtype == torch.float32
-    denoiser = CorrectedDenoiser(unet_denoiser(w4a8_unet), tables)
+    denoiser = CorrectedDenoiser(ModelDenoiser(w4a8_unet), tables)
     assert torch.equal(denoiser.correct_state(x, t, 2), x), "input-target tables leave the state alone"
     assert torch.equal(denoiser(x, t), expected)
 
@@ -76,7 +77,7 @@ def test_wrapper_matches_the_manual_correction_and_respects_return_dict(w4a8_une
 def test_state_target_shifts_the_latents_not_the_input(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
     x, t = seeded_noise((2, *SHAPE), seed=1), ddim_tables.timesteps[2].long()
     mu, k = ddim_tables.input_bias[2], ddim_tables.out_scale[2].view(1, 3, 1, 1)  # element-wise mu: (C, H, W)
-    denoiser = CorrectedDenoiser(unet_denoiser(w4a8_unet), ddim_tables)
+    denoiser = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_tables)
     shifted = denoiser.correct_state(x, t, 2)
     assert torch.equal(shifted, x - mu)
     assert torch.equal(denoiser(shifted, t), w4a8_unet(x - mu, t).sample * k), "the input is not shifted again"
@@ -85,7 +86,7 @@ def test_state_target_shifts_the_latents_not_the_input(w4a8_unet: nn.Module, ddi
 
 
 def test_other_schedules_raise(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
-    denoiser = CorrectedDenoiser(unet_denoiser(w4a8_unet), ddim_tables)
+    denoiser = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_tables)
     noise = seeded_noise((1, *SHAPE), seed=0)
     for scheduler, steps in ((DDIMScheduler(), STEPS * 2), (EulerDiscreteScheduler(), STEPS)):
         with pytest.raises(ValueError, match="another schedule or step count"):
@@ -99,7 +100,7 @@ def test_other_schedules_raise(w4a8_unet: nn.Module, ddim_tables: CorrectionTabl
 def test_steps_off_the_calibrated_schedule_raise(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables) -> None:
     # A schedule whose timesteps are a subset of the table's (e.g. 5 of 10 DDIM steps) puts a table
     # timestep at the wrong step: the loop passes the step index, so the check needs no call history.
-    denoiser, x = CorrectedDenoiser(unet_denoiser(w4a8_unet), ddim_input_tables), seeded_noise((1, *SHAPE), seed=0)
+    denoiser, x = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_input_tables), seeded_noise((1, *SHAPE), seed=0)
     t = ddim_input_tables.timesteps
     assert torch.equal(denoiser.correct_state(x, t[0], 0), x)
     for timestep, step in ((t[1], 0), (t[2], 1), (t[5], STEPS)):
@@ -160,4 +161,4 @@ def test_inconsistent_tables_raise(w4a8_unet: nn.Module, ddim_tables: Correction
         CorrectedUNet(w4a8_unet, two_channel)
     x, t = seeded_noise((1, *SHAPE), seed=0), ddim_tables.timesteps[0]
     with pytest.raises(ValueError, match="2 channels but the samples have 3"):
-        CorrectedDenoiser(unet_denoiser(w4a8_unet), two_channel)(x, t)
+        CorrectedDenoiser(ModelDenoiser(w4a8_unet), two_channel)(x, t)

@@ -9,7 +9,7 @@ from torch import nn
 
 import tacdiff
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
-from tiny_models import text_embeddings, tiny_cond_unet
+from tiny_models import tiny_cond, tiny_model
 
 
 def collect(model: nn.Module, **kwargs: object) -> CalibrationSet:
@@ -73,9 +73,9 @@ def test_batches_share_one_timestep_and_cover_everything_once(unet: nn.Module, b
 @torch.no_grad()
 def test_conditioning_rows_travel_with_their_trajectories() -> None:
     """Every recorded ``(x, t, cond)`` steps, under DDIM with that cond, to a recorded input of the next step."""
-    model = tiny_cond_unet()
+    model = tiny_model("cond_unet")
     steps, samples = 4, 3
-    text = text_embeddings(samples, seed=5)
+    text = tiny_cond("cond_unet", samples, seed=5)
     data = collect_calibration_set(model, DDPMScheduler(), num_samples=samples, num_inference_steps=steps,
                                    kept_steps=None, seed=0, batch_size=2, cond=text, progress=False)
     cond = data.cond["encoder_hidden_states"]

@@ -37,9 +37,9 @@ from tacdiff.correction.ptqd import PTQDStats
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
+from tacdiff.models.kinds import Denoiser, ModelDenoiser
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.calibration import sample_shape_of
-from tacdiff.sampling.loop import Denoiser, unet_denoiser
 
 # Chosen by benchmarks/tac_sweep.py on the bundled Fashion-MNIST model (DDIM 50, validation seeds;
 # benchmarks/results/tac_sweep_round*.md). Round 1 (W4A8, one factor at a time around channel IBC,
@@ -177,10 +177,12 @@ def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
 def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
          scheduler: SchedulerMixin, *, num_inference_steps: int, num_samples: int, batch_size: int, seed: int,
          cond: dict[str, Tensor] | None, progress: bool, hyper: dict[str, Any],
-         denoiser: Callable[[nn.Module], Denoiser], state_ibc: Granularity | None = None) -> CorrectionTables:
+         denoiser: Callable[[nn.Module], Denoiser] | None, state_ibc: Granularity | None = None) -> CorrectionTables:
     """Run the paired loop once over all samples with ``step`` fitting each timestep; build the tables."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if denoiser is None:
+        denoiser = lambda model: ModelDenoiser(model, scheduler)  # noqa: E731
     param = next(fp_model.parameters())
     fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
     calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step, state_ibc)
@@ -205,7 +207,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
                   lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA, tau: float = DEFAULT_TAU,
                   ibc: Granularity = DEFAULT_IBC, ibc_target: str = DEFAULT_IBC_TARGET, use_ibc: bool = True,
                   use_ner: bool = True, cond: dict[str, Tensor] | None = None, progress: bool = True,
-                  denoiser: Callable[[nn.Module], Denoiser] = unet_denoiser) -> CorrectionTables:
+                  denoiser: Callable[[nn.Module], Denoiser] | None = None) -> CorrectionTables:
     """Fit TAC's IBC and NER tables (Yao et al., ECCV 2024) for ``quant_model`` against ``fp_model``.
 
     Args:
@@ -227,9 +229,10 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
             the uncorrected latent keeps its bias (measured worse: see the README).
         use_ibc, use_ner: switch the parts off for ablations (method ``ner``/``ibc``).
         cond: model keyword arguments with a leading dimension ``num_samples``.
-        denoiser: adapts a model to ``(x, t, **cond) -> eps``; e.g. a classifier-free-guidance
-            denoiser, so the tables fit the guided estimate that enters the sampler. Wrap the
-            same guided denoiser in :class:`CorrectedDenoiser` to sample with the tables.
+        denoiser: adapts a model to ``(x, t, **cond) -> eps``; by default
+            ``ModelDenoiser(model, scheduler)``. E.g. ``lambda m: ClassifierFreeGuidance(
+            ModelDenoiser(m, scheduler), scale)`` fits the guided estimate that enters the
+            sampler; wrap the same guided denoiser in :class:`CorrectedDenoiser` to sample with the tables.
     Returns:
         :class:`CorrectionTables` (method ``tac``, ``ner``, ``ibc`` or ``none``).
     """
@@ -258,7 +261,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
 def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
                    num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
                    cond: dict[str, Tensor] | None = None, progress: bool = True,
-                   denoiser: Callable[[nn.Module], Denoiser] = unet_denoiser) -> CorrectionTables:
+                   denoiser: Callable[[nn.Module], Denoiser] | None = None) -> CorrectionTables:
     """Fit the PTQD baseline's tables (He et al., NeurIPS 2023): per step ``q ~ (1 + k_t) r + b_t``
     with a scalar ``k_t`` and per-channel ``b_t`` on FP-trajectory inputs, plus the residual variance.
 

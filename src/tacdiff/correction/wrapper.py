@@ -1,7 +1,7 @@
 """Applying per-timestep correction tables (TAC, Yao et al., ECCV 2024; PTQD) around a denoiser or a UNet.
 
 :class:`CorrectedDenoiser` wraps a denoiser ``(x, t, **cond) -> eps`` (see
-:mod:`tacdiff.sampling.loop`): it looks the timestep up in the tables, subtracts
+:mod:`tacdiff.models.kinds`): it looks the timestep up in the tables, subtracts
 ``input_bias[t]`` from the input, calls the denoiser and returns ``out_scale[t] * (eps - out_bias[t])``.
 Tables whose IBC targets the sampler state (``ibc_target="state"``, TAC's default) shift the
 latents instead, through the denoiser's ``correct_state`` capability, which the sampling loop
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tacdiff.correction.ibc import broadcast_bias
 from tacdiff.correction.tables import TIMESTEP_ATOL, CorrectionTables
-from tacdiff.sampling.loop import Denoiser, DenoiserWrapper
+from tacdiff.models.kinds import Denoiser, DenoiserWrapper
 
 
 def correct_input(x: Tensor, bias: Tensor | None) -> Tensor:
@@ -60,7 +60,7 @@ def _rows(tables: CorrectionTables, timestep: Tensor | float | int) -> Callable[
 
 class CorrectedDenoiser(DenoiserWrapper):
     """A denoiser with :class:`CorrectionTables` applied around ``inner`` (the tables' denoiser, e.g.
-    ``model_denoiser(quantized_unet)`` or a guided one); exposes ``correct_state`` for state IBC."""
+    ``ModelDenoiser(quantized_unet, scheduler)`` or a guided one); exposes ``correct_state`` for state IBC."""
 
     def __init__(self, inner: Denoiser, tables: CorrectionTables) -> None:
         super().__init__(inner)
@@ -108,7 +108,7 @@ class CorrectedUNet(nn.Module):
         if tables.ibc_target == "state" and bool(tables.input_bias.ne(0).any()):
             raise ValueError("these correction tables shift the sampler state (ibc_target='state'), which a UNet "
                              "wrapper inside a diffusers pipeline cannot do: sample with tacdiff's loop and "
-                             "CorrectedDenoiser(model_denoiser(unet), tables), or recalibrate with "
+                             "CorrectedDenoiser(ModelDenoiser(unet), tables), or recalibrate with "
                              "ibc_target='input' for use inside diffusers pipelines")
         self.unet = unet
         self.tables = tables

@@ -22,7 +22,8 @@ from torch import nn
 import tacdiff
 from tacdiff.io.atomic import write_dir_atomically
 from tacdiff.quant import primitives as P
-from tacdiff.quant.apply import SUPPORTED_MODELS, LayerPlan, install, quant_state
+from tacdiff.models.kinds import MODEL_KINDS
+from tacdiff.quant.apply import LayerPlan, install, quant_state
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.layers import ActQuantizer, QuantWeightMixin
 
@@ -102,11 +103,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
     meta = read_metadata(path)
     if dtype is None:
         dtype = getattr(torch, meta.get("compute_dtype", "float32"))
-    classes = {cls.__name__: cls for cls in SUPPORTED_MODELS}
-    cls = classes.get(meta["model_class"])
-    if cls is None:
+    kind = MODEL_KINDS.get(meta["model_class"])
+    if kind is None:
         raise ValueError(f"unsupported model class {meta['model_class']!r} in {path}")
-    model = cls.from_config(cls.load_config(_folder(path))).to(device).eval()
+    model = kind.cls.from_config(kind.cls.load_config(_folder(path))).to(device).eval()
     if dtype != model.dtype:  # diffusers warns on any dtype cast, so cast only when needed
         model.to(dtype)
     config = QuantConfig.from_json(meta["quant_config"])

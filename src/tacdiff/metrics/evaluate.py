@@ -21,10 +21,10 @@ from tacdiff.correction import CorrectedDenoiser, CorrectionTables
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
 from tacdiff.metrics.paired import paired_errors
+from tacdiff.models.kinds import Denoiser, ModelDenoiser
 from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
 from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
 from tacdiff.sampling.calibration import random_text_embeddings, sample_shape_of
-from tacdiff.sampling.loop import Denoiser, unet_denoiser
 
 KID_SUBSET_SIZE = 1000
 
@@ -94,7 +94,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     sched = build_scheduler(scheduler, config)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
-    sampler = unet_denoiser(loaded.model)
+    sampler = ModelDenoiser(loaded.model, sched)
     if tables is not None:
         correction = CorrectionTables.load(tables)
         correction.check_scheduler(sched, steps)
@@ -105,7 +105,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
                       "quantized); for real prompts evaluate from Python with their embeddings", stacklevel=2)
     started = time.perf_counter()
     images, paired = _sample_images(
-        sampler, unet_denoiser(fp.model) if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
+        sampler, ModelDenoiser(fp.model, sched) if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
         num_samples=samples, sample_shape=shape, num_inference_steps=steps, seed=seed, batch_size=batch_size,
         device=device, cond=cond or None, progress=progress)
     _synchronize(device)

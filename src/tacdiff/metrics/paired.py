@@ -16,8 +16,9 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
 
+from tacdiff.models.kinds import Denoiser
 from tacdiff.sampling.batching import IMAGE_RANGE, batched_trajectories, to_images
-from tacdiff.sampling.loop import Denoiser, StepRecord
+from tacdiff.sampling.loop import StepRecord
 
 PEAK_TO_PEAK = IMAGE_RANGE[1] - IMAGE_RANGE[0]
 
@@ -147,7 +148,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
     """Sample ``reference`` (FP) and ``estimate`` (e.g. quantized) in lockstep and measure their discrepancy.
 
     Args:
-        reference, estimate: denoisers ``(x, t, **cond) -> eps`` (see :func:`tacdiff.sampling.unet_denoiser`).
+        reference, estimate: denoisers ``(x, t, **cond) -> eps`` (see :class:`tacdiff.models.kinds.ModelDenoiser`).
         scheduler: any diffusers scheduler; each trajectory gets its own copy.
         num_samples: trajectories per denoiser, run ``batch_size`` at a time.
         sample_shape: ``(C, H, W)`` of the latents.

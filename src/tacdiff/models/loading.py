@@ -11,14 +11,12 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       SchedulerMixin, UNet2DConditionModel, UNet2DModel)
+                       SchedulerMixin)
 from torch import nn
 
 from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata
+from tacdiff.models.kinds import MODEL_KINDS
 from tacdiff.models.reference import load_reference_model
-
-UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
-
 
 def find_unet_dir(path: str | Path) -> Path:
     """The folder holding the UNet's ``config.json``: ``path`` itself or ``path/unet``."""
@@ -30,14 +28,14 @@ def find_unet_dir(path: str | Path) -> Path:
                             "written by UNet2DModel.save_pretrained or a pipeline's save_pretrained")
 
 
-def load_unet(path: str | Path, device: str | torch.device = "cpu") -> UNet2DModel | UNet2DConditionModel:
-    """Load a ``UNet2DModel`` or ``UNet2DConditionModel`` in eval mode."""
+def load_unet(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model of a registered kind (:data:`~tacdiff.models.kinds.MODEL_KINDS`) in eval mode."""
     folder = find_unet_dir(path)
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    cls = UNET_CLASSES.get(name)
-    if cls is None:
-        raise ValueError(f"{folder} holds a {name!r}; tacdiff supports {', '.join(UNET_CLASSES)}")
-    return cls.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
+    kind = MODEL_KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"{folder} holds a {name!r}; tacdiff supports {', '.join(MODEL_KINDS)}")
+    return kind.cls.from_pretrained(folder, low_cpu_mem_usage=False).to(device).eval()
 
 
 def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None) -> SchedulerMixin:

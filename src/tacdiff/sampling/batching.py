@@ -15,7 +15,8 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tacdiff.sampling.loop import Denoiser, StepRecord, run_trajectories
+from tacdiff.models.kinds import Denoiser
+from tacdiff.sampling.loop import StepRecord, run_trajectories
 
 IMAGE_RANGE = (-1.0, 1.0)
 

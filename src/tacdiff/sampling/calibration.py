@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin, UNet2DConditionModel
+from diffusers import DDIMScheduler, SchedulerMixin
 
-from tacdiff.sampling.loop import StepRecord, run_trajectories, seeded_noise, unet_denoiser
+from tacdiff.models.kinds import ModelDenoiser, kind_of
+from tacdiff.sampling.loop import StepRecord, run_trajectories, seeded_noise
 
 
 @dataclass
@@ -110,7 +111,7 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
                 for k, v in chunk.items():
                     conds[k].append(v.cpu())
 
-        run_trajectories([unet_denoiser(model)], ddim, noise, num_inference_steps=num_inference_steps,
+        run_trajectories([ModelDenoiser(model, ddim)], ddim, noise, num_inference_steps=num_inference_steps,
                          seed=seed + start, cond=chunk, callback=record, progress=progress)
     return CalibrationSet(torch.cat(xs), torch.cat(ts), {k: torch.cat(v) for k, v in conds.items()})
 
@@ -127,7 +128,7 @@ def sample_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
 
 def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, torch.Tensor]:
     """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand."""
-    if not isinstance(model, UNet2DConditionModel):
+    if "encoder_hidden_states" not in kind_of(model).cond_keys:
         return {}
     generator = torch.Generator().manual_seed(seed)
     width = model.config.cross_attention_dim

@@ -1,49 +1,24 @@
 """The one sampling loop: trajectories of several denoisers advanced in lockstep on a diffusers scheduler.
 
-In the k-diffusion style, a denoiser is any callable ``denoiser(x, t, **cond) -> eps``
-and the loop reports each step through a callback. Every trajectory gets its own copy
-of the scheduler (multistep solvers keep history) and its own generator seeded alike,
-so paired trajectories start from the same noise and draw the same per-step noise.
+In the k-diffusion style, a denoiser is any callable ``denoiser(x, t, **cond) -> eps`` (see
+:mod:`tacdiff.models.kinds`, which adapts diffusers models to it) and the loop reports each step
+through a callback. Every trajectory gets its own copy of the scheduler (multistep solvers keep
+history), set to consume noise estimates (``prediction_type="epsilon"``), and its own generator
+seeded alike, so paired trajectories start from the same noise and draw the same per-step noise.
 Calibration, evaluation and the CLI all go through :func:`run_trajectories`.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
-
-class Denoiser(Protocol):
-    """Predicts the noise ``eps`` of shape ``x.shape`` from the model input ``x`` at timestep ``t``.
-
-    A denoiser may also have ``correct_state(x, t, step) -> x``: :func:`run_trajectories` calls it
-    at the start of step number ``step`` (timestep ``t``) with that trajectory's latents ``x``
-    and continues from what it returns (TAC's state IBC shifts the quantized latents this way).
-    """
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor: ...
-
-
-def correct_state(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-    """``denoiser.correct_state(x, t, step)`` when the denoiser has that capability, else ``x``."""
-    hook = getattr(denoiser, "correct_state", None)
-    return x if hook is None else hook(x, t, step)
-
-
-class DenoiserWrapper:
-    """Base of denoisers that wrap another (``inner``): passes ``correct_state`` on to it."""
-
-    def __init__(self, inner: Denoiser) -> None:
-        self.inner = inner
-
-    def correct_state(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        return correct_state(self.inner, x, t, step)
+from tacdiff.models.kinds import Denoiser, correct_state, epsilon_scheduler
 
 
 @dataclass
@@ -59,15 +34,6 @@ class StepRecord:
     states: list[torch.Tensor]
     inputs: list[torch.Tensor]
     eps: list[torch.Tensor]
-
-
-def unet_denoiser(model: torch.nn.Module) -> Denoiser:
-    """Adapt a diffusers UNet (``model(x, t, **cond).sample``) to the denoiser interface."""
-
-    def denoise(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        return model(x, t, **cond, return_dict=False)[0]
-
-    return denoise
 
 
 def _generators(seed: int | Sequence[int], noise: torch.Tensor) -> torch.Generator | list[torch.Generator]:
@@ -103,7 +69,7 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     cond = cond or {}
-    schedulers = [copy.deepcopy(scheduler) for _ in denoisers]
+    schedulers = [epsilon_scheduler(scheduler) for _ in denoisers]
     for sched in schedulers:
         sched.set_timesteps(num_inference_steps, device=noise.device)
     generators = [_generators(seed, noise) for _ in denoisers]
