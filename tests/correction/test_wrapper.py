@@ -14,7 +14,7 @@ from torch import nn
 from tacdiff.correction import CorrectedDenoiser, CorrectedUNet, CorrectionTables, calibrate_tac
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.models.kinds import ModelDenoiser
-from tacdiff.sampling import run_trajectories, sample, seeded_noise
+from tacdiff.sampling import run_trajectories, sample, sample_noise
 
 from correction_support import SHAPE, STEPS
 
@@ -61,7 +61,7 @@ def test_wrapper_inside_ddim_pipeline_matches_the_loop(w4a8_unet: nn.Module, ddi
 def test_wrapper_matches_the_manual_correction_and_respects_return_dict(w4a8_unet: nn.Module,
                                                                         ddim_input_tables: CorrectionTables) -> None:
     tables = ddim_input_tables
-    x, t = seeded_noise((2, *SHAPE), seed=1), tables.timesteps[2].long()
+    x, t = sample_noise(SHAPE, 0, 2, seed=1), tables.timesteps[2].long()
     mu, k = tables.input_bias[2].view(1, 3, 1, 1), tables.out_scale[2].view(1, 3, 1, 1)
     expected = w4a8_unet(x - mu, t).sample * k
     wrapped = CorrectedUNet(w4a8_unet, tables)
@@ -75,19 +75,19 @@ def test_wrapper_matches_the_manual_correction_and_respects_return_dict(w4a8_une
 
 
 def test_state_target_shifts_the_latents_not_the_input(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
-    x, t = seeded_noise((2, *SHAPE), seed=1), ddim_tables.timesteps[2].long()
+    x, t = sample_noise(SHAPE, 0, 2, seed=1), ddim_tables.timesteps[2].long()
     mu, k = ddim_tables.input_bias[2], ddim_tables.out_scale[2].view(1, 3, 1, 1)  # element-wise mu: (C, H, W)
     denoiser = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_tables)
     shifted = denoiser.correct_state(x, t, 2)
     assert torch.equal(shifted, x - mu)
     assert torch.equal(denoiser(shifted, t), w4a8_unet(x - mu, t).sample * k), "the input is not shifted again"
     with pytest.raises(ValueError, match=r"fitted on \(16, 16\) latents, got \(8, 8\)"):
-        denoiser.correct_state(seeded_noise((2, 3, 8, 8), seed=1), t, 2)
+        denoiser.correct_state(sample_noise((3, 8, 8), 0, 2, seed=1), t, 2)
 
 
 def test_other_schedules_raise(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
     denoiser = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_tables)
-    noise = seeded_noise((1, *SHAPE), seed=0)
+    noise = sample_noise(SHAPE, 0, 1, seed=0)
     for scheduler, steps in ((DDIMScheduler(), STEPS * 2), (EulerDiscreteScheduler(), STEPS)):
         with pytest.raises(ValueError, match="another schedule or step count"):
             run_trajectories([denoiser], scheduler, noise, num_inference_steps=steps, progress=False)
@@ -100,7 +100,7 @@ def test_other_schedules_raise(w4a8_unet: nn.Module, ddim_tables: CorrectionTabl
 def test_steps_off_the_calibrated_schedule_raise(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables) -> None:
     # A schedule whose timesteps are a subset of the table's (e.g. 5 of 10 DDIM steps) puts a table
     # timestep at the wrong step: the loop passes the step index, so the check needs no call history.
-    denoiser, x = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_input_tables), seeded_noise((1, *SHAPE), seed=0)
+    denoiser, x = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_input_tables), sample_noise(SHAPE, 0, 1, seed=0)
     t = ddim_input_tables.timesteps
     assert torch.equal(denoiser.correct_state(x, t[0], 0), x)
     for timestep, step in ((t[1], 0), (t[2], 1), (t[5], STEPS)):
@@ -109,7 +109,7 @@ def test_steps_off_the_calibrated_schedule_raise(w4a8_unet: nn.Module, ddim_inpu
 
 
 def test_mixed_timesteps_take_one_row_per_sample(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables) -> None:
-    tables, x = ddim_input_tables, seeded_noise((2, *SHAPE), seed=0)
+    tables, x = ddim_input_tables, sample_noise(SHAPE, 0, 2, seed=0)
     rows = [4, 1]
     mu, k = tables.input_bias[rows].view(2, 3, 1, 1), tables.out_scale[rows].view(2, 3, 1, 1)
     expected = w4a8_unet(x - mu, tables.timesteps[rows]).sample * k
@@ -159,6 +159,6 @@ def test_inconsistent_tables_raise(w4a8_unet: nn.Module, ddim_tables: Correction
                                       "out_bias": ddim_tables.out_bias[:, :2]})
     with pytest.raises(ValueError, match="2 channels but the UNet outputs 3"):
         CorrectedUNet(w4a8_unet, two_channel)
-    x, t = seeded_noise((1, *SHAPE), seed=0), ddim_tables.timesteps[0]
+    x, t = sample_noise(SHAPE, 0, 1, seed=0), ddim_tables.timesteps[0]
     with pytest.raises(ValueError, match="2 channels but the samples have 3"):
         CorrectedDenoiser(ModelDenoiser(w4a8_unet), two_channel)(x, t)

@@ -2,7 +2,7 @@
 
 from tacdiff.sampling.batching import batched_trajectories, derive_seed, sample_noise, to_images
 from tacdiff.sampling.calibration import CalibrationSet, collect_calibration_set
-from tacdiff.sampling.loop import StepRecord, run_trajectories, sample, seeded_noise
+from tacdiff.sampling.loop import StepRecord, run_trajectories, sample
 
 __all__ = ["CalibrationSet", "StepRecord", "batched_trajectories", "collect_calibration_set", "derive_seed",
-           "run_trajectories", "sample", "sample_noise", "seeded_noise", "to_images"]
+           "run_trajectories", "sample", "sample_noise", "to_images"]

@@ -89,10 +89,3 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
 def sample(denoiser: Denoiser, scheduler: SchedulerMixin, noise: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Sample one trajectory; keyword arguments as in :func:`run_trajectories`."""
     return run_trajectories([denoiser], scheduler, noise, **kwargs)[0]
-
-
-def seeded_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal starting noise drawn on the CPU from ``seed`` (identical on every device)."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device, dtype)
