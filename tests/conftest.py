@@ -38,7 +38,8 @@ def held_out(unet: UNet2DModel) -> tacdiff.CalibrationSet:
 
 @pytest.fixture(scope="session")
 def cond_calibration(cond_unet: UNet2DConditionModel) -> tacdiff.CalibrationSet:
-    return calibration_of(cond_unet, seed=0, num_samples=COND_SAMPLES, cond=tiny_cond("cond_unet", COND_SAMPLES, seed=0))
+    return calibration_of(cond_unet, seed=0, num_samples=COND_SAMPLES,
+                          cond=tiny_cond("cond_unet", COND_SAMPLES, seed=0))
 
 
 @pytest.fixture(scope="session")

@@ -17,5 +17,5 @@ from tacdiff.correction.variance import ptqd_variance_scheduler
 from tacdiff.correction.wrapper import CorrectedDenoiser, CorrectedUNet, correct_input, correct_output
 
 __all__ = ["AbsMean", "CorrectedDenoiser", "CorrectedUNet", "CorrectionTables", "NERStats", "PTQDStats",
-           "calibrate_ptqd", "calibrate_tac", "correct_input", "correct_output", "input_bias", "mask_threshold", "ner_scale",
-           "ner_stats", "ptqd_fit", "ptqd_variance_scheduler"]
+           "calibrate_ptqd", "calibrate_tac", "correct_input", "correct_output", "input_bias", "mask_threshold",
+           "ner_scale", "ner_stats", "ptqd_fit", "ptqd_variance_scheduler"]

@@ -274,3 +274,32 @@ def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: Sched
     return _fit("ptqd", step, fp_model, quant_model, scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, batch_size=batch_size, seed=seed, cond=cond, progress=progress,
                 hyper={}, denoiser=denoiser)
+
+
+Calibrator = Callable[[nn.Module, nn.Module, SchedulerMixin, dict[str, Any], dict[str, Any]], CorrectionTables]
+
+
+def _tac(**switches: bool) -> Calibrator:
+    return lambda fp, quant, scheduler, run, options: calibrate_tac(fp, quant, scheduler, **switches, **options, **run)
+
+
+CALIBRATORS: dict[str, Calibrator] = {
+    "tac": _tac(),
+    "ner": _tac(use_ibc=False),
+    "ibc": _tac(use_ner=False),
+    "ptqd": lambda fp, quant, scheduler, run, options: calibrate_ptqd(fp, quant, scheduler, **run),
+}
+"""How each correction method's tables are fitted: ``(fp, quant, scheduler, run, options) -> tables``."""
+
+
+def fit_tables(method: str, fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
+               options: dict[str, Any] | None = None, **run: Any) -> CorrectionTables:
+    """Fit ``method``'s tables (a key of :data:`CALIBRATORS`) for ``quant_model`` against ``fp_model``.
+
+    ``options`` are TAC's hyper-parameters (``lam``, ``gamma``, ``tau``, ``ibc``, ``ibc_target``;
+    PTQD has none); ``run`` the settings every method shares (``num_inference_steps``,
+    ``num_samples``, ``batch_size``, ``seed``, ``cond``, ``progress``, ``denoiser``), as in :func:`calibrate_tac`.
+    """
+    if method not in CALIBRATORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CALIBRATORS)}")
+    return CALIBRATORS[method](fp_model, quant_model, scheduler, run, options or {})
