@@ -24,9 +24,9 @@ as in bench; every configuration is scored on ``derive_seed(seed, "validate")``,
 so neither the fit nor the choice made here sees bench's ``derive_seed(seed, "evaluate")`` images.
 A calibration set of n trajectories starts from the first n noises of the larger ones.
 
-Scoring: FP and every denoiser (PTQ, NER, each TAC setting) are sampled in one paired
-:func:`tacdiff.metrics.paired.batched_trajectories` run through bench's scorer, so FP's
-validation images are drawn once and every row is compared with the same ones. Per row:
+Scoring: FP and every denoiser (PTQ, NER, each TAC setting) are sampled in one paired run of
+:func:`tacdiff.evaluation.score_methods` (bench's scorer), so FP's validation images are drawn once and
+every row is compared with the same ones. Per row:
 x0 MSE/PSNR of the final images (clamped to [-1, 1]) against FP on the same noise, FID/KID on
 the bundled classifier's features (:func:`tacdiff.metrics.fid.fid_kid`; with a few hundred
 samples FID is biased upwards: compare rows, not absolute values), and the table fit's seconds
@@ -63,18 +63,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fp_reference import machine  # sibling benchmark script (run as python benchmarks/tac_sweep.py)
-from tacdiff.bench import FP_BITS, BenchResult, _check, _evaluate, _fmt, _Timed, _timed_call
-from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
+from tacdiff.bench import FP_BITS, check_bench_args, format_cell
+from tacdiff.correction import CorrectedDenoiser
 from tacdiff.correction.tables import IBC_TARGETS
+from tacdiff.evaluation import Method, TimedDenoiser, score_methods, timed_call
 from tacdiff.io.atomic import write_text_atomically
-from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU
+from tacdiff.correction.calibrate import (DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU,
+                                         fit_tables)
 from tacdiff.correction.ibc import check_granularity
 from tacdiff.correction.ner import check_ner_params
-from tacdiff.metrics.evaluate import build_scheduler, write_json
-from tacdiff.metrics.paired import derive_seed
+from tacdiff.metrics.evaluate import write_json
+from tacdiff.models.kinds import ModelDenoiser
+from tacdiff.models.loading import build_scheduler
 from tacdiff.models.reference import load_reference_model
 from tacdiff.quant import QuantConfig, quantize
-from tacdiff.sampling.loop import unet_denoiser
+from tacdiff.sampling.batching import derive_seed
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib")
@@ -123,50 +126,43 @@ def quantize_once(fp: nn.Module, ddpm: Any, bits: tuple[int, int], steps: int, s
     def build() -> nn.Module:
         return quantize(copy.deepcopy(fp), config, calibrate_inputs(fp, ddpm, settings, progress), progress=progress)
 
-    return _timed_call(device, build)
+    return timed_call(device, build)
 
 
 @torch.no_grad()
 def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Quantize, fit every setting's tables, score all on the validation seeds; one row per denoiser."""
-    pairs = _check(args.bits, [args.steps], ["ptq", "ner", "tac"], args.samples,
-                   min(args.calib_samples, *values["calib"]), args.batch_size, args.device)
+    pairs = check_bench_args(args.bits, [args.steps], ["ptq", "ner", "tac"], args.samples,
+                             min(args.calib_samples, *values["calib"]), args.batch_size, args.device, "rtn")
     dev = torch.device(args.device)
-    cuda = dev.type == "cuda"
     fp, ddpm = load_reference_model(dev)
     scheduler = build_scheduler("ddim", dict(ddpm.config))
     centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_IBC, DEFAULT_IBC_TARGET, args.calib_samples)
     settings = one_at_a_time(centre, values)
     calib_seed = derive_seed(args.seed, "calibrate")
-    labels, denoisers = [(FP_BITS, "fp")], [_Timed(unet_denoiser(fp), cuda)]
-    wrappers: list[CorrectedUNet | None] = [None]
-    seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
+    methods = [Method(FP_BITS, "fp", TimedDenoiser(ModelDenoiser(fp, scheduler), dev), 0.0)]
     swept: dict[str, Setting] = {}
     quant_samples = min(args.quant_calib_samples, args.calib_samples)
     for name, bits in zip(args.bits, pairs):
         log(f"quantize {name} (RTN, {quant_samples} calibration trajectories)")
-        model, seconds[name, "ptq"] = quantize_once(fp, ddpm, bits, args.steps, quant_samples, args.seed, dev,
-                                                    args.progress)
-        labels.append((name, "ptq"))
-        denoisers.append(_Timed(unet_denoiser(model), cuda))
-        wrappers.append(None)
+        model, seconds = quantize_once(fp, ddpm, bits, args.steps, quant_samples, args.seed, dev, args.progress)
+        methods.append(Method(name, "ptq", TimedDenoiser(ModelDenoiser(model, scheduler), dev), seconds))
         fits = [("ner", centre, False)] + [(label(s, centre), s, True) for s in settings]
         for i, (method, s, use_ibc) in enumerate(fits, 1):
             log(f"[{name} {i}/{len(fits)}] fit {method}: lam={s.lam} gamma={s.gamma} tau={s.tau} ibc={s.ibc} "
                 f"on the {s.target}, "
                 f"{s.calib} trajectories, DDIM {args.steps}")
-            tables, seconds[name, method] = _timed_call(dev, lambda s=s, use_ibc=use_ibc: calibrate_tac(
-                fp, model, scheduler, num_inference_steps=args.steps, num_samples=s.calib,
-                batch_size=args.batch_size, seed=calib_seed, lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc,
-                ibc_target=s.target, use_ibc=use_ibc, progress=args.progress))
-            labels.append((name, method))
-            wrappers.append(CorrectedUNet(model, tables))
-            denoisers.append(_Timed(unet_denoiser(wrappers[-1]), cuda))
+            options = dict(lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc, ibc_target=s.target)
+            tables, seconds = timed_call(dev, lambda s=s, use_ibc=use_ibc, options=options: fit_tables(
+                "tac" if use_ibc else "ner", fp, model, scheduler, options=options, num_inference_steps=args.steps,
+                num_samples=s.calib, batch_size=args.batch_size, seed=calib_seed, progress=args.progress))
+            corrected = CorrectedDenoiser(ModelDenoiser(model, scheduler), tables)
+            methods.append(Method(name, method, TimedDenoiser(corrected, dev), seconds))
             swept[method] = s
-    log(f"sample {len(denoisers)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
-    rows = _evaluate(BenchResult([]), labels, denoisers, seconds, scheduler, args.steps, args.samples,
-                     args.batch_size, derive_seed(args.seed, "validate"), dev,
-                     list(dict.fromkeys(m for _, m in labels)), args.progress, state_correction(wrappers))
+    log(f"sample {len(methods)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
+    rows, _, _ = score_methods(methods, scheduler, num_inference_steps=args.steps, num_samples=args.samples,
+                               sample_shape=(1, 28, 28), seed=derive_seed(args.seed, "validate"),
+                               batch_size=args.batch_size, device=dev, progress=args.progress)
     for row in rows:
         s = swept.get(row["method"])
         row["factor"] = "" if s is None else "ner" if row["method"] == "ner" else s.differs_in(centre)
@@ -195,8 +191,9 @@ def format_markdown(rows: Sequence[dict[str, Any]], best: Sequence[dict[str, Any
              "| fit s |", "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [r["bits"], r["method"], r["factor"] or "-", *("-" if r[f] is None else r[f] for f in FACTORS)]
-        lines.append("| " + " | ".join(str(c) for c in cells) + f" | {_fmt(r['fid'], 3)} | {_fmt(r['kid'], 5)} | "
-                     f"{_fmt(r['x0_mse'], 6)} | {_fmt(r['x0_psnr'], 2)} | {_fmt(r['calib_seconds'], 1)} |")
+        scores = (format_cell(r[k], d) for k, d in (("fid", 3), ("kid", 5), ("x0_mse", 6), ("x0_psnr", 2),
+                                                       ("calib_seconds", 1)))
+        lines.append("| " + " | ".join([*(str(c) for c in cells), *scores]) + " |")
     lines += ["", "Best per factor (among the centre and that factor's rows):", "",
               "| bits | factor | values | best by x0 PSNR | best by FID |", "|---|---|---|---|---|"]
     for b in best:

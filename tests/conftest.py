@@ -12,17 +12,17 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 import tacdiff
-from tiny_models import COND_SAMPLES, calibration_of, quantized_copy, text_embeddings, tiny_cond_unet, tiny_unet
+from tiny_models import COND_SAMPLES, calibration_of, quantized_copy, tiny_cond, tiny_model
 
 
 @pytest.fixture(scope="session")
 def unet() -> UNet2DModel:
-    return tiny_unet()
+    return tiny_model("unet")
 
 
 @pytest.fixture(scope="session")
 def cond_unet() -> UNet2DConditionModel:
-    return tiny_cond_unet()
+    return tiny_model("cond_unet")
 
 
 @pytest.fixture(scope="session")
@@ -38,13 +38,14 @@ def held_out(unet: UNet2DModel) -> tacdiff.CalibrationSet:
 
 @pytest.fixture(scope="session")
 def cond_calibration(cond_unet: UNet2DConditionModel) -> tacdiff.CalibrationSet:
-    return calibration_of(cond_unet, seed=0, num_samples=COND_SAMPLES, cond=text_embeddings(COND_SAMPLES, seed=0))
+    return calibration_of(cond_unet, seed=0, num_samples=COND_SAMPLES,
+                          cond=tiny_cond("cond_unet", COND_SAMPLES, seed=0))
 
 
 @pytest.fixture(scope="session")
 def cond_held_out(cond_unet: UNet2DConditionModel) -> tacdiff.CalibrationSet:
     return calibration_of(cond_unet, seed=1000, num_samples=COND_SAMPLES,
-                          cond=text_embeddings(COND_SAMPLES, seed=1000))
+                          cond=tiny_cond("cond_unet", COND_SAMPLES, seed=1000))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from tacdiff.models.loading import load_scheduler
 from tacdiff.quant import quant_state
 from tacdiff.quant.layers import ActQuantizer
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
-from tiny_models import tiny_unet
+from tiny_models import tiny_model
 
 CALIBRATION = ("--calib-samples", "4", "--calib-steps", "4", "--calib-kept-steps", "4")
 
@@ -26,7 +26,7 @@ CALIBRATION = ("--calib-samples", "4", "--calib-steps", "4", "--calib-kept-steps
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cli") / "unet"
-    tiny_unet().save_pretrained(folder)
+    tiny_model("unet").save_pretrained(folder)
     return folder
 
 
@@ -46,7 +46,7 @@ def test_quantize_writes_an_artifact_equal_to_quantizing_in_python(model_dir: Pa
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "quantized.safetensors"]
     assert float(read_metadata(out)["held_out_sqnr_db"]) > 8.0
 
-    fp = tiny_unet()
+    fp = tiny_model("unet")
     calibration = calibrate_inputs(fp, load_scheduler(None, model_dir), CalibrationSettings(4, 4, 4, 0), progress=False)
     config = tacdiff.QuantConfig(weight_bits=4, act_bits=8, weight_rounding=rounding)
     expected = tacdiff.quantize(copy.deepcopy(fp), config, calibration, progress=False)

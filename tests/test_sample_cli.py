@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
-from tiny_models import tiny_cond_unet, tiny_unet
+from tiny_models import tiny_model
 
 FAST = ("--steps", "3", "--batch-size", "4", "--quiet")
 
@@ -17,8 +17,8 @@ FAST = ("--steps", "3", "--batch-size", "4", "--quiet")
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sample")
-    tiny_unet().save_pretrained(root / "fp")
-    tiny_cond_unet(layers_per_block=1).save_pretrained(root / "cond")
+    tiny_model("unet").save_pretrained(root / "fp")
+    tiny_model("cond_unet", layers_per_block=1).save_pretrained(root / "cond")
     calibration = ("--calib-samples", "2", "--calib-steps", "2", "--calib-kept-steps", "2", "--quiet")
     for args in (("quantize", root / "fp", "--out", root / "w4a8", "--w-bits", "4", *calibration),
                  ("calibrate", root / "w4a8", "--fp-model", root / "fp", "--out", root / "tac.safetensors",

@@ -1,4 +1,5 @@
-"""Tiny real diffusers UNets (seeded), calibration sets and SQNR helpers shared by the tests.
+"""Tiny real diffusers models, each kind declared once (diffusers' tester-config style), calibration sets and
+SQNR helpers shared by the tests.
 
 Imported by ``tests/conftest.py`` (the fixtures) and by test modules; a module name of its
 own, since ``from conftest import ...`` would be ambiguous beside ``tests/correction/conftest.py``.
@@ -7,6 +8,7 @@ own, since ``from conftest import ...`` would be ambiguous beside ``tests/correc
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
@@ -18,31 +20,60 @@ import tacdiff
 # quarter of [0, 1000), so four timestep groups all get calibration data.
 NUM_SAMPLES, NUM_STEPS = 8, 8
 COND_SAMPLES = 4  # the conditional model is the slow one to quantize (its range search dominates)
-TEXT_TOKENS, TEXT_DIM = 7, 32
+TEXT_TOKENS, TEXT_DIM, POOLED_DIM, TIME_IDS_DIM = 7, 32, 32, 8
+
+_CONV_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                  norm_num_groups=8)
+_COND_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
+                  attention_head_dim=8, norm_num_groups=32)
+
+TINY_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    # two levels, attention in the second (0.7M parameters), 3x16x16
+    "unet": (UNet2DModel, dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                               up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)),
+    # convolutions only, 3x8x8
+    "conv_unet": (UNet2DModel, _CONV_UNET),
+    # learned variance: noise and variance channels, 6 outputs for 3x8x8 inputs
+    "variance_unet": (UNet2DModel, {**_CONV_UNET, "out_channels": 6}),
+    # class-conditional (10 classes), 3x8x8
+    "class_unet": (UNet2DModel, {**_CONV_UNET, "block_out_channels": (32, 32), "num_class_embeds": 10}),
+    # text-conditioned, cross-attention transformer blocks, 4x16x16 latents, 32-wide embeddings
+    "cond_unet": (UNet2DConditionModel, _COND_UNET),
+    # SDXL-style: text embeddings plus added_cond_kwargs (pooled text embeddings and time ids)
+    "sdxl_unet": (UNet2DConditionModel, {**_COND_UNET, "layers_per_block": 1, "addition_embed_type": "text_time",
+                                         "addition_time_embed_dim": TIME_IDS_DIM,
+                                         "projection_class_embeddings_input_dim": POOLED_DIM + 6 * TIME_IDS_DIM}),
+    # SimpleCrossAttn blocks: attention with added key/value projections of the text (its own processor)
+    "added_kv_unet": (UNet2DConditionModel, {**_COND_UNET, "block_out_channels": (32, 32), "layers_per_block": 1,
+                                             "sample_size": 8, "norm_num_groups": 8,
+                                             "down_block_types": ("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+                                             "up_block_types": ("UpBlock2D", "SimpleCrossAttnUpBlock2D"),
+                                             "mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}),
+}
 
 
-def tiny_unet() -> UNet2DModel:
-    """A seeded two-level UNet2DModel with attention in the second level (0.7M parameters)."""
+def tiny_model(name: str, **overrides: Any) -> nn.Module:
+    """``TINY_MODELS[name]`` built from seed 0 in eval mode; ``overrides`` replace config entries."""
+    cls, config = TINY_MODELS[name]
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+    return cls(**{**config, **overrides}).eval()
 
 
-def tiny_cond_unet(layers_per_block: int = 2) -> UNet2DConditionModel:
-    """A seeded text-conditioned UNet2DConditionModel with cross-attention transformer blocks (4x16x16 latents,
-    32-wide text embeddings)."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=layers_per_block, sample_size=16,
-                                in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=32).eval()
-
-
-def text_embeddings(count: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random stand-ins for text-encoder outputs, ``(count, TEXT_TOKENS, TEXT_DIM)``."""
+def tiny_cond(name: str, count: int, seed: int) -> dict[str, Any]:
+    """Seeded stand-in conditioning for ``count`` samples of ``TINY_MODELS[name]`` (empty when unconditional):
+    text-encoder outputs ``(count, TEXT_TOKENS, TEXT_DIM)``, and for SDXL ``added_cond_kwargs``."""
+    if TINY_MODELS[name][0] is not UNet2DConditionModel:
+        return {}
     generator = torch.Generator().manual_seed(seed)
-    return {"encoder_hidden_states": torch.randn(count, TEXT_TOKENS, TEXT_DIM, generator=generator)}
+    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, TEXT_TOKENS, TEXT_DIM, generator=generator)}
+    if name == "sdxl_unet":
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, POOLED_DIM, generator=generator),
+                                     "time_ids": torch.randn(count, 6, generator=generator)}
+    return cond
 
 
 def calibration_of(model: nn.Module, seed: int, **kwargs: object) -> tacdiff.CalibrationSet:

@@ -1,6 +1,6 @@
 """``tacdiff bench``: FP, PTQ, PTQD and TAC (with its NER/IBC ablations) on the bundled model, paired.
 
-For every step count, one :func:`tacdiff.metrics.paired.batched_trajectories` call samples the
+For every step count, one :func:`tacdiff.evaluation.score_methods` call samples the
 FP model and, for every bit setting, the uncorrected PTQ model and its PTQD/NER/IBC/TAC-corrected
 wrappers from the same starting noise (and the same per-step noise), so every method is compared
 with the same FP images. Choices, written down:
@@ -15,7 +15,7 @@ with the same FP images. Choices, written down:
   ``min(quant_calib_samples, calib_samples)`` FP DDIM trajectories of ``min(50, max(steps))``
   steps with 25 steps kept (Q-Diffusion's time-uniform calibration).
 * IBC (in ``ibc`` and ``tac``) shifts the quantized trajectory's latent (``ibc_target="state"``,
-  the default; the loop's ``correct_states`` hook applies it).
+  the default; the loop applies it through the corrected denoiser's ``correct_state``).
 * Sampler: DDIM (eta 0) from the reference scheduler config. PTQD is its deterministic part
   (``(q - b_t) / (1 + k_t)``); its variance-schedule calibration needs a stochastic sampler.
 * FP rows have ``bits == "fp"``, one per step count (FP is sampled once per step count).
@@ -34,26 +34,26 @@ from __future__ import annotations
 import copy
 import math
 import re
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac, state_correction
-from tacdiff.metrics.evaluate import KID_SUBSET_SIZE, build_scheduler, check_settings
-from tacdiff.metrics.fid import fid_kid
-from tacdiff.metrics.paired import PairedStepStats, batched_trajectories, derive_seed, psnr_db, to_images
+from tacdiff.correction import CorrectedDenoiser
+from tacdiff.correction.calibrate import CALIBRATORS, fit_tables
+from tacdiff.evaluation import Method, TimedDenoiser, score_methods, timed_call
+from tacdiff.models.kinds import ModelDenoiser
+from tacdiff.models.loading import build_scheduler, check_settings
 from tacdiff.models.reference import load_reference_model
 from tacdiff.quant import QuantConfig, quantize
-from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord, unet_denoiser
+from tacdiff.sampling.batching import derive_seed
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
 ROUNDINGS = ("rtn", "gptq")  # learned rounding takes minutes per setting; quantize it apart and use tacdiff eval
-CORRECTED = ("ptqd", "ner", "ibc", "tac")
+CORRECTED = tuple(m for m in METHODS if m in CALIBRATORS)
 ROW_KEYS = ("bits", "steps", "method", "fid", "kid", "x0_mse", "x0_psnr", "calib_seconds", "sample_seconds")
 FP_BITS = "fp"
 _BITS = re.compile(r"^w(\d)a(\d)$")
@@ -76,38 +76,9 @@ class BenchResult:
     timesteps: dict[int, list[float]] = field(default_factory=dict)
 
 
-class _Timed:
-    """A denoiser that adds the wall time of each call to ``seconds`` (CUDA synchronised)."""
-
-    def __init__(self, denoise: Denoiser, cuda: bool) -> None:
-        self.denoise, self.cuda, self.seconds = denoise, cuda, 0.0
-
-    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        if self.cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        out = self.denoise(x, t, **cond)
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - started
-        return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed_call(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
-    _sync(device)
-    started = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - started
-
-
-def _check(bits: Sequence[str], steps: Sequence[int], methods: Sequence[str], samples: int, calib_samples: int,
-           batch_size: int, device: str, weight_rounding: str) -> list[tuple[int, int]]:
+def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequence[str], samples: int,
+                     calib_samples: int, batch_size: int, device: str, weight_rounding: str) -> list[tuple[int, int]]:
+    """Raise ``ValueError`` naming the first bad setting; return the ``(weight, activation)`` bit pairs."""
     if weight_rounding not in ROUNDINGS:
         raise ValueError(f"weight_rounding must be one of {', '.join(ROUNDINGS)} for the benchmark, "
                          f"got {weight_rounding!r}")
@@ -133,7 +104,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
           batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
           progress: bool = True) -> BenchResult:
     """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
-    pairs = _check(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
+    pairs = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
     names = [f"w{w}a{a}" for w, a in pairs]
     dev = torch.device(device)
     fp, ddpm = load_reference_model(dev)
@@ -151,84 +122,34 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
             config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, weight_rounding=weight_rounding)
             return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 
-        quantized[name] = _timed_call(dev, build)
+        quantized[name] = timed_call(dev, build)
 
     result = BenchResult([])
     calib_seed, eval_seed = derive_seed(seed, "calibrate"), derive_seed(seed, "evaluate")
     wanted = [m for m in METHODS if m in methods]
     for count in steps:
-        labels: list[tuple[str, str]] = [(FP_BITS, "fp")]
-        denoisers: list[_Timed] = [_Timed(unet_denoiser(fp), dev.type == "cuda")]
-        calib_seconds: dict[tuple[str, str], float] = {(FP_BITS, "fp"): 0.0}
-        wrappers: dict[int, CorrectedUNet] = {}
+        candidates = [Method(FP_BITS, "fp", TimedDenoiser(ModelDenoiser(fp, scheduler), dev), 0.0)]
         for name in names:
             model, quant_seconds = quantized[name]
-            labels.append((name, "ptq"))
-            denoisers.append(_Timed(unet_denoiser(model), dev.type == "cuda"))
-            calib_seconds[name, "ptq"] = quant_seconds
+            candidates.append(Method(name, "ptq", TimedDenoiser(ModelDenoiser(model, scheduler), dev), quant_seconds))
             for method in (m for m in CORRECTED if m in wanted):
                 _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
-                tables, seconds = _timed_call(dev, lambda method=method: _calibrate(
-                    method, fp, model, scheduler, count, calib_samples, batch_size, calib_seed, progress))
-                labels.append((name, method))
-                wrappers[len(denoisers)] = CorrectedUNet(model, tables)
-                denoisers.append(_Timed(unet_denoiser(wrappers[len(denoisers)]), dev.type == "cuda"))
-                calib_seconds[name, method] = seconds
-        _log(progress, f"sample {len(denoisers)} denoisers x {samples} paired images, DDIM {count}")
-        hook = state_correction([wrappers.get(i) for i in range(len(denoisers))])
-        result.rows += _evaluate(result, labels, denoisers, calib_seconds, scheduler, count, samples, batch_size,
-                                 eval_seed, dev, wanted, progress, hook)
+                tables, seconds = timed_call(dev, lambda method=method: fit_tables(
+                    method, fp, model, scheduler, num_inference_steps=count, num_samples=calib_samples,
+                    batch_size=batch_size, seed=calib_seed, progress=progress))
+                corrected = CorrectedDenoiser(ModelDenoiser(model, scheduler), tables)
+                candidates.append(Method(name, method, TimedDenoiser(corrected, dev), seconds))
+        _log(progress, f"sample {len(candidates)} denoisers x {samples} paired images, DDIM {count}")
+        scored, state_sq_err, result.timesteps[count] = score_methods(
+            candidates, scheduler, num_inference_steps=count, num_samples=samples, sample_shape=(1, 28, 28),
+            seed=eval_seed, batch_size=batch_size, device=dev, progress=progress)
+        for row, curve in zip(scored, state_sq_err):
+            if row["method"] not in wanted:
+                continue
+            result.rows.append(row)
+            if row["bits"] != FP_BITS:  # FP's own curve is zero
+                result.step_errors.setdefault((row["bits"], count), {})[row["method"]] = curve
     return result
-
-
-def _calibrate(method: str, fp: nn.Module, quant: nn.Module, scheduler: Any, steps: int, samples: int,
-               batch_size: int, seed: int, progress: bool) -> CorrectionTables:
-    run = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, seed=seed, progress=progress)
-    if method == "ptqd":
-        return calibrate_ptqd(fp, quant, scheduler, **run)
-    return calibrate_tac(fp, quant, scheduler, use_ibc=method != "ner", use_ner=method != "ibc", **run)
-
-
-class _AllPairs:
-    """A ``run_trajectories`` callback feeding one :class:`PairedStepStats` per estimate (reference 0)."""
-
-    def __init__(self, count: int) -> None:
-        self.stats = [PairedStepStats(0, i) for i in range(count)]
-
-    def __call__(self, record: StepRecord) -> None:
-        for stats in self.stats:
-            stats(record)
-
-
-def _evaluate(result: BenchResult, labels: list[tuple[str, str]], denoisers: list[_Timed],
-              calib_seconds: dict[tuple[str, str], float], scheduler: Any, steps: int, samples: int,
-              batch_size: int, seed: int, device: torch.device, wanted: list[str],
-              progress: bool, correct_states: StateCorrection | None = None) -> list[dict[str, Any]]:
-    """Sample every denoiser on the same noise; score each against FP (index 0)."""
-    callback = _AllPairs(len(denoisers))
-    images: list[list[Tensor]] = [[] for _ in denoisers]
-    for _, finals in batched_trajectories(denoisers, scheduler, num_samples=samples, sample_shape=(1, 28, 28),
-                                          num_inference_steps=steps, seed=seed, batch_size=batch_size,
-                                          device=device, callback=callback, correct_states=correct_states,
-                                          progress=progress):
-        for kept, final in zip(images, finals):
-            kept.append(to_images(final).float().cpu())
-    result.timesteps[steps] = callback.stats[0].timesteps
-    reference = torch.cat(images[0]).double()
-    rows = []
-    for i, ((name, method), denoiser) in enumerate(zip(labels, denoisers)):
-        if method not in wanted:
-            continue
-        samples_i = torch.cat(images[i])
-        mse = float((samples_i.double() - reference).pow(2).mean())
-        scores = fid_kid(samples_i, kid_subset_size=min(KID_SUBSET_SIZE, samples), seed=seed % 2 ** 31)
-        rows.append({"bits": name, "steps": steps, "method": method, "fid": scores["fid"], "kid": scores["kid"],
-                     "x0_mse": mse, "x0_psnr": psnr_db(mse), "calib_seconds": calib_seconds[name, method],
-                     "sample_seconds": denoiser.seconds})
-        if name != FP_BITS:  # FP's own curve is zero
-            state_sq, _ = callback.stats[i].mean_sq_norms()
-            result.step_errors.setdefault((name, steps), {})[method] = state_sq.tolist()
-    return rows
 
 
 def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
@@ -263,7 +184,8 @@ def _log(progress: bool, message: str) -> None:
         tqdm.write(f"[bench] {message}")
 
 
-def _fmt(value: Any, digits: int) -> str:
+def format_cell(value: Any, digits: int) -> str:
+    """``value`` with ``digits`` decimals when a float (``inf`` spelled out), else as it is."""
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.{digits}f}"
     return str(value)
@@ -274,7 +196,8 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| bits | steps | method | FID | KID | x0 MSE | x0 PSNR dB | calib s | sample s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['bits']} | {r['steps']} | {r['method']} | {_fmt(r['fid'], 3)} | {_fmt(r['kid'], 5)} | "
-                     f"{_fmt(r['x0_mse'], 6)} | {_fmt(r['x0_psnr'], 2)} | {_fmt(r['calib_seconds'], 1)} | "
-                     f"{_fmt(r['sample_seconds'], 2)} |")
+        lines.append(f"| {r['bits']} | {r['steps']} | {r['method']} | {format_cell(r['fid'], 3)} | "
+                     f"{format_cell(r['kid'], 5)} | {format_cell(r['x0_mse'], 6)} | {format_cell(r['x0_psnr'], 2)} | "
+                     f"{format_cell(r['calib_seconds'], 1)} | "
+                     f"{format_cell(r['sample_seconds'], 2)} |")
     return "\n".join(lines)

@@ -18,10 +18,11 @@ from torch import nn
 from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_sha256
 from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
 from tacdiff.metrics.paired import sqnr_db
+from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.models.loading import find_unet_dir, load_scheduler, load_unet
 from tacdiff.quant import QuantConfig, quant_state, quantize
 from tacdiff.quant.apply import check_finite
-from tacdiff.sampling import CalibrationSet, collect_calibration_set, unet_denoiser
+from tacdiff.sampling import CalibrationSet, collect_calibration_set
 from tacdiff.sampling.calibration import random_text_embeddings
 
 
@@ -51,7 +52,7 @@ def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings,
 def output_sqnr_db(reference: nn.Module, model: nn.Module, inputs: CalibrationSet, batch_size: int = 64) -> float:
     """SQNR (dB) of ``model``'s noise estimates against ``reference``'s on the same inputs."""
     device = next(model.parameters()).device
-    pairs = [(unet_denoiser(reference)(x, t, **cond), unet_denoiser(model)(x, t, **cond))
+    pairs = [(ModelDenoiser(reference)(x, t, **cond), ModelDenoiser(model)(x, t, **cond))
              for x, t, cond in inputs.batches(batch_size, device)]
     return sqnr_db(torch.cat([r for r, _ in pairs]), torch.cat([e for _, e in pairs]))
 
@@ -111,10 +112,11 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     noise-estimate SQNR in dB (None for the TAC row, whose correction acts along trajectories),
     final-image MSE and PSNR against FP (images in [-1, 1]); writes ``out_dir/samples.png``.
     """
-    from tacdiff.correction import CorrectedUNet, calibrate_tac, state_correction
-    from tacdiff.metrics.paired import batched_trajectories, psnr_db, to_images
+    from tacdiff.correction import CorrectedDenoiser, calibrate_tac
+    from tacdiff.metrics.paired import psnr_db
     from tacdiff.models.reference import load_reference_model
     from tacdiff.report import save_grid
+    from tacdiff.sampling.batching import batched_trajectories, to_images
 
     for name, value in (("samples", samples), ("steps", steps), ("calib_samples", calib_samples)):
         if value < 1:
@@ -125,25 +127,23 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     scheduler = DDIMScheduler.from_config(ddpm.config)
     calib = calibrate_inputs(fp, ddpm, CalibrationSettings(calib_samples, steps, min(25, steps), seed), progress)
     held_out = calibrate_inputs(fp, ddpm, CalibrationSettings(16, steps, min(10, steps), seed + 1), progress=False)
-    names, denoisers, wrappers, rows = ["FP"], [unet_denoiser(fp)], [None], []
+    names, denoisers, rows = ["FP"], [ModelDenoiser(fp, scheduler)], []
     for w_bits, a_bits in bits:
         started = time.perf_counter()
         model = quantize(copy.deepcopy(fp), QuantConfig(weight_bits=w_bits, act_bits=a_bits), calib, progress=progress)
         rows.append({"bits": f"w{w_bits}a{a_bits}", "seconds": time.perf_counter() - started,
                      "eps_sqnr_db": output_sqnr_db(fp, model, held_out)})
         names.append(f"W{w_bits}A{a_bits}")
-        denoisers.append(unet_denoiser(model))
-        wrappers.append(None)
+        denoisers.append(ModelDenoiser(model, scheduler))
     started = time.perf_counter()
     tables = calibrate_tac(fp, model, scheduler, num_inference_steps=steps, num_samples=calib_samples,
                            batch_size=calib_samples, seed=seed + 3, progress=progress)
     rows.append({"bits": f"{rows[-1]['bits']}+tac", "seconds": time.perf_counter() - started, "eps_sqnr_db": None})
     names.append(f"{names[-1]}+TAC")
-    wrappers.append(CorrectedUNet(model, tables))
-    denoisers.append(unet_denoiser(wrappers[-1]))
+    denoisers.append(CorrectedDenoiser(ModelDenoiser(model, scheduler), tables))
     finals = [torch.cat(parts) for parts in zip(*(batch for _, batch in batched_trajectories(
         denoisers, scheduler, num_samples=samples, sample_shape=(1, 28, 28), num_inference_steps=steps,
-        seed=seed + 2, correct_states=state_correction(wrappers), progress=progress)))]
+        seed=seed + 2, progress=progress)))]
     images = [to_images(x) for x in finals]
     for row, image in zip(rows, images[1:]):
         row["x0_mse"] = float((image - images[0]).pow(2).mean())
@@ -180,14 +180,14 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     ``model`` is a diffusers UNet or pipeline folder, a quantized artifact folder or
     ``"reference"``; ``tables`` correct it (they must fit the model and the sampler). Image ``i``
     starts from noise seeded by ``derive_seed(seed, "noise", i)`` alone (see
-    :func:`tacdiff.metrics.paired.sample_noise`), so the same seed gives the same PNG bytes at
+    :func:`tacdiff.sampling.batching.sample_noise`), so the same seed gives the same PNG bytes at
     any ``num_samples`` for a fixed batch size and thread count. The folder is written atomically;
     ``overwrite`` replaces only a folder that this function wrote.
     """
-    from tacdiff.correction import CorrectedUNet, CorrectionTables, state_correction
-    from tacdiff.metrics.evaluate import REFERENCE, build_scheduler, check_settings, load_any_model
-    from tacdiff.metrics.paired import batched_trajectories, derive_seed, to_images
+    from tacdiff.correction import CorrectedDenoiser, CorrectionTables
+    from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, load_any_model
     from tacdiff.report.images import IMAGE_CHANNELS, save_png, tile, to_uint8
+    from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
     from tacdiff.sampling.calibration import sample_shape_of
 
     check_settings(scheduler, steps, num_samples, batch_size, device)
@@ -203,15 +203,14 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
         raise ValueError(f"{model} is text-conditioned; tacdiff sample does not read prompts yet, so it samples "
                          "unconditional pixel-space models only")
     sched = build_scheduler(scheduler, loaded.scheduler_config)
-    denoiser, wrapper = loaded.model, None
+    denoiser = ModelDenoiser(loaded.model, sched)
     if tables is not None:
         correction = CorrectionTables.load(tables)
         correction.check_scheduler(sched, steps, force=force_tables)
-        denoiser = wrapper = CorrectedUNet(loaded.model, correction, force=force_tables)
+        denoiser = CorrectedDenoiser(denoiser, correction, force=force_tables)
     finals = [to_images(final).cpu() for _, (final,) in batched_trajectories(
-        [unet_denoiser(denoiser)], sched, num_samples=num_samples, sample_shape=shape, num_inference_steps=steps,
-        seed=seed, batch_size=batch_size, device=device, correct_states=state_correction([wrapper]),
-        progress=progress)]
+        [denoiser], sched, num_samples=num_samples, sample_shape=shape, num_inference_steps=steps,
+        seed=seed, batch_size=batch_size, device=device, progress=progress)]
     images = torch.cat(finals)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{model} produced NaN or inf samples; nothing was written. Try more bits or other "

@@ -12,12 +12,12 @@ import tacdiff
 from tacdiff.correction import CorrectionTables, calibrate_tac
 
 from correction_support import SAMPLES, STEPS
-from tiny_models import tiny_unet
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="session")
 def fp_unet() -> UNet2DModel:
-    return tiny_unet()
+    return tiny_model("unet")
 
 
 @pytest.fixture(scope="session")

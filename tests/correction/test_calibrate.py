@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd, calibrate_tac
+from tacdiff.correction import CorrectionTables, calibrate_ptqd, calibrate_tac
 from tacdiff.metrics.paired import PairedErrors
 
 from correction_support import SAMPLES, SHAPE, STEPS, errors_against_fp
@@ -18,9 +18,10 @@ from correction_support import SAMPLES, SHAPE, STEPS, errors_against_fp
 FRESH_SEED = 1000
 
 
-def errors(fp: nn.Module, model: nn.Module, seed: int, num_samples: int = SAMPLES) -> PairedErrors:
+def errors(fp: nn.Module, model: nn.Module, seed: int, num_samples: int = SAMPLES,
+           tables: CorrectionTables | None = None) -> PairedErrors:
     return errors_against_fp(fp, model, DDIMScheduler(), sample_shape=SHAPE, steps=STEPS, seed=seed,
-                             num_samples=num_samples)
+                             num_samples=num_samples, tables=tables)
 
 
 def test_fp_model_as_its_own_quantized_model_gives_identity_tables(fp_unet: UNet2DModel) -> None:
@@ -76,10 +77,10 @@ def test_wrapper_replays_the_calibration_trajectory(fp_unet: UNet2DModel, w4a8_u
     # On the calibration seed, replaying the tables retraces the calibration trajectory. With IBC on
     # the state, the latents are shifted by mu_t before the step: the mean discrepancy left is zero.
     assert ddim_tables.ibc_target == "state" and ddim_tables.input_bias[1:].abs().max() > 1e-2
-    seen = errors(fp_unet, CorrectedUNet(w4a8_unet, ddim_tables), seed=0)
+    seen = errors(fp_unet, w4a8_unet, seed=0, tables=ddim_tables)
     assert seen.input_bias.abs().max() < 1e-5
     # With IBC on the input, the latents keep their bias, which is mu_t itself.
-    seen = errors(fp_unet, CorrectedUNet(w4a8_unet, ddim_input_tables), seed=0)
+    seen = errors(fp_unet, w4a8_unet, seed=0, tables=ddim_input_tables)
     assert torch.allclose(seen.input_bias.float(), ddim_input_tables.input_bias, atol=1e-4)
 
 
@@ -97,7 +98,7 @@ def test_correction_lowers_the_noise_error_on_fresh_seeds(fp_unet: UNet2DModel, 
               "ner": lambda: calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), use_ibc=False, **tac),
               "ptqd": lambda: calibrate_ptqd(fp_unet, w4a8_unet, DDIMScheduler(), **run)}[method]()
     plain = errors(fp_unet, w4a8_unet, FRESH_SEED, num_samples=16)
-    corrected = errors(fp_unet, CorrectedUNet(w4a8_unet, tables), FRESH_SEED, num_samples=16)
+    corrected = errors(fp_unet, w4a8_unet, FRESH_SEED, num_samples=16, tables=tables)
     assert corrected.eps_sq_err[0] < plain.eps_sq_err[0]
     if method != "ptqd":  # PTQD fits on FP inputs; on this untrained model its later steps do not gain
         assert corrected.eps_sq_err.sum() < plain.eps_sq_err.sum()

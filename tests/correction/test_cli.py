@@ -16,7 +16,7 @@ from tacdiff.correction import CorrectionTables
 from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU
 from tacdiff.io.artifact import save_quantized, state_dict_sha256
 
-from tiny_models import tiny_unet
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory, fp_unet: UNet2DModel, w4a8
     fp_unet.save_pretrained(root / "fp")
     DDIMScheduler().save_pretrained(root / "fp" / "scheduler")
     save_quantized(w4a8_unet, root / "w4a8", metadata={"source_sha256": state_dict_sha256(fp_unet)})
-    other = tiny_unet()
+    other = tiny_model("unet")
     with torch.no_grad():
         other.conv_in.weight.add_(0.01)
     other.save_pretrained(root / "other")

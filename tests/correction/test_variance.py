@@ -9,9 +9,10 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
 from torch import nn
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_ptqd
+from tacdiff.correction import CorrectedDenoiser, CorrectedUNet, CorrectionTables, calibrate_ptqd
 from tacdiff.correction.variance import ptqd_variance_scheduler
-from tacdiff.sampling import run_trajectories, seeded_noise, unet_denoiser
+from tacdiff.models.kinds import ModelDenoiser
+from tacdiff.sampling import run_trajectories, sample_noise
 
 from correction_support import SHAPE
 
@@ -44,7 +45,7 @@ def test_zero_residual_changes_nothing(fp_unet: UNet2DModel, w4a8_unet: nn.Modul
                                        scheduler: DDPMScheduler | DDIMScheduler) -> None:
     tables = dataclasses.replace(ddpm_tables, residual_var=torch.zeros_like(ddpm_tables.residual_var),
                                  scheduler_class=type(scheduler).__name__)
-    noise, den = seeded_noise((2, *SHAPE), seed=3), unet_denoiser(CorrectedUNet(w4a8_unet, tables))
+    noise, den = sample_noise(SHAPE, 0, 2, seed=3), CorrectedDenoiser(ModelDenoiser(w4a8_unet), tables)
     run = dict(num_inference_steps=STEPS, seed=3, progress=False)
     plain = run_trajectories([den], scheduler, noise, **run)[0]
     calibrated = run_trajectories([den], ptqd_variance_scheduler(scheduler, tables, STEPS), noise, **run)[0]

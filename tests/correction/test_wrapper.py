@@ -11,9 +11,10 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMult
 from safetensors.torch import save_file
 from torch import nn
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, calibrate_tac, state_correction
+from tacdiff.correction import CorrectedDenoiser, CorrectedUNet, CorrectionTables, calibrate_tac
 from tacdiff.metrics.paired import paired_errors
-from tacdiff.sampling import run_trajectories, seeded_noise, unet_denoiser
+from tacdiff.models.kinds import ModelDenoiser
+from tacdiff.sampling import run_trajectories, sample, sample_noise
 
 from correction_support import SHAPE, STEPS
 
@@ -28,96 +29,91 @@ def test_wrapper_samples_with_matching_tables(fp_unet: UNet2DModel, w4a8_unet: n
                            seed=0, ibc_target=target, progress=False)
     tables.check_scheduler(scheduler, 4)
     assert tables.ibc_target == target and tables.input_bias[1:].abs().sum() > 0
-    wrapped = CorrectedUNet(w4a8_unet, tables)
-    seen = paired_errors(unet_denoiser(fp_unet), unet_denoiser(wrapped), scheduler, num_samples=4,
-                         sample_shape=SHAPE, num_inference_steps=4, seed=0, batch_size=4,
-                         correct_states=state_correction([None, wrapped]), progress=False)
-    if target == "state":  # mu_t on the latents: the hook removes it, replaying the calibration seed
+    seen = paired_errors(ModelDenoiser(fp_unet), CorrectedDenoiser(ModelDenoiser(w4a8_unet), tables), scheduler,
+                         num_samples=4, sample_shape=SHAPE, num_inference_steps=4, seed=0, batch_size=4,
+                         progress=False)
+    if target == "state":  # mu_t on the latents: correct_state removes it, replaying the calibration seed
         assert seen.input_bias.abs().max() < 1e-5
     else:  # mu_t on the scaled model input: the latents keep it
         assert torch.allclose(seen.input_bias.float(), tables.input_bias.mean(dim=(-2, -1)), atol=1e-4)
     assert torch.isfinite(torch.tensor(seen.x0_mse))
 
 
-def test_wrapper_inside_ddim_pipeline(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables,
-                                      ddim_tables: CorrectionTables) -> None:
-    wrapped = CorrectedUNet(w4a8_unet, ddim_input_tables)
-    pipe = DDIMPipeline(unet=wrapped, scheduler=DDIMScheduler())
+def test_wrapper_inside_ddim_pipeline_matches_the_loop(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables,
+                                                       ddim_tables: CorrectionTables) -> None:
+    pipe = DDIMPipeline(unet=CorrectedUNet(w4a8_unet, ddim_input_tables), scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
-    plain = DDIMPipeline(unet=w4a8_unet, scheduler=DDIMScheduler())
-    plain.set_progress_bar_config(disable=True)
-    reference = plain(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                      output_type="np").images
-    assert images.shape == (2, 16, 16, 3) and reference.shape == images.shape
-    assert abs(images - reference).max() > 0
+    noise = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(0))
+    latents = sample(CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_input_tables), DDIMScheduler(), noise,
+                     num_inference_steps=STEPS, progress=False)
+    expected = (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert images.shape == (2, 16, 16, 3)
+    assert abs(images - expected).max() < 1e-5, "the pipeline's UNet drop-in and the loop's denoiser agree"
     with pytest.raises(ValueError, match="not in the correction tables"):
         pipe(batch_size=1, num_inference_steps=STEPS + 1, output_type="np")
     # Tables that shift the sampler state cannot work inside a pipeline: a clear error, not silent skipping.
-    state_pipe = DDIMPipeline(unet=CorrectedUNet(w4a8_unet, ddim_tables), scheduler=DDIMScheduler())
-    state_pipe.set_progress_bar_config(disable=True)
-    with pytest.raises(ValueError, match="correct_states=state_correction"):
-        state_pipe(batch_size=1, num_inference_steps=STEPS, output_type="np")
+    with pytest.raises(ValueError, match="shift the sampler state.*CorrectedDenoiser"):
+        CorrectedUNet(w4a8_unet, ddim_tables)
 
 
 def test_wrapper_matches_the_manual_correction_and_respects_return_dict(w4a8_unet: nn.Module,
                                                                         ddim_input_tables: CorrectionTables) -> None:
     tables = ddim_input_tables
-    x, t = seeded_noise((2, *SHAPE), seed=1), tables.timesteps[2].long()
+    x, t = sample_noise(SHAPE, 0, 2, seed=1), tables.timesteps[2].long()
     mu, k = tables.input_bias[2].view(1, 3, 1, 1), tables.out_scale[2].view(1, 3, 1, 1)
     expected = w4a8_unet(x - mu, t).sample * k
-    wrapped = CorrectedUNet(w4a8_unet, tables, strict_order=False)
-    assert torch.equal(wrapped.correct_state(x, t), x), "input-target tables leave the state alone"
+    wrapped = CorrectedUNet(w4a8_unet, tables)
     assert torch.equal(wrapped(x, t).sample, expected)
     assert torch.equal(wrapped(x, t, return_dict=False)[0], expected)
     assert torch.equal(wrapped(x, t.expand(2)).sample, expected)
     assert wrapped.config is w4a8_unet.config and wrapped.dtype == torch.float32
+    denoiser = CorrectedDenoiser(ModelDenoiser(w4a8_unet), tables)
+    assert torch.equal(denoiser.correct_state(x, t, 2), x), "input-target tables leave the state alone"
+    assert torch.equal(denoiser(x, t), expected)
 
 
 def test_state_target_shifts_the_latents_not_the_input(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
-    x, t = seeded_noise((2, *SHAPE), seed=1), ddim_tables.timesteps[2].long()
+    x, t = sample_noise(SHAPE, 0, 2, seed=1), ddim_tables.timesteps[2].long()
     mu, k = ddim_tables.input_bias[2], ddim_tables.out_scale[2].view(1, 3, 1, 1)  # element-wise mu: (C, H, W)
-    wrapped = CorrectedUNet(w4a8_unet, ddim_tables, strict_order=False)
-    with pytest.raises(ValueError, match="shift the sampler state"):
-        wrapped(x, t)
-    shifted = wrapped.correct_state(x, t)
+    denoiser = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_tables)
+    shifted = denoiser.correct_state(x, t, 2)
     assert torch.equal(shifted, x - mu)
-    assert torch.equal(wrapped(shifted, t).sample, w4a8_unet(x - mu, t).sample * k)
-    assert torch.equal(state_correction([None, wrapped])(t, [x, x])[1], x - mu)
-    with pytest.raises(ValueError, match="2 wrappers for 3 trajectories"):
-        state_correction([None, wrapped])(t, [x, x, x])
+    assert torch.equal(denoiser(shifted, t), w4a8_unet(x - mu, t).sample * k), "the input is not shifted again"
     with pytest.raises(ValueError, match=r"fitted on \(16, 16\) latents, got \(8, 8\)"):
-        wrapped.correct_state(seeded_noise((2, 3, 8, 8), seed=1), t)
+        denoiser.correct_state(sample_noise((3, 8, 8), 0, 2, seed=1), t, 2)
 
 
-def test_other_schedules_raise(fp_unet: UNet2DModel, w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
-    wrapped = CorrectedUNet(w4a8_unet, ddim_tables)
-    noise = seeded_noise((1, *SHAPE), seed=0)
+def test_other_schedules_raise(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
+    denoiser = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_tables)
+    noise = sample_noise(SHAPE, 0, 1, seed=0)
     for scheduler, steps in ((DDIMScheduler(), STEPS * 2), (EulerDiscreteScheduler(), STEPS)):
         with pytest.raises(ValueError, match="another schedule or step count"):
-            run_trajectories([unet_denoiser(wrapped)], scheduler, noise, num_inference_steps=steps, progress=False)
+            run_trajectories([denoiser], scheduler, noise, num_inference_steps=steps, progress=False)
     with pytest.raises(ValueError, match=r"DDIMScheduler, 6 steps.*DDIMScheduler, 3 steps"):
         ddim_tables.check_scheduler(DDIMScheduler(), 3)
     with pytest.raises(ValueError, match="DDPMScheduler"):
         ddim_tables.check_scheduler(DDPMScheduler(), STEPS)
 
 
-def test_skipping_table_rows_raises(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables) -> None:
-    # A schedule whose timesteps are a subset of the table's (e.g. 5 of 10 DDIM steps) skips rows.
-    ddim_tables = ddim_input_tables
-    wrapped, x = CorrectedUNet(w4a8_unet, ddim_tables), seeded_noise((1, *SHAPE), seed=0)
-    t = ddim_tables.timesteps
-    with pytest.raises(ValueError, match="in order from the first"):
-        wrapped(x, t[1])
-    wrapped(x, t[0])
-    wrapped(x, t[0])  # a repeated call (e.g. guidance halves) is fine
-    with pytest.raises(ValueError, match="in order from the first"):
-        wrapped(x, t[2])
-    relaxed = CorrectedUNet(w4a8_unet, ddim_tables, strict_order=False)
-    relaxed(x, t[3])
-    mixed = wrapped(x.expand(2, -1, -1, -1), torch.stack([t[4], t[1]]))
-    assert mixed.sample.shape == (2, *SHAPE)
+def test_steps_off_the_calibrated_schedule_raise(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables) -> None:
+    # A schedule whose timesteps are a subset of the table's (e.g. 5 of 10 DDIM steps) puts a table
+    # timestep at the wrong step: the loop passes the step index, so the check needs no call history.
+    denoiser, x = CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_input_tables), sample_noise(SHAPE, 0, 1, seed=0)
+    t = ddim_input_tables.timesteps
+    assert torch.equal(denoiser.correct_state(x, t[0], 0), x)
+    for timestep, step in ((t[1], 0), (t[2], 1), (t[5], STEPS)):
+        with pytest.raises(ValueError, match=f"step {step} of the sampler is at timestep {timestep.item():g}"):
+            denoiser.correct_state(x, timestep, step)
+
+
+def test_mixed_timesteps_take_one_row_per_sample(w4a8_unet: nn.Module, ddim_input_tables: CorrectionTables) -> None:
+    tables, x = ddim_input_tables, sample_noise(SHAPE, 0, 2, seed=0)
+    rows = [4, 1]
+    mu, k = tables.input_bias[rows].view(2, 3, 1, 1), tables.out_scale[rows].view(2, 3, 1, 1)
+    expected = w4a8_unet(x - mu, tables.timesteps[rows]).sample * k
+    assert torch.equal(CorrectedUNet(w4a8_unet, tables)(x, tables.timesteps[rows]).sample, expected)
 
 
 def test_tables_round_trip_through_safetensors(tmp_path: Path, ddim_tables: CorrectionTables) -> None:
@@ -163,3 +159,6 @@ def test_inconsistent_tables_raise(w4a8_unet: nn.Module, ddim_tables: Correction
                                       "out_bias": ddim_tables.out_bias[:, :2]})
     with pytest.raises(ValueError, match="2 channels but the model outputs 3"):
         CorrectedUNet(w4a8_unet, two_channel)
+    x, t = sample_noise(SHAPE, 0, 1, seed=0), ddim_tables.timesteps[0]
+    with pytest.raises(ValueError, match="2 channels but the samples have 3"):
+        CorrectedDenoiser(ModelDenoiser(w4a8_unet), two_channel)(x, t)

@@ -18,7 +18,7 @@ import tacdiff.io.artifact as artifact
 from tacdiff.io import load_quantized, read_metadata, save_quantized
 from tacdiff.quant import quant_state
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear
-from tiny_models import outputs, quantized_copy, tiny_unet
+from tiny_models import outputs, quantized_copy, tiny_model
 
 CASES = {"unet": ("w8a8_grouped", "held_out"), "cond_unet": ("cond_w8a8_grouped", "cond_held_out"),
          "unet_dynamic": ("w8a8_dynamic", "held_out"), "cond_unet_blocked": ("cond_w8a8_blocked", "cond_held_out")}
@@ -103,7 +103,7 @@ def test_folder_without_an_artifact_raises(tmp_path: Path) -> None:
 
 
 def test_foreign_safetensors_file_raises(tmp_path: Path) -> None:
-    unet = tiny_unet()
+    unet = tiny_model("unet")
     unet.save_pretrained(tmp_path)
     (tmp_path / "diffusion_pytorch_model.safetensors").rename(tmp_path / artifact.WEIGHTS_NAME)
     with pytest.raises(ValueError, match="not a tacdiff quantized model"):
@@ -206,7 +206,7 @@ def test_a_failed_overwrite_keeps_the_previous_artifact(w8a8: nn.Module, tmp_pat
 
 def test_saving_a_float_model_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not quantized"):
-        save_quantized(tiny_unet(), tmp_path / "artifact")
+        save_quantized(tiny_model("unet"), tmp_path / "artifact")
     assert not (tmp_path / "artifact").exists()
 
 
@@ -382,7 +382,7 @@ def test_malformed_metadata_raises(art: Path, key: str, value, fragment: str) ->
 
 @pytest.mark.parametrize("layout", ["unet", "pipeline"])
 def test_a_full_precision_folder_is_named_as_such(tmp_path: Path, layout: str) -> None:
-    tiny_unet().save_pretrained(tmp_path / "unet" if layout == "pipeline" else tmp_path)
+    tiny_model("unet").save_pretrained(tmp_path / "unet" if layout == "pipeline" else tmp_path)
     load_fails(tmp_path, ValueError, f"{tmp_path} is a full-precision diffusers model folder, not a tacdiff quantized "
                                      f"artifact; quantize it first with `tacdiff quantize {tmp_path} --out ...`")
 

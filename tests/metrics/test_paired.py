@@ -13,23 +13,17 @@ from torch import nn
 
 import tacdiff
 from tacdiff.metrics import PairedErrors, PairedStepStats, paired_errors, psnr_db, sqnr_db
-from tacdiff.metrics.paired import batched_trajectories, sample_noise
-from tacdiff.sampling import StepRecord, unet_denoiser
+from tacdiff.models.kinds import ModelDenoiser
+from tacdiff.sampling import StepRecord
+from tiny_models import tiny_model
+from tacdiff.sampling.batching import batched_trajectories, sample_noise
 
 SHAPE, STEPS, N = (3, 8, 8), 4, 6
 
 
-def small_unet() -> UNet2DModel:
-    """A seeded convolution-only UNet2DModel on 3×8×8 samples."""
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8).eval()
-
-
 @pytest.fixture(scope="module")
 def fp() -> UNet2DModel:
-    return small_unet()
+    return tiny_model("conv_unet")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def w4(fp: UNet2DModel) -> nn.Module:
 def run(reference: nn.Module, estimate: nn.Module, scheduler: SchedulerMixin, **kwargs: object) -> PairedErrors:
     settings = dict(num_samples=N, sample_shape=SHAPE, num_inference_steps=STEPS, seed=3, batch_size=N,
                     progress=False)
-    return paired_errors(unet_denoiser(reference), unet_denoiser(estimate), scheduler, **{**settings, **kwargs})
+    return paired_errors(ModelDenoiser(reference), ModelDenoiser(estimate), scheduler, **{**settings, **kwargs})
 
 
 SCHEDULERS = [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]
@@ -83,7 +77,7 @@ def test_stochastic_samples_do_not_depend_on_the_batch_size(fp: UNet2DModel, cls
 
     def images(batch_size: int, seed: int = 3) -> torch.Tensor:
         return torch.cat([finals[0] for _, finals in batched_trajectories(
-            [unet_denoiser(fp)], scheduler, num_samples=N, sample_shape=SHAPE, num_inference_steps=STEPS,
+            [ModelDenoiser(fp)], scheduler, num_samples=N, sample_shape=SHAPE, num_inference_steps=STEPS,
             seed=seed, batch_size=batch_size, progress=False)])
 
     whole = images(N)
@@ -96,7 +90,7 @@ def test_stochastic_samples_do_not_depend_on_the_batch_size(fp: UNet2DModel, cls
 
 def test_per_sample_seeds_must_match_the_batch(fp: UNet2DModel) -> None:
     with pytest.raises(ValueError, match="per-sample seeds"):
-        tacdiff.sampling.run_trajectories([unet_denoiser(fp)], DDPMScheduler(), torch.zeros(2, *SHAPE),
+        tacdiff.sampling.run_trajectories([ModelDenoiser(fp)], DDPMScheduler(), torch.zeros(2, *SHAPE),
                                           num_inference_steps=2, seed=[1, 2, 3], progress=False)
 
 

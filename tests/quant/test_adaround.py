@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from torch import nn
@@ -16,7 +16,7 @@ import tacdiff.quant.adaround as adaround
 from tacdiff.quant import primitives as P
 from tacdiff.quant.adaround import quant_layers, reconstruction_units
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear
-from tiny_models import tiny_unet
+from tiny_models import tiny_model
 
 ITERS, LR, BATCH = 100, 1e-2, 8
 
@@ -34,7 +34,7 @@ def adaround_config(**overrides: object) -> tacdiff.QuantConfig:
 
 @pytest.fixture(scope="module")
 def unet() -> UNet2DModel:
-    return tiny_unet()
+    return tiny_model("unet")
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +164,7 @@ def test_soft_weight_starts_at_the_float_weight() -> None:
 
 
 def test_conditional_unet_with_activation_quantization() -> None:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
-                                norm_num_groups=32, sample_size=8, layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    unet = tiny_model("cond_unet", sample_size=8, layers_per_block=1)
     text = torch.randn(8, 7, 32)
     calibration = calibration_of(unet, seed=0, cond={"encoder_hidden_states": text})
     model = tacdiff.quantize(copy.deepcopy(unet), adaround_config(act_bits=8, adaround_iters=10),

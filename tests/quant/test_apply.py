@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0
 from torch import nn
 
@@ -15,7 +15,7 @@ from tacdiff.quant import QuantConfig, format_summary, plan_layers, quant_state,
 from tacdiff.quant.apply import skip_concat_splits
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
-from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, text_embeddings, tiny_unet
+from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model
 
 # Floors below what the tiny random-weight models give (see benchmarks/results/act_noise_budget.md).
 # Calibrated (mse) ranges: W8A8 held-out SQNR 28.7 dB (UNet2DModel) and 26.5 dB (UNet2DConditionModel)
@@ -304,13 +304,8 @@ def test_finer_ranges_beat_coarser_ones_on_both_unets(prefix: str, fp_name: str,
 
 def test_attention_with_its_own_processor_keeps_it_and_float_matmuls() -> None:
     """SimpleCrossAttn blocks add key/value projections of the text that the plain processor lacks."""
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        block_out_channels=(32, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
-    cond = text_embeddings(4, seed=0)
+    model = tiny_model("added_kv_unet")
+    cond = tiny_cond("added_kv_unet", 4, seed=0)
     data = calibration_of(model, seed=0, num_samples=4, cond=cond)
     quantized = quantized_copy(model, None, weight_bits=8, act_bits=8, act_range="dynamic")
     attentions = [m for m in quantized.modules() if isinstance(m, Attention)]
@@ -322,10 +317,7 @@ def test_attention_with_its_own_processor_keeps_it_and_float_matmuls() -> None:
 
 @pytest.mark.parametrize("rounding", ["rtn", "gptq", "adaround"])
 def test_integer_class_labels_reach_a_class_conditional_unet_as_integers(rounding: str) -> None:
-    torch.manual_seed(0)
-    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1,
-                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                        norm_num_groups=8, num_class_embeds=10).eval()
+    model = tiny_model("class_unet")
     data = calibration_of(model, seed=0, num_samples=4, num_inference_steps=2, kept_steps=2,
                           cond={"class_labels": torch.tensor([1, 2, 3, 4])})
     quantized = quantized_copy(model, data, weight_bits=8, act_bits=8, weight_rounding=rounding, adaround_iters=2)
@@ -368,7 +360,7 @@ def test_nan_in_calibration_inputs_raises(unet: nn.Module, calibration: tacdiff.
     x[3, 0, 5, 5] = float("nan")
     poisoned = tacdiff.CalibrationSet(x, small.timesteps, small.cond)
     with pytest.raises(ValueError, match="NaN or inf"):
-        tacdiff.quantize(tiny_unet(), QuantConfig(), poisoned, progress=False)
+        tacdiff.quantize(tiny_model("unet"), QuantConfig(), poisoned, progress=False)
 
 
 def test_a_failed_quantize_leaves_the_model_full_precision(unet: nn.Module, calibration: tacdiff.CalibrationSet,
@@ -398,4 +390,4 @@ def test_summary_lists_every_planned_module_and_counts_every_weight(w4a8: nn.Mod
     floats = sum(p.numel() for p in w4a8.parameters()) - edge - four
     assert text.splitlines()[-1] == f"weights: 4-bit {four:,}, 8-bit {edge:,}, float {floats:,}"
     with pytest.raises(ValueError, match="not quantized"):
-        quantization_summary(tiny_unet())
+        quantization_summary(tiny_model("unet"))

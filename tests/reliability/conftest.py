@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from fault_support import QUIET_CALIBRATION, World, cli
-from tiny_models import tiny_unet
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("world")
-    tiny_unet().save_pretrained(root / "fp")
+    tiny_model("unet").save_pretrained(root / "fp")
     for bits in ("4", "8"):
         code, output = cli("quantize", root / "fp", "--out", root / f"w{bits}a8", "--w-bits", bits,
                            *QUIET_CALIBRATION)

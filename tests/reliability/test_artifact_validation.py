@@ -113,9 +113,9 @@ def test_an_artifact_where_the_fp_model_is_expected(world: World, tmp_path: Path
 
 
 def test_an_artifact_paired_with_another_fp_model(world: World, tmp_path: Path) -> None:
-    from tiny_models import tiny_unet
+    from tiny_models import tiny_model
 
-    other = tiny_unet()
+    other = tiny_model("unet")
     other.conv_in.bias.data.add_(0.1)
     other.save_pretrained(tmp_path / "other")
     code, output = cli("eval", world.root / "w4a8", "--fp-model", tmp_path / "other", *EVAL_FAST)

@@ -14,7 +14,7 @@ import tacdiff
 from fault_support import EVAL_FAST, QUIET_CALIBRATION, World, assert_one_error, cli, snapshot
 from fs_support import tmpfs
 from tacdiff.correction import CorrectionTables
-from tiny_models import calibration_of, tiny_unet
+from tiny_models import calibration_of, tiny_model
 
 
 def command_line(command: str, world: World, tmp_path: Path) -> list[str | Path]:
@@ -118,7 +118,7 @@ def test_bad_json_in_a_scheduler_config(world: World, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def nan_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = tiny_unet()
+    model = tiny_model("unet")
     with torch.no_grad():
         model.mid_block.resnets[0].conv1.weight[0, 0, 0, 0] = float("nan")
     folder = tmp_path_factory.mktemp("nan") / "fp"

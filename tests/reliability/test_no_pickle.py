@@ -49,11 +49,11 @@ def test_no_source_file_unpickles() -> None:
 
 @pytest.mark.parametrize("command", ["quantize", "eval"])
 def test_pickled_model_weights_are_refused_unopened(tmp_path: Path, command: str) -> None:
-    from tiny_models import tiny_unet
+    from tiny_models import tiny_model
 
     marker = tmp_path / "pwned"
     model = tmp_path / "fp"
-    tiny_unet().save_pretrained(model)
+    tiny_model("unet").save_pretrained(model)
     (model / "diffusion_pytorch_model.safetensors").unlink()
     (model / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Hostile(marker)))
     before = snapshot(tmp_path)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fault_support import EVAL_FAST, QUIET_CALIBRATION, World, assert_one_error, cli, snapshot
-from tacdiff.correction import CorrectedUNet, CorrectionTables
+from tacdiff.correction import CorrectedDenoiser, CorrectedUNet, CorrectionTables
 from tacdiff.io import load_quantized
-from tiny_models import tiny_unet
+from tacdiff.models.kinds import ModelDenoiser
+from tiny_models import tiny_model
 
 
 def retabled(world: World, root: Path, change: Callable[[CorrectionTables], CorrectionTables]) -> Path:
@@ -44,7 +45,7 @@ def test_force_tables_applies_them_with_a_warning(world: World) -> None:
 
 
 def test_tables_for_a_model_quantized_from_another_fp_model_are_refused(world: World, tmp_path: Path) -> None:
-    other = tiny_unet()
+    other = tiny_model("unet")
     with torch.no_grad():
         other.conv_in.weight.mul_(1.01)
     other.save_pretrained(tmp_path / "other-fp")
@@ -70,11 +71,14 @@ def test_tables_for_another_step_count_are_refused_even_when_forced(world: World
     assert_one_error(code, output, "correction tables are for DDIMScheduler, 2 steps")
 
 
-def test_python_wrapper_checks_the_model_too(world: World) -> None:
+@pytest.mark.parametrize("wrap", [lambda model, tables, **kw: CorrectedDenoiser(ModelDenoiser(model), tables, **kw),
+                                  lambda model, tables, **kw: CorrectedUNet(model, tables, **kw)])
+def test_python_wrappers_check_the_model_too(world: World, wrap: Callable) -> None:
     tables = CorrectionTables.load(world.root / "tac.safetensors")
+    tables = dataclasses.replace(tables, input_bias=torch.zeros_like(tables.input_bias))  # fits CorrectedUNet too
     w8a8 = load_quantized(world.root / "w8a8")
     with pytest.raises(ValueError, match="weight_bits 4 \\(tables\\) vs 8 \\(model\\)"):
-        CorrectedUNet(w8a8, tables)
+        wrap(w8a8, tables)
     with pytest.warns(UserWarning, match="applied anyway"):
-        CorrectedUNet(w8a8, tables, force=True)
-    CorrectedUNet(load_quantized(world.root / "w4a8"), tables)  # its own model: no error, no warning
+        wrap(w8a8, tables, force=True)
+    wrap(load_quantized(world.root / "w4a8"), tables)  # its own model: no error, no warning

@@ -2,8 +2,9 @@
 
 Per-timestep tables fitted on paired FP/quantized trajectories (:func:`calibrate_tac`,
 :func:`calibrate_ptqd`), saved as safetensors (:class:`CorrectionTables`) and applied by a
-UNet wrapper (:class:`CorrectedUNet`, with :func:`state_correction` as the sampling loop's hook
-when IBC shifts the sampler state); the closed-form solvers are pure functions.
+denoiser wrapper (:class:`CorrectedDenoiser`, whose ``correct_state`` the sampling loop calls when
+IBC shifts the sampler state) or, inside diffusers pipelines, a UNet wrapper (:class:`CorrectedUNet`);
+the closed-form solvers are pure functions.
 PTQD's variance-schedule calibration for DDPM/DDIM(eta > 0) is :func:`ptqd_variance_scheduler`.
 """
 
@@ -13,8 +14,8 @@ from tacdiff.correction.ner import AbsMean, NERStats, mask_threshold, ner_scale,
 from tacdiff.correction.ptqd import PTQDStats, ptqd_fit
 from tacdiff.correction.tables import CorrectionTables
 from tacdiff.correction.variance import ptqd_variance_scheduler
-from tacdiff.correction.wrapper import CorrectedUNet, correct_input, correct_output, state_correction
+from tacdiff.correction.wrapper import CorrectedDenoiser, CorrectedUNet, correct_input, correct_output
 
-__all__ = ["AbsMean", "CorrectedUNet", "CorrectionTables", "NERStats", "PTQDStats", "calibrate_ptqd",
-           "calibrate_tac", "correct_input", "correct_output", "input_bias", "mask_threshold", "ner_scale",
-           "ner_stats", "ptqd_fit", "ptqd_variance_scheduler", "state_correction"]
+__all__ = ["AbsMean", "CorrectedDenoiser", "CorrectedUNet", "CorrectionTables", "NERStats", "PTQDStats",
+           "calibrate_ptqd", "calibrate_tac", "correct_input", "correct_output", "input_bias", "mask_threshold",
+           "ner_scale", "ner_stats", "ptqd_fit", "ptqd_variance_scheduler"]

@@ -37,9 +37,9 @@ from tacdiff.correction.ptqd import PTQDStats
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
-from tacdiff.metrics.paired import batched_trajectories
+from tacdiff.models.kinds import Denoiser, ModelDenoiser
+from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.calibration import sample_shape_of
-from tacdiff.sampling.loop import Denoiser, unet_denoiser
 
 # Chosen by benchmarks/tac_sweep.py on the bundled Fashion-MNIST model (DDIM 50, validation seeds;
 # benchmarks/results/tac_sweep_round*.md). Round 1 (W4A8, one factor at a time around channel IBC,
@@ -65,11 +65,16 @@ class _Row:
 
 @dataclass
 class _FPRecorder:
-    """The FP denoiser of the pair: returns its estimate and keeps ``(x_t, r)`` of the current step."""
+    """The FP denoiser of the pair: returns its estimate and keeps the latents, ``x_t`` and ``r`` of the step."""
 
     denoise: Denoiser
+    state: Tensor | None = None
     x: Tensor | None = None
     eps: Tensor | None = None
+
+    def correct_state(self, x: Tensor, t: Tensor, step: int) -> Tensor:
+        self.state = x
+        return x
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         self.x, self.eps = x, self.denoise(x, t, **cond)
@@ -80,8 +85,8 @@ class _FPRecorder:
 class _Calibrating:
     """The quantized denoiser of the pair: ``step(x_hat, x_fp, r, t, quant) -> (row, eps)`` fits each step.
 
-    With ``state_ibc`` set, :meth:`correct_states` (the loop's ``correct_states`` hook) measures
-    ``mu_t`` on the latents of both trajectories at the start of the step and shifts the
+    With ``state_ibc`` set, :meth:`correct_state` (called by the loop at the start of the step,
+    after the FP recorder's) measures ``mu_t`` on the latents of both trajectories and shifts the
     quantized one; the row then records that ``mu_t`` as its input bias.
     """
 
@@ -92,12 +97,11 @@ class _Calibrating:
     rows: list[_Row] = field(default_factory=list)
     _state_bias: Tensor | None = None
 
-    def correct_states(self, t: Tensor, states: list[Tensor]) -> list[Tensor]:
-        fp_state, q_state = states
+    def correct_state(self, x: Tensor, t: Tensor, step: int) -> Tensor:
         if self.state_ibc is None:
-            return states
-        self._state_bias = input_bias(q_state, fp_state, self.state_ibc).float()
-        return [fp_state, correct_input(q_state, self._state_bias)]
+            return x
+        self._state_bias = input_bias(x, self.fp.state, self.state_ibc).float()
+        return correct_input(x, self._state_bias)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if self.fp.x is None or self.fp.eps is None:
@@ -174,17 +178,19 @@ def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
 def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
          scheduler: SchedulerMixin, *, num_inference_steps: int, num_samples: int, batch_size: int, seed: int,
          cond: dict[str, Tensor] | None, progress: bool, hyper: dict[str, Any],
-         denoiser: Callable[[nn.Module], Denoiser], state_ibc: Granularity | None = None) -> CorrectionTables:
+         denoiser: Callable[[nn.Module], Denoiser] | None, state_ibc: Granularity | None = None) -> CorrectionTables:
     """Run the paired loop once over all samples with ``step`` fitting each timestep; build the tables."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if denoiser is None:
+        denoiser = lambda model: ModelDenoiser(model, scheduler)  # noqa: E731
     param = next(fp_model.parameters())
     fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
     calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step, state_ibc)
     for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
                                   sample_shape=sample_shape_of(fp_model), num_inference_steps=num_inference_steps,
                                   seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
-                                  cond=cond, correct_states=calibrating.correct_states, progress=progress):
+                                  cond=cond, progress=progress):
         pass
     rows = calibrating.rows
     hyper = {**hyper, "num_samples": num_samples, "seed": seed}
@@ -202,7 +208,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
                   lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA, tau: float = DEFAULT_TAU,
                   ibc: Granularity = DEFAULT_IBC, ibc_target: str = DEFAULT_IBC_TARGET, use_ibc: bool = True,
                   use_ner: bool = True, cond: dict[str, Tensor] | None = None, progress: bool = True,
-                  denoiser: Callable[[nn.Module], Denoiser] = unet_denoiser) -> CorrectionTables:
+                  denoiser: Callable[[nn.Module], Denoiser] | None = None) -> CorrectionTables:
     """Fit TAC's IBC and NER tables (Yao et al., ECCV 2024) for ``quant_model`` against ``fp_model``.
 
     Args:
@@ -211,23 +217,23 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
             ``num_inference_steps`` and fail on any other schedule.
         num_samples: calibration trajectories, all advanced together; ``batch_size`` bounds
             each network call (see the module docstring).
-        seed: starting noise and per-step noise, as in :func:`tacdiff.metrics.paired.batched_trajectories`.
+        seed: starting noise and per-step noise, as in :func:`tacdiff.sampling.batching.batched_trajectories`.
         lam, gamma, tau: NER's relative-distortion weight, pull towards 1 and mask threshold.
         ibc: ``"element"`` (``mu_t`` of shape ``(C, H, W)``, the default) or ``"channel"`` (``(C,)``).
             Element-wise means need more trajectories: on a tiny random-weight test UNet, 8 or 32
             of them overfit (fresh-seed x0 error above the uncorrected one) and 64 did not.
         ibc_target: ``"state"`` subtracts ``mu_t`` from the quantized trajectory's latent at the
             start of each step (``x_hat_t <- x_hat_t - mu_t``), so the correction carries on to
-            later steps; sampling then needs the loop's ``correct_states`` hook
-            (:func:`tacdiff.correction.state_correction`). ``"input"`` shifts only what the
+            later steps; sampling then needs tacdiff's loop, which calls
+            :class:`~tacdiff.correction.CorrectedDenoiser`'s ``correct_state``. ``"input"`` shifts only what the
             network sees, which a plain UNet wrapper can do inside any diffusers pipeline, but
             the uncorrected latent keeps its bias (measured worse: see the README).
         use_ibc, use_ner: switch the parts off for ablations (method ``ner``/``ibc``).
         cond: model keyword arguments with a leading dimension ``num_samples``.
-        denoiser: adapts a model to ``(x, t, **cond) -> eps``; e.g. a classifier-free-guidance
-            denoiser, so the tables fit the guided estimate that enters the sampler. The
-            corrections are affine with per-step constants, so :class:`CorrectedUNet` applied to
-            both guidance halves yields exactly the corrected guided estimate.
+        denoiser: adapts a model to ``(x, t, **cond) -> eps``; by default
+            ``ModelDenoiser(model, scheduler)``. E.g. ``lambda m: ClassifierFreeGuidance(
+            ModelDenoiser(m, scheduler), scale)`` fits the guided estimate that enters the
+            sampler; wrap the same guided denoiser in :class:`CorrectedDenoiser` to sample with the tables.
     Returns:
         :class:`CorrectionTables` (method ``tac``, ``ner``, ``ibc`` or ``none``).
     """
@@ -256,7 +262,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
 def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
                    num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
                    cond: dict[str, Tensor] | None = None, progress: bool = True,
-                   denoiser: Callable[[nn.Module], Denoiser] = unet_denoiser) -> CorrectionTables:
+                   denoiser: Callable[[nn.Module], Denoiser] | None = None) -> CorrectionTables:
     """Fit the PTQD baseline's tables (He et al., NeurIPS 2023): per step ``q ~ (1 + k_t) r + b_t``
     with a scalar ``k_t`` and per-channel ``b_t`` on FP-trajectory inputs, plus the residual variance.
 
@@ -269,3 +275,32 @@ def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: Sched
     return _fit("ptqd", step, fp_model, quant_model, scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, batch_size=batch_size, seed=seed, cond=cond, progress=progress,
                 hyper={}, denoiser=denoiser)
+
+
+Calibrator = Callable[[nn.Module, nn.Module, SchedulerMixin, dict[str, Any], dict[str, Any]], CorrectionTables]
+
+
+def _tac(**switches: bool) -> Calibrator:
+    return lambda fp, quant, scheduler, run, options: calibrate_tac(fp, quant, scheduler, **switches, **options, **run)
+
+
+CALIBRATORS: dict[str, Calibrator] = {
+    "tac": _tac(),
+    "ner": _tac(use_ibc=False),
+    "ibc": _tac(use_ner=False),
+    "ptqd": lambda fp, quant, scheduler, run, options: calibrate_ptqd(fp, quant, scheduler, **run),
+}
+"""How each correction method's tables are fitted: ``(fp, quant, scheduler, run, options) -> tables``."""
+
+
+def fit_tables(method: str, fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
+               options: dict[str, Any] | None = None, **run: Any) -> CorrectionTables:
+    """Fit ``method``'s tables (a key of :data:`CALIBRATORS`) for ``quant_model`` against ``fp_model``.
+
+    ``options`` are TAC's hyper-parameters (``lam``, ``gamma``, ``tau``, ``ibc``, ``ibc_target``;
+    PTQD has none); ``run`` the settings every method shares (``num_inference_steps``,
+    ``num_samples``, ``batch_size``, ``seed``, ``cond``, ``progress``, ``denoiser``), as in :func:`calibrate_tac`.
+    """
+    if method not in CALIBRATORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CALIBRATORS)}")
+    return CALIBRATORS[method](fp_model, quant_model, scheduler, run, options or {})

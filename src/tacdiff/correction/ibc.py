@@ -6,7 +6,7 @@ subtracted is a choice (``ibc_target`` of :func:`tacdiff.correction.calibrate_ta
 
 * ``"state"`` (default): from the sampler's latent at the start of the step,
   ``x_hat_t <- x_hat_t - mu_t``, so the correction carries on through the later steps. It needs
-  the sampling loop's ``correct_states`` hook.
+  the sampling loop, which calls the corrected denoiser's ``correct_state``.
 * ``"input"``: from the network input only (the scheduler's scaled model input), which a plain
   UNet wrapper can do inside any diffusers pipeline, but the latent keeps its bias and the
   network's own pull back towards the data is lost.

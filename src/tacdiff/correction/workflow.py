@@ -6,14 +6,13 @@ from pathlib import Path
 
 import torch
 
-from tacdiff.correction.calibrate import (DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU,
-                                         calibrate_ptqd, calibrate_tac)
+from tacdiff.correction.calibrate import (CALIBRATORS, DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM,
+                                         DEFAULT_TAU, fit_tables)
 from tacdiff.correction.ibc import Granularity, check_granularity
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables, is_tables_file
 from tacdiff.io.artifact import check_source, load_quantized, read_metadata, recorded_scheduler_config
 from tacdiff.io.atomic import check_writable
-
-CLI_METHODS = ("tac", "ner", "ibc", "ptqd")
+from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, load_any_model
 
 
 def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: str | Path, *, method: str = "tac",
@@ -29,10 +28,8 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     comes from the artifact's metadata when present, else from the FP model. ``ValueError``
     when the FP model is not the one the artifact was quantized from (by state-dict hash).
     """
-    from tacdiff.metrics.evaluate import REFERENCE, build_scheduler, check_settings, load_any_model
-
-    if method not in CLI_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CLI_METHODS)}")
+    if method not in CALIBRATORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CALIBRATORS)}")
     check_granularity(ibc)
     if ibc_target not in IBC_TARGETS:
         raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
@@ -48,12 +45,9 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     config = recorded_scheduler_config(quant_artifact) or fp.scheduler_config
     sched = build_scheduler(scheduler, config)
     run = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, seed=seed, progress=progress)
+    options = dict(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target)
     with torch.no_grad():
-        if method == "ptqd":
-            tables = calibrate_ptqd(fp.model, quant, sched, **run)
-        else:
-            tables = calibrate_tac(fp.model, quant, sched, lam=lam, gamma=gamma, tau=tau, ibc=ibc,
-                                   ibc_target=ibc_target, use_ibc=method != "ner", use_ner=method != "ibc", **run)
+        tables = fit_tables(method, fp.model, quant, sched, options=options, **run)
     tables.metadata["quant_artifact"] = str(Path(quant_artifact).resolve())
     return tables.save(out, overwrite=overwrite), tables
 

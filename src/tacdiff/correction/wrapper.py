@@ -1,25 +1,32 @@
-"""A UNet wrapper that applies per-timestep correction tables (TAC, Yao et al., ECCV 2024; PTQD).
+"""Applying per-timestep correction tables (TAC, Yao et al., ECCV 2024; PTQD) around a denoiser or a UNet.
 
-:class:`CorrectedUNet` looks the timestep up in the tables, subtracts ``input_bias[t]`` from
-the sample, calls the wrapped UNet and returns ``out_scale[t] * (out - out_bias[t])`` in the
-UNet's own output type, so diffusers schedulers and pipelines (``DDIMPipeline(unet=wrapper,
-scheduler=...)``) use it unchanged. Tables whose IBC targets the sampler state
-(``ibc_target="state"``, TAC's default) also need the sampling loop to shift the latents:
-pass :func:`state_correction` as ``correct_states`` to :func:`tacdiff.sampling.run_trajectories`;
-a wrapper called without it raises. The correction arithmetic lives in :func:`correct_input`
-and :func:`correct_output`, which calibration uses too, so both apply the same operations.
+:class:`CorrectedDenoiser` wraps a denoiser ``(x, t, **cond) -> eps`` (see
+:mod:`tacdiff.models.kinds`): it looks the timestep up in the tables, subtracts
+``input_bias[t]`` from the input, calls the denoiser and returns ``out_scale[t] * (eps - out_bias[t])``.
+Tables whose IBC targets the sampler state (``ibc_target="state"``, TAC's default) shift the
+latents instead, through the denoiser's ``correct_state`` capability, which the sampling loop
+calls at the start of every step; it also checks that the step is the tables' step at that
+timestep, so another schedule or step count raises.
+
+:class:`CorrectedUNet` is a drop-in for the UNet inside diffusers pipelines
+(``DDIMPipeline(unet=wrapper, scheduler=...)``), for tables that only touch the network input:
+a pipeline cannot shift its own latents, so state tables raise there. It checks that every
+timestep is in the tables, but (keeping no call-order state) not that the pipeline runs the
+calibrated schedule: call :meth:`CorrectionTables.check_scheduler` first.
+The correction arithmetic lives in :func:`correct_input` and :func:`correct_output`, which
+calibration uses too, so both apply the same operations.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from tacdiff.correction.ibc import broadcast_bias
-from tacdiff.correction.tables import CorrectionTables
-from tacdiff.sampling.loop import StateCorrection
+from tacdiff.correction.tables import TIMESTEP_ATOL, CorrectionTables
+from tacdiff.models.kinds import Denoiser, DenoiserWrapper
 
 
 def correct_input(x: Tensor, bias: Tensor | None) -> Tensor:
@@ -42,35 +49,102 @@ def _rows_like(value: Tensor, x: Tensor) -> Tensor:
     return value.view(*value.shape, *([1] * (x.ndim - 2))) if value.ndim == 2 else value
 
 
+def _finite(eps: Tensor, raw: Tensor, tables: CorrectionTables, timestep: Tensor | float | int) -> Tensor:
+    """``eps``, or ``ValueError`` when the tables turned a finite estimate ``raw`` into NaN or inf."""
+    if not bool(torch.isfinite(eps).all()) and bool(torch.isfinite(raw).all()):
+        t = torch.as_tensor(timestep).reshape(-1)[0].item()
+        raise ValueError(f"the correction tables turned a finite noise estimate into NaN or inf at timestep {t:g}: "
+                         "their values are absurd for this model. Recalibrate the tables")
+    return eps
+
+
+def _model_of(denoiser: Any) -> nn.Module | None:
+    """The model at the bottom of a chain of denoiser wrappers (``inner`` ... ``model``), if any."""
+    while denoiser is not None:
+        if isinstance(getattr(denoiser, "model", None), nn.Module):
+            return denoiser.model
+        denoiser = getattr(denoiser, "inner", None)
+    return None
+
+
+def _rows(tables: CorrectionTables, timestep: Tensor | float | int) -> Callable[[Tensor], Tensor]:
+    """A function picking the table rows of ``timestep`` (scalar or ``(N,)``): one row when all samples
+    share it, else ``(N, ...)``. ``ValueError`` for a timestep the tables do not have."""
+    rows = tables.index_of(timestep)
+    if bool((rows == rows[0]).all()):
+        return lambda table: table[rows[0]]
+    return lambda table: table[rows]
+
+
+class CorrectedDenoiser(DenoiserWrapper):
+    """A denoiser with :class:`CorrectionTables` applied around ``inner`` (the tables' denoiser, e.g.
+    ``ModelDenoiser(quantized_unet, scheduler)`` or a guided one); exposes ``correct_state`` for state IBC.
+
+    When ``inner`` wraps a model, the tables must have been fitted for it
+    (:meth:`CorrectionTables.check_model`; ``force`` warns instead of raising).
+    """
+
+    def __init__(self, inner: Denoiser, tables: CorrectionTables, *, force: bool = False) -> None:
+        super().__init__(inner)
+        if not isinstance(tables, CorrectionTables):
+            raise TypeError(f"tables must be CorrectionTables, got {type(tables).__name__}; load a file with "
+                            "CorrectionTables.load(path)")
+        model = _model_of(inner)
+        if model is not None:
+            tables.check_model(model, force=force)
+        self.tables = tables
+
+    def correct_state(self, x: Tensor, t: Tensor, step: int) -> Tensor:
+        """The latents at the start of step ``step`` (timestep ``t``), shifted by ``-input_bias[step]``
+        for state tables; ``ValueError`` unless ``t`` is the tables' timestep of that step."""
+        x = super().correct_state(x, t, step)
+        timesteps = self.tables.timesteps
+        if step >= len(timesteps) or abs(float(timesteps[step]) - float(t)) > TIMESTEP_ATOL:
+            expected = "none" if step >= len(timesteps) else f"{timesteps[step].item():g}"
+            raise ValueError(f"step {step} of the sampler is at timestep {float(t):g}, but the correction tables "
+                             f"({self.tables.describe()}) have {expected} there: the sampler uses another "
+                             "schedule or step count. Sample with the calibrated schedule, or recalibrate")
+        return correct_input(x, self.tables.input_bias[step]) if self.tables.ibc_target == "state" else x
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        if x.shape[1] != self.tables.channels:
+            raise ValueError(f"correction tables have {self.tables.channels} channels but the samples have "
+                             f"{x.shape[1]}; use tables calibrated for this model")
+        pick = _rows(self.tables, t)
+        if self.tables.ibc_target == "input":
+            x = correct_input(x, pick(self.tables.input_bias))
+        raw = self.inner(x, t, **cond)
+        return _finite(correct_output(raw, pick(self.tables.out_scale), pick(self.tables.out_bias)), raw, self.tables, t)
+
+
 class CorrectedUNet(nn.Module):
-    """Wrap a (quantized) diffusers UNet with :class:`CorrectionTables`; a drop-in for the UNet.
+    """Wrap a (quantized) diffusers UNet with input-target :class:`CorrectionTables`; a drop-in for the
+    UNet inside diffusers pipelines.
 
     Args:
         unet: ``UNet2DModel`` or ``UNet2DConditionModel`` (any module called as
-            ``unet(sample, timestep, ..., return_dict=...)``).
-        tables: corrections for one scheduler and step count.
-        strict_order: also raise when the timesteps of consecutive calls skip table rows
-            (a schedule whose timesteps are a subset of the table's, e.g. 5 of 10 DDIM
-            steps). Each call must repeat the previous row, take the next one, or restart
-            at the first; batches mixing timesteps are only checked for membership.
+            ``unet(sample, timestep, ..., return_dict=...)``) predicting ``eps``.
+        tables: corrections for one scheduler and step count, with ``ibc_target="input"`` (or no
+            input bias): state tables need tacdiff's sampling loop and :class:`CorrectedDenoiser`.
         force: apply tables fitted for another model (other bits, FP model or sample shape)
             with a warning instead of the error of :meth:`CorrectionTables.check_model`.
 
     The corrected estimate must be finite: tables whose values overflow it raise ``ValueError``.
     """
 
-    def __init__(self, unet: nn.Module, tables: CorrectionTables, *, strict_order: bool = True,
-                 force: bool = False) -> None:
+    def __init__(self, unet: nn.Module, tables: CorrectionTables, *, force: bool = False) -> None:
         super().__init__()
         if not isinstance(tables, CorrectionTables):
             raise TypeError(f"tables must be CorrectionTables, got {type(tables).__name__}; load a file with "
                             "CorrectionTables.load(path)")
         tables.check_model(unet, force=force)
+        if tables.ibc_target == "state" and bool(tables.input_bias.ne(0).any()):
+            raise ValueError("these correction tables shift the sampler state (ibc_target='state'), which a UNet "
+                             "wrapper inside a diffusers pipeline cannot do: sample with tacdiff's loop and "
+                             "CorrectedDenoiser(ModelDenoiser(unet), tables), or recalibrate with "
+                             "ibc_target='input' for use inside diffusers pipelines")
         self.unet = unet
         self.tables = tables
-        self.strict_order = strict_order
-        self._last_row: int | None = None
-        self._shifted_row: int | None = None
 
     @property
     def config(self) -> Any:
@@ -84,79 +158,15 @@ class CorrectedUNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def reset(self) -> None:
-        """Forget the last timestep seen (the order check restarts)."""
-        self._last_row = self._shifted_row = None
-
-    @property
-    def shifts_state(self) -> bool:
-        """Whether the tables' input bias must be applied to the sampler state (see :meth:`correct_state`)."""
-        return self.tables.ibc_target == "state"
-
-    def correct_state(self, latents: Tensor, timestep: Tensor | float | int) -> Tensor:
-        """The latents at the start of the step at ``timestep``, shifted by ``-input_bias[t]`` when
-        :attr:`shifts_state`; unchanged otherwise (the bias then goes on the network input)."""
-        if not self.shifts_state:
-            return latents
-        row = int(self.tables.index_of(timestep)[0])
-        self._shifted_row = row
-        return correct_input(latents, self.tables.input_bias[row])
-
     def forward(self, sample: Tensor, timestep: Tensor | float | int, *args: Any, return_dict: bool = True,
                 **kwargs: Any) -> Any:
-        rows = self.tables.index_of(timestep)
-        if rows.numel() > 1 and bool((rows == rows[0]).all()):
-            rows = rows[:1]
-        self._check_order(rows)
-        pick = (lambda table: table[rows[0]]) if rows.numel() == 1 else (lambda table: table[rows])
-        if self.shifts_state:
-            self._check_state_shifted(rows)
-        else:
-            sample = correct_input(sample, pick(self.tables.input_bias))
-        result = self.unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
+        pick = _rows(self.tables, timestep)
+        result = self.unet(correct_input(sample, pick(self.tables.input_bias)), timestep, *args,
+                           return_dict=return_dict, **kwargs)
         out = result.sample if return_dict else result[0]
-        eps = correct_output(out, pick(self.tables.out_scale), pick(self.tables.out_bias))
-        if not bool(torch.isfinite(eps).all()) and bool(torch.isfinite(out).all()):
-            raise ValueError(f"the correction tables turned a finite noise estimate into NaN or inf at timestep "
-                             f"{self.tables.timesteps[int(rows[0])].item():g}: their values are absurd for this "
-                             "model. Recalibrate the tables")
+        eps = _finite(correct_output(out, pick(self.tables.out_scale), pick(self.tables.out_bias)), out, self.tables,
+                      timestep)
         if return_dict:
             result.sample = eps
             return result
         return (eps, *result[1:])
-
-    def _check_state_shifted(self, rows: Tensor) -> None:
-        row = int(rows[0])
-        needed = bool(self.tables.input_bias[rows].ne(0).any())
-        if needed and (rows.numel() > 1 or self._shifted_row != row):
-            raise ValueError("these correction tables shift the sampler state (ibc_target='state'), which a UNet "
-                             "wrapper cannot do alone: sample with tacdiff.sampling.run_trajectories(..., "
-                             "correct_states=state_correction([...])), one timestep per call, or recalibrate "
-                             "with ibc_target='input' for use inside diffusers pipelines")
-
-    def _check_order(self, rows: Tensor) -> None:
-        if rows.numel() != 1:
-            return
-        row = int(rows[0])
-        allowed = {0} if self._last_row is None else {0, self._last_row, self._last_row + 1}
-        if self.strict_order and row not in allowed:
-            previous = "none" if self._last_row is None else f"{self.tables.timesteps[self._last_row].item():g}"
-            self._last_row = None
-            raise ValueError(f"timestep {self.tables.timesteps[row].item():g} follows {previous}, but the correction "
-                             f"tables ({self.tables.describe()}) expect their timesteps in order from the first: "
-                             "the sampler uses another step count or schedule. Sample with the calibrated "
-                             "schedule, or pass strict_order=False to look timesteps up one by one")
-        self._last_row = row
-
-
-def state_correction(wrappers: Sequence[CorrectedUNet | None]) -> StateCorrection:
-    """The ``correct_states`` hook for trajectories whose denoisers use ``wrappers`` (None: no correction),
-    in the same order as the denoisers given to :func:`tacdiff.sampling.run_trajectories`."""
-    wrappers = list(wrappers)
-
-    def correct(t: Tensor, states: list[Tensor]) -> list[Tensor]:
-        if len(states) != len(wrappers):
-            raise ValueError(f"state_correction got {len(wrappers)} wrappers for {len(states)} trajectories")
-        return [x if w is None else w.correct_state(x, t) for w, x in zip(wrappers, states)]
-
-    return correct

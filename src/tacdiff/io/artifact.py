@@ -27,7 +27,8 @@ import tacdiff
 from tacdiff.io.atomic import write_dir_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format
 from tacdiff.quant import primitives as P
-from tacdiff.quant.apply import SUPPORTED_MODELS, LayerPlan, install, quant_state
+from tacdiff.models.kinds import MODEL_KINDS
+from tacdiff.quant.apply import LayerPlan, install, quant_state
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.layers import ActQuantizer, QuantWeightMixin
 
@@ -229,17 +230,17 @@ def _build_model(folder: Path, model_class: str, file: Path) -> nn.Module:
     if not config_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}; the artifact is incomplete: {FIX}")
     config = _json(config_file.read_bytes(), dict, config_file, "it")
-    cls = {cls.__name__: cls for cls in SUPPORTED_MODELS}.get(model_class)
-    if cls is None:
+    kind = MODEL_KINDS.get(model_class)
+    if kind is None:
         raise _corrupt(file, f"its metadata names the unsupported model class {model_class!r} (tacdiff loads "
-                             f"{', '.join(c.__name__ for c in SUPPORTED_MODELS)})")
+                             f"{', '.join(MODEL_KINDS)})")
     if "_class_name" not in config:
         raise _corrupt(config_file, "it has no '_class_name'")
     if config["_class_name"] != model_class:
         raise ValueError(f"{config_file} names the model class {config['_class_name']!r} but {file} holds a "
                          f"quantized {model_class}; restore {CONFIG_NAME} or {FIX}")
     try:
-        return cls.from_config(config)
+        return kind.cls.from_config(config)
     except Exception as error:  # diffusers raises many types for bad configs; report them all the same way
         raise ValueError(f"{config_file} cannot build a {model_class} ({type(error).__name__}: "
                          f"{_one_line(error)}); restore {CONFIG_NAME} or {FIX}") from None

@@ -10,73 +10,24 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       SchedulerMixin)
-from torch import Tensor, nn
+from diffusers import SchedulerMixin
+from torch import Tensor
 
-from tacdiff.correction import CorrectedUNet, CorrectionTables, state_correction
-from tacdiff.io.artifact import WEIGHTS_NAME, check_source, load_quantized, read_metadata, recorded_scheduler_config
+from tacdiff.correction import CorrectedDenoiser, CorrectionTables
+from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
-from tacdiff.metrics.paired import batched_trajectories, derive_seed, paired_errors, to_images
-from tacdiff.models.loading import check_device, load_scheduler, load_unet
-from tacdiff.models.reference import load_reference_model
+from tacdiff.metrics.paired import paired_errors
+from tacdiff.models.kinds import Denoiser, ModelDenoiser
+from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
+from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
 from tacdiff.sampling.calibration import random_text_embeddings, sample_shape_of
-from tacdiff.sampling.loop import unet_denoiser
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-}
-REFERENCE = "reference"
 KID_SUBSET_SIZE = 1000
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to sample, with the scheduler config it was trained (or quantized) with."""
-
-    model: nn.Module
-    scheduler_config: dict[str, Any] | None
-    quantized: bool
-
-
-def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
-    """Load ``"reference"``, a quantized artifact folder or a diffusers UNet/pipeline folder, in eval mode."""
-    if str(spec) == REFERENCE:
-        model, scheduler = load_reference_model(device)
-        return LoadedModel(model, dict(scheduler.config), quantized=False)
-    path = Path(spec)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model folder, a quantized "
-                                f"artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
-    if (path / WEIGHTS_NAME).is_file():
-        return LoadedModel(load_quantized(path, device), recorded_scheduler_config(path), quantized=True)
-    return LoadedModel(load_unet(path, device), dict(load_scheduler(None, path).config), quantized=False)
-
-
-def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
-    """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule."""
-    cls = SCHEDULERS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
-    return cls.from_config(base)
-
-
-def check_settings(scheduler: str, steps: int, samples: int, batch_size: int, device: str) -> None:
-    """Raise ``ValueError`` naming the first bad setting (before anything is loaded)."""
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    for name, value in (("steps", steps), ("samples", samples), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    check_device(device)
 
 
 def _fid_or_note(images: list[Tensor], shape: tuple[int, ...], seed: int) -> tuple[dict[str, float | None], str | None]:
@@ -94,15 +45,12 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerMixin, keep: bool,
+def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: SchedulerMixin, keep: bool,
                    **run: Any) -> tuple[list[Tensor], Any, int]:
-    """Final images of ``model`` (kept on the CPU if ``keep``), paired errors against ``fp`` (or None) and
-    the number of images holding NaN or inf.
-
-    A :class:`~tacdiff.correction.CorrectedUNet` ``model`` gets its state hook."""
+    """Final images of ``denoiser`` (kept on the CPU if ``keep``), paired errors against ``fp`` (or None)
+    and the number of samples (of either model) holding NaN or inf."""
     images: list[Tensor] = []
     broken = [0]
-    wrapper = model if isinstance(model, CorrectedUNet) else None
 
     def collect(start: int, ref: Tensor, est: Tensor) -> None:
         broken[0] += int((~torch.isfinite(est) | ~torch.isfinite(ref)).flatten(1).any(1).sum())
@@ -110,11 +58,8 @@ def _sample_images(model: nn.Module, fp: nn.Module | None, scheduler: SchedulerM
             images.append(est.cpu())
 
     if fp is not None:
-        paired = paired_errors(unet_denoiser(fp), unet_denoiser(model), scheduler, on_batch=collect,
-                               correct_states=state_correction([None, wrapper]), **run)
-        return images, paired, broken[0]
-    for start, (final,) in batched_trajectories([unet_denoiser(model)], scheduler,
-                                                correct_states=state_correction([wrapper]), **run):
+        return images, paired_errors(fp, denoiser, scheduler, on_batch=collect, **run), broken[0]
+    for start, (final,) in batched_trajectories([denoiser], scheduler, **run):
         collect(start, final, to_images(final))
     return images, None, broken[0]
 
@@ -124,8 +69,7 @@ def _check_finite(broken: int, samples: int, model: str | Path) -> None:
     if broken:
         raise ValueError(f"{model} (or its --fp-model) produced NaN or inf in {broken} of {samples} samples: the "
                          "model (or its correction tables) is numerically broken at these settings, so no metric "
-                         "was computed. "
-                         "Try more bits or other ranges, or recalibrate the tables")
+                         "was computed. Try more bits or other ranges, or recalibrate the tables")
 
 
 def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "ddim", steps: int = 50,
@@ -143,7 +87,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
             from the model's scheduler config (an artifact's recorded one, else ``fp_model``'s,
             else a 1000-step linear DDPM schedule).
         steps, samples, seed, batch_size, device: sampling settings; see
-            :func:`tacdiff.metrics.paired.sample_noise` for how seeds map to images.
+            :func:`tacdiff.sampling.batching.sample_noise` for how seeds map to images.
         tables: correction tables (``tacdiff calibrate --out``) to apply to ``model``; they must
             have been calibrated for ``scheduler`` at ``steps`` and for ``model`` (its bits, FP
             model and sample shape: :meth:`CorrectionTables.check_model`).
@@ -167,18 +111,18 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     sched = build_scheduler(scheduler, config)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
-    sampler = loaded.model
+    sampler = ModelDenoiser(loaded.model, sched)
     if tables is not None:
         correction = CorrectionTables.load(tables)
         correction.check_scheduler(sched, steps, force=force_tables)
-        sampler = CorrectedUNet(loaded.model, correction, force=force_tables)
+        sampler = CorrectedDenoiser(sampler, correction, force=force_tables)
     cond = random_text_embeddings(loaded.model, samples, derive_seed(seed, "text"))
     if cond:
         warnings.warn("sampling a conditional UNet with seeded random text embeddings (the same for FP and "
                       "quantized); for real prompts evaluate from Python with their embeddings", stacklevel=2)
     started = time.perf_counter()
     images, paired, broken = _sample_images(
-        sampler, fp.model if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
+        sampler, ModelDenoiser(fp.model, sched) if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
         num_samples=samples, sample_shape=shape, num_inference_steps=steps, seed=seed, batch_size=batch_size,
         device=device, cond=cond or None, progress=progress)
     _synchronize(device)

@@ -8,19 +8,18 @@ consumers (e.g. a correction calibration) can reuse or copy the shape of.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from tacdiff.sampling.loop import Denoiser, StateCorrection, StepRecord, run_trajectories
+from tacdiff.models.kinds import Denoiser
+from tacdiff.sampling.batching import IMAGE_RANGE, batched_trajectories, to_images
+from tacdiff.sampling.loop import StepRecord
 
-IMAGE_RANGE = (-1.0, 1.0)
 PEAK_TO_PEAK = IMAGE_RANGE[1] - IMAGE_RANGE[0]
 
 
@@ -42,61 +41,6 @@ def sqnr_db(reference: Tensor, estimate: Tensor) -> float:
 def psnr_db(mse: float, peak_to_peak: float = PEAK_TO_PEAK) -> float:
     """PSNR ``10·log10(peak_to_peak² / mse)`` in dB (``inf`` for ``mse == 0``); images in [-1, 1] span 2."""
     return math.inf if mse == 0 else 10.0 * math.log10(peak_to_peak ** 2 / mse)
-
-
-def derive_seed(seed: int, *keys: int | str) -> int:
-    """A 63-bit seed determined by ``seed`` and ``keys`` alone (distinct keys give unrelated streams)."""
-    text = ":".join(str(k) for k in (seed, *keys)).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
-
-
-def sample_noise(shape: Sequence[int], start: int, count: int, seed: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-    """Starting noise ``(count, *shape)`` for samples ``start .. start+count-1``.
-
-    Sample ``i`` is drawn on the CPU from ``derive_seed(seed, "noise", i)`` alone, so an image
-    does not depend on the batch size, the device or how many samples are drawn.
-    """
-    gens = (torch.Generator("cpu").manual_seed(derive_seed(seed, "noise", i)) for i in range(start, start + count))
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device, dtype)
-
-
-def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, *, num_samples: int,
-                         sample_shape: Sequence[int], num_inference_steps: int, seed: int = 0,
-                         batch_size: int = 64, device: torch.device | str = "cpu",
-                         dtype: torch.dtype = torch.float32, cond: dict[str, Tensor] | None = None,
-                         callback: Callable[[StepRecord], None] | None = None,
-                         correct_states: StateCorrection | None = None,
-                         progress: bool = True) -> Iterator[tuple[int, list[Tensor]]]:
-    """Run :func:`run_trajectories` over ``num_samples`` in batches; yield ``(start, final latents)`` per batch.
-
-    Starting noise comes from :func:`sample_noise`. Stochastic schedulers draw sample ``i``'s
-    per-step noise from its own generator (seeded by ``seed`` and ``i``), identical for every
-    denoiser, so no image depends on ``batch_size``.
-    ``cond`` values have a leading dimension ``num_samples`` and are sliced per batch;
-    ``callback`` sees every step of every batch; ``correct_states`` is passed on to
-    :func:`run_trajectories`.
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    with tqdm(total=num_samples, desc="samples", unit="img", disable=not progress) as bar:
-        for start in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - start)
-            noise = sample_noise(sample_shape, start, count, seed, device, dtype)
-            chunk = {k: v[start:start + count].to(device) for k, v in (cond or {}).items()}
-            finals = run_trajectories(denoisers, scheduler, noise, num_inference_steps=num_inference_steps,
-                                      seed=[derive_seed(seed, "steps", i) for i in range(start, start + count)],
-                                      cond=chunk, callback=callback, correct_states=correct_states,
-                                      progress=progress)
-            bar.update(count)
-            yield start, finals
-
-
-def to_images(latents: Tensor) -> Tensor:
-    """Final latents clamped to the image range [-1, 1]."""
-    return latents.clamp(*IMAGE_RANGE)
 
 
 class PairedStepStats:
@@ -200,20 +144,18 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   cond: dict[str, Tensor] | None = None,
                   on_batch: Callable[[int, Tensor, Tensor], None] | None = None,
-                  correct_states: StateCorrection | None = None, progress: bool = True) -> PairedErrors:
+                  progress: bool = True) -> PairedErrors:
     """Sample ``reference`` (FP) and ``estimate`` (e.g. quantized) in lockstep and measure their discrepancy.
 
     Args:
-        reference, estimate: denoisers ``(x, t, **cond) -> eps`` (see :func:`tacdiff.sampling.unet_denoiser`).
+        reference, estimate: denoisers ``(x, t, **cond) -> eps`` (see :class:`tacdiff.models.kinds.ModelDenoiser`).
         scheduler: any diffusers scheduler; each trajectory gets its own copy.
         num_samples: trajectories per denoiser, run ``batch_size`` at a time.
         sample_shape: ``(C, H, W)`` of the latents.
-        seed: starting noise and per-step noise, as in :func:`batched_trajectories`.
+        seed: starting noise and per-step noise, as in :func:`tacdiff.sampling.batching.batched_trajectories`.
         cond: model keyword arguments with a leading dimension ``num_samples``.
         on_batch: called as ``on_batch(start, reference_images, estimate_images)`` with each
             batch's final images clamped to [-1, 1] (e.g. to keep them for FID).
-        correct_states: the loop's state hook, e.g. ``state_correction([None, wrapper])`` for an
-            ``estimate`` whose correction tables shift the sampler state.
     Returns:
         :class:`PairedErrors`; the images are not kept.
     """
@@ -222,7 +164,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
     for start, (ref, est) in batched_trajectories(
             [reference, estimate], scheduler, num_samples=num_samples, sample_shape=sample_shape,
             num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, device=device,
-            dtype=dtype, cond=cond, callback=stats, correct_states=correct_states, progress=progress):
+            dtype=dtype, cond=cond, callback=stats, progress=progress):
         ref, est = to_images(ref), to_images(est)
         sq_err += (est.double() - ref.double()).pow(2).sum().item()
         elements += ref.numel()

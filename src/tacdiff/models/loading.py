@@ -1,19 +1,25 @@
-"""Load diffusers UNets and schedulers from ``save_pretrained`` folders (a UNet folder or a pipeline)."""
+"""Load models and schedulers: diffusers ``save_pretrained`` folders (a UNet folder or a pipeline),
+quantized artifacts and the bundled reference model; schedulers by name."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       SchedulerMixin)
 from safetensors import SafetensorError
+from torch import nn
+
+from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, recorded_scheduler_config
+from tacdiff.models.kinds import MODEL_KINDS
+from tacdiff.models.reference import load_reference_model
 
 T = TypeVar("T")
-UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
-
 
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a ``torch.device`` if this machine can compute on it; ``ValueError`` naming the fix."""
@@ -45,16 +51,16 @@ def find_unet_dir(path: str | Path) -> Path:
                             "written by UNet2DModel.save_pretrained or a pipeline's save_pretrained")
 
 
-def load_unet(path: str | Path, device: str | torch.device = "cpu") -> UNet2DModel | UNet2DConditionModel:
-    """Load a ``UNet2DModel`` or ``UNet2DConditionModel`` in eval mode."""
+def load_unet(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model of a registered kind (:data:`~tacdiff.models.kinds.MODEL_KINDS`) in eval mode."""
     folder = find_unet_dir(path)
     name = read_config(folder / "config.json").get("_class_name")
-    cls = UNET_CLASSES.get(name)
-    if cls is None:
+    kind = MODEL_KINDS.get(name)
+    if kind is None:
         raise ValueError(f"{folder / 'config.json'} names model class {name!r}; tacdiff supports "
-                         f"{', '.join(UNET_CLASSES)}")
+                         f"{', '.join(MODEL_KINDS)}")
     _check_weights_format(folder)
-    model = _built(folder, lambda: cls.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True))
+    model = _built(folder, lambda: kind.cls.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True))
     return model.to(device).eval()
 
 
@@ -120,3 +126,52 @@ def _built(folder: Path, build: Callable[[], T]) -> T:
             SafetensorError) as error:
         raise ValueError(f"diffusers cannot load {folder} ({type(error).__name__}: {' '.join(str(error).split())}); "
                          "restore it from save_pretrained's output") from None
+
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+REFERENCE = "reference"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to sample, with the scheduler config it was trained (or quantized) with."""
+
+    model: nn.Module
+    scheduler_config: dict[str, Any] | None
+    quantized: bool
+
+
+def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load ``"reference"``, a quantized artifact folder or a diffusers UNet/pipeline folder, in eval mode."""
+    if str(spec) == REFERENCE:
+        model, scheduler = load_reference_model(device)
+        return LoadedModel(model, dict(scheduler.config), quantized=False)
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model folder, a quantized "
+                                f"artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
+    if (path / WEIGHTS_NAME).is_file():
+        return LoadedModel(load_quantized(path, device), recorded_scheduler_config(path), quantized=True)
+    return LoadedModel(load_unet(path, device), dict(load_scheduler(None, path).config), quantized=False)
+
+
+def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
+    """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule."""
+    cls = SCHEDULERS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
+    return cls.from_config(base)
+
+
+def check_settings(scheduler: str, steps: int, samples: int, batch_size: int, device: str) -> None:
+    """Raise ``ValueError`` naming the first bad setting (before anything is loaded)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    for name, value in (("steps", steps), ("samples", samples), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_device(device)

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from tacdiff.models.kinds import kind_of
 from tacdiff.quant.calibrate import calibrate_activations
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, reproduces_processor
 from tacdiff.quant.config import QuantConfig
@@ -24,7 +24,6 @@ from tacdiff.quant.gptq import quantize_weights_gptq
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
 from tacdiff.sampling.calibration import CalibrationSet
 
-SUPPORTED_MODELS = (UNet2DModel, UNet2DConditionModel)
 STATE_ATTR = "_tacdiff_quant"
 
 
@@ -52,11 +51,8 @@ class QuantState:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Raise ``TypeError`` unless ``model`` is a diffusers UNet class tacdiff supports."""
-    if not isinstance(model, SUPPORTED_MODELS):
-        names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
-        raise TypeError(f"tacdiff quantizes {names}; got {type(model).__name__}. "
-                        "Pass the pipeline's UNet (e.g. pipe.unet), not the pipeline or another model")
+    """Raise ``TypeError`` unless ``model``'s class is in the model-kind registry."""
+    kind_of(model)
     if hasattr(model, STATE_ATTR):
         raise ValueError("this model is already quantized; start again from the full-precision model")
 

@@ -7,12 +7,14 @@ and the model inputs of a uniform subset of the sampling steps are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin, UNet2DConditionModel
+from diffusers import DDIMScheduler, SchedulerMixin
 
-from tacdiff.sampling.loop import StepRecord, run_trajectories, seeded_noise, unet_denoiser
+from tacdiff.models.kinds import ModelDenoiser, kind_of
+from tacdiff.sampling.batching import batched_trajectories
+from tacdiff.sampling.loop import StepRecord
 
 
 @dataclass
@@ -78,41 +80,42 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
     """Run the FP ``model`` with DDIM (built from ``scheduler``'s config) and record its inputs.
 
     Args:
-        num_samples: trajectories started from seeded noise.
+        num_samples: trajectories; sample ``i`` starts from the noise (and, for the record, per-step
+            seed) that :func:`~tacdiff.sampling.batching.batched_trajectories` gives it for ``seed``
+            and ``i``, so the set does not depend on ``batch_size``.
         num_inference_steps: DDIM steps per trajectory.
         kept_steps: how many steps, uniformly spaced over the trajectory, to keep
             (None keeps all); the set has ``num_samples * kept_steps`` inputs.
         cond: extra model keyword arguments of batch size ``num_samples`` (e.g. text embeddings).
         sample_shape: ``(C, H, W)``; read from the model config when omitted.
     Returns:
-        A :class:`CalibrationSet` on the CPU.
+        A :class:`CalibrationSet` on the CPU, ordered by kept step, then sample.
     """
     for name, value in (("num_samples", num_samples), ("num_inference_steps", num_inference_steps),
                         ("batch_size", batch_size), ("kept_steps", 1 if kept_steps is None else kept_steps)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     kept = num_inference_steps if kept_steps is None else min(kept_steps, num_inference_steps)
-    keep = set(torch.linspace(0, num_inference_steps - 1, kept).round().long().tolist())
+    keep = sorted(set(torch.linspace(0, num_inference_steps - 1, kept).round().long().tolist()))
     ddim = DDIMScheduler.from_config(scheduler.config)
     shape = sample_shape or sample_shape_of(model)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    xs, ts, conds = [], [], {k: [] for k in (cond or {})}
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        noise = seeded_noise((count, *shape), seed + start, device, dtype)
-        chunk = {k: v[start:start + count].to(device) for k, v in (cond or {}).items()}
+    param = next(model.parameters())
+    inputs: dict[int, list[torch.Tensor]] = {step: [] for step in keep}
+    timesteps: dict[int, float] = {}
 
-        def record(rec: StepRecord, chunk: dict[str, Any] = chunk) -> None:
-            if rec.step in keep:
-                xs.append(rec.inputs[0].cpu())
-                ts.append(torch.full((rec.inputs[0].shape[0],), float(rec.t)))
-                for k, v in chunk.items():
-                    conds[k].append(v.cpu())
+    def record(rec: StepRecord) -> None:
+        if rec.step in inputs:
+            inputs[rec.step].append(rec.inputs[0].cpu())
+            timesteps[rec.step] = float(rec.t)
 
-        run_trajectories([unet_denoiser(model)], ddim, noise, num_inference_steps=num_inference_steps,
-                         seed=seed + start, cond=chunk, callback=record, progress=progress)
-    return CalibrationSet(torch.cat(xs), torch.cat(ts), {k: torch.cat(v) for k, v in conds.items()})
+    for _ in batched_trajectories([ModelDenoiser(model, ddim)], ddim, num_samples=num_samples, sample_shape=shape,
+                                  num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
+                                  device=param.device, dtype=param.dtype, cond=cond, callback=record,
+                                  progress=progress):
+        pass
+    return CalibrationSet(torch.cat([torch.cat(inputs[step]) for step in keep]),
+                          torch.cat([torch.full((num_samples,), timesteps[step]) for step in keep]),
+                          {k: torch.cat([v.cpu()] * len(keep)) for k, v in (cond or {}).items()})
 
 
 def sample_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -127,7 +130,7 @@ def sample_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
 
 def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, torch.Tensor]:
     """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand."""
-    if not isinstance(model, UNet2DConditionModel):
+    if "encoder_hidden_states" not in kind_of(model).cond_keys:
         return {}
     generator = torch.Generator().manual_seed(seed)
     width = model.config.cross_attention_dim

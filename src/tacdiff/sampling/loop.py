@@ -1,32 +1,24 @@
 """The one sampling loop: trajectories of several denoisers advanced in lockstep on a diffusers scheduler.
 
-In the k-diffusion style, a denoiser is any callable ``denoiser(x, t, **cond) -> eps``
-and the loop reports each step through a callback. Every trajectory gets its own copy
-of the scheduler (multistep solvers keep history) and its own generator seeded alike,
-so paired trajectories start from the same noise and draw the same per-step noise.
+In the k-diffusion style, a denoiser is any callable ``denoiser(x, t, **cond) -> eps`` (see
+:mod:`tacdiff.models.kinds`, which adapts diffusers models to it) and the loop reports each step
+through a callback. Every trajectory gets its own copy of the scheduler (multistep solvers keep
+history), set to consume noise estimates (``prediction_type="epsilon"``), and its own generator
+seeded alike, so paired trajectories start from the same noise and draw the same per-step noise.
 Calibration, evaluation and the CLI all go through :func:`run_trajectories`.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
-
-class Denoiser(Protocol):
-    """Predicts the noise ``eps`` of shape ``x.shape`` from the model input ``x`` at timestep ``t``."""
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor: ...
-
-
-StateCorrection = Callable[[torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
-"""``(t, states) -> states``: replaces the trajectories' latents at the start of the step at ``t``."""
+from tacdiff.models.kinds import Denoiser, correct_state, epsilon_scheduler
 
 
 @dataclass
@@ -42,15 +34,6 @@ class StepRecord:
     states: list[torch.Tensor]
     inputs: list[torch.Tensor]
     eps: list[torch.Tensor]
-
-
-def unet_denoiser(model: torch.nn.Module) -> Denoiser:
-    """Adapt a diffusers UNet (``model(x, t, **cond).sample``) to the denoiser interface."""
-
-    def denoise(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        return model(x, t, **cond, return_dict=False)[0]
-
-    return denoise
 
 
 def _generators(seed: int | Sequence[int], noise: torch.Tensor) -> torch.Generator | list[torch.Generator]:
@@ -71,16 +54,14 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[to
 def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, noise: torch.Tensor, *,
                      num_inference_steps: int, seed: int | Sequence[int] = 0, cond: dict[str, Any] | None = None,
                      callback: Callable[[StepRecord], None] | None = None,
-                     correct_states: StateCorrection | None = None,
                      progress: bool = True) -> list[torch.Tensor]:
     """Sample with every denoiser from the same ``noise`` (shape ``(N, C, H, W)``); return the final latents.
 
-    ``correct_states(t, states) -> states``, if given, may replace the latents of every
-    trajectory at the start of each step, before the model inputs are formed (TAC's input
-    bias correction shifts the quantized trajectory's state this way).
+    At the start of each step, before the model inputs are formed, every denoiser with a
+    ``correct_state`` capability (see :class:`Denoiser`) may replace its trajectory's latents.
 
-    The denoisers are called in list order at each step, so a later one may read what an
-    earlier one recorded (TAC calibration pairs the FP model with the quantized one this way).
+    The denoisers (and their ``correct_state``) are called in list order at each step, so a later
+    one may read what an earlier one recorded (TAC calibration pairs the FP model with the quantized one this way).
     Stochastic schedulers draw their per-step noise from ``seed``: one generator for the whole
     batch, or with one seed per sample (a sequence of length ``N``) one generator per sample,
     so that a sample's noise does not depend on which batch it is in.
@@ -88,15 +69,14 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     cond = cond or {}
-    schedulers = [copy.deepcopy(scheduler) for _ in denoisers]
+    schedulers = [epsilon_scheduler(scheduler) for _ in denoisers]
     for sched in schedulers:
         sched.set_timesteps(num_inference_steps, device=noise.device)
     generators = [_generators(seed, noise) for _ in denoisers]
     states = [noise * sched.init_noise_sigma for sched in schedulers]
     timesteps = schedulers[0].timesteps
     for step, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-        if correct_states is not None:
-            states = list(correct_states(t, states))
+        states = [correct_state(den, x, t, step) for den, x in zip(denoisers, states)]
         inputs = [sched.scale_model_input(x, t) for sched, x in zip(schedulers, states)]
         eps = [den(inp, t, **cond) for den, inp in zip(denoisers, inputs)]
         if callback is not None:
@@ -109,10 +89,3 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
 def sample(denoiser: Denoiser, scheduler: SchedulerMixin, noise: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Sample one trajectory; keyword arguments as in :func:`run_trajectories`."""
     return run_trajectories([denoiser], scheduler, noise, **kwargs)[0]
-
-
-def seeded_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal starting noise drawn on the CPU from ``seed`` (identical on every device)."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device, dtype)

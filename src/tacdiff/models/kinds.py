@@ -1,0 +1,165 @@
+"""The model-kind registry and the denoiser adapters: how tacdiff calls each diffusers model class.
+
+As in k-diffusion's ``external.py``, a denoiser is any callable ``denoiser(x, t, **cond) -> eps``
+that predicts the noise in the model input ``x`` at scheduler timestep ``t``; samplers and
+corrections only ever see that interface. :class:`ModelDenoiser` adapts a registered model:
+timestep by keyword, conditioning keywords checked against its kind, learned-variance output
+channels split off, v-prediction converted to the noise estimate. Wrappers such as
+:class:`ClassifierFreeGuidance` derive from :class:`DenoiserWrapper`, which passes the optional
+``correct_state`` capability (see :class:`Denoiser`) on to the denoiser they wrap.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from torch import Tensor, nn
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class Denoiser(Protocol):
+    """Predicts the noise ``eps`` of shape ``x.shape`` from the model input ``x`` at timestep ``t``.
+
+    A denoiser may also have ``correct_state(x, t, step) -> x``: the sampling loop calls it at
+    the start of step number ``step`` (timestep ``t``) with that trajectory's latents ``x`` and
+    continues from what it returns (TAC's state IBC shifts the quantized latents this way).
+    """
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor: ...
+
+
+def correct_state(denoiser: Denoiser, x: Tensor, t: Tensor, step: int) -> Tensor:
+    """``denoiser.correct_state(x, t, step)`` when the denoiser has that capability, else ``x``."""
+    hook = getattr(denoiser, "correct_state", None)
+    return x if hook is None else hook(x, t, step)
+
+
+class DenoiserWrapper:
+    """Base of denoisers that wrap another (``inner``): passes ``correct_state`` on to it."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        self.inner = inner
+
+    def correct_state(self, x: Tensor, t: Tensor, step: int) -> Tensor:
+        return correct_state(self.inner, x, t, step)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A supported model class and the conditioning keywords its forward takes besides ``sample, timestep``."""
+
+    cls: type[nn.Module]
+    cond_keys: frozenset[str]
+
+
+MODEL_KINDS: dict[str, ModelKind] = {kind.cls.__name__: kind for kind in (
+    ModelKind(UNet2DModel, frozenset({"class_labels"})),
+    ModelKind(UNet2DConditionModel, frozenset({"encoder_hidden_states", "class_labels", "added_cond_kwargs"})),
+)}
+
+
+def kind_of(model: nn.Module) -> ModelKind:
+    """The registry entry of ``model``; ``TypeError`` naming the supported classes for any other model."""
+    for kind in MODEL_KINDS.values():
+        if isinstance(model, kind.cls):
+            return kind
+    raise TypeError(f"tacdiff supports {', '.join(MODEL_KINDS)}; got {type(model).__name__}. "
+                    "Pass the pipeline's UNet (e.g. pipe.unet), not the pipeline or another model")
+
+
+def prediction_type(scheduler: SchedulerMixin) -> str:
+    """The scheduler's ``prediction_type`` (``epsilon`` when it has none); ``ValueError`` for unsupported ones."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {kind!r} is not supported; tacdiff supports {', '.join(PREDICTION_TYPES)}")
+    return kind
+
+
+def epsilon_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """A copy of ``scheduler`` that consumes noise estimates (``prediction_type="epsilon"``), as denoisers return."""
+    copied = copy.deepcopy(scheduler)
+    if prediction_type(scheduler) != "epsilon":
+        copied.register_to_config(prediction_type="epsilon")
+    return copied
+
+
+def v_to_eps(v: Tensor, x: Tensor, t: Tensor | float, alphas_cumprod: Tensor) -> Tensor:
+    """``eps = alpha_t v + sigma_t x_t`` for a v-prediction ``v`` on the model input ``x_t`` ``(N, C, H, W)``.
+
+    ``alpha_t = sqrt(abar_t)`` and ``sigma_t = sqrt(1 - abar_t)`` from ``alphas_cumprod`` ``(T,)``;
+    ``t`` is a scalar or ``(N,)``. Fractional timesteps (Euler) interpolate the noise level
+    ``sqrt((1 - abar) / abar)`` linearly, as Euler's sigmas do.
+    """
+    levels = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()
+    where = torch.as_tensor(t).detach().double().cpu().reshape(-1)
+    low = where.floor().long().clamp(0, len(levels) - 1)
+    high = (low + 1).clamp(max=len(levels) - 1)
+    level = torch.lerp(levels[low], levels[high], where - low)
+    alpha = (1 + level * level).rsqrt()
+    shape = (-1, *([1] * (x.ndim - 1)))
+    alpha, sigma = (c.view(shape).to(x.device, x.dtype) for c in (alpha, level * alpha))
+    return alpha * v + sigma * x
+
+
+class ModelDenoiser:
+    """A registered diffusers model as a denoiser ``(x, t, **cond) -> eps``.
+
+    Args:
+        model: a model whose class is in :data:`MODEL_KINDS` (e.g. a quantized UNet).
+        scheduler: the sampler's scheduler; needed for models trained with v-prediction (its
+            ``prediction_type`` and ``alphas_cumprod`` convert ``v`` to ``eps``). ``None`` means
+            the model predicts ``eps``.
+    Outputs with twice the input's channels (learned variance) keep the first half, the noise.
+    """
+
+    def __init__(self, model: nn.Module, scheduler: SchedulerMixin | None = None) -> None:
+        self.model, self.kind = model, kind_of(model)
+        v_prediction = scheduler is not None and prediction_type(scheduler) == "v_prediction"
+        self.alphas_cumprod = scheduler.alphas_cumprod if v_prediction else None
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        unknown = sorted(set(cond) - self.kind.cond_keys)
+        if unknown:
+            raise ValueError(f"{self.kind.cls.__name__} takes no conditioning {unknown}; it takes "
+                             f"{sorted(self.kind.cond_keys)}")
+        out = self.model(x, timestep=t, **cond, return_dict=False)[0]
+        if out.shape[1] == 2 * x.shape[1]:
+            out = out[:, :x.shape[1]]
+        return out if self.alphas_cumprod is None else v_to_eps(out, x, t, self.alphas_cumprod)
+
+
+class ClassifierFreeGuidance(DenoiserWrapper):
+    """Classifier-free guidance ``eps_u + scale (eps_c - eps_u)``, both halves in one call of ``inner``.
+
+    ``uncond`` maps conditioning keywords to their unconditional values (e.g. the empty prompt's
+    embedding), with a leading dimension 1 or the batch size; nested dicts (SDXL's
+    ``added_cond_kwargs``) alike. Keywords it lacks get zeros (a zero embedding).
+    """
+
+    def __init__(self, inner: Denoiser, scale: float, uncond: dict[str, Any] | None = None) -> None:
+        super().__init__(inner)
+        self.scale, self.uncond = scale, uncond or {}
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        both = _halves(cond, self.uncond)
+        t = torch.as_tensor(t)
+        uncond, conditional = self.inner(torch.cat([x, x]), t if t.ndim == 0 else torch.cat([t, t]), **both).chunk(2)
+        return uncond + self.scale * (conditional - uncond)
+
+
+def _halves(cond: dict[str, Any], uncond: dict[str, Any]) -> dict[str, Any]:
+    """``cat([uncond, cond])`` per keyword, recursing into nested dicts; a missing ``uncond`` is zeros."""
+    out = {}
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            out[key] = _halves(value, uncond.get(key, {}))
+            continue
+        base = uncond.get(key)
+        base = torch.zeros_like(value) if base is None else base.to(value.device, value.dtype).expand_as(value)
+        out[key] = torch.cat([base, value])
+    return out

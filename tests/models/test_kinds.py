@@ -1,0 +1,114 @@
+"""The model-kind registry and denoiser adapters against diffusers' own conventions, on tiny real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, SchedulerMixin
+from torch import nn
+
+import tacdiff
+from tacdiff.models.kinds import (MODEL_KINDS, ClassifierFreeGuidance, DenoiserWrapper, ModelDenoiser, kind_of,
+                                  v_to_eps)
+from tacdiff.sampling import run_trajectories, sample_noise
+
+from tiny_models import TINY_MODELS, tiny_cond, tiny_model
+
+STEPS = 4
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_every_tiny_model_is_a_registered_kind(name: str) -> None:
+    model = tiny_model(name)
+    assert kind_of(model) is MODEL_KINDS[type(model).__name__]
+
+
+def test_other_models_are_refused_by_the_registry() -> None:
+    with pytest.raises(TypeError, match="tacdiff supports UNet2DModel, UNet2DConditionModel; got Conv2d"):
+        tacdiff.quantize(nn.Conv2d(3, 3, 1), tacdiff.QuantConfig(act_bits=None), progress=False)
+    with pytest.raises(ValueError, match=r"UNet2DModel takes no conditioning \['encoder_hidden_states'\]"):
+        ModelDenoiser(tiny_model("conv_unet"))(torch.zeros(1, 3, 8, 8), torch.tensor(10),
+                                               encoder_hidden_states=torch.zeros(1, 7, 32))
+    with pytest.raises(ValueError, match="prediction_type 'sample' is not supported"):
+        ModelDenoiser(tiny_model("conv_unet"), DDIMScheduler(prediction_type="sample"))
+
+
+@pytest.mark.parametrize("t", [[10, 500, 999], [3.5, 640.25, 998.75]])
+def test_v_to_eps_inverts_diffusers_velocity(t: list[float]) -> None:
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    timesteps = torch.tensor(t, dtype=torch.float64)
+    if timesteps.frac().any():  # Euler's sigmas, interpolated between training steps
+        euler = EulerDiscreteScheduler()
+        sigmas = torch.tensor(((1 - euler.alphas_cumprod) / euler.alphas_cumprod).sqrt().numpy())
+        low = timesteps.floor().long()
+        sigma = torch.lerp(sigmas[low], sigmas[low + 1], timesteps.frac().float()).view(-1, 1, 1, 1)
+        alpha = (1 + sigma ** 2).rsqrt()
+        x_t, v = alpha * x0 + sigma * alpha * noise, alpha * noise - sigma * alpha * x0
+    else:
+        x_t, v = scheduler.add_noise(x0, noise, timesteps.long()), scheduler.get_velocity(x0, noise, timesteps.long())
+    torch.testing.assert_close(v_to_eps(v, x_t, timesteps, scheduler.alphas_cumprod), noise, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [DDIMScheduler, EulerDiscreteScheduler], ids=lambda c: c.__name__)
+def test_v_prediction_samples_as_diffusers_does(cls: type[SchedulerMixin]) -> None:
+    """tacdiff's loop (eps from the adapter, scheduler set to epsilon) against diffusers' v-prediction step."""
+    model, scheduler = tiny_model("conv_unet"), cls(prediction_type="v_prediction")
+    noise = sample_noise((3, 8, 8), 0, 2, seed=0)
+    ours = run_trajectories([ModelDenoiser(model, scheduler)], scheduler, noise, num_inference_steps=STEPS,
+                            progress=False)[0]
+    scheduler.set_timesteps(STEPS)
+    x = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            v = model(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(v, t, x).prev_sample
+    assert scheduler.config.prediction_type == "v_prediction", "the loop works on its own copies"
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_learned_variance_keeps_the_noise_half() -> None:
+    model = tiny_model("variance_unet")
+    x, t = sample_noise((3, 8, 8), 0, 2, seed=1), torch.tensor(500)
+    eps = ModelDenoiser(model)(x, t)
+    assert eps.shape == x.shape and torch.equal(eps, model(x, t).sample[:, :3])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["class_unet", "cond_unet", "sdxl_unet"])
+def test_guidance_is_one_batched_call_of_both_halves(name: str) -> None:
+    model = tiny_model(name)
+    channels, size = model.config.in_channels, model.config.sample_size
+    x, t = sample_noise((channels, size, size), 0, 2, seed=2), torch.tensor(500)
+    cond = tiny_cond(name, 2, seed=3) or {"class_labels": torch.tensor([1, 2])}
+    uncond = {"class_labels": torch.tensor([0])} if name == "class_unet" else None
+    denoise = ModelDenoiser(model)
+    calls: list[int] = []
+    counted = lambda x, t, **c: calls.append(len(x)) or denoise(x, t, **c)  # noqa: E731
+    guided = ClassifierFreeGuidance(counted, 4.0, uncond)(x, t, **cond)
+    assert calls == [4], "the unconditional and conditional halves go in one batch"
+    unconditional = {"class_labels": torch.tensor([0, 0])} if uncond else _zeros(cond)
+    eps_u, eps_c = denoise(x, t, **unconditional), denoise(x, t, **cond)
+    torch.testing.assert_close(guided, eps_u + 4.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
+    assert (eps_c - eps_u).abs().mean() > 1e-3, "the conditioning matters, so the check above has teeth"
+    torch.testing.assert_close(ClassifierFreeGuidance(denoise, 1.0, uncond)(x, t, **cond), eps_c, rtol=1e-4,
+                               atol=1e-5)
+
+
+def _zeros(cond: dict) -> dict:
+    return {k: _zeros(v) if isinstance(v, dict) else torch.zeros_like(v) for k, v in cond.items()}
+
+
+def test_wrappers_pass_correct_state_on() -> None:
+    class Shifting:
+        def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(x)
+
+        def correct_state(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+            return x + step
+
+    wrapped = ClassifierFreeGuidance(DenoiserWrapper(Shifting()), 2.0)
+    assert torch.equal(wrapped.correct_state(torch.zeros(1), torch.tensor(5), 3), torch.full((1,), 3.0))
+    assert torch.equal(DenoiserWrapper(ModelDenoiser(tiny_model("conv_unet"))).correct_state(
+        torch.ones(1), torch.tensor(5), 3), torch.ones(1)), "a model without the capability leaves the state"
