@@ -56,6 +56,7 @@ ROUNDINGS = ("rtn", "gptq")  # learned rounding takes minutes per setting; quant
 CORRECTED = tuple(m for m in METHODS if m in CALIBRATORS)
 ROW_KEYS = ("bits", "steps", "method", "fid", "kid", "x0_mse", "x0_psnr", "calib_seconds", "sample_seconds")
 FP_BITS = "fp"
+NUM_TRAIN_TIMESTEPS = 1000
 _BITS = re.compile(r"^w(\d)a(\d)$")
 
 
@@ -95,6 +96,9 @@ def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequenc
         raise ValueError(f"calib_samples must be >= 1, got {calib_samples}")
     for count in steps:
         check_settings("ddim", count, samples, batch_size, device)
+        if count > NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"steps must be <= {NUM_TRAIN_TIMESTEPS} (the bundled model's training steps), "
+                             f"got {count}")
     return [parse_bits(b) for b in bits]
 
 

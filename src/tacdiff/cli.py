@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -66,8 +67,9 @@ def _message(error: Exception) -> str:
     return f"{type(error).__name__}: {text} (run `tacdiff --debug ...` for the traceback)"
 
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
 REPORTS = {"JSON file": report_file(".json"), "markdown file": report_file(".md", ".markdown", ".txt"),
-           "plot": report_file(".png", ".pdf", ".svg", ".jpg")}
+           "plot": report_file(*PLOT_SUFFIXES)}
 """What an existing report path may be for ``--json``, ``--markdown`` and ``--plot`` to replace it."""
 
 app = typer.Typer(help="Quantize diffusers models and correct their error over the sampling trajectory.",
@@ -164,6 +166,9 @@ def quantize(
                          timestep_groups=timestep_groups, first_last_bits=first_last_bits or None,
                          exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters,
                          seed=seed)
+    if calib_kept_steps > calib_steps:
+        raise ValueError(f"--calib-kept-steps {calib_kept_steps} is more than the {calib_steps} steps of each "
+                         "calibration trajectory; pass --calib-kept-steps <= --calib-steps")
     calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed)
     path, model, sqnr = quantize_dir(model_dir, out, config, scheduler_path=scheduler, calibration=calibration,
                                      device=device, overwrite=overwrite, progress=not quiet)
@@ -308,6 +313,8 @@ def bench(
     from tacdiff.metrics.evaluate import write_json
     from tacdiff.report.plots import plot_step_errors
 
+    if plot and Path(plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"--plot {plot}: name a {', '.join(PLOT_SUFFIXES)} file")
     for path, what in ((json_path, "JSON file"), (markdown, "markdown file"), (plot, "plot")):
         if path:
             check_writable(path, overwrite=True, recognise=REPORTS[what], what=what)

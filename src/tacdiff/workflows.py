@@ -35,6 +35,11 @@ class CalibrationSettings:
     kept_steps: int = 25
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("samples", "steps", "kept_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+
 
 def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings, progress: bool = True,
                      warn: bool = True) -> CalibrationSet:

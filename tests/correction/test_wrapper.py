@@ -160,5 +160,8 @@ def test_inconsistent_tables_raise(w4a8_unet: nn.Module, ddim_tables: Correction
     with pytest.raises(ValueError, match="2 channels but the model outputs 3"):
         CorrectedUNet(w4a8_unet, two_channel)
     x, t = sample_noise(SHAPE, 0, 1, seed=0), ddim_tables.timesteps[0]
+    with pytest.raises(ValueError, match="2 channels but the model outputs 3"):
+        CorrectedDenoiser(ModelDenoiser(w4a8_unet), two_channel)
+    bare = ModelDenoiser(w4a8_unet).__call__  # a denoiser without a model to check: the samples are checked
     with pytest.raises(ValueError, match="2 channels but the samples have 3"):
-        CorrectedDenoiser(ModelDenoiser(w4a8_unet), two_channel)(x, t)
+        CorrectedDenoiser(bare, two_channel)(x, t)

@@ -175,6 +175,15 @@ def test_old_pickle_checkpoint_is_refused_unopened(tmp_path: Path) -> None:
     assert marker.exists()
 
 
+def test_a_checkpoint_folder_tacdiff_did_not_write_is_refused(tmp_path: Path) -> None:
+    notes = tmp_path / "run/checkpoint/notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    with pytest.raises(ValueError, match="is not a tacdiff training checkpoint .*choose another run folder"):
+        tiny_train(tmp_path / "run", tmp_path / "unused")
+    assert notes.read_text() == "mine"
+
+
 @pytest.mark.parametrize("name", CHECKPOINT_FILES)
 def test_hostile_pickle_as_checkpoint_file_is_refused_unopened(tmp_path: Path, name: str) -> None:
     checkpointed_state(tmp_path / "run")

@@ -192,3 +192,24 @@ def test_infinite_hyper_parameters_are_refused_before_work(world: World, tmp_pat
 def test_debug_words_that_mean_no_keep_the_one_line_error(tmp_path: Path, value: str) -> None:
     code, output = cli("eval", tmp_path / "missing", env={"TACDIFF_DEBUG": value})
     assert_one_error(code, output, "model folder not found")
+
+
+@pytest.mark.parametrize("command, options, fragment", [
+    ("bench", ["--steps", "5000"], "steps must be <= 1000"),
+    ("bench", ["--plot", "p.xyz"], "--plot p.xyz: name a .png, .pdf, .svg, .jpg file"),
+    ("quantize", ["--calib-steps", "2", "--calib-kept-steps", "5"], "--calib-kept-steps 5 is more than the 2 steps"),
+])
+def test_inconsistent_options_are_refused_before_work(world: World, tmp_path: Path, command: str,
+                                                      options: list[str], fragment: str) -> None:
+    code, output = cli(*command_line(command, world, tmp_path), *options, cwd=tmp_path)
+    assert_one_error(code, output, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bfloat16_artifact_pairs_with_its_float32_model(world: World, tmp_path: Path) -> None:
+    from tacdiff.io import load_quantized, save_quantized
+
+    save_quantized(load_quantized(world.root / "w8a8").to(torch.bfloat16), tmp_path / "bf16")
+    code, output = cli("eval", tmp_path / "bf16", "--fp-model", world.root / "fp", *EVAL_FAST)
+    assert code == 0, output
+    assert "x0_psnr" in output

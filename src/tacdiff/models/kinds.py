@@ -106,6 +106,15 @@ def v_to_eps(v: Tensor, x: Tensor, t: Tensor | float, alphas_cumprod: Tensor) ->
     return alpha * v + sigma * x
 
 
+def _cast(cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Floating-point conditioning tensors (nested dicts too) in ``dtype``; integer ones as they are."""
+    def cast(value: Any) -> Any:
+        if isinstance(value, dict):
+            return _cast(value, dtype)
+        return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
+    return {key: cast(value) for key, value in cond.items()}
+
+
 class ModelDenoiser:
     """A registered diffusers model as a denoiser ``(x, t, **cond) -> eps``.
 
@@ -127,7 +136,8 @@ class ModelDenoiser:
         if unknown:
             raise ValueError(f"{self.kind.cls.__name__} takes no conditioning {unknown}; it takes "
                              f"{sorted(self.kind.cond_keys)}")
-        out = self.model(x, timestep=t, **cond, return_dict=False)[0]
+        dtype = getattr(self.model, "dtype", x.dtype)  # e.g. a bfloat16 model sampled from float32 noise
+        out = self.model(x.to(dtype), timestep=t, **_cast(cond, dtype), return_dict=False)[0].to(x.dtype)
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, :x.shape[1]]
         return out if self.alphas_cumprod is None else v_to_eps(out, x, t, self.alphas_cumprod)

@@ -215,6 +215,9 @@ def _read_record(ckpt_dir: Path, settings: TrainSettings) -> dict[str, Any]:
         raise ValueError(f"{legacy} is a checkpoint in the old torch.save format, which can run arbitrary code "
                          f"when loaded, so it is not read; start a new run folder, or delete {ckpt_dir} "
                          "to restart this run from step 0")
+    if not path.exists():
+        raise ValueError(f"{ckpt_dir} is not a tacdiff training checkpoint (it has no {CHECKPOINT_STATE}); "
+                         "choose another run folder")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except _READ_ERRORS as error:
