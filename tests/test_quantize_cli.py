@@ -115,3 +115,11 @@ def test_timestep_groups_split_the_schedulers_own_training_range(model_dir: Path
     assert code == 0, output
     router = quant_state(load_quantized(out)).router
     assert router.num_train_timesteps == 4000 and router.group_of(2500) == 2
+
+
+def test_an_sdxl_style_unet_quantizes_from_the_command_line(tmp_path: Path) -> None:
+    """``addition_embed_type="text_time"``: stand-in ``added_cond_kwargs`` flow through calibration."""
+    tiny_model("sdxl_unet").save_pretrained(tmp_path / "sdxl")
+    code, output = invoke("quantize", str(tmp_path / "sdxl"), "--out", str(tmp_path / "q"), *CALIBRATION, "--quiet")
+    assert code == 0, output
+    assert float(read_metadata(tmp_path / "q")["held_out_sqnr_db"]) > 20.0

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, SchedulerMixin
 from torch import nn
 
 import tacdiff
-from tacdiff.models.kinds import (MODEL_KINDS, ClassifierFreeGuidance, DenoiserWrapper, ModelDenoiser, kind_of,
-                                  v_to_eps)
+from tacdiff.correction import calibrate_tac
+from tacdiff.models.kinds import (MODEL_KINDS, ClassifierFreeGuidance, DenoiserWrapper, ModelDenoiser, cond_leaves,
+                                  kind_of, map_cond, v_to_eps)
 from tacdiff.sampling import run_trajectories, sample_noise
 
 from tiny_models import TINY_MODELS, tiny_cond, tiny_model
@@ -112,3 +115,27 @@ def test_wrappers_pass_correct_state_on() -> None:
     assert torch.equal(wrapped.correct_state(torch.zeros(1), torch.tensor(5), 3), torch.full((1,), 3.0))
     assert torch.equal(DenoiserWrapper(ModelDenoiser(tiny_model("conv_unet"))).correct_state(
         torch.ones(1), torch.tensor(5), 3), torch.ones(1)), "a model without the capability leaves the state"
+
+
+def test_conditioning_trees_map_and_list_nested_tensors() -> None:
+    cond = tiny_cond("sdxl_unet", 3, seed=0)
+    halves = map_cond(cond, lambda v: v[:2])
+    assert halves["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+    assert [name for name, _ in cond_leaves(cond)] == ["encoder_hidden_states", "added_cond_kwargs.text_embeds",
+                                                      "added_cond_kwargs.time_ids"]
+
+
+@torch.no_grad()
+def test_sdxl_conditioning_flows_through_quantization_and_tac_calibration() -> None:
+    """SDXL's nested ``added_cond_kwargs`` are sliced per batch in calibration inputs, range calibration and
+    the paired TAC fit (issue 14, part 5)."""
+    fp = tiny_model("sdxl_unet")
+    cond = tiny_cond("sdxl_unet", 4, seed=0)
+    calibration = tacdiff.collect_calibration_set(fp, DDPMScheduler(), num_samples=4, num_inference_steps=STEPS,
+                                                  kept_steps=STEPS, batch_size=3, cond=cond, progress=False)
+    assert calibration.cond["added_cond_kwargs"]["time_ids"].shape == (4 * STEPS, 6)
+    quant = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=8, act_bits=8), calibration,
+                             batch_size=3, progress=False)
+    tables = calibrate_tac(fp, quant, DDIMScheduler(), num_inference_steps=STEPS, num_samples=4, batch_size=3,
+                           cond=cond, progress=False)
+    assert tables.input_bias.shape == (STEPS, 4, 16, 16) and bool(torch.isfinite(tables.out_scale).all())

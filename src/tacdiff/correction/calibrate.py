@@ -37,7 +37,7 @@ from tacdiff.correction.ptqd import PTQDStats
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
-from tacdiff.models.kinds import Denoiser, ModelDenoiser
+from tacdiff.models.kinds import Denoiser, ModelDenoiser, map_cond
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.calibration import sample_shape_of
 
@@ -121,7 +121,7 @@ def chunked(denoise: Denoiser, batch_size: int) -> Denoiser:
         n = x.shape[0]
         pieces = []
         for start in range(0, n, batch_size):
-            part = {k: v[start:start + batch_size] if _batched(v, n) else v for k, v in cond.items()}
+            part = map_cond(cond, lambda v: v[start:start + batch_size] if _batched(v, n) else v)
             pieces.append(denoise(x[start:start + batch_size], t, **part))
         return torch.cat(pieces)
 

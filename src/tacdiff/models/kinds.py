@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
@@ -106,13 +106,27 @@ def v_to_eps(v: Tensor, x: Tensor, t: Tensor | float, alphas_cumprod: Tensor) ->
     return alpha * v + sigma * x
 
 
+Cond = dict[str, Any]
+"""``{keyword: Tensor (N, ...) | Cond}``."""
+
+
+def map_cond(cond: Cond, fn: Callable[[Tensor], Any]) -> Cond:
+    """``cond`` with ``fn`` applied to every tensor, nested dicts kept as dicts."""
+    return {key: map_cond(value, fn) if isinstance(value, dict) else fn(value) for key, value in cond.items()}
+
+
+def cond_leaves(cond: Cond, prefix: str = "") -> list[tuple[str, Tensor]]:
+    """Every tensor of ``cond`` with its dotted name (e.g. ``added_cond_kwargs.time_ids``)."""
+    leaves = []
+    for key, value in cond.items():
+        name = f"{prefix}{key}"
+        leaves += cond_leaves(value, f"{name}.") if isinstance(value, dict) else [(name, value)]
+    return leaves
+
+
 def _cast(cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     """Floating-point conditioning tensors (nested dicts too) in ``dtype``; integer ones as they are."""
-    def cast(value: Any) -> Any:
-        if isinstance(value, dict):
-            return _cast(value, dtype)
-        return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
-    return {key: cast(value) for key, value in cond.items()}
+    return map_cond(cond, lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v)
 
 
 class ModelDenoiser:

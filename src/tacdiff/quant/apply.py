@@ -16,7 +16,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from tacdiff.models.kinds import kind_of
+from tacdiff.models.kinds import cond_leaves, kind_of
 from tacdiff.quant.calibrate import calibrate_activations
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, reproduces_processor
 from tacdiff.quant.config import QuantConfig
@@ -68,7 +68,7 @@ def check_finite(model: nn.Module, calibration: CalibrationSet | None) -> None:
 def _calibration_tensors(calibration: CalibrationSet | None) -> list[tuple[str, torch.Tensor]]:
     if calibration is None:
         return []
-    cond = [(f"calibration input {key!r}", value) for key, value in calibration.cond.items()]
+    cond = [(f"calibration input {key!r}", value) for key, value in cond_leaves(calibration.cond)]
     return [("calibration input x", calibration.x), *cond]
 
 

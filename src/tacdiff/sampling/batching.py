@@ -15,7 +15,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tacdiff.models.kinds import Denoiser
+from tacdiff.models.kinds import Denoiser, map_cond
 from tacdiff.sampling.loop import StepRecord, run_trajectories
 
 IMAGE_RANGE = (-1.0, 1.0)
@@ -60,7 +60,7 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
         for start in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - start)
             noise = sample_noise(sample_shape, start, count, seed, device, dtype)
-            chunk = {k: v[start:start + count].to(device) for k, v in (cond or {}).items()}
+            chunk = map_cond(cond or {}, lambda v: v[start:start + count].to(device))
             finals = run_trajectories(denoisers, scheduler, noise, num_inference_steps=num_inference_steps,
                                       seed=[derive_seed(seed, "steps", i) for i in range(start, start + count)],
                                       cond=chunk, callback=callback, progress=progress)

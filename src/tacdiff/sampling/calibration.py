@@ -7,12 +7,14 @@ and the model inputs of a uniform subset of the sampling steps are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
-from tacdiff.models.kinds import ModelDenoiser, kind_of
+from tacdiff.models.kinds import ModelDenoiser, cond_leaves, kind_of, map_cond
+
+SDXL_TIME_IDS = 6  # original size, crop offset and target size, two numbers each
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.loop import StepRecord
 
@@ -38,7 +40,7 @@ class CalibrationSet:
             raise ValueError("the calibration set is empty; draw at least one sample")
         if self.timesteps.shape != (n,):
             raise ValueError(f"timesteps must have shape ({n},), got {tuple(self.timesteps.shape)}")
-        for key, value in self.cond.items():
+        for key, value in cond_leaves(self.cond):
             if value.shape[0] != n:
                 raise ValueError(f"cond[{key!r}] has {value.shape[0]} rows, expected {n}")
 
@@ -62,14 +64,14 @@ class CalibrationSet:
             index = torch.nonzero(self.timesteps == t).flatten()
             for chunk in index.split(batch_size):
                 yield (move(self.x[chunk]), self.timesteps[chunk].to(device),
-                       {k: move(v[chunk]) for k, v in self.cond.items()})
+                       map_cond(self.cond, lambda v: move(v[chunk])))
 
     def subset(self, count: int, seed: int = 0) -> "CalibrationSet":
         """A random subset of ``count`` inputs (all of them if ``count >= len(self)``)."""
         if count >= len(self):
             return self
         pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
-        return CalibrationSet(self.x[pick], self.timesteps[pick], {k: v[pick] for k, v in self.cond.items()})
+        return CalibrationSet(self.x[pick], self.timesteps[pick], map_cond(self.cond, lambda v: v[pick]))
 
 
 def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *, num_samples: int = 64,
@@ -115,7 +117,7 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
         pass
     return CalibrationSet(torch.cat([torch.cat(inputs[step]) for step in keep]),
                           torch.cat([torch.full((num_samples,), timesteps[step]) for step in keep]),
-                          {k: torch.cat([v.cpu()] * len(keep)) for k, v in (cond or {}).items()})
+                          map_cond(cond or {}, lambda v: torch.cat([v.cpu()] * len(keep))))
 
 
 def sample_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -128,10 +130,17 @@ def sample_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
     return (config.in_channels, height, width)
 
 
-def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, torch.Tensor]:
-    """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand."""
+def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, Any]:
+    """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand
+    (with SDXL's ``added_cond_kwargs``, pooled embeddings and time ids, for ``addition_embed_type="text_time"``)."""
     if "encoder_hidden_states" not in kind_of(model).cond_keys:
         return {}
     generator = torch.Generator().manual_seed(seed)
-    width = model.config.cross_attention_dim
-    return {"encoder_hidden_states": torch.randn(count, length, width, generator=generator)}
+    config = model.config
+    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, config.cross_attention_dim,
+                                                                 generator=generator)}
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, pooled, generator=generator),
+                                     "time_ids": torch.randn(count, SDXL_TIME_IDS, generator=generator)}
+    return cond
