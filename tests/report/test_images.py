@@ -14,7 +14,8 @@ from tacdiff.report.images import save_png, tile, to_uint8
 
 def test_to_uint8_maps_the_range_ends_and_rounds() -> None:
     images = torch.tensor([-1.0, -0.5, 0.0, 1.0, 2.0, -3.0]).view(1, 1, 2, 3)
-    assert to_uint8(images)[0, ..., 0].tolist() == [[0, 64, 128], [255, 255, 0]]  # 63.75 -> 64; 127.5 -> 128 (half to even)
+    # 63.75 rounds to 64; 127.5 to 128 (half to even)
+    assert to_uint8(images)[0, ..., 0].tolist() == [[0, 64, 128], [255, 255, 0]]
     assert to_uint8(torch.zeros(2, 3, 4, 5)).shape == (2, 4, 5, 3)
 
 

@@ -114,7 +114,8 @@ class CorrectedDenoiser(DenoiserWrapper):
         if self.tables.ibc_target == "input":
             x = correct_input(x, pick(self.tables.input_bias))
         raw = self.inner(x, t, **cond)
-        return _finite(correct_output(raw, pick(self.tables.out_scale), pick(self.tables.out_bias)), raw, self.tables, t)
+        eps = correct_output(raw, pick(self.tables.out_scale), pick(self.tables.out_bias))
+        return _finite(eps, raw, self.tables, t)
 
 
 class CorrectedUNet(nn.Module):

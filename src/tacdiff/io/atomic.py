@@ -117,8 +117,9 @@ def check_writable(path: str | Path, overwrite: bool = False, *, recognise: Reco
     and is not output that ``recognise`` accepts (a folder of other files, a file where a folder
     is expected or the reverse); ``ValueError`` for a symbolic link, the current folder or one of
     its parents, one of ``inputs``, one of their parents or an existing path inside one of them;
-    ``FileExistsError`` for a file standing where a parent folder would be; ``PermissionError`` when the location is not writable; ``OSError``
-    (``ENOSPC``) when it has less than ``need_bytes`` free.
+    ``FileExistsError`` for a file standing where a parent folder would be; ``PermissionError``
+    when the location is not writable; ``OSError`` (``ENOSPC``) when it has less than
+    ``need_bytes`` free.
     """
     path = Path(os.path.abspath(path))  # "missing/../x" is x: judged by the path that will be written
     _check_not_protected(path, inputs)
