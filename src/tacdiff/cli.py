@@ -85,7 +85,7 @@ def main(ctx: typer.Context,
 
 def _device(value: str) -> str:
     """Option callback: a torch device this machine has; ``auto`` is cuda when available, else cpu."""
-    from tacdiff.models.loading import check_device
+    from tacdiff.devices import check_device
 
     if value == "auto":
         import torch

@@ -213,3 +213,10 @@ def test_a_bfloat16_artifact_pairs_with_its_float32_model(world: World, tmp_path
     code, output = cli("eval", tmp_path / "bf16", "--fp-model", world.root / "fp", *EVAL_FAST)
     assert code == 0, output
     assert "x0_psnr" in output
+
+
+def test_python_load_on_a_missing_device_is_a_clear_error(world: World) -> None:
+    from tacdiff.io import load_quantized
+
+    with pytest.raises(ValueError, match="no CUDA support; use --device cpu"):
+        load_quantized(world.root / "w4a8", device="cuda")

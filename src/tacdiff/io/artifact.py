@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tacdiff
+from tacdiff.devices import check_device
 from tacdiff.io.atomic import write_dir_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format
 from tacdiff.quant import primitives as P
@@ -131,6 +132,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     tensor is checked against the rebuilt model either way. Problems raise ``ValueError``
     (``FileNotFoundError`` for missing files) naming the file and the fix.
     """
+    check_device(device)
     file = _weights_file(path)
     meta = read_metadata(file)
     recipe = _Recipe.from_metadata(meta, file)

@@ -15,31 +15,12 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors import SafetensorError
 from torch import nn
 
+from tacdiff.devices import check_device
 from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, recorded_scheduler_config
 from tacdiff.models.kinds import MODEL_KINDS
 from tacdiff.models.reference import load_reference_model
 
 T = TypeVar("T")
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device`` if this machine can compute on it; ``ValueError`` naming the fix."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{device!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
-    if parsed.type == "cpu":
-        return parsed
-    if parsed.type == "meta":
-        raise ValueError("device 'meta' holds no data, so nothing can be sampled or calibrated on it; use cpu or cuda")
-    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
-    if not getattr(backend, "is_available", lambda: False)():
-        raise ValueError(f"device {str(device)!r}: this torch build or machine has no {parsed.type.upper()} "
-                         "support; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                         "use cuda:0 or another index below that")
-    return parsed
-
 
 def find_unet_dir(path: str | Path) -> Path:
     """The folder holding the UNet's ``config.json``: ``path`` itself or ``path/unet``."""
