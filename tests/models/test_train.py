@@ -241,7 +241,7 @@ def test_bad_arguments_raise(tmp_path: Path, override: dict[str, Any], message: 
 
 def test_resume_refuses_other_settings_or_fewer_steps(tmp_path: Path, small_data: Path) -> None:
     tiny_train(tmp_path / "run", small_data, steps=2)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings: lr 0\.001 \(checkpoint\) vs 0\.0005 \(now\); use"):
         tiny_train(tmp_path / "run", small_data, steps=4, lr=5e-4)
     with pytest.raises(ValueError, match="past steps=1"):
         tiny_train(tmp_path / "run", small_data, steps=1)

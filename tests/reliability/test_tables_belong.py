@@ -82,3 +82,10 @@ def test_python_wrappers_check_the_model_too(world: World, wrap: Callable) -> No
     with pytest.warns(UserWarning, match="applied anyway"):
         wrap(w8a8, tables, force=True)
     wrap(load_quantized(world.root / "w4a8"), tables)  # its own model: no error, no warning
+
+
+def test_tables_without_provenance_warn_that_they_cannot_be_checked(world: World, tmp_path: Path) -> None:
+    tables = retabled(world, tmp_path, lambda t: dataclasses.replace(t, metadata={}))
+    code, output = cli("eval", world.root / "w4a8", "--tables", tables, *EVAL_FAST)
+    assert code == 0, output
+    assert "warning: these correction tables record no provenance" in output

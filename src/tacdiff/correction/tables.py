@@ -147,6 +147,9 @@ class CorrectionTables:
         if channels != self.channels:
             raise ValueError(f"correction tables have {self.channels} channels but the model outputs {channels}; "
                              "use tables calibrated for this model")
+        if not any(key in self.metadata for key in ("fp_model_sha256", "quant_config", "sample_shape")):
+            warnings.warn("these correction tables record no provenance (FP-model hash, quantization config, "
+                          "sample shape), so tacdiff cannot check that they belong to this model", stacklevel=2)
         _refuse(_model_mismatches(self.metadata, model), "this model", force)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

@@ -227,9 +227,13 @@ def _read_record(ckpt_dir: Path, settings: TrainSettings) -> dict[str, Any]:
     if record.get("version") != CHECKPOINT_VERSION:
         raise _unusable(path, f"format version {record.get('version')!r} is not {CHECKPOINT_VERSION}")
     expected = json.loads(json.dumps(asdict(settings)))
-    if record.get("settings") != expected:
-        raise ValueError(f"checkpoint {path} was made with other settings {record.get('settings')}, "
-                         f"not {expected}; use the same settings or a new out_dir")
+    recorded = record.get("settings")
+    if recorded != expected:
+        theirs = recorded if isinstance(recorded, dict) else {}
+        diff = ", ".join(f"{k} {theirs.get(k)!r} (checkpoint) vs {expected.get(k)!r} (now)"
+                         for k in sorted(set(theirs) | set(expected)) if theirs.get(k) != expected.get(k))
+        raise ValueError(f"checkpoint {path} was made with other settings: {diff}; use the same settings "
+                         "or a new out_dir")
     fields = {"step": int, "smoothed_loss": (int, float), "wall_time_s": (int, float), "param_groups": list}
     wrong = [k for k, kind in fields.items() if not isinstance(record.get(k), kind) or isinstance(record[k], bool)]
     if wrong or record["step"] < 0:
