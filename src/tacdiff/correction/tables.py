@@ -59,8 +59,8 @@ class CorrectionTables:
         num_inference_steps: its step count.
         metadata: provenance (bits, FP model hash, hyper-parameters), JSON-able values.
         ibc_target: ``"state"`` (subtract ``input_bias`` from the sampler's latent, which needs
-            the sampling loop's ``correct_states`` hook) or ``"input"`` (from the network input
-            only, a pure UNet wrapper). Files without it are ``"input"``.
+            the sampling loop to call ``CorrectedDenoiser.correct_state``) or ``"input"`` (from the
+            network input only, a pure UNet wrapper). Files without it are ``"input"``.
     """
 
     method: str
