@@ -219,10 +219,11 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     """Sample a model and report FID/KID (1x28x28 models only) and, with --fp-model, paired x0 MSE/PSNR."""
     from tacdiff.io.atomic import check_writable
     from tacdiff.metrics.evaluate import evaluate, format_table, write_json
+    from tacdiff.models.loading import input_paths
 
     if json_path:
-        inputs = [path for path in (model, fp_model, tables) if path not in (None, "reference")]
-        check_writable(json_path, overwrite=True, recognise=REPORTS["JSON file"], what="JSON file", inputs=inputs)
+        check_writable(json_path, overwrite=True, recognise=REPORTS["JSON file"], what="JSON file",
+                       inputs=input_paths(model, fp_model, tables))
     result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
                       batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
                       progress=not quiet)

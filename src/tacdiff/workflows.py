@@ -189,30 +189,28 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     any ``num_samples`` for a fixed batch size and thread count. The folder is written atomically;
     ``overwrite`` replaces only a folder that this function wrote.
     """
-    from tacdiff.correction import CorrectedDenoiser, CorrectionTables
-    from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, load_any_model
+    from tacdiff.correction import load_correction
+    from tacdiff.models.kinds import kind_of
+    from tacdiff.models.loading import build_scheduler, check_settings, input_paths, load_any_model
     from tacdiff.report.images import IMAGE_CHANNELS, save_png, tile, to_uint8
     from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
     from tacdiff.sampling.calibration import sample_shape_of
 
     check_settings(scheduler, steps, num_samples, batch_size, device)
-    inputs = [path for path in (model, tables) if path is not None and str(path) != REFERENCE]
-    check_writable(out_dir, overwrite, recognise=is_samples_folder, what="samples folder", inputs=inputs,
-                   folder=True)
+    check_writable(out_dir, overwrite, recognise=is_samples_folder, what="samples folder",
+                   inputs=input_paths(model, tables), folder=True)
     loaded = load_any_model(model, device)
     shape = sample_shape_of(loaded.model)
     if shape[0] not in IMAGE_CHANNELS:
         raise ValueError(f"{model} makes {shape[0]}-channel latents, not images; tacdiff sample writes 1- or "
                          "3-channel pixel-space samples (latent pipelines with a VAE are not supported yet)")
-    if random_text_embeddings(loaded.model, 1, seed):
+    if "encoder_hidden_states" in kind_of(loaded.model).cond_keys:
         raise ValueError(f"{model} is text-conditioned; tacdiff sample does not read prompts yet, so it samples "
                          "unconditional pixel-space models only")
     sched = build_scheduler(scheduler, loaded.scheduler_config)
     denoiser = ModelDenoiser(loaded.model, sched)
     if tables is not None:
-        correction = CorrectionTables.load(tables)
-        correction.check_scheduler(sched, steps, force=force_tables)
-        denoiser = CorrectedDenoiser(denoiser, correction, force=force_tables)
+        denoiser = load_correction(denoiser, tables, sched, steps, force=force_tables)
     finals = [to_images(final).cpu() for _, (final,) in batched_trajectories(
         [denoiser], sched, num_samples=num_samples, sample_shape=shape, num_inference_steps=steps,
         seed=seed, batch_size=batch_size, device=device, progress=progress)]

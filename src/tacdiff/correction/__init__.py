@@ -14,8 +14,9 @@ from tacdiff.correction.ner import AbsMean, NERStats, mask_threshold, ner_scale,
 from tacdiff.correction.ptqd import PTQDStats, ptqd_fit
 from tacdiff.correction.tables import CorrectionTables
 from tacdiff.correction.variance import ptqd_variance_scheduler
-from tacdiff.correction.wrapper import CorrectedDenoiser, CorrectedUNet, correct_input, correct_output
+from tacdiff.correction.wrapper import (CorrectedDenoiser, CorrectedUNet, correct_input, correct_output,
+                                        load_correction)
 
 __all__ = ["AbsMean", "CorrectedDenoiser", "CorrectedUNet", "CorrectionTables", "NERStats", "PTQDStats",
-           "calibrate_ptqd", "calibrate_tac", "correct_input", "correct_output", "input_bias", "mask_threshold",
-           "ner_scale", "ner_stats", "ptqd_fit", "ptqd_variance_scheduler"]
+           "calibrate_ptqd", "calibrate_tac", "correct_input", "correct_output", "input_bias", "load_correction",
+           "mask_threshold", "ner_scale", "ner_stats", "ptqd_fit", "ptqd_variance_scheduler"]

@@ -12,7 +12,7 @@ from tacdiff.correction.ibc import Granularity, check_granularity
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables, is_tables_file
 from tacdiff.io.artifact import check_source, load_quantized, read_metadata, recorded_scheduler_config
 from tacdiff.io.atomic import check_writable
-from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, load_any_model
+from tacdiff.models.loading import build_scheduler, check_settings, input_paths, load_any_model
 
 
 def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: str | Path, *, method: str = "tac",
@@ -34,8 +34,8 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     if ibc_target not in IBC_TARGETS:
         raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
     check_settings(scheduler, steps, samples, batch_size, device)
-    inputs = [path for path in (quant_artifact, fp_model) if str(path) != REFERENCE]
-    check_writable(out, overwrite, recognise=is_tables_file, what="correction tables file", inputs=inputs)
+    check_writable(out, overwrite, recognise=is_tables_file, what="correction tables file",
+                   inputs=input_paths(quant_artifact, fp_model))
     meta = read_metadata(quant_artifact)
     fp = load_any_model(fp_model, device)
     if fp.quantized:

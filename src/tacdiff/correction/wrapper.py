@@ -19,9 +19,11 @@ calibration uses too, so both apply the same operations.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from tacdiff.correction.ibc import broadcast_bias
@@ -116,6 +118,15 @@ class CorrectedDenoiser(DenoiserWrapper):
         raw = self.inner(x, t, **cond)
         eps = correct_output(raw, pick(self.tables.out_scale), pick(self.tables.out_bias))
         return _finite(eps, raw, self.tables, t)
+
+
+def load_correction(inner: Denoiser, path: str | Path, scheduler: SchedulerMixin, num_inference_steps: int, *,
+                    force: bool = False) -> CorrectedDenoiser:
+    """``inner`` corrected by the tables file ``path``, after checking that they fit ``scheduler`` at
+    ``num_inference_steps`` and the model ``inner`` wraps (``force`` warns instead, where it may)."""
+    tables = CorrectionTables.load(path)
+    tables.check_scheduler(scheduler, num_inference_steps, force=force)
+    return CorrectedDenoiser(inner, tables, force=force)
 
 
 class CorrectedUNet(nn.Module):

@@ -17,7 +17,7 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
 
-from tacdiff.correction import CorrectedDenoiser, CorrectionTables
+from tacdiff.correction import load_correction
 from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
@@ -113,9 +113,8 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
     sampler = ModelDenoiser(loaded.model, sched)
     if tables is not None:
-        correction = CorrectionTables.load(tables)
-        correction.check_scheduler(sched, steps, force=force_tables)
-        sampler = CorrectedDenoiser(sampler, correction, force=force_tables)
+        sampler = load_correction(sampler, tables, sched, steps, force=force_tables)
+        correction = sampler.tables
     cond = random_text_embeddings(loaded.model, samples, derive_seed(seed, "text"))
     if cond:
         warnings.warn("sampling a conditional UNet with seeded random text embeddings (the same for FP and "

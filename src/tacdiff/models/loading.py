@@ -47,7 +47,7 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> nn.Module
 
 def _check_weights_format(folder: Path) -> None:
     """Raise ``ValueError`` unless ``folder`` holds full-precision weights as safetensors (pickles are never read)."""
-    if (folder / "quantized.safetensors").is_file():
+    if (folder / WEIGHTS_NAME).is_file():
         raise ValueError(f"{folder} is a tacdiff quantized artifact, not a full-precision model; pass the FP "
                          "model folder it was quantized from")
     if not any(folder.glob("*.safetensors")):
@@ -114,6 +114,12 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,
 }
 REFERENCE = "reference"
+
+
+def input_paths(*specs: str | Path | None) -> list[str | Path]:
+    """The model, artifact and tables specs of a run that name files or folders (not None, not ``"reference"``),
+    which an output must never replace."""
+    return [spec for spec in specs if spec is not None and str(spec) != REFERENCE]
 
 
 @dataclass
