@@ -94,8 +94,7 @@ def outputs(model: nn.Module, data: tacdiff.CalibrationSet) -> torch.Tensor:
     out = torch.empty_like(data.x)
     for t in torch.unique(data.timesteps):
         index = torch.nonzero(data.timesteps == t).flatten()
-        cond = {k: v[index] for k, v in data.cond.items()}
-        out[index] = model(data.x[index], data.timesteps[index], **cond).sample
+        out[index] = model(data.x[index], data.timesteps[index], **data.cond_of(index)).sample
     return out
 
 

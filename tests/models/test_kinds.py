@@ -133,7 +133,7 @@ def test_sdxl_conditioning_flows_through_quantization_and_tac_calibration() -> N
     cond = tiny_cond("sdxl_unet", 4, seed=0)
     calibration = tacdiff.collect_calibration_set(fp, DDPMScheduler(), num_samples=4, num_inference_steps=STEPS,
                                                   kept_steps=STEPS, batch_size=3, cond=cond, progress=False)
-    assert calibration.cond["added_cond_kwargs"]["time_ids"].shape == (4 * STEPS, 6)
+    assert calibration.cond_of(torch.arange(4 * STEPS))["added_cond_kwargs"]["time_ids"].shape == (4 * STEPS, 6)
     quant = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=8, act_bits=8), calibration,
                              batch_size=3, progress=False)
     tables = calibrate_tac(fp, quant, DDIMScheduler(), num_inference_steps=STEPS, num_samples=4, batch_size=3,

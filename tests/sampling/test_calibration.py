@@ -87,8 +87,9 @@ def test_conditioning_rows_travel_with_their_trajectories() -> None:
     text = tiny_cond("cond_unet", samples, seed=5)
     data = collect_calibration_set(model, DDPMScheduler(), num_samples=samples, num_inference_steps=steps,
                                    kept_steps=None, seed=0, batch_size=2, cond=text, progress=False)
-    cond = data.cond["encoder_hidden_states"]
+    cond = data.cond_of(torch.arange(len(data)))["encoder_hidden_states"]
     assert cond.shape == (samples * steps, 7, 32)
+    assert data.cond["encoder_hidden_states"].shape == (samples, 7, 32), "one row per trajectory, not per input"
     for t in torch.unique(data.timesteps):  # each step holds every prompt exactly once
         rows = cond[data.timesteps == t]
         assert sorted(rows.sum((1, 2)).tolist()) == pytest.approx(sorted(text["encoder_hidden_states"].sum((1, 2))
@@ -114,7 +115,7 @@ def test_subset_is_seeded_and_keeps_rows_aligned(unet: nn.Module) -> None:
     aligned = CalibrationSet(data.x, data.timesteps, {"tag": torch.arange(len(data)).float()[:, None]})
     small, again = aligned.subset(5, seed=1), aligned.subset(5, seed=1)
     assert len(small) == 5 and torch.equal(small.x, again.x)
-    rows = small.cond["tag"][:, 0].long()
+    rows = small.cond_of(torch.arange(5))["tag"][:, 0].long()
     assert torch.equal(small.x, data.x[rows]) and torch.equal(small.timesteps, data.timesteps[rows])
     assert aligned.subset(1000) is aligned
 

@@ -34,12 +34,13 @@ from torch import Tensor, nn
 from tacdiff.correction.ibc import Granularity, check_granularity, input_bias
 from tacdiff.correction.ner import AbsMean, NERStats, check_ner_params
 from tacdiff.correction.ptqd import PTQDStats
-from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables
+from tacdiff.correction.tables import CONDITIONING_KEY, IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
-from tacdiff.models.kinds import Denoiser, ModelDenoiser, map_cond
+from tacdiff.models.kinds import Cond, Denoiser, ModelDenoiser, map_cond
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.calibration import sample_shape_of
+from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
 
 # Chosen by benchmarks/tac_sweep.py on the bundled Fashion-MNIST model (DDIM 50, validation seeds;
 # benchmarks/results/tac_sweep_round*.md). Round 1 (W4A8, one factor at a time around channel IBC,
@@ -177,20 +178,21 @@ def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
 
 def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
          scheduler: SchedulerMixin, *, num_inference_steps: int, num_samples: int, batch_size: int, seed: int,
-         cond: dict[str, Tensor] | None, progress: bool, hyper: dict[str, Any],
+         cond: Cond | Conditioning | None, progress: bool, hyper: dict[str, Any],
          denoiser: Callable[[nn.Module], Denoiser] | None, state_ibc: Granularity | None = None) -> CorrectionTables:
     """Run the paired loop once over all samples with ``step`` fitting each timestep; build the tables."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    conditioning = cond if isinstance(cond, Conditioning) else tensor_conditioning(cond or {})
     if denoiser is None:
-        denoiser = lambda model: ModelDenoiser(model, scheduler)  # noqa: E731
+        denoiser = lambda model: conditioning.guide(ModelDenoiser(model, scheduler))  # noqa: E731
     param = next(fp_model.parameters())
     fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
     calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step, state_ibc)
     for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
                                   sample_shape=sample_shape_of(fp_model), num_inference_steps=num_inference_steps,
                                   seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
-                                  cond=cond, progress=progress):
+                                  cond=conditioning.rows, progress=progress):
         pass
     rows = calibrating.rows
     hyper = {**hyper, "num_samples": num_samples, "seed": seed}
@@ -199,7 +201,7 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
         torch.stack([row.input_bias for row in rows]), torch.stack([row.out_scale for row in rows]),
         torch.stack([row.out_bias for row in rows]), torch.tensor([row.residual_var for row in rows]),
         type(scheduler).__name__, dict(scheduler.config), num_inference_steps,
-        {**_provenance(fp_model, quant_model), "hyperparameters": hyper},
+        {**_provenance(fp_model, quant_model), "hyperparameters": hyper, CONDITIONING_KEY: conditioning.record},
         "state" if state_ibc is not None else "input")
 
 
@@ -207,7 +209,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
                   num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
                   lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA, tau: float = DEFAULT_TAU,
                   ibc: Granularity = DEFAULT_IBC, ibc_target: str = DEFAULT_IBC_TARGET, use_ibc: bool = True,
-                  use_ner: bool = True, cond: dict[str, Tensor] | None = None, progress: bool = True,
+                  use_ner: bool = True, cond: Cond | Conditioning | None = None, progress: bool = True,
                   denoiser: Callable[[nn.Module], Denoiser] | None = None) -> CorrectionTables:
     """Fit TAC's IBC and NER tables (Yao et al., ECCV 2024) for ``quant_model`` against ``fp_model``.
 
@@ -229,11 +231,12 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
             network sees, which a plain UNet wrapper can do inside any diffusers pipeline, but
             the uncorrected latent keeps its bias (measured worse: see the README).
         use_ibc, use_ner: switch the parts off for ablations (method ``ner``/``ibc``).
-        cond: model keyword arguments with a leading dimension ``num_samples``.
+        cond: model keyword arguments with a leading dimension ``num_samples``, or a
+            :class:`~tacdiff.sampling.conditioning.Conditioning` (prompts and guidance: the tables
+            are then fitted on the guided estimate that enters the sampler, and record its guidance
+            scale and prompt-set hash, checked by :meth:`CorrectionTables.check_conditioning`).
         denoiser: adapts a model to ``(x, t, **cond) -> eps``; by default
-            ``ModelDenoiser(model, scheduler)``. E.g. ``lambda m: ClassifierFreeGuidance(
-            ModelDenoiser(m, scheduler), scale)`` fits the guided estimate that enters the
-            sampler; wrap the same guided denoiser in :class:`CorrectedDenoiser` to sample with the tables.
+            ``ModelDenoiser(model, scheduler)``, guided as ``cond`` says.
     Returns:
         :class:`CorrectionTables` (method ``tac``, ``ner``, ``ibc`` or ``none``).
     """
@@ -261,7 +264,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
 
 def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
                    num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
-                   cond: dict[str, Tensor] | None = None, progress: bool = True,
+                   cond: Cond | Conditioning | None = None, progress: bool = True,
                    denoiser: Callable[[nn.Module], Denoiser] | None = None) -> CorrectionTables:
     """Fit the PTQD baseline's tables (He et al., NeurIPS 2023): per step ``q ~ (1 + k_t) r + b_t``
     with a scalar ``k_t`` and per-channel ``b_t`` on FP-trajectory inputs, plus the residual variance.

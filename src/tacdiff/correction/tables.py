@@ -41,6 +41,8 @@ IBC_TARGETS = ("state", "input")
 TENSOR_NAMES = ("timesteps", "input_bias", "out_scale", "out_bias", "residual_var")
 TIMESTEP_ATOL = 1e-3
 ALPHAS_RTOL = 1e-5
+CONDITIONING_KEY = "conditioning"
+"""Metadata key of the conditioning record the tables were fitted with (prompts, guidance scale)."""
 FORCE_HINT = "pass --force-tables / force=True to apply them anyway"
 
 
@@ -151,6 +153,23 @@ class CorrectionTables:
             warnings.warn("these correction tables record no provenance (FP-model hash, quantization config, "
                           "sample shape), so tacdiff cannot check that they belong to this model", stacklevel=2)
         _refuse(_model_mismatches(self.metadata, model), "this model", force)
+
+    def check_conditioning(self, record: dict[str, Any], *, force: bool = False) -> None:
+        """Raise ``ValueError`` unless ``record`` (a :class:`~tacdiff.sampling.conditioning.Conditioning`'s
+        ``record``) conditions as the tables were fitted: prompted or not, and the same guidance scale
+        (the guided estimate is what the tables correct). The prompt set itself may differ: tables fitted
+        on calibration prompts serve any prompt. ``force`` warns instead of raising.
+        """
+        fitted = self.metadata.get(CONDITIONING_KEY, {})
+        problems = []
+        if bool(fitted.get("prompted")) != bool(record.get("prompted")):
+            side = ("fitted with prompts, sampled without", "fitted without prompts, sampled with")
+            problems.append(side[0] if fitted.get("prompted") else side[1])
+        elif fitted.get("prompted") and fitted.get("guidance_scale") != record.get("guidance_scale"):
+            problems.append(f"guidance scale {fitted.get('guidance_scale')} (tables) vs "
+                            f"{record.get('guidance_scale')} (sampler); the tables correct the guided estimate, "
+                            "which changes with the scale")
+        _refuse(problems, "this run's conditioning", force)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the tables to one safetensors file, atomically; return its path."""

@@ -170,18 +170,19 @@ class ClassifierFreeGuidance(DenoiserWrapper):
         self.scale, self.uncond = scale, uncond or {}
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        both = _halves(cond, self.uncond)
+        both = guidance_batch(cond, self.uncond)
         t = torch.as_tensor(t)
         uncond, conditional = self.inner(torch.cat([x, x]), t if t.ndim == 0 else torch.cat([t, t]), **both).chunk(2)
         return uncond + self.scale * (conditional - uncond)
 
 
-def _halves(cond: dict[str, Any], uncond: dict[str, Any]) -> dict[str, Any]:
-    """``cat([uncond, cond])`` per keyword, recursing into nested dicts; a missing ``uncond`` is zeros."""
+def guidance_batch(cond: Cond, uncond: Cond) -> Cond:
+    """``cat([uncond, cond])`` per keyword (the batch a guided model call sees), recursing into nested dicts;
+    a missing ``uncond`` is zeros."""
     out = {}
     for key, value in cond.items():
         if isinstance(value, dict):
-            out[key] = _halves(value, uncond.get(key, {}))
+            out[key] = guidance_batch(value, uncond.get(key, {}))
             continue
         base = uncond.get(key)
         base = torch.zeros_like(value) if base is None else base.to(value.device, value.dtype).expand_as(value)

@@ -6,21 +6,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import diffusers
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       SchedulerMixin)
-from safetensors import SafetensorError
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, SchedulerMixin)
 from torch import nn
 
 from tacdiff.devices import check_device
-from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, recorded_scheduler_config
+from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata, recorded_scheduler_config
 from tacdiff.models.kinds import MODEL_KINDS
+from tacdiff.models.pipelines import (PipelineKind, decode_latents, diffusers_load, load_components, pipeline_kind,
+                                     read_index)
 from tacdiff.models.reference import load_reference_model
-
-T = TypeVar("T")
 
 def find_unet_dir(path: str | Path) -> Path:
     """The folder holding the UNet's ``config.json``: ``path`` itself or ``path/unet``."""
@@ -41,7 +40,8 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> nn.Module
         raise ValueError(f"{folder / 'config.json'} names model class {name!r}; tacdiff supports "
                          f"{', '.join(MODEL_KINDS)}")
     _check_weights_format(folder)
-    model = _built(folder, lambda: kind.cls.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True))
+    model = diffusers_load(folder, lambda: kind.cls.from_pretrained(folder, low_cpu_mem_usage=False,
+                                                                    use_safetensors=True))
     return model.to(device).eval()
 
 
@@ -96,17 +96,7 @@ def _scheduler_from(folder: Path) -> SchedulerMixin:
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"{folder} names scheduler class {name!r}, which diffusers does not provide")
-    return _built(folder, lambda: cls.from_pretrained(folder))
-
-
-def _built(folder: Path, build: Callable[[], T]) -> T:
-    """``build()``, with any error diffusers raises on a bad folder turned into one ``ValueError`` naming it."""
-    try:
-        return build()
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, OSError,
-            SafetensorError) as error:
-        raise ValueError(f"diffusers cannot load {folder} ({type(error).__name__}: {' '.join(str(error).split())}); "
-                         "restore it from save_pretrained's output") from None
+    return diffusers_load(folder, lambda: cls.from_pretrained(folder))
 
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -124,25 +114,67 @@ def input_paths(*specs: str | Path | None) -> list[str | Path]:
 
 @dataclass
 class LoadedModel:
-    """A model ready to sample, with the scheduler config it was trained (or quantized) with."""
+    """A model ready to sample, with the scheduler config it was trained (or quantized) with and, for
+    pipeline folders, the pipeline's full-precision components around it (``pipeline.unet`` is ``model``)."""
 
     model: nn.Module
     scheduler_config: dict[str, Any] | None
     quantized: bool
+    pipeline: DiffusionPipeline | None = None
+    kind: PipelineKind | None = None
+
+    @property
+    def reads_prompts(self) -> bool:
+        """Whether the model comes with a tokenizer and text encoder (a text-to-image pipeline)."""
+        return self.kind is not None and self.kind.text
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final samples as images in [-1, 1]: decoded by the pipeline's autoencoder, if it has one."""
+        return latents if self.kind is None else decode_latents(self.pipeline, self.kind, latents)
 
 
 def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
-    """Load ``"reference"``, a quantized artifact folder or a diffusers UNet/pipeline folder, in eval mode."""
+    """Load ``"reference"``, a quantized artifact folder, or a diffusers model or pipeline folder, in eval mode.
+
+    Pipeline folders (and artifacts quantized from one, which record where it lives) come with
+    their full-precision components (:func:`~tacdiff.models.pipelines.load_components`).
+    """
     if str(spec) == REFERENCE:
         model, scheduler = load_reference_model(device)
         return LoadedModel(model, dict(scheduler.config), quantized=False)
     path = Path(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model folder, a quantized "
-                                f"artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
-    if (path / WEIGHTS_NAME).is_file():
-        return LoadedModel(load_quantized(path, device), recorded_scheduler_config(path), quantized=True)
-    return LoadedModel(load_unet(path, device), dict(load_scheduler(None, path).config), quantized=False)
+        raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model or pipeline folder, a "
+                                f"quantized artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
+    quantized = (path / WEIGHTS_NAME).is_file()
+    if quantized:
+        model, config, pipeline_dir = load_quantized(path, device), recorded_scheduler_config(path), \
+            artifact_pipeline(path)
+    else:  # an unsupported pipeline class raises before any weights load
+        pipeline_dir = path if pipeline_kind(path) is not None else None
+        model, config = load_unet(path, device), dict(load_scheduler(None, path).config)
+    if pipeline_dir is None:
+        return LoadedModel(model, config, quantized)
+    return LoadedModel(model, config, quantized, load_components(pipeline_dir, model, device),
+                       pipeline_kind(pipeline_dir))
+
+
+PIPELINE_KEY = "pipeline_folder"
+"""Artifact metadata: the pipeline folder whose FP components (text encoder, autoencoder) go with the model."""
+
+
+def artifact_pipeline(path: str | Path) -> Path | None:
+    """The pipeline folder an artifact was quantized from (``None`` for a bare model folder); ``ValueError``
+    when it has moved, since the artifact cannot sample without its text encoder and autoencoder."""
+    recorded = read_metadata(path).get(PIPELINE_KEY)
+    if not recorded:
+        return None
+    folder = Path(recorded)
+    if read_index(folder) is None:
+        raise ValueError(f"{path} was quantized from the pipeline folder {folder}, whose components (text encoder, "
+                         "autoencoder, scheduler) it needs, but that folder no longer holds a pipeline; restore it "
+                         "there or quantize again from its new place")
+    return folder
 
 
 def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:

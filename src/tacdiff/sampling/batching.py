@@ -15,8 +15,11 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tacdiff.models.kinds import Denoiser, map_cond
+from tacdiff.models.kinds import Cond, Denoiser, map_cond
 from tacdiff.sampling.loop import StepRecord, run_trajectories
+
+Rows = Callable[[int, int], Cond]
+"""``rows(start, count)``: the model keywords of samples ``start .. start+count-1`` (leading dimension ``count``)."""
 
 IMAGE_RANGE = (-1.0, 1.0)
 
@@ -41,7 +44,7 @@ def sample_noise(shape: Sequence[int], start: int, count: int, seed: int,
 def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, *, num_samples: int,
                          sample_shape: Sequence[int], num_inference_steps: int, seed: int = 0,
                          batch_size: int = 64, device: torch.device | str = "cpu",
-                         dtype: torch.dtype = torch.float32, cond: dict[str, Tensor] | None = None,
+                         dtype: torch.dtype = torch.float32, cond: Cond | Rows | None = None,
                          callback: Callable[[StepRecord], None] | None = None,
                          progress: bool = True) -> Iterator[tuple[int, list[Tensor]]]:
     """Run :func:`run_trajectories` over ``num_samples`` in batches; yield ``(start, final latents)`` per batch.
@@ -49,8 +52,9 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
     Starting noise comes from :func:`sample_noise`. Stochastic schedulers draw sample ``i``'s
     per-step noise from its own generator (seeded by ``seed`` and ``i``), identical for every
     denoiser, so no image depends on ``batch_size``.
-    ``cond`` values have a leading dimension ``num_samples`` and are sliced per batch;
-    ``callback`` sees every step of every batch.
+    ``cond`` values have a leading dimension ``num_samples`` and are sliced per batch, or ``cond`` is a
+    function ``(start, count) -> keywords`` called per batch (prompts streamed, see
+    :class:`~tacdiff.sampling.conditioning.Conditioning`); ``callback`` sees every step of every batch.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -60,7 +64,8 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
         for start in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - start)
             noise = sample_noise(sample_shape, start, count, seed, device, dtype)
-            chunk = map_cond(cond or {}, lambda v: v[start:start + count].to(device))
+            rows = cond(start, count) if callable(cond) else map_cond(cond or {}, lambda v: v[start:start + count])
+            chunk = map_cond(rows, lambda v: v.to(device))
             finals = run_trajectories(denoisers, scheduler, noise, num_inference_steps=num_inference_steps,
                                       seed=[derive_seed(seed, "steps", i) for i in range(start, start + count)],
                                       cond=chunk, callback=callback, progress=progress)

@@ -1,0 +1,73 @@
+"""Prompt sets for text-to-image calibration, evaluation and sampling: a built-in default list,
+prompt files (one prompt per line) and the hash that identifies a set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a photo of a cat sitting on a windowsill",
+    "a red bicycle leaning against a brick wall",
+    "a bowl of fresh fruit on a wooden table",
+    "a lighthouse on a rocky coast at sunset",
+    "a portrait of an old man with a grey beard",
+    "a city street at night in the rain",
+    "a mountain lake surrounded by pine trees",
+    "a plate of pasta with tomato sauce",
+    "a dog running on a sandy beach",
+    "a vintage car parked in front of a diner",
+    "an astronaut floating above the earth",
+    "a watercolor painting of a small village",
+    "a close-up photo of a sunflower",
+    "a cozy living room with a fireplace",
+    "a sailing boat on a calm blue sea",
+    "a snowy forest in the early morning",
+    "a pair of running shoes on a white background",
+    "a cup of coffee and a croissant",
+    "a futuristic city skyline with flying cars",
+    "a horse grazing in a green meadow",
+    "an oil painting of a stormy ocean",
+    "a child flying a kite in a park",
+    "a wooden cabin in the mountains",
+    "a bird perched on a branch in spring",
+    "a busy market with colorful stalls",
+    "a desert landscape with sand dunes",
+    "a steam train crossing a stone bridge",
+    "a bookshelf full of old books",
+    "a pencil sketch of a human hand",
+    "a field of tulips under a blue sky",
+    "a robot cooking in a kitchen",
+    "a waterfall in a tropical jungle",
+)
+"""Varied everyday captions (objects, animals, scenes, styles) used when no prompt file is given."""
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a UTF-8 text file, one per line (surrounding blanks stripped, blank lines skipped).
+
+    ``ValueError`` names the file when it is missing, unreadable, not text or holds no prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts file not found: {path}; pass a text file with one prompt per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; pass a text file with one prompt per line") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt; write one prompt per line")
+    return prompts
+
+
+def prompt_set_sha256(prompts: Sequence[str]) -> str:
+    """A hash identifying an ordered prompt set (recorded by tables and artifacts fitted on it)."""
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
+
+
+def prompt_of(prompts: Sequence[str], index: int) -> str:
+    """The prompt of sample ``index``: the prompts are used in turn (sample ``i`` gets ``prompts[i % len]``)."""
+    return prompts[index % len(prompts)]

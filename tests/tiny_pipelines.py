@@ -1,0 +1,78 @@
+"""Tiny real diffusers pipelines saved with ``save_pretrained``, each kind declared once: Stable Diffusion
+(UNet2DConditionModel, AutoencoderKL, CLIPTextModel and a CLIPTokenizer built offline from a
+character vocabulary), LDM with a VQModel, and unconditional latent diffusion with an AutoencoderKL.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, LDMPipeline, StableDiffusionPipeline, VQModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from tiny_models import tiny_model
+
+TEXT_LENGTH = 16  # tokens per prompt (CLIP's is 77)
+LATENT_SIZE = 8   # the tiny UNets' sample size; the autoencoders upsample twice, to 16x16 images
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion 1.5's
+_AUTOENCODER = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, norm_num_groups=32,
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP byte-pair tokenizer over lowercase letters, digits and punctuation, with no merges:
+    every character is one token (words end in the ``</w>`` variant); others map to the unknown token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ",.!?'-":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TEXT_LENGTH)
+
+
+def _stable_diffusion(work: Path) -> DiffusionPipeline:
+    tokenizer = tiny_tokenizer(work / "vocab")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                max_position_embeddings=TEXT_LENGTH, bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1))
+    unet = tiny_model("cond_unet", sample_size=LATENT_SIZE, layers_per_block=1)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**_AUTOENCODER, latent_channels=4)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _ldm(work: Path) -> DiffusionPipeline:
+    unet = tiny_model("conv_unet")  # 3x8x8 latents
+    torch.manual_seed(1)
+    return LDMPipeline(vqvae=VQModel(**_AUTOENCODER, latent_channels=3), unet=unet, scheduler=DDIMScheduler())
+
+
+def _latent_kl(work: Path) -> DiffusionPipeline:
+    unet = tiny_model("conv_unet", in_channels=4, out_channels=4)
+    torch.manual_seed(1)
+    return LDMPipeline(vqvae=AutoencoderKL(**_AUTOENCODER, latent_channels=4), unet=unet, scheduler=DDIMScheduler())
+
+
+TINY_PIPELINES: dict[str, Callable[[Path], DiffusionPipeline]] = {
+    "sd": _stable_diffusion,     # text-to-image, 4x8x8 latents, 16x16 RGB images
+    "ldm": _ldm,                 # unconditional, VQModel, 3x8x8 latents
+    "latent_kl": _latent_kl,     # unconditional, AutoencoderKL in LDMPipeline's autoencoder slot, 4x8x8 latents
+}
+
+
+def save_tiny_pipeline(name: str, folder: Path) -> Path:
+    """Build ``TINY_PIPELINES[name]`` from fixed seeds and ``save_pretrained`` it (safetensors) to ``folder``."""
+    pipe = TINY_PIPELINES[name](folder.parent / f"{folder.name}-build")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
