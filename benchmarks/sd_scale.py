@@ -25,7 +25,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 import tacdiff
 from tacdiff.correction import calibrate_tac
-from tacdiff.sampling.calibration import random_text_embeddings
+from tacdiff.sampling.conditioning import random_text_embeddings
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "sd-1.5-unet"
 

@@ -124,7 +124,7 @@ def quantize_once(fp: nn.Module, ddpm: Any, bits: tuple[int, int], steps: int, s
     config = QuantConfig(weight_bits=bits[0], act_bits=bits[1])
 
     def build() -> nn.Module:
-        return quantize(copy.deepcopy(fp), config, calibrate_inputs(fp, ddpm, settings, progress), progress=progress)
+        return quantize(copy.deepcopy(fp), config, calibrate_inputs(fp, ddpm, settings, progress=progress), progress=progress)
 
     return timed_call(device, build)
 

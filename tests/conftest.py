@@ -7,12 +7,16 @@ The builders and helpers live in ``tiny_models.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import pytest
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 import tacdiff
 from tiny_models import COND_SAMPLES, calibration_of, quantized_copy, tiny_cond, tiny_model
+from tiny_pipelines import save_tiny_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +110,16 @@ def cond_w8a8_blocked(cond_unet: UNet2DConditionModel) -> nn.Module:
 @pytest.fixture(scope="session")
 def cond_w8a8_dynamic(cond_unet: UNet2DConditionModel) -> nn.Module:
     return quantized_copy(cond_unet, None, weight_bits=8, act_bits=8, act_range="dynamic")
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``pipeline_dir(name)``: the folder of ``TINY_PIPELINES[name]``, saved once per session (read-only)."""
+    root, made = tmp_path_factory.mktemp("pipelines"), {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = save_tiny_pipeline(name, root / name)
+        return made[name]
+
+    return get

@@ -87,7 +87,7 @@ def test_overwrite_replaces_only_a_samples_folder(folders: Path, tmp_path: Path)
     assert (out / "mine.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("model, message", [("cond", "makes 4-channel latents, not images"),
+@pytest.mark.parametrize("model, message", [("cond", "makes 4-channel samples, not images"),
                                             ("missing", "model folder not found")])
 def test_models_it_cannot_sample_give_one_error(folders: Path, tmp_path: Path, model: str, message: str) -> None:
     code, output = invoke("sample", folders / model, "--out", tmp_path / "s", *FAST)

@@ -1,4 +1,8 @@
-"""``tacdiff bench``: FP, PTQ, PTQD and TAC (with its NER/IBC ablations) on the bundled model, paired.
+"""``tacdiff bench``: FP, PTQ, PTQD and TAC (with its NER/IBC ablations) on one model, paired.
+
+The model is the bundled Fashion-MNIST DDPM by default, or any model or pipeline folder
+(latent pipelines are scored on decoded images; text-to-image pipelines sample their prompts
+with classifier-free guidance, and the tables are fitted on the guided estimate).
 
 For every step count, one :func:`tacdiff.evaluation.score_methods` call samples the
 FP model and, for every bit setting, the uncorrected PTQ model and its PTQD/NER/IBC/TAC-corrected
@@ -18,6 +22,7 @@ with the same FP images. Choices, written down:
   the default; the loop applies it through the corrected denoiser's ``correct_state``).
 * Sampler: DDIM (eta 0) from the reference scheduler config. PTQD is its deterministic part
   (``(q - b_t) / (1 + k_t)``); its variance-schedule calibration needs a stochastic sampler.
+* FID/KID use the bundled Fashion-MNIST classifier, so only 1x28x28 images get them (else None).
 * FP rows have ``bits == "fp"``, one per step count (FP is sampled once per step count).
 * ``calib_seconds``: for ``ptq`` the quantization (calibration inputs, ranges), for
   ``ptqd``/``ner``/``ibc``/``tac`` the table fit alone (on top of the PTQ model), 0 for ``fp``.
@@ -35,6 +40,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -44,11 +50,11 @@ from tqdm.auto import tqdm
 from tacdiff.correction import CorrectedDenoiser
 from tacdiff.correction.calibrate import CALIBRATORS, fit_tables
 from tacdiff.evaluation import Method, TimedDenoiser, score_methods, timed_call
-from tacdiff.models.kinds import ModelDenoiser
-from tacdiff.models.loading import build_scheduler, check_settings
-from tacdiff.models.reference import load_reference_model
+from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
+from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, load_any_model
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.sampling.batching import derive_seed
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
@@ -78,7 +84,8 @@ class BenchResult:
 
 
 def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequence[str], samples: int,
-                     calib_samples: int, batch_size: int, device: str, weight_rounding: str) -> list[tuple[int, int]]:
+                     calib_samples: int, batch_size: int, device: str, weight_rounding: str,
+                     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[tuple[int, int]]:
     """Raise ``ValueError`` naming the first bad setting; return the ``(weight, activation)`` bit pairs."""
     if weight_rounding not in ROUNDINGS:
         raise ValueError(f"weight_rounding must be one of {', '.join(ROUNDINGS)} for the benchmark, "
@@ -96,9 +103,8 @@ def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequenc
         raise ValueError(f"calib_samples must be >= 1, got {calib_samples}")
     for count in steps:
         check_settings("ddim", count, samples, batch_size, device)
-        if count > NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"steps must be <= {NUM_TRAIN_TIMESTEPS} (the bundled model's training steps), "
-                             f"got {count}")
+        if count > num_train_timesteps:
+            raise ValueError(f"steps must be <= {num_train_timesteps} (the model's training steps), got {count}")
     return [parse_bits(b) for b in bits]
 
 
@@ -106,13 +112,21 @@ def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequenc
 def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
           methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
           batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
+          model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(),
           progress: bool = True) -> BenchResult:
     """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
-    pairs = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
+    check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
+    loaded = load_any_model(model, device)
+    if loaded.quantized:
+        raise ValueError(f"{model} is a quantized artifact; bench quantizes the full-precision model itself")
+    ddpm = build_scheduler("ddpm", loaded.scheduler_config)
+    pairs = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding,
+                             ddpm.config.num_train_timesteps)
     names = [f"w{w}a{a}" for w, a in pairs]
     dev = torch.device(device)
-    fp, ddpm = load_reference_model(dev)
-    scheduler = build_scheduler("ddim", dict(ddpm.config))
+    fp, scheduler = loaded.model, build_scheduler("ddim", loaded.scheduler_config)
+    conditioning = conditioning_for(loaded, prompts, count=max(samples, calib_samples, quant_calib_samples),
+                                    seed=seed, what=str(model))
     quant_steps = min(50, max(steps))
     quant_settings = CalibrationSettings(min(quant_calib_samples, calib_samples), quant_steps, min(25, quant_steps),
                                          derive_seed(seed, "quantize"))
@@ -122,7 +136,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
         _log(progress, f"quantize {name} ({rounding}, {quant_settings.samples} calibration trajectories)")
 
         def build(w_bits: int = w_bits, a_bits: int = a_bits) -> nn.Module:
-            calib = calibrate_inputs(fp, ddpm, quant_settings, progress)
+            calib = calibrate_inputs(fp, ddpm, quant_settings, conditioning, progress=progress)
             config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, weight_rounding=weight_rounding)
             return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 
@@ -132,21 +146,25 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     calib_seed, eval_seed = derive_seed(seed, "calibrate"), derive_seed(seed, "evaluate")
     wanted = [m for m in METHODS if m in methods]
     for count in steps:
-        candidates = [Method(FP_BITS, "fp", TimedDenoiser(ModelDenoiser(fp, scheduler), dev), 0.0)]
+        def timed(denoiser: Denoiser) -> TimedDenoiser:
+            return TimedDenoiser(conditioning.guide(denoiser), dev)
+
+        candidates = [Method(FP_BITS, "fp", timed(ModelDenoiser(fp, scheduler)), 0.0)]
         for name in names:
-            model, quant_seconds = quantized[name]
-            candidates.append(Method(name, "ptq", TimedDenoiser(ModelDenoiser(model, scheduler), dev), quant_seconds))
+            quant, quant_seconds = quantized[name]
+            candidates.append(Method(name, "ptq", timed(ModelDenoiser(quant, scheduler)), quant_seconds))
             for method in (m for m in CORRECTED if m in wanted):
                 _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
-                tables, seconds = timed_call(dev, lambda method=method: fit_tables(
-                    method, fp, model, scheduler, num_inference_steps=count, num_samples=calib_samples,
-                    batch_size=batch_size, seed=calib_seed, progress=progress))
-                corrected = CorrectedDenoiser(ModelDenoiser(model, scheduler), tables)
-                candidates.append(Method(name, method, TimedDenoiser(corrected, dev), seconds))
+                tables, seconds = timed_call(dev, lambda method=method, quant=quant: fit_tables(
+                    method, fp, quant, scheduler, num_inference_steps=count, num_samples=calib_samples,
+                    batch_size=batch_size, seed=calib_seed, cond=conditioning, progress=progress))
+                candidates.append(Method(name, method, timed(CorrectedDenoiser(ModelDenoiser(quant, scheduler),
+                                                                               tables)), seconds))
         _log(progress, f"sample {len(candidates)} denoisers x {samples} paired images, DDIM {count}")
         scored, state_sq_err, result.timesteps[count] = score_methods(
-            candidates, scheduler, num_inference_steps=count, num_samples=samples, sample_shape=(1, 28, 28),
-            seed=eval_seed, batch_size=batch_size, device=dev, progress=progress)
+            candidates, scheduler, num_inference_steps=count, num_samples=samples,
+            sample_shape=sample_shape_of(fp), seed=eval_seed, batch_size=batch_size, device=dev,
+            cond=conditioning.rows, decode=loaded.decode, progress=progress)
         for row, curve in zip(scored, state_sq_err):
             if row["method"] not in wanted:
                 continue
@@ -159,8 +177,9 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
 def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
               methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
               batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
+              model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(),
               progress: bool = True) -> list[dict[str, Any]]:
-    """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on the bundled Fashion-MNIST model with DDIM.
+    """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on one model (the bundled Fashion-MNIST one by default) with DDIM.
 
     Args:
         bits: settings like ``"w4a8"`` (weight bits, activation bits); each is quantized once.
@@ -173,6 +192,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
         device: torch device.
         quant_calib_samples: FP trajectories for PTQ's calibration inputs (capped at ``calib_samples``).
         weight_rounding: PTQ's weight rounding, ``"rtn"`` or ``"gptq"``.
+        model: ``"reference"`` or a full-precision diffusers model or pipeline folder.
+        prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
     Returns:
         One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
         bundled classifier's features, ``x0_mse``/``x0_psnr`` against FP (dB), ``calib_seconds``
@@ -180,7 +201,7 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
     """
     return bench(bits=bits, steps=steps, methods=methods, samples=samples, calib_samples=calib_samples, seed=seed,
                  batch_size=batch_size, device=device, quant_calib_samples=quant_calib_samples,
-                 weight_rounding=weight_rounding, progress=progress).rows
+                 weight_rounding=weight_rounding, model=model, prompts=prompts, progress=progress).rows
 
 
 def _log(progress: bool, message: str) -> None:
@@ -189,7 +210,9 @@ def _log(progress: bool, message: str) -> None:
 
 
 def format_cell(value: Any, digits: int) -> str:
-    """``value`` with ``digits`` decimals when a float (``inf`` spelled out), else as it is."""
+    """``value`` with ``digits`` decimals when a float (``inf`` spelled out), ``n/a`` for None, else as it is."""
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.{digits}f}"
     return str(value)

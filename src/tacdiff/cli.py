@@ -105,6 +105,26 @@ def _positive(value: int) -> int:
     return value
 
 
+PROMPT = typer.Option([], "--prompt", help="Prompt (repeatable; image i gets prompt i mod n). Text-to-image "
+                                             "pipelines only; default: a built-in list of everyday captions.")
+PROMPTS_FILE = typer.Option(None, "--prompts-file", help="Text file with one prompt per line (instead of --prompt).")
+NEGATIVE_PROMPT = typer.Option(None, "--negative-prompt", help="Prompt to guide away from (default: the empty one).")
+GUIDANCE_SCALE = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (default 7.5; <= 1 "
+                                                             "turns guidance off). Tables only fit their own scale.")
+
+
+def _prompt_options(prompt: list[str], prompts_file: str | None, negative_prompt: str | None,
+                    guidance_scale: float | None) -> Any:
+    """The :class:`~tacdiff.sampling.conditioning.PromptOptions` of the four prompt options."""
+    from tacdiff.data.prompts import read_prompts
+    from tacdiff.sampling.conditioning import PromptOptions
+
+    if prompt and prompts_file:
+        raise ValueError("pass --prompt or --prompts-file, not both")
+    prompts = tuple(prompt) if prompt else tuple(read_prompts(prompts_file)) if prompts_file else None
+    return PromptOptions(prompts, negative_prompt, guidance_scale)
+
+
 @app.command()
 def demo(
     out: str = typer.Option("tacdiff-demo", "--out", help="Folder for the sample grid."),
@@ -153,11 +173,19 @@ def quantize(
     calib_kept_steps: int = typer.Option(25, help="Steps per trajectory kept as calibration inputs.",
                                          callback=_positive),
     seed: int = typer.Option(0, help="Seed for calibration noise and every random choice."),
+    prompt: list[str] = PROMPT,
+    prompts_file: str = PROMPTS_FILE,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    guidance_scale: float = GUIDANCE_SCALE,
+    quantize_text_encoder: bool = typer.Option(False, help="Also quantize the pipeline's text encoder (weights "
+                                                           "only, --w-bits, round to nearest)."),
+    quantize_vae_decoder: bool = typer.Option(False, help="Also quantize the pipeline's autoencoder decoder "
+                                                          "(weights only, --w-bits, round to nearest)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is an artifact tacdiff wrote (nothing else)."),
     quiet: bool = typer.Option(False, help="Hide progress bars and the layer table."),
 ) -> None:
-    """Quantize a diffusers UNet folder and write integer weights, ranges and metadata as safetensors."""
+    """Quantize the UNet of a diffusers model or pipeline folder; write integer weights, ranges and metadata."""
     from tacdiff.quant import QuantConfig, format_summary
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
@@ -170,8 +198,12 @@ def quantize(
         raise ValueError(f"--calib-kept-steps {calib_kept_steps} is more than the {calib_steps} steps of each "
                          "calibration trajectory; pass --calib-kept-steps <= --calib-steps")
     calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed)
+    prompts = _prompt_options(prompt, prompts_file, negative_prompt, guidance_scale)
+    wanted = {"text_encoder": quantize_text_encoder, "vae_decoder": quantize_vae_decoder}
+    components = tuple(name for name, on in wanted.items() if on)
     path, model, sqnr = quantize_dir(model_dir, out, config, scheduler_path=scheduler, calibration=calibration,
-                                     device=device, overwrite=overwrite, progress=not quiet)
+                                     prompts=prompts, components=components, device=device, overwrite=overwrite,
+                                     progress=not quiet)
     if not quiet:
         typer.echo(format_summary(model))
     typer.echo(f"W{w_bits}A{a_bits or 'fp'}: output SQNR {sqnr:.2f} dB on held-out inputs; wrote {path}")
@@ -214,9 +246,14 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     force_tables: bool = typer.Option(False, "--force-tables", help="Apply --tables although they were fitted for "
                                                                     "another model (warns instead of failing)."),
     json_path: str = typer.Option(None, "--json", help="Write the results here as JSON (atomically)."),
+    prompt: list[str] = PROMPT,
+    prompts_file: str = PROMPTS_FILE,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    guidance_scale: float = GUIDANCE_SCALE,
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
-    """Sample a model and report FID/KID (1x28x28 models only) and, with --fp-model, paired x0 MSE/PSNR."""
+    """Sample a model or pipeline and report FID/KID (1x28x28 images only) and, with --fp-model, paired x0
+    MSE/PSNR (on decoded images for latent pipelines)."""
     from tacdiff.io.atomic import check_writable
     from tacdiff.metrics.evaluate import evaluate, format_table, write_json
     from tacdiff.models.loading import input_paths
@@ -226,6 +263,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
                        inputs=input_paths(model, fp_model, tables))
     result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
                       batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
+                      prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
                       progress=not quiet)
     typer.echo(format_table(result))
     if json_path:
@@ -243,16 +281,21 @@ def sample(
     scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
     seed: int = typer.Option(0, help="Image i starts from noise seeded by (seed, i) alone."),
     batch_size: int = typer.Option(16, help="Images sampled at once.", callback=_positive),
+    prompt: list[str] = PROMPT,
+    prompts_file: str = PROMPTS_FILE,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    guidance_scale: float = GUIDANCE_SCALE,
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a samples folder tacdiff wrote."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
-    """Sample a pixel-space model (FP, quantized or corrected) and write one PNG per image and a grid."""
+    """Sample a model or pipeline (FP, quantized or corrected) and write one PNG per image and a grid."""
     from tacdiff.workflows import sample_dir
 
-    path = sample_dir(model, out, tables=tables, force_tables=force_tables, num_samples=num_samples, steps=steps,
-                      scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, overwrite=overwrite,
-                      progress=not quiet)
+    prompts = _prompt_options(prompt, prompts_file, negative_prompt, guidance_scale)
+    path = sample_dir(model, out, tables=tables, force_tables=force_tables, prompts=prompts,
+                      num_samples=num_samples, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
+                      device=device, overwrite=overwrite, progress=not quiet)
     typer.echo(f"wrote {num_samples} images, grid.png and samples.json to {path}")
 
 
@@ -273,6 +316,10 @@ def calibrate(
     ibc: str = typer.Option("element", help="IBC granularity: channel or element."),
     ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (needs tacdiff's sampling loop) "
                                                  "or only the network 'input' (works inside any diffusers pipeline)."),
+    prompt: list[str] = PROMPT,
+    prompts_file: str = PROMPTS_FILE,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    guidance_scale: float = GUIDANCE_SCALE,
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
@@ -282,8 +329,9 @@ def calibrate(
 
     path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
                                       steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
-                                      gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, device=device,
-                                      overwrite=overwrite, progress=not quiet)
+                                      gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target,
+                                      prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
+                                      device=device, overwrite=overwrite, progress=not quiet)
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
 
 
@@ -305,23 +353,31 @@ def bench(
                                    callback=_positive),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
+    model: str = typer.Option("reference", "--model", help="FP model or pipeline folder, or 'reference' (the "
+                                                           "bundled Fashion-MNIST model)."),
+    prompt: list[str] = PROMPT,
+    prompts_file: str = PROMPTS_FILE,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    guidance_scale: float = GUIDANCE_SCALE,
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
-    """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on the bundled model: FID, KID, x0 error, time."""
+    """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on one model: FID, KID, x0 error, time."""
     from tacdiff.bench import bench as run
     from tacdiff.bench import format_markdown
     from tacdiff.io.atomic import check_writable, write_text_atomically
     from tacdiff.metrics.evaluate import write_json
+    from tacdiff.models.loading import input_paths
     from tacdiff.report.plots import plot_step_errors
 
     if plot and Path(plot).suffix.lower() not in PLOT_SUFFIXES:
         raise ValueError(f"--plot {plot}: name a {', '.join(PLOT_SUFFIXES)} file")
     for path, what in ((json_path, "JSON file"), (markdown, "markdown file"), (plot, "plot")):
         if path:
-            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what)
+            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what, inputs=input_paths(model))
     result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
-                 weight_rounding=weight_rounding, progress=not quiet)
+                 weight_rounding=weight_rounding, model=model,
+                 prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale), progress=not quiet)
     table = format_markdown(result.rows)
     typer.echo(table)
     if json_path:

@@ -15,11 +15,10 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
 
-from tacdiff.metrics.evaluate import KID_SUBSET_SIZE
-from tacdiff.metrics.fid import fid_kid
+from tacdiff.metrics.evaluate import fid_or_note
 from tacdiff.metrics.paired import PairedStepStats, psnr_db
-from tacdiff.models.kinds import Denoiser, DenoiserWrapper
-from tacdiff.sampling.batching import batched_trajectories, to_images
+from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper
+from tacdiff.sampling.batching import Rows, batched_trajectories, to_images
 from tacdiff.sampling.loop import StepRecord
 
 
@@ -73,14 +72,19 @@ class _AllPairs:
 
 def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_inference_steps: int,
                   num_samples: int, sample_shape: Sequence[int], seed: int, batch_size: int,
-                  device: torch.device | str = "cpu", progress: bool = True
+                  device: torch.device | str = "cpu", cond: Cond | Rows | None = None,
+                  decode: Callable[[Tensor], Tensor] | None = None, progress: bool = True
                   ) -> tuple[list[dict[str, Any]], list[list[float]], list[float]]:
     """Sample every method from the same noise; score each against ``methods[0]`` (the reference).
 
+    ``cond`` conditions every sample (as in :func:`~tacdiff.sampling.batching.batched_trajectories`);
+    ``decode`` turns final latents into images (a latent pipeline's autoencoder).
+
     Returns:
         rows: one dict per method with ``bits``, ``steps``, ``method``, ``fid``, ``kid`` (bundled
-            Fashion-MNIST classifier features, so 1x28x28 samples), ``x0_mse``/``x0_psnr`` (final
-            images clamped to [-1, 1] against the reference's; PSNR peak-to-peak 2, dB),
+            Fashion-MNIST classifier features, so 1x28x28 images only; else None),
+            ``x0_mse``/``x0_psnr`` (final images clamped to [-1, 1] against the reference's; PSNR
+            peak-to-peak 2, dB),
             ``calib_seconds`` and ``sample_seconds`` (the denoiser's timed calls).
         state_sq_err: per method, ``(T,)`` mean over samples of ``‖x̂_t − x_t‖²`` (latents before each step).
         timesteps: ``(T,)`` the scheduler timesteps in sampling order.
@@ -89,16 +93,16 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
     images: list[list[Tensor]] = [[] for _ in methods]
     for _, finals in batched_trajectories([m.denoiser for m in methods], scheduler, num_samples=num_samples,
                                           sample_shape=sample_shape, num_inference_steps=num_inference_steps,
-                                          seed=seed, batch_size=batch_size, device=device, callback=callback,
-                                          progress=progress):
+                                          seed=seed, batch_size=batch_size, device=device, cond=cond,
+                                          callback=callback, progress=progress):
         for kept, final in zip(images, finals):
-            kept.append(to_images(final).float().cpu())
+            kept.append(to_images(final if decode is None else decode(final)).float().cpu())
     reference = torch.cat(images[0]).double()
     rows = []
     for method, kept in zip(methods, images):
         samples = torch.cat(kept)
         mse = float((samples.double() - reference).pow(2).mean())
-        scores = fid_kid(samples, kid_subset_size=min(KID_SUBSET_SIZE, num_samples), seed=seed % 2 ** 31)
+        scores, _ = fid_or_note(kept, tuple(samples.shape[1:]), seed % 2 ** 31)
         rows.append({"bits": method.bits, "steps": num_inference_steps, "method": method.name, "fid": scores["fid"],
                      "kid": scores["kid"], "x0_mse": mse, "x0_psnr": psnr_db(mse),
                      "calib_seconds": method.calib_seconds, "sample_seconds": method.denoiser.seconds})

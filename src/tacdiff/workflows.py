@@ -18,12 +18,13 @@ from torch import nn
 from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_sha256
 from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
 from tacdiff.metrics.paired import sqnr_db
-from tacdiff.models.kinds import ModelDenoiser
-from tacdiff.models.loading import find_unet_dir, load_scheduler, load_unet
+from tacdiff.models.kinds import ModelDenoiser, kind_of, sample_shape_of
+from tacdiff.models.loading import PIPELINE_KEY, LoadedModel, find_unet_dir, load_any_model, load_scheduler
 from tacdiff.quant import QuantConfig, quant_state, quantize
-from tacdiff.quant.apply import check_finite
+from tacdiff.models.pipelines import component
+from tacdiff.quant.apply import check_finite, quantize_weights_only
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
-from tacdiff.sampling.calibration import random_text_embeddings
+from tacdiff.sampling.conditioning import UNCONDITIONAL, Conditioning, PromptOptions, conditioning_for
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,12 @@ class CalibrationSettings:
                 raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
 
 
-def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings, progress: bool = True,
-                     warn: bool = True) -> CalibrationSet:
-    """Calibration inputs for ``model``; conditional UNets get random embeddings (with a warning, if ``warn``)."""
-    cond = random_text_embeddings(model, settings.samples, settings.seed)
-    if cond and warn:
-        warnings.warn("calibrating a conditional UNet on random text embeddings; for best results build "
-                      "the calibration set in Python with real prompt embeddings", stacklevel=2)
+def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings,
+                     conditioning: Conditioning = UNCONDITIONAL, progress: bool = True) -> CalibrationSet:
+    """Calibration inputs for ``model``: its own DDIM trajectories under ``conditioning`` (prompts, guidance)."""
     return collect_calibration_set(model, scheduler, num_samples=settings.samples,
                                    num_inference_steps=settings.steps, kept_steps=settings.kept_steps,
-                                   seed=settings.seed, cond=cond, progress=progress)
+                                   seed=settings.seed, cond=conditioning, progress=progress)
 
 
 @torch.no_grad()
@@ -70,38 +67,64 @@ def _artifact_bytes(model_dir: str | Path, weight_bits: int) -> int:
 
 def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig, *,
                  scheduler_path: str | Path | None = None, calibration: CalibrationSettings = CalibrationSettings(),
-                 device: str = "cpu", overwrite: bool = False, progress: bool = True) -> tuple[Path, nn.Module, float]:
-    """Quantize the diffusers UNet in ``model_dir`` and write the artifact to ``out_dir``.
+                 prompts: PromptOptions = PromptOptions(), components: tuple[str, ...] = (), device: str = "cpu",
+                 overwrite: bool = False, progress: bool = True) -> tuple[Path, nn.Module, float]:
+    """Quantize the diffusers UNet in ``model_dir`` (a model or pipeline folder) and write the artifact to ``out_dir``.
 
     Returns the artifact path, the quantized model and its output SQNR (dB) against the
-    FP model on held-out inputs (drawn with ``calibration.seed + 1``). ``out_dir`` is checked
-    first (with ``overwrite`` it may replace an earlier artifact, nothing else; never the model
+    FP model on held-out inputs (drawn with ``calibration.seed + 1``). Text-to-image pipelines
+    calibrate on ``prompts`` with classifier-free guidance; the artifact records the pipeline
+    folder, whose FP components (text encoder, autoencoder) sampling needs. ``components`` (names of
+    :data:`~tacdiff.io.artifact.COMPONENT_NAMES`) are quantized too, weight-only at
+    ``config.weight_bits`` (:func:`~tacdiff.quant.apply.quantize_weights_only`), before the
+    denoiser's calibration inputs are drawn, so the denoiser calibrates on what it will see.
+    ``out_dir`` is checked first (with ``overwrite`` it may replace an earlier artifact, nothing else; never the model
     or scheduler folder); ``config.num_train_timesteps`` is replaced by the scheduler's.
     """
     inputs = [model_dir] + ([scheduler_path] if scheduler_path is not None else [])
     check_writable(out_dir, overwrite, recognise=is_artifact_folder, what="quantized artifact", inputs=inputs,
                    folder=True, need_bytes=_artifact_bytes(model_dir, config.weight_bits))
-    model = load_unet(model_dir, device)
+    loaded = load_any_model(model_dir, device)
+    if loaded.quantized:
+        raise ValueError(f"{model_dir} is a tacdiff quantized artifact, not a full-precision model; pass the FP "
+                         "model folder it was quantized from")
+    model = loaded.model
     check_finite(model, None)
+    parts = {name: _quantize_component(loaded, name, config, model_dir) for name in components}
     scheduler = load_scheduler(scheduler_path, model_dir)
     config = replace(config, num_train_timesteps=scheduler.config.num_train_timesteps)
+    conditioning = conditioning_for(loaded, prompts, count=calibration.samples, seed=calibration.seed,
+                                    what=str(model_dir))
     fp_model = copy.deepcopy(model)
     source_hash = state_dict_sha256(model)
     started = time.perf_counter()
-    calib = calibrate_inputs(model, scheduler, calibration, progress)
+    calib = calibrate_inputs(model, scheduler, calibration, conditioning, progress)
     quantize(model, config, calib, progress=progress)
     quant_state(model).source_sha256 = source_hash
     seconds = time.perf_counter() - started
     held_out = CalibrationSettings(min(calibration.samples, 16), calibration.steps, 10, calibration.seed + 1)
-    sqnr = output_sqnr_db(fp_model, model, calibrate_inputs(fp_model, scheduler, held_out, progress=False,
-                                                            warn=False))
+    with warnings.catch_warnings():  # the stand-in embeddings warning was given once already
+        warnings.simplefilter("ignore")
+        held_out_conditioning = conditioning_for(loaded, prompts, count=held_out.samples, seed=held_out.seed)
+    sqnr = output_sqnr_db(fp_model, model, calibrate_inputs(fp_model, scheduler, held_out, held_out_conditioning,
+                                                            progress=False))
     metadata = {
         "source_model": str(Path(model_dir).resolve()), "source_sha256": source_hash,
         "scheduler_class": type(scheduler).__name__, "scheduler_config": json.dumps(dict(scheduler.config)),
-        "calibration": json.dumps(calibration.__dict__), "quantize_seconds": f"{seconds:.2f}",
-        "held_out_sqnr_db": f"{sqnr:.3f}",
+        "calibration": json.dumps(calibration.__dict__), "conditioning": json.dumps(conditioning.record),
+        "quantize_seconds": f"{seconds:.2f}", "held_out_sqnr_db": f"{sqnr:.3f}",
     }
-    return save_quantized(model, out_dir, metadata=metadata, overwrite=overwrite), model, sqnr
+    if loaded.pipeline is not None:
+        metadata[PIPELINE_KEY] = str(Path(model_dir).resolve())
+    return save_quantized(model, out_dir, metadata=metadata, components=parts, overwrite=overwrite), model, sqnr
+
+
+def _quantize_component(loaded: LoadedModel, name: str, config: QuantConfig, model_dir: str | Path) -> nn.Module:
+    """Quantize a pipeline component of ``loaded`` in place, weight-only at ``config``'s weight bits."""
+    if loaded.pipeline is None:
+        raise ValueError(f"{model_dir} is not a pipeline folder, so it has no {name.replace('_', ' ')} to quantize")
+    weights_only = replace(config, act_bits=None, weight_rounding="rtn", exclude=())
+    return quantize_weights_only(component(loaded.pipeline, loaded.kind, name), weights_only)
 
 
 @torch.no_grad()
@@ -130,7 +153,7 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
                           what="sample grid")
     fp, ddpm = load_reference_model()
     scheduler = DDIMScheduler.from_config(ddpm.config)
-    calib = calibrate_inputs(fp, ddpm, CalibrationSettings(calib_samples, steps, min(25, steps), seed), progress)
+    calib = calibrate_inputs(fp, ddpm, CalibrationSettings(calib_samples, steps, min(25, steps), seed), progress=progress)
     held_out = calibrate_inputs(fp, ddpm, CalibrationSettings(16, steps, min(10, steps), seed + 1), progress=False)
     names, denoisers, rows = ["FP"], [ModelDenoiser(fp, scheduler)], []
     for w_bits, a_bits in bits:
@@ -177,43 +200,44 @@ def is_samples_folder(path: Path) -> bool:
 
 @torch.no_grad()
 def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | None = None,
-               force_tables: bool = False, num_samples: int = 16, steps: int = 50, scheduler: str = "ddim",
-               seed: int = 0, batch_size: int = 16, device: str = "cpu", overwrite: bool = False,
-               progress: bool = True) -> Path:
-    """Sample a pixel-space model and write one PNG per image, ``grid.png`` and ``samples.json``.
+               force_tables: bool = False, prompts: PromptOptions = PromptOptions(), num_samples: int = 16,
+               steps: int = 50, scheduler: str = "ddim", seed: int = 0, batch_size: int = 16, device: str = "cpu",
+               overwrite: bool = False, progress: bool = True) -> Path:
+    """Sample a model and write one PNG per image, ``grid.png`` and ``samples.json``.
 
-    ``model`` is a diffusers UNet or pipeline folder, a quantized artifact folder or
-    ``"reference"``; ``tables`` correct it (they must fit the model and the sampler). Image ``i``
-    starts from noise seeded by ``derive_seed(seed, "noise", i)`` alone (see
-    :func:`tacdiff.sampling.batching.sample_noise`), so the same seed gives the same PNG bytes at
-    any ``num_samples`` for a fixed batch size and thread count. The folder is written atomically;
-    ``overwrite`` replaces only a folder that this function wrote.
+    ``model`` is a diffusers model or pipeline folder, a quantized artifact folder or
+    ``"reference"``; ``tables`` correct it (they must fit the model, the sampler and the guidance
+    scale). Latent pipelines decode with their autoencoder; text-to-image pipelines take
+    ``prompts`` (image ``i`` gets prompt ``i mod n``; default: the built-in list) with
+    classifier-free guidance. Image ``i`` starts from noise seeded by ``derive_seed(seed, "noise", i)``
+    alone (see :func:`tacdiff.sampling.batching.sample_noise`), so the same seed and prompt give the
+    same PNG bytes at any ``num_samples`` for a fixed batch size and thread count. The folder is
+    written atomically; ``overwrite`` replaces only a folder that this function wrote.
     """
     from tacdiff.correction import load_correction
-    from tacdiff.models.kinds import kind_of
-    from tacdiff.models.loading import build_scheduler, check_settings, input_paths, load_any_model
-    from tacdiff.report.images import IMAGE_CHANNELS, save_png, tile, to_uint8
+    from tacdiff.models.loading import build_scheduler, check_settings, input_paths
+    from tacdiff.report.images import save_png, tile, to_uint8
     from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
-    from tacdiff.sampling.calibration import sample_shape_of
 
     check_settings(scheduler, steps, num_samples, batch_size, device)
     check_writable(out_dir, overwrite, recognise=is_samples_folder, what="samples folder",
                    inputs=input_paths(model, tables), folder=True)
     loaded = load_any_model(model, device)
-    shape = sample_shape_of(loaded.model)
-    if shape[0] not in IMAGE_CHANNELS:
-        raise ValueError(f"{model} makes {shape[0]}-channel latents, not images; tacdiff sample writes 1- or "
-                         "3-channel pixel-space samples (latent pipelines with a VAE are not supported yet)")
-    if "encoder_hidden_states" in kind_of(loaded.model).cond_keys:
-        raise ValueError(f"{model} is text-conditioned; tacdiff sample does not read prompts yet, so it samples "
-                         "unconditional pixel-space models only")
+    _check_makes_images(loaded, model)
+    if "encoder_hidden_states" in kind_of(loaded.model).cond_keys and not loaded.reads_prompts:
+        raise ValueError(f"{model} is a text-conditioned UNet without its text encoder, so it cannot read prompts; "
+                         "pass the pipeline folder (with text_encoder/ and tokenizer/) or an artifact quantized "
+                         "from it")
+    conditioning = conditioning_for(loaded, prompts, count=num_samples, seed=seed, what=str(model))
     sched = build_scheduler(scheduler, loaded.scheduler_config)
     denoiser = ModelDenoiser(loaded.model, sched)
     if tables is not None:
         denoiser = load_correction(denoiser, tables, sched, steps, force=force_tables)
-    finals = [to_images(final).cpu() for _, (final,) in batched_trajectories(
-        [denoiser], sched, num_samples=num_samples, sample_shape=shape, num_inference_steps=steps,
-        seed=seed, batch_size=batch_size, device=device, progress=progress)]
+        denoiser.tables.check_conditioning(conditioning.record, force=force_tables)
+    finals = [to_images(loaded.decode(final)).cpu() for _, (final,) in batched_trajectories(
+        [conditioning.guide(denoiser)], sched, num_samples=num_samples, sample_shape=sample_shape_of(loaded.model),
+        num_inference_steps=steps, seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
+        progress=progress)]
     images = torch.cat(finals)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{model} produced NaN or inf samples; nothing was written. Try more bits or other "
@@ -221,7 +245,9 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     pixels = to_uint8(images)
     record = {"format": SAMPLES_FORMAT, "model": str(model), "tables": None if tables is None else str(tables),
               "scheduler": scheduler, "steps": steps, "seed": seed, "batch_size": batch_size,
-              "images": [{"file": f"{i:06d}.png", "index": i, "noise_seed": derive_seed(seed, "noise", i)}
+              "conditioning": conditioning.record,
+              "images": [{"file": f"{i:06d}.png", "index": i, "noise_seed": derive_seed(seed, "noise", i),
+                          **({"prompt": conditioning.prompt(i)} if conditioning.prompts is not None else {})}
                          for i in range(num_samples)]}
 
     def fill(tmp: Path) -> None:
@@ -232,3 +258,16 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
 
     return write_dir_atomically(out_dir, fill, overwrite=overwrite, recognise=is_samples_folder,
                                 what="samples folder")
+
+
+def _check_makes_images(loaded: LoadedModel, model: str | Path) -> None:
+    """``ValueError`` unless ``loaded`` makes 1- or 3-channel images (directly or through its autoencoder)."""
+    from tacdiff.report.images import IMAGE_CHANNELS
+
+    if loaded.kind is not None and loaded.kind.decoder is not None:
+        channels = getattr(loaded.pipeline, loaded.kind.decoder).config.out_channels
+    else:
+        channels = loaded.model.config.in_channels
+    if channels not in IMAGE_CHANNELS:
+        raise ValueError(f"{model} makes {channels}-channel samples, not images: tacdiff sample writes 1- or "
+                         "3-channel images; pass the latent pipeline folder (with its autoencoder) instead of its UNet")

@@ -12,7 +12,7 @@ import tacdiff
 from tacdiff.correction import CorrectionTables, calibrate_ptqd, calibrate_tac
 from tacdiff.metrics.paired import PairedErrors
 from tacdiff.models.reference import load_reference_model
-from tacdiff.sampling.calibration import sample_shape_of
+from tacdiff.models.kinds import sample_shape_of
 
 from correction_support import errors_against_fp
 

@@ -37,9 +37,8 @@ from tacdiff.correction.ptqd import PTQDStats
 from tacdiff.correction.tables import CONDITIONING_KEY, IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
-from tacdiff.models.kinds import Cond, Denoiser, ModelDenoiser, map_cond
+from tacdiff.models.kinds import Cond, Denoiser, ModelDenoiser, map_cond, sample_shape_of
 from tacdiff.sampling.batching import batched_trajectories
-from tacdiff.sampling.calibration import sample_shape_of
 from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
 
 # Chosen by benchmarks/tac_sweep.py on the bundled Fashion-MNIST model (DDIM 50, validation seeds;

@@ -32,7 +32,7 @@ import tacdiff
 from tacdiff.io.atomic import is_regular_file, write_file_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format
 from tacdiff.quant.apply import STATE_ATTR, QuantState
-from tacdiff.sampling.calibration import sample_shape_of
+from tacdiff.models.kinds import sample_shape_of
 
 FORMAT = "tacdiff-correction-tables"
 FORMAT_VERSION = "1"
@@ -212,7 +212,7 @@ def _refuse(problems: list[str], target: str, force: bool) -> None:
     """Raise (or with ``force`` warn) listing how the tables and ``target`` disagree."""
     if not problems:
         return
-    message = (f"these correction tables were fitted for another model or sampler than {target}: "
+    message = (f"these correction tables do not fit {target}: "
                + "; ".join(problems) + f". Recalibrate with `tacdiff calibrate`, or {FORCE_HINT}")
     if not force:
         raise ValueError(message)

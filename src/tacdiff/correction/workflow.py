@@ -10,23 +10,27 @@ from tacdiff.correction.calibrate import (CALIBRATORS, DEFAULT_GAMMA, DEFAULT_IB
                                          DEFAULT_TAU, fit_tables)
 from tacdiff.correction.ibc import Granularity, check_granularity
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables, is_tables_file
-from tacdiff.io.artifact import check_source, load_quantized, read_metadata, recorded_scheduler_config
+from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.io.atomic import check_writable
 from tacdiff.models.loading import build_scheduler, check_settings, input_paths, load_any_model
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 
 
 def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: str | Path, *, method: str = "tac",
                        scheduler: str = "ddim", steps: int = 50, samples: int = 256, batch_size: int = 64,
                        seed: int = 0, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA,
                        tau: float = DEFAULT_TAU, ibc: Granularity = DEFAULT_IBC,
-                       ibc_target: str = DEFAULT_IBC_TARGET,
-                       device: str = "cpu",
-                       overwrite: bool = False, progress: bool = True) -> tuple[Path, CorrectionTables]:
+                       ibc_target: str = DEFAULT_IBC_TARGET, prompts: PromptOptions = PromptOptions(),
+                       device: str = "cpu", overwrite: bool = False,
+                       progress: bool = True) -> tuple[Path, CorrectionTables]:
     """Calibrate correction tables for the quantized artifact folder against its FP model; write ``out``.
 
     ``fp_model`` is a diffusers UNet/pipeline folder or ``"reference"``. The scheduler config
     comes from the artifact's metadata when present, else from the FP model. ``ValueError``
     when the FP model is not the one the artifact was quantized from (by state-dict hash).
+    Text-to-image pipelines calibrate on ``prompts`` (sample ``i`` gets prompt ``i mod n``) with
+    classifier-free guidance: the tables correct the guided estimate and record the guidance
+    scale and prompt-set hash (:meth:`CorrectionTables.check_conditioning`).
     """
     if method not in CALIBRATORS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CALIBRATORS)}")
@@ -41,13 +45,17 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     if fp.quantized:
         raise ValueError(f"--fp-model {fp_model} is a quantized artifact; pass the full-precision model")
     check_source(meta, fp.model, fp_model)
-    quant = load_quantized(quant_artifact, device)
-    config = recorded_scheduler_config(quant_artifact) or fp.scheduler_config
+    quant = load_any_model(quant_artifact, device)
+    config = quant.scheduler_config or fp.scheduler_config
     sched = build_scheduler(scheduler, config)
-    run = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, seed=seed, progress=progress)
+    # the artifact's own components (a quantized text encoder, if any) make the embeddings both models see
+    conditioning = conditioning_for(quant if quant.reads_prompts else fp, prompts, count=samples, seed=seed,
+                                    what=f"--fp-model {fp_model}")
+    run = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, seed=seed, cond=conditioning,
+               progress=progress)
     options = dict(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target)
     with torch.no_grad():
-        tables = fit_tables(method, fp.model, quant, sched, options=options, **run)
+        tables = fit_tables(method, fp.model, quant.model, sched, options=options, **run)
     tables.metadata["quant_artifact"] = str(Path(quant_artifact).resolve())
     return tables.save(out, overwrite=overwrite), tables
 

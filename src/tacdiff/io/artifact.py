@@ -6,6 +6,11 @@ model class, :class:`QuantConfig`, layer plan, code shapes, a checksum of the te
 Loading validates all of it against the model rebuilt from the config (one clear
 ``ValueError`` per problem), re-installs the quantized layers and reproduces outputs bit for
 bit. No pickle is involved anywhere.
+
+An artifact quantized from a pipeline may also hold weight-only quantized components beside the
+denoiser, one file each (``text_encoder.safetensors``, ``vae_decoder.safetensors``, same format):
+they are applied to the full-precision component loaded from the pipeline folder
+(:func:`load_component`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
                   "float64": torch.float64}
 MODULE_KINDS = {"conv": nn.Conv2d, "linear": nn.Linear, "attention": Attention}
 FIX = "re-create it with tacdiff quantize"
+COMPONENT_NAMES = ("text_encoder", "vae_decoder")
+"""Pipeline components an artifact may hold quantized, each as ``<name>.safetensors``."""
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -67,34 +74,52 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str, str] | None = None,
-                   overwrite: bool = False) -> Path:
-    """Write a quantized model to the folder ``out_dir`` (atomically); return its path."""
+                   components: Mapping[str, nn.Module] | None = None, overwrite: bool = False) -> Path:
+    """Write a quantized model to the folder ``out_dir`` (atomically); return its path.
+
+    ``components`` maps names of :data:`COMPONENT_NAMES` to quantized pipeline components (see
+    :func:`tacdiff.quant.apply.quantize_weights_only`), each written to ``<name>.safetensors``.
+    """
+    unknown = sorted(set(components or {}) - set(COMPONENT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown components {unknown}; an artifact holds {', '.join(COMPONENT_NAMES)}")
+    files = {WEIGHTS_NAME: _contents(model, metadata or {})}
+    files.update({f"{name}.safetensors": _contents(part, {"component": name})
+                  for name, part in (components or {}).items()})
+
+    def fill(tmp: Path) -> None:
+        model.save_config(tmp)
+        for name, (tensors, meta) in files.items():
+            save_file(tensors, tmp / name, metadata=meta)
+
+    return write_dir_atomically(out_dir, fill, overwrite=overwrite, recognise=is_artifact_folder,
+                                what="quantized artifact")
+
+
+def _contents(model: nn.Module, metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The packed tensors of a quantized module and its metadata (recipe, ``metadata``, checksum)."""
     state = quant_state(model)
     tensors, shapes = _packed_state(model)
     enabled = [m.name for m in model.modules() if isinstance(m, ActQuantizer) and m.enabled]
+    dtype = next(model.parameters()).dtype
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tacdiff_version": tacdiff.__version__,
         "model_class": type(model).__name__, "quant_config": state.config.to_json(),
         "plan": json.dumps([asdict(p) for p in state.plan]), "code_shapes": json.dumps(shapes),
-        "enabled_act_quantizers": json.dumps(enabled), "compute_dtype": str(model.dtype).removeprefix("torch."),
-        **(metadata or {}),
+        "enabled_act_quantizers": json.dumps(enabled), "compute_dtype": str(dtype).removeprefix("torch."),
+        **metadata,
     }
     meta[CHECKSUM_KEY] = content_sha256(tensors, meta)
-
-    def fill(tmp: Path) -> None:
-        model.save_config(tmp)
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata=meta)
-
-    return write_dir_atomically(out_dir, fill, overwrite=overwrite, recognise=is_artifact_folder,
-                                what="quantized artifact")
+    return tensors, meta
 
 
 def is_artifact_folder(path: Path) -> bool:
     """Whether ``path`` holds an artifact (its tensors perhaps corrupt, its metadata readable) and nothing else,
     so ``overwrite`` may replace it."""
     names = {entry.name for entry in path.iterdir()} if path.is_dir() else set()
-    return (WEIGHTS_NAME in names and names <= {WEIGHTS_NAME, CONFIG_NAME}
-            and safetensors_format(path / WEIGHTS_NAME) == FORMAT)
+    ours = {WEIGHTS_NAME, *(f"{name}.safetensors" for name in COMPONENT_NAMES)}
+    return (WEIGHTS_NAME in names and names <= ours | {CONFIG_NAME}
+            and all(safetensors_format(path / name) == FORMAT for name in names & ours))
 
 
 def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
@@ -112,7 +137,11 @@ def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of an artifact folder (or its safetensors file); clear errors for foreign or incomplete files."""
-    file = _weights_file(path)
+    return _file_metadata(_weights_file(path))
+
+
+def _file_metadata(file: Path) -> dict[str, str]:
+    """The metadata of one artifact safetensors file (the denoiser's or a component's), checked."""
     meta, _ = read_safetensors(file, kind="tacdiff quantized model", fmt=FORMAT, version=FORMAT_VERSION,
                                fix="pass a folder written by `tacdiff quantize`", tensors=False)
     missing = [key for key in REQUIRED_KEYS if key not in meta]
@@ -134,22 +163,52 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     """
     check_device(device)
     file = _weights_file(path)
-    meta = read_metadata(file)
-    recipe = _Recipe.from_metadata(meta, file)
-    tensors = _read_tensors(file)
-    if verify and recipe.checksum is not None and content_sha256(tensors, meta) != recipe.checksum:
-        raise _corrupt(file, "its tensors or metadata do not match the checksum recorded when it was written")
+    meta, recipe, tensors = _read_checked(file, verify)
     model = _build_model(file.parent, recipe.model_class, file).to(device).eval()
     dtype = recipe.compute_dtype if dtype is None else dtype
     if dtype != model.dtype:  # diffusers warns on any dtype cast, so cast only when needed
         model.to(dtype)
+    _apply(model, recipe, tensors, file)
+    quant_state(model).source_sha256 = meta.get("source_sha256")
+    return model
+
+
+def component_files(path: str | Path) -> dict[str, Path]:
+    """The quantized components an artifact folder holds: ``{name: file}``."""
+    folder = _weights_file(path).parent
+    return {name: folder / f"{name}.safetensors" for name in COMPONENT_NAMES
+            if (folder / f"{name}.safetensors").is_file()}
+
+
+def load_component(module: nn.Module, file: str | Path, *, verify: bool = True) -> nn.Module:
+    """Quantize the full-precision pipeline component ``module`` in place with the weights stored in ``file``
+    (written by :func:`save_quantized` from the same component); validated as :func:`load_quantized` does."""
+    file = Path(file)
+    _, recipe, tensors = _read_checked(file, verify)
+    if recipe.model_class != type(module).__name__:
+        raise ValueError(f"{file} holds a quantized {recipe.model_class}, but the pipeline's component is a "
+                         f"{type(module).__name__}; quantize the artifact again from this pipeline")
+    _apply(module.eval(), recipe, tensors, file)
+    return module
+
+
+def _read_checked(file: Path, verify: bool) -> tuple[dict[str, str], "_Recipe", dict[str, torch.Tensor]]:
+    """An artifact file's metadata, parsed recipe and tensors, the checksum verified if ``verify``."""
+    meta = _file_metadata(file)
+    recipe = _Recipe.from_metadata(meta, file)
+    tensors = _read_tensors(file)
+    if verify and recipe.checksum is not None and content_sha256(tensors, meta) != recipe.checksum:
+        raise _corrupt(file, "its tensors or metadata do not match the checksum recorded when it was written")
+    return meta, recipe, tensors
+
+
+def _apply(model: nn.Module, recipe: "_Recipe", tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Install ``recipe``'s quantized layers in the float ``model`` and load the checked ``tensors``."""
     _install_plan(model, recipe.config, recipe.plan, file)
     _check_recorded_layers(model, recipe, file)
     _check_tensors(tensors, _expected_tensors(model), file)
     _check_values(tensors, model, file)
     _load_tensors(model, tensors, set(recipe.enabled))
-    quant_state(model).source_sha256 = meta.get("source_sha256")
-    return model
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], enabled: set[str]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,16 @@ from tacdiff.metrics.fid import IMAGE_SHAPE, fid_kid
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.models.kinds import Denoiser, ModelDenoiser
 from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
-from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
-from tacdiff.sampling.calibration import random_text_embeddings, sample_shape_of
+from tacdiff.sampling.batching import batched_trajectories, to_images
+from tacdiff.models.kinds import sample_shape_of
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 
 KID_SUBSET_SIZE = 1000
 
 
-def _fid_or_note(images: list[Tensor], shape: tuple[int, ...], seed: int) -> tuple[dict[str, float | None], str | None]:
+def fid_or_note(images: list[Tensor], shape: tuple[int, ...],
+                seed: int) -> tuple[dict[str, float | None], str | None]:
+    """FID/KID of ``images`` of ``shape`` on the bundled classifier's features, or ``None`` scores and why not."""
     empty: dict[str, float | None] = {"fid": None, "kid": None, "kid_std": None}
     if shape != IMAGE_SHAPE:
         return empty, f"FID skipped: it needs 1x28x28 Fashion-MNIST-domain samples, this model makes {shape}"
@@ -59,8 +61,9 @@ def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: Scheduler
 
     if fp is not None:
         return images, paired_errors(fp, denoiser, scheduler, on_batch=collect, **run), broken[0]
+    decode = run.pop("decode")[1]
     for start, (final,) in batched_trajectories([denoiser], scheduler, **run):
-        collect(start, final, to_images(final))
+        collect(start, final, to_images(decode(final)))
     return images, None, broken[0]
 
 
@@ -74,15 +77,20 @@ def _check_finite(broken: int, samples: int, model: str | Path) -> None:
 
 def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "ddim", steps: int = 50,
              samples: int = 1000, seed: int = 0, batch_size: int = 256, device: str = "cpu",
-             tables: str | Path | None = None, force_tables: bool = False, progress: bool = True) -> dict[str, Any]:
+             tables: str | Path | None = None, force_tables: bool = False, prompts: PromptOptions = PromptOptions(),
+             progress: bool = True) -> dict[str, Any]:
     """Sample ``model`` and score it; pair it with ``fp_model`` for the paired metrics.
 
     Args:
-        model: a diffusers UNet2DModel or UNet2DConditionModel folder (or pipeline folder), a
+        model: a diffusers UNet2DModel or UNet2DConditionModel folder or pipeline folder, a
             quantized artifact folder, or ``"reference"`` for the bundled Fashion-MNIST model.
-            Conditional UNets sample with seeded random text embeddings (a warning says so),
-            the same for ``model`` and ``fp_model``.
+            Latent pipelines are scored on images decoded by their autoencoder; text-to-image
+            pipelines sample ``prompts`` with classifier-free guidance (the same for ``model`` and
+            ``fp_model``); a bare text-conditioned UNet samples seeded random stand-in embeddings.
         fp_model: the FP model (same kinds of spec) to pair with; ``None`` skips the paired metrics.
+            Both sides see ``model``'s text embeddings (from its text encoder, quantized or not) and
+            each decodes with its own autoencoder, so the paired metrics include a quantized decoder's
+            error but not a quantized text encoder's.
         scheduler: ddim, ddpm, dpm (DPM-Solver++ multistep) or euler, built with ``from_config``
             from the model's scheduler config (an artifact's recorded one, else ``fp_model``'s,
             else a 1000-step linear DDPM schedule).
@@ -91,7 +99,8 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         tables: correction tables (``tacdiff calibrate --out``) to apply to ``model``; they must
             have been calibrated for ``scheduler`` at ``steps`` and for ``model`` (its bits, FP
             model and sample shape: :meth:`CorrectionTables.check_model`).
-        force_tables: apply ``tables`` fitted for another model or noise schedule, with a warning.
+        force_tables: apply ``tables`` fitted for another model, noise schedule or guidance scale, with a warning.
+        prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
     Returns:
         A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
         1×28×28 images), ``x0_mse``/``x0_psnr`` (None without ``fp_model``; PSNR with peak-to-peak
@@ -111,29 +120,30 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     sched = build_scheduler(scheduler, config)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
+    conditioning = conditioning_for(loaded, prompts, count=samples, seed=seed, what=str(model))
     sampler = ModelDenoiser(loaded.model, sched)
     if tables is not None:
         sampler = load_correction(sampler, tables, sched, steps, force=force_tables)
+        sampler.tables.check_conditioning(conditioning.record, force=force_tables)
         correction = sampler.tables
-    cond = random_text_embeddings(loaded.model, samples, derive_seed(seed, "text"))
-    if cond:
-        warnings.warn("sampling a conditional UNet with seeded random text embeddings (the same for FP and "
-                      "quantized); for real prompts evaluate from Python with their embeddings", stacklevel=2)
+    image_shape = loaded.image_shape
     started = time.perf_counter()
     images, paired, broken = _sample_images(
-        sampler, ModelDenoiser(fp.model, sched) if fp is not None else None, sched, keep=shape == IMAGE_SHAPE,
-        num_samples=samples, sample_shape=shape, num_inference_steps=steps, seed=seed, batch_size=batch_size,
-        device=device, cond=cond or None, progress=progress)
+        conditioning.guide(sampler), conditioning.guide(ModelDenoiser(fp.model, sched)) if fp is not None else None,
+        sched, keep=image_shape == IMAGE_SHAPE, num_samples=samples, sample_shape=shape, num_inference_steps=steps,
+        seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
+        decode=(fp.decode if fp is not None else loaded.decode, loaded.decode),
+        progress=progress)
     _synchronize(device)
     sampling_seconds = time.perf_counter() - started
     _check_finite(broken, samples, model)
-    scores, note = _fid_or_note(images, shape, seed)
+    scores, note = fid_or_note(images, image_shape, seed)
     return {
         "model": str(model), "fp_model": None if fp_model is None else str(fp_model),
         "tables": None if tables is None else str(tables),
         "correction": None if tables is None else f"{correction.method} (IBC on the {correction.ibc_target})",
         "quantized": loaded.quantized, "scheduler": scheduler, "steps": steps, "samples": samples, "seed": seed,
-        "batch_size": batch_size, "device": device, **scores,
+        "batch_size": batch_size, "device": device, "conditioning": conditioning.record, **scores,
         "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
         "per_step": None if paired is None else paired.per_step(), "note": note,
         "seconds": time.perf_counter() - started, "sampling_seconds": sampling_seconds,

@@ -16,11 +16,13 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
 
-from tacdiff.models.kinds import Denoiser
-from tacdiff.sampling.batching import IMAGE_RANGE, batched_trajectories, to_images
+from tacdiff.models.kinds import Cond, Denoiser
+from tacdiff.sampling.batching import IMAGE_RANGE, Rows, batched_trajectories, to_images
 from tacdiff.sampling.loop import StepRecord
 
 PEAK_TO_PEAK = IMAGE_RANGE[1] - IMAGE_RANGE[0]
+Decode = Callable[[Tensor], Tensor]
+"""Final latents to images in [-1, 1]."""
 
 
 def sqnr_db(reference: Tensor, estimate: Tensor) -> float:
@@ -142,7 +144,7 @@ class PairedErrors:
 def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerMixin, *, num_samples: int,
                   sample_shape: Sequence[int], num_inference_steps: int, seed: int = 0, batch_size: int = 64,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  cond: dict[str, Tensor] | None = None,
+                  cond: Cond | Rows | None = None, decode: Decode | tuple[Decode, Decode] | None = None,
                   on_batch: Callable[[int, Tensor, Tensor], None] | None = None,
                   progress: bool = True) -> PairedErrors:
     """Sample ``reference`` (FP) and ``estimate`` (e.g. quantized) in lockstep and measure their discrepancy.
@@ -153,7 +155,10 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
         num_samples: trajectories per denoiser, run ``batch_size`` at a time.
         sample_shape: ``(C, H, W)`` of the latents.
         seed: starting noise and per-step noise, as in :func:`tacdiff.sampling.batching.batched_trajectories`.
-        cond: model keyword arguments with a leading dimension ``num_samples``.
+        cond: model keyword arguments with a leading dimension ``num_samples``, or ``(start, count) -> keywords``.
+        decode: turns final latents into images in [-1, 1] (a latent pipeline's autoencoder), or a pair
+            ``(reference's, estimate's)`` when their decoders differ (a quantized one); the x0
+            errors compare the decoded images. ``None``: the latents are the images.
         on_batch: called as ``on_batch(start, reference_images, estimate_images)`` with each
             batch's final images clamped to [-1, 1] (e.g. to keep them for FID).
     Returns:
@@ -161,11 +166,12 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
     """
     stats = PairedStepStats()
     sq_err, elements = 0.0, 0
+    decoders = decode if isinstance(decode, tuple) else (decode, decode)
     for start, (ref, est) in batched_trajectories(
             [reference, estimate], scheduler, num_samples=num_samples, sample_shape=sample_shape,
             num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, device=device,
             dtype=dtype, cond=cond, callback=stats, progress=progress):
-        ref, est = to_images(ref), to_images(est)
+        ref, est = (to_images(final if fn is None else fn(final)) for fn, final in zip(decoders, (ref, est)))
         sq_err += (est.double() - ref.double()).pow(2).sum().item()
         elements += ref.numel()
         if on_batch is not None:

@@ -72,6 +72,16 @@ def kind_of(model: nn.Module) -> ModelKind:
                     "Pass the pipeline's UNet (e.g. pipe.unet), not the pipeline or another model")
 
 
+def sample_shape_of(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the samples a diffusers UNet makes, read from its config."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "sample_size", None)
+    if config is None or size is None:
+        raise ValueError("cannot read the sample shape from the model config; pass sample_shape=(C, H, W)")
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return (config.in_channels, height, width)
+
+
 def prediction_type(scheduler: SchedulerMixin) -> str:
     """The scheduler's ``prediction_type`` (``epsilon`` when it has none); ``ValueError`` for unsupported ones."""
     kind = scheduler.config.get("prediction_type", "epsilon")

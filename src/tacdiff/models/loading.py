@@ -15,10 +15,11 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
 from torch import nn
 
 from tacdiff.devices import check_device
-from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, read_metadata, recorded_scheduler_config
-from tacdiff.models.kinds import MODEL_KINDS
-from tacdiff.models.pipelines import (PipelineKind, decode_latents, diffusers_load, load_components, pipeline_kind,
-                                     read_index)
+from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, load_quantized, read_metadata,
+                                recorded_scheduler_config)
+from tacdiff.models.kinds import MODEL_KINDS, sample_shape_of
+from tacdiff.models.pipelines import (PipelineKind, component, decode_latents, diffusers_load, load_components,
+                                     pipeline_kind, read_index)
 from tacdiff.models.reference import load_reference_model
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -128,6 +129,16 @@ class LoadedModel:
         """Whether the model comes with a tokenizer and text encoder (a text-to-image pipeline)."""
         return self.kind is not None and self.kind.text
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the model makes: its samples, or what its autoencoder decodes them to."""
+        channels, height, width = sample_shape_of(self.model)
+        if self.kind is None or self.kind.decoder is None:
+            return channels, height, width
+        config = getattr(self.pipeline, self.kind.decoder).config
+        factor = 2 ** (len(config.block_out_channels) - 1)  # diffusers' vae_scale_factor
+        return config.out_channels, height * factor, width * factor
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final samples as images in [-1, 1]: decoded by the pipeline's autoencoder, if it has one."""
         return latents if self.kind is None else decode_latents(self.pipeline, self.kind, latents)
@@ -137,7 +148,8 @@ def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
     """Load ``"reference"``, a quantized artifact folder, or a diffusers model or pipeline folder, in eval mode.
 
     Pipeline folders (and artifacts quantized from one, which record where it lives) come with
-    their full-precision components (:func:`~tacdiff.models.pipelines.load_components`).
+    their components (:func:`~tacdiff.models.pipelines.load_components`): full precision, or
+    quantized where the artifact holds them (``--quantize-text-encoder``, ``--quantize-vae-decoder``).
     """
     if str(spec) == REFERENCE:
         model, scheduler = load_reference_model(device)
@@ -155,8 +167,10 @@ def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
         model, config = load_unet(path, device), dict(load_scheduler(None, path).config)
     if pipeline_dir is None:
         return LoadedModel(model, config, quantized)
-    return LoadedModel(model, config, quantized, load_components(pipeline_dir, model, device),
-                       pipeline_kind(pipeline_dir))
+    pipe, kind = load_components(pipeline_dir, model, device), pipeline_kind(pipeline_dir)
+    for name, file in (component_files(path) if quantized else {}).items():
+        load_component(component(pipe, kind, name), file)
+    return LoadedModel(model, config, quantized, pipe, kind)
 
 
 PIPELINE_KEY = "pipeline_folder"

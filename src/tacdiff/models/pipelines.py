@@ -139,6 +139,16 @@ def load_components(folder: str | Path, unet: nn.Module, device: str | torch.dev
     return pipe.to(device)
 
 
+def component(pipe: DiffusionPipeline, kind: PipelineKind, name: str) -> nn.Module:
+    """The part of a pipeline that an artifact's component ``name`` quantizes: ``text_encoder`` (the text
+    encoder) or ``vae_decoder`` (the autoencoder's decoder, which turns latents into images)."""
+    if name == "text_encoder" and kind.text:
+        return pipe.text_encoder
+    if name == "vae_decoder" and kind.decoder is not None:
+        return getattr(pipe, kind.decoder).decoder
+    raise ValueError(f"a {kind.cls.__name__} has no {name.replace('_', ' ')} to quantize")
+
+
 class PromptEncoder:
     """Text embeddings ``(N, L, D)`` of prompts through a pipeline's own ``encode_prompt``, computed
     once per distinct prompt and cached on the CPU."""

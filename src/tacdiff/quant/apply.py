@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from tacdiff.models.kinds import cond_leaves, kind_of
+from tacdiff.models.kinds import MODEL_KINDS, cond_leaves, kind_of
 from tacdiff.quant.calibrate import calibrate_activations
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, reproduces_processor
 from tacdiff.quant.config import QuantConfig
@@ -46,7 +46,7 @@ class QuantState:
     config: QuantConfig
     plan: list[LayerPlan]
     router: TimestepRouter
-    hook: Any
+    hook: Any  # the timestep router's forward pre-hook (None on components without timesteps)
     source_sha256: str | None = None
 
 
@@ -129,7 +129,11 @@ def skip_concat_splits(model: nn.Module) -> dict[str, int]:
 
 
 def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> QuantState:
-    """Swap modules per ``plan`` (weights still float) and attach the timestep router; in place."""
+    """Swap modules per ``plan`` (weights still float) and attach the timestep router; in place.
+
+    Only denoisers (:data:`~tacdiff.models.kinds.MODEL_KINDS`) route timesteps; other modules
+    (a text encoder, an autoencoder's decoder) are quantized by :func:`quantize_weights_only`.
+    """
     router = TimestepRouter(config.timestep_groups, config.num_train_timesteps)
     dynamic = config.act_range == "dynamic"
     for entry in plan:
@@ -152,7 +156,8 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
         if isinstance(module, ActQuantizer):
             module.name = name
             module.to(device)
-    hook = model.register_forward_pre_hook(_route_timestep, with_kwargs=True)
+    denoiser = isinstance(model, tuple(kind.cls for kind in MODEL_KINDS.values()))
+    hook = model.register_forward_pre_hook(_route_timestep, with_kwargs=True) if denoiser else None
     state = QuantState(config, plan, router, hook)
     setattr(model, STATE_ATTR, state)
     return state
@@ -232,6 +237,33 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
     return model
 
 
+def quantize_weights_only(module: nn.Module, config: QuantConfig) -> nn.Module:
+    """Quantize the Conv2d and Linear weights of any ``module`` **in place** (round to nearest, ranges by
+    ``config.weight_range``; first and last layer at ``config.first_last_bits``), activations float.
+
+    For the parts of a pipeline around the denoiser: its text encoder or its autoencoder's decoder.
+    ``config.act_bits`` must be None; no calibration inputs are needed.
+    """
+    if config.act_bits is not None or config.weight_rounding != "rtn":
+        raise ValueError("pipeline components are quantized weight-only with round-to-nearest: pass a QuantConfig "
+                         "with act_bits=None and weight_rounding='rtn'")
+    if hasattr(module, STATE_ATTR):
+        raise ValueError("this module is already quantized; start again from the full-precision module")
+    check_finite(module, None)
+    config = replace(config, split_shortcut=False, timestep_groups=1)
+    plan = plan_layers(module.eval(), config)
+    undo = _Undo.record(module, plan)
+    try:
+        install(module, config, plan)
+        for layer in module.modules():
+            if isinstance(layer, (QuantConv2d, QuantLinear)):
+                layer.quantize_weight(config.weight_range)
+    except BaseException:
+        undo.restore(module)
+        raise
+    return module
+
+
 @dataclass
 class _Undo:
     """The modules and attention processors :func:`install` replaces, to put back if quantizing fails."""
@@ -257,7 +289,7 @@ class _Undo:
                     delattr(attn, operand)
             attn.set_processor(processor)
         state = getattr(model, STATE_ATTR, None)
-        if state is not None:
+        if state is not None and state.hook is not None:
             state.hook.remove()
             delattr(model, STATE_ATTR)
 

@@ -7,17 +7,15 @@ and the model inputs of a uniform subset of the sampling steps are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
-from tacdiff.models.kinds import Cond, ModelDenoiser, cond_leaves, guidance_batch, kind_of, map_cond
+from tacdiff.models.kinds import Cond, ModelDenoiser, cond_leaves, guidance_batch, map_cond, sample_shape_of
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
 from tacdiff.sampling.loop import StepRecord
-
-SDXL_TIME_IDS = 6  # original size, crop offset and target size, two numbers each
 
 
 @dataclass
@@ -138,29 +136,3 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
     x = torch.cat([torch.cat(inputs[step]) for step in keep for _ in range(copies)])
     t = torch.cat([torch.full((num_samples * copies,), timesteps[step]) for step in keep])
     return CalibrationSet(x, t, table, torch.arange(num_samples * copies).repeat(len(keep)))
-
-
-def sample_shape_of(model: torch.nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` of the samples a diffusers UNet makes, read from its config."""
-    config = getattr(model, "config", None)
-    size = getattr(config, "sample_size", None)
-    if config is None or size is None:
-        raise ValueError("cannot read the sample shape from the model config; pass sample_shape=(C, H, W)")
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return (config.in_channels, height, width)
-
-
-def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, Any]:
-    """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand
-    (with SDXL's ``added_cond_kwargs``, pooled embeddings and time ids, for ``addition_embed_type="text_time"``)."""
-    if "encoder_hidden_states" not in kind_of(model).cond_keys:
-        return {}
-    generator = torch.Generator().manual_seed(seed)
-    config = model.config
-    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, config.cross_attention_dim,
-                                                                 generator=generator)}
-    if getattr(config, "addition_embed_type", None) == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
-        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, pooled, generator=generator),
-                                     "time_ids": torch.randn(count, SDXL_TIME_IDS, generator=generator)}
-    return cond

@@ -8,17 +8,24 @@ scale, negative prompt, prompt-set hash) goes into correction tables and sample 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import torch
 from torch import Tensor
 
-from tacdiff.data.prompts import prompt_of, prompt_set_sha256
-from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, map_cond
-from tacdiff.sampling.batching import Rows
+from tacdiff.data.prompts import DEFAULT_PROMPTS, prompt_of, prompt_set_sha256
+from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, kind_of, map_cond
+from tacdiff.models.pipelines import PromptEncoder
+from tacdiff.sampling.batching import Rows, derive_seed
+
+if TYPE_CHECKING:
+    from tacdiff.models.loading import LoadedModel
 
 
 DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's default
+SDXL_TIME_IDS = 6  # original size, crop offset and target size, two numbers each
 
 
 def _no_rows(start: int, count: int) -> Cond:
@@ -55,6 +62,22 @@ class Conditioning:
 UNCONDITIONAL = Conditioning()
 
 
+def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, Any]:
+    """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand
+    (with SDXL's ``added_cond_kwargs``, pooled embeddings and time ids, for ``addition_embed_type="text_time"``)."""
+    if "encoder_hidden_states" not in kind_of(model).cond_keys:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, config.cross_attention_dim,
+                                                                 generator=generator)}
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, pooled, generator=generator),
+                                     "time_ids": torch.randn(count, SDXL_TIME_IDS, generator=generator)}
+    return cond
+
+
 def tensor_conditioning(cond: Cond, record: dict[str, Any] | None = None) -> Conditioning:
     """Conditioning by tensors with a leading dimension of one row per sample (no guidance)."""
     return Conditioning(lambda start, count: map_cond(cond, lambda v: v[start:start + count]),
@@ -78,3 +101,42 @@ def prompt_conditioning(encode: Callable[[Sequence[str]], Tensor], prompts: Sequ
               "prompt_set_sha256": prompt_set_sha256(prompts), "num_prompts": len(prompts)}
     return Conditioning(rows, float(guidance_scale), {"encoder_hidden_states": encode([negative_prompt])}, prompts,
                         record)
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """A run's prompt settings: ``prompts`` (``None``: the built-in default list), the negative prompt
+    and the guidance scale (``None``: Stable Diffusion's 7.5). Only text-to-image pipelines take them."""
+
+    prompts: tuple[str, ...] | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+
+    @property
+    def given(self) -> bool:
+        return any(value is not None for value in (self.prompts, self.negative_prompt, self.guidance_scale))
+
+
+def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions(), *, count: int = 0,
+                     seed: int = 0, what: str = "the model") -> Conditioning:
+    """How a run conditions ``loaded``'s samples.
+
+    Text-to-image pipelines embed ``options.prompts`` (default :data:`~tacdiff.data.prompts.DEFAULT_PROMPTS`)
+    with their own text encoder and guide with ``options.guidance_scale``. A bare text-conditioned
+    UNet (no text encoder at hand) gets seeded random stand-in embeddings for ``count`` samples,
+    with a warning. Prompt options for a model that reads no prompts raise ``ValueError``.
+    """
+    if loaded.reads_prompts:
+        scale = DEFAULT_GUIDANCE_SCALE if options.guidance_scale is None else options.guidance_scale
+        return prompt_conditioning(PromptEncoder(loaded.pipeline), options.prompts or DEFAULT_PROMPTS,
+                                   guidance_scale=scale, negative_prompt=options.negative_prompt or "")
+    if options.given:
+        raise ValueError(f"{what} reads no prompts (it is not a text-to-image pipeline folder with a text encoder); "
+                         "leave out --prompt, --prompts-file, --negative-prompt and --guidance-scale")
+    stand_in = random_text_embeddings(loaded.model, count, derive_seed(seed, "text"))
+    if not stand_in:
+        return UNCONDITIONAL
+    warnings.warn(f"{what} is a text-conditioned UNet without a text encoder: it runs on seeded random stand-in "
+                  "text embeddings. Pass the pipeline folder (with text_encoder/ and tokenizer/) to use prompts",
+                  stacklevel=2)
+    return tensor_conditioning(stand_in, {"prompted": False, "stand_in": "random text embeddings"})

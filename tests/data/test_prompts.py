@@ -1,0 +1,38 @@
+"""Prompt sets: the default list, prompt files and the prompt-set hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tacdiff.data.prompts import DEFAULT_PROMPTS, prompt_of, prompt_set_sha256, read_prompts
+
+
+def test_prompt_files_hold_one_prompt_per_line(tmp_path: Path) -> None:
+    file = tmp_path / "prompts.txt"
+    file.write_text("  a red shoe \n\n a cat\n\t\n", encoding="utf-8")
+    assert read_prompts(file) == ["a red shoe", "a cat"]
+
+
+@pytest.mark.parametrize("content, message", [(None, "not found"), ("\n \n", "holds no prompt"),
+                                              (b"\xff\xfe\x00", "not UTF-8")])
+def test_bad_prompt_files_raise_naming_the_file(tmp_path: Path, content: str | bytes | None, message: str) -> None:
+    file = tmp_path / "prompts.txt"
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    elif content is not None:
+        file.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as error:
+        read_prompts(file)
+    assert str(file) in str(error.value)
+
+
+def test_the_hash_identifies_an_ordered_set() -> None:
+    assert prompt_set_sha256(["a", "b"]) == prompt_set_sha256(["a", "b"])
+    assert len({prompt_set_sha256(p) for p in (["a", "b"], ["b", "a"], ["a"], ["a b"], ["ab"])}) == 5
+
+
+def test_prompts_are_used_in_turn_and_the_default_list_varies() -> None:
+    assert [prompt_of(["x", "y", "z"], i) for i in range(5)] == ["x", "y", "z", "x", "y"]
+    assert len(set(DEFAULT_PROMPTS)) == len(DEFAULT_PROMPTS) >= 32

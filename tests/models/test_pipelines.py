@@ -1,0 +1,100 @@
+"""Pipeline folders: supported kinds load around the denoiser, and tacdiff's loop with their components
+reproduces the diffusers pipelines' own images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
+from tacdiff.models.loading import load_any_model
+from tacdiff.models.pipelines import PIPELINE_KINDS, PromptEncoder
+from tacdiff.sampling.batching import batched_trajectories, sample_noise
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
+from tacdiff.sampling.loop import sample
+from tiny_pipelines import TINY_PIPELINES
+
+STEPS = 3
+
+
+@pytest.mark.parametrize("name, cls, decoder, prompts", [("sd", "StableDiffusionPipeline", "AutoencoderKL", True),
+                                                         ("ldm", "LDMPipeline", "VQModel", False),
+                                                         ("latent_kl", "LDMPipeline", "AutoencoderKL", False)])
+def test_pipeline_folders_load_around_their_unet(pipeline_dir: Callable[[str], Path], name: str, cls: str,
+                                                 decoder: str, prompts: bool) -> None:
+    loaded = load_any_model(pipeline_dir(name))
+    assert type(loaded.pipeline).__name__ == cls and loaded.pipeline.unet is loaded.model
+    assert type(getattr(loaded.pipeline, loaded.kind.decoder)).__name__ == decoder
+    assert loaded.reads_prompts is prompts and not loaded.quantized
+    latents = torch.randn(2, *sample_shape_of(loaded.model))
+    assert tuple(loaded.decode(latents).shape) == (2, *loaded.image_shape) == (2, 3, 16, 16)
+
+
+@torch.no_grad()
+def test_the_loop_reproduces_stable_diffusion_with_guidance(pipeline_dir: Callable[[str], Path]) -> None:
+    """Prompt embeddings, classifier-free guidance and VAE decoding as StableDiffusionPipeline does them."""
+    loaded = load_any_model(pipeline_dir("sd"))
+    options = PromptOptions(("a red shoe",), "blurry", 4.0)
+    conditioning = conditioning_for(loaded, options)
+    scheduler = DDIMScheduler.from_config(loaded.scheduler_config)
+    noise = sample_noise(sample_shape_of(loaded.model), 0, 2, seed=3)
+    (_, (final,)), = batched_trajectories([conditioning.guide(ModelDenoiser(loaded.model, scheduler))], scheduler,
+                                          num_samples=2, sample_shape=noise.shape[1:], num_inference_steps=STEPS,
+                                          seed=3, cond=conditioning.rows, progress=False)
+    ours = (loaded.decode(final) / 2 + 0.5).clamp(0, 1)
+    theirs = loaded.pipeline(["a red shoe"] * 2, negative_prompt=["blurry"] * 2, guidance_scale=4.0,
+                             num_inference_steps=STEPS, latents=noise, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    unguided = loaded.pipeline(["a red shoe"] * 2, guidance_scale=1.0, num_inference_steps=STEPS, latents=noise,
+                               output_type="pt").images
+    assert (unguided - theirs).abs().max() > 100 * (ours - theirs).abs().max(), "guidance matters"
+
+
+@torch.no_grad()
+def test_the_loop_reproduces_ldm_with_its_vq_decoder(pipeline_dir: Callable[[str], Path]) -> None:
+    loaded = load_any_model(pipeline_dir("ldm"))
+    scheduler = DDIMScheduler.from_config(loaded.scheduler_config)
+    shape = sample_shape_of(loaded.model)
+    generator = torch.Generator().manual_seed(7)
+    theirs = loaded.pipeline(batch_size=2, generator=generator, num_inference_steps=STEPS, output_type="np").images
+    noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(7))  # as the pipeline draws it
+    latents = sample(ModelDenoiser(loaded.model, scheduler), scheduler, noise, num_inference_steps=STEPS,
+                     progress=False)
+    ours = (loaded.decode(latents) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(ours - theirs).max() < 1e-5
+
+
+def test_an_unsupported_pipeline_class_names_the_supported_ones(pipeline_dir: Callable[[str], Path],
+                                                                tmp_path: Path) -> None:
+    folder = shutil.copytree(pipeline_dir("ldm"), tmp_path / "other")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline") as error:
+        load_any_model(folder)
+    assert all(name in str(error.value) for name in PIPELINE_KINDS)
+
+
+def test_a_component_with_pickled_weights_only_is_refused_unread(pipeline_dir: Callable[[str], Path],
+                                                                 tmp_path: Path) -> None:
+    folder = shutil.copytree(pipeline_dir("sd"), tmp_path / "pickled")
+    (folder / "text_encoder" / "model.safetensors").rename(folder / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="never loads pickled weights") as error:
+        load_any_model(folder)
+    assert str(folder / "text_encoder") in str(error.value)
+
+
+def test_prompt_embeddings_are_computed_once_per_prompt(pipeline_dir: Callable[[str], Path]) -> None:
+    encoder = PromptEncoder(load_any_model(pipeline_dir("sd")).pipeline)
+    embeds = encoder(["a", "b", "a"])
+    assert embeds.shape[0] == 3 and torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
+    assert len(encoder._cache) == 2
+
+
+def test_every_tiny_pipeline_kind_is_tested() -> None:
+    assert set(TINY_PIPELINES) == {"sd", "ldm", "latent_kl"}

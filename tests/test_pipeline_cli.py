@@ -1,0 +1,120 @@
+"""Pipeline folders through the command line: quantize -> calibrate -> sample / eval for Stable Diffusion with
+prompts and guidance and for LDM with a VQModel; the guidance and prompt checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tacdiff.cli import app
+from tacdiff.correction import CorrectionTables
+from tacdiff.io.artifact import load_quantized, read_metadata, save_quantized
+
+CALIBRATION = ("--calib-samples", "2", "--calib-steps", "3", "--calib-kept-steps", "3", "--quiet")
+SD_PROMPTS = ("--guidance-scale", "5")
+FAST = ("--steps", "3", "--batch-size", "2", "--quiet")
+
+
+def invoke(*args: str | Path) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def runs(pipeline_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Per pipeline (``sd``, ``ldm``): ``<name>-w4a8`` artifact and ``<name>-tac.safetensors`` tables; ``prompts.txt``."""
+    root = tmp_path_factory.mktemp("pipeline-runs")
+    (root / "prompts.txt").write_text("a red shoe\na black cat\n", encoding="utf-8")
+    for name, extra in (("sd", ("--prompts-file", root / "prompts.txt", *SD_PROMPTS)), ("ldm", ())):
+        artifact, tables = root / f"{name}-w4a8", root / f"{name}-tac.safetensors"
+        for args in (("quantize", pipeline_dir(name), "--out", artifact, "--w-bits", "4", *CALIBRATION, *extra),
+                     ("calibrate", artifact, "--fp-model", pipeline_dir(name), "--out", tables, "--steps", "3",
+                      "--samples", "4", "--quiet", *extra)):
+            code, output = invoke(*args)
+            assert code == 0, output
+    return root
+
+
+def test_artifacts_and_tables_record_the_pipeline_and_its_conditioning(runs: Path,
+                                                                       pipeline_dir: Callable[[str], Path]) -> None:
+    assert read_metadata(runs / "sd-w4a8")["pipeline_folder"] == str(pipeline_dir("sd").resolve())
+    record = CorrectionTables.load(runs / "sd-tac.safetensors").metadata["conditioning"]
+    assert record["prompted"] and record["guidance_scale"] == 5.0 and record["num_prompts"] == 2
+    assert CorrectionTables.load(runs / "ldm-tac.safetensors").metadata["conditioning"] == {}
+
+
+def test_sample_writes_prompted_corrected_images_that_reproduce(runs: Path, tmp_path: Path) -> None:
+    args = ("sample", runs / "sd-w4a8", "--tables", runs / "sd-tac.safetensors", "--num-samples", "3",
+            "--prompt", "a red shoe", "--prompt", "a hat", "--negative-prompt", "blurry", *SD_PROMPTS, *FAST)
+    for out in (tmp_path / "one", tmp_path / "two"):
+        code, output = invoke(*args, "--out", out)
+        assert code == 0, output
+    record = json.loads((tmp_path / "one" / "samples.json").read_text())
+    assert [image["prompt"] for image in record["images"]] == ["a red shoe", "a hat", "a red shoe"]
+    assert record["conditioning"]["negative_prompt"] == "blurry"
+    image = Image.open(tmp_path / "one" / "000000.png")
+    assert image.size == (16, 16) and image.mode == "RGB", "decoded by the VAE, not the 4-channel latents"
+    one, two = ({p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("one", "two"))
+    assert one == two
+
+
+def test_sample_an_ldm_artifact_with_tables(runs: Path, tmp_path: Path) -> None:
+    code, output = invoke("sample", runs / "ldm-w4a8", "--tables", runs / "ldm-tac.safetensors", "--num-samples",
+                          "2", *FAST, "--out", tmp_path / "ldm")
+    assert code == 0, output
+    assert Image.open(tmp_path / "ldm" / "000001.png").size == (16, 16)
+
+
+def test_tables_at_another_guidance_scale_raise_unless_forced(runs: Path, tmp_path: Path) -> None:
+    args = ("sample", runs / "sd-w4a8", "--tables", runs / "sd-tac.safetensors", "--num-samples", "1",
+            "--guidance-scale", "2", *FAST)
+    code, output = invoke(*args, "--out", tmp_path / "wrong")
+    assert code == 2 and "guidance scale 5.0 (tables) vs 2.0" in output and not (tmp_path / "wrong").exists()
+    code, output = invoke(*args, "--force-tables", "--out", tmp_path / "forced")
+    assert code == 0 and "warning:" in output and (tmp_path / "forced" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("content", [None, "\n  \n"])
+def test_a_missing_or_empty_prompts_file_raises_before_any_work(runs: Path, tmp_path: Path,
+                                                                content: str | None) -> None:
+    prompts = tmp_path / "prompts.txt"
+    if content is not None:
+        prompts.write_text(content)
+    code, output = invoke("sample", runs / "sd-w4a8", "--prompts-file", prompts, *FAST, "--out", tmp_path / "s")
+    assert code == 2 and str(prompts) in output and not (tmp_path / "s").exists()
+
+
+def test_eval_pairs_decoded_images_under_the_same_prompts(runs: Path, pipeline_dir: Callable[[str], Path],
+                                                          tmp_path: Path) -> None:
+    base = ("eval", runs / "sd-w4a8", "--fp-model", pipeline_dir("sd"), "--samples", "2", "--prompts-file",
+            runs / "prompts.txt", *SD_PROMPTS, *FAST)
+    results = {}
+    for name, extra in (("ptq", ()), ("tac", ("--tables", runs / "sd-tac.safetensors"))):
+        code, output = invoke(*base, *extra, "--json", tmp_path / f"{name}.json")
+        assert code == 0, output
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["ptq"]["x0_psnr"] != results["tac"]["x0_psnr"], "the tables act on the sampled images"
+    assert 5 < results["ptq"]["x0_psnr"] < 80 and results["ptq"]["note"].startswith("FID skipped")
+
+
+def test_an_artifact_whose_pipeline_moved_says_so(runs: Path, tmp_path: Path) -> None:
+    moved = {**read_metadata(runs / "ldm-w4a8"), "pipeline_folder": str(tmp_path / "gone")}
+    artifact = save_quantized(load_quantized(runs / "ldm-w4a8"), tmp_path / "artifact", metadata=moved)
+    code, output = invoke("sample", artifact, "--num-samples", "1", *FAST, "--out", tmp_path / "s")
+    assert code == 2 and "no longer holds a pipeline" in output and str(tmp_path / "gone") in output
+
+
+def test_bench_runs_a_text_to_image_pipeline_with_guidance(pipeline_dir: Callable[[str], Path],
+                                                           tmp_path: Path) -> None:
+    code, output = invoke("bench", "--model", pipeline_dir("sd"), "--bits", "w4a8", "--steps", "2", "--samples",
+                          "2", "--calib-samples", "2", "--batch-size", "2", "--method", "fp", "--method", "tac",
+                          "--prompt", "a red shoe", *SD_PROMPTS, "--quiet", "--json", tmp_path / "rows.json")
+    assert code == 0, output
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["bits"], r["method"]) for r in rows] == [("fp", "fp"), ("w4a8", "tac")]
+    assert rows[0]["fid"] is None and 5 < rows[1]["x0_psnr"] < 80, "no FID off 28x28; paired on decoded images"
