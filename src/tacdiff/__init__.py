@@ -6,6 +6,7 @@ Implements the method of "Timestep-Aware Correction for Quantized Diffusion Mode
 
 from tacdiff.quant import QuantConfig, format_summary, quantize
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
+from tacdiff.correction.pipeline import load_pipeline
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationSet", "QuantConfig", "collect_calibration_set", "format_summary", "quantize"]
+__all__ = ["CalibrationSet", "QuantConfig", "collect_calibration_set", "format_summary", "load_pipeline", "quantize"]

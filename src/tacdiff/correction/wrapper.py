@@ -4,31 +4,35 @@
 :mod:`tacdiff.models.kinds`): it looks the timestep up in the tables, subtracts
 ``input_bias[t]`` from the input, calls the denoiser and returns ``out_scale[t] * (eps - out_bias[t])``.
 Tables whose IBC targets the sampler state (``ibc_target="state"``, TAC's default) shift the
-latents instead, through the denoiser's ``correct_state`` capability, which the sampling loop
-calls at the start of every step; it also checks that the step is the tables' step at that
-timestep, so another schedule or step count raises.
+latents instead (:func:`shift_state`), through the denoiser's ``correct_state`` capability, which
+the sampling loop calls at the start of every step; it also checks that the step is the tables'
+step at that timestep, so another schedule or step count raises.
 
 :class:`CorrectedUNet` is a drop-in for the UNet inside diffusers pipelines
-(``DDIMPipeline(unet=wrapper, scheduler=...)``), for tables that only touch the network input:
-a pipeline cannot shift its own latents, so state tables raise there. It checks that every
-timestep is in the tables, but (keeping no call-order state) not that the pipeline runs the
-calibrated schedule: call :meth:`CorrectionTables.check_scheduler` first.
+(``DDIMPipeline(unet=wrapper, scheduler=...)``) that runs a :class:`CorrectedDenoiser`, for tables
+that only touch the network input: a pipeline cannot shift its own latents, so state tables raise
+there (:func:`tacdiff.load_pipeline` builds pipelines that can, by hooking their scheduler). It
+checks that every timestep is in the tables, but (keeping no call-order state) not that the
+pipeline runs the calibrated schedule: call :meth:`CorrectionTables.check_scheduler` first.
 The correction arithmetic lives in :func:`correct_input` and :func:`correct_output`, which
 calibration uses too, so both apply the same operations.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import SchedulerMixin
+from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import Tensor, nn
 
 from tacdiff.correction.ibc import broadcast_bias
 from tacdiff.correction.tables import TIMESTEP_ATOL, CorrectionTables
-from tacdiff.models.kinds import Denoiser, DenoiserWrapper
+from tacdiff.models.kinds import Denoiser, DenoiserWrapper, ModelDenoiser
 
 
 def correct_input(x: Tensor, bias: Tensor | None) -> Tensor:
@@ -78,6 +82,18 @@ def _rows(tables: CorrectionTables, timestep: Tensor | float | int) -> Callable[
     return lambda table: table[rows]
 
 
+def shift_state(tables: CorrectionTables, x: Tensor, t: Tensor | float, step: int) -> Tensor:
+    """The latents ``x`` at the start of step ``step`` (timestep ``t``), shifted by ``-input_bias[step]`` for
+    state tables (as is for input tables); ``ValueError`` unless ``t`` is the tables' timestep of that step."""
+    timesteps = tables.timesteps
+    if step >= len(timesteps) or abs(float(timesteps[step]) - float(t)) > TIMESTEP_ATOL:
+        expected = "none" if step >= len(timesteps) else f"{timesteps[step].item():g}"
+        raise ValueError(f"step {step} of the sampler is at timestep {float(t):g}, but the correction tables "
+                         f"({tables.describe()}) have {expected} there: the sampler uses another "
+                         "schedule or step count. Sample with the calibrated schedule, or recalibrate")
+    return correct_input(x, tables.input_bias[step]) if tables.ibc_target == "state" else x
+
+
 class CorrectedDenoiser(DenoiserWrapper):
     """A denoiser with :class:`CorrectionTables` applied around ``inner`` (the tables' denoiser, e.g.
     ``ModelDenoiser(quantized_unet, scheduler)`` or a guided one); exposes ``correct_state`` for state IBC.
@@ -97,16 +113,8 @@ class CorrectedDenoiser(DenoiserWrapper):
         self.tables = tables
 
     def correct_state(self, x: Tensor, t: Tensor, step: int) -> Tensor:
-        """The latents at the start of step ``step`` (timestep ``t``), shifted by ``-input_bias[step]``
-        for state tables; ``ValueError`` unless ``t`` is the tables' timestep of that step."""
-        x = super().correct_state(x, t, step)
-        timesteps = self.tables.timesteps
-        if step >= len(timesteps) or abs(float(timesteps[step]) - float(t)) > TIMESTEP_ATOL:
-            expected = "none" if step >= len(timesteps) else f"{timesteps[step].item():g}"
-            raise ValueError(f"step {step} of the sampler is at timestep {float(t):g}, but the correction tables "
-                             f"({self.tables.describe()}) have {expected} there: the sampler uses another "
-                             "schedule or step count. Sample with the calibrated schedule, or recalibrate")
-        return correct_input(x, self.tables.input_bias[step]) if self.tables.ibc_target == "state" else x
+        """The latents at the start of step ``step`` (timestep ``t``), as :func:`shift_state` corrects them."""
+        return shift_state(self.tables, super().correct_state(x, t, step), t, step)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if x.shape[1] != self.tables.channels:
@@ -129,34 +137,49 @@ def load_correction(inner: Denoiser, path: str | Path, scheduler: SchedulerMixin
     return CorrectedDenoiser(inner, tables, force=force)
 
 
+_OUTPUTS: dict[type[nn.Module], type] = {UNet2DModel: UNet2DOutput, UNet2DConditionModel: UNet2DConditionOutput}
+"""The ``return_dict`` output class of each model kind's forward."""
+
+
 class CorrectedUNet(nn.Module):
-    """Wrap a (quantized) diffusers UNet with input-target :class:`CorrectionTables`; a drop-in for the
-    UNet inside diffusers pipelines.
+    """A (quantized) diffusers UNet corrected by input-target :class:`CorrectionTables`: a drop-in for the
+    UNet inside diffusers pipelines, running ``CorrectedDenoiser(ModelDenoiser(unet, scheduler), tables)``.
 
     Args:
-        unet: ``UNet2DModel`` or ``UNet2DConditionModel`` (any module called as
-            ``unet(sample, timestep, ..., return_dict=...)``) predicting ``eps``.
+        unet: ``UNet2DModel`` or ``UNet2DConditionModel`` (a kind of
+            :data:`~tacdiff.models.kinds.MODEL_KINDS`).
         tables: corrections for one scheduler and step count, with ``ibc_target="input"`` (or no
-            input bias): state tables need tacdiff's sampling loop and :class:`CorrectedDenoiser`.
+            input bias): state tables need tacdiff's sampling loop and :class:`CorrectedDenoiser`,
+            or a pipeline from :func:`tacdiff.load_pipeline`.
+        scheduler: the pipeline's scheduler, for models trained with v-prediction (the wrapper
+            returns noise estimates, so the pipeline's scheduler must then consume ``epsilon``).
         force: apply tables fitted for another model (other bits, FP model or sample shape)
             with a warning instead of the error of :meth:`CorrectionTables.check_model`.
 
-    The corrected estimate must be finite: tables whose values overflow it raise ``ValueError``.
+    Keyword arguments the pipeline passes as ``None`` (e.g. ``timestep_cond``) are dropped; the
+    others must be the model kind's conditioning. The corrected estimate must be finite: tables
+    whose values overflow it raise ``ValueError``.
     """
 
-    def __init__(self, unet: nn.Module, tables: CorrectionTables, *, force: bool = False) -> None:
+    def __init__(self, unet: nn.Module, tables: CorrectionTables, *, scheduler: SchedulerMixin | None = None,
+                 force: bool = False) -> None:
         super().__init__()
-        if not isinstance(tables, CorrectionTables):
-            raise TypeError(f"tables must be CorrectionTables, got {type(tables).__name__}; load a file with "
-                            "CorrectionTables.load(path)")
-        tables.check_model(unet, force=force)
+        self.denoiser = CorrectedDenoiser(ModelDenoiser(unet, scheduler), tables, force=force)
+        self.check_target(tables)
+        self.unet, self.tables = unet, tables
+        self._signature = inspect.signature(unet.forward)
+        self._output = _OUTPUTS[self.denoiser.inner.kind.cls]
+
+    def check_target(self, tables: CorrectionTables) -> None:
+        """Refuse tables this wrapper cannot apply: state tables with a non-zero input bias."""
         if tables.ibc_target == "state" and bool(tables.input_bias.ne(0).any()):
             raise ValueError("these correction tables shift the sampler state (ibc_target='state'), which a UNet "
-                             "wrapper inside a diffusers pipeline cannot do: sample with tacdiff's loop and "
-                             "CorrectedDenoiser(ModelDenoiser(unet), tables), or recalibrate with "
-                             "ibc_target='input' for use inside diffusers pipelines")
-        self.unet = unet
-        self.tables = tables
+                             "wrapper inside a diffusers pipeline cannot do: use tacdiff.load_pipeline(model, tables), "
+                             "or sample with tacdiff's loop and CorrectedDenoiser(ModelDenoiser(unet), tables), or "
+                             "recalibrate with ibc_target='input' for use inside diffusers pipelines")
+
+    def check_call(self, timestep: Tensor | float | int) -> None:
+        """Checks before every forward; none here (subclasses check their pipeline)."""
 
     @property
     def config(self) -> Any:
@@ -172,13 +195,11 @@ class CorrectedUNet(nn.Module):
 
     def forward(self, sample: Tensor, timestep: Tensor | float | int, *args: Any, return_dict: bool = True,
                 **kwargs: Any) -> Any:
-        pick = _rows(self.tables, timestep)
-        result = self.unet(correct_input(sample, pick(self.tables.input_bias)), timestep, *args,
-                           return_dict=return_dict, **kwargs)
-        out = result.sample if return_dict else result[0]
-        eps = _finite(correct_output(out, pick(self.tables.out_scale), pick(self.tables.out_bias)), out, self.tables,
-                      timestep)
-        if return_dict:
-            result.sample = eps
-            return result
-        return (eps, *result[1:])
+        self.check_call(timestep)
+        eps = self.denoiser(sample, timestep, **self._conditioning(args, kwargs))
+        return self._output(sample=eps) if return_dict else (eps,)
+
+    def _conditioning(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments after ``sample, timestep`` by keyword (positional ones named), without ``None``s."""
+        bound = self._signature.bind_partial(None, None, *args, **kwargs).arguments
+        return {key: value for key, value in list(bound.items())[2:] if value is not None}

@@ -1,0 +1,182 @@
+"""Quantized, corrected diffusers pipelines: :func:`load_pipeline`.
+
+TAC (Yao et al., ECCV 2024) corrects the quantized denoiser at every sampling step; here the
+correction runs inside the diffusers pipeline itself, so ``pipe(prompt, num_inference_steps=...,
+guidance_scale=...)`` samples as tacdiff's own loop does:
+
+* the pipeline's ``unet`` becomes a :class:`~tacdiff.correction.wrapper.CorrectedUNet` that runs
+  ``CorrectedDenoiser(ModelDenoiser(unet, scheduler), tables)`` (output correction, and IBC on the
+  network input for ``ibc_target="input"`` tables) and checks each call against the pipeline;
+* the pipeline's scheduler consumes noise estimates, and for state tables (``ibc_target="state"``,
+  TAC's default) its ``step`` shifts the latents it returns for step ``i + 1`` by
+  ``-input_bias[i + 1]``: the loop's ``correct_state`` at the start of that step, done where every
+  pipeline passes its latents (``LDMPipeline`` has no step callbacks).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, SchedulerMixin
+from torch import Tensor, nn
+
+from tacdiff.correction.tables import TIMESTEP_ATOL, CorrectionTables, _short
+from tacdiff.correction.wrapper import CorrectedUNet, shift_state
+from tacdiff.models.kinds import epsilon_scheduler, prediction_type
+
+
+def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | None = None, *,
+                  force_tables: bool = False, device: str = "cpu") -> DiffusionPipeline:
+    """The diffusers pipeline of ``model`` with its (quantized) UNet, corrected by ``tables`` if given.
+
+    Args:
+        model: a quantized artifact folder quantized from a pipeline folder (its metadata names
+            that folder), or a diffusers pipeline folder.
+        tables: correction tables (a file written by ``tacdiff calibrate`` or
+            :class:`CorrectionTables`) fitted for this model, scheduler and step count.
+        force_tables: apply tables fitted for another model, scheduler class, noise schedule or
+            conditioning with a warning instead of a ``ValueError``; another step count always raises.
+        device: where the pipeline's components go.
+
+    Returns:
+        The pipeline's own class (e.g. ``StableDiffusionPipeline``) with its full-precision text
+        encoder and autoencoder; called as in diffusers, at the tables' step count and (for
+        text-to-image pipelines) guidance scale, which every call checks before any step runs.
+        The pipeline samples with the tables' scheduler class (built from the pipeline's scheduler
+        config when the folder names another, e.g. Stable Diffusion's PNDM). Its ``unet`` is a
+        wrapper that ``save_pretrained`` cannot write; save the artifact and tables instead.
+    """
+    from tacdiff.models.loading import load_any_model  # imports the pipeline classes (and transformers) on use
+
+    loaded = load_any_model(model, device)
+    if loaded.pipeline is None:
+        raise ValueError(f"{model} holds a bare model, not a pipeline: load_pipeline needs a diffusers pipeline folder "
+                         "(with model_index.json) or an artifact quantized from one (`tacdiff quantize` on the "
+                         "pipeline folder)")
+    if tables is None:
+        return loaded.pipeline
+    if not isinstance(tables, CorrectionTables):
+        tables = CorrectionTables.load(tables)
+    return _corrected(loaded.pipeline, tables, prompted=loaded.reads_prompts, force=force_tables)
+
+
+def _corrected(pipe: DiffusionPipeline, tables: CorrectionTables, *, prompted: bool,
+               force: bool) -> DiffusionPipeline:
+    """``pipe`` (changed in place) sampling with ``tables``: a corrected UNet and a scheduler that consumes
+    noise estimates and, for state tables, shifts the latents after every step."""
+    scheduler = _tables_scheduler(pipe.scheduler, tables)
+    tables.check_scheduler(scheduler, tables.num_inference_steps, force=force)
+    unet = PipelineUNet(pipe.unet, tables, scheduler, pipe, prompted=prompted, force=force)
+    scheduler = epsilon_scheduler(scheduler)
+    if tables.ibc_target == "state":
+        scheduler.step = StateShiftingStep(scheduler.step, tables)
+    pipe.scheduler, pipe.unet = scheduler, unet
+    return pipe
+
+
+def _tables_scheduler(scheduler: SchedulerMixin, tables: CorrectionTables) -> SchedulerMixin:
+    """``scheduler``, or the tables' scheduler class built from its config when it is of another class."""
+    if type(scheduler).__name__ == tables.scheduler_class:
+        return scheduler
+    cls = getattr(diffusers, tables.scheduler_class, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"the correction tables are for scheduler class {tables.scheduler_class!r}, which diffusers "
+                         "does not provide; recalibrate with a diffusers scheduler")
+    return cls.from_config(scheduler.config)
+
+
+def _check_timesteps(scheduler: SchedulerMixin, tables: CorrectionTables) -> None:
+    """``ValueError`` unless the timesteps ``scheduler`` was set to are the tables' (no subset, no other count)."""
+    theirs = torch.as_tensor(scheduler.timesteps).detach().double().cpu()
+    if theirs.shape == tables.timesteps.shape and bool(((theirs - tables.timesteps).abs() <= TIMESTEP_ATOL).all()):
+        return
+    raise ValueError(f"the pipeline samples {len(theirs)} steps at timesteps {_short(theirs)}, but the correction "
+                     f"tables are for {tables.describe()}: call it with num_inference_steps="
+                     f"{tables.num_inference_steps}, or recalibrate for this schedule")
+
+
+class StateShiftingStep:
+    """``scheduler.step`` followed by TAC's state IBC: the latents it returns after step ``i`` (those step
+    ``i + 1`` starts from) are shifted by ``-input_bias[i + 1]`` (:func:`~tacdiff.correction.wrapper.shift_state`).
+
+    Set on the scheduler instance (``scheduler.step = StateShiftingStep(scheduler.step, tables)``); it
+    looks like the method it wraps (``inspect.signature`` shows its ``eta``/``generator``, which
+    pipelines inspect) and deep-copies with its scheduler. The step index comes from the timestep,
+    after checking that the scheduler runs the tables' schedule, so no call order is remembered.
+    """
+
+    def __init__(self, step: Callable[..., Any], tables: CorrectionTables) -> None:
+        functools.update_wrapper(self, step)
+        self.tables = tables
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.__wrapped__(*args, **kwargs)
+        scheduler = self.__wrapped__.__self__
+        _check_timesteps(scheduler, self.tables)
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        step = int(self.tables.index_of(timestep)[0]) + 1
+        if step == len(self.tables.timesteps):
+            return out
+        latents = out[0] if isinstance(out, tuple) else out.prev_sample
+        shifted = shift_state(self.tables, latents, scheduler.timesteps[step], step)
+        if isinstance(out, tuple):
+            return (shifted, *out[1:])
+        out.prev_sample = shifted
+        return out
+
+
+class PipelineUNet(CorrectedUNet):
+    """The UNet of a pipeline built by :func:`load_pipeline`: ``CorrectedDenoiser(ModelDenoiser(unet, scheduler),
+    tables)`` on the pipeline's whole batch, checked against the pipeline at every call.
+
+    Classifier-free guidance batches the unconditional and conditional inputs, so each half is
+    corrected before the pipeline combines them. That is exactly the correction of the guided
+    estimate the tables were fitted on (in exact arithmetic), since the correction is affine per
+    channel: ``u' + s (c' - u') = K ((1 - s) u + s c - b)`` for ``u' = K (u - b)``, ``c' = K (c - b)``.
+
+    Every call checks that the pipeline's scheduler consumes noise estimates, still shifts the
+    latents (state tables) and runs the tables' timesteps; the first step's call also checks the
+    pipeline's conditioning (prompted or not, guidance scale) against the tables' record.
+    State tables are applied by the scheduler (:class:`StateShiftingStep`); their first row
+    must be zero (as tacdiff fits it: both trajectories start from the same noise).
+    """
+
+    def __init__(self, unet: nn.Module, tables: CorrectionTables, scheduler: SchedulerMixin,
+                 pipe: DiffusionPipeline, *, prompted: bool, force: bool) -> None:
+        super().__init__(unet, tables, scheduler=scheduler, force=force)
+        self._pipeline = weakref.ref(pipe)
+        self.prompted, self.force = prompted, force
+
+    def check_target(self, tables: CorrectionTables) -> None:
+        """State tables are applied by the scheduler from the first step's output on: row 0 must be zero."""
+        if tables.ibc_target == "state" and bool(tables.input_bias[0].ne(0).any()):
+            raise ValueError("these state correction tables shift the starting noise (input_bias row 0 is non-zero), "
+                             "which a pipeline cannot do; tacdiff fits a zero row 0 (both trajectories start from "
+                             "the same noise), so these tables are not tacdiff's: recalibrate with `tacdiff calibrate`")
+
+    def check_call(self, timestep: Tensor | float | int) -> None:
+        pipe = self._pipeline()
+        if pipe is None:
+            raise ValueError("this UNet wrapper belongs to a pipeline built by tacdiff.load_pipeline that no longer "
+                             "exists; call the pipeline, or sample with tacdiff's loop and CorrectedDenoiser")
+        scheduler = pipe.scheduler
+        if prediction_type(scheduler) != "epsilon" or (
+                self.tables.ibc_target == "state" and not isinstance(scheduler.step, StateShiftingStep)):
+            raise ValueError("the pipeline's scheduler was replaced after load_pipeline, so the correction tables "
+                             "can no longer be applied (the new one does not shift the latents or consume noise "
+                             "estimates); call load_pipeline again instead of replacing pipe.scheduler")
+        _check_timesteps(scheduler, self.tables)
+        if int(self.tables.index_of(timestep)[0]) == 0:
+            self.tables.check_conditioning(self._conditioning_record(pipe), force=self.force)
+
+    def _conditioning_record(self, pipe: DiffusionPipeline) -> dict[str, Any]:
+        """What this pipeline call conditions on, as :meth:`CorrectionTables.check_conditioning` reads it."""
+        if not self.prompted:
+            return {}
+        scale = getattr(pipe, "guidance_scale", None)
+        return {"prompted": True, "guidance_scale": None if scale is None else float(scale)}
