@@ -1,33 +1,41 @@
-"""Scale check on the real Stable Diffusion 1.5 UNet config (random weights): calibration inputs, W8A8
-quantization and a TAC fit at 64x64 latents, with seconds per stage and the process's peak resident memory.
+"""Scale check on the real Stable Diffusion 1.5 UNet config (random weights) inside a StableDiffusionPipeline
+folder with a random 768-wide CLIP text encoder and a small autoencoder: calibration inputs with prompts and
+classifier-free guidance, `tacdiff quantize` (W8A8) and `tacdiff calibrate` (TAC) on the folder, at 64x64
+latents, with seconds per stage and the process's peak resident memory.
 
 Usage: python benchmarks/sd_scale.py [--config ../shared/configs/sd-1.5-unet] [--latent 64] [--samples 2]
-       [--steps 2] [--batch-size 1] [--device cpu] [--markdown benchmarks/results/sd_scale.md]
+       [--steps 2] [--batch-size 1] [--guidance-scale 7.5] [--device cpu] [--markdown benchmarks/results/sd_scale.md]
 
-Nothing is downloaded: the UNet is built from its config with seeded random weights, and the text
-embeddings are seeded stand-ins (77 tokens, 768 wide), as `tacdiff quantize` uses without prompts.
-Peak memory is ``ru_maxrss`` after each stage (a running maximum), so it shows what each stage
-added on top of the stages before it.
+Nothing is downloaded: the UNet is built from its config with seeded random weights, the tokenizer from a
+character vocabulary (:mod:`tacdiff.models.text`), and the pipeline is saved with ``save_pretrained`` and
+run through the same functions as the command line (``quantize_dir``, ``calibrate_artifact``), prompts from
+the built-in default list. Peak memory is ``ru_maxrss`` after each stage (a running maximum), so it shows
+what each stage added on top of the stages before it.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import resource
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 import tacdiff
-from tacdiff.correction import calibrate_tac
-from tacdiff.sampling.conditioning import random_text_embeddings
+from tacdiff.correction.workflow import calibrate_artifact
+from tacdiff.models.loading import load_any_model
+from tacdiff.models.text import character_tokenizer, random_text_encoder
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
+from tacdiff.workflows import CalibrationSettings, calibrate_inputs, quantize_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "sd-1.5-unet"
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1)
 
 
 def peak_rss_gib() -> float:
@@ -35,10 +43,19 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def build_unet(config_dir: Path, latent: int) -> UNet2DConditionModel:
+def save_pipeline(config_dir: Path, latent: int, folder: Path) -> int:
+    """Save the scale-check pipeline to ``folder``; return the UNet's parameter count."""
     config = json.loads((config_dir / "config.json").read_text())
     torch.manual_seed(0)
-    return UNet2DConditionModel.from_config({**config, "sample_size": latent}).eval()
+    unet = UNet2DConditionModel.from_config({**config, "sample_size": latent}).eval()
+    tokenizer = character_tokenizer(folder.parent / "vocab")
+    text_encoder = random_text_encoder(tokenizer, unet.config.cross_attention_dim, heads=12)
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return sum(p.numel() for p in unet.parameters())
 
 
 def main() -> None:
@@ -48,10 +65,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
-
     rows = []
 
     def stage(name: str, started: float, per_step: int | None = None) -> None:
@@ -59,31 +76,37 @@ def main() -> None:
         rows.append((name, seconds, None if per_step is None else seconds / per_step, peak_rss_gib()))
         print(f"{name}: {seconds:.1f} s, peak RSS {rows[-1][3]:.2f} GiB", flush=True)
 
-    started = time.perf_counter()
-    fp = build_unet(args.config, args.latent).to(args.device)
-    params = sum(p.numel() for p in fp.parameters())
-    stage(f"build FP UNet ({params / 1e6:.0f}M parameters)", started)
+    prompts = PromptOptions(guidance_scale=args.guidance_scale)
+    settings = CalibrationSettings(args.samples, args.steps, args.steps, 0)
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work) / "sd"
+        started = time.perf_counter()
+        params = save_pipeline(args.config, args.latent, folder)
+        stage(f"build and save the pipeline (UNet {params / 1e6:.0f}M parameters)", started)
 
-    started = time.perf_counter()
-    cond = random_text_embeddings(fp, args.samples, seed=0)
-    calibration = tacdiff.collect_calibration_set(fp, DDPMScheduler(), num_samples=args.samples,
-                                                  num_inference_steps=args.steps, kept_steps=args.steps,
-                                                  batch_size=args.batch_size, cond=cond, progress=False)
-    stage(f"calibration inputs ({args.samples} x {args.steps} DDIM steps)", started, args.samples * args.steps)
+        started = time.perf_counter()
+        loaded = load_any_model(folder, args.device)
+        calibrate_inputs(loaded.model, DDIMScheduler(**SD_SCHEDULER), settings, conditioning_for(loaded, prompts),
+                         progress=False)
+        del loaded
+        stage(f"load + calibration inputs ({args.samples} x {args.steps} guided DDIM steps)", started,
+              args.samples * args.steps)
 
-    started = time.perf_counter()
-    quant = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=8, act_bits=8), calibration,
-                             batch_size=args.batch_size, progress=False)
-    stage("quantize W8A8 (MSE ranges, round to nearest)", started)
+        started = time.perf_counter()
+        quantize_dir(folder, Path(work) / "w8a8", tacdiff.QuantConfig(weight_bits=8, act_bits=8),
+                     calibration=settings, prompts=prompts, device=args.device, progress=False)
+        stage("tacdiff quantize W8A8 (inputs, MSE ranges, held-out SQNR, artifact)", started)
 
-    started = time.perf_counter()
-    with torch.no_grad():
-        calibrate_tac(fp, quant, DDIMScheduler(), num_inference_steps=args.steps, num_samples=args.samples,
-                      batch_size=args.batch_size, cond=cond, progress=False)
-    stage(f"TAC fit ({args.samples} paired trajectories, {args.steps} steps)", started, args.steps)
+        started = time.perf_counter()
+        calibrate_artifact(Path(work) / "w8a8", folder, Path(work) / "tac.safetensors", steps=args.steps,
+                           samples=args.samples, batch_size=args.batch_size, prompts=prompts, device=args.device,
+                           progress=False)
+        stage(f"tacdiff calibrate TAC ({args.samples} paired guided trajectories, {args.steps} steps)", started,
+              args.steps)
 
-    lines = [f"SD 1.5 UNet config, random weights, {args.latent}x{args.latent} latents, batch {args.batch_size}, "
-             f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}",
+    lines = [f"SD 1.5 UNet config, random weights, {args.latent}x{args.latent} latents, guidance "
+             f"{args.guidance_scale}, batch {args.batch_size}, {args.device}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {platform.machine()}",
              "", "| stage | seconds | seconds per step | peak RSS GiB |", "|---|---|---|---|"]
     lines += [f"| {name} | {sec:.1f} | {'-' if per is None else f'{per:.1f}'} | {rss:.2f} |"
               for name, sec, per, rss in rows]

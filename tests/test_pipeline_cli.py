@@ -8,12 +8,19 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
 from tacdiff.correction import CorrectionTables
-from tacdiff.io.artifact import load_quantized, read_metadata, save_quantized
+from tacdiff.io.artifact import is_artifact_folder, load_quantized, read_metadata, save_quantized
+from tacdiff.metrics.paired import sqnr_db
+from tacdiff.models.loading import load_any_model
+from tacdiff.models.pipelines import PromptEncoder
+from tacdiff.quant import QuantConfig
+from tacdiff.quant.apply import quantize_weights_only
+from tacdiff.quant.layers import QuantConv2d, QuantLinear
 
 CALIBRATION = ("--calib-samples", "2", "--calib-steps", "3", "--calib-kept-steps", "3", "--quiet")
 SD_PROMPTS = ("--guidance-scale", "5")
@@ -118,3 +125,39 @@ def test_bench_runs_a_text_to_image_pipeline_with_guidance(pipeline_dir: Callabl
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [(r["bits"], r["method"]) for r in rows] == [("fp", "fp"), ("w4a8", "tac")]
     assert rows[0]["fid"] is None and 5 < rows[1]["x0_psnr"] < 80, "no FID off 28x28; paired on decoded images"
+
+
+def test_text_encoder_and_decoder_quantize_weight_only_beside_the_unet(pipeline_dir: Callable[[str], Path],
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "sd-all"
+    code, output = invoke("quantize", pipeline_dir("sd"), "--out", out, "--w-bits", "4", *CALIBRATION,
+                          "--prompt", "a red shoe", "--quantize-text-encoder", "--quantize-vae-decoder")
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "quantized.safetensors",
+                                                     "text_encoder.safetensors", "vae_decoder.safetensors"]
+    assert is_artifact_folder(out)
+    quantized, fp = load_any_model(out), load_any_model(pipeline_dir("sd"))
+    layers = [m for m in quantized.pipeline.text_encoder.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.w_bits in (4, 8) for m in layers) and any(m.w_bits == 4 for m in layers)
+    assert any(isinstance(m, QuantConv2d) for m in quantized.pipeline.vae.decoder.modules())
+    assert not any(isinstance(m, QuantConv2d) for m in quantized.pipeline.vae.encoder.modules())
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = sqnr_db(fp.decode(latents), quantized.decode(latents))
+        text = sqnr_db(*(PromptEncoder(m.pipeline)(["a red shoe"]) for m in (fp, quantized)))
+    assert 5 < error < 60 and 5 < text < 60, "4-bit weights: close to the FP components, not equal"
+    code, output = invoke("quantize", pipeline_dir("ldm"), "--out", tmp_path / "ldm", "--quantize-text-encoder",
+                          *CALIBRATION)
+    assert code == 2 and "has no text encoder" in output and not (tmp_path / "ldm").exists()
+
+
+def test_a_component_file_for_another_component_is_refused(runs: Path, tmp_path: Path) -> None:
+    artifact = save_quantized(load_quantized(runs / "sd-w4a8"), tmp_path / "artifact",
+                              metadata=read_metadata(runs / "sd-w4a8"))
+    encoder = load_any_model(runs / "sd-w4a8").pipeline.text_encoder
+    save_quantized(load_quantized(runs / "sd-w4a8"), tmp_path / "other", metadata=read_metadata(runs / "sd-w4a8"),
+                   components={"text_encoder": quantize_weights_only(encoder, QuantConfig(weight_bits=8,
+                                                                                           act_bits=None))})
+    (tmp_path / "other" / "text_encoder.safetensors").rename(artifact / "vae_decoder.safetensors")
+    code, output = invoke("sample", artifact, "--num-samples", "1", *FAST, "--out", tmp_path / "s")
+    assert code == 2 and "holds a quantized CLIPTextModel" in output

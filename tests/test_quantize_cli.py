@@ -99,7 +99,7 @@ def test_an_unusable_out_fails_before_any_work(model_dir: Path, tmp_path: Path, 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(workflows, "load_unet", never)
+    monkeypatch.setattr(workflows, "load_any_model", never)
     (tmp_path / "taken").mkdir()
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "taken" if taken == "exists" else tmp_path / "a_file" / "out"

@@ -1,19 +1,18 @@
 """Tiny real diffusers pipelines saved with ``save_pretrained``, each kind declared once: Stable Diffusion
-(UNet2DConditionModel, AutoencoderKL, CLIPTextModel and a CLIPTokenizer built offline from a
-character vocabulary), LDM with a VQModel, and unconditional latent diffusion with an AutoencoderKL.
+(UNet2DConditionModel, AutoencoderKL, CLIPTextModel and a CLIPTokenizer built offline from a character
+vocabulary, :mod:`tacdiff.models.text`), LDM with a VQModel, and unconditional latent diffusion with an
+AutoencoderKL.
 """
 
 from __future__ import annotations
 
-import json
-import string
 from pathlib import Path
 from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, LDMPipeline, StableDiffusionPipeline, VQModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from tacdiff.models.text import character_tokenizer, random_text_encoder
 from tiny_models import tiny_model
 
 TEXT_LENGTH = 16  # tokens per prompt (CLIP's is 77)
@@ -24,26 +23,9 @@ _AUTOENCODER = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, 
                     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
 
-def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP byte-pair tokenizer over lowercase letters, digits and punctuation, with no merges:
-    every character is one token (words end in the ``</w>`` variant); others map to the unknown token."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + ",.!?'-":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TEXT_LENGTH)
-
-
 def _stable_diffusion(work: Path) -> DiffusionPipeline:
-    tokenizer = tiny_tokenizer(work / "vocab")
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
-                                                num_hidden_layers=2, num_attention_heads=4,
-                                                max_position_embeddings=TEXT_LENGTH, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1))
+    tokenizer = character_tokenizer(work / "vocab", TEXT_LENGTH)
+    text_encoder = random_text_encoder(tokenizer, hidden_size=32)
     unet = tiny_model("cond_unet", sample_size=LATENT_SIZE, layers_per_block=1)
     torch.manual_seed(1)
     vae = AutoencoderKL(**_AUTOENCODER, latent_channels=4)

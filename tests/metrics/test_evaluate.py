@@ -87,7 +87,7 @@ def test_conditional_unet_samples_with_seeded_text_embeddings(tmp_path: Path) ->
     save_quantized(tacdiff.quantize(fp, tacdiff.QuantConfig(weight_bits=4, act_bits=None), progress=False),
                    tmp_path / "w4")
     run = dict(fp_model=tmp_path / "fp", steps=2, samples=2, progress=False)
-    with pytest.warns(UserWarning, match="random text embeddings"):
+    with pytest.warns(UserWarning, match="random stand-in text embeddings"):
         result = evaluate(tmp_path / "w4", **run)
     assert 0 < result["x0_mse"] < float("inf") and result["fid"] is None
     with pytest.warns(UserWarning):

@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0
 from torch import nn
 
 import tacdiff
 from tacdiff.quant import QuantConfig, format_summary, plan_layers, quant_state, quantization_summary
-from tacdiff.quant.apply import skip_concat_splits
+from tacdiff.quant.apply import quantize_weights_only, skip_concat_splits
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
 from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model
@@ -391,3 +390,20 @@ def test_summary_lists_every_planned_module_and_counts_every_weight(w4a8: nn.Mod
     assert text.splitlines()[-1] == f"weights: 4-bit {four:,}, 8-bit {edge:,}, float {floats:,}"
     with pytest.raises(ValueError, match="not quantized"):
         quantization_summary(tiny_model("unet"))
+
+
+def test_weights_only_quantization_serves_any_module_and_refuses_activation_bits() -> None:
+    """Pipeline components (here a small MLP standing in for a text encoder) quantize weight-only, without
+    timestep routing; activation bits or another rounding raise."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(64, 16)
+    reference = module(x).detach()
+    for kwargs in ({"act_bits": 8}, {"act_bits": None, "weight_rounding": "gptq"}):
+        with pytest.raises(ValueError, match="weight-only"):
+            quantize_weights_only(copy.deepcopy(module), tacdiff.QuantConfig(weight_bits=4, **kwargs))
+    quantized = quantize_weights_only(copy.deepcopy(module), tacdiff.QuantConfig(weight_bits=4, act_bits=None))
+    bits = [m.w_bits for m in quantized.modules() if isinstance(m, QuantLinear)]
+    assert bits == [8, 4, 8], "first and last layer at 8 bits, the rest at 4"
+    assert quant_state(quantized).hook is None
+    assert 15 < sqnr_db(reference, quantized(x).detach()) < 45
