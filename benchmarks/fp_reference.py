@@ -18,7 +18,7 @@ from typing import Any
 import diffusers
 import torch
 
-from tacdiff.metrics.evaluate import evaluate
+from tacdiff.evaluation import evaluate
 
 
 def cpu_name() -> str:
@@ -41,7 +41,7 @@ def machine(device: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of :func:`tacdiff.metrics.evaluate.evaluate` results."""
+    """Markdown table of :func:`tacdiff.evaluation.evaluate` results."""
     lines = ["| model | sampler | steps | samples | FID | KID | KID std | sampling s | total s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:

@@ -72,7 +72,7 @@ from tacdiff.correction.calibrate import (DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IB
                                          fit_tables)
 from tacdiff.correction.ibc import check_granularity
 from tacdiff.correction.ner import check_ner_params
-from tacdiff.metrics.evaluate import write_json
+from tacdiff.report.json import write_json
 from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.models.loading import build_scheduler
 from tacdiff.models.reference import load_reference_model

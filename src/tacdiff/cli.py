@@ -255,7 +255,8 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     """Sample a model or pipeline and report FID/KID (1x28x28 images only) and, with --fp-model, paired x0
     MSE/PSNR (on decoded images for latent pipelines)."""
     from tacdiff.io.atomic import check_writable
-    from tacdiff.metrics.evaluate import evaluate, format_table, write_json
+    from tacdiff.evaluation import evaluate, format_table
+    from tacdiff.report.json import write_json
     from tacdiff.models.loading import input_paths
 
     if json_path:
@@ -365,7 +366,7 @@ def bench(
     from tacdiff.bench import bench as run
     from tacdiff.bench import format_markdown
     from tacdiff.io.atomic import check_writable, write_text_atomically
-    from tacdiff.metrics.evaluate import write_json
+    from tacdiff.report.json import write_json
     from tacdiff.models.loading import input_paths
     from tacdiff.report.plots import plot_step_errors
 

@@ -1,24 +1,31 @@
-"""Paired multi-method scoring: sample several denoisers from the same noise and score each against the first.
+"""Evaluation: ``tacdiff eval`` on one model folder (:func:`evaluate`), and paired multi-method scoring
+(:func:`score_methods`): sample several denoisers from the same noise and score each against the first.
 
-What ``tacdiff bench`` and ``benchmarks/tac_sweep.py`` share. Every denoiser runs in one
+The scoring is what ``tacdiff bench`` and ``benchmarks/tac_sweep.py`` share. Every denoiser runs in one
 :func:`tacdiff.sampling.batched_trajectories` call, so all start from the same noise, draw the
 same per-step noise and are compared with the same reference (FP) images.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
 
-from tacdiff.metrics.evaluate import fid_or_note
-from tacdiff.metrics.paired import PairedStepStats, psnr_db
-from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper
+from tacdiff.correction import load_correction
+from tacdiff.io.artifact import check_source, read_metadata
+from tacdiff.metrics.fid import IMAGE_SHAPE, fid_or_note
+from tacdiff.metrics.paired import PairedStepStats, paired_errors, psnr_db
+from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper, ModelDenoiser, sample_shape_of
+from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
 from tacdiff.sampling.batching import Rows, batched_trajectories, to_images
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 from tacdiff.sampling.loop import StepRecord
 
 
@@ -107,3 +114,128 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
                      "kid": scores["kid"], "x0_mse": mse, "x0_psnr": psnr_db(mse),
                      "calib_seconds": method.calib_seconds, "sample_seconds": method.denoiser.seconds})
     return rows, [stats.mean_sq_norms()[0].tolist() for stats in callback.stats], callback.stats[0].timesteps
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: SchedulerMixin, keep: bool,
+                   **run: Any) -> tuple[list[Tensor], Any, int]:
+    """Final images of ``denoiser`` (kept on the CPU if ``keep``), paired errors against ``fp`` (or None)
+    and the number of samples (of either model) holding NaN or inf."""
+    images: list[Tensor] = []
+    broken = [0]
+
+    def collect(start: int, ref: Tensor, est: Tensor) -> None:
+        broken[0] += int((~torch.isfinite(est) | ~torch.isfinite(ref)).flatten(1).any(1).sum())
+        if keep:
+            images.append(est.cpu())
+
+    if fp is not None:
+        return images, paired_errors(fp, denoiser, scheduler, on_batch=collect, **run), broken[0]
+    decode = run.pop("decode")[1]
+    for start, (final,) in batched_trajectories([denoiser], scheduler, **run):
+        collect(start, final, to_images(decode(final)))
+    return images, None, broken[0]
+
+
+def _check_finite(broken: int, samples: int, model: str | Path) -> None:
+    """Raise when samples hold NaN or inf, instead of reporting a NaN metric."""
+    if broken:
+        raise ValueError(f"{model} (or its --fp-model) produced NaN or inf in {broken} of {samples} samples: the "
+                         "model (or its correction tables) is numerically broken at these settings, so no metric "
+                         "was computed. Try more bits or other ranges, or recalibrate the tables")
+
+
+def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "ddim", steps: int = 50,
+             samples: int = 1000, seed: int = 0, batch_size: int = 256, device: str = "cpu",
+             tables: str | Path | None = None, force_tables: bool = False, prompts: PromptOptions = PromptOptions(),
+             progress: bool = True) -> dict[str, Any]:
+    """Sample ``model`` and score it; pair it with ``fp_model`` for the paired metrics.
+
+    Args:
+        model: a diffusers UNet2DModel or UNet2DConditionModel folder or pipeline folder, a
+            quantized artifact folder, or ``"reference"`` for the bundled Fashion-MNIST model.
+            Latent pipelines are scored on images decoded by their autoencoder; text-to-image
+            pipelines sample ``prompts`` with classifier-free guidance (the same for ``model`` and
+            ``fp_model``); a bare text-conditioned UNet samples seeded random stand-in embeddings.
+        fp_model: the FP model (same kinds of spec) to pair with; ``None`` skips the paired metrics.
+            Both sides see ``model``'s text embeddings (from its text encoder, quantized or not) and
+            each decodes with its own autoencoder, so the paired metrics include a quantized decoder's
+            error but not a quantized text encoder's.
+        scheduler: ddim, ddpm, dpm (DPM-Solver++ multistep) or euler, built with ``from_config``
+            from the model's scheduler config (an artifact's recorded one, else ``fp_model``'s,
+            else a 1000-step linear DDPM schedule).
+        steps, samples, seed, batch_size, device: sampling settings; see
+            :func:`tacdiff.sampling.batching.sample_noise` for how seeds map to images.
+        tables: correction tables (``tacdiff calibrate --out``) to apply to ``model``; they must
+            have been calibrated for ``scheduler`` at ``steps`` and for ``model`` (its bits, FP
+            model and sample shape: :meth:`CorrectionTables.check_model`).
+        force_tables: apply ``tables`` fitted for another model, noise schedule or guidance scale, with a warning.
+        prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
+    Returns:
+        A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
+        1×28×28 images), ``x0_mse``/``x0_psnr`` (None without ``fp_model``; PSNR with peak-to-peak
+        2), ``per_step`` paired series (or None), ``note`` and ``seconds`` (sampling plus metrics,
+        models already loaded) with ``sampling_seconds``.
+    """
+    check_settings(scheduler, steps, samples, batch_size, device)
+    loaded = load_any_model(model, device)
+    fp = load_any_model(fp_model, device) if fp_model is not None else None
+    if fp is not None and loaded.quantized:
+        check_source(read_metadata(model), fp.model, fp_model)
+    shape = tuple(sample_shape_of(loaded.model))
+    if fp is not None and tuple(sample_shape_of(fp.model)) != shape:
+        raise ValueError(f"--fp-model makes {tuple(sample_shape_of(fp.model))} samples but MODEL makes {shape}; "
+                         "pair a quantized model with the FP model it came from")
+    config = loaded.scheduler_config or (fp.scheduler_config if fp is not None else None)
+    sched = build_scheduler(scheduler, config)
+    if steps > sched.config.num_train_timesteps:
+        raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
+    conditioning = conditioning_for(loaded, prompts, count=samples, seed=seed, what=str(model))
+    sampler = ModelDenoiser(loaded.model, sched)
+    if tables is not None:
+        sampler = load_correction(sampler, tables, sched, steps, force=force_tables)
+        sampler.tables.check_conditioning(conditioning.record, force=force_tables)
+        correction = sampler.tables
+    image_shape = loaded.image_shape
+    started = time.perf_counter()
+    images, paired, broken = _sample_images(
+        conditioning.guide(sampler), conditioning.guide(ModelDenoiser(fp.model, sched)) if fp is not None else None,
+        sched, keep=image_shape == IMAGE_SHAPE, num_samples=samples, sample_shape=shape, num_inference_steps=steps,
+        seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
+        decode=(fp.decode if fp is not None else loaded.decode, loaded.decode),
+        progress=progress)
+    _synchronize(device)
+    sampling_seconds = time.perf_counter() - started
+    _check_finite(broken, samples, model)
+    scores, note = fid_or_note(images, image_shape, seed)
+    return {
+        "model": str(model), "fp_model": None if fp_model is None else str(fp_model),
+        "tables": None if tables is None else str(tables),
+        "correction": None if tables is None else f"{correction.method} (IBC on the {correction.ibc_target})",
+        "quantized": loaded.quantized, "scheduler": scheduler, "steps": steps, "samples": samples, "seed": seed,
+        "batch_size": batch_size, "device": device, "conditioning": conditioning.record, **scores,
+        "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
+        "per_step": None if paired is None else paired.per_step(), "note": note,
+        "seconds": time.perf_counter() - started, "sampling_seconds": sampling_seconds,
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.6g}"
+    return str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The scalar results of :func:`evaluate` as a two-column text table."""
+    keys = ("model", "fp_model", "tables", "correction", "scheduler", "steps", "samples", "seed", "fid", "kid",
+            "kid_std", "x0_mse", "x0_psnr", "sampling_seconds", "seconds")
+    width = max(len(k) for k in keys)
+    lines = [f"{k:<{width}}  {_cell(result.get(k))}" for k in keys]
+    return "\n".join(lines + ([result["note"]] if result.get("note") else []))

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, LDMPipeline, StableDiffusionPipeline
-from torch import nn
 
 import tacdiff
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac, load_pipeline

@@ -239,3 +239,18 @@ def inception_fid(samples: Tensor, reference: Tensor, *, weights_path: str | Pat
         for batch in images.split(batch_size):
             metric.update(to_uint8(batch).unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), real=real)
     return metric.compute().item()
+
+
+KID_SUBSET_SIZE = 1000
+
+
+def fid_or_note(images: list[Tensor], shape: tuple[int, ...],
+                seed: int) -> tuple[dict[str, float | None], str | None]:
+    """FID/KID of ``images`` of ``shape`` on the bundled classifier's features, or ``None`` scores and why not."""
+    empty: dict[str, float | None] = {"fid": None, "kid": None, "kid_std": None}
+    if shape != IMAGE_SHAPE:
+        return empty, f"FID skipped: it needs 1x28x28 Fashion-MNIST-domain samples, this model makes {shape}"
+    samples = torch.cat(images)
+    if samples.shape[0] < 2:
+        return empty, "FID skipped: it needs at least 2 samples"
+    return fid_kid(samples, kid_subset_size=min(KID_SUBSET_SIZE, samples.shape[0]), seed=seed), None

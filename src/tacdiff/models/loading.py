@@ -3,7 +3,6 @@ quantized artifacts and the bundled reference model; schedulers by name."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, 
                                 recorded_scheduler_config)
 from tacdiff.models.kinds import MODEL_KINDS, sample_shape_of
 from tacdiff.models.pipelines import (PipelineKind, component, decode_latents, diffusers_load, load_components,
-                                     pipeline_kind, read_index)
+                                     pipeline_kind, read_config, read_index)
 from tacdiff.models.reference import load_reference_model
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -77,18 +76,6 @@ def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None)
         raise FileNotFoundError(f"no scheduler_config.json in {path} or {Path(path) / 'scheduler'}; pass a scheduler "
                                 "folder (or a pipeline folder with scheduler/), or leave --scheduler out")
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-
-
-def read_config(file: Path) -> dict[str, Any]:
-    """A diffusers JSON config as a dict; ``ValueError`` naming the file when it is not a JSON object."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file} is not valid JSON ({error}); restore it from save_pretrained's output") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object of config fields; "
-                         "restore it from save_pretrained's output")
-    return config
 
 
 def _scheduler_from(folder: Path) -> SchedulerMixin:

@@ -15,11 +15,36 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline, LDMPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence diffusers' and transformers' progress bars, info and warning logs (deprecated config keys,
+    missing ``accelerate``, component type notes) while components load; errors still raise."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+             for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, level, bars in saved:
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+
+
+with quiet_loading():  # importing the pipelines imports transformers, which logs notes about torchvision
+    from diffusers import DDIMPipeline, DDPMPipeline, LDMPipeline, StableDiffusionPipeline
 
 PIPELINE_INDEX = "model_index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
@@ -43,19 +68,22 @@ PIPELINE_KINDS: dict[str, PipelineKind] = {kind.cls.__name__: kind for kind in (
 )}
 
 
+def read_config(file: Path) -> dict[str, Any]:
+    """A diffusers JSON config as a dict; ``ValueError`` naming the file when it is not a JSON object."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON ({error}); restore it from save_pretrained's output") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object of config fields; "
+                         "restore it from save_pretrained's output")
+    return config
+
+
 def read_index(folder: str | Path) -> dict[str, Any] | None:
     """A pipeline folder's ``model_index.json`` as a dict; ``None`` when ``folder`` is not a pipeline folder."""
     file = Path(folder) / PIPELINE_INDEX
-    if not file.is_file():
-        return None
-    try:
-        index = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file} is not valid JSON ({error}); restore it from save_pretrained's output") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{file} holds a JSON {type(index).__name__}, not an object; restore it from "
-                         "save_pretrained's output")
-    return index
+    return read_config(file) if file.is_file() else None
 
 
 def pipeline_kind(folder: str | Path) -> PipelineKind | None:
@@ -94,27 +122,6 @@ def diffusers_load(folder: Path, build: Callable[[], T]) -> T:
             SafetensorError) as error:
         raise ValueError(f"diffusers cannot load {folder} ({type(error).__name__}: {' '.join(str(error).split())}); "
                          "restore it from save_pretrained's output") from None
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Silence diffusers' and transformers' progress bars, info and warning logs (deprecated config keys,
-    missing ``accelerate``, component type notes) while components load; errors still raise."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
-             for lib in (diffusers_logging, transformers_logging)]
-    for lib, _, _ in saved:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, level, bars in saved:
-            lib.set_verbosity(level)
-            if bars:
-                lib.enable_progress_bar()
 
 
 def load_components(folder: str | Path, unet: nn.Module, device: str | torch.device = "cpu") -> DiffusionPipeline:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tacdiff.data.fashion_mnist import load_fashion_mnist, to_model_space
-from tacdiff.io.atomic import Recognise, check_writable, write_dir_atomically, write_text_atomically
+from tacdiff.io.atomic import check_writable, write_dir_atomically, write_text_atomically
 
 # ~2.8M parameters, 11 MB of fp32 weights; attention at 14x14 and 7x7 so attention
 # quantization gets exercised.

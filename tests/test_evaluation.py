@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 import tacdiff
 from tacdiff.cli import app
 from tacdiff.correction import calibrate_tac
+from tacdiff.evaluation import evaluate
 from tacdiff.io import load_quantized, save_quantized
-from tacdiff.metrics.evaluate import evaluate, write_json
+from tacdiff.report.json import write_json
 
 from tiny_models import tiny_model
 
