@@ -98,3 +98,17 @@ def test_prompt_embeddings_are_computed_once_per_prompt(pipeline_dir: Callable[[
 
 def test_every_tiny_pipeline_kind_is_tested() -> None:
     assert set(TINY_PIPELINES) == {"sd", "ldm", "latent_kl"}
+
+
+def test_components_tacdiff_does_not_load_are_not_read(pipeline_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """A Stable Diffusion folder as older conversions ship it: a pickled safety checker (never opened) and
+    a feature extractor; tacdiff decodes latents itself and loads neither."""
+    folder = shutil.copytree(pipeline_dir("sd"), tmp_path / "with-checker")
+    (folder / "safety_checker").mkdir()
+    (folder / "safety_checker" / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    loaded = load_any_model(folder)
+    assert loaded.pipeline.safety_checker is None and loaded.reads_prompts

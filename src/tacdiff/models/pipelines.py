@@ -53,15 +53,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", "
 @dataclass(frozen=True)
 class PipelineKind:
     """A supported pipeline class: the component that decodes latents (``None`` for pixel-space
-    pipelines) and whether it reads prompts (tokenizer and text encoder)."""
+    pipelines), whether it reads prompts (tokenizer and text encoder) and the optional components
+    tacdiff does not load (it decodes latents itself: no safety checker, no image prompts)."""
 
     cls: type[DiffusionPipeline]
     decoder: str | None
     text: bool
+    skipped: tuple[str, ...] = ()
 
 
 PIPELINE_KINDS: dict[str, PipelineKind] = {kind.cls.__name__: kind for kind in (
-    PipelineKind(StableDiffusionPipeline, "vae", True),
+    PipelineKind(StableDiffusionPipeline, "vae", True, ("safety_checker", "feature_extractor", "image_encoder")),
     PipelineKind(LDMPipeline, "vqvae", False),  # a VQModel, or an AutoencoderKL (unconditional latent diffusion)
     PipelineKind(DDPMPipeline, None, False),
     PipelineKind(DDIMPipeline, None, False),
@@ -100,11 +102,12 @@ def pipeline_kind(folder: str | Path) -> PipelineKind | None:
     return kind
 
 
-def _check_component_weights(folder: Path, index: dict[str, Any]) -> None:
-    """``ValueError`` when a component folder has weights but none as safetensors (pickles are never read)."""
+def _check_component_weights(folder: Path, index: dict[str, Any], skipped: tuple[str, ...]) -> None:
+    """``ValueError`` when a component to load has weights but none as safetensors (pickles are never read)."""
     for name, entry in index.items():
         part = folder / name
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None or not part.is_dir():
+        if (name.startswith("_") or name in skipped or not isinstance(entry, list) or entry[0] is None
+                or not part.is_dir()):
             continue
         weights = sorted(p.name for p in part.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
         if weights and not any(w.endswith(".safetensors") for w in weights):
@@ -127,8 +130,8 @@ def diffusers_load(folder: Path, build: Callable[[], T]) -> T:
 def load_components(folder: str | Path, unet: nn.Module, device: str | torch.device = "cpu") -> DiffusionPipeline:
     """The pipeline saved in ``folder`` with ``unet`` in place of its own (which is not loaded).
 
-    Stable Diffusion's safety checker and feature extractor are not loaded: tacdiff decodes
-    latents itself. ``ValueError`` for an unsupported pipeline class, pickled-only weights or a
+    Stable Diffusion's safety checker, feature extractor and image encoder are not loaded
+    (:attr:`PipelineKind.skipped`): tacdiff decodes latents itself. ``ValueError`` for an unsupported pipeline class, pickled-only weights or a
     folder diffusers cannot load.
     """
     folder = Path(folder)
@@ -136,10 +139,10 @@ def load_components(folder: str | Path, unet: nn.Module, device: str | torch.dev
     if kind is None:
         raise ValueError(f"{folder} has no {PIPELINE_INDEX}; pass a folder written by a pipeline's save_pretrained")
     index = read_index(folder) or {}
-    _check_component_weights(folder, index)
-    extra: dict[str, Any] = {"unet": unet}
-    if kind.cls is StableDiffusionPipeline:
-        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    _check_component_weights(folder, index, kind.skipped)
+    extra: dict[str, Any] = {"unet": unet, **dict.fromkeys(kind.skipped)}
+    if "safety_checker" in kind.skipped:
+        extra["requires_safety_checker"] = False
     with quiet_loading():
         pipe = diffusers_load(folder, lambda: kind.cls.from_pretrained(folder, use_safetensors=True, **extra))
     pipe.set_progress_bar_config(disable=True)
