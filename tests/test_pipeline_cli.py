@@ -107,6 +107,11 @@ def test_eval_pairs_decoded_images_under_the_same_prompts(runs: Path, pipeline_d
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert results["ptq"]["x0_psnr"] != results["tac"]["x0_psnr"], "the tables act on the sampled images"
     assert 5 < results["ptq"]["x0_psnr"] < 80 and results["ptq"]["note"].startswith("FID skipped")
+    bare = list(base)
+    bare[bare.index("--fp-model") + 1] = pipeline_dir("sd") / "unet"  # the FP UNet alone: decoded by the artifact's VAE
+    code, output = invoke(*bare, "--json", tmp_path / "bare.json")
+    assert code == 0, output
+    assert json.loads((tmp_path / "bare.json").read_text())["x0_psnr"] == results["ptq"]["x0_psnr"]
 
 
 def test_an_artifact_whose_pipeline_moved_says_so(runs: Path, tmp_path: Path) -> None:

@@ -206,7 +206,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         conditioning.guide(sampler), conditioning.guide(ModelDenoiser(fp.model, sched)) if fp is not None else None,
         sched, keep=image_shape == IMAGE_SHAPE, num_samples=samples, sample_shape=shape, num_inference_steps=steps,
         seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
-        decode=(fp.decode if fp is not None else loaded.decode, loaded.decode),
+        decode=(fp.decode if fp is not None and fp.pipeline is not None else loaded.decode, loaded.decode),
         progress=progress)
     _synchronize(device)
     sampling_seconds = time.perf_counter() - started
