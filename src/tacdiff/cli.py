@@ -321,6 +321,8 @@ def calibrate(
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
+    guidance_fit: str = typer.Option("guided", help="With guidance: fit NER on the 'guided' estimate, or one scale "
+                                                    "per 'branch' (unconditional and conditional)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
@@ -330,7 +332,7 @@ def calibrate(
 
     path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
                                       steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
-                                      gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target,
+                                      gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit,
                                       prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
                                       device=device, overwrite=overwrite, progress=not quiet)
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from tacdiff.correction import CorrectedDenoiser, calibrate_tac
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.models.kinds import ClassifierFreeGuidance, ModelDenoiser
+from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
 
 from tiny_models import tiny_cond, tiny_model
 
@@ -42,3 +44,35 @@ def test_guided_calibration_is_replayed_by_the_wrapper() -> None:
                           sample_shape=(4, 16, 16), num_inference_steps=STEPS, seed=0, batch_size=SAMPLES,
                           cond=text, progress=False)
     assert seen.eps_sq_err.sum() < plain.eps_sq_err.sum()
+
+
+def test_per_branch_fit_is_replayed_inside_guidance() -> None:
+    """``guidance_fit="branch"``: one K_t per guidance branch, applied to each half of the guided batch;
+    sampling with the tables retraces the calibration trajectories (no bias left at any step)."""
+    fp = tiny_model("cond_unet", layers_per_block=1)
+    shifted = copy.deepcopy(fp)
+    with torch.no_grad():
+        for param in shifted.parameters():
+            param.mul_(1.03)
+    text = tiny_cond("cond_unet", SAMPLES, seed=0)
+    conditioning = Conditioning(tensor_conditioning(text).rows, SCALE)  # zero unconditional embedding, as guided()
+    tables = calibrate_tac(fp, shifted, DDIMScheduler(), num_inference_steps=STEPS, num_samples=SAMPLES,
+                           batch_size=SAMPLES, seed=0, cond=conditioning, progress=False, guidance_fit="branch")
+    assert tables.per_branch and tables.out_scale.shape == (STEPS, 2, 4)
+    assert (tables.out_scale[:, 0] - tables.out_scale[:, 1]).abs().max() > 1e-3, "the branches get their own K_t"
+    assert tables.metadata["hyperparameters"]["guidance_fit"] == "branch"
+    corrected = ClassifierFreeGuidance(CorrectedDenoiser(ModelDenoiser(shifted), tables), SCALE)
+    seen = paired_errors(guided(fp), corrected, DDIMScheduler(), num_samples=SAMPLES, sample_shape=(4, 16, 16),
+                         num_inference_steps=STEPS, seed=0, batch_size=SAMPLES, cond=text, progress=False)
+    assert seen.input_bias.abs().max() < 1e-6
+    outside = CorrectedDenoiser(guided(shifted), tables)  # corrects the guided estimate: not what the tables hold
+    t = torch.tensor(float(tables.timesteps[0]))
+    with pytest.raises(ValueError, match="one output correction per guidance branch"):
+        outside(torch.randn(3, 4, 16, 16), t, encoder_hidden_states=text["encoder_hidden_states"][:3])
+
+
+def test_per_branch_fit_needs_guidance() -> None:
+    fp = tiny_model("cond_unet", layers_per_block=1)
+    with pytest.raises(ValueError, match="guidance_scale > 1"):
+        calibrate_tac(fp, fp, DDIMScheduler(), num_inference_steps=2, num_samples=2,
+                      cond=tiny_cond("cond_unet", 2, seed=0), progress=False, guidance_fit="branch")

@@ -23,6 +23,7 @@ fit ``q ~ (1 + k_t) r + b_t`` involves no exposure bias.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,7 +38,7 @@ from tacdiff.correction.ptqd import PTQDStats
 from tacdiff.correction.tables import CONDITIONING_KEY, IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.io.artifact import state_dict_sha256
-from tacdiff.models.kinds import Cond, Denoiser, ModelDenoiser, map_cond, sample_shape_of
+from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, ModelDenoiser, map_cond, sample_shape_of
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
 
@@ -50,6 +51,8 @@ from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
 DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU = 0.5, 0.0, 2.0
 DEFAULT_IBC: Granularity = "element"
 DEFAULT_IBC_TARGET = "state"
+GUIDANCE_FITS = ("guided", "branch")
+DEFAULT_GUIDANCE_FIT = "guided"
 
 
 @dataclass
@@ -65,9 +68,14 @@ class _Row:
 
 @dataclass
 class _FPRecorder:
-    """The FP denoiser of the pair: returns its estimate and keeps the latents, ``x_t`` and ``r`` of the step."""
+    """The FP denoiser of the pair: returns its estimate and keeps the latents, ``x_t`` and ``r`` of the step.
+
+    With ``combine`` (per-branch fitting), ``denoise`` returns both guidance branches, kept as ``r``,
+    and the trajectory advances with ``combine(r)``, the guided estimate.
+    """
 
     denoise: Denoiser
+    combine: Callable[[Tensor], Tensor] | None = None
     state: Tensor | None = None
     x: Tensor | None = None
     eps: Tensor | None = None
@@ -78,7 +86,7 @@ class _FPRecorder:
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         self.x, self.eps = x, self.denoise(x, t, **cond)
-        return self.eps
+        return self.eps if self.combine is None else self.combine(self.eps)
 
 
 @dataclass
@@ -134,19 +142,32 @@ def _batched(value: Any, n: int) -> bool:
 
 def _tac_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
               lam: float, gamma: float, tau: float, ibc: Granularity, use_ibc: bool, use_ner: bool,
-              batch_size: int) -> tuple[_Row, Tensor]:
-    """IBC then NER at one step; the estimate returned is the corrected ``K_t q``."""
+              batch_size: int, combine: Callable[[Tensor], Tensor] | None = None) -> tuple[_Row, Tensor]:
+    """IBC then NER at one step; the estimate returned is the corrected ``K_t q``.
+
+    With ``combine``, ``q`` and ``r`` hold both guidance branches ``[uncond; cond]``: NER fits one
+    ``K_t`` per branch and the estimate returned is ``combine`` of the corrected branches.
+    """
     channels = x_hat.shape[1]
     mu = input_bias(x_hat, x_fp, ibc).float().cpu()
     if not use_ibc:
         mu = torch.zeros_like(mu)
     q = quant(correct_input(x_hat, mu))
-    stats = NERStats.empty(tau * AbsMean.empty(channels).update(r).mean())
+    branches = 1 if combine is None else 2
+    scales = [_ner_scale(qb, rb, lam, gamma, tau, batch_size) if use_ner else torch.ones(channels)
+              for qb, rb in zip(q.chunk(branches), r.chunk(branches))]
+    scale = scales[0] if combine is None else torch.stack(scales)
+    bias = torch.zeros_like(scale)
+    corrected = torch.cat([correct_output(qb, s, torch.zeros(channels)) for qb, s in zip(q.chunk(branches), scales)])
+    return _Row(t, mu, scale, bias), corrected if combine is None else combine(corrected)
+
+
+def _ner_scale(q: Tensor, r: Tensor, lam: float, gamma: float, tau: float, batch_size: int) -> Tensor:
+    """NER's per-channel ``K_t`` for quantized estimates ``q`` against FP ones ``r``, summed in chunks."""
+    stats = NERStats.empty(tau * AbsMean.empty(q.shape[1]).update(r).mean())
     for start in range(0, q.shape[0], batch_size):
         stats.update(q[start:start + batch_size], r[start:start + batch_size])
-    scale = stats.solve(lam, gamma).float() if use_ner else torch.ones(channels)
-    bias = torch.zeros(channels)
-    return _Row(t, mu, scale, bias), correct_output(q, scale, bias)
+    return stats.solve(lam, gamma).float()
 
 
 def _ptqd_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
@@ -178,16 +199,24 @@ def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
 def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
          scheduler: SchedulerMixin, *, num_inference_steps: int, num_samples: int, batch_size: int, seed: int,
          cond: Cond | Conditioning | None, progress: bool, hyper: dict[str, Any],
-         denoiser: Callable[[nn.Module], Denoiser] | None, state_ibc: Granularity | None = None) -> CorrectionTables:
-    """Run the paired loop once over all samples with ``step`` fitting each timestep; build the tables."""
+         denoiser: Callable[[nn.Module], Denoiser] | None, state_ibc: Granularity | None = None,
+         per_branch: bool = False) -> CorrectionTables:
+    """Run the paired loop once over all samples with ``step`` fitting each timestep; build the tables.
+
+    ``per_branch``: the recorder and ``step`` see both guidance branches (``step`` gets ``combine``).
+    """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     conditioning = cond if isinstance(cond, Conditioning) else tensor_conditioning(cond or {})
-    if denoiser is None:
-        denoiser = lambda model: conditioning.guide(ModelDenoiser(model, scheduler))  # noqa: E731
     param = next(fp_model.parameters())
-    fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
-    calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step, state_ibc)
+    if per_branch:
+        fp, calibrating = _branch_pair(step, fp_model, quant_model, scheduler, conditioning, batch_size, state_ibc,
+                                       denoiser)
+    else:
+        if denoiser is None:
+            denoiser = lambda model: conditioning.guide(ModelDenoiser(model, scheduler))  # noqa: E731
+        fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
+        calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step, state_ibc)
     for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
                                   sample_shape=sample_shape_of(fp_model), num_inference_steps=num_inference_steps,
                                   seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
@@ -204,12 +233,30 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
         "state" if state_ibc is not None else "input")
 
 
+def _branch_pair(step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
+                 scheduler: SchedulerMixin, conditioning: Conditioning, batch_size: int,
+                 state_ibc: Granularity | None, denoiser: Any) -> tuple[_FPRecorder, _Calibrating]:
+    """The FP recorder and calibrating denoiser of a per-branch fit: both see ``[eps_u; eps_c]``."""
+    if not conditioning.guided or denoiser is not None:
+        raise ValueError("guidance_fit='branch' fits one correction per classifier-free-guidance branch: it needs "
+                         "prompts with guidance_scale > 1 (a Conditioning) and the default denoiser")
+
+    def guided(model: nn.Module) -> ClassifierFreeGuidance:
+        inner = chunked(ModelDenoiser(model, scheduler), batch_size)
+        return ClassifierFreeGuidance(inner, conditioning.guidance_scale, conditioning.uncond)
+
+    fp, quant = guided(fp_model), guided(quant_model)
+    recorder = _FPRecorder(fp.branches, fp.combine)
+    return recorder, _Calibrating(quant.branches, recorder, functools.partial(step, combine=quant.combine), state_ibc)
+
+
 def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
                   num_inference_steps: int, num_samples: int = 256, batch_size: int = 64, seed: int = 0,
                   lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA, tau: float = DEFAULT_TAU,
                   ibc: Granularity = DEFAULT_IBC, ibc_target: str = DEFAULT_IBC_TARGET, use_ibc: bool = True,
                   use_ner: bool = True, cond: Cond | Conditioning | None = None, progress: bool = True,
-                  denoiser: Callable[[nn.Module], Denoiser] | None = None) -> CorrectionTables:
+                  denoiser: Callable[[nn.Module], Denoiser] | None = None,
+                  guidance_fit: str = DEFAULT_GUIDANCE_FIT) -> CorrectionTables:
     """Fit TAC's IBC and NER tables (Yao et al., ECCV 2024) for ``quant_model`` against ``fp_model``.
 
     Args:
@@ -236,6 +283,11 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
             scale and prompt-set hash, checked by :meth:`CorrectionTables.check_conditioning`).
         denoiser: adapts a model to ``(x, t, **cond) -> eps``; by default
             ``ModelDenoiser(model, scheduler)``, guided as ``cond`` says.
+        guidance_fit: with guidance, ``"guided"`` fits NER's ``K_t`` on the guided estimate that
+            enters the sampler; ``"branch"`` fits one ``K_t`` per branch (unconditional and
+            conditional estimates, ``out_scale`` of shape ``(T, 2, C)``) and advances the
+            calibrating trajectory with the guided combination of the corrected branches. IBC is
+            the same either way (it acts on the shared latents).
     Returns:
         :class:`CorrectionTables` (method ``tac``, ``ner``, ``ibc`` or ``none``).
     """
@@ -248,17 +300,19 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
         warnings.warn("IBC on the network input only was measured to make the drift grow on the stochastic DDPM "
                       "sampler (see tacdiff.correction.ibc); prefer ibc_target='state'", stacklevel=2)
     method = {(True, True): "tac", (False, True): "ner", (True, False): "ibc", (False, False): "none"}
+    if guidance_fit not in GUIDANCE_FITS:
+        raise ValueError(f"guidance_fit must be one of {', '.join(GUIDANCE_FITS)}, got {guidance_fit!r}")
     hyper = {"lam": lam, "gamma": gamma, "tau": tau, "ibc": ibc, "ibc_target": ibc_target, "use_ibc": use_ibc,
-             "use_ner": use_ner}
+             "use_ner": use_ner, "guidance_fit": guidance_fit}
 
-    def step(*args: Any) -> tuple[_Row, Tensor]:
+    def step(*args: Any, **branches: Any) -> tuple[_Row, Tensor]:
         return _tac_step(*args, lam=lam, gamma=gamma, tau=tau, ibc=ibc, use_ibc=use_ibc and not in_state,
-                         use_ner=use_ner, batch_size=batch_size)
+                         use_ner=use_ner, batch_size=batch_size, **branches)
 
     return _fit(method[use_ibc, use_ner], step, fp_model, quant_model, scheduler,
                 num_inference_steps=num_inference_steps, num_samples=num_samples, batch_size=batch_size,
                 seed=seed, cond=cond, progress=progress, hyper=hyper, denoiser=denoiser,
-                state_ibc=ibc if in_state else None)
+                state_ibc=ibc if in_state else None, per_branch=guidance_fit == "branch")
 
 
 def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,

@@ -54,8 +54,10 @@ class CorrectionTables:
         method: ``tac``, ``ner``, ``ibc``, ``ptqd`` (or ``none``).
         timesteps: ``(T,)`` float64 scheduler timesteps in sampling order.
         input_bias: ``(T, C)`` or ``(T, C, H, W)`` subtracted from the model input (IBC's ``mu_t``).
-        out_scale: ``(T, C)`` multiplying the bias-corrected output (NER's ``K_t``; PTQD's ``1/(1+k_t)``).
-        out_bias: ``(T, C)`` subtracted from the raw output (PTQD's ``b_t``).
+        out_scale: ``(T, C)`` multiplying the bias-corrected output (NER's ``K_t``; PTQD's ``1/(1+k_t)``),
+            or ``(T, 2, C)`` per classifier-free-guidance branch (unconditional, conditional) for
+            tables fitted with ``guidance_fit="branch"``, applied to each half of the guided batch.
+        out_bias: ``(T, C)`` (or ``(T, 2, C)``) subtracted from the raw output (PTQD's ``b_t``).
         residual_var: ``(T,)`` variance per element of the corrected estimate's residual noise (PTQD; else 0).
         scheduler_class, scheduler_config: the scheduler calibrated with.
         num_inference_steps: its step count.
@@ -90,16 +92,23 @@ class CorrectionTables:
                                  "rows, one per timestep. The tables are corrupt; recalibrate")
             if not torch.isfinite(value).all():
                 raise ValueError(f"correction table {name} holds NaN or inf; recalibrate")
-        if self.out_scale.ndim != 2 or self.out_bias.shape != self.out_scale.shape or self.residual_var.ndim != 1:
+        branched = self.out_scale.ndim == 3 and self.out_scale.shape[1] == 2
+        if (self.out_scale.ndim != 2 and not branched) or self.out_bias.shape != self.out_scale.shape \
+                or self.residual_var.ndim != 1:
             raise ValueError(f"correction tables have inconsistent shapes: out_scale {tuple(self.out_scale.shape)}, "
                              f"out_bias {tuple(self.out_bias.shape)}, residual_var {tuple(self.residual_var.shape)}")
-        if self.input_bias.ndim not in (2, 4) or self.input_bias.shape[1] != self.out_scale.shape[1]:
+        if self.input_bias.ndim not in (2, 4) or self.input_bias.shape[1] != self.channels:
             raise ValueError(f"input_bias shape {tuple(self.input_bias.shape)} does not match "
-                             f"{self.out_scale.shape[1]} channels")
+                             f"{self.channels} channels")
 
     @property
     def channels(self) -> int:
-        return self.out_scale.shape[1]
+        return self.out_scale.shape[-1]
+
+    @property
+    def per_branch(self) -> bool:
+        """Whether the output correction has one row per guidance branch (``out_scale`` ``(T, 2, C)``)."""
+        return self.out_scale.ndim == 3
 
     def describe(self) -> str:
         """One line naming the schedule, e.g. ``DDIMScheduler, 10 steps, timesteps [900, ..., 0]``."""

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from tacdiff.correction.calibrate import (CALIBRATORS, DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM,
-                                         DEFAULT_TAU, fit_tables)
+from tacdiff.correction.calibrate import (CALIBRATORS, DEFAULT_GAMMA, DEFAULT_GUIDANCE_FIT, DEFAULT_IBC,
+                                         DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU, GUIDANCE_FITS, fit_tables)
 from tacdiff.correction.ibc import Granularity, check_granularity
 from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables, is_tables_file
 from tacdiff.io.artifact import check_source, read_metadata
@@ -20,7 +20,8 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
                        scheduler: str = "ddim", steps: int = 50, samples: int = 256, batch_size: int = 64,
                        seed: int = 0, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA,
                        tau: float = DEFAULT_TAU, ibc: Granularity = DEFAULT_IBC,
-                       ibc_target: str = DEFAULT_IBC_TARGET, prompts: PromptOptions = PromptOptions(),
+                       ibc_target: str = DEFAULT_IBC_TARGET, guidance_fit: str = DEFAULT_GUIDANCE_FIT,
+                       prompts: PromptOptions = PromptOptions(),
                        device: str = "cpu", overwrite: bool = False,
                        progress: bool = True) -> tuple[Path, CorrectionTables]:
     """Calibrate correction tables for the quantized artifact folder against its FP model; write ``out``.
@@ -37,6 +38,9 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     check_granularity(ibc)
     if ibc_target not in IBC_TARGETS:
         raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
+    if guidance_fit not in GUIDANCE_FITS or (method == "ptqd" and guidance_fit != DEFAULT_GUIDANCE_FIT):
+        raise ValueError(f"--guidance-fit must be one of {', '.join(GUIDANCE_FITS)} (TAC and its ablations only), "
+                         f"got {guidance_fit!r} for {method}")
     check_settings(scheduler, steps, samples, batch_size, device)
     check_writable(out, overwrite, recognise=is_tables_file, what="correction tables file",
                    inputs=input_paths(quant_artifact, fp_model))
@@ -53,7 +57,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
                                     what=f"--fp-model {fp_model}")
     run = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, seed=seed, cond=conditioning,
                progress=progress)
-    options = dict(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target)
+    options = dict(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit)
     with torch.no_grad():
         tables = fit_tables(method, fp.model, quant.model, sched, options=options, **run)
     tables.metadata["quant_artifact"] = str(Path(quant_artifact).resolve())

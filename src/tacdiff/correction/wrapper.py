@@ -124,8 +124,20 @@ class CorrectedDenoiser(DenoiserWrapper):
         if self.tables.ibc_target == "input":
             x = correct_input(x, pick(self.tables.input_bias))
         raw = self.inner(x, t, **cond)
-        eps = correct_output(raw, pick(self.tables.out_scale), pick(self.tables.out_bias))
+        scale, bias = pick(self.tables.out_scale), pick(self.tables.out_bias)
+        if self.tables.per_branch:
+            scale, bias = (_per_branch(value, x.shape[0]) for value in (scale, bias))
+        eps = correct_output(raw, scale, bias)
         return _finite(eps, raw, self.tables, t)
+
+
+def _per_branch(value: Tensor, batch: int) -> Tensor:
+    """Per-branch rows ``(2, C)`` as per-sample rows ``(batch, C)`` of a guided batch ``[uncond; cond]``."""
+    if value.ndim != 2 or batch % 2:
+        raise ValueError("these correction tables hold one output correction per guidance branch; apply them "
+                         "inside classifier-free guidance, to the batch of both halves (ClassifierFreeGuidance("
+                         "CorrectedDenoiser(...)), as tacdiff sample and load_pipeline do), at one timestep per call")
+    return value.repeat_interleave(batch // 2, 0)
 
 
 def load_correction(inner: Denoiser, path: str | Path, scheduler: SchedulerMixin, num_inference_steps: int, *,

@@ -180,9 +180,16 @@ class ClassifierFreeGuidance(DenoiserWrapper):
         self.scale, self.uncond = scale, uncond or {}
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        both = guidance_batch(cond, self.uncond)
+        return self.combine(self.branches(x, t, **cond))
+
+    def branches(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """Both estimates from one call of ``inner``: ``cat([eps_u, eps_c])`` of shape ``(2N, ...)``."""
         t = torch.as_tensor(t)
-        uncond, conditional = self.inner(torch.cat([x, x]), t if t.ndim == 0 else torch.cat([t, t]), **both).chunk(2)
+        return self.inner(torch.cat([x, x]), t if t.ndim == 0 else torch.cat([t, t]), **guidance_batch(cond, self.uncond))
+
+    def combine(self, branches: Tensor) -> Tensor:
+        """The guided estimate ``eps_u + scale (eps_c - eps_u)`` of :meth:`branches`' output."""
+        uncond, conditional = branches.chunk(2)
         return uncond + self.scale * (conditional - uncond)
 
 
