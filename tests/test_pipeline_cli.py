@@ -4,12 +4,14 @@ prompts and guidance and for LDM with a VQModel; the guidance and prompt checks.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
@@ -114,6 +116,19 @@ def test_eval_pairs_decoded_images_under_the_same_prompts(runs: Path, pipeline_d
     assert json.loads((tmp_path / "bare.json").read_text())["x0_psnr"] == results["ptq"]["x0_psnr"]
 
 
+def test_eval_pairs_a_bare_unet_artifact_with_its_pipeline(pipeline_dir: Callable[[str], Path],
+                                                           tmp_path: Path) -> None:
+    """Quantized from the UNet folder alone, evaluated against the pipeline: both sides use the pipeline's
+    prompts and decoder."""
+    code, output = invoke("quantize", pipeline_dir("sd") / "unet", "--out", tmp_path / "bare", *CALIBRATION)
+    assert code == 0, output
+    code, output = invoke("eval", tmp_path / "bare", "--fp-model", pipeline_dir("sd"), "--samples", "2",
+                          "--prompt", "a red shoe", *SD_PROMPTS, *FAST, "--json", tmp_path / "bare.json")
+    assert code == 0, output
+    result = json.loads((tmp_path / "bare.json").read_text())
+    assert 5 < result["x0_psnr"] < 80 and result["conditioning"]["prompted"]
+
+
 def test_an_artifact_whose_pipeline_moved_says_so(runs: Path, tmp_path: Path) -> None:
     moved = {**read_metadata(runs / "ldm-w4a8"), "pipeline_folder": str(tmp_path / "gone")}
     artifact = save_quantized(load_quantized(runs / "ldm-w4a8"), tmp_path / "artifact", metadata=moved)
@@ -165,4 +180,31 @@ def test_a_component_file_for_another_component_is_refused(runs: Path, tmp_path:
                                                                                            act_bits=None))})
     (tmp_path / "other" / "text_encoder.safetensors").rename(artifact / "vae_decoder.safetensors")
     code, output = invoke("sample", artifact, "--num-samples", "1", *FAST, "--out", tmp_path / "s")
-    assert code == 2 and "holds a quantized CLIPTextModel" in output
+    assert code == 2 and "vae_decoder.safetensors was not written with" in output
+    with_parts = tmp_path / "with-parts"
+    save_quantized(load_quantized(runs / "sd-w4a8"), with_parts, metadata=read_metadata(runs / "sd-w4a8"),
+                   components={"text_encoder": encoder})
+    (with_parts / "text_encoder.safetensors").unlink()
+    code, output = invoke("sample", with_parts, "--num-samples", "1", *FAST, "--out", tmp_path / "s")
+    assert code == 2 and "text_encoder.safetensors is missing" in output, "no silent fall back to full precision"
+
+
+def test_an_artifact_refuses_a_pipeline_folder_changed_since(pipeline_dir: Callable[[str], Path],
+                                                              tmp_path: Path) -> None:
+    folder = shutil.copytree(pipeline_dir("ldm"), tmp_path / "ldm")
+    code, output = invoke("quantize", folder, "--out", tmp_path / "q", "--w-bits", "8", *CALIBRATION)
+    assert code == 0, output
+    vae = folder / "vqvae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(vae)
+    tensors["decoder.conv_out.bias"] += 1
+    save_file(tensors, vae)
+    code, output = invoke("sample", tmp_path / "q", "--num-samples", "1", *FAST, "--out", tmp_path / "s")
+    assert code == 2 and "changed since" in output and not (tmp_path / "s").exists()
+
+
+def test_reports_never_replace_the_prompts_file(pipeline_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    code, output = invoke("bench", "--model", pipeline_dir("sd"), "--bits", "w8a8", "--steps", "2", "--samples", "2",
+                          "--calib-samples", "2", "--method", "fp", "--prompts-file", prompts, "--markdown", prompts)
+    assert code == 2 and prompts.read_text() == "a cat\n"

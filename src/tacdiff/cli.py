@@ -261,7 +261,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
 
     if json_path:
         check_writable(json_path, overwrite=True, recognise=REPORTS["JSON file"], what="JSON file",
-                       inputs=input_paths(model, fp_model, tables))
+                       inputs=input_paths(model, fp_model, tables, prompts_file))
     result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
                       batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
                       prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
@@ -376,7 +376,8 @@ def bench(
         raise ValueError(f"--plot {plot}: name a {', '.join(PLOT_SUFFIXES)} file")
     for path, what in ((json_path, "JSON file"), (markdown, "markdown file"), (plot, "plot")):
         if path:
-            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what, inputs=input_paths(model))
+            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what,
+                           inputs=input_paths(model, prompts_file))
     result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
                  weight_rounding=weight_rounding, model=model,

@@ -194,19 +194,21 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     sched = build_scheduler(scheduler, config)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
-    conditioning = conditioning_for(loaded, prompts, count=samples, seed=seed, what=str(model))
+    parts = loaded if loaded.pipeline is not None or fp is None else fp  # the side with a pipeline's components
+    conditioning = conditioning_for(parts, prompts, count=samples, seed=seed, what=str(model))
     sampler = ModelDenoiser(loaded.model, sched)
     if tables is not None:
         sampler = load_correction(sampler, tables, sched, steps, force=force_tables)
         sampler.tables.check_conditioning(conditioning.record, force=force_tables)
         correction = sampler.tables
-    image_shape = loaded.image_shape
+    image_shape = parts.image_shape
     started = time.perf_counter()
     images, paired, broken = _sample_images(
         conditioning.guide(sampler), conditioning.guide(ModelDenoiser(fp.model, sched)) if fp is not None else None,
         sched, keep=image_shape == IMAGE_SHAPE, num_samples=samples, sample_shape=shape, num_inference_steps=steps,
         seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
-        decode=(fp.decode if fp is not None and fp.pipeline is not None else loaded.decode, loaded.decode),
+        decode=tuple(side.decode if side is not None and side.pipeline is not None else parts.decode
+                     for side in (fp, loaded)),
         progress=progress)
     _synchronize(device)
     sampling_seconds = time.perf_counter() - started

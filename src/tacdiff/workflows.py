@@ -19,9 +19,10 @@ from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_s
 from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
 from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.kinds import ModelDenoiser, kind_of, sample_shape_of
-from tacdiff.models.loading import PIPELINE_KEY, LoadedModel, find_unet_dir, load_any_model, load_scheduler
+from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, LoadedModel, find_unet_dir, load_any_model,
+                                   load_scheduler)
 from tacdiff.quant import QuantConfig, quant_state, quantize
-from tacdiff.models.pipelines import component
+from tacdiff.models.pipelines import component, components_sha256
 from tacdiff.quant.apply import check_finite, quantize_weights_only
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
 from tacdiff.sampling.conditioning import UNCONDITIONAL, Conditioning, PromptOptions, conditioning_for
@@ -116,6 +117,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     }
     if loaded.pipeline is not None:
         metadata[PIPELINE_KEY] = str(Path(model_dir).resolve())
+        metadata[PIPELINE_SHA256_KEY] = components_sha256(model_dir)
     return save_quantized(model, out_dir, metadata=metadata, components=parts, overwrite=overwrite), model, sqnr
 
 

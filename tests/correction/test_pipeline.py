@@ -200,3 +200,10 @@ def test_bare_models_are_refused(ldm: World, tmp_path: Path) -> None:
     for path in (folder, bare):
         with pytest.raises(ValueError, match="load_pipeline needs a diffusers pipeline folder"):
             load_pipeline(path, ldm.tables)
+
+
+def test_a_corrected_pipeline_refuses_save_pretrained(sd: World, tmp_path: Path) -> None:
+    """diffusers would write a folder without a UNet (the wrapper is no diffusers model) and return normally."""
+    with pytest.raises(ValueError, match="cannot be saved with save_pretrained"):
+        load_pipeline(sd.artifact, sd.tables).save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()

@@ -112,3 +112,29 @@ def test_components_tacdiff_does_not_load_are_not_read(pipeline_dir: Callable[[s
     (folder / "model_index.json").write_text(json.dumps(index))
     loaded = load_any_model(folder)
     assert loaded.pipeline.safety_checker is None and loaded.reads_prompts
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("swap", "lacks weights for"), ("no_tokenizer", "tokenizer' but"), ("mismatch", "do not fit together")])
+def test_broken_pipeline_folders_are_refused_with_the_reason(pipeline_dir: Callable[[str], Path], tmp_path: Path,
+                                                             damage: str, message: str) -> None:
+    """Weights that do not belong to a component (the libraries would initialise the rest randomly and only
+    log it), a listed component without its folder, and components that do not fit together."""
+    folder = shutil.copytree(pipeline_dir("sd" if damage != "mismatch" else "latent_kl"), tmp_path / damage)
+    if damage == "swap":
+        shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", folder / "text_encoder" / "model.safetensors")
+    elif damage == "no_tokenizer":
+        shutil.rmtree(folder / "tokenizer")
+    else:
+        shutil.rmtree(folder / "unet")
+        shutil.copytree(pipeline_dir("ldm") / "unet", folder / "unet")  # 3-channel latents for a 4-channel VAE
+    with pytest.raises(ValueError, match=message):
+        load_any_model(folder)
+
+
+def test_a_prompt_past_the_tokenizer_limit_warns_once(pipeline_dir: Callable[[str], Path]) -> None:
+    encoder = PromptEncoder(load_any_model(pipeline_dir("sd")).pipeline)
+    long = "a very long prompt about a red shoe on a table"
+    with pytest.warns(UserWarning, match="the text encoder reads the first 16") as seen:
+        encoder([long, long, "short"])
+    assert len(seen) == 1

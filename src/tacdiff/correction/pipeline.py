@@ -76,7 +76,14 @@ def _corrected(pipe: DiffusionPipeline, tables: CorrectionTables, *, prompted: b
     if tables.ibc_target == "state":
         scheduler.step = StateShiftingStep(scheduler.step, tables)
     pipe.scheduler, pipe.unet = scheduler, unet
+    pipe.save_pretrained = _not_saveable  # diffusers would write a folder without a UNet
     return pipe
+
+
+def _not_saveable(*args: Any, **kwargs: Any) -> None:
+    raise ValueError("a corrected pipeline cannot be saved with save_pretrained (its UNet is a tacdiff wrapper, "
+                     "which diffusers would leave out); keep the quantized artifact and the tables file instead, "
+                     "and load them with tacdiff.load_pipeline(artifact, tables)")
 
 
 def _tables_scheduler(scheduler: SchedulerMixin, tables: CorrectionTables) -> SchedulerMixin:

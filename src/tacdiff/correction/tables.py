@@ -174,7 +174,7 @@ class CorrectionTables:
         if bool(fitted.get("prompted")) != bool(record.get("prompted")):
             side = ("fitted with prompts, sampled without", "fitted without prompts, sampled with")
             problems.append(side[0] if fitted.get("prompted") else side[1])
-        elif fitted.get("prompted") and fitted.get("guidance_scale") != record.get("guidance_scale"):
+        elif fitted.get("prompted") and _guidance(fitted) != _guidance(record):
             problems.append(f"guidance scale {fitted.get('guidance_scale')} (tables) vs "
                             f"{record.get('guidance_scale')} (sampler); the tables correct the guided estimate, "
                             "which changes with the scale")
@@ -250,6 +250,12 @@ def _model_mismatches(metadata: dict[str, Any], model: nn.Module) -> list[str]:
         problems.append(f"FP model sha256 {metadata['fp_model_sha256'][:12]}... (tables) vs {source[:12]}... "
                         "(the model was quantized from another FP model)")
     return problems
+
+
+def _guidance(record: dict[str, Any]) -> float | None:
+    """A record's guidance scale, ``None`` when it does not guide (at most 1, as in diffusers)."""
+    scale = record.get("guidance_scale")
+    return scale if scale is not None and scale > 1 else None
 
 
 def _bits(config: dict[str, Any]) -> str:

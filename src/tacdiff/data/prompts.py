@@ -51,6 +51,8 @@ def read_prompts(path: str | Path) -> list[str]:
     ``ValueError`` names the file when it is missing, unreadable, not text or holds no prompt.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; pass a text file with one prompt per line")
     if not path.is_file():
         raise ValueError(f"prompts file not found: {path}; pass a text file with one prompt per line")
     try:

@@ -50,6 +50,8 @@ MODULE_KINDS = {"conv": nn.Conv2d, "linear": nn.Linear, "attention": Attention}
 FIX = "re-create it with tacdiff quantize"
 COMPONENT_NAMES = ("text_encoder", "vae_decoder")
 """Pipeline components an artifact may hold quantized, each as ``<name>.safetensors``."""
+COMPONENTS_KEY = "components"
+"""Metadata of ``quantized.safetensors``: ``{component: checksum of its file}`` for the components it comes with."""
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -83,9 +85,10 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str,
     unknown = sorted(set(components or {}) - set(COMPONENT_NAMES))
     if unknown:
         raise ValueError(f"unknown components {unknown}; an artifact holds {', '.join(COMPONENT_NAMES)}")
-    files = {WEIGHTS_NAME: _contents(model, metadata or {})}
-    files.update({f"{name}.safetensors": _contents(part, {"component": name})
-                  for name, part in (components or {}).items()})
+    files = {f"{name}.safetensors": _contents(part, {"component": name}) for name, part in (components or {}).items()}
+    record = {name.removesuffix(".safetensors"): meta[CHECKSUM_KEY] for name, (_, meta) in files.items()}
+    files[WEIGHTS_NAME] = _contents(model, {**(metadata or {}), **({COMPONENTS_KEY: json.dumps(record)}
+                                                                    if record else {})})
 
     def fill(tmp: Path) -> None:
         model.save_config(tmp)
@@ -174,10 +177,20 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
 
 
 def component_files(path: str | Path) -> dict[str, Path]:
-    """The quantized components an artifact folder holds: ``{name: file}``."""
-    folder = _weights_file(path).parent
-    return {name: folder / f"{name}.safetensors" for name in COMPONENT_NAMES
-            if (folder / f"{name}.safetensors").is_file()}
+    """The quantized components an artifact folder holds, ``{name: file}``: exactly those its
+    ``quantized.safetensors`` records, each the file written with it (by checksum), else ``ValueError``."""
+    file = _weights_file(path)
+    recorded = _json(_file_metadata(file).get(COMPONENTS_KEY, "{}"), dict, file, f"its metadata {COMPONENTS_KEY!r}")
+    present = {name: file.parent / f"{name}.safetensors" for name in COMPONENT_NAMES
+               if (file.parent / f"{name}.safetensors").is_file()}
+    for name in sorted(set(recorded) | set(present)):
+        if name not in present:
+            raise ValueError(f"{file.parent} was written with a quantized {name} but {name}.safetensors is missing; "
+                             f"restore it or {FIX}")
+        if name not in recorded or _file_metadata(present[name]).get(CHECKSUM_KEY) != recorded[name]:
+            raise ValueError(f"{present[name]} was not written with {file} (another artifact's, or a stray copy); "
+                             f"remove or restore it, or {FIX}")
+    return present
 
 
 def load_component(module: nn.Module, file: str | Path, *, verify: bool = True) -> nn.Module:

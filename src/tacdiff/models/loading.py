@@ -17,8 +17,8 @@ from tacdiff.devices import check_device
 from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, load_quantized, read_metadata,
                                 recorded_scheduler_config)
 from tacdiff.models.kinds import MODEL_KINDS, sample_shape_of
-from tacdiff.models.pipelines import (PipelineKind, component, decode_latents, diffusers_load, load_components,
-                                     pipeline_kind, read_config, read_index)
+from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, diffusers_load,
+                                     load_components, pipeline_kind, read_config, read_index)
 from tacdiff.models.reference import load_reference_model
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -162,19 +162,25 @@ def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
 
 PIPELINE_KEY = "pipeline_folder"
 """Artifact metadata: the pipeline folder whose FP components (text encoder, autoencoder) go with the model."""
+PIPELINE_SHA256_KEY = "pipeline_components_sha256"
+"""Artifact metadata: :func:`~tacdiff.models.pipelines.components_sha256` of that folder when quantized."""
 
 
 def artifact_pipeline(path: str | Path) -> Path | None:
     """The pipeline folder an artifact was quantized from (``None`` for a bare model folder); ``ValueError``
     when it has moved, since the artifact cannot sample without its text encoder and autoencoder."""
-    recorded = read_metadata(path).get(PIPELINE_KEY)
-    if not recorded:
+    meta = read_metadata(path)
+    if not meta.get(PIPELINE_KEY):
         return None
-    folder = Path(recorded)
+    folder = Path(meta[PIPELINE_KEY])
     if read_index(folder) is None:
         raise ValueError(f"{path} was quantized from the pipeline folder {folder}, whose components (text encoder, "
                          "autoencoder, scheduler) it needs, but that folder no longer holds a pipeline; restore it "
                          "there or quantize again from its new place")
+    recorded = meta.get(PIPELINE_SHA256_KEY)
+    if recorded and components_sha256(folder) != recorded:
+        raise ValueError(f"the pipeline folder {folder} changed since {path} was quantized from it (its text encoder, "
+                         "tokenizer or autoencoder files differ); restore it, or quantize again from it")
     return folder
 
 

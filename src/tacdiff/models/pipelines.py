@@ -9,7 +9,10 @@ itself (``from_pretrained`` with ``use_safetensors=True``, so no pickled weights
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -102,18 +105,90 @@ def pipeline_kind(folder: str | Path) -> PipelineKind | None:
     return kind
 
 
-def _check_component_weights(folder: Path, index: dict[str, Any], skipped: tuple[str, ...]) -> None:
-    """``ValueError`` when a component to load has weights but none as safetensors (pickles are never read)."""
-    for name, entry in index.items():
+def component_names(index: dict[str, Any], kind: PipelineKind) -> list[str]:
+    """The components of a pipeline index that tacdiff loads (listed with a class, not skipped)."""
+    return [name for name, entry in index.items() if not name.startswith("_") and name not in kind.skipped
+            and isinstance(entry, list) and len(entry) == 2 and entry[0] is not None]
+
+
+def components_sha256(folder: str | Path) -> str:
+    """SHA-256 over every file of the components loaded around the UNet (text encoder, tokenizer,
+    autoencoder; not ``unet/``, whose weights an artifact replaces, nor ``scheduler/``, whose config it records)."""
+    folder = Path(folder)
+    kind = pipeline_kind(folder)
+    if kind is None:
+        raise ValueError(f"{folder} has no {PIPELINE_INDEX}")
+    digest = hashlib.sha256()
+    names = [name for name in component_names(read_index(folder) or {}, kind) if name not in ("unet", "scheduler")]
+    for name in sorted(names):
+        for file in sorted(p for p in (folder / name).rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(folder).as_posix()}\n".encode())
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_component_folders(folder: Path, names: list[str]) -> None:
+    """``ValueError`` when a listed component has no folder, or has weights but none as safetensors (pickles
+    are never read)."""
+    for name in names:
         part = folder / name
-        if (name.startswith("_") or name in skipped or not isinstance(entry, list) or entry[0] is None
-                or not part.is_dir()):
-            continue
+        if not part.is_dir() or not any(part.iterdir()):
+            raise ValueError(f"{folder / PIPELINE_INDEX} lists the component {name!r} but {part} is missing or "
+                             "empty; restore it from save_pretrained's output")
         weights = sorted(p.name for p in part.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
         if weights and not any(w.endswith(".safetensors") for w in weights):
             raise ValueError(f"{part} has no safetensors weights (only {weights}); tacdiff never loads pickled "
                              "weights. Re-save the pipeline with save_pretrained(..., safe_serialization=True) from "
                              "a trusted environment")
+
+
+def _load_models(folder: Path, index: dict[str, Any], names: list[str]) -> dict[str, nn.Module]:
+    """The model components (diffusers or transformers models) among ``names``, each loaded by its own
+    class from safetensors; ``ValueError`` naming the folder when one lacks weights (the libraries would
+    otherwise initialise them randomly and only log it)."""
+    import diffusers
+    import transformers
+
+    models = {}
+    for name in names:
+        library, class_name = index[name]
+        cls = getattr({"diffusers": diffusers, "transformers": transformers}.get(library), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            continue  # a scheduler, a tokenizer: nothing to initialise randomly
+        part = folder / name
+        model, info = diffusers_load(part, lambda: cls.from_pretrained(part, use_safetensors=True,
+                                                                       output_loading_info=True))
+        missing = [*info.get("missing_keys", []), *(str(k) for k in info.get("mismatched_keys", []))]
+        if missing:
+            raise ValueError(f"{part} lacks weights for {len(missing)} of the {class_name}'s tensors (e.g. "
+                             f"{sorted(missing)[0]!r}), or holds them with other shapes; restore it from "
+                             "save_pretrained's output")
+        models[name] = model.eval()
+    return models
+
+
+def _check_fit(pipe: DiffusionPipeline, kind: PipelineKind, folder: Path) -> None:
+    """``ValueError`` unless the UNet, the autoencoder and the text encoder fit together."""
+    unet = pipe.unet.config
+    problems = []
+    if kind.decoder is not None:
+        latent = getattr(pipe, kind.decoder).config.latent_channels
+        if latent != unet.in_channels:
+            problems.append(f"the UNet takes {unet.in_channels}-channel latents but {kind.decoder}/ decodes {latent}")
+    if kind.text:
+        width = pipe.text_encoder.config.hidden_size
+        if width != unet.cross_attention_dim:
+            problems.append(f"the UNet attends to {unet.cross_attention_dim}-wide text embeddings but text_encoder/ "
+                            f"makes {width}-wide ones")
+        tokens, positions = pipe.tokenizer.model_max_length, pipe.text_encoder.config.max_position_embeddings
+        if tokens > positions:
+            problems.append(f"tokenizer/ makes {tokens if tokens < 1e9 else 'unbounded'} tokens per prompt but "
+                            f"text_encoder/ takes at most {positions}")
+    if problems:
+        raise ValueError(f"the components of {folder} do not fit together: " + "; ".join(problems)
+                         + ". Restore the pipeline from save_pretrained's output")
 
 
 def diffusers_load(folder: Path, build: Callable[[], T]) -> T:
@@ -131,20 +206,24 @@ def load_components(folder: str | Path, unet: nn.Module, device: str | torch.dev
     """The pipeline saved in ``folder`` with ``unet`` in place of its own (which is not loaded).
 
     Stable Diffusion's safety checker, feature extractor and image encoder are not loaded
-    (:attr:`PipelineKind.skipped`): tacdiff decodes latents itself. ``ValueError`` for an unsupported pipeline class, pickled-only weights or a
-    folder diffusers cannot load.
+    (:attr:`PipelineKind.skipped`): tacdiff decodes latents itself. ``ValueError`` for an unsupported
+    pipeline class, a missing component, pickled-only or incomplete weights, components that do not
+    fit together, or a folder diffusers cannot load.
     """
     folder = Path(folder)
     kind = pipeline_kind(folder)
     if kind is None:
         raise ValueError(f"{folder} has no {PIPELINE_INDEX}; pass a folder written by a pipeline's save_pretrained")
     index = read_index(folder) or {}
-    _check_component_weights(folder, index, kind.skipped)
+    names = [name for name in component_names(index, kind) if name != "unet"]
+    _check_component_folders(folder, names)
     extra: dict[str, Any] = {"unet": unet, **dict.fromkeys(kind.skipped)}
     if "safety_checker" in kind.skipped:
         extra["requires_safety_checker"] = False
     with quiet_loading():
+        extra.update(_load_models(folder, index, names))
         pipe = diffusers_load(folder, lambda: kind.cls.from_pretrained(folder, use_safetensors=True, **extra))
+    _check_fit(pipe, kind, folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -156,26 +235,43 @@ def component(pipe: DiffusionPipeline, kind: PipelineKind, name: str) -> nn.Modu
         return pipe.text_encoder
     if name == "vae_decoder" and kind.decoder is not None:
         return getattr(pipe, kind.decoder).decoder
-    raise ValueError(f"a {kind.cls.__name__} has no {name.replace('_', ' ')} to quantize")
+    option = f"--quantize-{name.replace('_', '-')}"
+    raise ValueError(f"a {kind.cls.__name__} has no {name.replace('_', ' ')} to quantize; leave out {option}")
 
 
 class PromptEncoder:
     """Text embeddings ``(N, L, D)`` of prompts through a pipeline's own ``encode_prompt``, computed
-    once per distinct prompt and cached on the CPU."""
+    once per distinct prompt and kept on the CPU for the last ``cache_size`` distinct prompts.
 
-    def __init__(self, pipe: DiffusionPipeline) -> None:
+    A prompt longer than the tokenizer's limit is cut there, as diffusers does, with one warning.
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, cache_size: int = 1024) -> None:
         if not hasattr(pipe, "encode_prompt"):
             raise ValueError(f"{type(pipe).__name__} reads no prompts")
-        self.pipe = pipe
-        self._cache: dict[str, Tensor] = {}
+        self.pipe, self.cache_size = pipe, cache_size
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> Tensor:
-        for prompt in dict.fromkeys(prompts):
+        rows = []
+        for prompt in prompts:
             if prompt not in self._cache:
-                embeds, _ = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)
-                self._cache[prompt] = embeds.cpu()
-        return torch.cat([self._cache[prompt] for prompt in prompts])
+                self._cache[prompt] = self._encode(prompt)
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(prompt)
+            rows.append(self._cache[prompt])
+        return torch.cat(rows)
+
+    def _encode(self, prompt: str) -> Tensor:
+        with quiet_loading():  # transformers and diffusers log every cut prompt twice
+            length, limit = len(self.pipe.tokenizer(prompt).input_ids), self.pipe.tokenizer.model_max_length
+            embeds, _ = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)
+        if length > limit:
+            warnings.warn(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} has {length} tokens; the "
+                          f"text encoder reads the first {limit} (the rest is cut, as in diffusers)", stacklevel=3)
+        return embeds.cpu()
 
 
 @torch.no_grad()
