@@ -52,12 +52,15 @@ def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings,
 
 
 @torch.no_grad()
+def noise_estimates(model: nn.Module, inputs: CalibrationSet, batch_size: int = 64) -> torch.Tensor:
+    """``model``'s noise estimates on every input of ``inputs``, in the order its batches come, on the CPU."""
+    device = next(model.parameters()).device
+    return torch.cat([ModelDenoiser(model)(x, t, **cond).cpu() for x, t, cond in inputs.batches(batch_size, device)])
+
+
 def output_sqnr_db(reference: nn.Module, model: nn.Module, inputs: CalibrationSet, batch_size: int = 64) -> float:
     """SQNR (dB) of ``model``'s noise estimates against ``reference``'s on the same inputs."""
-    device = next(model.parameters()).device
-    pairs = [(ModelDenoiser(reference)(x, t, **cond), ModelDenoiser(model)(x, t, **cond))
-             for x, t, cond in inputs.batches(batch_size, device)]
-    return sqnr_db(torch.cat([r for r, _ in pairs]), torch.cat([e for _, e in pairs]))
+    return sqnr_db(noise_estimates(reference, inputs, batch_size), noise_estimates(model, inputs, batch_size))
 
 
 def _artifact_bytes(model_dir: str | Path, weight_bits: int) -> int:
@@ -96,19 +99,19 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     config = replace(config, num_train_timesteps=scheduler.config.num_train_timesteps)
     conditioning = conditioning_for(loaded, prompts, count=calibration.samples, seed=calibration.seed,
                                     what=str(model_dir))
-    fp_model = copy.deepcopy(model)
     source_hash = state_dict_sha256(model)
+    held_out = CalibrationSettings(min(calibration.samples, 16), calibration.steps, 10, calibration.seed + 1)
+    with warnings.catch_warnings():  # the stand-in embeddings warning is given once, for the calibration set
+        warnings.simplefilter("ignore")
+        held_out_conditioning = conditioning_for(loaded, prompts, count=held_out.samples, seed=held_out.seed)
+    held_out_inputs = calibrate_inputs(model, scheduler, held_out, held_out_conditioning, progress=False)
+    reference = noise_estimates(model, held_out_inputs)  # kept instead of an FP copy of the model
     started = time.perf_counter()
     calib = calibrate_inputs(model, scheduler, calibration, conditioning, progress)
     quantize(model, config, calib, progress=progress)
     quant_state(model).source_sha256 = source_hash
     seconds = time.perf_counter() - started
-    held_out = CalibrationSettings(min(calibration.samples, 16), calibration.steps, 10, calibration.seed + 1)
-    with warnings.catch_warnings():  # the stand-in embeddings warning was given once already
-        warnings.simplefilter("ignore")
-        held_out_conditioning = conditioning_for(loaded, prompts, count=held_out.samples, seed=held_out.seed)
-    sqnr = output_sqnr_db(fp_model, model, calibrate_inputs(fp_model, scheduler, held_out, held_out_conditioning,
-                                                            progress=False))
+    sqnr = sqnr_db(reference, noise_estimates(model, held_out_inputs))
     metadata = {
         "source_model": str(Path(model_dir).resolve()), "source_sha256": source_hash,
         "scheduler_class": type(scheduler).__name__, "scheduler_config": json.dumps(dict(scheduler.config)),
