@@ -138,3 +138,13 @@ def test_a_prompt_past_the_tokenizer_limit_warns_once(pipeline_dir: Callable[[st
     with pytest.warns(UserWarning, match="the text encoder reads the first 16") as seen:
         encoder([long, long, "short"])
     assert len(seen) == 1
+
+
+def test_float16_folders_saved_as_a_variant_only_load(pipeline_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """``save_pretrained(variant="fp16")`` writes only ``*.fp16.safetensors``: the variant is found and loaded."""
+    load_any_model(pipeline_dir("sd")).pipeline.to(torch.float16).save_pretrained(tmp_path / "half", variant="fp16")
+    assert not (tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = load_any_model(tmp_path / "half")
+    embeds = PromptEncoder(loaded.pipeline)(["a cat"])
+    assert embeds.shape == (1, 16, 32) and torch.isfinite(embeds).all()
+    assert loaded.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 16, 16)

@@ -18,7 +18,8 @@ from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, 
                                 recorded_scheduler_config)
 from tacdiff.models.kinds import MODEL_KINDS, sample_shape_of
 from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, diffusers_load,
-                                     load_components, pipeline_kind, read_config, read_index)
+                                     load_components, pipeline_kind, quiet_loading, read_config, read_index,
+                                     weights_variant)
 from tacdiff.models.reference import load_reference_model
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -40,8 +41,10 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> nn.Module
         raise ValueError(f"{folder / 'config.json'} names model class {name!r}; tacdiff supports "
                          f"{', '.join(MODEL_KINDS)}")
     _check_weights_format(folder)
-    model = diffusers_load(folder, lambda: kind.cls.from_pretrained(folder, low_cpu_mem_usage=False,
-                                                                    use_safetensors=True))
+    with quiet_loading():
+        model = diffusers_load(folder, lambda: kind.cls.from_pretrained(folder, low_cpu_mem_usage=False,
+                                                                        use_safetensors=True,
+                                                                        variant=weights_variant(folder)))
     return model.to(device).eval()
 
 

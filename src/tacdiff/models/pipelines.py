@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -105,6 +107,17 @@ def pipeline_kind(folder: str | Path) -> PipelineKind | None:
     return kind
 
 
+def weights_variant(folder: Path) -> str | None:
+    """The variant (e.g. ``"fp16"``) of a model folder saved only with ``save_pretrained(variant=...)``;
+    ``None`` when it has default (unnamed) safetensors weights, or several variants."""
+    stems = [name.removesuffix(".safetensors").split(".") for name in os.listdir(folder)
+             if name.endswith(".safetensors")]
+    if not stems or any(len(stem) == 1 for stem in stems):
+        return None
+    variants = {re.sub(r"-\d+-of-\d+$", "", stem[-1]) for stem in stems}
+    return variants.pop() if len(variants) == 1 else None
+
+
 def component_names(index: dict[str, Any], kind: PipelineKind) -> list[str]:
     """The components of a pipeline index that tacdiff loads (listed with a class, not skipped)."""
     return [name for name, entry in index.items() if not name.startswith("_") and name not in kind.skipped
@@ -159,6 +172,7 @@ def _load_models(folder: Path, index: dict[str, Any], names: list[str]) -> dict[
             continue  # a scheduler, a tokenizer: nothing to initialise randomly
         part = folder / name
         model, info = diffusers_load(part, lambda: cls.from_pretrained(part, use_safetensors=True,
+                                                                       variant=weights_variant(part),
                                                                        output_loading_info=True))
         missing = [*info.get("missing_keys", []), *(str(k) for k in info.get("mismatched_keys", []))]
         if missing:
@@ -220,12 +234,12 @@ def load_components(folder: str | Path, unet: nn.Module, device: str | torch.dev
     extra: dict[str, Any] = {"unet": unet, **dict.fromkeys(kind.skipped)}
     if "safety_checker" in kind.skipped:
         extra["requires_safety_checker"] = False
-    with quiet_loading():
+    with quiet_loading():  # also diffusers' note that float16 pipelines are slow on the CPU
         extra.update(_load_models(folder, index, names))
         pipe = diffusers_load(folder, lambda: kind.cls.from_pretrained(folder, use_safetensors=True, **extra))
-    _check_fit(pipe, kind, folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+        _check_fit(pipe, kind, folder)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
 
 
 def component(pipe: DiffusionPipeline, kind: PipelineKind, name: str) -> nn.Module:
