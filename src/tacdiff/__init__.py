@@ -4,9 +4,16 @@ Implements the method of "Timestep-Aware Correction for Quantized Diffusion Mode
 (Yao et al., ECCV 2024) on top of a Q-Diffusion-style PTQ engine (Li et al., ICCV 2023).
 """
 
-from tacdiff.quant import QuantConfig, format_summary, quantize
-from tacdiff.sampling import CalibrationSet, collect_calibration_set
-from tacdiff.correction.pipeline import load_pipeline
+from tacdiff._lazy import lazy_exports
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationSet", "QuantConfig", "collect_calibration_set", "format_summary", "load_pipeline", "quantize"]
+_EXPORTS = {
+    "CalibrationSet": "tacdiff.sampling",
+    "QuantConfig": "tacdiff.quant",
+    "collect_calibration_set": "tacdiff.sampling",
+    "format_summary": "tacdiff.quant",
+    "load_pipeline": "tacdiff.correction.pipeline",
+    "quantize": "tacdiff.quant",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

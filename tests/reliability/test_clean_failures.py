@@ -4,6 +4,10 @@ work where the problem can be seen up front, and leaves nothing behind."""
 from __future__ import annotations
 
 import copy
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +224,16 @@ def test_python_load_on_a_missing_device_is_a_clear_error(world: World) -> None:
 
     with pytest.raises(ValueError, match="no CUDA support; use --device cpu"):
         load_quantized(world.root / "w4a8", device="cuda")
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5])
+def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path: Path, delay: float) -> None:
+    """An interrupt during the first seconds (torch and diffusers still importing) ends with the same one line
+    as any other interrupt, not a traceback: the package imports them only when a command needs them."""
+    process = subprocess.Popen([sys.executable, "-m", "tacdiff", "eval", "reference", "--samples", "2", "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "error: interrupted; nothing was written"
