@@ -124,7 +124,8 @@ def quantize_once(fp: nn.Module, ddpm: Any, bits: tuple[int, int], steps: int, s
     config = QuantConfig(weight_bits=bits[0], act_bits=bits[1])
 
     def build() -> nn.Module:
-        return quantize(copy.deepcopy(fp), config, calibrate_inputs(fp, ddpm, settings, progress=progress), progress=progress)
+        calibration = calibrate_inputs(fp, ddpm, settings, progress=progress)
+        return quantize(copy.deepcopy(fp), config, calibration, progress=progress)
 
     return timed_call(device, build)
 

@@ -36,7 +36,7 @@ def invoke(*args: str | Path) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def runs(pipeline_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Per pipeline (``sd``, ``ldm``): ``<name>-w4a8`` artifact and ``<name>-tac.safetensors`` tables; ``prompts.txt``."""
+    """Per pipeline (``sd``, ``ldm``): ``<name>-w4a8`` artifact, ``<name>-tac.safetensors`` tables; ``prompts.txt``."""
     root = tmp_path_factory.mktemp("pipeline-runs")
     (root / "prompts.txt").write_text("a red shoe\na black cat\n", encoding="utf-8")
     for name, extra in (("sd", ("--prompts-file", root / "prompts.txt", *SD_PROMPTS)), ("ldm", ())):

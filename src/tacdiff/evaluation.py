@@ -116,11 +116,6 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
     return rows, [stats.mean_sq_norms()[0].tolist() for stats in callback.stats], callback.stats[0].timesteps
 
 
-def _synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: SchedulerMixin, keep: bool,
                    **run: Any) -> tuple[list[Tensor], Any, int]:
     """Final images of ``denoiser`` (kept on the CPU if ``keep``), paired errors against ``fp`` (or None)
@@ -210,7 +205,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         decode=tuple(side.decode if side is not None and side.pipeline is not None else parts.decode
                      for side in (fp, loaded)),
         progress=progress)
-    _synchronize(device)
+    _sync(torch.device(device))
     sampling_seconds = time.perf_counter() - started
     _check_finite(broken, samples, model)
     scores, note = fid_or_note(images, image_shape, seed)

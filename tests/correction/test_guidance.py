@@ -65,10 +65,12 @@ def test_per_branch_fit_is_replayed_inside_guidance() -> None:
     seen = paired_errors(guided(fp), corrected, DDIMScheduler(), num_samples=SAMPLES, sample_shape=(4, 16, 16),
                          num_inference_steps=STEPS, seed=0, batch_size=SAMPLES, cond=text, progress=False)
     assert seen.input_bias.abs().max() < 1e-6
-    outside = CorrectedDenoiser(guided(shifted), tables)  # corrects the guided estimate: not what the tables hold
+    with pytest.raises(ValueError, match="one output correction per guidance branch"):
+        CorrectedDenoiser(guided(shifted), tables)  # would correct the guided estimate: not what the tables hold
+    unguided = CorrectedDenoiser(ModelDenoiser(shifted), tables)  # no guidance around it: an odd batch has no halves
     t = torch.tensor(float(tables.timesteps[0]))
     with pytest.raises(ValueError, match="one output correction per guidance branch"):
-        outside(torch.randn(3, 4, 16, 16), t, encoder_hidden_states=text["encoder_hidden_states"][:3])
+        unguided(torch.randn(3, 4, 16, 16), t, encoder_hidden_states=text["encoder_hidden_states"][:3])
 
 
 def test_per_branch_fit_needs_guidance() -> None:

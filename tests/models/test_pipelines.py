@@ -122,7 +122,8 @@ def test_broken_pipeline_folders_are_refused_with_the_reason(pipeline_dir: Calla
     log it), a listed component without its folder, and components that do not fit together."""
     folder = shutil.copytree(pipeline_dir("sd" if damage != "mismatch" else "latent_kl"), tmp_path / damage)
     if damage == "swap":
-        shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", folder / "text_encoder" / "model.safetensors")
+        vae_weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+        shutil.copy(vae_weights, folder / "text_encoder" / "model.safetensors")
     elif damage == "no_tokenizer":
         shutil.rmtree(folder / "tokenizer")
     else:

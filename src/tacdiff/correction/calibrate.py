@@ -208,6 +208,10 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     conditioning = cond if isinstance(cond, Conditioning) else tensor_conditioning(cond or {})
+    if denoiser is not None and conditioning.guided:
+        raise ValueError("pass either a guided Conditioning (the denoisers are guided for you) or a denoiser "
+                         "factory with unguided cond, not both: the tables would record guidance they were not fitted "
+                         "with")
     param = next(fp_model.parameters())
     if per_branch:
         fp, calibrating = _branch_pair(step, fp_model, quant_model, scheduler, conditioning, batch_size, state_ibc,

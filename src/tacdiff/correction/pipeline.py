@@ -20,14 +20,14 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-import diffusers
 import torch
 from diffusers import DiffusionPipeline, SchedulerMixin
 from torch import Tensor, nn
 
-from tacdiff.correction.tables import TIMESTEP_ATOL, CorrectionTables, _short
+from tacdiff.correction.tables import CorrectionTables, short_timesteps
 from tacdiff.correction.wrapper import CorrectedUNet, shift_state
 from tacdiff.models.kinds import epsilon_scheduler, prediction_type
+from tacdiff.models.loading import load_any_model, scheduler_class
 
 
 def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | None = None, *,
@@ -51,8 +51,6 @@ def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | Non
         config when the folder names another, e.g. Stable Diffusion's PNDM). Its ``unet`` is a
         wrapper that ``save_pretrained`` cannot write; save the artifact and tables instead.
     """
-    from tacdiff.models.loading import load_any_model  # imports the pipeline classes (and transformers) on use
-
     loaded = load_any_model(model, device)
     if loaded.pipeline is None:
         raise ValueError(f"{model} holds a bare model, not a pipeline: load_pipeline needs a diffusers pipeline folder "
@@ -90,20 +88,17 @@ def _tables_scheduler(scheduler: SchedulerMixin, tables: CorrectionTables) -> Sc
     """``scheduler``, or the tables' scheduler class built from its config when it is of another class."""
     if type(scheduler).__name__ == tables.scheduler_class:
         return scheduler
-    cls = getattr(diffusers, tables.scheduler_class, None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"the correction tables are for scheduler class {tables.scheduler_class!r}, which diffusers "
-                         "does not provide; recalibrate with a diffusers scheduler")
+    cls = scheduler_class(tables.scheduler_class, "the correction tables' scheduler")
     return cls.from_config(scheduler.config)
 
 
 def _check_timesteps(scheduler: SchedulerMixin, tables: CorrectionTables) -> None:
     """``ValueError`` unless the timesteps ``scheduler`` was set to are the tables' (no subset, no other count)."""
-    theirs = torch.as_tensor(scheduler.timesteps).detach().double().cpu()
-    if theirs.shape == tables.timesteps.shape and bool(((theirs - tables.timesteps).abs() <= TIMESTEP_ATOL).all()):
+    if tables.same_timesteps(scheduler.timesteps):
         return
-    raise ValueError(f"the pipeline samples {len(theirs)} steps at timesteps {_short(theirs)}, but the correction "
-                     f"tables are for {tables.describe()}: call it with num_inference_steps="
+    theirs = torch.as_tensor(scheduler.timesteps).detach().cpu()
+    raise ValueError(f"the pipeline samples {len(theirs)} steps at timesteps {short_timesteps(theirs)}, but the "
+                     f"correction tables are for {tables.describe()}: call it with num_inference_steps="
                      f"{tables.num_inference_steps}, or recalibrate for this schedule")
 
 

@@ -112,7 +112,7 @@ class CorrectionTables:
 
     def describe(self) -> str:
         """One line naming the schedule, e.g. ``DDIMScheduler, 10 steps, timesteps [900, ..., 0]``."""
-        return f"{self.scheduler_class}, {self.num_inference_steps} steps, timesteps {_short(self.timesteps)}"
+        return f"{self.scheduler_class}, {self.num_inference_steps} steps, timesteps {short_timesteps(self.timesteps)}"
 
     def index_of(self, t: Tensor) -> Tensor:
         """Row indices ``(N,)`` of timestep values ``t`` (scalar or ``(N,)``); ``ValueError`` if one is absent."""
@@ -126,6 +126,11 @@ class CorrectionTables:
                              "or recalibrate with `tacdiff calibrate --scheduler ... --steps ...`")
         return match.double().argmax(1)
 
+    def same_timesteps(self, timesteps: Tensor) -> bool:
+        """Whether ``timesteps`` are the tables' timesteps, all of them in order (within :data:`TIMESTEP_ATOL`)."""
+        theirs = torch.as_tensor(timesteps).detach().double().cpu()
+        return theirs.shape == self.timesteps.shape and bool(((theirs - self.timesteps).abs() <= TIMESTEP_ATOL).all())
+
     def check_scheduler(self, scheduler: SchedulerMixin, num_inference_steps: int, *, force: bool = False) -> None:
         """Raise ``ValueError`` naming both schedules unless ``scheduler`` at ``num_inference_steps`` has the
         class, noise schedule (``alphas_cumprod``) and timestep sequence the tables were calibrated with.
@@ -135,10 +140,10 @@ class CorrectionTables:
         probe = type(scheduler).from_config(scheduler.config)
         probe.set_timesteps(num_inference_steps)
         theirs = probe.timesteps.double().cpu()
-        same = theirs.shape == self.timesteps.shape and bool(((theirs - self.timesteps).abs() <= TIMESTEP_ATOL).all())
-        if not same:
+        if not self.same_timesteps(theirs):
             raise ValueError(f"correction tables are for {self.describe()}, but the sampler is "
-                             f"{type(scheduler).__name__}, {num_inference_steps} steps, timesteps {_short(theirs)}. "
+                             f"{type(scheduler).__name__}, {num_inference_steps} steps, timesteps "
+                             f"{short_timesteps(theirs)}. "
                              "Use the calibrated scheduler and step count, or recalibrate for this one")
         problems = []
         if type(scheduler).__name__ != self.scheduler_class:
@@ -277,7 +282,8 @@ def _betas(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={config.get(k)}" for k in keys) + (", trained_betas" if config.get("trained_betas") else "")
 
 
-def _short(timesteps: Tensor) -> str:
+def short_timesteps(timesteps: Tensor) -> str:
+    """Timestep values for a message: all of them, or the first three and last two."""
     values = [f"{v:g}" for v in timesteps.tolist()]
     return "[" + ", ".join(values if len(values) <= 6 else values[:3] + ["..."] + values[-2:]) + "]"
 

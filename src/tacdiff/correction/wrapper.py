@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from tacdiff.correction.ibc import broadcast_bias
 from tacdiff.correction.tables import TIMESTEP_ATOL, CorrectionTables
-from tacdiff.models.kinds import Denoiser, DenoiserWrapper, ModelDenoiser
+from tacdiff.models.kinds import ClassifierFreeGuidance, Denoiser, DenoiserWrapper, ModelDenoiser
 
 
 def correct_input(x: Tensor, bias: Tensor | None) -> Tensor:
@@ -64,13 +64,19 @@ def _finite(eps: Tensor, raw: Tensor, tables: CorrectionTables, timestep: Tensor
     return eps
 
 
+def _chain(denoiser: Any) -> list[Any]:
+    """A denoiser and the ones it wraps, outermost first (following ``inner``)."""
+    chain = []
+    while denoiser is not None:
+        chain.append(denoiser)
+        denoiser = getattr(denoiser, "inner", None)
+    return chain
+
+
 def _model_of(denoiser: Any) -> nn.Module | None:
     """The model at the bottom of a chain of denoiser wrappers (``inner`` ... ``model``), if any."""
-    while denoiser is not None:
-        if isinstance(getattr(denoiser, "model", None), nn.Module):
-            return denoiser.model
-        denoiser = getattr(denoiser, "inner", None)
-    return None
+    models = [d.model for d in _chain(denoiser) if isinstance(getattr(d, "model", None), nn.Module)]
+    return models[0] if models else None
 
 
 def _rows(tables: CorrectionTables, timestep: Tensor | float | int) -> Callable[[Tensor], Tensor]:
@@ -107,6 +113,8 @@ class CorrectedDenoiser(DenoiserWrapper):
         if not isinstance(tables, CorrectionTables):
             raise TypeError(f"tables must be CorrectionTables, got {type(tables).__name__}; load a file with "
                             "CorrectionTables.load(path)")
+        if tables.per_branch and any(isinstance(d, ClassifierFreeGuidance) for d in _chain(inner)):
+            raise ValueError(_PER_BRANCH_HINT)
         model = _model_of(inner)
         if model is not None:
             tables.check_model(model, force=force)
@@ -134,10 +142,13 @@ class CorrectedDenoiser(DenoiserWrapper):
 def _per_branch(value: Tensor, batch: int) -> Tensor:
     """Per-branch rows ``(2, C)`` as per-sample rows ``(batch, C)`` of a guided batch ``[uncond; cond]``."""
     if value.ndim != 2 or batch % 2:
-        raise ValueError("these correction tables hold one output correction per guidance branch; apply them "
-                         "inside classifier-free guidance, to the batch of both halves (ClassifierFreeGuidance("
-                         "CorrectedDenoiser(...)), as tacdiff sample and load_pipeline do), at one timestep per call")
+        raise ValueError(_PER_BRANCH_HINT)
     return value.repeat_interleave(batch // 2, 0)
+
+
+_PER_BRANCH_HINT = ("these correction tables hold one output correction per guidance branch; apply them inside "
+                    "classifier-free guidance, to the batch of both halves (ClassifierFreeGuidance(CorrectedDenoiser("
+                    "...)), as tacdiff sample and load_pipeline do), at one timestep per call")
 
 
 def load_correction(inner: Denoiser, path: str | Path, scheduler: SchedulerMixin, num_inference_steps: int, *,

@@ -185,7 +185,8 @@ class ClassifierFreeGuidance(DenoiserWrapper):
     def branches(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Both estimates from one call of ``inner``: ``cat([eps_u, eps_c])`` of shape ``(2N, ...)``."""
         t = torch.as_tensor(t)
-        return self.inner(torch.cat([x, x]), t if t.ndim == 0 else torch.cat([t, t]), **guidance_batch(cond, self.uncond))
+        both = torch.cat([x, x])
+        return self.inner(both, t if t.ndim == 0 else torch.cat([t, t]), **guidance_batch(cond, self.uncond))
 
     def combine(self, branches: Tensor) -> Tensor:
         """The guided estimate ``eps_u + scale (eps_c - eps_u)`` of :meth:`branches`' output."""

@@ -17,9 +17,9 @@ from tacdiff.devices import check_device
 from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, load_quantized, read_metadata,
                                 recorded_scheduler_config)
 from tacdiff.models.kinds import MODEL_KINDS, sample_shape_of
-from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, diffusers_load,
-                                     load_components, pipeline_kind, quiet_loading, read_config, read_index,
-                                     weights_variant)
+from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_loading, read_config, weights_variant
+from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, load_components,
+                                     pipeline_kind, read_index)
 from tacdiff.models.reference import load_reference_model
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -53,11 +53,7 @@ def _check_weights_format(folder: Path) -> None:
     if (folder / WEIGHTS_NAME).is_file():
         raise ValueError(f"{folder} is a tacdiff quantized artifact, not a full-precision model; pass the FP "
                          "model folder it was quantized from")
-    if not any(folder.glob("*.safetensors")):
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise ValueError(f"{folder} has no safetensors weights{f' (only {found})' if found else ''}; tacdiff never "
-                         "loads pickled weights. Re-save the model with save_pretrained(..., safe_serialization=True) "
-                         "from a trusted environment")
+    check_safetensors(folder, required=True)
 
 
 def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None) -> SchedulerMixin:
@@ -84,10 +80,17 @@ def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None)
 def _scheduler_from(folder: Path) -> SchedulerMixin:
     """The diffusers scheduler saved in ``folder``, with clear errors for a bad config."""
     name = read_config(folder / "scheduler_config.json").get("_class_name", "DDPMScheduler")
+    cls = scheduler_class(name, str(folder))
+    return diffusers_load(folder, lambda: cls.from_pretrained(folder))
+
+
+def scheduler_class(name: object, where: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called ``name`` (named by ``where``); ``ValueError`` if diffusers has none."""
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"{folder} names scheduler class {name!r}, which diffusers does not provide")
-    return diffusers_load(folder, lambda: cls.from_pretrained(folder))
+        raise ValueError(f"{where} names scheduler class {name!r}, which diffusers does not provide; use a diffusers "
+                         "scheduler")
+    return cls
 
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {

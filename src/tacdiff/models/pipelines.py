@@ -1,58 +1,31 @@
-"""Diffusers pipeline folders: which pipeline classes tacdiff supports, loading their full-precision
-components around a (possibly quantized) denoiser, prompt embeddings and latent decoding.
+"""Diffusers pipeline folders: which pipeline classes tacdiff supports, loading their components around
+a (possibly quantized) denoiser, prompt embeddings and latent decoding.
 
-Only the denoiser is quantized and corrected, as in TAC (Yao et al., ECCV 2024); the text encoder
-and the autoencoder stay as the pipeline folder has them. Components are loaded by diffusers
-itself (``from_pretrained`` with ``use_safetensors=True``, so no pickled weights are read).
+By default only the denoiser is quantized and corrected, as in TAC (Yao et al., ECCV 2024); the
+text encoder and the autoencoder are loaded as the pipeline folder has them, unless an artifact
+also holds weight-only quantized ones (:mod:`tacdiff.io.artifact`). Components are loaded by their
+own diffusers or transformers classes from safetensors only (no pickled weights are read).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
-import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
-from safetensors import SafetensorError
 from torch import Tensor, nn
 
-T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Silence diffusers' and transformers' progress bars, info and warning logs (deprecated config keys,
-    missing ``accelerate``, component type notes) while components load; errors still raise."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
-             for lib in (diffusers_logging, transformers_logging)]
-    for lib, _, _ in saved:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, level, bars in saved:
-            lib.set_verbosity(level)
-            if bars:
-                lib.enable_progress_bar()
-
+from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_loading, read_config, weights_variant
 
 with quiet_loading():  # importing the pipelines imports transformers, which logs notes about torchvision
     from diffusers import DDIMPipeline, DDPMPipeline, LDMPipeline, StableDiffusionPipeline
 
 PIPELINE_INDEX = "model_index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
 @dataclass(frozen=True)
@@ -75,18 +48,6 @@ PIPELINE_KINDS: dict[str, PipelineKind] = {kind.cls.__name__: kind for kind in (
 )}
 
 
-def read_config(file: Path) -> dict[str, Any]:
-    """A diffusers JSON config as a dict; ``ValueError`` naming the file when it is not a JSON object."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file} is not valid JSON ({error}); restore it from save_pretrained's output") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object of config fields; "
-                         "restore it from save_pretrained's output")
-    return config
-
-
 def read_index(folder: str | Path) -> dict[str, Any] | None:
     """A pipeline folder's ``model_index.json`` as a dict; ``None`` when ``folder`` is not a pipeline folder."""
     file = Path(folder) / PIPELINE_INDEX
@@ -105,17 +66,6 @@ def pipeline_kind(folder: str | Path) -> PipelineKind | None:
         raise ValueError(f"{Path(folder) / PIPELINE_INDEX} names pipeline class {name!r}; tacdiff supports "
                          f"{', '.join(PIPELINE_KINDS)}")
     return kind
-
-
-def weights_variant(folder: Path) -> str | None:
-    """The variant (e.g. ``"fp16"``) of a model folder saved only with ``save_pretrained(variant=...)``;
-    ``None`` when it has default (unnamed) safetensors weights, or several variants."""
-    stems = [name.removesuffix(".safetensors").split(".") for name in os.listdir(folder)
-             if name.endswith(".safetensors")]
-    if not stems or any(len(stem) == 1 for stem in stems):
-        return None
-    variants = {re.sub(r"-\d+-of-\d+$", "", stem[-1]) for stem in stems}
-    return variants.pop() if len(variants) == 1 else None
 
 
 def component_names(index: dict[str, Any], kind: PipelineKind) -> list[str]:
@@ -150,11 +100,7 @@ def _check_component_folders(folder: Path, names: list[str]) -> None:
         if not part.is_dir() or not any(part.iterdir()):
             raise ValueError(f"{folder / PIPELINE_INDEX} lists the component {name!r} but {part} is missing or "
                              "empty; restore it from save_pretrained's output")
-        weights = sorted(p.name for p in part.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-        if weights and not any(w.endswith(".safetensors") for w in weights):
-            raise ValueError(f"{part} has no safetensors weights (only {weights}); tacdiff never loads pickled "
-                             "weights. Re-save the pipeline with save_pretrained(..., safe_serialization=True) from "
-                             "a trusted environment")
+        check_safetensors(part, required=False)
 
 
 def _load_models(folder: Path, index: dict[str, Any], names: list[str]) -> dict[str, nn.Module]:
@@ -203,17 +149,6 @@ def _check_fit(pipe: DiffusionPipeline, kind: PipelineKind, folder: Path) -> Non
     if problems:
         raise ValueError(f"the components of {folder} do not fit together: " + "; ".join(problems)
                          + ". Restore the pipeline from save_pretrained's output")
-
-
-def diffusers_load(folder: Path, build: Callable[[], T]) -> T:
-    """``build()``, with any error diffusers or transformers raise on a bad folder turned into one
-    ``ValueError`` naming it."""
-    try:
-        return build()
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, OSError,
-            SafetensorError) as error:
-        raise ValueError(f"diffusers cannot load {folder} ({type(error).__name__}: {' '.join(str(error).split())}); "
-                         "restore it from save_pretrained's output") from None
 
 
 def load_components(folder: str | Path, unet: nn.Module, device: str | torch.device = "cpu") -> DiffusionPipeline:

@@ -13,7 +13,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from tacdiff.quant.calibrate import activations_unquantized, model_batches
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.layers import QuantConv2d, QuantLinear
-from tacdiff.sampling.calibration import CalibrationSet
+
+if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
+    from tacdiff.sampling.calibration import CalibrationSet
 
 UNIT_TYPES = (ResnetBlock2D, Attention, BasicTransformerBlock)
 QUANT_LAYERS = (QuantConv2d, QuantLinear)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -22,7 +22,9 @@ from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, reprodu
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.gptq import quantize_weights_gptq
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
-from tacdiff.sampling.calibration import CalibrationSet
+
+if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
+    from tacdiff.sampling.calibration import CalibrationSet
 
 STATE_ATTR = "_tacdiff_quant"
 
@@ -289,8 +291,9 @@ class _Undo:
                     delattr(attn, operand)
             attn.set_processor(processor)
         state = getattr(model, STATE_ATTR, None)
-        if state is not None and state.hook is not None:
-            state.hook.remove()
+        if state is not None:
+            if state.hook is not None:
+                state.hook.remove()
             delattr(model, STATE_ATTR)
 
 

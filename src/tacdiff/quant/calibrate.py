@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 from tacdiff.quant import primitives as P
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.layers import ActQuantizer, RangeObserver
-from tacdiff.sampling.calibration import CalibrationSet
+
+if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
+    from tacdiff.sampling.calibration import CalibrationSet
 
 
 def activation_quantizers(model: nn.Module) -> list[ActQuantizer]:

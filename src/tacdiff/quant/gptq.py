@@ -11,7 +11,7 @@ scale and zero point) is the one round-to-nearest picks; only the integer codes 
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from tacdiff.quant import primitives as P
 from tacdiff.quant.calibrate import activations_unquantized, run_calibration
 from tacdiff.quant.layers import QuantConv2d, QuantLinear
-from tacdiff.sampling.calibration import CalibrationSet
+
+if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
+    from tacdiff.sampling.calibration import CalibrationSet
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean (GPTQ's default)
 MIN_RANK_FRACTION = 0.9  # below this, the calibration inputs are too few to tune the layer to

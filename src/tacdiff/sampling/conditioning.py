@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from tacdiff.data.prompts import DEFAULT_PROMPTS, prompt_of, prompt_set_sha256
 from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, kind_of, map_cond
+from tacdiff.models.loading import LoadedModel
 from tacdiff.models.pipelines import PromptEncoder
 from tacdiff.sampling.batching import Rows, derive_seed
-
-if TYPE_CHECKING:
-    from tacdiff.models.loading import LoadedModel
 
 
 DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's default
