@@ -24,18 +24,17 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 import tacdiff
 from tacdiff.correction.workflow import calibrate_artifact
 from tacdiff.models.loading import load_any_model
+from tacdiff.models.pipelines import SD_SCHEDULER_CONFIG, stable_diffusion
 from tacdiff.models.text import character_tokenizer, random_text_encoder
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs, quantize_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "sd-1.5-unet"
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                    set_alpha_to_one=False, steps_offset=1)
 
 
 def peak_rss_gib() -> float:
@@ -52,9 +51,7 @@ def save_pipeline(config_dir: Path, latent: int, folder: Path) -> int:
     text_encoder = random_text_encoder(tokenizer, unet.config.cross_attention_dim, heads=12)
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                            scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
+    stable_diffusion(unet, vae, text_encoder, tokenizer).save_pretrained(folder)
     return sum(p.numel() for p in unet.parameters())
 
 
@@ -86,8 +83,8 @@ def main() -> None:
 
         started = time.perf_counter()
         loaded = load_any_model(folder, args.device)
-        calibrate_inputs(loaded.model, DDIMScheduler(**SD_SCHEDULER), settings, conditioning_for(loaded, prompts),
-                         progress=False)
+        calibrate_inputs(loaded.model, DDIMScheduler(**SD_SCHEDULER_CONFIG), settings,
+                         conditioning_for(loaded, prompts), progress=False)
         del loaded
         stage(f"load + calibration inputs ({args.samples} x {args.steps} guided DDIM steps)", started,
               args.samples * args.steps)

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, LDMPipeline, StableDiffusionPipeline, VQModel
+from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline,
+                       LDMPipeline, VQModel)
 
+from tacdiff.models.pipelines import stable_diffusion
 from tacdiff.models.text import character_tokenizer, random_text_encoder
 from tiny_models import tiny_model
 
 TEXT_LENGTH = 16  # tokens per prompt (CLIP's is 77)
 LATENT_SIZE = 8   # the tiny UNets' sample size; the autoencoders upsample twice, to 16x16 images
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                    set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion 1.5's
 _AUTOENCODER = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, norm_num_groups=32,
                     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
@@ -29,9 +29,7 @@ def _stable_diffusion(work: Path) -> DiffusionPipeline:
     unet = tiny_model("cond_unet", sample_size=LATENT_SIZE, layers_per_block=1)
     torch.manual_seed(1)
     vae = AutoencoderKL(**_AUTOENCODER, latent_channels=4)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return stable_diffusion(unet, vae, text_encoder, tokenizer)
 
 
 def _ldm(work: Path) -> DiffusionPipeline:
@@ -50,6 +48,8 @@ TINY_PIPELINES: dict[str, Callable[[Path], DiffusionPipeline]] = {
     "sd": _stable_diffusion,     # text-to-image, 4x8x8 latents, 16x16 RGB images
     "ldm": _ldm,                 # unconditional, VQModel, 3x8x8 latents
     "latent_kl": _latent_kl,     # unconditional, AutoencoderKL in LDMPipeline's autoencoder slot, 4x8x8 latents
+    "ddpm": lambda work: DDPMPipeline(unet=tiny_model("conv_unet"), scheduler=DDPMScheduler()),  # pixels, 3x8x8
+    "ddim": lambda work: DDIMPipeline(unet=tiny_model("conv_unet"), scheduler=DDIMScheduler()),
 }
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from typer.core import TyperGroup
 
 from tacdiff.io.atomic import report_file
+
+if TYPE_CHECKING:
+    from tacdiff.sampling.conditioning import PromptOptions
 
 DEBUG_ENV = "TACDIFF_DEBUG"
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -105,6 +108,8 @@ def _positive(value: int) -> int:
     return value
 
 
+FORCE_TABLES_HELP = ("Apply --tables fitted for another model, noise schedule or guidance scale (warns instead "
+                     "of failing; another step count always fails).")
 PROMPT = typer.Option([], "--prompt", help="Prompt (repeatable; image i gets prompt i mod n). Text-to-image "
                                              "pipelines only; default: a built-in list of everyday captions.")
 PROMPTS_FILE = typer.Option(None, "--prompts-file", help="Text file with one prompt per line (instead of --prompt).")
@@ -114,10 +119,10 @@ GUIDANCE_SCALE = typer.Option(None, "--guidance-scale", help="Classifier-free gu
 
 
 def _prompt_options(prompt: list[str], prompts_file: str | None, negative_prompt: str | None,
-                    guidance_scale: float | None) -> Any:
+                    guidance_scale: float | None) -> PromptOptions:
     """The :class:`~tacdiff.sampling.conditioning.PromptOptions` of the four prompt options."""
     from tacdiff.data.prompts import read_prompts
-    from tacdiff.sampling.conditioning import PromptOptions
+    from tacdiff.sampling.conditioning import PromptOptions  # here, not at the top: it loads torch
 
     if prompt and prompts_file:
         raise ValueError("pass --prompt or --prompts-file, not both")
@@ -243,8 +248,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     tables: str = typer.Option(None, "--tables", help="Correction tables (tacdiff calibrate --out) to apply to MODEL; "
                                                       "calibrated for this scheduler and step count."),
-    force_tables: bool = typer.Option(False, "--force-tables", help="Apply --tables although they were fitted for "
-                                                                    "another model (warns instead of failing)."),
+    force_tables: bool = typer.Option(False, "--force-tables", help=FORCE_TABLES_HELP),
     json_path: str = typer.Option(None, "--json", help="Write the results here as JSON (atomically)."),
     prompt: list[str] = PROMPT,
     prompts_file: str = PROMPTS_FILE,
@@ -276,7 +280,7 @@ def sample(
     model: str = typer.Argument(..., help="FP diffusers model folder, quantized artifact folder, or 'reference'."),
     out: str = typer.Option(..., "--out", help="Folder for the PNG files, grid.png and samples.json."),
     tables: str = typer.Option(None, "--tables", help="Correction tables (tacdiff calibrate --out) for MODEL."),
-    force_tables: bool = typer.Option(False, "--force-tables", help="Apply --tables fitted for another model."),
+    force_tables: bool = typer.Option(False, "--force-tables", help=FORCE_TABLES_HELP),
     num_samples: int = typer.Option(16, "--num-samples", help="Images to write.", callback=_positive),
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
     scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
@@ -315,14 +319,14 @@ def calibrate(
     gamma: float = typer.Option(0.0, help="NER: pull of the scales towards 1."),
     tau: float = typer.Option(2.0, help="NER: mask |r| > tau * mean|r| for the relative term."),
     ibc: str = typer.Option("element", help="IBC granularity: channel or element."),
-    ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (needs tacdiff's sampling loop) "
-                                                 "or only the network 'input' (works inside any diffusers pipeline)."),
+    ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (tacdiff's loop and load_pipeline) "
+                                                 "or only the network 'input' (a plain UNet wrapper)."),
     prompt: list[str] = PROMPT,
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
-    guidance_fit: str = typer.Option("guided", help="With guidance: fit NER on the 'guided' estimate, or one scale "
-                                                    "per 'branch' (unconditional and conditional)."),
+    guidance_fit: str = typer.Option("guided", help="With guidance (tac, ner, ibc): fit NER on the 'guided' "
+                                                    "estimate, or one scale per 'branch' (unconditional, conditional)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),

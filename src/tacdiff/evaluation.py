@@ -21,7 +21,7 @@ from torch import Tensor
 from tacdiff.correction import load_correction
 from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_or_note
-from tacdiff.metrics.paired import PairedStepStats, paired_errors, psnr_db
+from tacdiff.metrics.paired import Decode, PairedStepStats, paired_errors, psnr_db
 from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper, ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
 from tacdiff.sampling.batching import Rows, batched_trajectories, to_images
@@ -117,9 +117,10 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
 
 
 def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: SchedulerMixin, keep: bool,
-                   **run: Any) -> tuple[list[Tensor], Any, int]:
+                   decoders: tuple[Decode, Decode], **run: Any) -> tuple[list[Tensor], Any, int]:
     """Final images of ``denoiser`` (kept on the CPU if ``keep``), paired errors against ``fp`` (or None)
-    and the number of samples (of either model) holding NaN or inf."""
+    and the number of samples (of either model) holding NaN or inf; ``decoders`` turn ``fp``'s and
+    ``denoiser``'s final latents into images."""
     images: list[Tensor] = []
     broken = [0]
 
@@ -129,10 +130,9 @@ def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: Scheduler
             images.append(est.cpu())
 
     if fp is not None:
-        return images, paired_errors(fp, denoiser, scheduler, on_batch=collect, **run), broken[0]
-    decode = run.pop("decode")[1]
+        return images, paired_errors(fp, denoiser, scheduler, decode=decoders, on_batch=collect, **run), broken[0]
     for start, (final,) in batched_trajectories([denoiser], scheduler, **run):
-        collect(start, final, to_images(decode(final)))
+        collect(start, final, to_images(decoders[1](final)))
     return images, None, broken[0]
 
 
@@ -189,21 +189,22 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     sched = build_scheduler(scheduler, config)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
-    parts = loaded if loaded.pipeline is not None or fp is None else fp  # the side with a pipeline's components
-    conditioning = conditioning_for(parts, prompts, count=samples, seed=seed, what=str(model))
+    # prompts, image shape and a decoder for a side without them come from the side with a pipeline's components
+    components = loaded if loaded.pipeline is not None or fp is None else fp
+    conditioning = conditioning_for(components, prompts, count=samples, seed=seed, what=str(model))
     sampler = ModelDenoiser(loaded.model, sched)
     if tables is not None:
         sampler = load_correction(sampler, tables, sched, steps, force=force_tables)
         sampler.tables.check_conditioning(conditioning.record, force=force_tables)
         correction = sampler.tables
-    image_shape = parts.image_shape
+    image_shape = components.image_shape
+    decoders = tuple(side.decode if side is not None and side.pipeline is not None else components.decode
+                     for side in (fp, loaded))
     started = time.perf_counter()
     images, paired, broken = _sample_images(
         conditioning.guide(sampler), conditioning.guide(ModelDenoiser(fp.model, sched)) if fp is not None else None,
-        sched, keep=image_shape == IMAGE_SHAPE, num_samples=samples, sample_shape=shape, num_inference_steps=steps,
-        seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
-        decode=tuple(side.decode if side is not None and side.pipeline is not None else parts.decode
-                     for side in (fp, loaded)),
+        sched, image_shape == IMAGE_SHAPE, decoders, num_samples=samples, sample_shape=shape,
+        num_inference_steps=steps, seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
         progress=progress)
     _sync(torch.device(device))
     sampling_seconds = time.perf_counter() - started

@@ -12,19 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, SchedulerMixin
 from torch import nn
 
+from tacdiff.correction import CorrectedDenoiser, calibrate_tac, load_correction
 from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_sha256
 from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
-from tacdiff.metrics.paired import sqnr_db
+from tacdiff.metrics.paired import psnr_db, sqnr_db
 from tacdiff.models.kinds import ModelDenoiser, kind_of, sample_shape_of
-from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, LoadedModel, find_unet_dir, load_any_model,
-                                   load_scheduler)
-from tacdiff.quant import QuantConfig, quant_state, quantize
+from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, LoadedModel, build_scheduler, check_settings,
+                                   find_unet_dir, input_paths, load_any_model, load_scheduler)
 from tacdiff.models.pipelines import component, components_sha256
+from tacdiff.models.reference import load_reference_model
+from tacdiff.quant import QuantConfig, quant_state, quantize
 from tacdiff.quant.apply import check_finite, quantize_weights_only
+from tacdiff.report import save_grid
+from tacdiff.report.images import IMAGE_CHANNELS, save_png, tile, to_uint8
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
+from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
 from tacdiff.sampling.conditioning import UNCONDITIONAL, Conditioning, PromptOptions, conditioning_for
 
 
@@ -43,7 +48,7 @@ class CalibrationSettings:
                 raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
 
 
-def calibrate_inputs(model: nn.Module, scheduler, settings: CalibrationSettings,
+def calibrate_inputs(model: nn.Module, scheduler: SchedulerMixin, settings: CalibrationSettings,
                      conditioning: Conditioning = UNCONDITIONAL, progress: bool = True) -> CalibrationSet:
     """Calibration inputs for ``model``: its own DDIM trajectories under ``conditioning`` (prompts, guidance)."""
     return collect_calibration_set(model, scheduler, num_samples=settings.samples,
@@ -101,14 +106,11 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
                                     what=str(model_dir))
     source_hash = state_dict_sha256(model)
     held_out = CalibrationSettings(min(calibration.samples, 16), calibration.steps, 10, calibration.seed + 1)
-    with warnings.catch_warnings():  # the stand-in embeddings warning is given once, for the calibration set
-        warnings.simplefilter("ignore")
-        held_out_conditioning = conditioning_for(loaded, prompts, count=held_out.samples, seed=held_out.seed)
-    held_out_inputs = calibrate_inputs(model, scheduler, held_out, held_out_conditioning, progress=False)
+    held_out_inputs = calibrate_inputs(model, scheduler, held_out, _held_out(conditioning, loaded, held_out),
+                                       progress=False)
     reference = noise_estimates(model, held_out_inputs)  # kept instead of an FP copy of the model
     started = time.perf_counter()
-    calib = calibrate_inputs(model, scheduler, calibration, conditioning, progress)
-    quantize(model, config, calib, progress=progress)
+    quantize(model, config, calibrate_inputs(model, scheduler, calibration, conditioning, progress), progress=progress)
     quant_state(model).source_sha256 = source_hash
     seconds = time.perf_counter() - started
     sqnr = sqnr_db(reference, noise_estimates(model, held_out_inputs))
@@ -116,12 +118,25 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
         "source_model": str(Path(model_dir).resolve()), "source_sha256": source_hash,
         "scheduler_class": type(scheduler).__name__, "scheduler_config": json.dumps(dict(scheduler.config)),
         "calibration": json.dumps(calibration.__dict__), "conditioning": json.dumps(conditioning.record),
-        "quantize_seconds": f"{seconds:.2f}", "held_out_sqnr_db": f"{sqnr:.3f}",
+        "quantize_seconds": f"{seconds:.2f}", "held_out_sqnr_db": f"{sqnr:.3f}", **_pipeline_record(loaded, model_dir),
     }
-    if loaded.pipeline is not None:
-        metadata[PIPELINE_KEY] = str(Path(model_dir).resolve())
-        metadata[PIPELINE_SHA256_KEY] = components_sha256(model_dir)
     return save_quantized(model, out_dir, metadata=metadata, components=parts, overwrite=overwrite), model, sqnr
+
+
+def _held_out(conditioning: Conditioning, loaded: LoadedModel, held_out: CalibrationSettings) -> Conditioning:
+    """The held-out inputs' conditioning: the same prompts (other noise), or stand-in embeddings of their own seed."""
+    if conditioning.prompts is not None or not conditioning.record:
+        return conditioning
+    with warnings.catch_warnings():  # the stand-in embeddings warning was given for the calibration set
+        warnings.filterwarnings("ignore", message=".*stand-in text embeddings")
+        return conditioning_for(loaded, count=held_out.samples, seed=held_out.seed)
+
+
+def _pipeline_record(loaded: LoadedModel, model_dir: str | Path) -> dict[str, str]:
+    """Artifact metadata naming the pipeline folder and hashing its components (nothing for a model folder)."""
+    if loaded.pipeline is None:
+        return {}
+    return {PIPELINE_KEY: str(Path(model_dir).resolve()), PIPELINE_SHA256_KEY: components_sha256(model_dir)}
 
 
 def _quantize_component(loaded: LoadedModel, name: str, config: QuantConfig, model_dir: str | Path) -> nn.Module:
@@ -145,11 +160,6 @@ def run_demo(out_dir: str | Path = "tacdiff-demo", *, bits: tuple[tuple[int, int
     noise-estimate SQNR in dB (None for the TAC row, whose correction acts along trajectories),
     final-image MSE and PSNR against FP (images in [-1, 1]); writes ``out_dir/samples.png``.
     """
-    from tacdiff.correction import CorrectedDenoiser, calibrate_tac
-    from tacdiff.metrics.paired import psnr_db
-    from tacdiff.models.reference import load_reference_model
-    from tacdiff.report import save_grid
-    from tacdiff.sampling.batching import batched_trajectories, to_images
 
     for name, value in (("samples", samples), ("steps", steps), ("calib_samples", calib_samples)):
         if value < 1:
@@ -220,16 +230,15 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     same PNG bytes at any ``num_samples`` for a fixed batch size and thread count. The folder is
     written atomically; ``overwrite`` replaces only a folder that this function wrote.
     """
-    from tacdiff.correction import load_correction
-    from tacdiff.models.loading import build_scheduler, check_settings, input_paths
-    from tacdiff.report.images import save_png, tile, to_uint8
-    from tacdiff.sampling.batching import batched_trajectories, derive_seed, to_images
 
     check_settings(scheduler, steps, num_samples, batch_size, device)
     check_writable(out_dir, overwrite, recognise=is_samples_folder, what="samples folder",
                    inputs=input_paths(model, tables), folder=True)
     loaded = load_any_model(model, device)
-    _check_makes_images(loaded, model)
+    channels = loaded.image_shape[0]
+    if channels not in IMAGE_CHANNELS:
+        raise ValueError(f"{model} makes {channels}-channel samples, not images: tacdiff sample writes 1- or "
+                         "3-channel images; pass the latent pipeline folder (with its autoencoder) instead of its UNet")
     if "encoder_hidden_states" in kind_of(loaded.model).cond_keys and not loaded.reads_prompts:
         raise ValueError(f"{model} is a text-conditioned UNet without its text encoder, so it cannot read prompts; "
                          "pass the pipeline folder (with text_encoder/ and tokenizer/) or an artifact quantized "
@@ -265,15 +274,3 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     return write_dir_atomically(out_dir, fill, overwrite=overwrite, recognise=is_samples_folder,
                                 what="samples folder")
 
-
-def _check_makes_images(loaded: LoadedModel, model: str | Path) -> None:
-    """``ValueError`` unless ``loaded`` makes 1- or 3-channel images (directly or through its autoencoder)."""
-    from tacdiff.report.images import IMAGE_CHANNELS
-
-    if loaded.kind is not None and loaded.kind.decoder is not None:
-        channels = getattr(loaded.pipeline, loaded.kind.decoder).config.out_channels
-    else:
-        channels = loaded.model.config.in_channels
-    if channels not in IMAGE_CHANNELS:
-        raise ValueError(f"{model} makes {channels}-channel samples, not images: tacdiff sample writes 1- or "
-                         "3-channel images; pass the latent pipeline folder (with its autoencoder) instead of its UNet")

@@ -24,12 +24,18 @@ def guided(model: nn.Module) -> ClassifierFreeGuidance:
     return ClassifierFreeGuidance(ModelDenoiser(model), SCALE)
 
 
-def test_guided_calibration_is_replayed_by_the_wrapper() -> None:
+def fp_and_shifted() -> tuple[nn.Module, nn.Module]:
+    """The tiny text-conditioned UNet and a copy with every weight 3% larger (a stand-in quantized model)."""
     fp = tiny_model("cond_unet", layers_per_block=1)
     shifted = copy.deepcopy(fp)
     with torch.no_grad():
         for param in shifted.parameters():
             param.mul_(1.03)
+    return fp, shifted
+
+
+def test_guided_calibration_is_replayed_by_the_wrapper() -> None:
+    fp, shifted = fp_and_shifted()
     text = tiny_cond("cond_unet", SAMPLES, seed=0)
     run = dict(num_inference_steps=STEPS, num_samples=SAMPLES, seed=0, cond=text, progress=False, denoiser=guided)
     tables = calibrate_tac(fp, shifted, DDIMScheduler(), batch_size=SAMPLES, **run)
@@ -49,11 +55,7 @@ def test_guided_calibration_is_replayed_by_the_wrapper() -> None:
 def test_per_branch_fit_is_replayed_inside_guidance() -> None:
     """``guidance_fit="branch"``: one K_t per guidance branch, applied to each half of the guided batch;
     sampling with the tables retraces the calibration trajectories (no bias left at any step)."""
-    fp = tiny_model("cond_unet", layers_per_block=1)
-    shifted = copy.deepcopy(fp)
-    with torch.no_grad():
-        for param in shifted.parameters():
-            param.mul_(1.03)
+    fp, shifted = fp_and_shifted()
     text = tiny_cond("cond_unet", SAMPLES, seed=0)
     conditioning = Conditioning(tensor_conditioning(text).rows, SCALE)  # zero unconditional embedding, as guided()
     tables = calibrate_tac(fp, shifted, DDIMScheduler(), num_inference_steps=STEPS, num_samples=SAMPLES,

@@ -35,12 +35,14 @@ PROMPTS = ["a red shoe", "a cat"]
 
 @dataclass
 class World:
-    """A tiny pipeline folder, a W4A8 artifact quantized from it and its TAC tables (state and input IBC)."""
+    """A tiny pipeline folder, a W4A8 artifact quantized from it and its TAC tables (state and input IBC, and
+    with prompts one NER scale per guidance branch)."""
 
     folder: Path
     artifact: Path
     tables: Path
     input_tables: Path
+    branch_tables: Path | None
 
 
 def _scheduler(folder: Path) -> DDIMScheduler:
@@ -62,7 +64,9 @@ def _world(root: Path, name: str, prompts: list[str] | None) -> World:
     fit = dict(num_inference_steps=STEPS, num_samples=8, batch_size=8, cond=cond, progress=False)
     tables = calibrate_tac(fp, quant, scheduler, **fit).save(root / f"{name}-tac.safetensors")
     input_tables = calibrate_tac(fp, quant, scheduler, ibc="channel", ibc_target="input", **fit)
-    return World(folder, artifact, tables, input_tables.save(root / f"{name}-tac-input.safetensors"))
+    branch_tables = None if cond is None else calibrate_tac(fp, quant, scheduler, guidance_fit="branch", **fit).save(
+        root / f"{name}-tac-branch.safetensors")
+    return World(folder, artifact, tables, input_tables.save(root / f"{name}-tac-input.safetensors"), branch_tables)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,12 +103,12 @@ def _loop(world: World, tables: Path) -> torch.Tensor:
     return latents
 
 
-@pytest.mark.parametrize("target", ["state", "input"])
+@pytest.mark.parametrize("target", ["state", "input", "branch"])
 def test_corrected_pipeline_equals_the_loop(sd: World, target: str) -> None:
-    tables = sd.tables if target == "state" else sd.input_tables
+    tables = {"state": sd.tables, "input": sd.input_tables, "branch": sd.branch_tables}[target]
     pipe = load_pipeline(sd.artifact, tables)
     assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.unet, PipelineUNet)
-    assert isinstance(pipe.scheduler.step, StateShiftingStep) == (target == "state")
+    assert isinstance(pipe.scheduler.step, StateShiftingStep) == (target != "input")
     noise = sample_noise((4, 8, 8), 0, 1, SEED)
     latents, expected = _generate(pipe, noise), _loop(sd, tables)
     torch.testing.assert_close(latents, expected, rtol=0, atol=1e-6)

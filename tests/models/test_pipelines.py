@@ -23,17 +23,18 @@ from tiny_pipelines import TINY_PIPELINES
 STEPS = 3
 
 
-@pytest.mark.parametrize("name, cls, decoder, prompts", [("sd", "StableDiffusionPipeline", "AutoencoderKL", True),
-                                                         ("ldm", "LDMPipeline", "VQModel", False),
-                                                         ("latent_kl", "LDMPipeline", "AutoencoderKL", False)])
+@pytest.mark.parametrize("name, cls, decoder, prompts, size", [
+    ("sd", "StableDiffusionPipeline", "AutoencoderKL", True, 16), ("ldm", "LDMPipeline", "VQModel", False, 16),
+    ("latent_kl", "LDMPipeline", "AutoencoderKL", False, 16), ("ddpm", "DDPMPipeline", None, False, 8),
+    ("ddim", "DDIMPipeline", None, False, 8)])
 def test_pipeline_folders_load_around_their_unet(pipeline_dir: Callable[[str], Path], name: str, cls: str,
-                                                 decoder: str, prompts: bool) -> None:
+                                                 decoder: str | None, prompts: bool, size: int) -> None:
     loaded = load_any_model(pipeline_dir(name))
     assert type(loaded.pipeline).__name__ == cls and loaded.pipeline.unet is loaded.model
-    assert type(getattr(loaded.pipeline, loaded.kind.decoder)).__name__ == decoder
-    assert loaded.reads_prompts is prompts and not loaded.quantized
+    parts = None if loaded.kind.decoder is None else type(getattr(loaded.pipeline, loaded.kind.decoder)).__name__
+    assert parts == decoder and loaded.reads_prompts is prompts and not loaded.quantized
     latents = torch.randn(2, *sample_shape_of(loaded.model))
-    assert tuple(loaded.decode(latents).shape) == (2, *loaded.image_shape) == (2, 3, 16, 16)
+    assert tuple(loaded.decode(latents).shape) == (2, *loaded.image_shape) == (2, 3, size, size)
 
 
 @torch.no_grad()
@@ -89,15 +90,23 @@ def test_a_component_with_pickled_weights_only_is_refused_unread(pipeline_dir: C
     assert str(folder / "text_encoder") in str(error.value)
 
 
-def test_prompt_embeddings_are_computed_once_per_prompt(pipeline_dir: Callable[[str], Path]) -> None:
-    encoder = PromptEncoder(load_any_model(pipeline_dir("sd")).pipeline)
+def test_prompt_embeddings_are_computed_once_per_prompt(pipeline_dir: Callable[[str], Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = load_any_model(pipeline_dir("sd")).pipeline
+    calls: list[str] = []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda prompt, *args: calls.append(prompt) or encode(prompt, *args))
+    encoder = PromptEncoder(pipe, cache_size=2)
     embeds = encoder(["a", "b", "a"])
     assert embeds.shape[0] == 3 and torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
-    assert len(encoder._cache) == 2
+    assert calls == ["a", "b"]
+    encoder(["c", "a"])  # "c" evicts the least recently used prompt, "b"; "a" is still cached
+    encoder(["b"])
+    assert calls == ["a", "b", "c", "b"]
 
 
-def test_every_tiny_pipeline_kind_is_tested() -> None:
-    assert set(TINY_PIPELINES) == {"sd", "ldm", "latent_kl"}
+def test_every_pipeline_kind_has_a_tiny_pipeline(tmp_path: Path) -> None:
+    assert {type(build(tmp_path)).__name__ for build in TINY_PIPELINES.values()} == set(PIPELINE_KINDS)
 
 
 def test_components_tacdiff_does_not_load_are_not_read(pipeline_dir: Callable[[str], Path], tmp_path: Path) -> None:

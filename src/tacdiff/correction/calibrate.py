@@ -239,7 +239,8 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
 
 def _branch_pair(step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
                  scheduler: SchedulerMixin, conditioning: Conditioning, batch_size: int,
-                 state_ibc: Granularity | None, denoiser: Any) -> tuple[_FPRecorder, _Calibrating]:
+                 state_ibc: Granularity | None,
+                 denoiser: Callable[[nn.Module], Denoiser] | None) -> tuple[_FPRecorder, _Calibrating]:
     """The FP recorder and calibrating denoiser of a per-branch fit: both see ``[eps_u; eps_c]``."""
     if not conditioning.guided or denoiser is not None:
         raise ValueError("guidance_fit='branch' fits one correction per classifier-free-guidance branch: it needs "
@@ -284,7 +285,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
         cond: model keyword arguments with a leading dimension ``num_samples``, or a
             :class:`~tacdiff.sampling.conditioning.Conditioning` (prompts and guidance: the tables
             are then fitted on the guided estimate that enters the sampler, and record its guidance
-            scale and prompt-set hash, checked by :meth:`CorrectionTables.check_conditioning`).
+            scale, which :meth:`CorrectionTables.check_conditioning` compares, and the prompt-set hash).
         denoiser: adapts a model to ``(x, t, **cond) -> eps``; by default
             ``ModelDenoiser(model, scheduler)``, guided as ``cond`` says.
         guidance_fit: with guidance, ``"guided"`` fits NER's ``K_t`` on the guided estimate that
@@ -357,8 +358,8 @@ def fit_tables(method: str, fp_model: nn.Module, quant_model: nn.Module, schedul
                options: dict[str, Any] | None = None, **run: Any) -> CorrectionTables:
     """Fit ``method``'s tables (a key of :data:`CALIBRATORS`) for ``quant_model`` against ``fp_model``.
 
-    ``options`` are TAC's hyper-parameters (``lam``, ``gamma``, ``tau``, ``ibc``, ``ibc_target``;
-    PTQD has none); ``run`` the settings every method shares (``num_inference_steps``,
+    ``options`` are TAC's hyper-parameters (``lam``, ``gamma``, ``tau``, ``ibc``, ``ibc_target``,
+    ``guidance_fit``; PTQD has none); ``run`` the settings every method shares (``num_inference_steps``,
     ``num_samples``, ``batch_size``, ``seed``, ``cond``, ``progress``, ``denoiser``), as in :func:`calibrate_tac`.
     """
     if method not in CALIBRATORS:

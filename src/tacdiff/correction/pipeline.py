@@ -31,7 +31,7 @@ from tacdiff.models.loading import load_any_model, scheduler_class
 
 
 def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | None = None, *,
-                  force_tables: bool = False, device: str = "cpu") -> DiffusionPipeline:
+                  force_tables: bool = False, device: str | torch.device = "cpu") -> DiffusionPipeline:
     """The diffusers pipeline of ``model`` with its (quantized) UNet, corrected by ``tables`` if given.
 
     Args:
@@ -44,8 +44,8 @@ def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | Non
         device: where the pipeline's components go.
 
     Returns:
-        The pipeline's own class (e.g. ``StableDiffusionPipeline``) with its full-precision text
-        encoder and autoencoder; called as in diffusers, at the tables' step count and (for
+        The pipeline's own class (e.g. ``StableDiffusionPipeline``) with its text encoder and
+        autoencoder (full precision, or quantized where the artifact holds them); called as in diffusers, at the tables' step count and (for
         text-to-image pipelines) guidance scale, which every call checks before any step runs.
         The pipeline samples with the tables' scheduler class (built from the pipeline's scheduler
         config when the folder names another, e.g. Stable Diffusion's PNDM). Its ``unet`` is a

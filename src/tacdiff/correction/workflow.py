@@ -30,17 +30,19 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     comes from the artifact's metadata when present, else from the FP model. ``ValueError``
     when the FP model is not the one the artifact was quantized from (by state-dict hash).
     Text-to-image pipelines calibrate on ``prompts`` (sample ``i`` gets prompt ``i mod n``) with
-    classifier-free guidance: the tables correct the guided estimate and record the guidance
-    scale and prompt-set hash (:meth:`CorrectionTables.check_conditioning`).
+    classifier-free guidance: the tables correct the guided estimate (or each branch, with
+    ``guidance_fit="branch"``) and record the guidance scale, which
+    :meth:`CorrectionTables.check_conditioning` compares, and the prompt-set hash.
     """
     if method not in CALIBRATORS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CALIBRATORS)}")
     check_granularity(ibc)
     if ibc_target not in IBC_TARGETS:
         raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
-    if guidance_fit not in GUIDANCE_FITS or (method == "ptqd" and guidance_fit != DEFAULT_GUIDANCE_FIT):
-        raise ValueError(f"--guidance-fit must be one of {', '.join(GUIDANCE_FITS)} (TAC and its ablations only), "
-                         f"got {guidance_fit!r} for {method}")
+    if guidance_fit not in GUIDANCE_FITS:
+        raise ValueError(f"guidance_fit must be one of {', '.join(GUIDANCE_FITS)}, got {guidance_fit!r}")
+    if method == "ptqd" and guidance_fit != DEFAULT_GUIDANCE_FIT:
+        raise ValueError(f"guidance_fit={guidance_fit!r} applies to tac, ner and ibc; ptqd fits the guided estimate")
     check_settings(scheduler, steps, samples, batch_size, device)
     check_writable(out, overwrite, recognise=is_tables_file, what="correction tables file",
                    inputs=input_paths(quant_artifact, fp_model))

@@ -22,6 +22,7 @@ from tacdiff.models.pipelines import (PipelineKind, component, components_sha256
                                      pipeline_kind, read_index)
 from tacdiff.models.reference import load_reference_model
 
+
 def find_unet_dir(path: str | Path) -> Path:
     """The folder holding the UNet's ``config.json``: ``path`` itself or ``path/unet``."""
     path = Path(path)
@@ -137,7 +138,7 @@ class LoadedModel:
         return latents if self.kind is None else decode_latents(self.pipeline, self.kind, latents)
 
 
-def load_any_model(spec: str | Path, device: str = "cpu") -> LoadedModel:
+def load_any_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load ``"reference"``, a quantized artifact folder, or a diffusers model or pipeline folder, in eval mode.
 
     Pipeline folders (and artifacts quantized from one, which record where it lives) come with

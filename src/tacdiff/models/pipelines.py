@@ -48,6 +48,20 @@ PIPELINE_KINDS: dict[str, PipelineKind] = {kind.cls.__name__: kind for kind in (
 )}
 
 
+SD_SCHEDULER_CONFIG: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+"""Stable Diffusion 1.5's noise schedule and DDIM settings."""
+
+
+def stable_diffusion(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any) -> DiffusionPipeline:
+    """A ``StableDiffusionPipeline`` of these parts with SD 1.5's DDIM schedule and no safety checker."""
+    from diffusers import DDIMScheduler
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def read_index(folder: str | Path) -> dict[str, Any] | None:
     """A pipeline folder's ``model_index.json`` as a dict; ``None`` when ``folder`` is not a pipeline folder."""
     file = Path(folder) / PIPELINE_INDEX
