@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tacdiff.data.prompts import DEFAULT_PROMPTS, prompt_of, prompt_set_sha256, read_prompts
+from tacdiff.data.prompts import (DEFAULT_PROMPTS, FASHION_NAMES, PLURAL_NAMES, fashion_captions, fashion_vocabulary,
+                                  prompt_of, prompt_set_sha256, read_prompts)
 
 
 def test_prompt_files_hold_one_prompt_per_line(tmp_path: Path) -> None:
@@ -36,3 +37,14 @@ def test_the_hash_identifies_an_ordered_set() -> None:
 def test_prompts_are_used_in_turn_and_the_default_list_varies() -> None:
     assert [prompt_of(["x", "y", "z"], i) for i in range(5)] == ["x", "y", "z", "x", "y"]
     assert len(set(DEFAULT_PROMPTS)) == len(DEFAULT_PROMPTS) >= 32
+
+
+def test_fashion_captions_name_their_class_and_leave_some_empty() -> None:
+    labels = [i % 10 for i in range(2000)]
+    captions = fashion_captions(labels, seed=0)
+    assert captions == fashion_captions(labels, seed=0) and captions != fashion_captions(labels, seed=1)
+    assert 0.08 < sum(c == "" for c in captions) / len(captions) < 0.12
+    for label, caption in zip(labels, captions):
+        assert caption == "" or any(name in caption for name in FASHION_NAMES[label]), (label, caption)
+    assert not any(f"a {name}" in caption for caption in captions for name in PLURAL_NAMES)
+    assert set(" ".join(captions).replace(",", " ").split()) <= set(fashion_vocabulary())

@@ -1,10 +1,12 @@
 """Prompt sets for text-to-image calibration, evaluation and sampling: a built-in default list,
-prompt files (one prompt per line) and the hash that identifies a set."""
+prompt files (one prompt per line), the hash that identifies a set, and captions of Fashion-MNIST
+classes for training a text-to-image model on them."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Sequence
 
@@ -73,3 +75,49 @@ def prompt_set_sha256(prompts: Sequence[str]) -> str:
 def prompt_of(prompts: Sequence[str], index: int) -> str:
     """The prompt of sample ``index``: the prompts are used in turn (sample ``i`` gets ``prompts[i % len]``)."""
     return prompts[index % len(prompts)]
+
+
+FASHION_NAMES: tuple[tuple[str, ...], ...] = (
+    ("t-shirt", "tee", "top", "t-shirt or top"),
+    ("trousers", "pants", "pair of trousers", "pair of pants"),
+    ("pullover", "sweater", "jumper"),
+    ("dress", "summer dress"),
+    ("coat", "jacket", "winter coat"),
+    ("sandal", "sandals", "pair of sandals"),
+    ("shirt", "button-up shirt", "blouse"),
+    ("sneaker", "sneakers", "trainer", "running shoe", "pair of sneakers"),
+    ("bag", "handbag", "purse"),
+    ("ankle boot", "boot", "boots", "pair of ankle boots"),
+)
+"""Ways to name each Fashion-MNIST class, in label order (see ``FASHION_MNIST_CLASSES``)."""
+
+FASHION_TEMPLATES: tuple[str, ...] = (
+    "{name}", "a {name}", "a photo of a {name}", "a picture of a {name}", "{name}, product photo",
+    "a black and white photo of a {name}", "a {name} on a plain background", "an image of a {name}",
+)
+"""Caption templates; ``a {name}`` is written ``an ...`` before a vowel, and without ``a`` for plurals."""
+PLURAL_NAMES = frozenset({"trousers", "pants", "sandals", "sneakers", "boots"})
+
+
+def fashion_caption(label: int, rng: random.Random) -> str:
+    """A caption naming Fashion-MNIST class ``label``: a random template and a random name of the class."""
+    name = rng.choice(FASHION_NAMES[label])
+    text = rng.choice(FASHION_TEMPLATES).format(name=name)
+    if name in PLURAL_NAMES:
+        text = text.replace(f"a {name}", name)
+    return " ".join("an" if word == "a" and following[:1] in "aeiou" else word
+                    for word, following in zip(text.split(), text.split()[1:] + [""]))
+
+
+def fashion_captions(labels: Sequence[int], seed: int, empty_fraction: float = 0.1) -> list[str]:
+    """One caption per label, seeded; about ``empty_fraction`` of them empty, so that the model also
+    learns the unconditional estimate that classifier-free guidance needs."""
+    rng = random.Random(seed)
+    return ["" if rng.random() < empty_fraction else fashion_caption(int(label), rng) for label in labels]
+
+
+def fashion_vocabulary() -> list[str]:
+    """Every word the Fashion-MNIST captions can contain (``a``/``an`` both), sorted."""
+    texts = [template.format(name=name) for template in FASHION_TEMPLATES for names in FASHION_NAMES
+             for name in names]
+    return sorted({word for text in texts for word in text.replace(",", " ").split()} | {"an"})

@@ -1,17 +1,20 @@
-"""Text encoders built offline: a CLIP tokenizer from a vocabulary written on the spot (nothing is
-downloaded), and a small random ``CLIPTextModel`` to go with it, for test and scale-check pipelines."""
+"""Text encoders built offline (nothing is downloaded): a CLIP tokenizer over single characters, a
+word-level tokenizer over a known vocabulary (unknown words map to an unknown token, never an error),
+and a small random ``CLIPTextModel`` to go with either."""
 
 from __future__ import annotations
 
 import json
 import string
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast
 
 CHARACTERS = string.ascii_lowercase + string.digits + ",.!?'-"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+BOS, EOS, UNKNOWN = "<|startoftext|>", "<|endoftext|>", "<|unknown|>"
 
 
 def character_tokenizer(folder: str | Path, max_length: int = 77) -> CLIPTokenizer:
@@ -29,13 +32,31 @@ def character_tokenizer(folder: str | Path, max_length: int = 77) -> CLIPTokeniz
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
-def random_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, *, layers: int = 2, heads: int = 4,
-                        seed: int = 0) -> CLIPTextModel:
+def word_tokenizer(words: Sequence[str], max_length: int = 77) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words``, CLIP's way round: lowercased, punctuation but ``'`` and ``-``
+    dropped, ``<|startoftext|>`` and ``<|endoftext|>`` around the words, padded with ``<|endoftext|>``;
+    a word not in ``words`` is ``<|unknown|>``. Save it with ``save_pretrained`` (``tokenizer.json``)."""
+    vocab = {BOS: 0, EOS: 1, UNKNOWN: 2}
+    for word in sorted(set(words)):
+        vocab.setdefault(word.lower(), len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
+                                                 normalizers.Replace(Regex(r"[^\w\s'-]"), " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}",
+                                                             special_tokens=[(BOS, 0), (EOS, 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   unk_token=UNKNOWN, model_max_length=max_length)
+
+
+def random_text_encoder(tokenizer: CLIPTokenizer | PreTrainedTokenizerFast, hidden_size: int, *, layers: int = 2,
+                        heads: int = 4, seed: int = 0) -> CLIPTextModel:
     """A seeded random ``CLIPTextModel`` for ``tokenizer``: ``hidden_size``-wide outputs (the UNet's
-    ``cross_attention_dim``), ``layers`` transformer layers of ``heads`` heads."""
-    torch.manual_seed(seed)
+    ``cross_attention_dim``), ``layers`` transformer layers of ``heads`` heads; the global RNG is untouched."""
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                             num_hidden_layers=layers, num_attention_heads=heads,
                             max_position_embeddings=tokenizer.model_max_length, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1)
-    return CLIPTextModel(config).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded, leaving the global generator as it was
+        torch.manual_seed(seed)
+        return CLIPTextModel(config).eval()
