@@ -235,6 +235,30 @@ def train(
     typer.echo(f"wrote {out / 'unet'}, {out / 'scheduler'} and {out / 'training.json'}")
 
 
+@app.command("train-latent")
+def train_latent(
+    out_dir: str = typer.Argument(..., help="Run folder; each stage resumes from its checkpoint there."),
+    autoencoder_steps: int = typer.Option(3000, help="Autoencoder steps (stage 1).", callback=_positive),
+    unet_steps: int = typer.Option(20000, help="UNet and text-encoder steps (stage 2).", callback=_positive),
+    batch_size: int = typer.Option(128, help="Images per step.", callback=_positive),
+    lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up (both stages)."),
+    seed: int = typer.Option(0, help="Seed for the initial weights and every random draw."),
+    ema_decay: float = typer.Option(0.999, help="Decay of the weight EMA that is exported."),
+    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints.", callback=_positive),
+    device: str = typer.Option("auto", help="torch device; 'auto' picks cuda when available.", callback=_device),
+    data_dir: str = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz files."),
+    quiet: bool = typer.Option(False, help="Hide the progress bars."),
+) -> None:
+    """Train a small text-to-image latent diffusion pipeline (AutoencoderKL, text-conditioned UNet, CLIP text
+    encoder) on Fashion-MNIST class captions; writes OUT_DIR/pipeline (a StableDiffusionPipeline folder)."""
+    from tacdiff.models.train_latent import train_latent as run
+
+    out = run(out_dir, autoencoder_steps=autoencoder_steps, unet_steps=unet_steps, batch_size=batch_size, lr=lr,
+              seed=seed, ema_decay=ema_decay, checkpoint_every=checkpoint_every, device=device, data_dir=data_dir,
+              progress=not quiet)
+    typer.echo(f"wrote {out / 'pipeline'} and {out / 'training.json'}")
+
+
 @app.command()
 def eval(  # noqa: A001 - the command is `tacdiff eval`
     model: str = typer.Argument(..., help="FP diffusers model folder, quantized artifact folder, or 'reference'."),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pickle
@@ -18,8 +17,8 @@ from typer.testing import CliRunner
 
 import tacdiff.models.train as train_mod
 from tacdiff.cli import app
-from tacdiff.data.fashion_mnist import DEFAULT_DATA_DIR, load_fashion_mnist
 from tacdiff.models.train import train
+from data_support import fashion_subset
 
 TINY_CONFIG: dict[str, Any] = {
     "sample_size": 28, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
@@ -36,18 +35,7 @@ CHECKPOINT_FILES = ["ema.safetensors", "generator.safetensors", "model.safetenso
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 256 real training images and labels, written as IDX files."""
-    if not (DEFAULT_DATA_DIR / "train-images-idx3-ubyte.gz").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Fashion-MNIST missing at {DEFAULT_DATA_DIR} on CI")
-        pytest.skip("dataset-fashion-mnist not installed")
-    images, labels = load_fashion_mnist("train")
-    root = tmp_path_factory.mktemp("fmnist")
-    for name, magic, array in (("train-images-idx3-ubyte.gz", 2051, images[:N_IMAGES]),
-                               ("train-labels-idx1-ubyte.gz", 2049, labels[:N_IMAGES].to(torch.uint8))):
-        header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-        with gzip.open(root / name, "wb", compresslevel=1) as f:
-            f.write(header + array.numpy().tobytes())
-    return root
+    return fashion_subset(tmp_path_factory.mktemp("fmnist"), N_IMAGES)
 
 
 def tiny_train(out_dir: Path, data_dir: Path, **overrides: Any) -> Path:
@@ -58,7 +46,7 @@ def tiny_train(out_dir: Path, data_dir: Path, **overrides: Any) -> Path:
 def checkpointed_state(run: Path) -> train_mod.TrainState:
     """One real step with ``tiny_train``'s settings on blank images (no dataset), checkpointed in ``run``."""
     settings = train_mod.TrainSettings(**TINY_SETTINGS)
-    state = train_mod._init_state(settings, torch.device("cpu"))
+    state = train_mod.init_state(settings, torch.device("cpu"))
     scheduler = DDPMScheduler(**train_mod.SCHEDULER_CONFIG)
     train_mod._train_step(state, torch.zeros(16, 1, 28, 28), scheduler, settings)
     state.step, state.smoothed_loss, state.wall_time_s = 1, 0.25, 1.5
@@ -133,7 +121,7 @@ def test_resume_after_interruption_is_bit_exact(tmp_path: Path, small_data: Path
 def test_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
     saved = checkpointed_state(tmp_path / "run")
     assert sorted(os.listdir(tmp_path / "run/checkpoint")) == CHECKPOINT_FILES
-    loaded = train_mod._resume_or_init(tmp_path / "run/checkpoint", train_mod.TrainSettings(**TINY_SETTINGS),
+    loaded = train_mod.resume_or_init(tmp_path / "run/checkpoint", train_mod.TrainSettings(**TINY_SETTINGS),
                                        torch.device("cpu"))
     for module in ("model", "ema"):
         a, b = getattr(saved, module).state_dict(), getattr(loaded, module).state_dict()

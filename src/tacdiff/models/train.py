@@ -1,4 +1,6 @@
-"""Resumable epsilon-prediction DDPM training of a small diffusers UNet2DModel on Fashion-MNIST."""
+"""Resumable epsilon-prediction DDPM training of a small diffusers UNet2DModel on Fashion-MNIST, and the
+training machinery it shares with :mod:`tacdiff.models.train_latent`: the state (weights, EMA, AdamW,
+generator), checkpoints as safetensors and JSON written atomically, and the step loop."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from tacdiff.data.fashion_mnist import load_fashion_mnist, to_model_space
@@ -87,8 +90,8 @@ class TrainSettings:
 class TrainState:
     """Everything that changes during training; saved whole in each checkpoint."""
 
-    model: UNet2DModel
-    ema: UNet2DModel
+    model: nn.Module
+    ema: nn.Module
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     step: int = 0
@@ -127,33 +130,40 @@ def train(out_dir: str | Path, *, steps: int, batch_size: int = 256, lr: float =
     settings = TrainSettings(batch_size, lr, seed, ema_decay, warmup_steps,
                              dict(model_config or DEFAULT_MODEL_CONFIG))
     out_dir, device = Path(out_dir), torch.device(device)
-    state = _resume_or_init(out_dir / "checkpoint", settings, device)
-    _check_run_folder(out_dir, _checkpoint_bytes(state))
+    state = resume_or_init(out_dir / "checkpoint", settings, device, build_unet)
+    _check_run_folder(out_dir, checkpoint_bytes(state))
     if state.step > steps:
         raise ValueError(f"checkpoint in {out_dir / 'checkpoint'} is at step {state.step}, "
                          f"past steps={steps}; pass steps >= {state.step} or use a new out_dir")
     data = to_model_space(load_fashion_mnist("train", data_dir)[0]).to(device)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
-    _run(state, data, scheduler, settings, steps, checkpoint_every, out_dir, progress)
+    run_steps(state, lambda: _train_step(state, data, scheduler, settings), settings, steps, checkpoint_every,
+              out_dir / "checkpoint", progress)
     _export(out_dir, state, scheduler, settings, data.shape[0])
     return out_dir
 
 
-def _run(state: TrainState, data: torch.Tensor, scheduler: DDPMScheduler, settings: TrainSettings,
-         steps: int, checkpoint_every: int, out_dir: Path, progress: bool) -> None:
-    """Step from ``state.step`` to ``steps``, checkpointing on the way and at the end."""
-    smoothed = torch.tensor(state.smoothed_loss, device=data.device)
+def build_unet(config: dict[str, Any]) -> nn.Module:
+    """The pixel model: a ``UNet2DModel`` of ``config``."""
+    return UNet2DModel(**config)
+
+
+def run_steps(state: TrainState, step: Callable[[], torch.Tensor], settings: TrainSettings, steps: int,
+              checkpoint_every: int, ckpt_dir: Path, progress: bool, desc: str = "train") -> None:
+    """Call ``step()`` (one optimizer step, returning its loss) from ``state.step`` to ``steps``, checkpointing
+    to ``ckpt_dir`` every ``checkpoint_every`` steps and at the end."""
+    smoothed = torch.tensor(state.smoothed_loss, device=state.generator.device)
     start = time.perf_counter() - state.wall_time_s
-    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train", mininterval=5.0)
+    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc=desc, mininterval=5.0)
     while state.step < steps:
-        loss = _train_step(state, data, scheduler, settings)
+        loss = step()
         smoothed = torch.where(smoothed.isnan(), loss, LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * loss)
         state.step += 1
         bar.update(1)
         if state.step % checkpoint_every == 0 or state.step == steps:
             state.smoothed_loss, state.wall_time_s = smoothed.item(), time.perf_counter() - start
             bar.set_postfix(loss=f"{state.smoothed_loss:.4f}")
-            _save_checkpoint(out_dir / "checkpoint", state, settings)
+            _save_checkpoint(ckpt_dir, state, settings)
     bar.close()
 
 
@@ -167,6 +177,12 @@ def _train_step(state: TrainState, data: torch.Tensor, scheduler: DDPMScheduler,
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen, device=gen.device)
     noise = torch.randn(x0.shape, generator=gen, device=gen.device)
     loss = torch.nn.functional.mse_loss(state.model(scheduler.add_noise(x0, noise, t), t).sample, noise)
+    return optimizer_step(state, loss, settings)
+
+
+def optimizer_step(state: TrainState, loss: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    """Back-propagate ``loss``, take one AdamW step (linear warm-up, gradient clipping) and update the EMA;
+    return the loss, detached."""
     for group in state.optimizer.param_groups:
         group["lr"] = settings.lr * min(1.0, (state.step + 1) / max(1, settings.warmup_steps))
     state.optimizer.zero_grad(set_to_none=True)
@@ -179,11 +195,13 @@ def _train_step(state: TrainState, data: torch.Tensor, scheduler: DDPMScheduler,
     return loss.detach()
 
 
-def _init_state(settings: TrainSettings, device: torch.device) -> TrainState:
-    """Fresh model (seeded init, global RNG untouched), EMA copy, AdamW and data generator."""
+def init_state(settings: TrainSettings, device: torch.device,
+               build: Callable[[dict[str, Any]], nn.Module] = build_unet) -> TrainState:
+    """Fresh model ``build(settings.model_config)`` (seeded init, global RNG untouched), EMA copy, AdamW and
+    data generator."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        model = UNet2DModel(**settings.model_config).to(device).train()
+        model = build(settings.model_config).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0,
                                   fused=device.type == "cuda")
@@ -191,9 +209,11 @@ def _init_state(settings: TrainSettings, device: torch.device) -> TrainState:
     return TrainState(model, ema, optimizer, generator)
 
 
-def _resume_or_init(ckpt_dir: Path, settings: TrainSettings, device: torch.device) -> TrainState:
-    """Load the checkpoint folder ``ckpt_dir`` when present (settings must match), else start fresh."""
-    state = _init_state(settings, device)
+def resume_or_init(ckpt_dir: Path, settings: TrainSettings, device: torch.device,
+                   build: Callable[[dict[str, Any]], nn.Module] = build_unet) -> TrainState:
+    """Load the checkpoint folder ``ckpt_dir`` when present (settings must match), else start fresh
+    (:func:`init_state`)."""
+    state = init_state(settings, device, build)
     if not ckpt_dir.exists():
         return state
     record = _read_record(ckpt_dir, settings)
@@ -284,7 +304,7 @@ def _optimizer_state_dict(tensors: dict[str, torch.Tensor], param_groups: list[d
 def _save_checkpoint(ckpt_dir: Path, state: TrainState, settings: TrainSettings) -> None:
     """Write the whole training state as the folder ``ckpt_dir``, atomically (temp folder, then rename)."""
     write_dir_atomically(ckpt_dir, lambda tmp: _fill_checkpoint(tmp, state, settings), overwrite=True,
-                         recognise=_is_checkpoint, what="training checkpoint")
+                         recognise=is_checkpoint, what="training checkpoint")
 
 
 def _fill_checkpoint(folder: Path, state: TrainState, settings: TrainSettings) -> None:
@@ -302,28 +322,28 @@ def _fill_checkpoint(folder: Path, state: TrainState, settings: TrainSettings) -
     (folder / CHECKPOINT_STATE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def _is_checkpoint(path: Path) -> bool:
+def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a checkpoint folder written here (its ``state.json`` names the format)."""
     return _json_field(path / CHECKPOINT_STATE, "format") == CHECKPOINT_FORMAT
 
 
-def _in_run(path: Path) -> bool:
+def in_run(path: Path) -> bool:
     """Whether ``path`` lies in a run folder that a finished ``train`` wrote (its ``training.json`` says so),
     so that its ``unet/``, ``scheduler/`` and ``training.json`` may be replaced."""
     return _json_field(path.parent / RUN_RECORD, "format") == RUN_FORMAT
 
 
-def _checkpoint_bytes(state: TrainState) -> int:
+def checkpoint_bytes(state: TrainState) -> int:
     """Room a checkpoint swap needs: the old and the new checkpoint (weights, EMA, two Adam moments each)."""
     return 2 * 4 * sum(p.numel() * p.element_size() for p in state.model.parameters())
 
 
 def _check_run_folder(out_dir: Path, need_bytes: int = 0) -> None:
     """Before any work: every output of the run can be written, and replaces only what ``train`` wrote."""
-    check_writable(out_dir / "checkpoint", overwrite=True, recognise=_is_checkpoint, what="training checkpoint",
+    check_writable(out_dir / "checkpoint", overwrite=True, recognise=is_checkpoint, what="training checkpoint",
                    folder=True, need_bytes=need_bytes)
     for name, folder in (("unet", True), ("scheduler", True), (RUN_RECORD, False)):
-        check_writable(out_dir / name, overwrite=True, recognise=_in_run, what=f"training run's {name}",
+        check_writable(out_dir / name, overwrite=True, recognise=in_run, what=f"training run's {name}",
                        folder=folder)
 
 
@@ -356,8 +376,8 @@ def _export(out_dir: Path, state: TrainState, scheduler: DDPMScheduler, settings
     }
     write_text_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
     write_dir_atomically(out_dir / "unet", lambda tmp: state.ema.save_pretrained(tmp, safe_serialization=True),
-                         overwrite=True, recognise=_in_run, what="training run's unet")
-    write_dir_atomically(out_dir / "scheduler", scheduler.save_pretrained, overwrite=True, recognise=_in_run,
+                         overwrite=True, recognise=in_run, what="training run's unet")
+    write_dir_atomically(out_dir / "scheduler", scheduler.save_pretrained, overwrite=True, recognise=in_run,
                          what="training run's scheduler")
 
 
