@@ -350,7 +350,8 @@ def calibrate(
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
     guidance_fit: str = typer.Option("guided", help="With guidance (tac, ner, ibc): fit NER on the 'guided' "
-                                                    "estimate, or one scale per 'branch' (unconditional, conditional)."),
+                                                    "estimate, or one scale per 'branch' (unconditional and "
+                                                    "conditional)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
