@@ -39,10 +39,10 @@ KL_WEIGHT = 1e-6
 NOISE_SCHEDULE = {key: SD_SCHEDULER_CONFIG[key] for key in ("beta_start", "beta_end", "beta_schedule")}
 DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
     "autoencoder": dict(in_channels=1, out_channels=1, down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 64], layers_per_block=1,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 64], layers_per_block=1,
                         latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE),
     "unet": dict(sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=[64, 128],
-                 layers_per_block=2, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=64,
                  attention_head_dim=8, norm_num_groups=32),
     "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
