@@ -1,4 +1,4 @@
-"""FID/KID on a Fashion-MNIST feature extractor, paired trajectory errors, timing."""
+"""FID/KID on a Fashion-MNIST feature extractor, prompt accuracy, paired trajectory errors."""
 
 from tacdiff.metrics.fid import (
     FashionClassifier,
@@ -10,6 +10,7 @@ from tacdiff.metrics.fid import (
     save_reference,
 )
 from tacdiff.metrics.paired import PairedErrors, PairedStepStats, paired_errors, psnr_db, sqnr_db
+from tacdiff.metrics.prompt_accuracy import prompt_accuracy
 
 __all__ = [
     "FashionClassifier",
@@ -21,6 +22,7 @@ __all__ = [
     "inception_fid",
     "load_feature_extractor",
     "paired_errors",
+    "prompt_accuracy",
     "psnr_db",
     "save_reference",
     "sqnr_db",
