@@ -143,6 +143,19 @@ def test_eval_pairs_a_bare_unet_artifact_with_its_pipeline(pipeline_dir: Callabl
     assert 5 < result["x0_psnr"] < 80 and result["conditioning"]["prompted"]
 
 
+def test_eval_reports_prompt_accuracy_for_fashion_prompts_on_grayscale_images(
+        pipeline_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    base = ("eval", pipeline_dir("fashion_sd"), "--samples", "4", *SD_PROMPTS, *FAST)
+    code, output = invoke(*base, "--prompt", "a sneaker", "--prompt", "a winter coat", "--json", tmp_path / "a.json")
+    assert code == 0 and "prompt_accuracy" in output, output
+    result = json.loads((tmp_path / "a.json").read_text())
+    per_class = result["prompt_accuracy_per_class"]
+    assert 0 <= result["prompt_accuracy"] <= 1 and per_class[7] is not None and per_class[4] is not None
+    assert [value for label, value in enumerate(per_class) if label not in (4, 7)] == [None] * 8
+    code, output = invoke(*base, "--prompt", "a cat", "--json", tmp_path / "b.json")
+    assert code == 0 and json.loads((tmp_path / "b.json").read_text())["prompt_accuracy"] is None
+
+
 def test_an_artifact_whose_pipeline_moved_says_so(runs: Path, tmp_path: Path) -> None:
     moved = {**read_metadata(runs / "ldm-w4a8"), "pipeline_folder": str(tmp_path / "gone")}
     artifact = save_quantized(load_quantized(runs / "ldm-w4a8"), tmp_path / "artifact", metadata=moved)

@@ -14,7 +14,8 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
                        LDMPipeline, VQModel)
 
 from tacdiff.models.pipelines import stable_diffusion
-from tacdiff.models.text import character_tokenizer, random_text_encoder
+from tacdiff.data.prompts import fashion_vocabulary
+from tacdiff.models.text import character_tokenizer, random_text_encoder, word_tokenizer
 from tiny_models import tiny_model
 
 TEXT_LENGTH = 16  # tokens per prompt (CLIP's is 77)
@@ -32,6 +33,17 @@ def _stable_diffusion(work: Path) -> DiffusionPipeline:
     return stable_diffusion(unet, vae, text_encoder, tokenizer)
 
 
+def _fashion_sd(work: Path) -> DiffusionPipeline:
+    """Shaped like ``tacdiff train-latent``'s pipeline: grayscale images, a word-level tokenizer over the
+    Fashion-MNIST captions' vocabulary."""
+    tokenizer = word_tokenizer(fashion_vocabulary(), TEXT_LENGTH)
+    text_encoder = random_text_encoder(tokenizer, hidden_size=32)
+    unet = tiny_model("cond_unet", sample_size=LATENT_SIZE, layers_per_block=1)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**{**_AUTOENCODER, "in_channels": 1, "out_channels": 1}, latent_channels=4)
+    return stable_diffusion(unet, vae, text_encoder, tokenizer)
+
+
 def _ldm(work: Path) -> DiffusionPipeline:
     unet = tiny_model("conv_unet")  # 3x8x8 latents
     torch.manual_seed(1)
@@ -46,6 +58,7 @@ def _latent_kl(work: Path) -> DiffusionPipeline:
 
 TINY_PIPELINES: dict[str, Callable[[Path], DiffusionPipeline]] = {
     "sd": _stable_diffusion,     # text-to-image, 4x8x8 latents, 16x16 RGB images
+    "fashion_sd": _fashion_sd,   # text-to-image, 4x8x8 latents, 16x16 grayscale images, word-level tokenizer
     "ldm": _ldm,                 # unconditional, VQModel, 3x8x8 latents
     "latent_kl": _latent_kl,     # unconditional, AutoencoderKL in LDMPipeline's autoencoder slot, 4x8x8 latents
     "ddpm": lambda work: DDPMPipeline(unet=tiny_model("conv_unet"), scheduler=DDPMScheduler()),  # pixels, 3x8x8

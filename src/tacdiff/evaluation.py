@@ -20,12 +20,14 @@ from torch import Tensor
 
 from tacdiff.correction import load_correction
 from tacdiff.io.artifact import check_source, read_metadata
+from tacdiff.data.prompts import fashion_class_of
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_or_note
 from tacdiff.metrics.paired import Decode, PairedStepStats, paired_errors, psnr_db
+from tacdiff.metrics.prompt_accuracy import prompt_accuracy
 from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper, ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
 from tacdiff.sampling.batching import Rows, batched_trajectories, to_images
-from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
+from tacdiff.sampling.conditioning import Conditioning, PromptOptions, conditioning_for
 from tacdiff.sampling.loop import StepRecord
 
 
@@ -132,7 +134,8 @@ def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: Scheduler
     if fp is not None:
         return images, paired_errors(fp, denoiser, scheduler, decode=decoders, on_batch=collect, **run), broken[0]
     for start, (final,) in batched_trajectories([denoiser], scheduler, **run):
-        collect(start, final, to_images(decoders[1](final)))
+        image = to_images(decoders[1](final))
+        collect(start, image, image)
     return images, None, broken[0]
 
 
@@ -173,8 +176,10 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     Returns:
         A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
         1×28×28 images), ``x0_mse``/``x0_psnr`` (None without ``fp_model``; PSNR with peak-to-peak
-        2), ``per_step`` paired series (or None), ``note`` and ``seconds`` (sampling plus metrics,
-        models already loaded) with ``sampling_seconds``.
+        2), ``per_step`` paired series (or None), ``prompt_accuracy`` and ``prompt_accuracy_per_class``
+        (:func:`~tacdiff.metrics.prompt_accuracy.prompt_accuracy`; None unless the images are
+        grayscale and every prompt names one Fashion-MNIST class), ``note`` and ``seconds``
+        (sampling plus metrics, models already loaded) with ``sampling_seconds``.
     """
     check_settings(scheduler, steps, samples, batch_size, device)
     loaded = load_any_model(model, device)
@@ -198,18 +203,20 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         sampler.tables.check_conditioning(conditioning.record, force=force_tables)
         correction = sampler.tables
     image_shape = components.image_shape
+    labels = _prompted_classes(conditioning, samples) if image_shape[0] == 1 else None
     decoders = tuple(side.decode if side is not None and side.pipeline is not None else components.decode
                      for side in (fp, loaded))
     started = time.perf_counter()
     images, paired, broken = _sample_images(
         conditioning.guide(sampler), conditioning.guide(ModelDenoiser(fp.model, sched)) if fp is not None else None,
-        sched, image_shape == IMAGE_SHAPE, decoders, num_samples=samples, sample_shape=shape,
+        sched, image_shape == IMAGE_SHAPE or labels is not None, decoders, num_samples=samples, sample_shape=shape,
         num_inference_steps=steps, seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
         progress=progress)
     _sync(torch.device(device))
     sampling_seconds = time.perf_counter() - started
     _check_finite(broken, samples, model)
     scores, note = fid_or_note(images, image_shape, seed)
+    accuracy = None if labels is None else prompt_accuracy(torch.cat(images), labels)
     return {
         "model": str(model), "fp_model": None if fp_model is None else str(fp_model),
         "tables": None if tables is None else str(tables),
@@ -218,8 +225,18 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         "batch_size": batch_size, "device": device, "conditioning": conditioning.record, **scores,
         "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
         "per_step": None if paired is None else paired.per_step(), "note": note,
+        "prompt_accuracy": None if accuracy is None else accuracy["overall"],
+        "prompt_accuracy_per_class": None if accuracy is None else accuracy["per_class"],
         "seconds": time.perf_counter() - started, "sampling_seconds": sampling_seconds,
     }
+
+
+def _prompted_classes(conditioning: Conditioning, samples: int) -> list[int] | None:
+    """The Fashion-MNIST class each sample's prompt names, when every prompt names exactly one; else None."""
+    if conditioning.prompts is None:
+        return None
+    classes = [fashion_class_of(conditioning.prompt(i)) for i in range(samples)]
+    return None if None in classes else classes
 
 
 def _cell(value: Any) -> str:
@@ -233,7 +250,7 @@ def _cell(value: Any) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The scalar results of :func:`evaluate` as a two-column text table."""
     keys = ("model", "fp_model", "tables", "correction", "scheduler", "steps", "samples", "seed", "fid", "kid",
-            "kid_std", "x0_mse", "x0_psnr", "sampling_seconds", "seconds")
+            "kid_std", "prompt_accuracy", "x0_mse", "x0_psnr", "sampling_seconds", "seconds")
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {_cell(result.get(k))}" for k in keys]
     return "\n".join(lines + ([result["note"]] if result.get("note") else []))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tacdiff.data.prompts import (DEFAULT_PROMPTS, FASHION_NAMES, PLURAL_NAMES, fashion_captions, fashion_vocabulary,
+from tacdiff.data.prompts import (DEFAULT_PROMPTS, FASHION_NAMES, PLURAL_NAMES, fashion_captions, fashion_class_of,
+                                  fashion_vocabulary,
                                   prompt_of, prompt_set_sha256, read_prompts)
 
 
@@ -48,3 +49,16 @@ def test_fashion_captions_name_their_class_and_leave_some_empty() -> None:
         assert caption == "" or any(name in caption for name in FASHION_NAMES[label]), (label, caption)
     assert not any(f"a {name}" in caption for caption in captions for name in PLURAL_NAMES)
     assert set(" ".join(captions).replace(",", " ").split()) <= set(fashion_vocabulary())
+
+
+@pytest.mark.parametrize("prompt, label", [("a shirt", 6), ("a t-shirt", 0), ("a photo of a sneaker", 7),
+                                           ("sneakers, product photo", 7), ("a pair of ankle boots", 9),
+                                           ("a bag and a coat", None), ("a cat", None), ("", None)])
+def test_the_class_a_prompt_names(prompt: str, label: int | None) -> None:
+    assert fashion_class_of(prompt) == label
+
+
+def test_every_caption_names_its_own_class() -> None:
+    labels = [i % 10 for i in range(500)]
+    for label, caption in zip(labels, fashion_captions(labels, seed=3, empty_fraction=0.0)):
+        assert fashion_class_of(caption) == label, caption

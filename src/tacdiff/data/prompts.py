@@ -116,6 +116,14 @@ def fashion_captions(labels: Sequence[int], seed: int, empty_fraction: float = 0
     return ["" if rng.random() < empty_fraction else fashion_caption(int(label), rng) for label in labels]
 
 
+def fashion_class_of(prompt: str) -> int | None:
+    """The Fashion-MNIST class a prompt names (by whole words of :data:`FASHION_NAMES`), or ``None`` when it
+    names none or several (e.g. "a shirt" is class 6, "a t-shirt" class 0, "a bag and a coat" None)."""
+    words = f" {' '.join(prompt.lower().replace(',', ' ').split())} "
+    found = {label for label, names in enumerate(FASHION_NAMES) for name in names if f" {name} " in words}
+    return found.pop() if len(found) == 1 else None
+
+
 def fashion_vocabulary() -> list[str]:
     """Every word the Fashion-MNIST captions can contain (``a``/``an`` both), sorted."""
     texts = [template.format(name=name) for template in FASHION_TEMPLATES for names in FASHION_NAMES
