@@ -45,8 +45,9 @@ def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | Non
 
     Returns:
         The pipeline's own class (e.g. ``StableDiffusionPipeline``) with its text encoder and
-        autoencoder (full precision, or quantized where the artifact holds them); called as in diffusers, at the tables' step count and (for
-        text-to-image pipelines) guidance scale, which every call checks before any step runs.
+        autoencoder (full precision, or quantized where the artifact holds them); called as in
+        diffusers, at the tables' step count and (for text-to-image pipelines) guidance scale,
+        which every call checks before any step runs.
         The pipeline samples with the tables' scheduler class (built from the pipeline's scheduler
         config when the folder names another, e.g. Stable Diffusion's PNDM). Its ``unet`` is a
         wrapper that ``save_pretrained`` cannot write; save the artifact and tables instead.
