@@ -93,3 +93,14 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"to_uint8 expects (N, 1, H, W), got {tuple(x.shape)}")
     return x.squeeze(1).clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+
+
+def to_canvas(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, C, H, W)`` images in [-1, 1] centred on a ``size`` x ``size`` canvas: padded with background
+    (-1) where smaller, centre-cropped where larger."""
+    pad_h, pad_w = size - images.shape[-2], size - images.shape[-1]
+    if pad_h >= 0 and pad_w >= 0:
+        return torch.nn.functional.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2),
+                                       value=-1.0)
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    return images[..., top:top + size, left:left + size]

@@ -8,20 +8,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from tacdiff.data.fashion_mnist import to_canvas
 from tacdiff.metrics.fid import IMAGE_SHAPE, FeatureExtractor, load_feature_extractor
 
 
 def to_classifier_shape(images: Tensor) -> Tensor:
     """``(N, 1, H, W)`` images in [-1, 1] centre-cropped (or padded with background) to 28x28."""
-    size = IMAGE_SHAPE[-1]
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"images must be (N, 1, H, W) grayscale, got {tuple(images.shape)}")
-    pad_h, pad_w = size - images.shape[-2], size - images.shape[-1]
-    if pad_h >= 0 and pad_w >= 0:
-        return torch.nn.functional.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2),
-                                       value=-1.0)
-    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
-    return images[..., top:top + size, left:left + size]
+    return to_canvas(images, IMAGE_SHAPE[-1])
 
 
 @torch.no_grad()

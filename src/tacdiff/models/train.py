@@ -132,9 +132,7 @@ def train(out_dir: str | Path, *, steps: int, batch_size: int = 256, lr: float =
     out_dir, device = Path(out_dir), torch.device(device)
     state = resume_or_init(out_dir / "checkpoint", settings, device, build_unet)
     _check_run_folder(out_dir, checkpoint_bytes(state))
-    if state.step > steps:
-        raise ValueError(f"checkpoint in {out_dir / 'checkpoint'} is at step {state.step}, "
-                         f"past steps={steps}; pass steps >= {state.step} or use a new out_dir")
+    check_steps(state, steps, out_dir / "checkpoint")
     data = to_model_space(load_fashion_mnist("train", data_dir)[0]).to(device)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     run_steps(state, lambda: _train_step(state, data, scheduler, settings), settings, steps, checkpoint_every,
@@ -146,6 +144,13 @@ def train(out_dir: str | Path, *, steps: int, batch_size: int = 256, lr: float =
 def build_unet(config: dict[str, Any]) -> nn.Module:
     """The pixel model: a ``UNet2DModel`` of ``config``."""
     return UNet2DModel(**config)
+
+
+def check_steps(state: TrainState, steps: int, ckpt_dir: Path) -> None:
+    """``ValueError`` when the resumed checkpoint is already past the ``steps`` asked for."""
+    if state.step > steps:
+        raise ValueError(f"checkpoint in {ckpt_dir} is at step {state.step}, past steps={steps}; pass steps >= "
+                         f"{state.step} or use a new run folder")
 
 
 def run_steps(state: TrainState, step: Callable[[], torch.Tensor], settings: TrainSettings, steps: int,

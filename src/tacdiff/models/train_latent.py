@@ -24,13 +24,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from tacdiff.data.fashion_mnist import load_fashion_mnist, to_model_space
+from tacdiff.data.fashion_mnist import load_fashion_mnist, to_canvas, to_model_space
 from tacdiff.data.prompts import fashion_captions, fashion_vocabulary
 from tacdiff.io.atomic import check_writable, write_dir_atomically, write_text_atomically
 from tacdiff.models.pipelines import SD_SCHEDULER_CONFIG, stable_diffusion
 from tacdiff.models.text import word_tokenizer
 from tacdiff.models.train import (RUN_FORMAT, RUN_RECORD, TrainSettings, TrainState, in_run, is_checkpoint,
-                                  checkpoint_bytes, optimizer_step, resume_or_init, run_steps)
+                                  check_steps, checkpoint_bytes, optimizer_step, resume_or_init,
+                                  run_steps)
 from tacdiff.sampling.batching import derive_seed
 
 IMAGE_SIZE = 32  # Fashion-MNIST's 28x28, padded with background
@@ -66,7 +67,7 @@ def train_latent(out_dir: str | Path, *, autoencoder_steps: int, unet_steps: int
     out_dir, device, configs = Path(out_dir), torch.device(device), configs or DEFAULT_CONFIGS
     _check_outputs(out_dir)
     images, labels = load_fashion_mnist("train", data_dir)
-    data = _padded(to_model_space(images)).to(device)
+    data = to_canvas(to_model_space(images), IMAGE_SIZE).to(device)
     stage = dict(batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay, warmup_steps=warmup_steps)
     ae = _train_autoencoder(out_dir, data, TrainSettings(**stage, model_config={"autoencoder": configs["autoencoder"]}),
                             autoencoder_steps, checkpoint_every, progress)
@@ -80,12 +81,6 @@ def train_latent(out_dir: str | Path, *, autoencoder_steps: int, unet_steps: int
                         TrainSettings(**stage, model_config=unet_config), unet_steps, checkpoint_every, progress)
     _export(out_dir, ae, state, tokenizer, configs, data_dir, seed)
     return out_dir
-
-
-def _padded(images: Tensor) -> Tensor:
-    """``(N, 1, 28, 28)`` images in [-1, 1] padded with background (-1) to ``IMAGE_SIZE``."""
-    pad = (IMAGE_SIZE - images.shape[-1]) // 2
-    return nn.functional.pad(images, (pad,) * 4, value=-1.0)
 
 
 def _train_autoencoder(out_dir: Path, data: Tensor, settings: TrainSettings, steps: int, checkpoint_every: int,
@@ -102,7 +97,7 @@ def _train_autoencoder(out_dir: Path, data: Tensor, settings: TrainSettings, ste
         loss = nn.functional.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
         return optimizer_step(state, loss, settings)
 
-    _guard(state, steps, out_dir / "checkpoint-autoencoder")
+    check_steps(state, steps, out_dir / "checkpoint-autoencoder")
     run_steps(state, step, settings, steps, checkpoint_every, out_dir / "checkpoint-autoencoder", progress,
               desc="autoencoder")
     return state.ema.eval()
@@ -129,7 +124,7 @@ def _train_unet(out_dir: Path, latents: Tensor, labels: Tensor, tokenizer: PreTr
         pred = state.model["unet"](scheduler.add_noise(z, noise, t), t, encoder_hidden_states=text).sample
         return optimizer_step(state, nn.functional.mse_loss(pred, noise), settings)
 
-    _guard(state, steps, out_dir / "checkpoint-unet")
+    check_steps(state, steps, out_dir / "checkpoint-unet")
     run_steps(state, step, settings, steps, checkpoint_every, out_dir / "checkpoint-unet", progress, desc="unet")
     return state
 
@@ -152,12 +147,6 @@ def _text_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> 
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def _guard(state: TrainState, steps: int, ckpt_dir: Path) -> None:
-    if state.step > steps:
-        raise ValueError(f"checkpoint in {ckpt_dir} is at step {state.step}, past the {steps} steps asked for; "
-                         f"ask for at least {state.step} or use a new run folder")
-
-
 def _check_outputs(out_dir: Path) -> None:
     """Before any work: every output can be written and replaces only what this command wrote."""
     for name in ("checkpoint-autoencoder", "checkpoint-unet"):
@@ -177,7 +166,7 @@ def _check_room(ckpt_dir: Path, state: TrainState) -> None:
 @torch.no_grad()
 def _reconstruction_psnr(ae: AutoencoderKL, data_dir: str | Path | None) -> float:
     """PSNR (dB, images in [-1, 1]) of the autoencoder's reconstructions of the Fashion-MNIST test set."""
-    images = _padded(to_model_space(load_fashion_mnist("test", data_dir)[0])).to(ae.device)
+    images = to_canvas(to_model_space(load_fashion_mnist("test", data_dir)[0]), IMAGE_SIZE).to(ae.device)
     error = sum(float((ae.decode(ae.encode(x).latent_dist.mean).sample.clamp(-1, 1) - x).pow(2).sum())
                 for x in images.split(1000))
     return 10 * math.log10(4 / (error / images.numel()))
