@@ -82,6 +82,23 @@ def sample_shape_of(model: nn.Module) -> tuple[int, int, int]:
     return (config.in_channels, height, width)
 
 
+def example_inputs(model: nn.Module, batch: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Zero-valued inputs ``(x, t, cond)`` for one forward pass of a registered model at ``batch``
+    (probes and benchmarks; text conditioning as 8 tokens)."""
+    kind_of(model)
+    param = next(model.parameters())
+    x = torch.zeros(batch, *sample_shape_of(model), device=param.device, dtype=param.dtype)
+    config, cond = model.config, {}
+    if getattr(config, "num_class_embeds", None):
+        cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=param.device)
+    if isinstance(model, UNet2DConditionModel):
+        if config.addition_embed_type is not None:
+            raise ValueError(f"no example inputs for a UNet with {config.addition_embed_type!r} addition "
+                             "embeddings; pick the backend explicitly instead of 'auto'")
+        cond["encoder_hidden_states"] = x.new_zeros(batch, 8, config.cross_attention_dim)
+    return x, torch.full((batch,), 500, device=param.device), cond
+
+
 def prediction_type(scheduler: SchedulerMixin) -> str:
     """The scheduler's ``prediction_type`` (``epsilon`` when it has none); ``ValueError`` for unsupported ones."""
     kind = scheduler.config.get("prediction_type", "epsilon")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,14 +42,16 @@ class LayerPlan:
 
 @dataclass
 class QuantState:
-    """What :func:`quantize` attached to a model: its config, plan and timestep router, and the
-    SHA-256 of the FP model it was quantized from when known (artifacts record it)."""
+    """What :func:`quantize` attached to a model: its config, plan and timestep router, the
+    SHA-256 of the FP model it was quantized from when known (artifacts record it), and where each
+    quantized module runs once a backend was chosen (``{name: "int8" or "fake: why"}``)."""
 
     config: QuantConfig
     plan: list[LayerPlan]
     router: TimestepRouter
     hook: Any  # the timestep router's forward pre-hook (None on components without timesteps)
     source_sha256: str | None = None
+    execution: dict[str, str] = field(default_factory=dict)
 
 
 def check_supported(model: nn.Module) -> None:
@@ -309,19 +311,22 @@ def quantization_summary(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def format_summary(model: nn.Module) -> str:
-    """A plain-text table of :func:`quantization_summary` with parameter counts per bit width."""
+    """A plain-text table of :func:`quantization_summary` with parameter counts per bit width, and where
+    each module runs once an execution backend was chosen (:func:`tacdiff.backends.use_backend`)."""
     rows = quantization_summary(model)
+    execution = quant_state(model).execution
     width = max(len(r["name"]) for r in rows)
-    lines = [f"{'module':<{width}}  kind       w_bits  a_bits  split"]
+    lines = [f"{'module':<{width}}  kind       w_bits  a_bits  split" + ("  runs" if execution else "")]
     for r in rows:
+        runs = f"  {execution.get(r['name'], 'fake')}" if execution else ""
         lines.append(f"{r['name']:<{width}}  {r['kind']:<9}  {_fmt(r['weight_bits']):>6}  "
-                     f"{_fmt(r['act_bits']):>6}  {_fmt(r['split']):>5}")
+                     f"{_fmt(r['act_bits']):>6}  {_fmt(r['split']):>5}{runs}")
     counts: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantConv2d, QuantLinear)):
-            counts[f"{module.w_bits}-bit"] = counts.get(f"{module.w_bits}-bit", 0) + module.weight.numel()
-    total = sum(p.numel() for p in model.parameters())
-    counts["float"] = total - sum(counts.values())
+    for module in model.modules():
+        if hasattr(module, "w_bits") and hasattr(module, "num_weights"):
+            counts[f"{module.w_bits}-bit"] = counts.get(f"{module.w_bits}-bit", 0) + module.num_weights
+    fake_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+    counts["float"] = sum(p.numel() for p in model.parameters()) - fake_weights
     lines.append("weights: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
 

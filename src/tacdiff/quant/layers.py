@@ -184,6 +184,11 @@ class QuantWeightMixin:
         self.register_buffer("weight_scale", torch.ones(out_channels, segments, device=self.weight.device))
         self.register_buffer("weight_zero_point", torch.zeros(out_channels, segments, device=self.weight.device))
 
+    @property
+    def num_weights(self) -> int:
+        """Number of quantized weights."""
+        return self.weight.numel()
+
     def segments(self) -> list[slice]:
         """Input-channel slices that get separate weight ranges."""
         n_in = self.weight.shape[1]

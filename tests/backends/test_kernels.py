@@ -1,0 +1,62 @@
+"""Integer matmul math against plain float arithmetic on the same integer codes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tacdiff.backends.kernels import Int8Matmul, activation_codes, centred_weight, dynamic_qparams
+from tacdiff.quant import primitives as P
+
+
+def _reference(a_codes: torch.Tensor, a_zero: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor,
+               w_zero: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The dequantized product in float64 from unsigned codes: what the int8 GEMM must reproduce."""
+    a = (a_codes.double() - a_zero.double()) * a_scale.double()
+    w = (w_codes.double() - w_zero.double()) * w_scale.double()
+    return a @ w + bias.double()
+
+
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_int8_matmul_equals_the_dequantized_product(w_bits: int, per_row: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 13, 70, 9
+    w_codes = torch.randint(0, 2**w_bits, (k, n), generator=g)
+    w_zero = torch.randint(0, 2**w_bits, (n,), generator=g).float()
+    w_zero[0] = 0  # an 8-bit channel whose centred codes overflow int8: the rowsum term is needed
+    w_scale = torch.rand(n, generator=g) + 0.1
+    a_unsigned = torch.randint(0, 256, (m, k), generator=g)
+    a_zero = torch.randint(0, 256, (m, 1) if per_row else (), generator=g).float()
+    a_scale = torch.rand((m, 1) if per_row else (), generator=g) + 0.1
+    bias = torch.randn(n, generator=g)
+    matmul = Int8Matmul(w_codes, w_zero, w_scale, bias)
+    out = matmul((a_unsigned - 128).to(torch.int8), a_scale, a_zero - 128)
+    expected = _reference(a_unsigned, a_zero, a_scale, w_codes, w_zero, w_scale, bias)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)
+    assert (matmul.residual_scaled is not None) == (w_bits == 8)
+
+
+def test_centred_weight_is_exact_and_centres_where_it_fits() -> None:
+    codes = torch.tensor([[0, 255, 3], [255, 128, 5]])
+    zero = torch.tensor([0.0, 128.0, 4.0])
+    weight, residual = centred_weight(codes, zero)
+    assert weight.dtype == torch.int8
+    torch.testing.assert_close(weight.int() - residual.int(), codes.int() - zero.int())
+    assert residual.tolist() == [-128.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_activation_codes_match_fake_quantization(bits: int) -> None:
+    x = torch.randn(4, 33, generator=torch.Generator().manual_seed(1)) * 3
+    scale, zero = P.qparams_from_range(x.amin(), x.amax() * 0.8, bits)
+    codes, residual = activation_codes(x, scale, zero, bits)
+    torch.testing.assert_close((codes.float() - residual) * scale, P.fake_quantize(x.clone(), scale, zero, bits))
+    scale, zero = dynamic_qparams(x, bits, symmetric=False)
+    codes, residual = activation_codes(x, scale, zero, bits)
+    torch.testing.assert_close((codes.float() - residual) * scale, P.fake_quantize(x.clone(), scale, zero, bits))
+
+
+def test_reduction_longer_than_int32_allows_is_refused() -> None:
+    with pytest.raises(ValueError, match="int32"):
+        Int8Matmul(torch.zeros(40_000, 2, dtype=torch.uint8), torch.zeros(2), torch.ones(2), None)
