@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
@@ -93,3 +95,24 @@ def test_models_it_cannot_sample_give_one_error(folders: Path, tmp_path: Path, m
     code, output = invoke("sample", folders / model, "--out", tmp_path / "s", *FAST)
     assert code == 2 and message in output, output
     assert not (tmp_path / "s").exists()
+
+
+def test_int8_backend_samples_match_fake_quant_with_tables(folders: Path, tmp_path: Path) -> None:
+    """int8 images differ from fake-quant ones about as much as fake-quant ones sampled one at a time do."""
+    runs = {}
+    for name, backend, batch in (("fake", "fake", "4"), ("fake1", "fake", "1"), ("int8", "int8", "4")):
+        code, output = invoke("sample", folders / "w4a8", "--tables", folders / "tac.safetensors", "--out",
+                              tmp_path / name, "--num-samples", "4", "--backend", backend, *FAST, "--batch-size", batch)
+        assert code == 0, output
+        runs[name] = np.stack([np.asarray(Image.open(tmp_path / name / f"{i:06d}.png"), dtype=float) for i in range(4)])
+    assert json.loads((tmp_path / "int8" / "samples.json").read_text())["backend"] == "int8"
+    own_spread = np.abs(runs["fake"] - runs["fake1"]).mean()
+    int8_spread = np.abs(runs["fake"] - runs["int8"]).mean()
+    assert int8_spread <= 2 * own_spread + 0.5, (int8_spread, own_spread)
+
+
+def test_backend_on_a_full_precision_model_is_refused(folders: Path, tmp_path: Path) -> None:
+    code, output = invoke("sample", folders / "fp", "--out", tmp_path / "s", "--backend", "int8", *FAST)
+    assert code != 0 and "full-precision model" in output and not (tmp_path / "s").exists()
+    code, output = invoke("sample", folders / "w4a8", "--out", tmp_path / "s", "--backend", "int4", *FAST)
+    assert code != 0 and "choose one of fake, int8, auto" in output

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tacdiff.backends import BACKENDS, use_backend
 from tacdiff.correction import CorrectedDenoiser
 from tacdiff.correction.calibrate import CALIBRATORS, fit_tables
 from tacdiff.evaluation import Method, TimedDenoiser, score_methods, timed_call
@@ -112,10 +113,12 @@ def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequenc
 def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
           methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
           batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
-          model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(),
+          model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(), backend: str = "fake",
           progress: bool = True) -> BenchResult:
     """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
     check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     loaded = load_any_model(model, device)
     if loaded.quantized:
         raise ValueError(f"{model} is a quantized artifact; bench quantizes the full-precision model itself")
@@ -141,6 +144,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
             return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 
         quantized[name] = timed_call(dev, build)
+    executed = {name: _executed(quant, backend) for name, (quant, _) in quantized.items()}
 
     result = BenchResult([])
     calib_seed, eval_seed = derive_seed(seed, "calibrate"), derive_seed(seed, "evaluate")
@@ -152,14 +156,14 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
         candidates = [Method(FP_BITS, "fp", timed(ModelDenoiser(fp, scheduler)), 0.0)]
         for name in names:
             quant, quant_seconds = quantized[name]
-            candidates.append(Method(name, "ptq", timed(ModelDenoiser(quant, scheduler)), quant_seconds))
+            runs = ModelDenoiser(executed[name], scheduler)
+            candidates.append(Method(name, "ptq", timed(runs), quant_seconds))
             for method in (m for m in CORRECTED if m in wanted):
                 _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
                 tables, seconds = timed_call(dev, lambda method=method, quant=quant: fit_tables(
                     method, fp, quant, scheduler, num_inference_steps=count, num_samples=calib_samples,
                     batch_size=batch_size, seed=calib_seed, cond=conditioning, progress=progress))
-                candidates.append(Method(name, method, timed(CorrectedDenoiser(ModelDenoiser(quant, scheduler),
-                                                                               tables)), seconds))
+                candidates.append(Method(name, method, timed(CorrectedDenoiser(runs, tables)), seconds))
         _log(progress, f"sample {len(candidates)} denoisers x {samples} paired images, DDIM {count}")
         scored, state_sq_err, result.timesteps[count] = score_methods(
             candidates, scheduler, num_inference_steps=count, num_samples=samples,
@@ -177,7 +181,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
 def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
               methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
               batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
-              model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(),
+              model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(), backend: str = "fake",
               progress: bool = True) -> list[dict[str, Any]]:
     """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on one model (the bundled Fashion-MNIST one by default) with DDIM.
 
@@ -194,6 +198,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
         weight_rounding: PTQ's weight rounding, ``"rtn"`` or ``"gptq"``.
         model: ``"reference"`` or a full-precision diffusers model or pipeline folder.
         prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
+        backend: how the quantized models execute when sampled (:func:`tacdiff.backends.use_backend`);
+            tables are fitted on the fake-quant model and apply unchanged.
     Returns:
         One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
         bundled classifier's features, ``x0_mse``/``x0_psnr`` against FP (dB), ``calib_seconds``
@@ -201,7 +207,17 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
     """
     return bench(bits=bits, steps=steps, methods=methods, samples=samples, calib_samples=calib_samples, seed=seed,
                  batch_size=batch_size, device=device, quant_calib_samples=quant_calib_samples,
-                 weight_rounding=weight_rounding, model=model, prompts=prompts, progress=progress).rows
+                 weight_rounding=weight_rounding, model=model, prompts=prompts, backend=backend,
+                 progress=progress).rows
+
+
+def _executed(quant: nn.Module, backend: str) -> nn.Module:
+    """``quant`` itself for the fake backend, else a copy running on ``backend``."""
+    if backend == "fake":
+        return quant
+    twin = copy.deepcopy(quant)
+    use_backend(twin, backend)
+    return twin
 
 
 def _log(progress: bool, message: str) -> None:

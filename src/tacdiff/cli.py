@@ -84,6 +84,28 @@ def main(ctx: typer.Context,
          debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks (also {DEBUG_ENV}=1).")) -> None:
     """tacdiff: low-bit diffusers models with timestep-aware correction."""
     ctx.meta["tacdiff.debug"] = debug
+    _log_to_stderr()
+
+
+def _log_to_stderr() -> None:
+    """Show the library's info lines (e.g. where a backend runs each layer) on stderr, once."""
+    import logging
+
+    logger = logging.getLogger("tacdiff")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _backend(value: str) -> str:
+    """Option callback: one of the execution backends."""
+    from tacdiff.backends import BACKENDS
+
+    if value not in BACKENDS:
+        raise typer.BadParameter(f"choose one of {', '.join(BACKENDS)}")
+    return value
 
 
 def _device(value: str) -> str:
@@ -114,6 +136,9 @@ PROMPT = typer.Option([], "--prompt", help="Prompt (repeatable; image i gets pro
                                              "pipelines only; default: a built-in list of everyday captions.")
 PROMPTS_FILE = typer.Option(None, "--prompts-file", help="Text file with one prompt per line (instead of --prompt).")
 NEGATIVE_PROMPT = typer.Option(None, "--negative-prompt", help="Prompt to guide away from (default: the empty one).")
+BACKEND = typer.Option("fake", "--backend", callback=_backend,
+                       help="How quantized layers run: fake (simulated in float), int8 (integer kernels where "
+                            "exact; the rest fake) or auto (int8 only where measured faster here).")
 GUIDANCE_SCALE = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (default 7.5; <= 1 "
                                                              "turns guidance off). Tables only fit their own scale.")
 
@@ -278,6 +303,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
+    backend: str = BACKEND,
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Sample a model or pipeline and report FID/KID (1x28x28 images only) and, with --fp-model, paired x0
@@ -293,7 +319,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
                       batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
                       prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
-                      progress=not quiet)
+                      backend=backend, progress=not quiet)
     typer.echo(format_table(result))
     if json_path:
         typer.echo(f"wrote {write_json(json_path, result)}")
@@ -315,6 +341,7 @@ def sample(
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
+    backend: str = BACKEND,
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a samples folder tacdiff wrote."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
@@ -324,7 +351,7 @@ def sample(
     prompts = _prompt_options(prompt, prompts_file, negative_prompt, guidance_scale)
     path = sample_dir(model, out, tables=tables, force_tables=force_tables, prompts=prompts,
                       num_samples=num_samples, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                      device=device, overwrite=overwrite, progress=not quiet)
+                      device=device, backend=backend, overwrite=overwrite, progress=not quiet)
     typer.echo(f"wrote {num_samples} images, grid.png and samples.json to {path}")
 
 
@@ -391,6 +418,7 @@ def bench(
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
+    backend: str = BACKEND,
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on one model: FID, KID, x0 error, time."""
@@ -410,7 +438,8 @@ def bench(
     result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
                  weight_rounding=weight_rounding, model=model,
-                 prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale), progress=not quiet)
+                 prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale), backend=backend,
+                 progress=not quiet)
     table = format_markdown(result.rows)
     typer.echo(table)
     if json_path:

@@ -150,7 +150,7 @@ def _check_finite(broken: int, samples: int, model: str | Path) -> None:
 def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "ddim", steps: int = 50,
              samples: int = 1000, seed: int = 0, batch_size: int = 256, device: str = "cpu",
              tables: str | Path | None = None, force_tables: bool = False, prompts: PromptOptions = PromptOptions(),
-             progress: bool = True) -> dict[str, Any]:
+             backend: str = "fake", progress: bool = True) -> dict[str, Any]:
     """Sample ``model`` and score it; pair it with ``fp_model`` for the paired metrics.
 
     Args:
@@ -173,6 +173,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
             model and sample shape: :meth:`CorrectionTables.check_model`).
         force_tables: apply ``tables`` fitted for another model, noise schedule or guidance scale, with a warning.
         prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
+        backend: how a quantized ``model`` executes (:func:`tacdiff.backends.use_backend`).
     Returns:
         A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
         1×28×28 images), ``x0_mse``/``x0_psnr`` (None without ``fp_model``; PSNR with peak-to-peak
@@ -182,7 +183,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         (sampling plus metrics, models already loaded) with ``sampling_seconds``.
     """
     check_settings(scheduler, steps, samples, batch_size, device)
-    loaded = load_any_model(model, device)
+    loaded = load_any_model(model, device, backend)
     fp = load_any_model(fp_model, device) if fp_model is not None else None
     if fp is not None and loaded.quantized:
         check_source(read_metadata(model), fp.model, fp_model)
@@ -222,7 +223,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         "tables": None if tables is None else str(tables),
         "correction": None if tables is None else f"{correction.method} (IBC on the {correction.ibc_target})",
         "quantized": loaded.quantized, "scheduler": scheduler, "steps": steps, "samples": samples, "seed": seed,
-        "batch_size": batch_size, "device": device, "conditioning": conditioning.record, **scores,
+        "batch_size": batch_size, "device": device, "backend": backend, "conditioning": conditioning.record, **scores,
         "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
         "per_step": None if paired is None else paired.per_step(), "note": note,
         "prompt_accuracy": None if accuracy is None else accuracy["overall"],

@@ -218,7 +218,7 @@ def is_samples_folder(path: Path) -> bool:
 def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | None = None,
                force_tables: bool = False, prompts: PromptOptions = PromptOptions(), num_samples: int = 16,
                steps: int = 50, scheduler: str = "ddim", seed: int = 0, batch_size: int = 16, device: str = "cpu",
-               overwrite: bool = False, progress: bool = True) -> Path:
+               backend: str = "fake", overwrite: bool = False, progress: bool = True) -> Path:
     """Sample a model and write one PNG per image, ``grid.png`` and ``samples.json``.
 
     ``model`` is a diffusers model or pipeline folder, a quantized artifact folder or
@@ -228,13 +228,14 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     classifier-free guidance. Image ``i`` starts from noise seeded by ``derive_seed(seed, "noise", i)``
     alone (see :func:`tacdiff.sampling.batching.sample_noise`), so the same seed and prompt give the
     same PNG bytes at any ``num_samples`` for a fixed batch size and thread count. The folder is
-    written atomically; ``overwrite`` replaces only a folder that this function wrote.
+    written atomically; ``overwrite`` replaces only a folder that this function wrote. ``backend``
+    says how a quantized model's layers execute (:func:`tacdiff.backends.use_backend`).
     """
 
     check_settings(scheduler, steps, num_samples, batch_size, device)
     check_writable(out_dir, overwrite, recognise=is_samples_folder, what="samples folder",
                    inputs=input_paths(model, tables), folder=True)
-    loaded = load_any_model(model, device)
+    loaded = load_any_model(model, device, backend)
     channels = loaded.image_shape[0]
     if channels not in IMAGE_CHANNELS:
         raise ValueError(f"{model} makes {channels}-channel samples, not images: tacdiff sample writes 1- or "
@@ -259,7 +260,7 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
                          "ranges, or recalibrate the tables")
     pixels = to_uint8(images)
     record = {"format": SAMPLES_FORMAT, "model": str(model), "tables": None if tables is None else str(tables),
-              "scheduler": scheduler, "steps": steps, "seed": seed, "batch_size": batch_size,
+              "scheduler": scheduler, "steps": steps, "seed": seed, "batch_size": batch_size, "backend": backend,
               "conditioning": conditioning.record,
               "images": [{"file": f"{i:06d}.png", "index": i, "noise_seed": derive_seed(seed, "noise", i),
                           **({"prompt": conditioning.prompt(i)} if conditioning.prompts is not None else {})}

@@ -52,7 +52,7 @@ def test_activation_codes_match_fake_quantization(bits: int) -> None:
     scale, zero = P.qparams_from_range(x.amin(), x.amax() * 0.8, bits)
     codes, residual = activation_codes(x, scale, zero, bits)
     torch.testing.assert_close((codes.float() - residual) * scale, P.fake_quantize(x.clone(), scale, zero, bits))
-    scale, zero = dynamic_qparams(x, bits, symmetric=False)
+    scale, zero = dynamic_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True), bits, symmetric=False)
     codes, residual = activation_codes(x, scale, zero, bits)
     torch.testing.assert_close((codes.float() - residual) * scale, P.fake_quantize(x.clone(), scale, zero, bits))
 

@@ -211,3 +211,15 @@ def test_a_corrected_pipeline_refuses_save_pretrained(sd: World, tmp_path: Path)
     with pytest.raises(ValueError, match="cannot be saved with save_pretrained"):
         load_pipeline(sd.artifact, sd.tables).save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+def test_int8_pipeline_with_tables_is_as_accurate_as_fake_quant(sd: World) -> None:
+    """TAC tables apply unchanged on the int8 backend: latent PSNR against FP within 0.3 dB of fake-quant's."""
+    noise = torch.cat([sample_noise((4, 8, 8), i, 1, SEED) for i in range(4)])
+    fp = _generate(StableDiffusionPipeline.from_pretrained(sd.folder), noise, num_images_per_prompt=4)
+    psnr = {}
+    for backend in ("fake", "int8"):
+        pipe = load_pipeline(sd.artifact, sd.tables, backend=backend)
+        latents = _generate(pipe, noise, num_images_per_prompt=4)
+        psnr[backend] = (10 * torch.log10(fp.pow(2).mean() / (latents - fp).pow(2).mean())).item()
+    assert abs(psnr["fake"] - psnr["int8"]) <= 0.3, psnr

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tacdiff.backends.kernels import MAX_REDUCTION, Int8Matmul, activation_codes, dynamic_qparams
+from tacdiff.backends.kernels import (MAX_REDUCTION, Int8Matmul, OneDNNConv2d, activation_codes, dynamic_qparams,
+                                     onednn_available, unsigned_codes)
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, QuantWeightMixin
 
 
@@ -33,6 +34,10 @@ def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | N
             return f"grouped convolution (groups={layer.groups})"
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             return f"padding {layer.padding!r} in mode {layer.padding_mode!r}"
+        if act.dynamic and act.token_dim is not None and layer.stride != (1, 1):
+            return f"per-token ranges on a strided convolution (stride {layer.stride})"
+        if not onednn_available():
+            return "this PyTorch build has no oneDNN int8 convolution"
     reduction = layer.weight[0].numel()
     if reduction > MAX_REDUCTION:
         return f"reduction length {reduction} > {MAX_REDUCTION} would overflow int32"
@@ -48,34 +53,34 @@ class _IntLayer(nn.Module):
         self.w_bits = layer.w_bits
         self.in_channels = layer.weight.shape[1]
         self.segments = layer.segments()
+        self.num_weights = layer.num_weights
+        self._qparams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.matmuls = nn.ModuleList(
             Int8Matmul(codes, layer.weight_zero_point[:, i], layer.weight_scale[:, i],
                        layer.bias if i == 0 else None)
             for i, codes in enumerate(weights))
 
-    def quantize_input(self, x: torch.Tensor, segment: int, rows_per_range: int | None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """int8 codes of ``x`` (channels last), scale and residual zero point: 0-d for a static range,
-        ``(M, 1)`` per GEMM row when dynamic (``rows_per_range`` rows share one sample's range; None: per row)."""
+    def static_qparams(self, segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current timestep group's scale and zero point (0-d, in ``dtype``), cached until the ranges change."""
         act = self.act_quant
-        if not act.dynamic:
+        key = (act.router.group, segment, dtype, act.scale._version, act.zero_point._version)
+        if key not in self._qparams:
             g = act.router.group
-            scale = act.scale[g, segment].to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny)
-            codes, residual = activation_codes(x, scale, act.zero_point[g, segment].to(x.dtype), act.bits)
-            return codes, scale, residual
-        rows = x.reshape(x.shape[0], -1) if rows_per_range is not None else x.reshape(-1, x.shape[-1])
-        scale, zero_point = dynamic_qparams(rows.detach(), act.bits, act.symmetric)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        codes, residual = activation_codes(x, scale.reshape(shape), zero_point.reshape(shape), act.bits)
-        if rows_per_range is not None:
-            scale, residual = scale.repeat_interleave(rows_per_range, 0), residual.reshape(-1, 1)
-            residual = residual.repeat_interleave(rows_per_range, 0)
-        return codes, scale, residual.reshape(-1, 1)
+            self._qparams[key] = (act.scale[g, segment].to(dtype).clamp(min=torch.finfo(dtype).tiny),
+                                  act.zero_point[g, segment].to(dtype))
+        return self._qparams[key]
 
-    @property
-    def num_weights(self) -> int:
-        """Number of quantized weights."""
-        return sum(m.weight.numel() for m in self.matmuls)
+    def quantize_input(self, rows: torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int8 codes of ``rows`` ``(M, K)``, their scale and residual zero point: 0-d for a static range,
+        ``(M, 1)`` for per-token dynamic ones."""
+        act = self.act_quant
+        if act.dynamic:
+            lo, hi = rows.detach().amin(1, keepdim=True), rows.detach().amax(1, keepdim=True)
+            scale, zero_point = dynamic_qparams(lo, hi, act.bits, act.symmetric)
+        else:
+            scale, zero_point = self.static_qparams(segment, rows.dtype)
+        codes, residual = activation_codes(rows, scale, zero_point, act.bits)
+        return codes, scale, residual
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, a_bits={self.act_quant.bits}, segments={len(self.segments)}"
@@ -90,55 +95,54 @@ class Int8Linear(_IntLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        codes, scale, residual = self.quantize_input(flat, 0, None)
-        return self.matmuls[0](codes, scale, residual).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        out = self.matmuls[0](*self.quantize_input(flat, 0))
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8Conv2d(_IntLayer):
-    """A :class:`QuantConv2d` run as im2col int8 GEMMs over channels-last patches."""
+    """A :class:`QuantConv2d` run as oneDNN int8 convolutions (one per input-channel segment, summed).
+
+    A static range or one range per sample (called sample by sample) feeds oneDNN; per-token ranges
+    (1x1 convolutions with dynamic ranges) run as an int8 GEMM over the positions instead. The output
+    is float32 in channels-last layout (the layout oneDNN writes; diffusers' blocks accept it).
+    """
 
     def __init__(self, layer: QuantConv2d) -> None:
-        # GEMM weight rows ordered (kernel row, kernel column, channel), as the patches below
-        weights = [layer.weight_codes[:, s].permute(2, 3, 1, 0).reshape(-1, layer.out_channels)
-                   for s in layer.segments()]
-        super().__init__(layer, weights)
-        self.out_channels = layer.out_channels
-        self.kernel_size, self.stride = layer.kernel_size, layer.stride
-        self.padding, self.dilation = layer.padding, layer.dilation
+        self.per_token = layer.act_quant.dynamic and layer.act_quant.token_dim is not None
+        weights = [layer.weight_codes[:, s].reshape(layer.out_channels, -1).t() for s in layer.segments()]
+        super().__init__(layer, weights if self.per_token else [])
+        if not self.per_token:
+            self.convs = nn.ModuleList(
+                OneDNNConv2d(layer.weight_codes[:, s], layer.weight_zero_point[:, i], layer.weight_scale[:, i],
+                             layer.bias if i == 0 else None, layer.stride, layer.padding, layer.dilation)
+                for i, s in enumerate(layer.segments()))
+        self.out_channels, self.padding = layer.out_channels, layer.padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        (ph, pw), (kh, kw), (sh, sw), (dh, dw) = self.padding, self.kernel_size, self.stride, self.dilation
-        # zero padding before quantizing: 0 maps to the zero point exactly and leaves min-max ranges as they are
-        padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))
-        h_out = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1
-        w_out = (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
-        per_token = self.act_quant.token_dim is not None
-        out = None
-        for i, channels in enumerate(self.segments):
-            part = padded[..., channels] if len(self.segments) > 1 else padded.contiguous()
-            if per_token:  # 1x1 convolution: every position is one token with its own range
-                part = part[:, : (h_out - 1) * sh + 1: sh, : (w_out - 1) * sw + 1: sw]
-                codes, scale, residual = self.quantize_input(part.reshape(-1, part.shape[-1]), i, None)
-            else:
-                codes, scale, residual = self.quantize_input(part, i, h_out * w_out)
-                codes = _patches(codes, (kh, kw), (sh, sw), (dh, dw), (h_out, w_out))
-            y = self.matmuls[i](codes, scale, residual)
-            out = y if out is None else out.add_(y)
-        return out.to(x.dtype).view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2).contiguous()
+        parts = [x[:, channels] for channels in self.segments] if len(self.segments) > 1 else [x]
+        run = self._per_token if self.per_token else self._onednn
+        out = run(parts[0], 0)
+        for i, part in enumerate(parts[1:], start=1):
+            out = out + run(part, i)
+        return out.to(x.dtype)
 
+    def _onednn(self, x: torch.Tensor, segment: int) -> torch.Tensor:
+        act = self.act_quant
+        if not act.dynamic:
+            scale, zero_point = self.static_qparams(segment, x.dtype)
+            return self.convs[segment](unsigned_codes(x, scale, zero_point, act.bits), float(scale), int(zero_point))
+        lo = x.detach().flatten(1).amin(1)
+        scales, zero_points = dynamic_qparams(lo, x.detach().flatten(1).amax(1), act.bits, act.symmetric)
+        return torch.cat([self.convs[segment](unsigned_codes(x[n: n + 1], scale, zero_point, act.bits), float(scale),
+                                              int(zero_point))
+                          for n, (scale, zero_point) in enumerate(zip(scales, zero_points))])
 
-def _patches(codes: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-             out_size: tuple[int, int]) -> torch.Tensor:
-    """im2col of channels-last ``codes`` ``(N, H, W, C)``: ``(N * h_out * w_out, kh * kw * C)``."""
-    (kh, kw), (sh, sw), (dh, dw), (h_out, w_out) = kernel, stride, dilation, out_size
-    if (kh, kw) == (1, 1):
-        taps = [codes[:, : (h_out - 1) * sh + 1: sh, : (w_out - 1) * sw + 1: sw]]
-    else:
-        taps = [codes[:, i * dh: i * dh + (h_out - 1) * sh + 1: sh, j * dw: j * dw + (w_out - 1) * sw + 1: sw]
-                for i in range(kh) for j in range(kw)]
-    cols = taps[0] if len(taps) == 1 else torch.cat(taps, dim=3)
-    return cols.reshape(-1, cols.shape[-1])
+    def _per_token(self, x: torch.Tensor, segment: int) -> torch.Tensor:
+        n, _, h, w = x.shape
+        ph, pw = self.padding
+        rows = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        out = self.matmuls[segment](*self.quantize_input(rows, segment))
+        return out.view(n, h + 2 * ph, w + 2 * pw, -1).permute(0, 3, 1, 2)
 
 
 def to_int8(layer: QuantWeightMixin) -> Int8Linear | Int8Conv2d:

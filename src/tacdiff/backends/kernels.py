@@ -1,4 +1,4 @@
-"""Integer matmul math: signed int8 operands, ``torch._int_mm`` (int8 x int8 -> int32), exact zero points.
+"""Integer kernels: int8 GEMMs (``torch._int_mm``) and oneDNN int8 convolutions, with exact zero points.
 
 tacdiff's codes are unsigned, ``[0, 2**bits)``, with integer zero points. An int8 GEMM takes signed
 operands, so each operand is stored shifted, ``A = codes - c``, and the zero point left over,
@@ -9,11 +9,15 @@ operands, so each operand is stored shifted, ``A = codes - c``, and the zero poi
 Activations shift by ``2**(bits-1)``; each weight channel by its own zero point when the centred
 codes fit in int8 (always below 8 bits, so ``rw = 0`` and the ``rowsum(A)`` term vanishes), else by 128.
 Every integer sum is exact in int32 while the reduction length stays below :data:`MAX_REDUCTION`.
+oneDNN's convolution takes the unsigned activation codes and zero point as they are, but only
+symmetric weights: the same centred weights, with one extra all-ones output channel whose result
+(the sum of the dequantized inputs under the kernel) carries the ``rw`` term where one is left.
 
-Why ``torch._int_mm``: PyTorch 2.13 deprecates the quantized-tensor functions that the ``torch.ao``
-quantized conv/linear kernels need, and ``torch._weight_int8pack_mm`` is far slower than float32
-here; ``torch._int_mm`` is the plain int8 GEMM that torchao builds its int8 paths on
-(``benchmarks/speed.py --kernels`` measures all three).
+Why these kernels: PyTorch 2.13 deprecates the quantized-tensor functions that the ``torch.ao``
+quantized modules need. ``torch.ops.onednn.qconv2d_pointwise`` is the int8 convolution that PyTorch's
+own x86 Inductor lowering of quantized models calls, on plain uint8/int8 tensors, and ``torch._int_mm``
+the plain int8 GEMM that torchao builds its int8 paths on; ``torch._weight_int8pack_mm`` is far slower
+than float32 here. ``benchmarks/speed.py --kernels`` measures the candidates.
 """
 
 from __future__ import annotations
@@ -39,11 +43,16 @@ def activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     return codes.to(torch.int8), residual
 
 
-def dynamic_qparams(rows: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point from each row's min-max range, shapes ``(rows, 1)``, as the fake path takes them."""
-    lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+def unsigned_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zero_point, 0, 2**bits - 1)``, as :func:`activation_codes` computes them."""
+    return torch.div(x, scale).round_().add_(zero_point).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def dynamic_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from run-time min-max ranges, in ``lo``'s dtype, as the fake path takes them."""
     scale, zero_point = P.qparams_unchecked(lo.float(), hi.float(), bits, symmetric)
-    return scale.to(rows.dtype).clamp(min=torch.finfo(rows.dtype).tiny), zero_point.to(rows.dtype)
+    return scale.to(lo.dtype).clamp(min=torch.finfo(lo.dtype).tiny), zero_point.to(lo.dtype)
 
 
 def centred_weight(codes: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +68,9 @@ def centred_weight(codes: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch
 class Int8Matmul(nn.Module):
     """``(A - r) * a_scale @ (W - rw) * w_scale + bias`` for int8 ``A`` ``(M, K)``, with ``W`` ``(K, N)`` stored.
 
-    ``a_scale`` and ``r`` are 0-d (one range for the whole input) or ``(M, 1)`` (one per row).
+    ``a_scale`` and ``r`` are 0-d (one range for the whole input) or ``(M, 1)`` (one per row). Where a
+    weight residual ``rw`` is left, ``W`` gets an extra column of ones so that the GEMM also returns
+    ``rowsum(A)`` (cheaper than a separate reduction over ``A``).
     """
 
     def __init__(self, codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor,
@@ -68,32 +79,78 @@ class Int8Matmul(nn.Module):
         if codes.shape[0] > MAX_REDUCTION:
             raise ValueError(f"reduction length {codes.shape[0]} exceeds {MAX_REDUCTION} (int32 exactness)")
         weight, residual = centred_weight(codes, zero_point)
-        self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("w_scale", scale.float())
+        self.out_features = weight.shape[1]
+        self.register_buffer("w_scale", scale.float().contiguous())
         self.register_buffer("colsum_scaled", weight.sum(0, dtype=torch.int32).float() * self.w_scale)
         self.register_buffer("residual_scaled", residual * self.w_scale if residual.any() else None)
+        if self.residual_scaled is not None:
+            weight = torch.cat([weight, torch.ones_like(weight[:, :1])], dim=1)
+        self.register_buffer("weight", weight.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
-    def forward(self, a: torch.Tensor, a_scale: torch.Tensor, a_residual: torch.Tensor) -> torch.Tensor:
-        """float32 ``(M, N)``."""
+    def forward(self, a: torch.Tensor, a_scale: torch.Tensor, a_residual: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 product, written into ``out`` when given: any (strided) view of shape ``(..., N)``
+        with ``M`` rows in all (a convolution passes its NCHW output seen channels last); else ``(M, N)``."""
         acc = torch._int_mm(a, self.weight)
+        rowsum = None
+        if self.residual_scaled is not None:
+            acc, rowsum = acc[:, : self.out_features], acc[:, self.out_features:].float()
+        if out is None:
+            out = torch.empty(acc.shape, dtype=torch.float32, device=acc.device)
+        rows = out.shape[:-1] + (1,)
+        acc = acc.view(out.shape)
         a_scale, a_residual = a_scale.float(), a_residual.float()
         if a_scale.dim() == 0:  # one range: the epilogue is one fused multiply-add
             shift = -a_scale * a_residual * self.colsum_scaled
-            if self.residual_scaled is not None:
+            if rowsum is not None:
                 shift = shift + a_scale * a.shape[1] * a_residual * self.residual_scaled
-            out = torch.addcmul(shift if self.bias is None else shift + self.bias, acc, a_scale * self.w_scale)
-        else:
-            out = acc.float().mul_(self.w_scale).sub_(a_residual * self.colsum_scaled)
-            if self.residual_scaled is not None:
-                out.sub_(_rowsum(a).sub_(a.shape[1] * a_residual) * self.residual_scaled)
-            out.mul_(a_scale)
-            if self.bias is not None:
-                out.add_(self.bias)
-        if self.residual_scaled is not None and a_scale.dim() == 0:
-            out.sub_((a_scale * _rowsum(a)) * self.residual_scaled)
-        return out
+            torch.addcmul(shift if self.bias is None else shift + self.bias, acc, a_scale * self.w_scale, out=out)
+            if rowsum is not None:
+                out.sub_((a_scale * rowsum).view(rows) * self.residual_scaled)
+            return out
+        a_scale, a_residual = a_scale.view(rows), a_residual.view(rows)
+        torch.mul(acc, self.w_scale, out=out).sub_(a_residual * self.colsum_scaled)
+        if rowsum is not None:
+            out.sub_(rowsum.view(rows).sub_(a.shape[1] * a_residual) * self.residual_scaled)
+        out.mul_(a_scale)
+        return out if self.bias is None else out.add_(self.bias)
 
 
-def _rowsum(a: torch.Tensor) -> torch.Tensor:
-    return a.sum(1, keepdim=True, dtype=torch.int32).float()
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN's int8 convolution (x86 builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+class OneDNNConv2d(nn.Module):
+    """oneDNN int8 convolution of uint8 activation codes (one scale and zero point per call) with stored
+    weight codes, returning float32 in channels-last layout."""
+
+    def __init__(self, codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int]) -> None:
+        super().__init__()
+        out_channels = codes.shape[0]
+        flat, residual = centred_weight(codes.reshape(out_channels, -1).t(), zero_point)
+        weight, w_scale = flat.t().reshape(codes.shape).contiguous(), scale.float().contiguous()  # oneDNN reads raw memory
+        self.register_buffer("residual_scaled", residual * w_scale if residual.any() else None)
+        if self.residual_scaled is not None:  # the all-ones channel: sums of the dequantized inputs
+            weight = torch.cat([weight, torch.ones_like(weight[:1])])
+            w_scale = torch.cat([w_scale, w_scale.new_ones(1)])
+            bias = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(1)])
+        self.out_channels, self.geometry = out_channels, ([*stride], [*padding], [*dilation])
+        self.register_buffer("packed", torch.ops.onednn.qconv_prepack(weight, w_scale, 1.0, 0, *self.geometry, 1,
+                                                                      None))
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("w_zero_point", torch.zeros(len(w_scale), dtype=torch.long))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+        out = torch.ops.onednn.qconv2d_pointwise(codes, scale, zero_point, self.packed, self.w_scale,
+                                                 self.w_zero_point, self.bias, *self.geometry, 1, 1.0, 0,
+                                                 torch.float32, "none", [], None)
+        if self.residual_scaled is None:
+            return out
+        # one fused pass into a fresh dense tensor (writing in place into the strided slice is ~30x slower)
+        return torch.addcmul(out[:, : self.out_channels], out[:, self.out_channels:],
+                             self.residual_scaled.view(1, -1, 1, 1), value=-1.0)

@@ -9,6 +9,7 @@ layer geometry and input shape, so later loads skip the probe.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -25,6 +26,7 @@ from tacdiff.quant.apply import quant_state
 from tacdiff.quant.layers import QuantWeightMixin
 
 BACKENDS = ("fake", "int8", "auto")
+LOG = logging.getLogger(__name__)
 ATTENTION_REASON = "fake: attention matmul operands (no integer batched-matmul kernel wired)"
 
 
@@ -61,11 +63,13 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
             _replace(model, name, to_int8(layer))
             execution[name] = "int8" if name not in speedups else f"int8 ({speedups[name]:.2f}x faster)"
     state.execution = execution
+    if backend != "fake":
+        LOG.info("backend %s: %s", backend, backend_counts(execution))
     return execution
 
 
 def backend_counts(execution: dict[str, str]) -> str:
-    """A one-line tally of :func:`use_backend`'s result, e.g. ``"int8: 40 layers, fake: 3"``."""
+    """A one-line tally of :func:`use_backend`'s result, e.g. ``"int8: 40 modules, fake: 3"``."""
     int8 = sum(v.startswith("int8") for v in execution.values())
     return f"int8: {int8} modules, fake: {len(execution) - int8}"
 
@@ -104,13 +108,13 @@ def _probe(model: nn.Module, layers: dict[str, QuantWeightMixin], batch: int, ca
 
 
 def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
-    """Best of ``repeats`` timed calls after one warm-up."""
+    """Best of ``repeats`` timed calls after one warm-up (``forward`` itself: the probe's hook is on ``layer``)."""
     with torch.no_grad():
-        layer(x)
+        layer.forward(x)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            layer(x)
+            layer.forward(x)
             best = min(best, time.perf_counter() - start)
     return best
 

@@ -31,7 +31,8 @@ from tacdiff.models.loading import load_any_model, scheduler_class
 
 
 def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | None = None, *,
-                  force_tables: bool = False, device: str | torch.device = "cpu") -> DiffusionPipeline:
+                  force_tables: bool = False, device: str | torch.device = "cpu", backend: str = "fake"
+                  ) -> DiffusionPipeline:
     """The diffusers pipeline of ``model`` with its (quantized) UNet, corrected by ``tables`` if given.
 
     Args:
@@ -42,6 +43,8 @@ def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | Non
         force_tables: apply tables fitted for another model, scheduler class, noise schedule or
             conditioning with a warning instead of a ``ValueError``; another step count always raises.
         device: where the pipeline's components go.
+        backend: how the quantized UNet's layers execute: ``"fake"``, ``"int8"`` or ``"auto"``
+            (:func:`tacdiff.backends.use_backend`); tables apply unchanged.
 
     Returns:
         The pipeline's own class (e.g. ``StableDiffusionPipeline``) with its text encoder and
@@ -52,7 +55,7 @@ def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | Non
         config when the folder names another, e.g. Stable Diffusion's PNDM). Its ``unet`` is a
         wrapper that ``save_pretrained`` cannot write; save the artifact and tables instead.
     """
-    loaded = load_any_model(model, device)
+    loaded = load_any_model(model, device, backend)
     if loaded.pipeline is None:
         raise ValueError(f"{model} holds a bare model, not a pipeline: load_pipeline needs a diffusers pipeline folder "
                          "(with model_index.json) or an artifact quantized from one (`tacdiff quantize` on the "

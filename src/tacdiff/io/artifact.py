@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tacdiff
+from tacdiff.backends import use_backend
 from tacdiff.devices import check_device
 from tacdiff.io.atomic import write_dir_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format
@@ -154,7 +155,7 @@ def _file_metadata(file: Path) -> dict[str, str]:
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
-                   verify: bool = True) -> nn.Module:
+                   verify: bool = True, backend: str = "fake") -> nn.Module:
     """Rebuild a quantized model saved by :func:`save_quantized`, in eval mode on ``device``.
 
     ``dtype`` is the compute dtype; by default the one the model had when it was saved (float32
@@ -162,7 +163,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     :func:`tacdiff.quantize` made them. ``verify`` compares the tensors and metadata with the
     checksum recorded when the artifact was written (artifacts without one are not verified); every
     tensor is checked against the rebuilt model either way. Problems raise ``ValueError``
-    (``FileNotFoundError`` for missing files) naming the file and the fix.
+    (``FileNotFoundError`` for missing files) naming the file and the fix. ``backend`` says how the
+    quantized layers execute (:func:`tacdiff.backends.use_backend`: ``fake``, ``int8`` or ``auto``).
     """
     check_device(device)
     file = _weights_file(path)
@@ -173,6 +175,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
         model.to(dtype)
     _apply(model, recipe, tensors, file)
     quant_state(model).source_sha256 = meta.get("source_sha256")
+    use_backend(model, backend)
     return model
 
 

@@ -138,13 +138,18 @@ class LoadedModel:
         return latents if self.kind is None else decode_latents(self.pipeline, self.kind, latents)
 
 
-def load_any_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend: str = "fake") -> LoadedModel:
     """Load ``"reference"``, a quantized artifact folder, or a diffusers model or pipeline folder, in eval mode.
 
     Pipeline folders (and artifacts quantized from one, which record where it lives) come with
     their components (:func:`~tacdiff.models.pipelines.load_components`): full precision, or
     quantized where the artifact holds them (``--quantize-text-encoder``, ``--quantize-vae-decoder``).
+    ``backend`` runs a quantized artifact's denoiser on that execution backend
+    (:func:`tacdiff.backends.use_backend`); full-precision models take ``"fake"`` only.
     """
+    if backend != "fake" and str(spec) == REFERENCE:
+        raise ValueError(f"backend {backend!r} runs quantized artifacts, but {spec!r} is the full-precision bundled "
+                         "model; quantize it first (tacdiff quantize) or leave the backend at 'fake'")
     if str(spec) == REFERENCE:
         model, scheduler = load_reference_model(device)
         return LoadedModel(model, dict(scheduler.config), quantized=False)
@@ -153,8 +158,11 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu") -> Load
         raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model or pipeline folder, a "
                                 f"quantized artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
     quantized = (path / WEIGHTS_NAME).is_file()
+    if backend != "fake" and not quantized:
+        raise ValueError(f"backend {backend!r} runs quantized artifacts, but {path} is a full-precision model; "
+                         "quantize it first (tacdiff quantize) or leave the backend at 'fake'")
     if quantized:
-        model, config, pipeline_dir = load_quantized(path, device), recorded_scheduler_config(path), \
+        model, config, pipeline_dir = load_quantized(path, device, backend=backend), recorded_scheduler_config(path), \
             artifact_pipeline(path)
     else:  # an unsupported pipeline class raises before any weights load
         pipeline_dir = path if pipeline_kind(path) is not None else None

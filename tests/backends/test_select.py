@@ -1,0 +1,47 @@
+"""``use_backend``: the auto probe times layers once per machine and shape, then reads its cache."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from tacdiff.backends import select
+from tacdiff.backends import use_backend
+
+
+def test_auto_runs_int8_only_where_measured_faster_and_caches(w8a8: nn.Module, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    execution = use_backend(copy.deepcopy(w8a8), "auto", cache=tmp_path)
+    probed = {k: v for k, v in execution.items() if v.startswith("int8") or "measured" in v}
+    assert probed and all(v.endswith("x faster)") or "x its speed" in v for v in probed.values())
+    cached = json.loads((tmp_path / "backend-probe.json").read_text())
+    assert cached and all(value > 0 for value in cached.values())
+
+    def no_timing(*args: object) -> float:
+        raise AssertionError("the cache should have answered")
+
+    monkeypatch.setattr(select, "_seconds", no_timing)
+    assert use_backend(copy.deepcopy(w8a8), "auto", cache=tmp_path) == execution
+
+
+def test_auto_decision_follows_the_measured_speed(w8a8: nn.Module, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = iter(range(10_000))
+    # fake layers (timed first) look slow, int8 twins fast, alternately
+    monkeypatch.setattr(select, "_seconds", lambda layer, x: 2.0 if next(calls) % 2 == 0 else 1.0)
+    execution = use_backend(copy.deepcopy(w8a8), "auto", cache=tmp_path / "a")
+    assert any(v == "int8 (2.00x faster)" for v in execution.values())
+    monkeypatch.setattr(select, "_seconds", lambda layer, x: 1.0 if next(calls) % 2 == 0 else 2.0)
+    execution = use_backend(copy.deepcopy(w8a8), "auto", cache=tmp_path / "b")
+    assert not any(v.startswith("int8") for v in execution.values())
+    assert any(v == "fake: int8 measured 0.50x its speed" for v in execution.values())
+
+
+def test_an_unreadable_cache_is_measured_again(w8a8: nn.Module, tmp_path: Path) -> None:
+    (tmp_path / "backend-probe.json").write_text("not json")
+    use_backend(copy.deepcopy(w8a8), "auto", cache=tmp_path)
+    assert json.loads((tmp_path / "backend-probe.json").read_text())
