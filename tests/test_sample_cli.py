@@ -99,13 +99,15 @@ def test_models_it_cannot_sample_give_one_error(folders: Path, tmp_path: Path, m
 
 def test_int8_backend_samples_match_fake_quant_with_tables(folders: Path, tmp_path: Path) -> None:
     """int8 images differ from fake-quant ones about as much as fake-quant ones sampled one at a time do."""
-    runs = {}
+    runs, runs_output = {}, {}
     for name, backend, batch in (("fake", "fake", "4"), ("fake1", "fake", "1"), ("int8", "int8", "4")):
         code, output = invoke("sample", folders / "w4a8", "--tables", folders / "tac.safetensors", "--out",
                               tmp_path / name, "--num-samples", "4", "--backend", backend, *FAST, "--batch-size", batch)
         assert code == 0, output
+        runs_output[name] = output
         runs[name] = np.stack([np.asarray(Image.open(tmp_path / name / f"{i:06d}.png"), dtype=float) for i in range(4)])
     assert json.loads((tmp_path / "int8" / "samples.json").read_text())["backend"] == "int8"
+    assert "[tacdiff.backends.select] backend int8: int8:" in runs_output["int8"]
     own_spread = np.abs(runs["fake"] - runs["fake1"]).mean()
     int8_spread = np.abs(runs["fake"] - runs["int8"]).mean()
     assert int8_spread <= 2 * own_spread + 0.5, (int8_spread, own_spread)

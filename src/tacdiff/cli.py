@@ -7,6 +7,7 @@ the traceback instead. Warnings print as one ``warning: ...`` line each.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -87,16 +88,22 @@ def main(ctx: typer.Context,
     _log_to_stderr()
 
 
+class _StderrHandler(logging.Handler):
+    """Writes log records to the current ``sys.stderr`` (test runners swap it per command)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
+
+
 def _log_to_stderr() -> None:
     """Show the library's info lines (e.g. where a backend runs each layer) on stderr, once."""
-    import logging
-
     logger = logging.getLogger("tacdiff")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _backend(value: str) -> str:
@@ -449,3 +456,42 @@ def bench(
         typer.echo(f"wrote {path}")
     if plot and result.step_errors:
         typer.echo(f"wrote {plot_step_errors(result.step_errors, result.timesteps, plot)}")
+
+
+@app.command("bench-speed")
+def bench_speed(
+    model: list[str] = typer.Option(["reference"], "--model", help="Model to time (repeatable): 'reference', a "
+                                    "diffusers model or pipeline folder, or a folder holding only a model "
+                                    "config.json (random weights)."),
+    batch: list[int] = typer.Option([1, 8, 64], "--batch", help="Batch size per call (repeatable)."),
+    bits: list[str] = typer.Option(["w8a8", "w4a8"], "--bits", help="Quantized setting like w4a8 (repeatable)."),
+    repeats: int = typer.Option(3, help="Timed calls per variant and batch size (median).", callback=_positive),
+    json_path: str = typer.Option(None, "--json", help="Write the report here as JSON (atomically)."),
+    markdown: str = typer.Option(None, "--markdown", help="Write the tables here as markdown (atomically)."),
+    quiet: bool = typer.Option(False, help="Hide progress bars."),
+) -> None:
+    """Time FP32, bf16, fake-quant and int8 per denoiser call side by side; weight and activation memory,
+    artifact size against the FP32 file, load time (CPU)."""
+    from tacdiff.bench import parse_bits
+    from tacdiff.io.atomic import check_writable, write_text_atomically
+    from tacdiff.report.json import write_json
+    from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
+
+    pairs = tuple(parse_bits(b) for b in bits)
+    if any(b < 1 for b in batch):
+        raise typer.BadParameter("batch sizes must be >= 1", param_hint="--batch")
+    for path, what in ((json_path, "JSON file"), (markdown, "markdown file")):
+        if path:
+            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what)
+    report: dict[str, list] = {"calls": [], "artifacts": []}
+    for spec in model:
+        part = measure_speed(spec, model_for_speed(spec), bits=pairs, batches=tuple(batch), repeats=repeats,
+                             progress=not quiet)
+        for key in report:
+            report[key] += part[key]
+    table = format_speed_markdown(report)
+    typer.echo(table)
+    if json_path:
+        typer.echo(f"wrote {write_json(json_path, report)}")
+    if markdown:
+        typer.echo(f"wrote {write_text_atomically(markdown, table + chr(10))}")

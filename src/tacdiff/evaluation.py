@@ -250,7 +250,7 @@ def _cell(value: Any) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The scalar results of :func:`evaluate` as a two-column text table."""
-    keys = ("model", "fp_model", "tables", "correction", "scheduler", "steps", "samples", "seed", "fid", "kid",
+    keys = ("model", "fp_model", "tables", "correction", "backend", "scheduler", "steps", "samples", "seed", "fid", "kid",
             "kid_std", "prompt_accuracy", "x0_mse", "x0_psnr", "sampling_seconds", "seconds")
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {_cell(result.get(k))}" for k in keys]

@@ -12,10 +12,12 @@ random inputs (the speed of a layer does not depend on its ranges).
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import json
 import os
 import statistics
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -28,8 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tacdiff.backends import backend_counts, use_backend
+from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, save_quantized
+from tacdiff.models.folders import quiet_loading
 from tacdiff.models.kinds import MODEL_KINDS, example_inputs, sample_shape_of
-from tacdiff.quant.apply import quantize
+from tacdiff.quant.apply import quant_state, quantize
 from tacdiff.quant.config import QuantConfig
 from tacdiff.sampling.calibration import CalibrationSet
 
@@ -74,8 +78,11 @@ def quantized_for_timing(fp: nn.Module, weight_bits: int, act_bits: int) -> nn.M
 @contextmanager
 def peak_rss_above_start() -> Iterator[list[float]]:
     """Yields a one-item list that holds, on exit, the peak resident MiB above the level at entry
-    (``/proc/self/statm`` polled every 2 ms; 0 where it is not available)."""
+    (``/proc/self/statm`` polled every 2 ms; 0 where it is not available). Freed heap memory is handed
+    back to the system first (glibc ``malloc_trim``), so that memory the calls allocate shows up."""
     result = [0.0]
+    gc.collect()
+    _trim_heap()
     start, peak, done = _rss_bytes(), [0], threading.Event()
 
     def poll() -> None:
@@ -91,6 +98,13 @@ def peak_rss_above_start() -> Iterator[list[float]]:
         done.set()
         thread.join()
         result[0] = max(0, max(peak[0], _rss_bytes()) - start) / 2**20
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the numbers may then miss reused memory
+        pass
 
 
 def _rss_bytes() -> int:
@@ -120,45 +134,81 @@ def seconds_per_call(model: nn.Module, batch: int, repeats: int = 3, dtype: torc
 
 def measure_speed(name: str, fp: nn.Module, *, bits: tuple[tuple[int, int], ...] = ((8, 8), (4, 8)),
                   batches: tuple[int, ...] = (1, 8, 64), repeats: int = 3, progress: bool = True
-                  ) -> list[dict[str, Any]]:
-    """Time every variant of ``fp`` (a registered denoiser in fp32 on the CPU) at every batch size.
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """Time every variant of ``fp`` (a registered denoiser in fp32 on the CPU) at every batch size, and
+    save and load each quantized setting as an artifact.
 
     ``bits`` are the (weight, activation) settings quantized for ``fake`` and ``int8``; ``fp32`` and
-    ``bf16`` rows carry ``bits="fp"``. Returns :class:`SpeedRow` dicts, fp32 first at each batch size.
+    ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow dicts, fp32 first at each batch
+    size], "artifacts": [artifact_row dicts]}``.
     """
-    fp_bytes = weight_bytes(fp)
-    variants: list[tuple[str, str, nn.Module, torch.dtype, str]] = [
-        ("fp32", "fp", fp, torch.float32, ""), ("bf16", "fp", copy.deepcopy(fp).to(torch.bfloat16), torch.bfloat16, "")]
-    for w_bits, a_bits in bits:
-        fake = quantized_for_timing(fp, w_bits, a_bits)
-        int8 = copy.deepcopy(fake)
-        placement = backend_counts(use_backend(int8, "int8"))
-        variants += [("fake", f"w{w_bits}a{a_bits}", fake, torch.float32, ""),
-                     ("int8", f"w{w_bits}a{a_bits}", int8, torch.float32, placement)]
-    rows: list[SpeedRow] = []
-    steps = tqdm(total=len(variants) * len(batches), desc=f"speed {name}", disable=not progress)
-    for batch in batches:
-        baseline = None
-        for variant, label, model, dtype, placement in variants:
+    fp_bytes, rows, artifacts = weight_bytes(fp), [], []
+    steps = tqdm(total=(2 + 2 * len(bits)) * len(batches), desc=f"speed {name}", disable=not progress)
+    baseline: dict[int, float] = {}
+
+    def time_variant(model: nn.Module, variant: str, label: str, dtype: torch.dtype, placement: str = "") -> None:
+        for batch in batches:
             gc.collect()
             seconds, activation = seconds_per_call(model, batch, repeats, dtype)
-            baseline = seconds if baseline is None else baseline
+            baseline.setdefault(batch, seconds)
             weights = weight_bytes(model)
-            rows.append(SpeedRow(name, variant, label, batch, seconds, baseline / seconds, weights / 2**20,
+            rows.append(SpeedRow(name, variant, label, batch, seconds, baseline[batch] / seconds, weights / 2**20,
                                  weights / fp_bytes, activation, placement))
             steps.update()
+
+    # one variant alive at a time beside the FP32 model, so that full-size models fit in memory
+    time_variant(fp, "fp32", "fp", torch.float32)
+    time_variant(copy.deepcopy(fp).to(torch.bfloat16), "bf16", "fp", torch.bfloat16)
+    with tempfile.TemporaryDirectory(prefix="tacdiff-speed-") as tmp:
+        for w_bits, a_bits in bits:
+            model = quantized_for_timing(fp, w_bits, a_bits)
+            artifacts.append(artifact_row(name, fp, model, Path(tmp)))
+            time_variant(model, "fake", f"w{w_bits}a{a_bits}", torch.float32)
+            placement = backend_counts(use_backend(model, "int8"))
+            time_variant(model, "int8", f"w{w_bits}a{a_bits}", torch.float32, placement)
+            del model
     steps.close()
-    return [asdict(row) for row in rows]
+    labels = ["fp"] + [f"w{w}a{a}" for w, a in bits]
+    rows.sort(key=lambda r: (r.batch, labels.index(r.bits), VARIANTS.index(r.variant)))
+    return {"calls": [asdict(row) for row in rows], "artifacts": artifacts}
 
 
-def format_speed_markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a markdown table."""
+def artifact_row(name: str, fp: nn.Module, fake: nn.Module, tmp: Path) -> dict[str, Any]:
+    """Size of ``fake``'s artifact against ``fp``'s safetensors file (and the ``bits / 32 + 0.03`` target),
+    and seconds to load each (the artifact onto the int8 backend)."""
+    config = quant_state(fake).config
+    fp_dir, artifact = tmp / f"fp-{id(fp)}", tmp / f"w{config.weight_bits}a{config.act_bits}"
+    if not fp_dir.exists():
+        fp.save_pretrained(fp_dir)
+    artifact = save_quantized(fake, artifact, overwrite=True)
+    fp_file = next(fp_dir.glob("*.safetensors"))
+    start = time.perf_counter()
+    with quiet_loading():
+        type(fp).from_pretrained(fp_dir)
+    fp_load = time.perf_counter() - start
+    start = time.perf_counter()
+    load_quantized(artifact, backend="int8")
+    load = time.perf_counter() - start
+    ratio = (artifact / WEIGHTS_NAME).stat().st_size / fp_file.stat().st_size
+    return {"model": name, "bits": f"w{config.weight_bits}a{config.act_bits}", "fp32_mib": fp_file.stat().st_size / 2**20,
+            "artifact_mib": (artifact / WEIGHTS_NAME).stat().st_size / 2**20, "ratio": ratio,
+            "target_ratio": config.weight_bits / 32 + 0.03, "fp32_load_seconds": fp_load, "int8_load_seconds": load}
+
+
+def format_speed_markdown(report: dict[str, list[dict[str, Any]]]) -> str:
+    """:func:`measure_speed`'s report as two markdown tables (per call; artifacts and loading)."""
     lines = ["| model | variant | bits | batch | s/call | x fp32 | weights MiB | x fp32 weights | activations MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in report["calls"]:
         lines.append(f"| {r['model']} | {r['variant']} | {r['bits']} | {r['batch']} | {r['seconds']:.4f} | "
                      f"{r['speedup']:.2f} | {r['weight_mib']:.1f} | {r['weight_ratio']:.2f} | "
                      f"{r['activation_mib']:.0f} |")
+    lines += ["", "| model | bits | fp32 file MiB | artifact MiB | x fp32 | target | fp32 load s | int8 load s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["artifacts"]:
+        lines.append(f"| {r['model']} | {r['bits']} | {r['fp32_mib']:.1f} | {r['artifact_mib']:.1f} | "
+                     f"{r['ratio']:.3f} | {r['target_ratio']:.3f} | {r['fp32_load_seconds']:.2f} | "
+                     f"{r['int8_load_seconds']:.2f} |")
     return "\n".join(lines)
 
 

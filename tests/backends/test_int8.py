@@ -10,9 +10,10 @@ from torch import nn
 
 from tacdiff.backends import use_backend
 from tacdiff.backends.int8 import Int8Conv2d, Int8Linear
+from tacdiff.io.artifact import save_quantized
 from tacdiff.quant.apply import format_summary
 from tacdiff.quant.layers import QuantWeightMixin
-from tiny_models import outputs, sqnr_db
+from tiny_models import outputs, quantized_copy, sqnr_db
 
 # A quantized network amplifies last-bit float differences: one flipped activation code changes the next
 # layer's inputs by a whole step. So the fake-quant model run one sample at a time already differs from
@@ -47,9 +48,13 @@ def test_int8_model_agrees_with_fake_quant(fixture: str, request: pytest.Fixture
     assert abs(sqnr_db(fp, fake) - sqnr_db(fp, int8)) <= ACCURACY_DB
 
 
-def test_every_converted_layer_agrees_with_its_fake_twin(w8a8: nn.Module, held_out) -> None:
-    twin, _ = _int8_copy(w8a8)
-    fake_layers = dict(w8a8.named_modules())
+@pytest.mark.parametrize("fixture", ["w8a8", "w8a8_grouped", "w8a8_dynamic", "cond_w8a8_dynamic_gptq",
+                                     "cond_w8a8_grouped"])
+def test_every_converted_layer_agrees_with_its_fake_twin(fixture: str, request: pytest.FixtureRequest) -> None:
+    model = request.getfixturevalue(fixture)
+    data = request.getfixturevalue("cond_held_out" if fixture.startswith("cond") else "held_out")
+    twin, _ = _int8_copy(model)
+    fake_layers = dict(model.named_modules())
     seen = []
 
     def compare(name: str):
@@ -60,10 +65,42 @@ def test_every_converted_layer_agrees_with_its_fake_twin(w8a8: nn.Module, held_o
     for name, module in twin.named_modules():
         if isinstance(module, (Int8Conv2d, Int8Linear)):
             module.register_forward_hook(compare(name))
-    index = torch.arange(4)
+    index = torch.nonzero(data.timesteps == data.timesteps[-1]).flatten()[:4]  # one timestep group
     with torch.no_grad():
-        twin(held_out.x[index], held_out.timesteps[index])
-    assert seen and min(db for _, db in seen) >= LAYER_DB, seen
+        model(data.x[index], data.timesteps[index], **data.cond_of(index))  # selects the fake model's group too
+        twin(data.x[index], data.timesteps[index], **data.cond_of(index))
+    assert len(seen) == sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in twin.modules())
+    assert min(db for _, db in seen) >= LAYER_DB, sorted(seen, key=lambda item: item[1])[:3]
+
+
+@pytest.mark.parametrize("config", [dict(weight_symmetric=True, act_symmetric=True),
+                                    dict(weight_bits=3, act_bits=6), dict(weight_bits=8, act_bits=4)])
+def test_other_recipes_agree_too(config: dict, unet: nn.Module, calibration, held_out) -> None:
+    model = quantized_copy(unet, calibration, **config)
+    twin, execution = _int8_copy(model)
+    assert sum(where == "int8" for where in execution.values()) > 10
+    fp, fake, int8 = outputs(unet, held_out), outputs(model, held_out), outputs(twin, held_out)
+    assert sqnr_db(fake, int8) >= sqnr_db(fake, _one_at_a_time(model, held_out)) - MARGIN_DB
+    assert abs(sqnr_db(fp, fake) - sqnr_db(fp, int8)) <= ACCURACY_DB
+
+
+def test_an_uncalibrated_quantizer_keeps_its_layer_fake(w8a8: nn.Module) -> None:
+    model = copy.deepcopy(w8a8)
+    model.get_submodule("down_blocks.0.resnets.0.conv1").act_quant.enabled = False
+    execution = use_backend(model, "int8")
+    assert execution["down_blocks.0.resnets.0.conv1"] == ("fake: its activation quantizer was never calibrated "
+                                                          "(the input runs unquantized)")
+
+
+def test_a_converted_model_is_not_copied_saved_or_converted_again(w8a8: nn.Module, tmp_path) -> None:
+    twin, _ = _int8_copy(w8a8)
+    with pytest.raises(TypeError, match="copy the fake-quant model"):
+        copy.deepcopy(twin)
+    with pytest.raises(ValueError, match="save the fake-quant model"):
+        save_quantized(twin, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="already runs on the int8 backend"):
+        use_backend(twin, "fake")
 
 
 def test_layers_the_int8_path_cannot_run_stay_fake_with_a_reason(w8a8_blocked: nn.Module, w8a8: nn.Module) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tacdiff.backends.kernels import Int8Matmul, activation_codes, centred_weight, dynamic_qparams
+from tacdiff.backends.kernels import (Int8Matmul, OneDNNConv2d, activation_codes, centred_weight, dynamic_qparams,
+                                     unsigned_codes)
 from tacdiff.quant import primitives as P
 
 
@@ -52,6 +53,8 @@ def test_activation_codes_match_fake_quantization(bits: int) -> None:
     scale, zero = P.qparams_from_range(x.amin(), x.amax() * 0.8, bits)
     codes, residual = activation_codes(x, scale, zero, bits)
     torch.testing.assert_close((codes.float() - residual) * scale, P.fake_quantize(x.clone(), scale, zero, bits))
+    assert torch.equal(codes.int() - residual.int(), P.quantize_tensor(x, scale, zero, bits).int() - zero.int())
+    assert torch.equal(unsigned_codes(x, scale, zero, bits).int(), P.quantize_tensor(x, scale, zero, bits).int())
     scale, zero = dynamic_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True), bits, symmetric=False)
     codes, residual = activation_codes(x, scale, zero, bits)
     torch.testing.assert_close((codes.float() - residual) * scale, P.fake_quantize(x.clone(), scale, zero, bits))
@@ -59,4 +62,25 @@ def test_activation_codes_match_fake_quantization(bits: int) -> None:
 
 def test_reduction_longer_than_int32_allows_is_refused() -> None:
     with pytest.raises(ValueError, match="int32"):
-        Int8Matmul(torch.zeros(40_000, 2, dtype=torch.uint8), torch.zeros(2), torch.ones(2), None)
+        Int8Matmul(torch.zeros(70_000, 2, dtype=torch.uint8), torch.zeros(2), torch.ones(2), None)
+
+
+@pytest.mark.parametrize("geometry", [((1, 1), (1, 1), (1, 1)), ((2, 2), (1, 1), (1, 1)), ((1, 1), (2, 2), (2, 2))])
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_conv_equals_the_dequantized_convolution(geometry: tuple, w_bits: int, dtype: torch.dtype) -> None:
+    stride, padding, dilation = geometry
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 2**w_bits, (6, 5, 3, 3), generator=g)
+    w_zero, w_scale = torch.randint(0, 2**w_bits, (6,), generator=g).float(), torch.rand(6, generator=g) + 0.1
+    w_zero[0] = 0  # at 8 bits this channel needs the all-ones channel
+    bias = torch.randn(6, generator=g)
+    x = (torch.randn(2, 5, 9, 9, generator=g) * 2).to(dtype)
+    scale, zero = torch.tensor(0.03, dtype=dtype), torch.tensor(77.0, dtype=dtype)
+    conv = OneDNNConv2d(codes, w_zero, w_scale, bias, stride, padding, dilation)
+    assert (conv.residual_scaled is not None) == (w_bits == 8)
+    out = conv(unsigned_codes(x, scale, zero, 8), float(scale), int(zero))
+    x_deq = (P.quantize_tensor(x, scale, zero, 8).double() - float(zero)) * float(scale)  # exact, unlike bf16 math
+    w_deq = (codes.double() - w_zero.double()[:, None, None, None]) * w_scale.double()[:, None, None, None]
+    expected = torch.nn.functional.conv2d(x_deq, w_deq, bias.double(), stride, padding, dilation)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)

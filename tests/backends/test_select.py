@@ -45,3 +45,14 @@ def test_an_unreadable_cache_is_measured_again(w8a8: nn.Module, tmp_path: Path) 
     (tmp_path / "backend-probe.json").write_text("not json")
     use_backend(copy.deepcopy(w8a8), "auto", cache=tmp_path)
     assert json.loads((tmp_path / "backend-probe.json").read_text())
+
+
+def test_auto_without_example_inputs_keeps_layers_fake_with_the_reason(tmp_path: Path) -> None:
+    from tiny_models import calibration_of, quantized_copy, tiny_cond, tiny_model
+
+    sdxl = tiny_model("sdxl_unet")
+    model = quantized_copy(sdxl, calibration_of(sdxl, 0, num_samples=2, cond=tiny_cond("sdxl_unet", 2, 0)),
+                           weight_bits=8, act_bits=8)
+    execution = use_backend(model, "auto", cache=tmp_path)
+    assert not any(v.startswith("int8") for v in execution.values())
+    assert any("auto could not probe (no example inputs for a UNet with 'text_time'" in v for v in execution.values())

@@ -17,6 +17,7 @@ import torch
 from diffusers import DDIMScheduler, LDMPipeline, StableDiffusionPipeline
 
 import tacdiff
+from tacdiff.backends.int8 import Int8Conv2d
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac, load_pipeline
 from tacdiff.correction.pipeline import PipelineUNet, StateShiftingStep
 from tacdiff.io.artifact import save_quantized
@@ -220,6 +221,7 @@ def test_int8_pipeline_with_tables_is_as_accurate_as_fake_quant(sd: World) -> No
     psnr = {}
     for backend in ("fake", "int8"):
         pipe = load_pipeline(sd.artifact, sd.tables, backend=backend)
+        assert any(isinstance(m, Int8Conv2d) for m in pipe.unet.modules()) == (backend == "int8")
         latents = _generate(pipe, noise, num_images_per_prompt=4)
         psnr[backend] = (10 * torch.log10(fp.pow(2).mean() / (latents - fp).pow(2).mean())).item()
     assert abs(psnr["fake"] - psnr["int8"]) <= 0.3, psnr

@@ -1,12 +1,13 @@
-"""Integer execution of quantized linear and convolution layers (int8 GEMMs, float epilogue).
+"""Integer execution of quantized linear and convolution layers.
 
 :class:`Int8Linear` and :class:`Int8Conv2d` replace :class:`~tacdiff.quant.layers.QuantLinear` and
-:class:`~tacdiff.quant.layers.QuantConv2d`: they keep the integer weight codes only (no float copy),
+:class:`~tacdiff.quant.layers.QuantConv2d`: they keep the integer weight codes only (no float copy) and
 quantize their input with the layer's own :class:`~tacdiff.quant.layers.ActQuantizer` ranges (the
-timestep group's static range, or the per-sample / per-token range taken at run time) to the very codes
-the fake-quant layer uses, and multiply in int8 with :class:`~tacdiff.backends.kernels.Int8Matmul`.
-A convolution is an im2col GEMM over channels-last patches; a split skip concatenation (two
-activation and weight ranges) is two GEMMs summed, which is exact.
+timestep group's calibrated range, or the per-sample / per-token range taken at run time) to the very
+codes the fake-quant layer uses. Linear layers (and 1x1 convolutions with per-token ranges) multiply
+with :class:`~tacdiff.backends.kernels.Int8Matmul`, other convolutions with
+:class:`~tacdiff.backends.kernels.OneDNNConv2d`; a split skip concatenation (two activation and weight
+ranges) is two convolutions summed, which is exact.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tacdiff.backends.kernels import (MAX_REDUCTION, Int8Matmul, OneDNNConv2d, activation_codes, dynamic_qparams,
-                                     onednn_available, unsigned_codes)
+                                     exact_int8_cpu, onednn_available, unsigned_codes)
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, QuantWeightMixin
 
 
@@ -25,8 +26,12 @@ def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | N
     act = layer.act_quant
     if device.type != "cpu":
         return f"int8 kernels are wired for CPU only (model on {device.type})"
+    if not exact_int8_cpu():
+        return "this CPU has no VNNI or AMX: its int8 kernels saturate int16 partial sums"
     if act is None:
         return "weight-only: its input is not quantized"
+    if not (act.dynamic or act.enabled):
+        return "its activation quantizer was never calibrated (the input runs unquantized)"
     if act.block_size is not None:
         return "block-scaled activations need a block-scaled GEMM"
     if isinstance(layer, QuantConv2d):
@@ -34,24 +39,25 @@ def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | N
             return f"grouped convolution (groups={layer.groups})"
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             return f"padding {layer.padding!r} in mode {layer.padding_mode!r}"
-        if act.dynamic and act.token_dim is not None and layer.stride != (1, 1):
-            return f"per-token ranges on a strided convolution (stride {layer.stride})"
+        if act.dynamic and act.token_dim is not None and (layer.kernel_size, layer.stride) != ((1, 1), (1, 1)):
+            return f"per-token ranges on a {layer.kernel_size} convolution with stride {layer.stride}"
         if not onednn_available():
-            return "this PyTorch build has no oneDNN int8 convolution"
-    reduction = layer.weight[0].numel()
+            return "this PyTorch build has no oneDNN x86 int8 convolution"
+    kernel = layer.weight[0, 0].numel()
+    reduction = max(s.stop - s.start for s in layer.segments()) * kernel
     if reduction > MAX_REDUCTION:
         return f"reduction length {reduction} > {MAX_REDUCTION} would overflow int32"
     return None
 
 
 class _IntLayer(nn.Module):
-    """Shared parts: the input quantizer and one :class:`Int8Matmul` per input-channel segment."""
+    """Shared parts: the input quantizer, the input-channel segments and an :class:`Int8Matmul` for each
+    segment whose weights ``weights`` holds (none for convolutions run by oneDNN)."""
 
     def __init__(self, layer: QuantWeightMixin, weights: list[torch.Tensor]) -> None:
         super().__init__()
         self.act_quant: ActQuantizer = layer.act_quant
         self.w_bits = layer.w_bits
-        self.in_channels = layer.weight.shape[1]
         self.segments = layer.segments()
         self.num_weights = layer.num_weights
         self._qparams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -63,7 +69,8 @@ class _IntLayer(nn.Module):
     def static_qparams(self, segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The current timestep group's scale and zero point (0-d, in ``dtype``), cached until the ranges change."""
         act = self.act_quant
-        key = (act.router.group, segment, dtype, act.scale._version, act.zero_point._version)
+        key = (act.router.group, segment, dtype, id(act.scale), act.scale._version, id(act.zero_point),
+               act.zero_point._version)
         if key not in self._qparams:
             g = act.router.group
             self._qparams[key] = (act.scale[g, segment].to(dtype).clamp(min=torch.finfo(dtype).tiny),
@@ -108,10 +115,11 @@ class Int8Conv2d(_IntLayer):
     """
 
     def __init__(self, layer: QuantConv2d) -> None:
-        self.per_token = layer.act_quant.dynamic and layer.act_quant.token_dim is not None
+        per_token = layer.act_quant.dynamic and layer.act_quant.token_dim is not None
         weights = [layer.weight_codes[:, s].reshape(layer.out_channels, -1).t() for s in layer.segments()]
-        super().__init__(layer, weights if self.per_token else [])
-        if not self.per_token:
+        super().__init__(layer, weights if per_token else [])
+        self.per_token = per_token
+        if not per_token:
             self.convs = nn.ModuleList(
                 OneDNNConv2d(layer.weight_codes[:, s], layer.weight_zero_point[:, i], layer.weight_scale[:, i],
                              layer.bias if i == 0 else None, layer.stride, layer.padding, layer.dilation)
@@ -148,3 +156,8 @@ class Int8Conv2d(_IntLayer):
 def to_int8(layer: QuantWeightMixin) -> Int8Linear | Int8Conv2d:
     """The integer twin of a quantized layer (check :func:`unsupported_reason` first)."""
     return Int8Conv2d(layer) if isinstance(layer, QuantConv2d) else Int8Linear(layer)
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` runs on the int8 path."""
+    return any(isinstance(m, _IntLayer) for m in model.modules())

@@ -8,7 +8,9 @@ operands, so each operand is stored shifted, ``A = codes - c``, and the zero poi
 
 Activations shift by ``2**(bits-1)``; each weight channel by its own zero point when the centred
 codes fit in int8 (always below 8 bits, so ``rw = 0`` and the ``rowsum(A)`` term vanishes), else by 128.
-Every integer sum is exact in int32 while the reduction length stays below :data:`MAX_REDUCTION`.
+The float epilogue adds the zero-point terms; the integer sums are exact in int32 while the reduction
+length stays below :data:`MAX_REDUCTION` (and on CPUs with VNNI or AMX: without them x86 int8 kernels
+sum pairs of products in saturating int16, see :func:`exact_int8_cpu`).
 oneDNN's convolution takes the unsigned activation codes and zero point as they are, but only
 symmetric weights: the same centred weights, with one extra all-ones output channel whose result
 (the sum of the dequantized inputs under the kernel) carries the ``rw`` term where one is left.
@@ -22,12 +24,14 @@ than float32 here. ``benchmarks/speed.py --kernels`` measures the candidates.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 from torch import nn
 
 from tacdiff.quant import primitives as P
 
-MAX_REDUCTION = (2**31 - 1) // (255 * 255 * 2)  # |A - r|, |W - rw| <= 255; 2x headroom for the partial terms
+MAX_REDUCTION = (2**31 - 1) // (255 * 128)  # oneDNN sums uint8 x int8 products in int32 (_int_mm: int8 x int8)
 
 
 def activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
@@ -70,7 +74,8 @@ class Int8Matmul(nn.Module):
 
     ``a_scale`` and ``r`` are 0-d (one range for the whole input) or ``(M, 1)`` (one per row). Where a
     weight residual ``rw`` is left, ``W`` gets an extra column of ones so that the GEMM also returns
-    ``rowsum(A)`` (cheaper than a separate reduction over ``A``).
+    ``rowsum(A)`` (cheaper than a separate reduction over ``A``). The float32 epilogue vectors are plain
+    attributes, not buffers, so that casting the model (``model.to(torch.bfloat16)``) leaves them exact.
     """
 
     def __init__(self, codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor,
@@ -80,51 +85,53 @@ class Int8Matmul(nn.Module):
             raise ValueError(f"reduction length {codes.shape[0]} exceeds {MAX_REDUCTION} (int32 exactness)")
         weight, residual = centred_weight(codes, zero_point)
         self.out_features = weight.shape[1]
-        self.register_buffer("w_scale", scale.float().contiguous())
-        self.register_buffer("colsum_scaled", weight.sum(0, dtype=torch.int32).float() * self.w_scale)
-        self.register_buffer("residual_scaled", residual * self.w_scale if residual.any() else None)
+        self.w_scale = scale.detach().float().contiguous()
+        self.colsum_scaled = weight.sum(0, dtype=torch.int32).float() * self.w_scale
+        self.residual_scaled = residual * self.w_scale if residual.any() else None
         if self.residual_scaled is not None:
             weight = torch.cat([weight, torch.ones_like(weight[:, :1])], dim=1)
         self.register_buffer("weight", weight.contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.bias = None if bias is None else bias.detach().float()
 
-    def forward(self, a: torch.Tensor, a_scale: torch.Tensor, a_residual: torch.Tensor,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """The float32 product, written into ``out`` when given: any (strided) view of shape ``(..., N)``
-        with ``M`` rows in all (a convolution passes its NCHW output seen channels last); else ``(M, N)``."""
+    def forward(self, a: torch.Tensor, a_scale: torch.Tensor, a_residual: torch.Tensor) -> torch.Tensor:
+        """The float32 product ``(M, N)``."""
         acc = torch._int_mm(a, self.weight)
         rowsum = None
         if self.residual_scaled is not None:
             acc, rowsum = acc[:, : self.out_features], acc[:, self.out_features:].float()
-        if out is None:
-            out = torch.empty(acc.shape, dtype=torch.float32, device=acc.device)
-        rows = out.shape[:-1] + (1,)
-        acc = acc.view(out.shape)
         a_scale, a_residual = a_scale.float(), a_residual.float()
         if a_scale.dim() == 0:  # one range: the epilogue is one fused multiply-add
             shift = -a_scale * a_residual * self.colsum_scaled
             if rowsum is not None:
                 shift = shift + a_scale * a.shape[1] * a_residual * self.residual_scaled
-            torch.addcmul(shift if self.bias is None else shift + self.bias, acc, a_scale * self.w_scale, out=out)
-            if rowsum is not None:
-                out.sub_((a_scale * rowsum).view(rows) * self.residual_scaled)
-            return out
-        a_scale, a_residual = a_scale.view(rows), a_residual.view(rows)
-        torch.mul(acc, self.w_scale, out=out).sub_(a_residual * self.colsum_scaled)
+            out = torch.addcmul(shift if self.bias is None else shift + self.bias, acc, a_scale * self.w_scale)
+            return out if rowsum is None else out.sub_((a_scale * rowsum) * self.residual_scaled)
+        out = acc.float().mul_(self.w_scale).sub_(a_residual * self.colsum_scaled)
         if rowsum is not None:
-            out.sub_(rowsum.view(rows).sub_(a.shape[1] * a_residual) * self.residual_scaled)
+            out.sub_(rowsum.sub_(a.shape[1] * a_residual) * self.residual_scaled)
         out.mul_(a_scale)
         return out if self.bias is None else out.add_(self.bias)
 
 
 def onednn_available() -> bool:
-    """Whether this PyTorch build has oneDNN's int8 convolution (x86 builds with mkldnn)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+    """Whether this PyTorch build has oneDNN's x86 int8 convolution."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.onednn, "qconv2d_pointwise"))
+
+
+def exact_int8_cpu() -> bool:
+    """Whether this CPU multiplies int8 exactly into int32 (VNNI or AMX). Older x86 CPUs sum pairs of
+    uint8 x int8 products in saturating int16 (``vpmaddubsw``), which full-range 8-bit codes overflow."""
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class OneDNNConv2d(nn.Module):
     """oneDNN int8 convolution of uint8 activation codes (one scale and zero point per call) with stored
-    weight codes, returning float32 in channels-last layout."""
+    weight codes, returning float32 in channels-last layout.
+
+    The prepacked weight is an opaque oneDNN tensor: a module holding one cannot be deep-copied or saved
+    (copy and save the fake-quant model instead).
+    """
 
     def __init__(self, codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
@@ -132,8 +139,9 @@ class OneDNNConv2d(nn.Module):
         super().__init__()
         out_channels = codes.shape[0]
         flat, residual = centred_weight(codes.reshape(out_channels, -1).t(), zero_point)
-        weight, w_scale = flat.t().reshape(codes.shape).contiguous(), scale.float().contiguous()  # oneDNN reads raw memory
-        self.register_buffer("residual_scaled", residual * w_scale if residual.any() else None)
+        weight = flat.t().reshape(codes.shape).contiguous()
+        w_scale = scale.detach().float().contiguous()  # oneDNN reads raw memory: contiguous float32
+        self.residual_scaled = residual * w_scale if residual.any() else None
         if self.residual_scaled is not None:  # the all-ones channel: sums of the dequantized inputs
             weight = torch.cat([weight, torch.ones_like(weight[:1])])
             w_scale = torch.cat([w_scale, w_scale.new_ones(1)])
@@ -141,9 +149,12 @@ class OneDNNConv2d(nn.Module):
         self.out_channels, self.geometry = out_channels, ([*stride], [*padding], [*dilation])
         self.register_buffer("packed", torch.ops.onednn.qconv_prepack(weight, w_scale, 1.0, 0, *self.geometry, 1,
                                                                       None))
-        self.register_buffer("w_scale", w_scale)
-        self.register_buffer("w_zero_point", torch.zeros(len(w_scale), dtype=torch.long))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.w_scale, self.w_zero_point = w_scale, torch.zeros(len(w_scale), dtype=torch.long)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def __deepcopy__(self, memo: dict) -> "OneDNNConv2d":
+        raise TypeError("a model running on the int8 backend cannot be copied (oneDNN's packed weights); copy the "
+                        "fake-quant model and convert the copy with tacdiff.backends.use_backend")
 
     def forward(self, codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         out = torch.ops.onednn.qconv2d_pointwise(codes, scale, zero_point, self.packed, self.w_scale,

@@ -19,13 +19,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tacdiff.backends.int8 import to_int8, unsupported_reason
+import tacdiff
+from tacdiff.backends.int8 import is_converted, to_int8, unsupported_reason
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.kinds import example_inputs
 from tacdiff.quant.apply import quant_state
 from tacdiff.quant.layers import QuantWeightMixin
 
 BACKENDS = ("fake", "int8", "auto")
+KERNELS = "onednn-conv+int-mm-1"  # bump when the int8 kernels change, so cached timings are measured again
 LOG = logging.getLogger(__name__)
 ATTENTION_REASON = "fake: attention matmul operands (no integer batched-matmul kernel wired)"
 
@@ -34,37 +36,47 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
                 cache: Path | None = None) -> dict[str, str]:
     """Run the quantized layers of ``model`` (from :func:`tacdiff.quantize` or a loaded artifact) on
     ``backend``, in place; returns where each planned module runs (``"int8"`` or ``"fake: why"``),
-    which :func:`tacdiff.quant.apply.format_summary` then shows.
+    which :func:`tacdiff.quant.apply.format_summary` then shows (``"fake"`` changes nothing: ``{}``).
 
     ``int8`` converts every layer it can run exactly (see
     :func:`tacdiff.backends.int8.unsupported_reason`); ``auto`` only those measured faster at
     ``probe_batch`` samples (timings cached in ``cache``, default ``$XDG_CACHE_HOME/tacdiff``).
-    Converted layers keep integer weights only: the model cannot be quantized further or saved.
+    Converted layers keep integer weights only: such a model cannot be converted again, copied or
+    saved (do that with the fake-quant model) and stays on the CPU.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     state = quant_state(model)
+    if is_converted(model):
+        raise ValueError("this model already runs on the int8 backend; load or quantize it again to choose "
+                         "another backend")
+    if backend == "fake":
+        return {}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantWeightMixin)}
     device = next(model.parameters()).device
     reasons = {name: unsupported_reason(layer, device) for name, layer in layers.items()}
+    candidates = {name: layer for name, layer in layers.items() if reasons[name] is None}
+    speedups: dict[str, float] = {}
+    if backend == "auto" and candidates:
+        speedups, failure = _probe(model, candidates, probe_batch, cache)
+        for name in candidates:
+            if failure is not None:
+                reasons[name] = f"auto could not probe ({failure})"
+            elif name not in speedups:
+                reasons[name] = "the probe's forward pass did not reach it"
+            elif speedups[name] < 1.0:
+                reasons[name] = f"int8 measured {speedups[name]:.2f}x its speed"
+    twins = {name: to_int8(layer) for name, layer in layers.items() if reasons[name] is None}  # all built, then swapped
+    for name, twin in twins.items():
+        _replace(model, name, twin)
     execution = {e.name: ATTENTION_REASON for e in state.plan if e.kind == "attention" and e.act_bits}
-    if backend == "fake":
-        execution.update({name: "fake: chosen" for name in layers})
-    else:
-        speedups = _probe(model, {n: layers[n] for n in layers if reasons[n] is None}, probe_batch, cache) \
-            if backend == "auto" else {}
-        for name, layer in layers.items():
-            reason = reasons[name]
-            if reason is None and name in speedups and speedups[name] < 1.0:
-                reason = f"int8 measured {speedups[name]:.2f}x its speed"
-            if reason is not None:
-                execution[name] = f"fake: {reason}"
-                continue
-            _replace(model, name, to_int8(layer))
-            execution[name] = "int8" if name not in speedups else f"int8 ({speedups[name]:.2f}x faster)"
+    for name in layers:
+        if reasons[name] is not None:
+            execution[name] = f"fake: {reasons[name]}"
+        else:
+            execution[name] = "int8" if backend == "int8" else f"int8 ({speedups[name]:.2f}x faster)"
     state.execution = execution
-    if backend != "fake":
-        LOG.info("backend %s: %s", backend, backend_counts(execution))
+    LOG.info("backend %s: %s", backend, backend_counts(execution))
     return execution
 
 
@@ -80,11 +92,16 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _probe(model: nn.Module, layers: dict[str, QuantWeightMixin], batch: int, cache: Path | None
-           ) -> dict[str, float]:
-    """Speed-up of int8 over fake per layer (fake time / int8 time), measured on one forward pass."""
+           ) -> tuple[dict[str, float], str | None]:
+    """Speed-up of int8 over fake per layer (fake time / int8 time), measured on one forward pass; and the
+    reason when no forward pass could be made."""
     file = (cache or _cache_dir()) / "backend-probe.json"
     known = _read_cache(file)
     speedups: dict[str, float] = {}
+    try:
+        x, t, cond = example_inputs(model, batch)
+    except ValueError as error:
+        return speedups, str(error).split(";")[0]
 
     def measure(name: str) -> Callable:
         def hook(layer: nn.Module, args: tuple) -> None:
@@ -97,14 +114,16 @@ def _probe(model: nn.Module, layers: dict[str, QuantWeightMixin], batch: int, ca
 
     handles = [layer.register_forward_pre_hook(measure(name)) for name, layer in layers.items()]
     try:
-        x, t, cond = example_inputs(model, batch)
         with torch.no_grad():
             model(x, t, **cond)
     finally:
         for handle in handles:
             handle.remove()
-    write_text_atomically(file, json.dumps(known, indent=1, sort_keys=True))
-    return speedups
+    try:
+        write_text_atomically(file, json.dumps(known, indent=1, sort_keys=True))
+    except OSError as error:
+        LOG.warning("could not cache the backend timings in %s (%s)", file, error)
+    return speedups, None
 
 
 def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
@@ -120,9 +139,13 @@ def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
 
 
 def _key(layer: nn.Module, x: torch.Tensor) -> str:
+    """What a layer's timing depends on: machine, threads, versions, the layer and its recipe, the input."""
     act = layer.act_quant
-    return "|".join(map(str, (torch.__version__, platform.machine(), _cpu_name(), torch.get_num_threads(),
-                              layer.extra_repr(), act.dynamic, act.token_dim, tuple(x.shape), x.dtype)))
+    residual = bool(((layer.weight_codes.float() - layer.expand(layer.weight_zero_point)).abs() > 127).any())
+    return "|".join(map(str, (tacdiff.__version__, KERNELS, torch.__version__, platform.machine(), _cpu_name(),
+                              torch.get_num_threads(), type(layer).__name__, layer.extra_repr(), act.dynamic,
+                              act.token_dim, layer.w_symmetric, residual, tuple(x.shape), x.dtype,
+                              x.is_contiguous(memory_format=torch.channels_last))))
 
 
 def _cpu_name() -> str:

@@ -30,6 +30,7 @@ from torch import nn
 
 import tacdiff
 from tacdiff.backends import use_backend
+from tacdiff.backends.int8 import is_converted
 from tacdiff.devices import check_device
 from tacdiff.io.atomic import write_dir_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format
@@ -83,6 +84,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str,
     ``components`` maps names of :data:`COMPONENT_NAMES` to quantized pipeline components (see
     :func:`tacdiff.quant.apply.quantize_weights_only`), each written to ``<name>.safetensors``.
     """
+    if is_converted(model):
+        raise ValueError("this model runs on the int8 backend, whose packed weights are not an artifact; save the "
+                         "fake-quant model (load it with backend='fake') instead")
     unknown = sorted(set(components or {}) - set(COMPONENT_NAMES))
     if unknown:
         raise ValueError(f"unknown components {unknown}; an artifact holds {', '.join(COMPONENT_NAMES)}")

@@ -1,0 +1,169 @@
+"""Speed and memory of quantized execution against FP32, each model in one run (issue 16).
+
+Per model: seconds per denoiser call at each batch size for FP32, bf16, fake-quant and the int8 backend
+(W8A8 and W4A8), weight and activation memory, artifact size against the FP32 safetensors file and load
+time (:func:`tacdiff.speed.measure_speed`, also ``tacdiff bench-speed``). Models: the bundled pixel model,
+the latent reference UNet when a pipeline folder is given, and the full-size ``google/ddpm-cifar10-32`` and
+Stable Diffusion 1.5 UNet configs (random weights). ``--kernels`` times the int8 kernel candidates on single
+layers; ``--end-to-end`` times ``tacdiff sample``'s sampling FP32 against int8 with TAC tables on the
+bundled model, with the x0 PSNR the int8 images reach.
+
+Usage: python benchmarks/speed.py [--models reference cifar10 sd15] [--latent RUN/pipeline] [--kernels]
+       [--end-to-end] [--markdown benchmarks/results/speed.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
+
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
+MODELS = {"reference": ("reference", (1, 8, 64)), "cifar10": (CONFIGS / "ddpm-cifar10-32" / "unet", (1, 8, 64)),
+          # batch 64 of the SD UNet takes minutes per call on two cores; its latents are 32x32 here (256x256 images)
+          "sd15": (CONFIGS / "sd-1.5-unet", (1, 8))}
+SD_LATENT = 32
+DEPRECATED = "needs quantized tensors (PyTorch 2.13 warns: deprecated)"
+
+
+def _best_ms(fn: Callable[[], object], repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def kernel_table() -> str:
+    """int8 kernel candidates on one 3x3 convolution and one linear layer each, quantize/dequantize included."""
+    from tacdiff.backends.kernels import Int8Matmul, OneDNNConv2d, activation_codes, unsigned_codes
+
+    lines = ["| layer | kernel | ms | x fp32 | note |", "|---|---|---|---|---|"]
+    for n, c, h in ((8, 128, 32), (8, 320, 32)):
+        x, weight = torch.randn(n, c, h, h), torch.randn(c, c, 3, 3)
+        codes, w_scale = torch.randint(0, 256, (c, c, 3, 3)), torch.rand(c) * 0.01 + 1e-3
+        scale, zero = torch.tensor(0.05), torch.tensor(128.0)
+        onednn = OneDNNConv2d(codes, torch.full((c,), 128.0), w_scale, None, (1, 1), (1, 1), (1, 1))
+        ao = torch.ao.nn.quantized.Conv2d(c, c, 3, padding=1)
+        ao.set_weight_bias(torch.quantize_per_channel(weight, w_scale, torch.zeros(c, dtype=torch.long), 0,
+                                                      torch.qint8), None)
+
+        def ao_conv() -> torch.Tensor:
+            return ao(torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)).dequantize()
+        matmul = Int8Matmul(codes.reshape(c, -1).t(), torch.full((c,), 128.0), w_scale, None)
+
+        def im2col() -> torch.Tensor:
+            a, r = activation_codes(x, scale, zero, 8)
+            padded = F.pad(a.contiguous(memory_format=torch.channels_last), (1, 1, 1, 1)).permute(0, 2, 3, 1)
+            s_n, s_h, s_w, s_c = padded.stride()
+            patches = padded.as_strided((n, h, h, 3, 3, c), (s_n, s_h, s_w, s_h, s_w, s_c)).reshape(-1, 9 * c)
+            return matmul(patches, scale, r)
+
+        fp32 = _best_ms(lambda: F.conv2d(x, weight, padding=1))
+        label = f"conv {c}->{c} 3x3, {n}x{h}x{h}"
+        for name, fn, note in (
+                ("fp32 F.conv2d", lambda: F.conv2d(x, weight, padding=1), ""),
+                ("oneDNN qconv2d_pointwise", lambda: onednn(unsigned_codes(x, scale, zero, 8), 0.05, 128),
+                 "chosen for convolutions"),
+                ("torch.ao.nn.quantized.Conv2d", ao_conv, DEPRECATED),
+                ("torch._int_mm on im2col patches", im2col, "")):
+            ms = _best_ms(fn)
+            lines.append(f"| {label} | {name} | {ms:.2f} | {fp32 / ms:.2f} | {note} |")
+    for m, k in ((8192, 320), (2048, 1280)):
+        x, weight = torch.randn(m, k), torch.randn(k, k)
+        matmul = Int8Matmul(torch.randint(0, 256, (k, k)), torch.full((k,), 128.0), torch.rand(k) * 0.01, None)
+        scale, zero = torch.tensor(0.05), torch.tensor(128.0)
+        dynamic = torch.ao.nn.quantized.dynamic.Linear(k, k)
+        packed = torch.ops.aten._weight_int8pack_mm
+        w_int8, w_scales = torch.randint(-128, 127, (k, k), dtype=torch.int8), torch.rand(k)
+        fp32 = _best_ms(lambda: F.linear(x, weight))
+        label = f"linear {k}->{k}, {m} rows"
+        for name, fn, note in (
+                ("fp32 F.linear", lambda: F.linear(x, weight), ""),
+                ("torch._int_mm", lambda: matmul(activation_codes(x, scale, zero, 8)[0], scale, zero - 128),
+                 "chosen for linear layers"),
+                ("torch.ao dynamic int8 Linear", lambda: dynamic(x), f"{DEPRECATED}; one dynamic range per call"),
+                ("torch._weight_int8pack_mm", lambda: packed(x, w_int8, w_scales), "weight-only int8")):
+            ms = _best_ms(fn)
+            lines.append(f"| {label} | {name} | {ms:.2f} | {fp32 / ms:.2f} | {note} |")
+    return "\n".join(lines)
+
+
+def end_to_end(samples: int = 64, steps: int = 50) -> str:
+    """Sampling time of the bundled model FP32 vs W8A8 int8 + TAC (tables fitted on the fake model)."""
+    from tacdiff.correction.workflow import calibrate_artifact
+    from tacdiff.evaluation import evaluate
+    from tacdiff.models.reference import REFERENCE_MODEL_DIR
+    from tacdiff.quant import QuantConfig
+    from tacdiff.workflows import CalibrationSettings, quantize_dir
+
+    lines = ["| model | backend | tables | sampling s | x fp32 | x0 PSNR dB |", "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="tacdiff-e2e-") as tmp:
+        artifact, tables = Path(tmp) / "w8a8", Path(tmp) / "tac.safetensors"
+        quantize_dir(REFERENCE_MODEL_DIR, artifact, QuantConfig(weight_bits=8, act_bits=8),
+                     calibration=CalibrationSettings(64, 50, 25, 0), progress=False)
+        calibrate_artifact(artifact, "reference", tables, steps=steps, samples=64, progress=False)
+        common = dict(steps=steps, samples=samples, batch_size=samples, progress=False)
+        fp = evaluate("reference", **common)
+        lines.append(f"| reference | fp32 | - | {fp['sampling_seconds']:.1f} | 1.00 | - |")
+        for backend in ("fake", "int8"):
+            row = evaluate(artifact, fp_model="reference", tables=tables, backend=backend, **common)
+            lines.append(f"| W8A8 | {backend} | TAC | {row['sampling_seconds']:.1f} | "
+                         f"{fp['sampling_seconds'] / row['sampling_seconds']:.2f} | {row['x0_psnr']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--latent", type=Path, default=None, help="latent reference pipeline folder to time too")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", action="store_true")
+    parser.add_argument("--end-to-end", action="store_true")
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    header = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}.")
+    sections, report = [header], {"calls": [], "artifacts": []}
+    specs = [(name, *MODELS[name]) for name in args.models]
+    if args.latent is not None:
+        specs.insert(1, ("latent-reference", args.latent, (1, 8, 64)))
+    for name, spec, batches in specs:
+        model = model_for_speed(spec)
+        if name == "sd15":
+            model.register_to_config(sample_size=SD_LATENT)
+        part = measure_speed(name, model, batches=batches, repeats=args.repeats)
+        for key in report:
+            report[key] += part[key]
+        print(format_speed_markdown(part), flush=True)
+        del model
+    sections.append(format_speed_markdown(report))
+    if args.kernels:
+        sections.append(kernel_table())
+        print(sections[-1], flush=True)
+    if args.end_to_end:
+        sections.append(end_to_end())
+        print(sections[-1], flush=True)
+    text = "\n\n".join(sections) + "\n"
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

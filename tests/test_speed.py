@@ -1,0 +1,45 @@
+"""Speed report: every variant timed at every batch size, memory and artifact sizes measured (not asserted
+against wall-clock limits: speed targets live in benchmarks/speed.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tacdiff.cli import app
+from tacdiff.speed import measure_speed, model_for_speed
+from tiny_models import tiny_model
+
+
+def test_every_variant_is_timed_and_int8_weights_are_small() -> None:
+    report = measure_speed("tiny", tiny_model("unet"), bits=((4, 8),), batches=(1, 2), repeats=1, progress=False)
+    calls = report["calls"]
+    assert [(r["variant"], r["batch"]) for r in calls] == [(v, b) for b in (1, 2) for v in ("fp32", "bf16", "fake",
+                                                                                              "int8")]
+    assert all(r["seconds"] > 0 and r["speedup"] > 0 for r in calls)
+    int8 = next(r for r in calls if r["variant"] == "int8")
+    assert int8["weight_ratio"] < 0.35 and int8["placement"].startswith("int8: ")
+    (artifact,) = report["artifacts"]
+    assert artifact["bits"] == "w4a8" and 0 < artifact["ratio"] < 1 and artifact["target_ratio"] == 4 / 32 + 0.03
+
+
+def test_a_config_only_folder_builds_random_weights(tmp_path: Path) -> None:
+    model = tiny_model("unet")
+    model.save_config(tmp_path)
+    assert type(model_for_speed(tmp_path)) is type(model)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
+    with pytest.raises(ValueError, match="VQModel"):
+        model_for_speed(tmp_path)
+
+
+def test_bench_speed_command_writes_json(tmp_path: Path) -> None:
+    tiny_model("conv_unet").save_pretrained(tmp_path / "fp")
+    result = CliRunner().invoke(app, ["bench-speed", "--model", str(tmp_path / "fp"), "--batch", "1", "--bits",
+                                      "w8a8", "--repeats", "1", "--json", str(tmp_path / "speed.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert len(report["calls"]) == 4 and len(report["artifacts"]) == 1
+    assert "| int8 | w8a8 | 1 |" in result.output
