@@ -465,7 +465,8 @@ def bench_speed(
                                     "config.json (random weights)."),
     batch: list[int] = typer.Option([1, 8, 64], "--batch", help="Batch size per call (repeatable)."),
     bits: list[str] = typer.Option(["w8a8", "w4a8"], "--bits", help="Quantized setting like w4a8 (repeatable)."),
-    repeats: int = typer.Option(3, help="Timed calls per variant and batch size (median).", callback=_positive),
+    repeats: int = typer.Option(3, help="Least timed calls per variant and batch size (the fastest counts; short "
+                                        "calls repeat for 2 s).", callback=_positive),
     json_path: str = typer.Option(None, "--json", help="Write the report here as JSON (atomically)."),
     markdown: str = typer.Option(None, "--markdown", help="Write the tables here as markdown (atomically)."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
