@@ -49,7 +49,9 @@ def _best_ms(fn: Callable[[], object], repeats: int = 5) -> float:
 
 def kernel_table() -> str:
     """int8 kernel candidates on one 3x3 convolution and one linear layer each, quantize/dequantize included."""
-    from tacdiff.backends.kernels import Int8Matmul, OneDNNConv2d, activation_codes, unsigned_codes
+    from tacdiff.backends.codes import activation_codes, unsigned_codes
+    from tacdiff.backends.int_mm import Int8Matmul
+    from tacdiff.backends.onednn import OneDNNConv2d
 
     lines = ["| layer | kernel | ms | x fp32 | note |", "|---|---|---|---|---|"]
     for n, c, h in ((8, 128, 32), (8, 320, 32)):

@@ -20,7 +20,7 @@ from tacdiff.report.json import write_json
 
 from tiny_models import tiny_model
 
-REQUIRED = {"fid", "kid", "x0_mse", "x0_psnr", "seconds", "model", "fp_model", "scheduler", "steps", "samples",
+REQUIRED = {"fid", "kid", "x0_mse", "x0_psnr", "x0_ssim", "seconds", "model", "fp_model", "scheduler", "steps", "samples",
             "seed", "batch_size", "device"}
 
 
@@ -57,10 +57,12 @@ def test_quantized_artifact_paired_with_fp_folder(folders: tuple[Path, Path]) ->
     fp, w4 = folders
     result = evaluate(w4, fp_model=fp, scheduler="dpm", steps=3, samples=3, batch_size=2, progress=False)
     assert result["quantized"] and result["x0_mse"] > 0 and 0 < result["x0_psnr"] < float("inf")
+    assert 0 < result["x0_ssim"] < 1
     assert len(result["per_step"]["timesteps"]) == 3 and result["per_step"]["state_sq_err"][0] == 0
     assert result["fid"] is None and "FID skipped" in result["note"]
     alone = evaluate(w4, steps=2, samples=2, progress=False)
-    assert alone["x0_mse"] is None and alone["x0_psnr"] is None and alone["per_step"] is None
+    assert alone["x0_mse"] is None and alone["x0_psnr"] is None and alone["x0_ssim"] is None
+    assert alone["per_step"] is None
 
 
 def test_correction_tables_are_applied_and_checked(folders: tuple[Path, Path], tmp_path: Path) -> None:

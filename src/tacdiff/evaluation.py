@@ -176,8 +176,9 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         backend: how a quantized ``model`` executes (:func:`tacdiff.backends.use_backend`).
     Returns:
         A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
-        1×28×28 images), ``x0_mse``/``x0_psnr`` (None without ``fp_model``; PSNR with peak-to-peak
-        2), ``per_step`` paired series (or None), ``prompt_accuracy`` and ``prompt_accuracy_per_class``
+        1×28×28 images), ``x0_mse``/``x0_psnr``/``x0_ssim`` (None without ``fp_model``; PSNR with
+        peak-to-peak 2; SSIM of the final images, mean over samples), ``per_step`` paired series (or
+        None), ``prompt_accuracy`` and ``prompt_accuracy_per_class``
         (:func:`~tacdiff.metrics.prompt_accuracy.prompt_accuracy`; None unless the images are
         grayscale and every prompt names one Fashion-MNIST class), ``note`` and ``seconds``
         (sampling plus metrics, models already loaded) with ``sampling_seconds``.
@@ -225,6 +226,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         "quantized": loaded.quantized, "scheduler": scheduler, "steps": steps, "samples": samples, "seed": seed,
         "batch_size": batch_size, "device": device, "backend": backend, "conditioning": conditioning.record, **scores,
         "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
+        "x0_ssim": None if paired is None else paired.x0_ssim,
         "per_step": None if paired is None else paired.per_step(), "note": note,
         "prompt_accuracy": None if accuracy is None else accuracy["overall"],
         "prompt_accuracy_per_class": None if accuracy is None else accuracy["per_class"],
@@ -251,7 +253,7 @@ def _cell(value: Any) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The scalar results of :func:`evaluate` as a two-column text table."""
     keys = ("model", "fp_model", "tables", "correction", "backend", "scheduler", "steps", "samples", "seed", "fid", "kid",
-            "kid_std", "prompt_accuracy", "x0_mse", "x0_psnr", "sampling_seconds", "seconds")
+            "kid_std", "prompt_accuracy", "x0_mse", "x0_psnr", "x0_ssim", "sampling_seconds", "seconds")
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {_cell(result.get(k))}" for k in keys]
     return "\n".join(lines + ([result["note"]] if result.get("note") else []))

@@ -1,12 +1,13 @@
-"""Integer matmul math against plain float arithmetic on the same integer codes."""
+"""Integer kernels and code arithmetic against plain float arithmetic on the same integer codes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tacdiff.backends.kernels import (Int8Matmul, OneDNNConv2d, activation_codes, centred_weight, dynamic_qparams,
-                                     unsigned_codes)
+from tacdiff.backends.codes import activation_codes, centred_weight, dynamic_qparams, unsigned_codes
+from tacdiff.backends.int_mm import Int8Matmul
+from tacdiff.backends.onednn import OneDNNConv2d
 from tacdiff.quant import primitives as P
 
 

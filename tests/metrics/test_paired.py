@@ -13,6 +13,7 @@ from torch import nn
 
 import tacdiff
 from tacdiff.metrics import PairedErrors, PairedStepStats, paired_errors, psnr_db, sqnr_db
+from tacdiff.metrics.paired import ssim_sum
 from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.sampling import StepRecord
 from tiny_models import tiny_model
@@ -45,7 +46,7 @@ SCHEDULERS = [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDi
 def test_self_pair_is_exactly_zero(fp: UNet2DModel, cls: type[SchedulerMixin], batch_size: int) -> None:
     # DDPM draws fresh noise every step: a zero here means both trajectories got the same noise.
     result = run(fp, fp, cls.from_config(DDPMScheduler().config), batch_size=batch_size)
-    assert result.x0_mse == 0 and math.isinf(result.x0_psnr)
+    assert result.x0_mse == 0 and math.isinf(result.x0_psnr) and result.x0_ssim == pytest.approx(1.0)
     assert result.state_sq_err.eq(0).all() and result.eps_sq_err.eq(0).all() and result.input_bias.eq(0).all()
     assert result.timesteps.shape == (STEPS,) and result.input_bias.shape == (STEPS, SHAPE[0])
 
@@ -53,7 +54,7 @@ def test_self_pair_is_exactly_zero(fp: UNet2DModel, cls: type[SchedulerMixin], b
 def test_quantized_model_has_positive_errors(fp: UNet2DModel, w4: nn.Module) -> None:
     scheduler = DDIMScheduler.from_config(DDPMScheduler().config)
     result = run(fp, w4, scheduler)
-    assert 0 < result.x0_mse and math.isfinite(result.x0_psnr)
+    assert 0 < result.x0_mse and math.isfinite(result.x0_psnr) and -1 < result.x0_ssim < 1
     assert result.x0_psnr == pytest.approx(10 * math.log10(4 / result.x0_mse))
     assert result.state_sq_err[0] == 0, "both trajectories start from the same noise"
     assert (result.state_sq_err[1:] > 0).all() and (result.eps_sq_err > 0).all()
@@ -141,3 +142,12 @@ def test_sqnr_and_psnr() -> None:
     assert psnr_db(0.04) == pytest.approx(20.0) and math.isinf(psnr_db(0.0))
     with pytest.raises(ValueError, match="shapes differ"):
         sqnr_db(ref, torch.ones(3))
+
+
+def test_ssim_is_one_for_equal_images_and_falls_with_noise() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 1, 28, 28, generator=g) * 2 - 1
+    assert ssim_sum(images, images) == pytest.approx(4.0)
+    slightly, badly = (images + s * torch.randn(images.shape, generator=g) for s in (0.05, 0.5))
+    assert 4.0 > ssim_sum(images, slightly) > ssim_sum(images, badly)
+    assert ssim_sum(images[..., :8, :8], images[..., :8, :8]) == pytest.approx(4.0)  # a window that fits 8 px

@@ -5,8 +5,8 @@
 quantize their input with the layer's own :class:`~tacdiff.quant.layers.ActQuantizer` ranges (the
 timestep group's calibrated range, or the per-sample / per-token range taken at run time) to the very
 codes the fake-quant layer uses. Linear layers (and 1x1 convolutions with per-token ranges) multiply
-with :class:`~tacdiff.backends.kernels.Int8Matmul`, other convolutions with
-:class:`~tacdiff.backends.kernels.OneDNNConv2d`; a split skip concatenation (two activation and weight
+with :class:`~tacdiff.backends.int_mm.Int8Matmul`, other convolutions with
+:class:`~tacdiff.backends.onednn.OneDNNConv2d`; a split skip concatenation (two activation and weight
 ranges) is two convolutions summed, which is exact.
 """
 
@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tacdiff.backends.kernels import (MAX_REDUCTION, Int8Matmul, OneDNNConv2d, activation_codes, dynamic_qparams,
-                                     exact_int8_cpu, onednn_available, unsigned_codes)
+from tacdiff.backends.codes import (MAX_REDUCTION, activation_codes, dynamic_qparams, exact_int8_cpu,
+                                   unsigned_codes)
+from tacdiff.backends.int_mm import Int8Matmul
+from tacdiff.backends.onednn import OneDNNConv2d, onednn_available
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, QuantWeightMixin
 
 

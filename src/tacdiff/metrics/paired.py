@@ -45,6 +45,18 @@ def psnr_db(mse: float, peak_to_peak: float = PEAK_TO_PEAK) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(peak_to_peak ** 2 / mse)
 
 
+def ssim_sum(reference: Tensor, estimate: Tensor) -> float:
+    """Sum over samples of the SSIM (torchmetrics; Wang et al. 2004) of ``estimate`` against ``reference``,
+    images ``(N, C, H, W)`` in [-1, 1] (data range 2), Gaussian window of 11 pixels (the largest odd size
+    that fits for images under 11 pixels)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    kernel = min(11, min(reference.shape[-2:]) - (1 - min(reference.shape[-2:]) % 2))
+    per_sample = structural_similarity_index_measure(estimate.double(), reference.double(), data_range=PEAK_TO_PEAK,
+                                                     kernel_size=kernel, reduction="none")
+    return float(per_sample.sum())
+
+
 class PairedStepStats:
     """Per-step discrepancy sums between two trajectories of a :class:`StepRecord`; a ``run_trajectories`` callback.
 
@@ -121,6 +133,7 @@ class PairedErrors:
         timesteps: ``(T,)`` the scheduler timesteps, in sampling order.
         x0_mse: mean over samples and pixels of ``(x̂_0 − x_0)²``, final images clamped to [-1, 1].
         x0_psnr: ``10·log10(2² / x0_mse)`` dB (peak-to-peak 2 for images in [-1, 1]); ``inf`` if equal.
+        x0_ssim: mean over samples of the final images' SSIM (:func:`ssim_sum`); 1 if equal.
         state_sq_err: ``(T,)`` mean over samples of the per-sample ``‖x̂_t − x_t‖²`` (latents before step t).
         eps_sq_err: ``(T,)`` mean over samples of the per-sample ``‖ε̂_t − ε_t‖²``.
         input_bias: ``(T, C)`` mean over samples and pixels of ``x̂_t − x_t`` per channel (model inputs).
@@ -131,6 +144,7 @@ class PairedErrors:
     timesteps: Tensor
     x0_mse: float
     x0_psnr: float
+    x0_ssim: float
     state_sq_err: Tensor
     eps_sq_err: Tensor
     input_bias: Tensor
@@ -165,7 +179,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
         :class:`PairedErrors`; the images are not kept.
     """
     stats = PairedStepStats()
-    sq_err, elements = 0.0, 0
+    sq_err, ssim, elements = 0.0, 0.0, 0
     decoders = decode if isinstance(decode, tuple) else (decode, decode)
     for start, (ref, est) in batched_trajectories(
             [reference, estimate], scheduler, num_samples=num_samples, sample_shape=sample_shape,
@@ -173,10 +187,11 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
             dtype=dtype, cond=cond, callback=stats, progress=progress):
         ref, est = (to_images(final if fn is None else fn(final)) for fn, final in zip(decoders, (ref, est)))
         sq_err += (est.double() - ref.double()).pow(2).sum().item()
+        ssim += ssim_sum(ref, est)
         elements += ref.numel()
         if on_batch is not None:
             on_batch(start, ref, est)
     mse = sq_err / elements
     state_sq, eps_sq = stats.mean_sq_norms()
     return PairedErrors(num_samples, num_inference_steps, torch.tensor(stats.timesteps), mse, psnr_db(mse),
-                        state_sq, eps_sq, stats.mean_input_bias())
+                        ssim / num_samples, state_sq, eps_sq, stats.mean_input_bias())

@@ -1,0 +1,62 @@
+"""Integer codes for integer kernels: signed and unsigned activation codes, centred weights, exactness.
+
+tacdiff's codes are unsigned, ``[0, 2**bits)``, with integer zero points. An int8 GEMM takes signed
+operands, so each operand is stored shifted, ``A = codes - c``, and the zero point left over,
+``r = zero_point - c``, is folded into the float epilogue:
+
+    sum_k (A - r)(W - rw) = A @ W - r * colsum(W) - rw * rowsum(A) + K * r * rw
+
+Activations shift by ``2**(bits-1)``; each weight channel by its own zero point when the centred
+codes fit in int8 (always below 8 bits, so ``rw = 0`` and the ``rowsum(A)`` term vanishes), else by 128.
+The integer sums are exact in int32 while the reduction length stays below :data:`MAX_REDUCTION`
+(and on CPUs with VNNI or AMX: see :func:`exact_int8_cpu`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tacdiff.quant import primitives as P
+
+MAX_REDUCTION = (2**31 - 1) // (255 * 128)  # oneDNN sums uint8 x int8 products in int32 (_int_mm: int8 x int8)
+
+
+def activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed int8 codes ``A`` of ``x`` and the residual zero point ``r`` (``x ~ (A - r) * scale``).
+
+    The same arithmetic as :func:`tacdiff.quant.primitives.fake_quantize` (divide, round, add, clamp,
+    in ``x``'s dtype), so the codes equal the fake-quant path's exactly.
+    """
+    half = 2 ** (bits - 1)
+    residual = zero_point - half
+    codes = torch.div(x, scale).round_().add_(residual).clamp_(-half, half - 1)
+    return codes.to(torch.int8), residual
+
+
+def unsigned_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zero_point, 0, 2**bits - 1)``, as :func:`activation_codes` computes them."""
+    return torch.div(x, scale).round_().add_(zero_point).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def dynamic_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from run-time min-max ranges, in ``lo``'s dtype, as the fake path takes them."""
+    scale, zero_point = P.qparams_unchecked(lo.float(), hi.float(), bits, symmetric)
+    return scale.to(lo.dtype).clamp(min=torch.finfo(lo.dtype).tiny), zero_point.to(lo.dtype)
+
+
+def centred_weight(codes: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``codes`` ``(K, N)`` (unsigned) as int8 ``W`` and the residual zero point ``rw`` ``(N,)`` per column."""
+    codes = codes.to(torch.int16)
+    zp = zero_point.round().to(torch.int16)
+    centred = codes - zp
+    fits = (centred.amin(0) >= -128) & (centred.amax(0) <= 127)
+    shift = torch.where(fits, zp, torch.full_like(zp, 128))
+    return (codes - shift).to(torch.int8), (zp - shift).float()
+
+
+def exact_int8_cpu() -> bool:
+    """Whether this CPU multiplies int8 exactly into int32 (VNNI or AMX). Older x86 CPUs sum pairs of
+    uint8 x int8 products in saturating int16 (``vpmaddubsw``), which full-range 8-bit codes overflow."""
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
