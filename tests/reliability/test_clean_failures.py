@@ -230,8 +230,10 @@ def test_python_load_on_a_missing_device_is_a_clear_error(world: World) -> None:
 def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path: Path, delay: float) -> None:
     """An interrupt during the first seconds (torch and diffusers still importing) ends with the same one line
     as any other interrupt, not a traceback: the package imports them only when a command needs them."""
+    # a runner started in the background (`cmd &` in a script) passes SIGINT on ignored; a terminal does not
     process = subprocess.Popen([sys.executable, "-m", "tacdiff", "eval", "reference", "--samples", "2", "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
