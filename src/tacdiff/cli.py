@@ -294,7 +294,7 @@ def train_latent(
 @app.command()
 def eval(  # noqa: A001 - the command is `tacdiff eval`
     model: str = typer.Argument(..., help="FP diffusers model folder, quantized artifact folder, or 'reference'."),
-    fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR "
+    fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR/SSIM "
                                                            "(folder or 'reference'); omit to skip them."),
     scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
@@ -314,7 +314,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Sample a model or pipeline and report FID/KID (1x28x28 images only) and, with --fp-model, paired x0
-    MSE/PSNR (on decoded images for latent pipelines)."""
+    MSE/PSNR/SSIM (on decoded images for latent pipelines)."""
     from tacdiff.io.atomic import check_writable
     from tacdiff.evaluation import evaluate, format_table
     from tacdiff.report.json import write_json
