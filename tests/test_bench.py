@@ -26,7 +26,7 @@ def test_bench_cli_writes_rows_table_and_plot(tmp_path):
         assert row["bits"] == ("fp" if row["method"] == "fp" else "w4a8")
     by_method = {r["method"]: r for r in rows}
     assert by_method["fp"]["x0_mse"] == 0 and by_method["fp"]["x0_psnr"] == "inf"
-    assert by_method["ptq"]["x0_mse"] > 0
+    assert by_method["ptq"]["x0_mse"] > 0 and by_method["ptq"]["x0_ssim"] < by_method["fp"]["x0_ssim"] == pytest.approx(1)
     assert all(r["sample_seconds"] > 0 for r in rows)
     assert all(r["calib_seconds"] > 0 for r in rows if r["method"] != "fp")
     assert (tmp_path / "bench.png").stat().st_size > 0

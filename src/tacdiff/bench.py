@@ -61,7 +61,8 @@ from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
 ROUNDINGS = ("rtn", "gptq")  # learned rounding takes minutes per setting; quantize it apart and use tacdiff eval
 CORRECTED = tuple(m for m in METHODS if m in CALIBRATORS)
-ROW_KEYS = ("bits", "steps", "method", "fid", "kid", "x0_mse", "x0_psnr", "calib_seconds", "sample_seconds")
+ROW_KEYS = ("bits", "steps", "method", "fid", "kid", "x0_mse", "x0_psnr", "x0_ssim", "calib_seconds",
+            "sample_seconds")
 FP_BITS = "fp"
 NUM_TRAIN_TIMESTEPS = 1000
 _BITS = re.compile(r"^w(\d)a(\d)$")
@@ -202,7 +203,7 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
             tables are fitted on the fake-quant model and apply unchanged.
     Returns:
         One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
-        bundled classifier's features, ``x0_mse``/``x0_psnr`` against FP (dB), ``calib_seconds``
+        bundled classifier's features, ``x0_mse``/``x0_psnr``/``x0_ssim`` against FP, ``calib_seconds``
         and ``sample_seconds`` (see the module docstring); FP rows have ``bits == "fp"``.
     """
     return bench(bits=bits, steps=steps, methods=methods, samples=samples, calib_samples=calib_samples, seed=seed,
@@ -236,11 +237,11 @@ def format_cell(value: Any, digits: int) -> str:
 
 def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a markdown table, grouped by step count and bits, with the FP reference first."""
-    lines = ["| bits | steps | method | FID | KID | x0 MSE | x0 PSNR dB | calib s | sample s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| bits | steps | method | FID | KID | x0 MSE | x0 PSNR dB | x0 SSIM | calib s | sample s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['bits']} | {r['steps']} | {r['method']} | {format_cell(r['fid'], 3)} | "
                      f"{format_cell(r['kid'], 5)} | {format_cell(r['x0_mse'], 6)} | {format_cell(r['x0_psnr'], 2)} | "
-                     f"{format_cell(r['calib_seconds'], 1)} | "
+                     f"{format_cell(r.get('x0_ssim'), 4)} | {format_cell(r['calib_seconds'], 1)} | "
                      f"{format_cell(r['sample_seconds'], 2)} |")
     return "\n".join(lines)

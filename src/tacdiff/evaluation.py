@@ -22,7 +22,7 @@ from tacdiff.correction import load_correction
 from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.data.prompts import fashion_class_of
 from tacdiff.metrics.fid import IMAGE_SHAPE, fid_or_note
-from tacdiff.metrics.paired import Decode, PairedStepStats, paired_errors, psnr_db
+from tacdiff.metrics.paired import Decode, PairedStepStats, paired_errors, psnr_db, ssim_sum
 from tacdiff.metrics.prompt_accuracy import prompt_accuracy
 from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper, ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
@@ -92,8 +92,8 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
     Returns:
         rows: one dict per method with ``bits``, ``steps``, ``method``, ``fid``, ``kid`` (bundled
             Fashion-MNIST classifier features, so 1x28x28 images only; else None),
-            ``x0_mse``/``x0_psnr`` (final images clamped to [-1, 1] against the reference's; PSNR
-            peak-to-peak 2, dB),
+            ``x0_mse``/``x0_psnr``/``x0_ssim`` (final images clamped to [-1, 1] against the
+            reference's; PSNR peak-to-peak 2, dB; SSIM mean over samples),
             ``calib_seconds`` and ``sample_seconds`` (the denoiser's timed calls).
         state_sq_err: per method, ``(T,)`` mean over samples of ``‖x̂_t − x_t‖²`` (latents before each step).
         timesteps: ``(T,)`` the scheduler timesteps in sampling order.
@@ -114,6 +114,7 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
         scores, _ = fid_or_note(kept, tuple(samples.shape[1:]), seed % 2 ** 31)
         rows.append({"bits": method.bits, "steps": num_inference_steps, "method": method.name, "fid": scores["fid"],
                      "kid": scores["kid"], "x0_mse": mse, "x0_psnr": psnr_db(mse),
+                     "x0_ssim": ssim_sum(reference, samples) / samples.shape[0],
                      "calib_seconds": method.calib_seconds, "sample_seconds": method.denoiser.seconds})
     return rows, [stats.mean_sq_norms()[0].tolist() for stats in callback.stats], callback.stats[0].timesteps
 
