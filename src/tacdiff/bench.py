@@ -22,7 +22,8 @@ with the same FP images. Choices, written down:
   the default; the loop applies it through the corrected denoiser's ``correct_state``).
 * Sampler: DDIM (eta 0) from the reference scheduler config. PTQD is its deterministic part
   (``(q - b_t) / (1 + k_t)``); its variance-schedule calibration needs a stochastic sampler.
-* FID/KID use the bundled Fashion-MNIST classifier, so only 1x28x28 images get them (else None).
+* FID/KID use the bundled Fashion-MNIST classifier, so only grayscale images of at least 28x28 get them
+  (centre-cropped to 28x28; else None).
 * FP rows have ``bits == "fp"``, one per step count (FP is sampled once per step count).
 * ``calib_seconds``: for ``ptq`` the quantization (calibration inputs, ranges), for
   ``ptqd``/``ner``/``ibc``/``tac`` the table fit alone (on top of the PTQ model), 0 for ``fp``.

@@ -331,8 +331,8 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     backend: str = BACKEND,
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
-    """Sample a model or pipeline and report FID/KID (1x28x28 images only) and, with --fp-model, paired x0
-    MSE/PSNR/SSIM (on decoded images for latent pipelines)."""
+    """Sample a model or pipeline and report FID/KID (grayscale, 28x28 or larger) and, with --fp-model, paired
+    x0 MSE/PSNR/SSIM (on decoded images for latent pipelines)."""
     from tacdiff.io.atomic import check_writable
     from tacdiff.evaluation import evaluate, format_table
     from tacdiff.report.json import write_json

@@ -21,7 +21,7 @@ from torch import Tensor
 from tacdiff.correction import load_correction
 from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.data.prompts import fashion_class_of
-from tacdiff.metrics.fid import IMAGE_SHAPE, fid_or_note
+from tacdiff.metrics.fid import fid_or_note, fid_ready
 from tacdiff.metrics.paired import Decode, PairedStepStats, paired_errors, psnr_db, ssim_sum
 from tacdiff.metrics.prompt_accuracy import prompt_accuracy
 from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper, ModelDenoiser, sample_shape_of
@@ -91,7 +91,8 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
 
     Returns:
         rows: one dict per method with ``bits``, ``steps``, ``method``, ``fid``, ``kid`` (bundled
-            Fashion-MNIST classifier features, so 1x28x28 images only; else None),
+            Fashion-MNIST classifier features, grayscale images of at least 28x28, centre-cropped to it;
+            else None),
             ``x0_mse``/``x0_psnr``/``x0_ssim`` (final images clamped to [-1, 1] against the
             reference's; PSNR peak-to-peak 2, dB; SSIM mean over samples),
             ``calib_seconds`` and ``sample_seconds`` (the denoiser's timed calls).
@@ -177,9 +178,9 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         backend: how a quantized ``model`` executes (:func:`tacdiff.backends.use_backend`).
     Returns:
         A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
-        1×28×28 images), ``x0_mse``/``x0_psnr``/``x0_ssim`` (None without ``fp_model``; PSNR with
-        peak-to-peak 2; SSIM of the final images, mean over samples), ``per_step`` paired series (or
-        None), ``prompt_accuracy`` and ``prompt_accuracy_per_class``
+        grayscale images of at least 28x28, centre-cropped to it), ``x0_mse``/``x0_psnr``/``x0_ssim``
+        (None without ``fp_model``; PSNR with peak-to-peak 2; SSIM of the final images, mean over samples),
+        ``per_step`` paired series (or None), ``prompt_accuracy`` and ``prompt_accuracy_per_class``
         (:func:`~tacdiff.metrics.prompt_accuracy.prompt_accuracy`; None unless the images are
         grayscale and every prompt names one Fashion-MNIST class), ``note`` and ``seconds``
         (sampling plus metrics, models already loaded) with ``sampling_seconds``.
@@ -212,7 +213,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     started = time.perf_counter()
     images, paired, broken = _sample_images(
         conditioning.guide(sampler), conditioning.guide(ModelDenoiser(fp.model, sched)) if fp is not None else None,
-        sched, image_shape == IMAGE_SHAPE or labels is not None, decoders, num_samples=samples, sample_shape=shape,
+        sched, fid_ready(image_shape) or labels is not None, decoders, num_samples=samples, sample_shape=shape,
         num_inference_steps=steps, seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
         progress=progress)
     _sync(torch.device(device))

@@ -159,3 +159,16 @@ def test_inception_fid_explains_what_is_missing(tmp_path):
     x = torch.zeros(4, 1, 28, 28)
     with pytest.raises((ImportError, FileNotFoundError), match=r"tacdiff\[inception\]|Inception weights"):
         inception_fid(x, x, weights_path=tmp_path / "missing.pth")
+
+
+def test_larger_grayscale_images_are_centre_cropped_for_fid(splits):
+    """The latent reference makes test-split framing padded to 32x32: cropping back gives the same score."""
+    from tacdiff.data.fashion_mnist import to_canvas
+    from tacdiff.metrics.fid import fid_or_note
+
+    images = splits["test"][0][:64]
+    direct, _ = fid_or_note([images], (1, 28, 28), seed=0)
+    padded, note = fid_or_note([to_canvas(images, 32)], (1, 32, 32), seed=0)
+    assert note is None and padded == direct
+    skipped, note = fid_or_note([images[..., :16, :16]], (1, 16, 16), seed=0)
+    assert skipped["fid"] is None and "at least 28x28" in note
