@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tacdiff.backends import BACKENDS, use_backend
+from tacdiff.backends import check_backend, use_backend
 from tacdiff.correction import CorrectedDenoiser
 from tacdiff.correction.calibrate import CALIBRATORS, fit_tables
 from tacdiff.evaluation import Method, TimedDenoiser, score_methods, timed_call
@@ -119,8 +119,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
           progress: bool = True) -> BenchResult:
     """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
     check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     loaded = load_any_model(model, device)
     if loaded.quantized:
         raise ValueError(f"{model} is a quantized artifact; bench quantizes the full-precision model itself")

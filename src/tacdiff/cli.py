@@ -126,10 +126,12 @@ def _log_to_stderr() -> None:
 
 def _backend(value: str) -> str:
     """Option callback: one of the execution backends."""
-    from tacdiff.backends import BACKENDS
+    from tacdiff.backends import check_backend
 
-    if value not in BACKENDS:
-        raise typer.BadParameter(f"choose one of {', '.join(BACKENDS)}")
+    try:
+        check_backend(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     return value
 
 
@@ -161,6 +163,9 @@ PROMPT = typer.Option([], "--prompt", help="Prompt (repeatable; image i gets pro
                                              "pipelines only; default: a built-in list of everyday captions.")
 PROMPTS_FILE = typer.Option(None, "--prompts-file", help="Text file with one prompt per line (instead of --prompt).")
 NEGATIVE_PROMPT = typer.Option(None, "--negative-prompt", help="Prompt to guide away from (default: the empty one).")
+TRAIN_SEED = typer.Option(0, help="Seed for the initial weights and every random draw.")
+TRAIN_DEVICE = typer.Option("auto", help="torch device; 'auto' picks cuda when available.", callback=_device)
+DATA_DIR = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz files.")
 BACKEND = typer.Option("fake", "--backend", callback=_backend,
                        help="How quantized layers run: fake (simulated in float), int8 (integer kernels where "
                             "exact; the rest fake) or auto (int8 only where measured faster here).")
@@ -270,11 +275,11 @@ def train(
     steps: int = typer.Option(6000, help="Total optimizer steps (6000 built the bundled model).", callback=_positive),
     batch_size: int = typer.Option(256, help="Images per step.", callback=_positive),
     lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up."),
-    seed: int = typer.Option(0, help="Seed for the initial weights and every random draw."),
+    seed: int = TRAIN_SEED,
     ema_decay: float = typer.Option(0.9995, help="Decay of the weight EMA that is exported."),
     checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints.", callback=_positive),
-    device: str = typer.Option("auto", help="torch device; 'auto' picks cuda when available.", callback=_device),
-    data_dir: str = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz files."),
+    device: str = TRAIN_DEVICE,
+    data_dir: str = DATA_DIR,
     quiet: bool = typer.Option(False, help="Hide the progress bar."),
 ) -> None:
     """Train the reference DDPM (UNet2DModel, epsilon prediction) on Fashion-MNIST."""
@@ -292,11 +297,11 @@ def train_latent(
     unet_steps: int = typer.Option(20000, help="UNet and text-encoder steps (stage 2).", callback=_positive),
     batch_size: int = typer.Option(128, help="Images per step.", callback=_positive),
     lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up (both stages)."),
-    seed: int = typer.Option(0, help="Seed for the initial weights and every random draw."),
+    seed: int = TRAIN_SEED,
     ema_decay: float = typer.Option(0.999, help="Decay of the weight EMA that is exported."),
     checkpoint_every: int = typer.Option(500, help="Steps between checkpoints.", callback=_positive),
-    device: str = typer.Option("auto", help="torch device; 'auto' picks cuda when available.", callback=_device),
-    data_dir: str = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz files."),
+    device: str = TRAIN_DEVICE,
+    data_dir: str = DATA_DIR,
     quiet: bool = typer.Option(False, help="Hide the progress bars."),
 ) -> None:
     """Train a small text-to-image latent diffusion pipeline (AutoencoderKL, text-conditioned UNet, CLIP text

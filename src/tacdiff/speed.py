@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
-import json
 import os
 import tempfile
 import threading
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from tacdiff.backends import backend_counts, use_backend
 from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, save_quantized
-from tacdiff.models.folders import quiet_loading
+from tacdiff.models.folders import quiet_loading, read_config
 from tacdiff.models.kinds import MODEL_KINDS, example_inputs, sample_shape_of
 from tacdiff.quant.apply import quant_state, quantize
 from tacdiff.quant.config import QuantConfig
@@ -222,7 +221,7 @@ def model_for_speed(spec: str | Path) -> nn.Module:
     has_weights = any(config.parent.glob("*.safetensors")) or any(config.parent.glob("*.bin"))
     if str(spec) == "reference" or not config.is_file() or has_weights:
         return load_any_model(spec).model
-    record = json.loads(config.read_text())
+    record = read_config(config)
     kind = MODEL_KINDS.get(record.get("_class_name", ""))
     if kind is None:
         raise ValueError(f"{config} describes a {record.get('_class_name')!r}; tacdiff times {', '.join(MODEL_KINDS)}")

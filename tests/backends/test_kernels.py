@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tacdiff.backends.codes import activation_codes, centred_weight, dynamic_qparams, unsigned_codes
+from tacdiff.backends.codes import activation_codes, centred_weight, unsigned_codes
 from tacdiff.backends.int_mm import Int8Matmul
 from tacdiff.backends.onednn import OneDNNConv2d
 from tacdiff.quant import primitives as P
+from tacdiff.quant.layers import ActQuantizer, TimestepRouter
 
 
 def _reference(a_codes: torch.Tensor, a_zero: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor,
@@ -56,7 +57,8 @@ def test_activation_codes_match_fake_quantization(bits: int) -> None:
     torch.testing.assert_close((codes.float() - residual) * scale, P.fake_quantize(x.clone(), scale, zero, bits))
     assert torch.equal(codes.int() - residual.int(), P.quantize_tensor(x, scale, zero, bits).int() - zero.int())
     assert torch.equal(unsigned_codes(x, scale, zero, bits).int(), P.quantize_tensor(x, scale, zero, bits).int())
-    scale, zero = dynamic_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True), bits, symmetric=False)
+    quantizer = ActQuantizer(bits, symmetric=False, router=TimestepRouter(), dynamic=True)
+    scale, zero = quantizer.dynamic_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True))
     codes, residual = activation_codes(x, scale, zero, bits)
     torch.testing.assert_close((codes.float() - residual) * scale, P.fake_quantize(x.clone(), scale, zero, bits))
 

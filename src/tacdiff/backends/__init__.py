@@ -12,6 +12,6 @@ the plain int8 GEMM that torchao builds its int8 paths on; ``torch._weight_int8p
 than float32 here. ``benchmarks/speed.py --kernels`` measures the candidates.
 """
 
-from tacdiff.backends.select import BACKENDS, backend_counts, use_backend
+from tacdiff.backends.select import BACKENDS, backend_counts, check_backend, use_backend
 
-__all__ = ["BACKENDS", "backend_counts", "use_backend"]
+__all__ = ["BACKENDS", "backend_counts", "check_backend", "use_backend"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from tacdiff.quant import primitives as P
 
 MAX_REDUCTION = (2**31 - 1) // (255 * 128)  # oneDNN sums uint8 x int8 products in int32 (_int_mm: int8 x int8)
 
@@ -37,13 +36,6 @@ def activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 def unsigned_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``clamp(round(x / scale) + zero_point, 0, 2**bits - 1)``, as :func:`activation_codes` computes them."""
     return torch.div(x, scale).round_().add_(zero_point).clamp_(0, 2**bits - 1).to(torch.uint8)
-
-
-def dynamic_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point from run-time min-max ranges, in ``lo``'s dtype, as the fake path takes them."""
-    scale, zero_point = P.qparams_unchecked(lo.float(), hi.float(), bits, symmetric)
-    return scale.to(lo.dtype).clamp(min=torch.finfo(lo.dtype).tiny), zero_point.to(lo.dtype)
 
 
 def centred_weight(codes: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

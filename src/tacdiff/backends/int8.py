@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tacdiff.backends.codes import (MAX_REDUCTION, activation_codes, dynamic_qparams, exact_int8_cpu,
-                                   unsigned_codes)
+from tacdiff.backends.codes import MAX_REDUCTION, activation_codes, exact_int8_cpu, unsigned_codes
 from tacdiff.backends.int_mm import Int8Matmul
 from tacdiff.backends.onednn import OneDNNConv2d, onednn_available
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, QuantWeightMixin
@@ -74,9 +73,8 @@ class _IntLayer(nn.Module):
         key = (act.router.group, segment, dtype, id(act.scale), act.scale._version, id(act.zero_point),
                act.zero_point._version)
         if key not in self._qparams:
-            g = act.router.group
-            self._qparams[key] = (act.scale[g, segment].to(dtype).clamp(min=torch.finfo(dtype).tiny),
-                                  act.zero_point[g, segment].to(dtype))
+            scale, zero_point = act.static_qparams(dtype)
+            self._qparams[key] = scale[segment], zero_point[segment]
         return self._qparams[key]
 
     def quantize_input(self, rows: torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,7 +83,7 @@ class _IntLayer(nn.Module):
         act = self.act_quant
         if act.dynamic:
             lo, hi = rows.detach().amin(1, keepdim=True), rows.detach().amax(1, keepdim=True)
-            scale, zero_point = dynamic_qparams(lo, hi, act.bits, act.symmetric)
+            scale, zero_point = act.dynamic_qparams(lo, hi)
         else:
             scale, zero_point = self.static_qparams(segment, rows.dtype)
         codes, residual = activation_codes(rows, scale, zero_point, act.bits)
@@ -142,7 +140,7 @@ class Int8Conv2d(_IntLayer):
             scale, zero_point = self.static_qparams(segment, x.dtype)
             return self.convs[segment](unsigned_codes(x, scale, zero_point, act.bits), float(scale), int(zero_point))
         lo = x.detach().flatten(1).amin(1)
-        scales, zero_points = dynamic_qparams(lo, x.detach().flatten(1).amax(1), act.bits, act.symmetric)
+        scales, zero_points = act.dynamic_qparams(lo, x.detach().flatten(1).amax(1))
         return torch.cat([self.convs[segment](unsigned_codes(x[n: n + 1], scale, zero_point, act.bits), float(scale),
                                               int(zero_point))
                           for n, (scale, zero_point) in enumerate(zip(scales, zero_points))])

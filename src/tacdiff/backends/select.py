@@ -44,8 +44,7 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
     Converted layers keep integer weights only: such a model cannot be converted again, copied or
     saved (do that with the fake-quant model) and stays on the CPU.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     state = quant_state(model)
     if is_converted(model):
         raise ValueError("this model already runs on the int8 backend; load or quantize it again to choose "
@@ -68,7 +67,7 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
                 reasons[name] = f"int8 measured {speedups[name]:.2f}x its speed"
     twins = {name: to_int8(layer) for name, layer in layers.items() if reasons[name] is None}  # all built, then swapped
     for name, twin in twins.items():
-        _replace(model, name, twin)
+        model.set_submodule(name, twin)
     execution = {e.name: ATTENTION_REASON for e in state.plan if e.kind == "attention" and e.act_bits}
     for name in layers:
         if reasons[name] is not None:
@@ -86,9 +85,10 @@ def backend_counts(execution: dict[str, str]) -> str:
     return f"int8: {int8} modules, fake: {len(execution) - int8}"
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def check_backend(backend: str) -> None:
+    """``ValueError`` naming the choices unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def _probe(model: nn.Module, layers: dict[str, QuantWeightMixin], batch: int, cache: Path | None
@@ -103,9 +103,11 @@ def _probe(model: nn.Module, layers: dict[str, QuantWeightMixin], batch: int, ca
     except ValueError as error:
         return speedups, str(error).split(";")[0]
 
+    machine = _machine()
+
     def measure(name: str) -> Callable:
         def hook(layer: nn.Module, args: tuple) -> None:
-            key = _key(layer, args[0])
+            key = f"{machine}|{_layer_key(layer, args[0])}"
             if key not in known:
                 twin = to_int8(layer)
                 known[key] = _seconds(layer, args[0]) / _seconds(twin, args[0])
@@ -138,13 +140,18 @@ def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
     return best
 
 
-def _key(layer: nn.Module, x: torch.Tensor) -> str:
-    """What a layer's timing depends on: machine, threads, versions, the layer and its recipe, the input."""
+def _machine() -> str:
+    """The part of a timing's cache key shared by all layers: versions, machine, CPU, threads."""
+    return "|".join(map(str, (tacdiff.__version__, KERNELS, torch.__version__, platform.machine(), _cpu_name(),
+                              torch.get_num_threads())))
+
+
+def _layer_key(layer: nn.Module, x: torch.Tensor) -> str:
+    """The part of a timing's cache key that is the layer's: its geometry and recipe, and its input."""
     act = layer.act_quant
     residual = bool(((layer.weight_codes.float() - layer.expand(layer.weight_zero_point)).abs() > 127).any())
-    return "|".join(map(str, (tacdiff.__version__, KERNELS, torch.__version__, platform.machine(), _cpu_name(),
-                              torch.get_num_threads(), type(layer).__name__, layer.extra_repr(), act.dynamic,
-                              act.token_dim, layer.w_symmetric, residual, tuple(x.shape), x.dtype,
+    return "|".join(map(str, (type(layer).__name__, layer.extra_repr(), act.dynamic, act.token_dim,
+                              layer.w_symmetric, residual, tuple(x.shape), x.dtype,
                               x.is_contiguous(memory_format=torch.channels_last))))
 
 

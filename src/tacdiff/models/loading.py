@@ -13,7 +13,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
                        EulerDiscreteScheduler, SchedulerMixin)
 from torch import nn
 
-from tacdiff.backends import BACKENDS
+from tacdiff.backends import check_backend
 from tacdiff.devices import check_device
 from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, load_quantized, read_metadata,
                                 recorded_scheduler_config)
@@ -148,8 +148,7 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
     ``backend`` runs a quantized artifact's denoiser on that execution backend
     (:func:`tacdiff.backends.use_backend`); full-precision models take ``"fake"`` only.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend != "fake" and str(spec) == REFERENCE:
         raise ValueError(f"backend {backend!r} runs quantized artifacts, but {spec!r} is the full-precision bundled "
                          "model; quantize it first (tacdiff quantize) or leave the backend at 'fake'")

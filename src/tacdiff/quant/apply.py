@@ -153,8 +153,7 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
             continue
         cls = QuantConv2d if entry.kind == "conv" else QuantLinear
         new = cls.from_float(module, entry.weight_bits, config.weight_symmetric, entry.split, act)
-        parent, _, child = entry.name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(entry.name, new)
     device = next(model.parameters()).device
     for name, module in model.named_modules():
         if isinstance(module, ActQuantizer):
@@ -284,8 +283,7 @@ class _Undo:
     def restore(self, model: nn.Module) -> None:
         """Return ``model`` to its full-precision state (the recorded modules were never modified)."""
         for name, module in self.modules.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            model.set_submodule(name, module)
         for name, processor in self.processors.items():
             attn = model.get_submodule(name)
             for operand in MATMUL_OPERANDS:

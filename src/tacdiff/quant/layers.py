@@ -131,8 +131,7 @@ class ActQuantizer(nn.Module):
         if self.dynamic:
             out = [self.quantize_dynamic(part) for part in self.parts(x)]
         else:
-            g = self.router.group
-            scale, zero_point = _scale_in(self.scale[g], x.dtype), self.zero_point[g].to(x.dtype)
+            scale, zero_point = self.static_qparams(x.dtype)
             out = [P.fake_quantize(part, scale[i], zero_point[i], self.bits) for i, part in enumerate(self.parts(x))]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
@@ -149,8 +148,18 @@ class ActQuantizer(nn.Module):
         return P.from_blocks(self._fake_quantize_minmax(blocks, lo, hi), dim, x.shape[dim])
 
     def _fake_quantize_minmax(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return P.fake_quantize(x, *self.dynamic_qparams(lo, hi), self.bits)
+
+    def static_qparams(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current timestep group's calibrated scales and zero points ``(segments,)`` in ``dtype``."""
+        g = self.router.group
+        return _scale_in(self.scale[g], dtype), self.zero_point[g].to(dtype)
+
+    def dynamic_qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zero points of run-time min-max ranges ``lo``/``hi``, in their dtype (the integer
+        backend derives its codes from the same values, so they match this quantizer's exactly)."""
         scale, zero_point = P.qparams_unchecked(lo.float(), hi.float(), self.bits, self.symmetric)
-        return P.fake_quantize(x, _scale_in(scale, x.dtype), zero_point.to(x.dtype), self.bits)
+        return _scale_in(scale, lo.dtype), zero_point.to(lo.dtype)
 
     def set_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set ranges of shape ``(groups, segments)`` and enable quantization."""
