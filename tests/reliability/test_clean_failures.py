@@ -237,5 +237,7 @@ def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path: Path, delay:
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    # CPython 3.11 marks an interrupt raised inside exec()'d source (dataclasses builds methods that way while
+    # torch imports) as unhandled and ends the process by SIGINT after our exit(130); a shell sees 130 either way
+    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "error: interrupted; nothing was written"
