@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 from tacdiff.backends import check_backend, use_backend
 from tacdiff.correction import CorrectedDenoiser
 from tacdiff.correction.calibrate import CALIBRATORS, fit_tables
-from tacdiff.evaluation import Method, TimedDenoiser, score_methods, timed_call
+from tacdiff.evaluation import Method, TimedDenoiser, prompted_classes, score_methods, timed_call
+from tacdiff.metrics.fid import FID_KEYS
 from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, load_any_model
 from tacdiff.quant import QuantConfig, quantize
@@ -62,8 +63,8 @@ from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
 ROUNDINGS = ("rtn", "gptq")  # learned rounding takes minutes per setting; quantize it apart and use tacdiff eval
 CORRECTED = tuple(m for m in METHODS if m in CALIBRATORS)
-ROW_KEYS = ("bits", "steps", "method", "fid", "kid", "x0_mse", "x0_psnr", "x0_ssim", "calib_seconds",
-            "sample_seconds")
+ROW_KEYS = ("bits", "steps", "method", *FID_KEYS, "prompt_accuracy", "x0_mse", "x0_psnr", "x0_ssim",
+            "calib_seconds", "sample_seconds")
 FP_BITS = "fp"
 NUM_TRAIN_TIMESTEPS = 1000
 _BITS = re.compile(r"^w(\d)a(\d)$")
@@ -149,6 +150,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
 
     result = BenchResult([])
     calib_seed, eval_seed = derive_seed(seed, "calibrate"), derive_seed(seed, "evaluate")
+    labels = prompted_classes(conditioning, samples) if loaded.image_shape[0] == 1 else None
     wanted = [m for m in METHODS if m in methods]
     for count in steps:
         def timed(denoiser: Denoiser) -> TimedDenoiser:
@@ -169,7 +171,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
         scored, state_sq_err, result.timesteps[count] = score_methods(
             candidates, scheduler, num_inference_steps=count, num_samples=samples,
             sample_shape=sample_shape_of(fp), seed=eval_seed, batch_size=batch_size, device=dev,
-            cond=conditioning.rows, decode=loaded.decode, progress=progress)
+            cond=conditioning.rows, decode=loaded.decode, labels=labels, progress=progress)
         for row, curve in zip(scored, state_sq_err):
             if row["method"] not in wanted:
                 continue
@@ -203,7 +205,9 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
             tables are fitted on the fake-quant model and apply unchanged.
     Returns:
         One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
-        bundled classifier's features, ``x0_mse``/``x0_psnr``/``x0_ssim`` against FP, ``calib_seconds``
+        bundled classifier's features and ``fid_allconv``/``kid_allconv`` on the second feature space's,
+        ``prompt_accuracy`` (text-to-image pipelines whose prompts each name a Fashion-MNIST class; else None),
+        ``x0_mse``/``x0_psnr``/``x0_ssim`` against FP, ``calib_seconds``
         and ``sample_seconds`` (see the module docstring); FP rows have ``bits == "fp"``.
     """
     return bench(bits=bits, steps=steps, methods=methods, samples=samples, calib_samples=calib_samples, seed=seed,
@@ -237,11 +241,13 @@ def format_cell(value: Any, digits: int) -> str:
 
 def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a markdown table, grouped by step count and bits, with the FP reference first."""
-    lines = ["| bits | steps | method | FID | KID | x0 MSE | x0 PSNR dB | x0 SSIM | calib s | sample s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| bits | steps | method | FID | KID | FID allconv | KID allconv | prompt acc | x0 MSE | x0 PSNR dB | "
+             "x0 SSIM | calib s | sample s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['bits']} | {r['steps']} | {r['method']} | {format_cell(r['fid'], 3)} | "
-                     f"{format_cell(r['kid'], 5)} | {format_cell(r['x0_mse'], 6)} | {format_cell(r['x0_psnr'], 2)} | "
+                     f"{format_cell(r['kid'], 5)} | {format_cell(r.get('fid_allconv'), 3)} | "
+                     f"{format_cell(r.get('kid_allconv'), 5)} | {format_cell(r.get('prompt_accuracy'), 3)} | "
+                     f"{format_cell(r['x0_mse'], 6)} | {format_cell(r['x0_psnr'], 2)} | "
                      f"{format_cell(r.get('x0_ssim'), 4)} | {format_cell(r['calib_seconds'], 1)} | "
                      f"{format_cell(r['sample_seconds'], 2)} |")
     return "\n".join(lines)

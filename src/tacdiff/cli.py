@@ -209,7 +209,7 @@ def demo(
 @app.command()
 def quantize(
     model_dir: str = typer.Argument(..., help="Folder from UNet2DModel/UNet2DConditionModel.save_pretrained "
-                                               "(or a pipeline folder with unet/)."),
+                                               "(or a pipeline folder with unet/, or 'latent-reference')."),
     out: str = typer.Option(..., "--out", help="Output folder for the quantized artifact."),
     w_bits: int = typer.Option(8, "--w-bits", help="Weight bits (2-8), per output channel."),
     a_bits: int = typer.Option(8, "--a-bits", help="Activation bits (2-8); 0 quantizes weights only."),
@@ -316,9 +316,10 @@ def train_latent(
 
 @app.command()
 def eval(  # noqa: A001 - the command is `tacdiff eval`
-    model: str = typer.Argument(..., help="FP diffusers model folder, quantized artifact folder, or 'reference'."),
+    model: str = typer.Argument(..., help="FP diffusers model or pipeline folder, quantized artifact "
+                               "folder, 'reference' or 'latent-reference'."),
     fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR/SSIM "
-                                                           "(folder or 'reference'); omit to skip them."),
+                                                           "(folder, 'reference' or 'latent-reference'); omit to skip them."),
     scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
     samples: int = typer.Option(1000, help="Images to sample.", callback=_positive),
@@ -357,7 +358,8 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
 
 @app.command()
 def sample(
-    model: str = typer.Argument(..., help="FP diffusers model folder, quantized artifact folder, or 'reference'."),
+    model: str = typer.Argument(..., help="FP diffusers model or pipeline folder, quantized artifact "
+                               "folder, 'reference' or 'latent-reference'."),
     out: str = typer.Option(..., "--out", help="Folder for the PNG files, grid.png and samples.json."),
     tables: str = typer.Option(None, "--tables", help="Correction tables (tacdiff calibrate --out) for MODEL."),
     force_tables: bool = typer.Option(False, "--force-tables", help=FORCE_TABLES_HELP),
@@ -388,7 +390,8 @@ def sample(
 @app.command()
 def calibrate(
     quant_artifact: str = typer.Argument(..., help="Quantized artifact folder (tacdiff quantize --out)."),
-    fp_model: str = typer.Option(..., "--fp-model", help="The FP model it was quantized from (folder or 'reference')."),
+    fp_model: str = typer.Option(..., "--fp-model", help="The FP model it was quantized from (folder, "
+                                  "'reference' or 'latent-reference')."),
     out: str = typer.Option(..., "--out", help="Correction tables file to write (.safetensors)."),
     method: str = typer.Option("tac", help="tac (IBC+NER), ner, ibc or ptqd."),
     steps: int = typer.Option(50, help="Sampling steps; the tables only fit this step count.", callback=_positive),
@@ -442,8 +445,9 @@ def bench(
                                    callback=_positive),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
-    model: str = typer.Option("reference", "--model", help="FP model or pipeline folder, or 'reference' (the "
-                                                           "bundled Fashion-MNIST model)."),
+    model: str = typer.Option("reference", "--model", help="FP model or pipeline folder, 'reference' (the "
+                                                           "bundled Fashion-MNIST model) or 'latent-reference' (the "
+                                                           "bundled text-to-image pipeline)."),
     prompt: list[str] = PROMPT,
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
@@ -483,7 +487,8 @@ def bench(
 
 @app.command("bench-speed")
 def bench_speed(
-    model: list[str] = typer.Option(["reference"], "--model", help="Model to time (repeatable): 'reference', a "
+    model: list[str] = typer.Option(["reference"], "--model", help="Model to time (repeatable): 'reference', "
+                                    "'latent-reference', a "
                                     "diffusers model or pipeline folder, or a folder holding only a model "
                                     "config.json (random weights)."),
     batch: list[int] = typer.Option([1, 8, 64], "--batch", help="Batch size per call (repeatable)."),

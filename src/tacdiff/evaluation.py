@@ -21,7 +21,7 @@ from torch import Tensor
 from tacdiff.correction import load_correction
 from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.data.prompts import fashion_class_of
-from tacdiff.metrics.fid import fid_or_note, fid_ready
+from tacdiff.metrics.fid import FID_KEYS, fid_or_note, fid_ready
 from tacdiff.metrics.paired import Decode, PairedStepStats, paired_errors, psnr_db, ssim_sum
 from tacdiff.metrics.prompt_accuracy import prompt_accuracy
 from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper, ModelDenoiser, sample_shape_of
@@ -82,18 +82,20 @@ class _AllPairs:
 def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_inference_steps: int,
                   num_samples: int, sample_shape: Sequence[int], seed: int, batch_size: int,
                   device: torch.device | str = "cpu", cond: Cond | Rows | None = None,
-                  decode: Callable[[Tensor], Tensor] | None = None, progress: bool = True
-                  ) -> tuple[list[dict[str, Any]], list[list[float]], list[float]]:
+                  decode: Callable[[Tensor], Tensor] | None = None, labels: Sequence[int] | None = None,
+                  progress: bool = True) -> tuple[list[dict[str, Any]], list[list[float]], list[float]]:
     """Sample every method from the same noise; score each against ``methods[0]`` (the reference).
 
     ``cond`` conditions every sample (as in :func:`~tacdiff.sampling.batching.batched_trajectories`);
-    ``decode`` turns final latents into images (a latent pipeline's autoencoder).
+    ``decode`` turns final latents into images (a latent pipeline's autoencoder); ``labels`` are the
+    Fashion-MNIST classes the samples' prompts name, for prompt accuracy.
 
     Returns:
-        rows: one dict per method with ``bits``, ``steps``, ``method``, ``fid``, ``kid`` (bundled
-            Fashion-MNIST classifier features, grayscale images of at least 28x28, centre-cropped to it;
-            else None),
-            ``x0_mse``/``x0_psnr``/``x0_ssim`` (final images clamped to [-1, 1] against the
+        rows: one dict per method with ``bits``, ``steps``, ``method``, :data:`~tacdiff.metrics.fid.FID_KEYS` (FID and KID in
+            both bundled feature spaces, :func:`~tacdiff.metrics.fid.fid_or_note`: grayscale images of at least
+            28x28, centre-cropped to it; else None),
+            ``prompt_accuracy`` (:func:`~tacdiff.metrics.prompt_accuracy.prompt_accuracy`, None without
+            ``labels``), ``x0_mse``/``x0_psnr``/``x0_ssim`` (final images clamped to [-1, 1] against the
             reference's; PSNR peak-to-peak 2, dB; SSIM mean over samples),
             ``calib_seconds`` and ``sample_seconds`` (the denoiser's timed calls).
         state_sq_err: per method, ``(T,)`` mean over samples of ``‖x̂_t − x_t‖²`` (latents before each step).
@@ -113,8 +115,10 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
         samples = torch.cat(kept)
         mse = float((samples.double() - reference).pow(2).mean())
         scores, _ = fid_or_note(kept, tuple(samples.shape[1:]), seed % 2 ** 31)
-        rows.append({"bits": method.bits, "steps": num_inference_steps, "method": method.name, "fid": scores["fid"],
-                     "kid": scores["kid"], "x0_mse": mse, "x0_psnr": psnr_db(mse),
+        rows.append({"bits": method.bits, "steps": num_inference_steps, "method": method.name,
+                     **{key: scores[key] for key in FID_KEYS},
+                     "prompt_accuracy": None if labels is None else prompt_accuracy(samples, labels)["overall"],
+                     "x0_mse": mse, "x0_psnr": psnr_db(mse),
                      "x0_ssim": ssim_sum(reference, samples) / samples.shape[0],
                      "calib_seconds": method.calib_seconds, "sample_seconds": method.denoiser.seconds})
     return rows, [stats.mean_sq_norms()[0].tolist() for stats in callback.stats], callback.stats[0].timesteps
@@ -177,8 +181,9 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
         backend: how a quantized ``model`` executes (:func:`tacdiff.backends.use_backend`).
     Returns:
-        A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` (None unless the model makes
-        grayscale images of at least 28x28, centre-cropped to it), ``x0_mse``/``x0_psnr``/``x0_ssim``
+        A JSON-ready dict: the settings, ``fid``/``kid``/``kid_std`` and ``fid_allconv``/``kid_allconv``/
+        ``kid_std_allconv`` (the two bundled feature spaces; None unless the model makes grayscale images of
+        at least 28x28, centre-cropped to it), ``x0_mse``/``x0_psnr``/``x0_ssim``
         (None without ``fp_model``; PSNR with peak-to-peak 2; SSIM of the final images, mean over samples),
         ``per_step`` paired series (or None), ``prompt_accuracy`` and ``prompt_accuracy_per_class``
         (:func:`~tacdiff.metrics.prompt_accuracy.prompt_accuracy`; None unless the images are
@@ -207,7 +212,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         sampler.tables.check_conditioning(conditioning.record, force=force_tables)
         correction = sampler.tables
     image_shape = components.image_shape
-    labels = _prompted_classes(conditioning, samples) if image_shape[0] == 1 else None
+    labels = prompted_classes(conditioning, samples) if image_shape[0] == 1 else None
     decoders = tuple(side.decode if side is not None and side.pipeline is not None else components.decode
                      for side in (fp, loaded))
     started = time.perf_counter()
@@ -236,7 +241,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     }
 
 
-def _prompted_classes(conditioning: Conditioning, samples: int) -> list[int] | None:
+def prompted_classes(conditioning: Conditioning, samples: int) -> list[int] | None:
     """The Fashion-MNIST class each sample's prompt names, when every prompt names exactly one; else None."""
     if conditioning.prompts is None:
         return None
@@ -255,7 +260,7 @@ def _cell(value: Any) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The scalar results of :func:`evaluate` as a two-column text table."""
     keys = ("model", "fp_model", "tables", "correction", "backend", "scheduler", "steps", "samples", "seed", "fid", "kid",
-            "kid_std", "prompt_accuracy", "x0_mse", "x0_psnr", "x0_ssim", "sampling_seconds", "seconds")
+            "kid_std", "fid_allconv", "kid_allconv", "prompt_accuracy", "x0_mse", "x0_psnr", "x0_ssim", "sampling_seconds", "seconds")
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {_cell(result.get(k))}" for k in keys]
     return "\n".join(lines + ([result["note"]] if result.get("note") else []))

@@ -212,11 +212,12 @@ def format_speed_markdown(report: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def model_for_speed(spec: str | Path) -> nn.Module:
-    """The fp32 denoiser of ``spec``: ``"reference"``, a diffusers model or pipeline folder, or a folder with
+    """The fp32 denoiser of ``spec``: ``"reference"``, ``"latent-reference"``, a diffusers model or pipeline folder, or a folder with
     only a model ``config.json`` (built with seeded random weights, e.g. ``../shared/configs/sd-1.5-unet``)."""
     from tacdiff.models.loading import load_any_model  # models.loading reaches the pipelines; load it on use
+    from tacdiff.models.reference import bundled_folder
 
-    path = Path(spec)
+    path = Path(bundled_folder(spec))
     config = path / "unet" / "config.json" if (path / "unet" / "config.json").is_file() else path / "config.json"
     has_weights = any(config.parent.glob("*.safetensors")) or any(config.parent.glob("*.bin"))
     if str(spec) == "reference" or not config.is_file() or has_weights:

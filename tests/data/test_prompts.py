@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tacdiff.data.prompts import (DEFAULT_PROMPTS, FASHION_NAMES, PLURAL_NAMES, fashion_captions, fashion_class_of,
-                                  fashion_vocabulary,
-                                  prompt_of, prompt_set_sha256, read_prompts)
+from tacdiff.data.prompts import (DEFAULT_PROMPTS, FASHION_NAMES, PIPELINE_PROMPTS, PLURAL_NAMES, default_prompts,
+                                  fashion_captions, fashion_class_of, fashion_prompts, fashion_vocabulary, prompt_of,
+                                  prompt_set_sha256, read_prompts)
 
 
 def test_prompt_files_hold_one_prompt_per_line(tmp_path: Path) -> None:
@@ -62,3 +62,17 @@ def test_every_caption_names_its_own_class() -> None:
     labels = [i % 10 for i in range(500)]
     for label, caption in zip(labels, fashion_captions(labels, seed=3, empty_fraction=0.0)):
         assert fashion_class_of(caption) == label, caption
+
+
+def test_fashion_prompts_are_balanced_and_cover_every_class_in_ten_samples() -> None:
+    prompts = fashion_prompts()
+    classes = [fashion_class_of(prompt_of(prompts, i)) for i in range(40)]
+    assert all(sorted(classes[i:i + 10]) == list(range(10)) for i in range(0, 40, 10))
+    assert [classes.count(c) for c in range(10)] == [4] * 10
+    assert set(" ".join(prompts).replace(",", " ").split()) <= set(fashion_vocabulary())
+
+
+def test_a_pipeline_folder_may_carry_its_default_prompts(tmp_path: Path) -> None:
+    assert default_prompts(None) == DEFAULT_PROMPTS and default_prompts(tmp_path) == DEFAULT_PROMPTS
+    (tmp_path / PIPELINE_PROMPTS).write_text("a photo of a bag\n\ncoat\n", encoding="utf-8")
+    assert default_prompts(tmp_path) == ("a photo of a bag", "coat")

@@ -1,4 +1,4 @@
-"""Domain FID/KID: bundled classifier and reference, agreement with independent math, bad inputs."""
+"""Domain FID/KID: both bundled feature spaces and their references, agreement with independent math, bad inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tacdiff.data import load_fashion_mnist, to_model_space
 from tacdiff.data.fashion_mnist import DEFAULT_DATA_DIR
 from tacdiff.metrics import (FeatureExtractor, extract_features, fid_kid, inception_fid, load_feature_extractor,
                              save_reference)
-from tacdiff.metrics.fid import REFERENCE_PATH
+from tacdiff.metrics.fid import FEATURE_SPACES, SCORE_KEYS, FeatureSpace
 
 N = 1000
 
@@ -40,6 +40,13 @@ def extractor() -> FeatureExtractor:
     return load_feature_extractor()
 
 
+@pytest.fixture(scope="module", params=list(FEATURE_SPACES))
+def space(request: pytest.FixtureRequest) -> tuple[FeatureSpace, FeatureExtractor]:
+    """Each bundled feature space with its loaded extractor."""
+    found = FEATURE_SPACES[request.param]
+    return found, load_feature_extractor(found.weights)
+
+
 def noise(n: int) -> torch.Tensor:
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
@@ -61,20 +68,33 @@ def unbiased_poly_mmd(a: np.ndarray, b: np.ndarray) -> float:
     return float(within - 2 * k(a, b).mean())
 
 
-def test_classifier_accuracy(splits, extractor):
+def test_classifier_accuracy(splits, space):
     images, labels = splits["test"]
     with torch.no_grad():
-        preds = extractor.classifier(images).argmax(1)
+        preds = space[1].classifier(images).argmax(1)
     assert (preds == labels).float().mean().item() >= 0.90
 
 
-def test_data_scores_small_noise_scores_large(splits, extractor):
+def test_data_scores_small_noise_scores_large(splits, space):
+    found, extractor = space
     train = splits["train"][0]
-    data = fid_kid(train, extractor=extractor, kid_subsets=10, kid_subset_size=500)
-    rand = fid_kid(noise(N), extractor=extractor, kid_subsets=10, kid_subset_size=500)
-    # bundled classifier: data ~1.1, noise ~380 (FID); KID data ~-0.5 +- 0.7, noise ~105
-    assert data["fid"] < 2.0 and rand["fid"] > 100 * data["fid"]
+    data = fid_kid(train, reference=found.reference, extractor=extractor, kid_subsets=10, kid_subset_size=500)
+    rand = fid_kid(noise(N), reference=found.reference, extractor=extractor, kid_subsets=10, kid_subset_size=500)
+    # cnn: data ~1.1, noise ~380 (FID); KID data ~-0.5 +- 0.7, noise ~105; allconv: FID 0.24 vs 90, KID ~0 vs 1.6
+    assert rand["fid"] > 100 * data["fid"]
     assert rand["kid"] > 20 * (abs(data["kid"]) + data["kid_std"])
+
+
+def test_the_feature_spaces_are_independent_networks(space):
+    """The second space is another architecture with its own weights, not a copy of the first."""
+    found, extractor = space
+    first = load_feature_extractor()
+    if found.name == "cnn":
+        assert extractor.weights_sha256 == first.weights_sha256 and found.suffix == ""
+        return
+    assert type(extractor.classifier) is not type(first.classifier) and found.suffix == f"_{found.name}"
+    assert extractor.num_features != first.num_features and extractor.weights_sha256 != first.weights_sha256
+    assert len(list(extractor.classifier.modules())) != len(list(first.classifier.modules()))
 
 
 # ReLU units that never fire on real images make the covariances singular; sqrtm still converges.
@@ -97,8 +117,9 @@ def test_kid_seeded(splits, extractor):
     assert scores[0] == scores[1] and scores[0]["kid"] != scores[2]["kid"]
 
 
-def test_bundled_reference_matches_test_split(splits, extractor):
-    ref = load_file(REFERENCE_PATH)
+def test_bundled_reference_matches_test_split(splits, space):
+    found, extractor = space
+    ref = load_file(found.reference)
     assert ref["real_features_num_samples"].item() == 10_000
     images, _ = load_fashion_mnist("test")
     feats = extract_features(to_model_space(images[:500]), extractor=extractor)
@@ -169,6 +190,7 @@ def test_larger_grayscale_images_are_centre_cropped_for_fid(splits):
     images = splits["test"][0][:64]
     direct, _ = fid_or_note([images], (1, 28, 28), seed=0)
     padded, note = fid_or_note([to_canvas(images, 32)], (1, 32, 32), seed=0)
-    assert note is None and padded == direct
+    assert note is None and padded == direct and set(direct) == set(SCORE_KEYS)
+    assert all(direct[key] is not None for key in SCORE_KEYS) and direct["fid"] != direct["fid_allconv"]
     skipped, note = fid_or_note([images[..., :16, :16]], (1, 16, 16), seed=0)
     assert skipped["fid"] is None and "at least 28x28" in note

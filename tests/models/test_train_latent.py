@@ -12,8 +12,10 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from data_support import fashion_subset
+from tacdiff.data.prompts import fashion_prompts
 from tacdiff.models.loading import load_any_model
 from tacdiff.models.train_latent import IMAGE_SIZE, TEXT_TOKENS, train_latent
+from tacdiff.sampling.conditioning import conditioning_for
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "autoencoder": dict(in_channels=1, out_channels=1, down_block_types=["DownEncoderBlock2D"] * 3,
@@ -53,6 +55,8 @@ def test_the_exported_pipeline_is_a_stable_diffusion_folder(straight: Path) -> N
     assert pipe.safety_checker is None and pipe.vae.config.scaling_factor == record["scaling_factor"]
     loaded = load_any_model(straight / "pipeline")
     assert loaded.reads_prompts and loaded.image_shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+    # runs on the folder default to its class-balanced captions, not everyday scenes it has no words for
+    assert list(conditioning_for(loaded, count=3).prompts) == fashion_prompts()
 
 
 def test_more_steps_resume_both_stages_bit_exactly(straight: Path, data: Path, tmp_path: Path) -> None:

@@ -47,6 +47,18 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 """Varied everyday captions (objects, animals, scenes, styles) used when no prompt file is given."""
 
 
+PIPELINE_PROMPTS = "prompts.txt"
+"""A pipeline folder's own default prompts (one per line), used when a run names none; ``tacdiff train-latent``
+writes its class-balanced :func:`fashion_prompts` there."""
+
+
+def default_prompts(folder: str | Path | None) -> tuple[str, ...]:
+    """The prompts a run on the pipeline in ``folder`` uses when it is given none: the folder's
+    :data:`PIPELINE_PROMPTS` if it has one, else :data:`DEFAULT_PROMPTS`."""
+    file = Path(folder) / PIPELINE_PROMPTS if folder is not None else None
+    return tuple(read_prompts(file)) if file is not None and file.is_file() else DEFAULT_PROMPTS
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a UTF-8 text file, one per line (surrounding blanks stripped, blank lines skipped).
 
@@ -102,11 +114,7 @@ PLURAL_NAMES = frozenset({"trousers", "pants", "sandals", "sneakers", "boots"})
 def fashion_caption(label: int, rng: random.Random) -> str:
     """A caption naming Fashion-MNIST class ``label``: a random template and a random name of the class."""
     name = rng.choice(FASHION_NAMES[label])
-    text = rng.choice(FASHION_TEMPLATES).format(name=name)
-    if name in PLURAL_NAMES:
-        text = text.replace(f"a {name}", name)
-    return " ".join("an" if word == "a" and following[:1] in "aeiou" else word
-                    for word, following in zip(text.split(), text.split()[1:] + [""]))
+    return _with_article(rng.choice(FASHION_TEMPLATES), name)
 
 
 def fashion_captions(labels: Sequence[int], seed: int, empty_fraction: float = 0.1) -> list[str]:
@@ -129,3 +137,19 @@ def fashion_vocabulary() -> list[str]:
     texts = [template.format(name=name) for template in FASHION_TEMPLATES for names in FASHION_NAMES
              for name in names]
     return sorted({word for text in texts for word in text.replace(",", " ").split()} | {"an"})
+
+
+def fashion_prompts() -> list[str]:
+    """Twenty plain captions, two per Fashion-MNIST class, ordered so that any run of ten consecutive samples
+    (prompt ``i mod 20``) names every class once and a multiple of 20 samples is exactly balanced."""
+    phrasings = ("a photo of a {name}", "{name}, product photo")
+    return [_with_article(template, names[0]) for template in phrasings for names in FASHION_NAMES]
+
+
+def _with_article(template: str, name: str) -> str:
+    """``template`` filled with ``name``, its ``a`` made ``an`` before a vowel and dropped before a plural name."""
+    text = template.format(name=name)
+    if name in PLURAL_NAMES:
+        text = text.replace(f"a {name}", name)
+    return " ".join("an" if word == "a" and following[:1] in "aeiou" else word
+                    for word, following in zip(text.split(), text.split()[1:] + [""]))

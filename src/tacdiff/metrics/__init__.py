@@ -1,6 +1,8 @@
-"""FID/KID on a Fashion-MNIST feature extractor, prompt accuracy, paired trajectory errors."""
+"""FID/KID in two Fashion-MNIST feature spaces, prompt accuracy, paired trajectory errors."""
 
 from tacdiff.metrics.fid import (
+    FEATURE_SPACES,
+    AllConvClassifier,
     FashionClassifier,
     FeatureExtractor,
     extract_features,
@@ -13,6 +15,8 @@ from tacdiff.metrics.paired import PairedErrors, PairedStepStats, paired_errors,
 from tacdiff.metrics.prompt_accuracy import prompt_accuracy
 
 __all__ = [
+    "FEATURE_SPACES",
+    "AllConvClassifier",
     "FashionClassifier",
     "FeatureExtractor",
     "PairedErrors",

@@ -1,14 +1,18 @@
-"""FID and KID for Fashion-MNIST on the penultimate features of a small bundled classifier.
+"""FID and KID for Fashion-MNIST in two independent feature spaces of small bundled classifiers.
 
-The classifier and the test-split reference in ``tacdiff/assets/fid/`` come from
-``benchmarks/fid_reference.py``. Scores live in that classifier's feature space: compare them
-with each other, not with Inception FID (for that, see :func:`inception_fid`).
+Each feature space is a classifier trained by ``benchmarks/fid_reference.py`` with its own architecture
+and seed, shipped in ``tacdiff/assets/fid/`` with the Fashion-MNIST test split's reference statistics:
+``cnn`` (the default, reported as ``fid``/``kid``) and ``allconv`` (reported as ``fid_allconv``/``kid_allconv``).
+Two spaces guard against one network's blind spots: when they disagree about a gap's size, neither alone
+is enough. Scores live in their classifier's feature space: compare them with each other, not with
+Inception FID (for that, see :func:`inception_fid`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,12 +27,38 @@ from tacdiff.io.atomic import write_file_atomically
 from tacdiff.io.formats import read_safetensors
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fid"
-WEIGHTS_PATH = ASSET_DIR / "classifier.safetensors"
-REFERENCE_PATH = ASSET_DIR / "reference_test.safetensors"
 CLASSIFIER_FORMAT = "tacdiff-fid-classifier/1"
 REFERENCE_FORMAT = "tacdiff-fid-reference/1"
 IMAGE_SHAPE = (1, 28, 28)
 _REGENERATE = "regenerate it with `python benchmarks/fid_reference.py`"
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """A bundled FID/KID feature space: its classifier weights and test-split reference in ``folder``."""
+
+    name: str
+    folder: Path
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / "classifier.safetensors"
+
+    @property
+    def reference(self) -> Path:
+        return self.folder / "reference_test.safetensors"
+
+    @property
+    def suffix(self) -> str:
+        """What result keys carry after ``fid``/``kid``: nothing for the default space, ``_<name>`` otherwise."""
+        return "" if self is FEATURE_SPACES[DEFAULT_SPACE] else f"_{self.name}"
+
+
+DEFAULT_SPACE = "cnn"
+FEATURE_SPACES = {name: FeatureSpace(name, folder) for name, folder in
+                  (("cnn", ASSET_DIR), ("allconv", ASSET_DIR / "allconv"))}
+WEIGHTS_PATH = FEATURE_SPACES[DEFAULT_SPACE].weights
+REFERENCE_PATH = FEATURE_SPACES[DEFAULT_SPACE].reference
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -56,6 +86,35 @@ class FashionClassifier(nn.Module):
         return self.head(self.body(x))
 
 
+class AllConvClassifier(nn.Module):
+    """The second feature space's network, unlike :class:`FashionClassifier` in depth, width and design: five
+    3x3 convolutions (strided instead of max-pooled, GELU), widths up to 192, global average pooling.
+
+    ``features(x)`` gives the pooled ``(N, num_features)`` vector used for FID/KID; ``forward`` the logits.
+    """
+
+    def __init__(self, num_features: int = 192, num_classes: int = 10) -> None:
+        super().__init__()
+        widths = (1, 32, 64, 128, 128, num_features)
+        strides = (1, 2, 2, 1, 2)  # 28 -> 28 -> 14 -> 7 -> 7 -> 4
+        layers: list[nn.Module] = []
+        for c_in, c_out, stride in zip(widths, widths[1:], strides):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(num_features, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+ARCHITECTURES: dict[str, type[FashionClassifier] | type[AllConvClassifier]] = {
+    "cnn": FashionClassifier, "allconv": AllConvClassifier}
+"""Classifier classes by the ``architecture`` their weights file records (files without one are ``cnn``)."""
+
+
 class FeatureExtractor(nn.Module):
     """Frozen classifier features, shaped for torchmetrics' ``feature=`` argument.
 
@@ -63,7 +122,7 @@ class FeatureExtractor(nn.Module):
     ``num_features`` attribute spares torchmetrics its uint8 dummy forward.
     """
 
-    def __init__(self, classifier: FashionClassifier, weights_sha256: str) -> None:
+    def __init__(self, classifier: FashionClassifier | AllConvClassifier, weights_sha256: str) -> None:
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
         self.num_features = classifier.head.in_features
@@ -90,9 +149,13 @@ def _read(path: str | Path, fmt: str) -> tuple[dict[str, Tensor], dict[str, str]
 
 
 def load_feature_extractor(path: str | Path = WEIGHTS_PATH) -> FeatureExtractor:
-    """Load the bundled (or a given) classifier weights as a :class:`FeatureExtractor` on CPU."""
+    """Load the bundled (or a given) classifier weights as a :class:`FeatureExtractor` on CPU; the file's
+    ``architecture`` metadata picks the class from :data:`ARCHITECTURES`."""
     state, meta = _read(path, CLASSIFIER_FORMAT)
-    classifier = FashionClassifier(int(meta["num_features"]))
+    architecture = meta.get("architecture", DEFAULT_SPACE)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{path} holds a {architecture!r} classifier; tacdiff knows {', '.join(ARCHITECTURES)}")
+    classifier = ARCHITECTURES[architecture](int(meta["num_features"]))
     classifier.load_state_dict(state)
     return FeatureExtractor(classifier, hashlib.sha256(Path(path).read_bytes()).hexdigest())
 
@@ -250,19 +313,32 @@ def fid_ready(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[0] == 1 and min(shape[1:]) >= IMAGE_SHAPE[-1]
 
 
+SCORE_KEYS = tuple(f"{metric}{space.suffix}" for space in FEATURE_SPACES.values()
+                   for metric in ("fid", "kid", "kid_std"))
+"""What :func:`fid_or_note` returns: FID, KID and KID's spread in each bundled feature space."""
+FID_KEYS = tuple(key for key in SCORE_KEYS if not key.startswith("kid_std"))
+"""The scores a table row shows: FID and KID in each feature space."""
+
+
 def fid_or_note(images: list[Tensor], shape: tuple[int, ...],
                 seed: int) -> tuple[dict[str, float | None], str | None]:
-    """FID/KID of ``images`` of ``shape`` on the bundled classifier's features, or ``None`` scores and why not.
+    """FID/KID of ``images`` of ``shape`` in every bundled feature space (:data:`SCORE_KEYS`), or ``None`` scores
+    and why not.
 
     Images larger than 28x28 are centre-cropped to it: the latent reference pipeline makes Fashion-MNIST
     images padded with background to 32x32, so the crop recovers the test split's framing and its
     bundled reference statistics apply.
     """
-    empty: dict[str, float | None] = {"fid": None, "kid": None, "kid_std": None}
+    empty: dict[str, float | None] = dict.fromkeys(SCORE_KEYS)
     if not fid_ready(shape):
         return empty, (f"FID skipped: it needs grayscale Fashion-MNIST-domain samples of at least 28x28, this model "
                        f"makes {shape}")
     samples = to_canvas(torch.cat(images), IMAGE_SHAPE[-1])
     if samples.shape[0] < 2:
         return empty, "FID skipped: it needs at least 2 samples"
-    return fid_kid(samples, kid_subset_size=min(KID_SUBSET_SIZE, samples.shape[0]), seed=seed), None
+    scores: dict[str, float | None] = {}
+    for space in FEATURE_SPACES.values():
+        found = fid_kid(samples, reference=space.reference, extractor=load_feature_extractor(space.weights),
+                        kid_subset_size=min(KID_SUBSET_SIZE, samples.shape[0]), seed=seed)
+        scores.update({f"{key}{space.suffix}": value for key, value in found.items()})
+    return scores, None

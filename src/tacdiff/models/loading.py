@@ -21,7 +21,7 @@ from tacdiff.models.kinds import MODEL_KINDS, sample_shape_of
 from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_loading, read_config, weights_variant
 from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, load_components,
                                      pipeline_kind, read_index)
-from tacdiff.models.reference import load_reference_model
+from tacdiff.models.reference import LATENT_REFERENCE, bundled_folder, load_reference_model
 
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -103,9 +103,9 @@ REFERENCE = "reference"
 
 
 def input_paths(*specs: str | Path | None) -> list[str | Path]:
-    """The model, artifact and tables specs of a run that name files or folders (not None, not ``"reference"``),
-    which an output must never replace."""
-    return [spec for spec in specs if spec is not None and str(spec) != REFERENCE]
+    """The model, artifact and tables specs of a run that name files or folders (not None, not ``"reference"``; a
+    bundled pipeline's name as its folder), which an output must never replace."""
+    return [bundled_folder(spec) for spec in specs if spec is not None and str(spec) != REFERENCE]
 
 
 @dataclass
@@ -140,7 +140,8 @@ class LoadedModel:
 
 
 def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend: str = "fake") -> LoadedModel:
-    """Load ``"reference"``, a quantized artifact folder, or a diffusers model or pipeline folder, in eval mode.
+    """Load ``"reference"``, ``"latent-reference"`` (the bundled text-to-image pipeline), a quantized artifact
+    folder, or a diffusers model or pipeline folder, in eval mode.
 
     Pipeline folders (and artifacts quantized from one, which record where it lives) come with
     their components (:func:`~tacdiff.models.pipelines.load_components`): full precision, or
@@ -155,10 +156,11 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
     if str(spec) == REFERENCE:
         model, scheduler = load_reference_model(device)
         return LoadedModel(model, dict(scheduler.config), quantized=False)
-    path = Path(spec)
+    path = Path(bundled_folder(spec))
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model or pipeline folder, a "
-                                f"quantized artifact folder (tacdiff quantize --out) or '{REFERENCE}'")
+                                f"quantized artifact folder (tacdiff quantize --out), '{REFERENCE}' or "
+                                f"'{LATENT_REFERENCE}'")
     quantized = (path / WEIGHTS_NAME).is_file()
     if backend != "fake" and not quantized:
         raise ValueError(f"backend {backend!r} runs quantized artifacts, but {path} is a full-precision model; "

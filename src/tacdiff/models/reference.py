@@ -28,3 +28,19 @@ def load_reference_model(device: str | torch.device = "cpu") -> tuple[UNet2DMode
                 f"copy OUT_DIR/unet, OUT_DIR/scheduler into {REFERENCE_MODEL_DIR}")
     unet = UNet2DModel.from_pretrained(REFERENCE_MODEL_DIR / "unet", low_cpu_mem_usage=False).to(device).eval()
     return unet, DDPMScheduler.from_pretrained(REFERENCE_MODEL_DIR / "scheduler")
+
+
+LATENT_REFERENCE = "latent-reference"
+LATENT_REFERENCE_DIR: Path = Path(str(files("tacdiff") / "assets" / "latent-reference-fmnist"))
+"""The bundled text-to-image latent pipeline (a ``StableDiffusionPipeline`` folder), made by ``tacdiff train-latent``."""
+
+
+def bundled_folder(spec: str | Path) -> str | Path:
+    """``spec`` with the name of a bundled pipeline (``"latent-reference"``) replaced by its folder; other specs
+    (folders, ``"reference"``) unchanged."""
+    if str(spec) != LATENT_REFERENCE:
+        return spec
+    if not (LATENT_REFERENCE_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"bundled pipeline missing: {LATENT_REFERENCE_DIR}. Reinstall tacdiff (it ships as "
+                                "package data) or rebuild it with `tacdiff train-latent RUN` and copy RUN/pipeline there")
+    return LATENT_REFERENCE_DIR

@@ -20,12 +20,12 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from tacdiff.data.fashion_mnist import load_fashion_mnist, to_canvas, to_model_space
-from tacdiff.data.prompts import fashion_captions, fashion_vocabulary
+from tacdiff.data.prompts import PIPELINE_PROMPTS, fashion_captions, fashion_prompts, fashion_vocabulary
 from tacdiff.io.atomic import check_writable, write_dir_atomically, write_text_atomically
 from tacdiff.models.pipelines import SD_SCHEDULER_CONFIG, stable_diffusion
 from tacdiff.models.text import word_tokenizer
@@ -187,5 +187,11 @@ def _export(out_dir: Path, ae: AutoencoderKL, state: TrainState, tokenizer: PreT
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}
     write_text_atomically(out_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
     pipe = stable_diffusion(unet.eval(), ae.eval(), text_encoder.eval(), tokenizer)
-    write_dir_atomically(out_dir / "pipeline", lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
+    write_dir_atomically(out_dir / "pipeline", lambda tmp: _save_pipeline(pipe, tmp),
                          overwrite=True, recognise=in_run, what="training run's pipeline")
+
+
+def _save_pipeline(pipe: DiffusionPipeline, folder: Path) -> None:
+    """The diffusers pipeline folder, with the class-balanced captions runs on it default to."""
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / PIPELINE_PROMPTS).write_text("\n".join(fashion_prompts()) + "\n", encoding="utf-8")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from tacdiff.data.prompts import DEFAULT_PROMPTS, prompt_of, prompt_set_sha256
+from tacdiff.data.prompts import default_prompts, prompt_of, prompt_set_sha256
 from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, kind_of, map_cond
 from tacdiff.models.loading import LoadedModel
 from tacdiff.models.pipelines import PromptEncoder
@@ -119,14 +119,16 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
                      seed: int = 0, what: str = "the model") -> Conditioning:
     """How a run conditions ``loaded``'s samples.
 
-    Text-to-image pipelines embed ``options.prompts`` (default :data:`~tacdiff.data.prompts.DEFAULT_PROMPTS`)
+    Text-to-image pipelines embed ``options.prompts`` (default: the pipeline folder's own, else
+    :data:`~tacdiff.data.prompts.DEFAULT_PROMPTS`; :func:`~tacdiff.data.prompts.default_prompts`)
     with their own text encoder and guide with ``options.guidance_scale``. A bare text-conditioned
     UNet (no text encoder at hand) gets seeded random stand-in embeddings for ``count`` samples,
     with a warning. Prompt options for a model that reads no prompts raise ``ValueError``.
     """
     if loaded.reads_prompts:
         scale = DEFAULT_GUIDANCE_SCALE if options.guidance_scale is None else options.guidance_scale
-        return prompt_conditioning(PromptEncoder(loaded.pipeline), options.prompts or DEFAULT_PROMPTS,
+        prompts = options.prompts or default_prompts(loaded.pipeline.name_or_path)
+        return prompt_conditioning(PromptEncoder(loaded.pipeline), prompts,
                                    guidance_scale=scale, negative_prompt=options.negative_prompt or "")
     if options.given:
         raise ValueError(f"{what} reads no prompts (it is not a text-to-image pipeline folder with a text encoder); "
