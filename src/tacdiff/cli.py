@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from typer.core import TyperGroup
 
-from tacdiff.io.atomic import report_file
+from tacdiff.io.atomic import check_writable, report_file
 
 if TYPE_CHECKING:
     from tacdiff.sampling.conditioning import PromptOptions
@@ -93,6 +93,17 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
 REPORTS = {"JSON file": report_file(".json"), "markdown file": report_file(".md", ".markdown", ".txt"),
            "plot": report_file(*PLOT_SUFFIXES)}
 """What an existing report path may be for ``--json``, ``--markdown`` and ``--plot`` to replace it."""
+
+
+def _check_reports(paths: dict[str, str | None], inputs: list[str | Path]) -> None:
+    """Before any work: each given report path (keys of :data:`REPORTS`) may be written, and a plot has an image
+    suffix; an existing file there must look like that kind of report, and no report may replace an input."""
+    plot = paths.get("plot")
+    if plot and Path(plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"--plot {plot}: name a {', '.join(PLOT_SUFFIXES)} file")
+    for what, path in paths.items():
+        if path:
+            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what, inputs=inputs)
 
 app = typer.Typer(help="Quantize diffusers models and correct their error over the sampling trajectory.",
                   no_args_is_help=True, add_completion=False, cls=_Commands)
@@ -339,14 +350,11 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
 ) -> None:
     """Sample a model or pipeline and report FID/KID (grayscale, 28x28 or larger) and, with --fp-model, paired
     x0 MSE/PSNR/SSIM (on decoded images for latent pipelines)."""
-    from tacdiff.io.atomic import check_writable
     from tacdiff.evaluation import evaluate, format_table
     from tacdiff.report.json import write_json
     from tacdiff.models.loading import input_paths
 
-    if json_path:
-        check_writable(json_path, overwrite=True, recognise=REPORTS["JSON file"], what="JSON file",
-                       inputs=input_paths(model, fp_model, tables, prompts_file))
+    _check_reports({"JSON file": json_path}, inputs=input_paths(model, fp_model, tables, prompts_file))
     result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
                       batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
                       prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
@@ -414,17 +422,24 @@ def calibrate(
                                                     "conditional)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
+    plot: str = typer.Option(None, "--plot", help="Also draw the tables here (e.g. .png): a heat map of the output "
+                                                  "scales over steps x channels, and IBC's bias size per step."),
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
     """Fit per-timestep correction tables (TAC, its ablations or PTQD) for a quantized model."""
     from tacdiff.correction.workflow import calibrate_artifact
+    from tacdiff.models.loading import input_paths
+    from tacdiff.report.plots import plot_tables
 
+    _check_reports({"plot": plot}, inputs=input_paths(quant_artifact, fp_model, prompts_file, out))
     path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
                                       steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
                                       gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit,
                                       prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
                                       device=device, overwrite=overwrite, progress=not quiet)
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
+    if plot:
+        typer.echo(f"wrote {plot_tables(tables, plot, title=f'{Path(quant_artifact).name}, {scheduler.upper()} {steps}')}")
 
 
 @app.command()
@@ -458,17 +473,13 @@ def bench(
     """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on one model: FID, KID, x0 error, time."""
     from tacdiff.bench import bench as run
     from tacdiff.bench import format_markdown
-    from tacdiff.io.atomic import check_writable, write_text_atomically
+    from tacdiff.io.atomic import write_text_atomically
     from tacdiff.report.json import write_json
     from tacdiff.models.loading import input_paths
     from tacdiff.report.plots import plot_step_errors
 
-    if plot and Path(plot).suffix.lower() not in PLOT_SUFFIXES:
-        raise ValueError(f"--plot {plot}: name a {', '.join(PLOT_SUFFIXES)} file")
-    for path, what in ((json_path, "JSON file"), (markdown, "markdown file"), (plot, "plot")):
-        if path:
-            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what,
-                           inputs=input_paths(model, prompts_file))
+    _check_reports({"JSON file": json_path, "markdown file": markdown, "plot": plot},
+                   inputs=input_paths(model, prompts_file))
     result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
                  weight_rounding=weight_rounding, model=model,
@@ -502,16 +513,14 @@ def bench_speed(
     """Time FP32, bf16, fake-quant and int8 per denoiser call side by side; weight and activation memory,
     artifact size against the FP32 file, load time (CPU)."""
     from tacdiff.bench import parse_bits
-    from tacdiff.io.atomic import check_writable, write_text_atomically
+    from tacdiff.io.atomic import write_text_atomically
     from tacdiff.report.json import write_json
     from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
 
     pairs = tuple(parse_bits(b) for b in bits)
     if any(b < 1 for b in batch):
         raise typer.BadParameter("batch sizes must be >= 1", param_hint="--batch")
-    for path, what in ((json_path, "JSON file"), (markdown, "markdown file")):
-        if path:
-            check_writable(path, overwrite=True, recognise=REPORTS[what], what=what)
+    _check_reports({"JSON file": json_path, "markdown file": markdown}, inputs=[])
     report: dict[str, list] = {"calls": [], "artifacts": []}
     for spec in model:
         part = measure_speed(spec, model_for_speed(spec), bits=pairs, batches=tuple(batch), repeats=repeats,

@@ -40,12 +40,15 @@ def invoke(*args: str) -> tuple[int, str]:
 @pytest.mark.parametrize("method", ["tac", "ptqd"])
 def test_calibrate_writes_tables(folders: Path, method: str) -> None:
     out = folders / f"{method}.safetensors"
+    plot = folders / f"{method}.png"
     code, output = invoke("calibrate", str(folders / "w4a8"), "--fp-model", str(folders / "fp"), "--out", str(out),
-                          "--method", method, "--steps", "3", "--samples", "4", "--batch-size", "2", "--quiet")
+                          "--method", method, "--steps", "3", "--samples", "4", "--batch-size", "2", "--plot",
+                          str(plot), "--quiet")
     assert code == 0, output
     tables = CorrectionTables.load(out)
     assert tables.method == method and tables.num_inference_steps == 3 and tables.scheduler_class == "DDIMScheduler"
     assert tables.metadata["weight_bits"] == 4 and str(out) in output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(plot) in output
 
 
 @pytest.mark.parametrize("change, message", [
@@ -54,12 +57,13 @@ def test_calibrate_writes_tables(folders: Path, method: str) -> None:
     ({"--scheduler": "heun"}, "unknown scheduler"),
     ({"--steps": "0"}, "'--steps': must be at least 1"),
     ({"--out": "exists.safetensors"}, "already exists"),
+    ({"--plot": "tables.txt"}, "name a .png"),
 ])
 def test_calibrate_refuses_bad_input(folders: Path, change: dict[str, str], message: str) -> None:
     (folders / "exists.safetensors").touch(exist_ok=True)
     options = {"--fp-model": "fp", "--out": "new.safetensors", "--method": "tac", "--scheduler": "ddim",
                "--steps": "2", **change}
-    paths = {"--fp-model", "--out"}
+    paths = {"--fp-model", "--out", "--plot"}
     args = [arg for key, value in options.items()
             for arg in (key, str(folders / value) if key in paths else value)]
     code, output = invoke("calibrate", str(folders / "w4a8"), *args, "--samples", "2", "--quiet")
