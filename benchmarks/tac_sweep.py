@@ -161,9 +161,9 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
             methods.append(Method(name, method, TimedDenoiser(corrected, dev), seconds))
             swept[method] = s
     log(f"sample {len(methods)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
-    rows, _, _ = score_methods(methods, scheduler, num_inference_steps=args.steps, num_samples=args.samples,
-                               sample_shape=(1, 28, 28), seed=derive_seed(args.seed, "validate"),
-                               batch_size=args.batch_size, device=dev, progress=args.progress)
+    rows = score_methods(methods, scheduler, num_inference_steps=args.steps, num_samples=args.samples,
+                         sample_shape=(1, 28, 28), seed=derive_seed(args.seed, "validate"),
+                         batch_size=args.batch_size, device=dev, progress=args.progress).rows
     for row in rows:
         s = swept.get(row["method"])
         row["factor"] = "" if s is None else "ner" if row["method"] == "ner" else s.differs_in(centre)

@@ -14,7 +14,7 @@ from tacdiff.cli import app
 def test_bench_cli_writes_rows_table_and_plot(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--json", str(out), "--markdown", str(tmp_path / "bench.md"), "--plot",
-            str(tmp_path / "bench.png"), "--samples", "8", "--calib-samples", "8", "--bits", "w4a8", "--steps", "5",
+            str(tmp_path / "bench.png"), "--grid", str(tmp_path / "grid.png"), "--samples", "8", "--calib-samples", "8", "--bits", "w4a8", "--steps", "5",
             "--batch-size", "8", "--seed", "0", "--quiet"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -30,8 +30,15 @@ def test_bench_cli_writes_rows_table_and_plot(tmp_path):
     assert all(r["sample_seconds"] > 0 for r in rows)
     assert all(r["calib_seconds"] > 0 for r in rows if r["method"] != "fp")
     assert (tmp_path / "bench.png").stat().st_size > 0
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG" and f"wrote {tmp_path / 'grid.png'}" in result.output
+    assert all(r["prompt_accuracy"] is None and r["fid_allconv"] is not None for r in rows)  # unconditional model
     assert "| w4a8 | 5 | tac |" in (tmp_path / "bench.md").read_text()
     assert "| fp | 5 | fp |" in result.output
+
+
+def test_a_grid_must_be_a_png_before_any_work(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--grid", str(tmp_path / "grid.jpg"), "--samples", "8", "--quiet"])
+    assert result.exit_code == 2 and "--grid" in result.output and ".png" in result.output
 
 
 def test_bad_bits_is_a_clear_error():

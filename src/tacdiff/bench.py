@@ -56,6 +56,7 @@ from tacdiff.metrics.fid import FID_KEYS
 from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, load_any_model
 from tacdiff.quant import QuantConfig, quantize
+from tacdiff.report import save_grid
 from tacdiff.sampling.batching import derive_seed
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
@@ -66,6 +67,8 @@ CORRECTED = tuple(m for m in METHODS if m in CALIBRATORS)
 ROW_KEYS = ("bits", "steps", "method", *FID_KEYS, "prompt_accuracy", "x0_mse", "x0_psnr", "x0_ssim",
             "calib_seconds", "sample_seconds")
 FP_BITS = "fp"
+GRID_SAMPLES = 10
+"""Images per method kept for the sample grid (with the default Fashion prompts, one per class)."""
 NUM_TRAIN_TIMESTEPS = 1000
 _BITS = re.compile(r"^w(\d)a(\d)$")
 
@@ -80,11 +83,18 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 @dataclass
 class BenchResult:
-    """Rows (see :data:`ROW_KEYS`) and per-step curves ``{(bits, steps): {method: (T,) ‖x̂_t − x_t‖²}}``."""
+    """Rows (see :data:`ROW_KEYS`), per-step curves ``{(bits, steps): {method: (T,) ‖x̂_t − x_t‖²}}`` and
+    each row's first :data:`GRID_SAMPLES` images ``{(label, steps): (n, C, H, W)}`` (the same noise and prompts)."""
 
     rows: list[dict[str, Any]]
     step_errors: dict[tuple[str, int], dict[str, list[float]]] = field(default_factory=dict)
     timesteps: dict[int, list[float]] = field(default_factory=dict)
+    first_images: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def save_grid(self, path: str | Path) -> Path:
+        """A PNG grid of :attr:`first_images`, one row per method (labelled with its bits and steps)."""
+        return save_grid({f"{label}, DDIM {steps}": images for (label, steps), images in self.first_images.items()},
+                         path, columns=GRID_SAMPLES)
 
 
 def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequence[str], samples: int,
@@ -168,14 +178,16 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
                     batch_size=batch_size, seed=calib_seed, cond=conditioning, progress=progress))
                 candidates.append(Method(name, method, timed(CorrectedDenoiser(runs, tables)), seconds))
         _log(progress, f"sample {len(candidates)} denoisers x {samples} paired images, DDIM {count}")
-        scored, state_sq_err, result.timesteps[count] = score_methods(
+        scored = score_methods(
             candidates, scheduler, num_inference_steps=count, num_samples=samples,
             sample_shape=sample_shape_of(fp), seed=eval_seed, batch_size=batch_size, device=dev,
-            cond=conditioning.rows, decode=loaded.decode, labels=labels, progress=progress)
-        for row, curve in zip(scored, state_sq_err):
+            cond=conditioning.rows, decode=loaded.decode, labels=labels, keep=GRID_SAMPLES, progress=progress)
+        result.timesteps[count] = scored.timesteps
+        for row, curve, images in zip(scored.rows, scored.state_sq_err, scored.first_images):
             if row["method"] not in wanted:
                 continue
             result.rows.append(row)
+            result.first_images[f"{row['bits']} {row['method']}" if row["bits"] != FP_BITS else "fp", count] = images
             if row["bits"] != FP_BITS:  # FP's own curve is zero
                 result.step_errors.setdefault((row["bits"], count), {})[row["method"]] = curve
     return result

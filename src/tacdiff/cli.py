@@ -91,16 +91,18 @@ def _message(error: Exception) -> str:
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
 REPORTS = {"JSON file": report_file(".json"), "markdown file": report_file(".md", ".markdown", ".txt"),
-           "plot": report_file(*PLOT_SUFFIXES)}
-"""What an existing report path may be for ``--json``, ``--markdown`` and ``--plot`` to replace it."""
+           "plot": report_file(*PLOT_SUFFIXES), "sample grid": report_file(".png")}
+"""What an existing report path may be for ``--json``, ``--markdown``, ``--plot`` and ``--grid`` to replace it."""
+IMAGE_REPORTS = {"plot": ("--plot", PLOT_SUFFIXES), "sample grid": ("--grid", (".png",))}
 
 
 def _check_reports(paths: dict[str, str | None], inputs: list[str | Path]) -> None:
     """Before any work: each given report path (keys of :data:`REPORTS`) may be written, and a plot has an image
     suffix; an existing file there must look like that kind of report, and no report may replace an input."""
-    plot = paths.get("plot")
-    if plot and Path(plot).suffix.lower() not in PLOT_SUFFIXES:
-        raise ValueError(f"--plot {plot}: name a {', '.join(PLOT_SUFFIXES)} file")
+    for what, (option, suffixes) in IMAGE_REPORTS.items():
+        path = paths.get(what)
+        if path and Path(path).suffix.lower() not in suffixes:
+            raise ValueError(f"{option} {path}: name a {', '.join(suffixes)} file")
     for what, path in paths.items():
         if path:
             check_writable(path, overwrite=True, recognise=REPORTS[what], what=what, inputs=inputs)
@@ -447,6 +449,8 @@ def bench(
     json_path: str = typer.Option(None, "--json", help="Write the rows here as a JSON list (atomically)."),
     markdown: str = typer.Option(None, "--markdown", help="Write the table here as markdown (atomically)."),
     plot: str = typer.Option(None, "--plot", help="Write the per-timestep error plot here (e.g. .png)."),
+    grid: str = typer.Option(None, "--grid", help="Write a .png grid of each row's first images here (the same "
+                                                  "noise and prompts for every method)."),
     samples: int = typer.Option(1000, help="Evaluation images per method (paired: the same noise for all).",
                                 callback=_positive),
     calib_samples: int = typer.Option(256, help="Calibration trajectories for the correction tables.",
@@ -478,7 +482,7 @@ def bench(
     from tacdiff.models.loading import input_paths
     from tacdiff.report.plots import plot_step_errors
 
-    _check_reports({"JSON file": json_path, "markdown file": markdown, "plot": plot},
+    _check_reports({"JSON file": json_path, "markdown file": markdown, "plot": plot, "sample grid": grid},
                    inputs=input_paths(model, prompts_file))
     result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
@@ -494,6 +498,8 @@ def bench(
         typer.echo(f"wrote {path}")
     if plot and result.step_errors:
         typer.echo(f"wrote {plot_step_errors(result.step_errors, result.timesteps, plot)}")
+    if grid:
+        typer.echo(f"wrote {result.save_grid(grid)}")
 
 
 @app.command("bench-speed")

@@ -79,27 +79,40 @@ class _AllPairs:
             stats(record)
 
 
+@dataclass
+class Scored:
+    """What :func:`score_methods` finds, one entry per method in order.
+
+    Attributes:
+        rows: one dict per method with ``bits``, ``steps``, ``method``, :data:`~tacdiff.metrics.fid.FID_KEYS`
+            (FID and KID in both bundled feature spaces, :func:`~tacdiff.metrics.fid.fid_or_note`: grayscale
+            images of at least 28x28, centre-cropped to it; else None), ``prompt_accuracy``
+            (:func:`~tacdiff.metrics.prompt_accuracy.prompt_accuracy`, None without labels),
+            ``x0_mse``/``x0_psnr``/``x0_ssim`` (final images clamped to [-1, 1] against the reference's;
+            PSNR peak-to-peak 2, dB; SSIM mean over samples), ``calib_seconds`` and ``sample_seconds``
+            (the denoiser's timed calls).
+        state_sq_err: ``(T,)`` mean over samples of ``‖x̂_t − x_t‖²`` (latents before each step).
+        timesteps: ``(T,)`` the scheduler timesteps in sampling order.
+        first_images: the first ``keep`` final images ``(keep, C, H, W)`` in [-1, 1], for a sample grid.
+    """
+
+    rows: list[dict[str, Any]]
+    state_sq_err: list[list[float]]
+    timesteps: list[float]
+    first_images: list[Tensor]
+
+
 def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_inference_steps: int,
                   num_samples: int, sample_shape: Sequence[int], seed: int, batch_size: int,
                   device: torch.device | str = "cpu", cond: Cond | Rows | None = None,
                   decode: Callable[[Tensor], Tensor] | None = None, labels: Sequence[int] | None = None,
-                  progress: bool = True) -> tuple[list[dict[str, Any]], list[list[float]], list[float]]:
+                  keep: int = 0, progress: bool = True) -> Scored:
     """Sample every method from the same noise; score each against ``methods[0]`` (the reference).
 
     ``cond`` conditions every sample (as in :func:`~tacdiff.sampling.batching.batched_trajectories`);
     ``decode`` turns final latents into images (a latent pipeline's autoencoder); ``labels`` are the
-    Fashion-MNIST classes the samples' prompts name, for prompt accuracy.
-
-    Returns:
-        rows: one dict per method with ``bits``, ``steps``, ``method``, :data:`~tacdiff.metrics.fid.FID_KEYS` (FID and KID in
-            both bundled feature spaces, :func:`~tacdiff.metrics.fid.fid_or_note`: grayscale images of at least
-            28x28, centre-cropped to it; else None),
-            ``prompt_accuracy`` (:func:`~tacdiff.metrics.prompt_accuracy.prompt_accuracy`, None without
-            ``labels``), ``x0_mse``/``x0_psnr``/``x0_ssim`` (final images clamped to [-1, 1] against the
-            reference's; PSNR peak-to-peak 2, dB; SSIM mean over samples),
-            ``calib_seconds`` and ``sample_seconds`` (the denoiser's timed calls).
-        state_sq_err: per method, ``(T,)`` mean over samples of ``‖x̂_t − x_t‖²`` (latents before each step).
-        timesteps: ``(T,)`` the scheduler timesteps in sampling order.
+    Fashion-MNIST classes the samples' prompts name, for prompt accuracy; ``keep`` images per method are
+    returned for a sample grid (see :class:`Scored`).
     """
     callback = _AllPairs(len(methods))
     images: list[list[Tensor]] = [[] for _ in methods]
@@ -121,7 +134,8 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
                      "x0_mse": mse, "x0_psnr": psnr_db(mse),
                      "x0_ssim": ssim_sum(reference, samples) / samples.shape[0],
                      "calib_seconds": method.calib_seconds, "sample_seconds": method.denoiser.seconds})
-    return rows, [stats.mean_sq_norms()[0].tolist() for stats in callback.stats], callback.stats[0].timesteps
+    return Scored(rows, [stats.mean_sq_norms()[0].tolist() for stats in callback.stats], callback.stats[0].timesteps,
+                  [torch.cat(kept)[:keep] for kept in images])
 
 
 def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: SchedulerMixin, keep: bool,

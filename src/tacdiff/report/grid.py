@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from tacdiff.io.atomic import write_file_atomically  # noqa: E402
+from tacdiff.report.plots import pyplot, save_figure
 
 
 def save_grid(rows: dict[str, torch.Tensor], path: str | Path, columns: int = 8) -> Path:
@@ -19,7 +15,7 @@ def save_grid(rows: dict[str, torch.Tensor], path: str | Path, columns: int = 8)
     The file is written atomically (:func:`~tacdiff.io.atomic.write_file_atomically`), so a failed
     save leaves nothing behind.
     """
-    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 0.9, len(rows) * 1.0), squeeze=False)
+    fig, axes = pyplot().subplots(len(rows), columns, figsize=(columns * 0.9, len(rows) * 1.0), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         for c in range(columns):
             ax = axes[r][c]
@@ -28,10 +24,7 @@ def save_grid(rows: dict[str, torch.Tensor], path: str | Path, columns: int = 8)
                 ax.imshow(_to_hwc(images[c]), cmap="gray", vmin=0.0, vmax=1.0)
         axes[r][0].set_title(label, fontsize=8, loc="left")
     fig.tight_layout()
-    try:
-        return write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, dpi=100)
 
 
 def _to_hwc(image: torch.Tensor):

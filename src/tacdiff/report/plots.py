@@ -15,7 +15,7 @@ METHOD_STYLE = {"ptq": ("tab:red", "-"), "ptqd": ("tab:orange", "--"), "ner": ("
                 "ibc": ("tab:purple", "-."), "tac": ("tab:green", "-")}
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the headless Agg backend."""
     import matplotlib
 
@@ -25,12 +25,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
-    """Write ``fig`` to ``path`` atomically (format from the suffix) and close it."""
-    plt = _pyplot()
-    fmt = Path(path).suffix[1:] or plt.rcParams["savefig.format"]  # the temporary name has no usable suffix
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    """Write ``fig`` to ``path`` atomically (format from the suffix, else PNG) and close it."""
+    plt = pyplot()
+    fmt = Path(path).suffix[1:] or "png"  # the temporary name has no usable suffix
     try:
-        return write_file_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+        return write_file_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
     finally:
         plt.close(fig)
 
@@ -46,7 +46,7 @@ def plot_step_errors(step_errors: Mapping[tuple[str, int], Mapping[str, Sequence
     Returns:
         ``path``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if not step_errors:
         raise ValueError("nothing to plot: step_errors is empty (did the benchmark include a quantized method?)")
     keys = sorted(step_errors, key=lambda k: (k[1], k[0]))
@@ -72,7 +72,7 @@ def plot_step_errors(step_errors: Mapping[tuple[str, int], Mapping[str, Sequence
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tables(tables: CorrectionTables, path: str | Path, *, title: str | None = None) -> Path:
@@ -82,7 +82,7 @@ def plot_tables(tables: CorrectionTables, path: str | Path, *, title: str | None
     Per-branch tables (``guidance_fit="branch"``) show the unconditional then the conditional channels.
     ``path`` (.png, .pdf, ...) is written atomically; returns it.
     """
-    plt = _pyplot()
+    plt = pyplot()
     scale = tables.out_scale.double()
     labels = [f"c{c}" for c in range(scale.shape[-1])]
     if scale.ndim == 3:  # (T, 2, C): one row per branch and channel
@@ -105,4 +105,4 @@ def plot_tables(tables: CorrectionTables, path: str | Path, *, title: str | None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
