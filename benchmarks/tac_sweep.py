@@ -1,6 +1,7 @@
-"""One-factor-at-a-time sweep of TAC's hyper-parameters on the bundled model, scored on validation seeds.
+"""One-factor-at-a-time sweep of TAC's hyper-parameters on one model, scored on validation seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/tac_sweep.py [--bits w4a8] [--steps 50] [--samples 256]
+    OMP_NUM_THREADS=1 python benchmarks/tac_sweep.py [--model reference] [--guidance-scale G]
+        [--weight-rounding rtn] [--bits w4a8] [--steps 50] [--samples 256]
         [--calib-samples 128] [--seed 0] [--device cpu] [--batch-size 256]
         [--lams ...] [--gammas ...] [--taus ...] [--ibcs ...] [--targets ...] [--calib-sizes ...] [--quick]
         [--json benchmarks/results/tac_sweep.json] [--markdown benchmarks/results/tac_sweep.md]
@@ -13,10 +14,11 @@ sampler's latent or only the network input), calibration size in {32, 64, 128, 2
 (``--lams`` etc. replace a list; ``--quick`` makes every list, the sample counts and the step
 count tiny for a smoke run). Reference rows: FP, PTQ (no correction) and NER alone at the centre.
 
-Model and quantization as in ``tacdiff bench`` (:mod:`tacdiff.bench`): the bundled Fashion-MNIST
-DDPM, DDIM (eta 0) from its scheduler config, RTN ``QuantConfig(w, a)`` once per ``--bits``
-setting with activation ranges from ``min(--quant-calib-samples, --calib-samples)`` FP
-trajectories; every table is fitted on that one quantized model.
+Model and quantization as in ``tacdiff bench`` (:mod:`tacdiff.bench`): ``--model`` (the bundled Fashion-MNIST
+DDPM by default; ``latent-reference`` or any pipeline folder, on its default prompts with classifier-free guidance
+at ``--guidance-scale``), DDIM (eta 0) from its scheduler config, ``QuantConfig(w, a)`` with ``--weight-rounding``
+once per ``--bits`` setting with activation ranges from ``min(--quant-calib-samples, --calib-samples)`` FP
+trajectories (:func:`tacdiff.bench.quantized_copy`); every table is fitted on that one quantized model.
 
 Seeds (never tune on the evaluation seeds): quantization inputs come from
 ``derive_seed(seed, "quantize")`` and the tables are fitted on ``derive_seed(seed, "calibrate")``,
@@ -28,7 +30,7 @@ Scoring: FP and every denoiser (PTQ, NER, each TAC setting) are sampled in one p
 :func:`tacdiff.evaluation.score_methods` (bench's scorer), so FP's validation images are drawn once and
 every row is compared with the same ones. Per row:
 x0 MSE/PSNR of the final images (clamped to [-1, 1]) against FP on the same noise, FID/KID on
-the bundled classifier's features (:func:`tacdiff.metrics.fid.fid_kid`; with a few hundred
+both bundled feature spaces (:func:`tacdiff.metrics.fid.fid_or_note`; with a few hundred
 samples FID is biased upwards: compare rows, not absolute values), and the table fit's seconds
 (``fit s``; for the ``ptq`` row the quantization's).
 
@@ -63,22 +65,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fp_reference import machine  # sibling benchmark script (run as python benchmarks/tac_sweep.py)
-from tacdiff.bench import FP_BITS, check_bench_args, format_cell
+from tacdiff.bench import FP_BITS, check_bench_args, format_cell, quantized_copy
 from tacdiff.correction import CorrectedDenoiser
 from tacdiff.correction.tables import IBC_TARGETS
-from tacdiff.evaluation import Method, TimedDenoiser, score_methods, timed_call
+from tacdiff.evaluation import Method, TimedDenoiser, prompted_classes, score_methods, timed_call
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.correction.calibrate import (DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU,
                                          fit_tables)
 from tacdiff.correction.ibc import check_granularity
 from tacdiff.correction.ner import check_ner_params
 from tacdiff.report.json import write_json
-from tacdiff.models.kinds import ModelDenoiser
-from tacdiff.models.loading import build_scheduler
-from tacdiff.models.reference import load_reference_model
-from tacdiff.quant import QuantConfig, quantize
+from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
+from tacdiff.models.loading import build_scheduler, load_any_model
 from tacdiff.sampling.batching import derive_seed
-from tacdiff.workflows import CalibrationSettings, calibrate_inputs
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
+from tacdiff.workflows import CalibrationSettings
 
 FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib")
 FULL: dict[str, Any] = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "gamma": [0.0, 0.1, 1.0], "tau": [0.1, 0.5, 1.0, 2.0],
@@ -116,38 +117,36 @@ def label(setting: Setting, centre: Setting) -> str:
     return "tac" if factor == "centre" else f"tac {factor}={getattr(setting, factor)}"
 
 
-def quantize_once(fp: nn.Module, ddpm: Any, bits: tuple[int, int], steps: int, samples: int, seed: int,
-                  device: torch.device, progress: bool) -> tuple[nn.Module, float]:
-    """Quantize a copy of ``fp`` the way :func:`tacdiff.bench.bench` does; returns it and the seconds."""
-    quant_steps = min(50, steps)
-    settings = CalibrationSettings(samples, quant_steps, min(25, quant_steps), derive_seed(seed, "quantize"))
-    config = QuantConfig(weight_bits=bits[0], act_bits=bits[1])
-
-    def build() -> nn.Module:
-        calibration = calibrate_inputs(fp, ddpm, settings, progress=progress)
-        return quantize(copy.deepcopy(fp), config, calibration, progress=progress)
-
-    return timed_call(device, build)
-
-
 @torch.no_grad()
 def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Quantize, fit every setting's tables, score all on the validation seeds; one row per denoiser."""
     pairs = check_bench_args(args.bits, [args.steps], ["ptq", "ner", "tac"], args.samples,
-                             min(args.calib_samples, *values["calib"]), args.batch_size, args.device, "rtn")
+                             min(args.calib_samples, *values["calib"]), args.batch_size, args.device,
+                             args.weight_rounding)
     dev = torch.device(args.device)
-    fp, ddpm = load_reference_model(dev)
-    scheduler = build_scheduler("ddim", dict(ddpm.config))
+    loaded = load_any_model(args.model, dev)
+    fp, ddpm = loaded.model, build_scheduler("ddpm", loaded.scheduler_config)
+    scheduler = build_scheduler("ddim", loaded.scheduler_config)
+    prompts = PromptOptions(guidance_scale=args.guidance_scale) if loaded.reads_prompts else PromptOptions()
+    conditioning = conditioning_for(loaded, prompts, count=max(args.samples, *values["calib"], args.calib_samples),
+                                    seed=args.seed, what=args.model)
     centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_IBC, DEFAULT_IBC_TARGET, args.calib_samples)
     settings = one_at_a_time(centre, values)
     calib_seed = derive_seed(args.seed, "calibrate")
-    methods = [Method(FP_BITS, "fp", TimedDenoiser(ModelDenoiser(fp, scheduler), dev), 0.0)]
+
+    def timed(denoiser: Any) -> TimedDenoiser:
+        return TimedDenoiser(conditioning.guide(denoiser), dev)
+
+    methods = [Method(FP_BITS, "fp", timed(ModelDenoiser(fp, scheduler)), 0.0)]
     swept: dict[str, Setting] = {}
-    quant_samples = min(args.quant_calib_samples, args.calib_samples)
+    quant_steps = min(50, args.steps)
+    quant_settings = CalibrationSettings(min(args.quant_calib_samples, args.calib_samples), quant_steps,
+                                         min(25, quant_steps), derive_seed(args.seed, "quantize"))
     for name, bits in zip(args.bits, pairs):
-        log(f"quantize {name} (RTN, {quant_samples} calibration trajectories)")
-        model, seconds = quantize_once(fp, ddpm, bits, args.steps, quant_samples, args.seed, dev, args.progress)
-        methods.append(Method(name, "ptq", TimedDenoiser(ModelDenoiser(model, scheduler), dev), seconds))
+        log(f"quantize {name} ({args.weight_rounding.upper()}, {quant_settings.samples} calibration trajectories)")
+        model, seconds = timed_call(dev, lambda bits=bits: quantized_copy(
+            fp, ddpm, bits, quant_settings, conditioning, args.weight_rounding, args.progress))
+        methods.append(Method(name, "ptq", timed(ModelDenoiser(model, scheduler)), seconds))
         fits = [("ner", centre, False)] + [(label(s, centre), s, True) for s in settings]
         for i, (method, s, use_ibc) in enumerate(fits, 1):
             log(f"[{name} {i}/{len(fits)}] fit {method}: lam={s.lam} gamma={s.gamma} tau={s.tau} ibc={s.ibc} "
@@ -156,14 +155,17 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
             options = dict(lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc, ibc_target=s.target)
             tables, seconds = timed_call(dev, lambda s=s, use_ibc=use_ibc, options=options: fit_tables(
                 "tac" if use_ibc else "ner", fp, model, scheduler, options=options, num_inference_steps=args.steps,
-                num_samples=s.calib, batch_size=args.batch_size, seed=calib_seed, progress=args.progress))
-            corrected = CorrectedDenoiser(ModelDenoiser(model, scheduler), tables)
-            methods.append(Method(name, method, TimedDenoiser(corrected, dev), seconds))
+                num_samples=s.calib, batch_size=args.batch_size, seed=calib_seed, cond=conditioning,
+                progress=args.progress))
+            methods.append(Method(name, method, timed(CorrectedDenoiser(ModelDenoiser(model, scheduler), tables)),
+                                  seconds))
             swept[method] = s
     log(f"sample {len(methods)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
+    labels = prompted_classes(conditioning, args.samples) if loaded.image_shape[0] == 1 else None
     rows = score_methods(methods, scheduler, num_inference_steps=args.steps, num_samples=args.samples,
-                         sample_shape=(1, 28, 28), seed=derive_seed(args.seed, "validate"),
-                         batch_size=args.batch_size, device=dev, progress=args.progress).rows
+                         sample_shape=sample_shape_of(fp), seed=derive_seed(args.seed, "validate"),
+                         batch_size=args.batch_size, device=dev, cond=conditioning.rows, decode=loaded.decode,
+                         labels=labels, progress=args.progress).rows
     for row in rows:
         s = swept.get(row["method"])
         row["factor"] = "" if s is None else "ner" if row["method"] == "ner" else s.differs_in(centre)
@@ -188,12 +190,14 @@ def best_per_factor(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_markdown(rows: Sequence[dict[str, Any]], best: Sequence[dict[str, Any]]) -> str:
-    lines = ["| bits | method | factor | lam | gamma | tau | ibc | target | calib | FID | KID | x0 MSE | x0 PSNR dB "
-             "| fit s |", "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| bits | method | factor | lam | gamma | tau | ibc | target | calib | FID | KID | FID allconv | "
+             "prompt acc | x0 MSE | x0 PSNR dB | fit s |",
+             "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [r["bits"], r["method"], r["factor"] or "-", *("-" if r[f] is None else r[f] for f in FACTORS)]
-        scores = (format_cell(r[k], d) for k, d in (("fid", 3), ("kid", 5), ("x0_mse", 6), ("x0_psnr", 2),
-                                                       ("calib_seconds", 1)))
+        scores = (format_cell(r.get(k), d) for k, d in (("fid", 3), ("kid", 5), ("fid_allconv", 3),
+                                                           ("prompt_accuracy", 3), ("x0_mse", 6), ("x0_psnr", 2),
+                                                           ("calib_seconds", 1)))
         lines.append("| " + " | ".join([*(str(c) for c in cells), *scores]) + " |")
     lines += ["", "Best per factor (among the centre and that factor's rows):", "",
               "| bits | factor | values | best by x0 PSNR | best by FID |", "|---|---|---|---|---|"]
@@ -217,6 +221,11 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="reference", help="'reference', 'latent-reference' or a model or "
+                        "pipeline folder")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="text-to-image pipelines: the "
+                        "classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--weight-rounding", default="rtn", help="PTQ's weight rounding: rtn or gptq")
     parser.add_argument("--bits", nargs="+", default=["w4a8"], help="settings like w4a8, each quantized once")
     parser.add_argument("--steps", type=int, help="DDIM steps (default 50; quick 10)")
     parser.add_argument("--samples", type=int, help="validation images per row (default 256; quick 16)")
@@ -266,7 +275,8 @@ def main() -> None:
     best = best_per_factor(rows)
     table = format_markdown(rows, best)
     command = "OMP_NUM_THREADS=1 python " + shlex.join(sys.argv)
-    header = (f"# TAC hyper-parameter sweep ({', '.join(args.bits)}, DDIM {args.steps}, {args.samples} validation "
+    header = (f"# TAC hyper-parameter sweep ({args.model}, {args.weight_rounding.upper()} "
+              f"{', '.join(args.bits)}, DDIM {args.steps}, {args.samples} validation "
               f"images, centre calibration {args.calib_samples} trajectories)\n\n"
               f"* Machine: {machine(args.device)}\n* Command (commit {code}, started {started}, "
               f"{time.perf_counter() - began:.0f} s): `{command}`\n"

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from diffusers import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -58,7 +59,7 @@ from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, l
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.report import save_grid
 from tacdiff.sampling.batching import derive_seed
-from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
+from tacdiff.sampling.conditioning import Conditioning, PromptOptions, conditioning_for
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
@@ -147,15 +148,10 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
                                          derive_seed(seed, "quantize"))
     quantized: dict[str, tuple[nn.Module, float]] = {}
     rounding = weight_rounding.upper()
-    for name, (w_bits, a_bits) in zip(names, pairs):
+    for name, pair in zip(names, pairs):
         _log(progress, f"quantize {name} ({rounding}, {quant_settings.samples} calibration trajectories)")
-
-        def build(w_bits: int = w_bits, a_bits: int = a_bits) -> nn.Module:
-            calib = calibrate_inputs(fp, ddpm, quant_settings, conditioning, progress=progress)
-            config = QuantConfig(weight_bits=w_bits, act_bits=a_bits, weight_rounding=weight_rounding)
-            return quantize(copy.deepcopy(fp), config, calib, progress=progress)
-
-        quantized[name] = timed_call(dev, build)
+        quantized[name] = timed_call(dev, lambda pair=pair: quantized_copy(
+            fp, ddpm, pair, quant_settings, conditioning, weight_rounding, progress))
     executed = {name: _executed(quant, backend) for name, (quant, _) in quantized.items()}
 
     result = BenchResult([])
@@ -191,6 +187,16 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
             if row["bits"] != FP_BITS:  # FP's own curve is zero
                 result.step_errors.setdefault((row["bits"], count), {})[row["method"]] = curve
     return result
+
+
+def quantized_copy(fp: nn.Module, ddpm: SchedulerMixin, bits: tuple[int, int], settings: CalibrationSettings,
+                   conditioning: Conditioning, weight_rounding: str, progress: bool) -> nn.Module:
+    """A copy of ``fp`` quantized at ``bits`` (weight, activation) as the benchmark does it: activation ranges
+    from FP trajectories drawn with ``settings`` (DDPM ``ddpm``) under ``conditioning``, weights rounded by
+    ``weight_rounding`` (``"rtn"`` or ``"gptq"``)."""
+    calib = calibrate_inputs(fp, ddpm, settings, conditioning, progress=progress)
+    config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], weight_rounding=weight_rounding)
+    return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 
 
 def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int] = (50, 100),
