@@ -104,7 +104,8 @@ def targets(rows: Rows, lines: list[dict[str, Any]], goal: Targets) -> list[tupl
                         line["gap_closed"] >= goal.w4a8_gap, f"{line['gap_closed']:.0%}"))
             if goal.prompt_points is not None and line["prompt_change"] is not None:
                 out.append((f"{where}: TAC prompt accuracy within {goal.prompt_points * 100:.0f} points of FP",
-                             line["prompt_change"] >= -goal.prompt_points, f"{line['prompt_change'] * 100:+.1f} points"))
+                            line["prompt_change"] >= -goal.prompt_points,
+                            f"{line['prompt_change'] * 100:+.1f} points"))
         if ptqd is not None and (bits == "w4a8" or bits == "w3a8" and goal.w3a8_beats_ptqd):
             out.append((f"{where}: TAC FID below PTQD's", line["fid"] < ptqd, f"{line['fid']:.2f} vs {ptqd:.2f}"))
         if bits == "w3a8":

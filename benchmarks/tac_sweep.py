@@ -65,7 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fp_reference import machine  # sibling benchmark script (run as python benchmarks/tac_sweep.py)
-from tacdiff.bench import FP_BITS, check_bench_args, format_cell, quantized_copy
+from tacdiff.bench import FP_BITS, check_bench_args, format_cell, quant_calibration, quantized_copy
 from tacdiff.correction import CorrectedDenoiser
 from tacdiff.correction.tables import IBC_TARGETS
 from tacdiff.evaluation import Method, TimedDenoiser, prompted_classes, score_methods, timed_call
@@ -79,7 +79,6 @@ from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import build_scheduler, load_any_model
 from tacdiff.sampling.batching import derive_seed
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
-from tacdiff.workflows import CalibrationSettings
 
 FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib")
 FULL: dict[str, Any] = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "gamma": [0.0, 0.1, 1.0], "tau": [0.1, 0.5, 1.0, 2.0],
@@ -139,9 +138,7 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
 
     methods = [Method(FP_BITS, "fp", timed(ModelDenoiser(fp, scheduler)), 0.0)]
     swept: dict[str, Setting] = {}
-    quant_steps = min(50, args.steps)
-    quant_settings = CalibrationSettings(min(args.quant_calib_samples, args.calib_samples), quant_steps,
-                                         min(25, quant_steps), derive_seed(args.seed, "quantize"))
+    quant_settings = quant_calibration(args.quant_calib_samples, args.calib_samples, args.steps, args.seed)
     for name, bits in zip(args.bits, pairs):
         log(f"quantize {name} ({args.weight_rounding.upper()}, {quant_settings.samples} calibration trajectories)")
         model, seconds = timed_call(dev, lambda bits=bits: quantized_copy(
@@ -161,7 +158,7 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
                                   seconds))
             swept[method] = s
     log(f"sample {len(methods)} denoisers x {args.samples} paired validation images, DDIM {args.steps}")
-    labels = prompted_classes(conditioning, args.samples) if loaded.image_shape[0] == 1 else None
+    labels = prompted_classes(conditioning, args.samples, loaded.image_shape)
     rows = score_methods(methods, scheduler, num_inference_steps=args.steps, num_samples=args.samples,
                          sample_shape=sample_shape_of(fp), seed=derive_seed(args.seed, "validate"),
                          batch_size=args.batch_size, device=dev, cond=conditioning.rows, decode=loaded.decode,

@@ -14,7 +14,8 @@ from tacdiff.cli import app
 def test_bench_cli_writes_rows_table_and_plot(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--json", str(out), "--markdown", str(tmp_path / "bench.md"), "--plot",
-            str(tmp_path / "bench.png"), "--grid", str(tmp_path / "grid.png"), "--samples", "8", "--calib-samples", "8", "--bits", "w4a8", "--steps", "5",
+            str(tmp_path / "bench.png"), "--grid", str(tmp_path / "grid.png"), "--samples", "8", "--calib-samples",
+            "8", "--bits", "w4a8", "--steps", "5",
             "--batch-size", "8", "--seed", "0", "--quiet"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

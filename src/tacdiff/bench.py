@@ -143,9 +143,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     fp, scheduler = loaded.model, build_scheduler("ddim", loaded.scheduler_config)
     conditioning = conditioning_for(loaded, prompts, count=max(samples, calib_samples, quant_calib_samples),
                                     seed=seed, what=str(model))
-    quant_steps = min(50, max(steps))
-    quant_settings = CalibrationSettings(min(quant_calib_samples, calib_samples), quant_steps, min(25, quant_steps),
-                                         derive_seed(seed, "quantize"))
+    quant_settings = quant_calibration(quant_calib_samples, calib_samples, max(steps), seed)
     quantized: dict[str, tuple[nn.Module, float]] = {}
     rounding = weight_rounding.upper()
     for name, pair in zip(names, pairs):
@@ -156,7 +154,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
 
     result = BenchResult([])
     calib_seed, eval_seed = derive_seed(seed, "calibrate"), derive_seed(seed, "evaluate")
-    labels = prompted_classes(conditioning, samples) if loaded.image_shape[0] == 1 else None
+    labels = prompted_classes(conditioning, samples, loaded.image_shape)
     wanted = [m for m in METHODS if m in methods]
     for count in steps:
         def timed(denoiser: Denoiser) -> TimedDenoiser:
@@ -187,6 +185,14 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
             if row["bits"] != FP_BITS:  # FP's own curve is zero
                 result.step_errors.setdefault((row["bits"], count), {})[row["method"]] = curve
     return result
+
+
+def quant_calibration(quant_calib_samples: int, calib_samples: int, steps: int, seed: int) -> CalibrationSettings:
+    """The FP trajectories PTQ's activation ranges come from: ``min(quant_calib_samples, calib_samples)`` of them,
+    at most 50 DDPM steps (25 kept), on the ``"quantize"`` seed stream of ``seed``."""
+    quant_steps = min(50, steps)
+    return CalibrationSettings(min(quant_calib_samples, calib_samples), quant_steps, min(25, quant_steps),
+                               derive_seed(seed, "quantize"))
 
 
 def quantized_copy(fp: nn.Module, ddpm: SchedulerMixin, bits: tuple[int, int], settings: CalibrationSettings,

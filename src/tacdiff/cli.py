@@ -332,7 +332,8 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     model: str = typer.Argument(..., help="FP diffusers model or pipeline folder, quantized artifact "
                                "folder, 'reference' or 'latent-reference'."),
     fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR/SSIM "
-                                                           "(folder, 'reference' or 'latent-reference'); omit to skip them."),
+                                                           "(folder, 'reference' or 'latent-reference'); omit to "
+                                                           "skip them."),
     scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
     samples: int = typer.Option(1000, help="Images to sample.", callback=_positive),
@@ -441,7 +442,8 @@ def calibrate(
                                       device=device, overwrite=overwrite, progress=not quiet)
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
     if plot:
-        typer.echo(f"wrote {plot_tables(tables, plot, title=f'{Path(quant_artifact).name}, {scheduler.upper()} {steps}')}")
+        title = f"{Path(quant_artifact).name}, {scheduler.upper()} {steps}"
+        typer.echo(f"wrote {plot_tables(tables, plot, title=title)}")
 
 
 @app.command()

@@ -226,7 +226,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         sampler.tables.check_conditioning(conditioning.record, force=force_tables)
         correction = sampler.tables
     image_shape = components.image_shape
-    labels = prompted_classes(conditioning, samples) if image_shape[0] == 1 else None
+    labels = prompted_classes(conditioning, samples, image_shape)
     decoders = tuple(side.decode if side is not None and side.pipeline is not None else components.decode
                      for side in (fp, loaded))
     started = time.perf_counter()
@@ -255,9 +255,10 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
     }
 
 
-def prompted_classes(conditioning: Conditioning, samples: int) -> list[int] | None:
-    """The Fashion-MNIST class each sample's prompt names, when every prompt names exactly one; else None."""
-    if conditioning.prompts is None:
+def prompted_classes(conditioning: Conditioning, samples: int, image_shape: Sequence[int]) -> list[int] | None:
+    """The Fashion-MNIST class each sample's prompt names, for prompt accuracy on grayscale ``(C, H, W)`` images,
+    when every prompt names exactly one; else None."""
+    if conditioning.prompts is None or image_shape[0] != 1:
         return None
     classes = [fashion_class_of(conditioning.prompt(i)) for i in range(samples)]
     return None if None in classes else classes
@@ -274,7 +275,8 @@ def _cell(value: Any) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The scalar results of :func:`evaluate` as a two-column text table."""
     keys = ("model", "fp_model", "tables", "correction", "backend", "scheduler", "steps", "samples", "seed", "fid", "kid",
-            "kid_std", "fid_allconv", "kid_allconv", "prompt_accuracy", "x0_mse", "x0_psnr", "x0_ssim", "sampling_seconds", "seconds")
+            "kid_std", "fid_allconv", "kid_allconv", "prompt_accuracy", "x0_mse", "x0_psnr", "x0_ssim",
+            "sampling_seconds", "seconds")
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {_cell(result.get(k))}" for k in keys]
     return "\n".join(lines + ([result["note"]] if result.get("note") else []))

@@ -212,8 +212,9 @@ def format_speed_markdown(report: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def model_for_speed(spec: str | Path) -> nn.Module:
-    """The fp32 denoiser of ``spec``: ``"reference"``, ``"latent-reference"``, a diffusers model or pipeline folder, or a folder with
-    only a model ``config.json`` (built with seeded random weights, e.g. ``../shared/configs/sd-1.5-unet``)."""
+    """The fp32 denoiser of ``spec``: ``"reference"``, ``"latent-reference"``, a diffusers model or pipeline
+    folder, or a folder with only a model ``config.json`` (built with seeded random weights, e.g.
+    ``../shared/configs/sd-1.5-unet``)."""
     from tacdiff.models.loading import load_any_model  # models.loading reaches the pipelines; load it on use
     from tacdiff.models.reference import bundled_folder
 

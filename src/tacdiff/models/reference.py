@@ -32,7 +32,8 @@ def load_reference_model(device: str | torch.device = "cpu") -> tuple[UNet2DMode
 
 LATENT_REFERENCE = "latent-reference"
 LATENT_REFERENCE_DIR: Path = Path(str(files("tacdiff") / "assets" / "latent-reference-fmnist"))
-"""The bundled text-to-image latent pipeline (a ``StableDiffusionPipeline`` folder), made by ``tacdiff train-latent``."""
+"""The bundled text-to-image latent pipeline (a ``StableDiffusionPipeline`` folder), made by
+``tacdiff train-latent``."""
 
 
 def bundled_folder(spec: str | Path) -> str | Path:
@@ -42,5 +43,6 @@ def bundled_folder(spec: str | Path) -> str | Path:
         return spec
     if not (LATENT_REFERENCE_DIR / "model_index.json").is_file():
         raise FileNotFoundError(f"bundled pipeline missing: {LATENT_REFERENCE_DIR}. Reinstall tacdiff (it ships as "
-                                "package data) or rebuild it with `tacdiff train-latent RUN` and copy RUN/pipeline there")
+                                "package data) or rebuild it with `tacdiff train-latent RUN` and copy RUN/pipeline "
+                                "there")
     return LATENT_REFERENCE_DIR
