@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from typer.core import TyperGroup
 
+from tacdiff import distributed
 from tacdiff.io.atomic import check_writable, report_file
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ class _Commands(TyperGroup):
             raise typer.Exit(2) from None
         finally:
             signal.signal(signal.SIGINT, previous)
+            distributed.shutdown()
 
 
 def _interrupt(interrupted: threading.Event) -> None:
@@ -117,6 +120,19 @@ def main(ctx: typer.Context,
     """tacdiff: low-bit diffusers models with timestep-aware correction."""
     ctx.meta["tacdiff.debug"] = debug
     _log_to_stderr()
+    _join_process_group()
+
+
+def _join_process_group() -> None:
+    """Under ``torchrun``, join its process group (:mod:`tacdiff.distributed`); only rank 0 prints results and
+    progress, every rank its errors."""
+    if distributed.init_from_env() and not distributed.is_main():
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the rest of the process
+
+
+def _progress(quiet: bool) -> bool:
+    """Whether to show progress bars: unless ``--quiet``, on rank 0 only."""
+    return not quiet and distributed.is_main()
 
 
 class _StderrHandler(logging.Handler):
@@ -155,12 +171,12 @@ def _device(value: str) -> str:
     if value == "auto":
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        value = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         check_device(value)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    return value
+    return distributed.local_device(value)
 
 
 def _positive(value: int) -> int:
@@ -209,7 +225,7 @@ def demo(
     """Quantize the bundled Fashion-MNIST model to W8A8 and W4A8, correct W4A8 with TAC, compare with FP."""
     from tacdiff.workflows import run_demo
 
-    rows = run_demo(out, samples=samples, steps=steps, seed=seed, progress=not quiet)
+    rows = run_demo(out, samples=samples, steps=steps, seed=seed, progress=_progress(quiet))
     typer.echo(f"bundled Fashion-MNIST DDPM, DDIM {steps} steps, {samples} paired samples, seed {seed}")
     typer.echo("| bits | quantize / fit s | eps SQNR dB | x0 MSE vs FP | x0 PSNR dB |")
     typer.echo("|---|---|---|---|---|")
@@ -245,6 +261,8 @@ def quantize(
     calib_steps: int = typer.Option(50, help="DDIM steps per calibration trajectory.", callback=_positive),
     calib_kept_steps: int = typer.Option(25, help="Steps per trajectory kept as calibration inputs.",
                                          callback=_positive),
+    batch_size: int = typer.Option(64, help="Calibration trajectories sampled at once (the unit of work that "
+                                            "processes share under torchrun).", callback=_positive),
     seed: int = typer.Option(0, help="Seed for calibration noise and every random choice."),
     prompt: list[str] = PROMPT,
     prompts_file: str = PROMPTS_FILE,
@@ -270,14 +288,14 @@ def quantize(
     if calib_kept_steps > calib_steps:
         raise ValueError(f"--calib-kept-steps {calib_kept_steps} is more than the {calib_steps} steps of each "
                          "calibration trajectory; pass --calib-kept-steps <= --calib-steps")
-    calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed)
+    calibration = CalibrationSettings(calib_samples, calib_steps, calib_kept_steps, seed, batch_size)
     prompts = _prompt_options(prompt, prompts_file, negative_prompt, guidance_scale)
     wanted = {"text_encoder": quantize_text_encoder, "vae_decoder": quantize_vae_decoder}
     components = tuple(name for name, on in wanted.items() if on)
     path, model, sqnr = quantize_dir(model_dir, out, config, scheduler_path=scheduler, calibration=calibration,
                                      prompts=prompts, components=components, device=device, overwrite=overwrite,
-                                     progress=not quiet)
-    if not quiet:
+                                     progress=_progress(quiet))
+    if _progress(quiet):
         typer.echo(format_summary(model))
     typer.echo(f"W{w_bits}A{a_bits or 'fp'}: output SQNR {sqnr:.2f} dB on held-out inputs; wrote {path}")
 
@@ -299,7 +317,7 @@ def train(
     from tacdiff.models.train import train as train_model
 
     out = train_model(out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay,
-                      checkpoint_every=checkpoint_every, device=device, data_dir=data_dir, progress=not quiet)
+                      checkpoint_every=checkpoint_every, device=device, data_dir=data_dir, progress=_progress(quiet))
     typer.echo(f"wrote {out / 'unet'}, {out / 'scheduler'} and {out / 'training.json'}")
 
 
@@ -323,7 +341,7 @@ def train_latent(
 
     out = run(out_dir, autoencoder_steps=autoencoder_steps, unet_steps=unet_steps, batch_size=batch_size, lr=lr,
               seed=seed, ema_decay=ema_decay, checkpoint_every=checkpoint_every, device=device, data_dir=data_dir,
-              progress=not quiet)
+              progress=_progress(quiet))
     typer.echo(f"wrote {out / 'pipeline'} and {out / 'training.json'}")
 
 
@@ -361,7 +379,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
                       batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
                       prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
-                      backend=backend, progress=not quiet)
+                      backend=backend, progress=_progress(quiet))
     typer.echo(format_table(result))
     if json_path:
         typer.echo(f"wrote {write_json(json_path, result)}")
@@ -394,7 +412,7 @@ def sample(
     prompts = _prompt_options(prompt, prompts_file, negative_prompt, guidance_scale)
     path = sample_dir(model, out, tables=tables, force_tables=force_tables, prompts=prompts,
                       num_samples=num_samples, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                      device=device, backend=backend, overwrite=overwrite, progress=not quiet)
+                      device=device, backend=backend, overwrite=overwrite, progress=_progress(quiet))
     typer.echo(f"wrote {num_samples} images, grid.png and samples.json to {path}")
 
 
@@ -439,7 +457,7 @@ def calibrate(
                                       steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
                                       gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit,
                                       prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
-                                      device=device, overwrite=overwrite, progress=not quiet)
+                                      device=device, overwrite=overwrite, progress=_progress(quiet))
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
     if plot:
         title = f"{Path(quant_artifact).name}, {scheduler.upper()} {steps}"
@@ -490,7 +508,7 @@ def bench(
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
                  weight_rounding=weight_rounding, model=model,
                  prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale), backend=backend,
-                 progress=not quiet)
+                 progress=_progress(quiet))
     table = format_markdown(result.rows)
     typer.echo(table)
     if json_path:
@@ -532,7 +550,7 @@ def bench_speed(
     report: dict[str, list] = {"calls": [], "artifacts": []}
     for spec in model:
         part = measure_speed(spec, model_for_speed(spec), bits=pairs, batches=tuple(batch), repeats=repeats,
-                             progress=not quiet)
+                             progress=_progress(quiet))
         for key in report:
             report[key] += part[key]
     table = format_speed_markdown(report)

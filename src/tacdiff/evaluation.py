@@ -19,6 +19,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor
 
 from tacdiff.correction import load_correction
+from tacdiff.distributed import shard
 from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.data.prompts import fashion_class_of
 from tacdiff.metrics.fid import FID_KEYS, fid_or_note, fid_ready
@@ -115,19 +116,22 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
     returned for a sample grid (see :class:`Scored`).
     """
     callback = _AllPairs(len(methods))
-    images: list[list[Tensor]] = [[] for _ in methods]
+    local: list[list[Tensor]] = [[] for _ in methods]
+    mine = shard(num_samples, batch_size)
     for _, finals in batched_trajectories([m.denoiser for m in methods], scheduler, num_samples=num_samples,
                                           sample_shape=sample_shape, num_inference_steps=num_inference_steps,
                                           seed=seed, batch_size=batch_size, device=device, cond=cond,
-                                          callback=callback, progress=progress):
-        for kept, final in zip(images, finals):
+                                          callback=callback, samples=mine.samples, progress=progress):
+        for kept, final in zip(local, finals):
             kept.append(to_images(final if decode is None else decode(final)).float().cpu())
-    reference = torch.cat(images[0]).double()
+    for stats in callback.stats:
+        stats.add_other_ranks(mine)
+    images = [mine.gather_rows(torch.cat(kept)) for kept in local]
+    reference = images[0].double()
     rows = []
-    for method, kept in zip(methods, images):
-        samples = torch.cat(kept)
+    for method, samples in zip(methods, images):
         mse = float((samples.double() - reference).pow(2).mean())
-        scores, _ = fid_or_note(kept, tuple(samples.shape[1:]), seed % 2 ** 31)
+        scores, _ = fid_or_note([samples], tuple(samples.shape[1:]), seed % 2 ** 31)
         rows.append({"bits": method.bits, "steps": num_inference_steps, "method": method.name,
                      **{key: scores[key] for key in FID_KEYS},
                      "prompt_accuracy": None if labels is None else prompt_accuracy(samples, labels)["overall"],
@@ -135,15 +139,16 @@ def score_methods(methods: Sequence[Method], scheduler: SchedulerMixin, *, num_i
                      "x0_ssim": ssim_sum(reference, samples) / samples.shape[0],
                      "calib_seconds": method.calib_seconds, "sample_seconds": method.denoiser.seconds})
     return Scored(rows, [stats.mean_sq_norms()[0].tolist() for stats in callback.stats], callback.stats[0].timesteps,
-                  [torch.cat(kept)[:keep] for kept in images])
+                  [samples[:keep] for samples in images])
 
 
 def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: SchedulerMixin, keep: bool,
                    decoders: tuple[Decode, Decode], **run: Any) -> tuple[list[Tensor], Any, int]:
-    """Final images of ``denoiser`` (kept on the CPU if ``keep``), paired errors against ``fp`` (or None)
-    and the number of samples (of either model) holding NaN or inf; ``decoders`` turn ``fp``'s and
+    """Final images of ``denoiser`` (kept on the CPU if ``keep``; every process's), paired errors against ``fp``
+    (or None) and the number of samples (of either model) holding NaN or inf; ``decoders`` turn ``fp``'s and
     ``denoiser``'s final latents into images."""
     images: list[Tensor] = []
+    mine = shard(run["num_samples"], run["batch_size"])
     broken = [0]
 
     def collect(start: int, ref: Tensor, est: Tensor) -> None:
@@ -152,11 +157,14 @@ def _sample_images(denoiser: Denoiser, fp: Denoiser | None, scheduler: Scheduler
             images.append(est.cpu())
 
     if fp is not None:
-        return images, paired_errors(fp, denoiser, scheduler, decode=decoders, on_batch=collect, **run), broken[0]
-    for start, (final,) in batched_trajectories([denoiser], scheduler, **run):
-        image = to_images(decoders[1](final))
-        collect(start, image, image)
-    return images, None, broken[0]
+        paired = paired_errors(fp, denoiser, scheduler, decode=decoders, on_batch=collect, **run)
+    else:
+        paired = None
+        for start, (final,) in batched_trajectories([denoiser], scheduler, samples=mine.samples, **run):
+            image = to_images(decoders[1](final))
+            collect(start, image, image)
+    gathered = [mine.gather_rows(torch.cat(images))] if keep else []
+    return gathered, paired, int(mine.sum(torch.tensor(broken)))
 
 
 def _check_finite(broken: int, samples: int, model: str | Path) -> None:

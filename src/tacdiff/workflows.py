@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, SchedulerMixin
 from torch import nn
 
 from tacdiff.correction import CorrectedDenoiser, calibrate_tac, load_correction
+from tacdiff.distributed import shard
 from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_sha256
 from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
 from tacdiff.metrics.paired import psnr_db, sqnr_db
@@ -35,15 +36,17 @@ from tacdiff.sampling.conditioning import UNCONDITIONAL, Conditioning, PromptOpt
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """How calibration inputs are drawn: trajectories, DDIM steps, steps kept, seed."""
+    """How calibration inputs are drawn: trajectories, DDIM steps, steps kept, seed, trajectories per batch
+    (also the unit of work that processes share, :mod:`tacdiff.distributed`)."""
 
     samples: int = 64
     steps: int = 50
     kept_steps: int = 25
     seed: int = 0
+    batch_size: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("samples", "steps", "kept_steps"):
+        for name in ("samples", "steps", "kept_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
 
@@ -53,7 +56,8 @@ def calibrate_inputs(model: nn.Module, scheduler: SchedulerMixin, settings: Cali
     """Calibration inputs for ``model``: its own DDIM trajectories under ``conditioning`` (prompts, guidance)."""
     return collect_calibration_set(model, scheduler, num_samples=settings.samples,
                                    num_inference_steps=settings.steps, kept_steps=settings.kept_steps,
-                                   seed=settings.seed, cond=conditioning, progress=progress)
+                                   seed=settings.seed, batch_size=settings.batch_size, cond=conditioning,
+                                   progress=progress)
 
 
 @torch.no_grad()
@@ -106,7 +110,8 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     conditioning = conditioning_for(loaded, prompts, count=calibration.samples, seed=calibration.seed,
                                     what=str(model_dir))
     source_hash = state_dict_sha256(model)
-    held_out = CalibrationSettings(min(calibration.samples, 16), calibration.steps, 10, calibration.seed + 1)
+    held_out = CalibrationSettings(min(calibration.samples, 16), calibration.steps, 10, calibration.seed + 1,
+                                   calibration.batch_size)
     held_out_inputs = calibrate_inputs(model, scheduler, held_out, _held_out(conditioning, loaded, held_out),
                                        progress=False)
     reference = noise_estimates(model, held_out_inputs)  # kept instead of an FP copy of the model
@@ -251,11 +256,12 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     if tables is not None:
         denoiser = load_correction(denoiser, tables, sched, steps, force=force_tables)
         denoiser.tables.check_conditioning(conditioning.record, force=force_tables)
+    mine = shard(num_samples, batch_size)
     finals = [to_images(loaded.decode(final)).cpu() for _, (final,) in batched_trajectories(
         [conditioning.guide(denoiser)], sched, num_samples=num_samples, sample_shape=sample_shape_of(loaded.model),
         num_inference_steps=steps, seed=seed, batch_size=batch_size, device=device, cond=conditioning.rows,
-        progress=progress)]
-    images = torch.cat(finals)
+        samples=mine.samples, progress=progress)]
+    images = mine.gather_rows(torch.cat(finals))
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{model} produced NaN or inf samples; nothing was written. Try more bits or other "
                          "ranges, or recalibrate the tables")

@@ -16,6 +16,11 @@ over those chunks; the NER mask threshold ``tau * mean|r|`` is computed from the
 ``r`` first (exact two-pass, see :mod:`tacdiff.correction.ner`), so the result equals the
 one-shot fit on all samples.
 
+Processes (``torchrun``, :mod:`tacdiff.distributed`): each rank advances a contiguous block of the
+``batch_size`` chunks; every per-step sum (IBC's mean, NER's ``mean|r|`` and sums, PTQD's sums) is
+kept per chunk, gathered from all ranks and added in chunk order, so every rank solves the same
+tables, bit-identical to a one-process fit at that ``batch_size``.
+
 PTQD (He et al., NeurIPS 2023) is fitted in the same loop, but as in PTQD on the quantization
 noise for a fixed input: the quantized model is called on the FP trajectory's input, and the
 fit ``q ~ (1 + k_t) r + b_t`` involves no exposure bias.
@@ -26,17 +31,18 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 from torch import Tensor, nn
 
-from tacdiff.correction.ibc import Granularity, check_granularity, input_bias
+from tacdiff.correction.ibc import BiasSum, Granularity, check_granularity
 from tacdiff.correction.ner import AbsMean, NERStats, check_ner_params
 from tacdiff.correction.ptqd import PTQDStats
 from tacdiff.correction.tables import CONDITIONING_KEY, IBC_TARGETS, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
+from tacdiff.distributed import Shard, shard
 from tacdiff.io.artifact import state_dict_sha256
 from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, ModelDenoiser, map_cond, sample_shape_of
 from tacdiff.sampling.batching import batched_trajectories
@@ -53,6 +59,9 @@ DEFAULT_IBC: Granularity = "element"
 DEFAULT_IBC_TARGET = "state"
 GUIDANCE_FITS = ("guided", "branch")
 DEFAULT_GUIDANCE_FIT = "guided"
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -101,6 +110,7 @@ class _Calibrating:
     quant: Denoiser
     fp: _FPRecorder
     step: Callable[..., tuple[_Row, Tensor]]
+    shard: Shard
     state_ibc: Granularity | None = None
     rows: list[_Row] = field(default_factory=list)
     _state_bias: Tensor | None = None
@@ -108,13 +118,14 @@ class _Calibrating:
     def correct_state(self, x: Tensor, t: Tensor, step: int) -> Tensor:
         if self.state_ibc is None:
             return x
-        self._state_bias = input_bias(x, self.fp.state, self.state_ibc).float()
+        self._state_bias = _input_bias(x, self.fp.state, self.state_ibc, self.shard).float()
         return correct_input(x, self._state_bias)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if self.fp.x is None or self.fp.eps is None:
             raise RuntimeError("the FP denoiser must come first in the denoiser list")
-        row, eps = self.step(x, self.fp.x, self.fp.eps, float(t), lambda inp: self.quant(inp, t, **cond))
+        row, eps = self.step(x, self.fp.x, self.fp.eps, float(t), lambda inp: self.quant(inp, t, **cond),
+                             shard=self.shard)
         if self._state_bias is not None:
             row.input_bias = self._state_bias.cpu()
         self.rows.append(row)
@@ -140,21 +151,33 @@ def _batched(value: Any, n: int) -> bool:
     return isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n
 
 
+def _batch_stats(shard: Shard, stats: Callable[..., T], *tensors: Tensor) -> T:
+    """``stats`` of every batch of ``shard.batch_size`` rows of ``tensors``, merged over batches and processes
+    in sample order (:meth:`~tacdiff.distributed.Shard.merge`)."""
+    size = shard.batch_size
+    return shard.merge([stats(*(x[start:start + size] for x in tensors)) for start in range(0, len(tensors[0]), size)])
+
+
+def _input_bias(x_hat: Tensor, x: Tensor, granularity: Granularity, shard: Shard) -> Tensor:
+    """IBC's ``mu_t`` over every process's samples (float64)."""
+    return _batch_stats(shard, lambda a, b: BiasSum.of(a, b, granularity), x_hat, x).mean()
+
+
 def _tac_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
               lam: float, gamma: float, tau: float, ibc: Granularity, use_ibc: bool, use_ner: bool,
-              batch_size: int, combine: Callable[[Tensor], Tensor] | None = None) -> tuple[_Row, Tensor]:
+              shard: Shard, combine: Callable[[Tensor], Tensor] | None = None) -> tuple[_Row, Tensor]:
     """IBC then NER at one step; the estimate returned is the corrected ``K_t q``.
 
     With ``combine``, ``q`` and ``r`` hold both guidance branches ``[uncond; cond]``: NER fits one
     ``K_t`` per branch and the estimate returned is ``combine`` of the corrected branches.
     """
     channels = x_hat.shape[1]
-    mu = input_bias(x_hat, x_fp, ibc).float().cpu()
+    mu = _input_bias(x_hat, x_fp, ibc, shard).float().cpu()
     if not use_ibc:
         mu = torch.zeros_like(mu)
     q = quant(correct_input(x_hat, mu))
     branches = 1 if combine is None else 2
-    scales = [_ner_scale(qb, rb, lam, gamma, tau, batch_size) if use_ner else torch.ones(channels)
+    scales = [_ner_scale(qb, rb, lam, gamma, tau, shard) if use_ner else torch.ones(channels)
               for qb, rb in zip(q.chunk(branches), r.chunk(branches))]
     scale = scales[0] if combine is None else torch.stack(scales)
     bias = torch.zeros_like(scale)
@@ -162,22 +185,19 @@ def _tac_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[
     return _Row(t, mu, scale, bias), corrected if combine is None else combine(corrected)
 
 
-def _ner_scale(q: Tensor, r: Tensor, lam: float, gamma: float, tau: float, batch_size: int) -> Tensor:
-    """NER's per-channel ``K_t`` for quantized estimates ``q`` against FP ones ``r``, summed in chunks."""
-    stats = NERStats.empty(tau * AbsMean.empty(q.shape[1]).update(r).mean())
-    for start in range(0, q.shape[0], batch_size):
-        stats.update(q[start:start + batch_size], r[start:start + batch_size])
+def _ner_scale(q: Tensor, r: Tensor, lam: float, gamma: float, tau: float, shard: Shard) -> Tensor:
+    """NER's per-channel ``K_t`` for quantized estimates ``q`` against FP ones ``r``, summed per batch."""
+    threshold = tau * _batch_stats(shard, lambda rb: AbsMean.empty(rb.shape[1]).update(rb), r).mean()
+    stats = _batch_stats(shard, lambda qb, rb: NERStats.empty(threshold).update(qb, rb), q, r)
     return stats.solve(lam, gamma).float()
 
 
 def _ptqd_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
-               batch_size: int) -> tuple[_Row, Tensor]:
+               shard: Shard) -> tuple[_Row, Tensor]:
     """PTQD at one step on the FP input; the estimate returned is ``(q - b_t) / (1 + k_t)``."""
     q = quant(x_fp)
-    stats = PTQDStats.empty(q.shape[1])
-    for start in range(0, q.shape[0], batch_size):
-        stats.update(q[start:start + batch_size], r[start:start + batch_size])
-    slope, bias, residual_var = stats.solve()
+    slope, bias, residual_var = _batch_stats(shard, lambda qb, rb: PTQDStats.empty(qb.shape[1]).update(qb, rb),
+                                             q, r).solve()
     scale = torch.full((q.shape[1],), 1.0 / float(slope))
     mu = torch.zeros(q.shape[1])
     return _Row(t, mu, scale, bias.float(), float(residual_var)), correct_output(q, scale, bias.float())
@@ -213,18 +233,19 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
                          "factory with unguided cond, not both: the tables would record guidance they were not fitted "
                          "with")
     param = next(fp_model.parameters())
+    mine = shard(num_samples, batch_size)
     if per_branch:
-        fp, calibrating = _branch_pair(step, fp_model, quant_model, scheduler, conditioning, batch_size, state_ibc,
+        fp, calibrating = _branch_pair(step, fp_model, quant_model, scheduler, conditioning, mine, state_ibc,
                                        denoiser)
     else:
         if denoiser is None:
             denoiser = lambda model: conditioning.guide(ModelDenoiser(model, scheduler))  # noqa: E731
         fp = _FPRecorder(chunked(denoiser(fp_model), batch_size))
-        calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step, state_ibc)
+        calibrating = _Calibrating(chunked(denoiser(quant_model), batch_size), fp, step, mine, state_ibc)
     for _ in batched_trajectories([fp, calibrating], scheduler, num_samples=num_samples,
                                   sample_shape=sample_shape_of(fp_model), num_inference_steps=num_inference_steps,
-                                  seed=seed, batch_size=num_samples, device=param.device, dtype=param.dtype,
-                                  cond=conditioning.rows, progress=progress):
+                                  seed=seed, batch_size=len(mine.samples), device=param.device, dtype=param.dtype,
+                                  cond=conditioning.rows, samples=mine.samples, progress=progress):
         pass
     rows = calibrating.rows
     hyper = {**hyper, "num_samples": num_samples, "seed": seed}
@@ -238,7 +259,7 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
 
 
 def _branch_pair(step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,
-                 scheduler: SchedulerMixin, conditioning: Conditioning, batch_size: int,
+                 scheduler: SchedulerMixin, conditioning: Conditioning, mine: Shard,
                  state_ibc: Granularity | None,
                  denoiser: Callable[[nn.Module], Denoiser] | None) -> tuple[_FPRecorder, _Calibrating]:
     """The FP recorder and calibrating denoiser of a per-branch fit: both see ``[eps_u; eps_c]``."""
@@ -247,12 +268,13 @@ def _branch_pair(step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, 
                          "prompts with guidance_scale > 1 (a Conditioning) and the default denoiser")
 
     def guided(model: nn.Module) -> ClassifierFreeGuidance:
-        inner = chunked(ModelDenoiser(model, scheduler), batch_size)
+        inner = chunked(ModelDenoiser(model, scheduler), mine.batch_size)
         return ClassifierFreeGuidance(inner, conditioning.guidance_scale, conditioning.uncond)
 
     fp, quant = guided(fp_model), guided(quant_model)
     recorder = _FPRecorder(fp.branches, fp.combine)
-    return recorder, _Calibrating(quant.branches, recorder, functools.partial(step, combine=quant.combine), state_ibc)
+    return recorder, _Calibrating(quant.branches, recorder, functools.partial(step, combine=quant.combine), mine,
+                                  state_ibc)
 
 
 def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
@@ -310,9 +332,9 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
     hyper = {"lam": lam, "gamma": gamma, "tau": tau, "ibc": ibc, "ibc_target": ibc_target, "use_ibc": use_ibc,
              "use_ner": use_ner, "guidance_fit": guidance_fit}
 
-    def step(*args: Any, **branches: Any) -> tuple[_Row, Tensor]:
+    def step(*args: Any, **context: Any) -> tuple[_Row, Tensor]:
         return _tac_step(*args, lam=lam, gamma=gamma, tau=tau, ibc=ibc, use_ibc=use_ibc and not in_state,
-                         use_ner=use_ner, batch_size=batch_size, **branches)
+                         use_ner=use_ner, **context)
 
     return _fit(method[use_ibc, use_ner], step, fp_model, quant_model, scheduler,
                 num_inference_steps=num_inference_steps, num_samples=num_samples, batch_size=batch_size,
@@ -330,10 +352,7 @@ def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: Sched
     Arguments as in :func:`calibrate_tac`.
     """
 
-    def step(*args: Any) -> tuple[_Row, Tensor]:
-        return _ptqd_step(*args, batch_size=batch_size)
-
-    return _fit("ptqd", step, fp_model, quant_model, scheduler, num_inference_steps=num_inference_steps,
+    return _fit("ptqd", _ptqd_step, fp_model, quant_model, scheduler, num_inference_steps=num_inference_steps,
                 num_samples=num_samples, batch_size=batch_size, seed=seed, cond=cond, progress=progress,
                 hyper={}, denoiser=denoiser)
 

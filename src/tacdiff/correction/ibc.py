@@ -23,8 +23,10 @@ and 18.1 dB; PTQ 12.1). On stochastic DDPM-100 the input-only shift also let the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 Granularity = Literal["channel", "element"]
@@ -36,17 +38,39 @@ def check_granularity(granularity: str) -> None:
         raise ValueError(f"IBC granularity must be 'channel' or 'element', got {granularity!r}")
 
 
+@dataclass
+class BiasSum:
+    """The float64 sum of ``x_hat - x`` per channel ``(C,)`` or per element ``(C, H, W)`` and how many
+    values each entry adds up; batches (and processes) merge with ``+``."""
+
+    total: Tensor
+    count: Tensor
+
+    @classmethod
+    def of(cls, x_hat: Tensor, x: Tensor, granularity: Granularity = "channel") -> "BiasSum":
+        """The sums of one batch, ``x_hat`` and ``x`` of shape ``(N, C, H, W)``."""
+        check_granularity(granularity)
+        if x_hat.shape != x.shape or x.ndim < 2:
+            raise ValueError(f"inputs must share a shape (N, C, ...), got {tuple(x_hat.shape)} and {tuple(x.shape)}")
+        diff = x_hat.double() - x.double()
+        dims = (0,) if granularity == "element" else (0, *range(2, diff.ndim))
+        total = diff.sum(dims)
+        return cls(total, torch.tensor(float(diff.numel() // total.numel()), dtype=torch.float64))
+
+    def __add__(self, other: "BiasSum") -> "BiasSum":
+        return BiasSum(self.total + other.total.to(self.total.device), self.count + other.count)
+
+    def mean(self) -> Tensor:
+        """The mean ``mu_t`` (float64)."""
+        return self.total / self.count.to(self.total.device)
+
+
 def input_bias(x_hat: Tensor, x: Tensor, granularity: Granularity = "channel") -> Tensor:
     """The mean of ``x_hat - x`` (both ``(N, C, H, W)``): ``(C,)`` per channel, ``(C, H, W)`` per element.
 
     Sums in float64 and returns float64.
     """
-    check_granularity(granularity)
-    if x_hat.shape != x.shape or x.ndim < 2:
-        raise ValueError(f"inputs must share a shape (N, C, ...), got {tuple(x_hat.shape)} and {tuple(x.shape)}")
-    diff = x_hat.double() - x.double()
-    dims = (0,) if granularity == "element" else (0, *range(2, diff.ndim))
-    return diff.mean(dims)
+    return BiasSum.of(x_hat, x, granularity).mean()
 
 
 def broadcast_bias(bias: Tensor, x: Tensor) -> Tensor:

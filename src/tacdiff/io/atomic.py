@@ -11,7 +11,8 @@ leaves the old or the new complete folder under the final name (at worst a hidde
 Replacing is allowed only where the caller recognises the existing target as its own earlier
 output (``recognise``); symbolic links, the current folder and its parents, and the inputs of
 the run and their parents are never replaced. Written files and folders get the permissions
-the user's umask asks for, as if created directly.
+the user's umask asks for, as if created directly. In a process group (``torchrun``) only rank 0
+writes; the others wait for it (:func:`tacdiff.distributed.main_process_writes`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
+
+from tacdiff.distributed import main_process_writes
 
 Recognise = Callable[[Path], bool]
 """Whether an existing path holds output that tacdiff wrote and may replace."""
@@ -42,6 +45,7 @@ def report_file(*suffixes: str) -> Recognise:
     return lambda path: is_regular_file(path) and path.suffix.lower() in suffixes
 
 
+@main_process_writes
 def write_file_atomically(path: str | Path, fill: Callable[[Path], None], overwrite: bool = True, *,
                           recognise: Recognise | None = None, what: str = "file",
                           inputs: Sequence[str | Path] = ()) -> Path:
@@ -74,6 +78,7 @@ def write_text_atomically(path: str | Path, text: str, overwrite: bool = True) -
     return write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
 
 
+@main_process_writes
 def write_dir_atomically(path: str | Path, fill: Callable[[Path], None], overwrite: bool = False, *,
                          recognise: Recognise | None = None, what: str = "folder",
                          inputs: Sequence[str | Path] = ()) -> Path:

@@ -187,9 +187,14 @@ def extract_features(images: Tensor, *, extractor: FeatureExtractor | None = Non
         return torch.cat([extractor(b.to(device)).cpu() for b in images.split(batch_size)])
 
 
+LOCAL_METRIC = {"sync_on_compute": False}
+"""torchmetrics options: under torchrun every process holds all images (:mod:`tacdiff.distributed` gathers them),
+so torchmetrics must not add the other processes' copies."""
+
+
 def _fid_state(features: Tensor) -> dict[str, Tensor]:
     """The sufficient statistics torchmetrics keeps for the real set (sum, outer-product sum, count)."""
-    metric = FrechetInceptionDistance(feature=_FeatureInput(features.shape[1]))
+    metric = FrechetInceptionDistance(feature=_FeatureInput(features.shape[1]), **LOCAL_METRIC)
     metric.update(features.double(), real=True)
     return {k: getattr(metric, k) for k in
             ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")}
@@ -221,7 +226,7 @@ def _load_reference(path: str | Path, extractor: FeatureExtractor) -> tuple[dict
 
 
 def _fid(real_state: dict[str, Tensor], fake: Tensor) -> float:
-    metric = FrechetInceptionDistance(feature=_FeatureInput(fake.shape[1]))
+    metric = FrechetInceptionDistance(feature=_FeatureInput(fake.shape[1]), **LOCAL_METRIC)
     for name, value in real_state.items():
         setattr(metric, name, value.clone())
     metric.update(fake.double(), real=False)
@@ -232,7 +237,7 @@ def _kid(real: Tensor, fake: Tensor, subsets: int, subset_size: int, seed: int) 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
         metric = KernelInceptionDistance(feature=_FeatureInput(fake.shape[1]), subsets=subsets,
-                                         subset_size=subset_size)
+                                         subset_size=subset_size, **LOCAL_METRIC)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -298,7 +303,8 @@ def inception_fid(samples: Tensor, reference: Tensor, *, weights_path: str | Pat
                                 "a local pt_inception-2015-12-05-6726825d.pth (no download is attempted)")
     _check_images(samples, "samples")
     _check_images(reference, "reference")
-    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights_path))
+    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights_path),
+                                      **LOCAL_METRIC)
     for images, real in ((reference, True), (samples, False)):
         for batch in images.split(batch_size):
             metric.update(to_uint8(batch).unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), real=real)

@@ -16,6 +16,7 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
 
+from tacdiff.distributed import Shard, shard
 from tacdiff.models.kinds import Cond, Denoiser
 from tacdiff.sampling.batching import IMAGE_RANGE, Rows, batched_trajectories, to_images
 from tacdiff.sampling.loop import StepRecord
@@ -107,6 +108,17 @@ class PairedStepStats:
         self.input_sum[i] = self.input_sum[i] + summed.cpu()
         self.input_elements[i] += d_input.numel() // summed.numel()
 
+    def add_other_ranks(self, mine: Shard) -> None:
+        """Add the sums of the other processes of a split run (:mod:`tacdiff.distributed`); else nothing."""
+        if not mine.split:
+            return
+        self._require_data()
+        self.counts = [int(n) for n in mine.sum(torch.tensor(self.counts, dtype=torch.float64))]
+        self.state_sq = mine.sum(torch.tensor(self.state_sq, dtype=torch.float64)).tolist()
+        self.eps_sq = mine.sum(torch.tensor(self.eps_sq, dtype=torch.float64)).tolist()
+        self.input_sum = list(mine.sum(torch.stack(self.input_sum)))
+        self.input_elements = [int(n) for n in mine.sum(torch.tensor(self.input_elements, dtype=torch.float64))]
+
     def mean_input_bias(self) -> Tensor:
         """``(T, C)`` (or ``(T, C, H, W)`` per element): the mean of ``x̂_t − x_t`` at each step."""
         self._require_data()
@@ -174,23 +186,28 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
             ``(reference's, estimate's)`` when their decoders differ (a quantized one); the x0
             errors compare the decoded images. ``None``: the latents are the images.
         on_batch: called as ``on_batch(start, reference_images, estimate_images)`` with each
-            batch's final images clamped to [-1, 1] (e.g. to keep them for FID).
+            batch's final images clamped to [-1, 1] (e.g. to keep them for FID); in a process group
+            only with this process's batches (:func:`tacdiff.distributed.shard`), while the errors
+            returned cover every process's samples.
     Returns:
         :class:`PairedErrors`; the images are not kept.
     """
     stats = PairedStepStats()
     sq_err, ssim, elements = 0.0, 0.0, 0
     decoders = decode if isinstance(decode, tuple) else (decode, decode)
+    mine = shard(num_samples, batch_size)
     for start, (ref, est) in batched_trajectories(
             [reference, estimate], scheduler, num_samples=num_samples, sample_shape=sample_shape,
             num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, device=device,
-            dtype=dtype, cond=cond, callback=stats, progress=progress):
+            dtype=dtype, cond=cond, callback=stats, samples=mine.samples, progress=progress):
         ref, est = (to_images(final if fn is None else fn(final)) for fn, final in zip(decoders, (ref, est)))
         sq_err += (est.double() - ref.double()).pow(2).sum().item()
         ssim += ssim_sum(ref, est)
         elements += ref.numel()
         if on_batch is not None:
             on_batch(start, ref, est)
+    sq_err, ssim, elements = mine.sum(torch.tensor([sq_err, ssim, elements], dtype=torch.float64)).tolist()
+    stats.add_other_ranks(mine)
     mse = sq_err / elements
     state_sq, eps_sq = stats.mean_sq_norms()
     return PairedErrors(num_samples, num_inference_steps, torch.tensor(stats.timesteps), mse, psnr_db(mse),

@@ -45,7 +45,7 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
                          sample_shape: Sequence[int], num_inference_steps: int, seed: int = 0,
                          batch_size: int = 64, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32, cond: Cond | Rows | None = None,
-                         callback: Callable[[StepRecord], None] | None = None,
+                         callback: Callable[[StepRecord], None] | None = None, samples: range | None = None,
                          progress: bool = True) -> Iterator[tuple[int, list[Tensor]]]:
     """Run :func:`run_trajectories` over ``num_samples`` in batches; yield ``(start, final latents)`` per batch.
 
@@ -55,21 +55,25 @@ def batched_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixi
     ``cond`` values have a leading dimension ``num_samples`` and are sliced per batch, or ``cond`` is a
     function ``(start, count) -> keywords`` called per batch (prompts streamed, see
     :class:`~tacdiff.sampling.conditioning.Conditioning`); ``callback`` sees every step of every batch.
+    ``samples`` restricts the run to those indices (a process's share, :func:`tacdiff.distributed.shard`;
+    batches start at ``samples.start``); the progress bar then counts every process's work as this one's.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    samples = range(num_samples) if samples is None else samples
+    share = num_samples / len(samples) if len(samples) else 1.0
     with tqdm(total=num_samples, desc="samples", unit="img", disable=not progress) as bar:
-        for start in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - start)
+        for start in range(samples.start, samples.stop, batch_size):
+            count = min(batch_size, samples.stop - start)
             noise = sample_noise(sample_shape, start, count, seed, device, dtype)
             rows = cond(start, count) if callable(cond) else map_cond(cond or {}, lambda v: v[start:start + count])
             chunk = map_cond(rows, lambda v: v.to(device))
             finals = run_trajectories(denoisers, scheduler, noise, num_inference_steps=num_inference_steps,
                                       seed=[derive_seed(seed, "steps", i) for i in range(start, start + count)],
                                       cond=chunk, callback=callback, progress=progress)
-            bar.update(count)
+            bar.update(min(round(count * share), num_samples - bar.n))
             yield start, finals
 
 

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
+from tacdiff.distributed import shard
 from tacdiff.models.kinds import Cond, ModelDenoiser, cond_leaves, guidance_batch, map_cond, sample_shape_of
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
@@ -103,6 +104,9 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
             trajectories keep both halves the model sees: every kept input twice, once with the
             unconditional row (``2 * num_samples * kept_steps`` inputs).
         sample_shape: ``(C, H, W)``; read from the model config when omitted.
+    In a process group (``torchrun``) every rank runs its share of the trajectories
+    (:func:`tacdiff.distributed.shard`) and all ranks get the whole set.
+
     Returns:
         A :class:`CalibrationSet` on the CPU, ordered by kept step, then sample.
     """
@@ -124,15 +128,17 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
             inputs[rec.step].append(rec.inputs[0].cpu())
             timesteps[rec.step] = float(rec.t)
 
+    mine = shard(num_samples, batch_size)
     for _ in batched_trajectories([conditioning.guide(ModelDenoiser(model, ddim))], ddim, num_samples=num_samples,
                                   sample_shape=shape, num_inference_steps=num_inference_steps, seed=seed,
                                   batch_size=batch_size, device=param.device, dtype=param.dtype,
-                                  cond=conditioning.rows, callback=record, progress=progress):
+                                  cond=conditioning.rows, callback=record, samples=mine.samples, progress=progress):
         pass
     table = map_cond(conditioning.rows(0, num_samples), lambda v: v.cpu())
     copies = 2 if conditioning.guided else 1
     if conditioning.guided:
         table = guidance_batch(table, map_cond(conditioning.uncond, lambda v: v.cpu()))
-    x = torch.cat([torch.cat(inputs[step]) for step in keep for _ in range(copies)])
+    kept_inputs = {step: mine.gather_rows(torch.cat(inputs[step])) for step in keep}
+    x = torch.cat([kept_inputs[step] for step in keep for _ in range(copies)])
     t = torch.cat([torch.full((num_samples * copies,), timesteps[step]) for step in keep])
     return CalibrationSet(x, t, table, torch.arange(num_samples * copies).repeat(len(keep)))

@@ -1,0 +1,101 @@
+"""Throughput of ``tacdiff eval`` (images/s) and ``tacdiff calibrate`` (trajectories/s) at 1..N processes.
+
+Every run is the real command started by ``torchrun`` (``python -m torch.distributed.run --standalone``), as a user
+starts it; the wall time includes start-up (imports, model loading, the process group), which a longer run
+amortises. Each configuration is named ``P x T``: P processes with T threads each. On the 2-core CPU the fair
+comparison is 1 x 2 against 2 x 1 (the same cores); 1 x 1 shows the per-process cost. The outputs of every
+configuration are compared with the first one's (tables and metrics must be equal at the same thread count).
+
+    python benchmarks/scale.py --configs 1x1 1x2 2x1 --out benchmarks/results/scale_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tacdiff.models.reference import REFERENCE_MODEL_DIR
+
+ROOT = Path(__file__).resolve().parent
+
+
+def run(processes: int, threads: int, *args: str) -> float:
+    """Wall seconds of ``tacdiff ARGS`` under torchrun with ``processes`` x ``threads``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "tacdiff", *args, "--quiet"]
+    started = time.perf_counter()
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def measure(config: str, work: Path, args: argparse.Namespace) -> dict[str, object]:
+    processes, threads = (int(part) for part in config.split("x"))
+    folder = work / config
+    artifact, tables = work / "artifact", folder / "tables.safetensors"
+    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    calib_seconds = run(processes, threads, "calibrate", str(artifact), "--fp-model", "reference", "--out",
+                        str(tables), "--samples", str(args.calib_samples), *common)
+    eval_json = folder / "eval.json"
+    eval_seconds = run(processes, threads, "eval", str(artifact), "--fp-model", "reference", "--tables", str(tables),
+                       "--samples", str(args.samples), *common, "--json", str(eval_json))
+    scores = json.loads(eval_json.read_text())
+    return {"config": config, "processes": processes, "threads": threads,
+            "calibrate_seconds": calib_seconds, "trajectories_per_s": args.calib_samples / calib_seconds,
+            "eval_seconds": eval_seconds, "images_per_s": args.samples / eval_seconds,
+            "eval_sampling_seconds": scores["sampling_seconds"],
+            "fid": scores["fid"], "x0_psnr": scores["x0_psnr"], "tables_bytes": tables.read_bytes()}
+
+
+def markdown(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
+    base = rows[0]
+    lines = [f"`benchmarks/scale.py`: bundled W{args.w_bits}A8 model + TAC, DDIM {args.steps}, batch size "
+             f"{args.batch_size}; calibrate {args.calib_samples} trajectories, eval {args.samples} images "
+             f"(paired with FP). Wall time of the whole command, start-up included. Machine: {os.cpu_count()} CPUs.",
+             "", "| processes x threads | calibrate s | trajectories/s | eval s | images/s | speed-up vs "
+                 f"{base['config']} (calibrate / eval) | FID | x0 PSNR | tables equal to (first run at these threads) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        same_threads = next(other for other in rows if other["threads"] == row["threads"])
+        lines.append(f"| {row['config']} | {row['calibrate_seconds']:.1f} | {row['trajectories_per_s']:.2f} | "
+                     f"{row['eval_seconds']:.1f} | {row['images_per_s']:.2f} | "
+                     f"{base['calibrate_seconds'] / row['calibrate_seconds']:.2f}x / "
+                     f"{base['eval_seconds'] / row['eval_seconds']:.2f}x | {row['fid']:.3f} | {row['x0_psnr']:.3f} | "
+                     f"{row['tables_bytes'] == same_threads['tables_bytes']} ({same_threads['config']}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"], help="PROCESSESxTHREADS each.")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--out", type=Path, help="Write OUT.md and OUT.json.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        run(1, os.cpu_count() or 1, "quantize", str(REFERENCE_MODEL_DIR), "--out", str(work / "artifact"),
+            "--w-bits", str(args.w_bits), "--calib-samples", "32", "--calib-steps", str(args.steps))
+        rows = [measure(config, work, args) for config in args.configs]
+    table = markdown(rows, args)
+    print(table)
+    if args.out:
+        args.out.with_suffix(".md").write_text(table + "\n")
+        for row in rows:
+            row.pop("tables_bytes")
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
