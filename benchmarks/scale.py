@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from tacdiff.models.reference import REFERENCE_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parent
@@ -52,7 +54,12 @@ def measure(config: str, work: Path, args: argparse.Namespace) -> dict[str, obje
             "calibrate_seconds": calib_seconds, "trajectories_per_s": args.calib_samples / calib_seconds,
             "eval_seconds": eval_seconds, "images_per_s": args.samples / eval_seconds,
             "eval_sampling_seconds": scores["sampling_seconds"],
-            "fid": scores["fid"], "x0_psnr": scores["x0_psnr"], "tables_bytes": tables.read_bytes()}
+            "fid": scores["fid"], "x0_psnr": scores["x0_psnr"], "tables": load_file(str(tables))}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    """Whether two tables files hold the same tensors, bit for bit (their headers' key order varies)."""
+    return a.keys() == b.keys() and all(bool((a[key] == b[key]).all()) for key in a)
 
 
 def markdown(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
@@ -69,7 +76,7 @@ def markdown(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
                      f"{row['eval_seconds']:.1f} | {row['images_per_s']:.2f} | "
                      f"{base['calibrate_seconds'] / row['calibrate_seconds']:.2f}x / "
                      f"{base['eval_seconds'] / row['eval_seconds']:.2f}x | {row['fid']:.3f} | {row['x0_psnr']:.3f} | "
-                     f"{row['tables_bytes'] == same_threads['tables_bytes']} ({same_threads['config']}) |")
+                     f"{_equal(row['tables'], same_threads['tables'])} ({same_threads['config']}) |")
     return "\n".join(lines)
 
 
@@ -86,14 +93,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run(1, os.cpu_count() or 1, "quantize", str(REFERENCE_MODEL_DIR), "--out", str(work / "artifact"),
-            "--w-bits", str(args.w_bits), "--calib-samples", "32", "--calib-steps", str(args.steps))
+            "--w-bits", str(args.w_bits), "--calib-samples", "32", "--calib-steps", str(args.steps),
+            "--calib-kept-steps", str(min(10, args.steps)))
         rows = [measure(config, work, args) for config in args.configs]
     table = markdown(rows, args)
     print(table)
     if args.out:
         args.out.with_suffix(".md").write_text(table + "\n")
         for row in rows:
-            row.pop("tables_bytes")
+            row.pop("tables")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
