@@ -68,7 +68,8 @@ def markdown(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
              f"{args.batch_size}; calibrate {args.calib_samples} trajectories, eval {args.samples} images "
              f"(paired with FP). Wall time of the whole command, start-up included. Machine: {os.cpu_count()} CPUs.",
              "", "| processes x threads | calibrate s | trajectories/s | eval s | images/s | speed-up vs "
-                 f"{base['config']} (calibrate / eval) | FID | x0 PSNR | tables equal to (first run at these threads) |",
+                 f"{base['config']} (calibrate / eval) | FID | x0 PSNR | tables equal to (first run at these "
+                 "threads) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         same_threads = next(other for other in rows if other["threads"] == row["threads"])

@@ -11,7 +11,8 @@ import copy
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import (DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
+                       UNet2DConditionModel, UNet2DModel)
 from torch import nn
 
 import tacdiff
@@ -53,6 +54,20 @@ TINY_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
                                              "down_block_types": ("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
                                              "up_block_types": ("UpBlock2D", "SimpleCrossAttnUpBlock2D"),
                                              "mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}),
+    # class-conditional DiT (adaLN-Zero), 4x8x8 latents in 2x2 patches, learned variance (8 output channels)
+    "dit": (DiTTransformer2DModel, dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)),
+    # PixArt: adaLN-single, cross-attention to 32-wide caption embeddings, learned variance
+    "pixart": (PixArtTransformer2DModel, dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                              num_attention_heads=3, caption_channels=TEXT_DIM, in_channels=4,
+                                              cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                              activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                              norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                              norm_eps=1e-6, use_additional_conditions=False)),
+    # SD3's MMDiT: joint attention over image and text tokens, pooled text projections, flow matching
+    "sd3": (SD3Transformer2DModel, dict(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=TEXT_DIM,
+                                        pooled_projection_dim=POOLED_DIM, out_channels=4)),
 }
 
 
@@ -65,11 +80,16 @@ def tiny_model(name: str, **overrides: Any) -> nn.Module:
 
 def tiny_cond(name: str, count: int, seed: int) -> dict[str, Any]:
     """Seeded stand-in conditioning for ``count`` samples of ``TINY_MODELS[name]`` (empty when unconditional):
-    text-encoder outputs ``(count, TEXT_TOKENS, TEXT_DIM)``, and for SDXL ``added_cond_kwargs``."""
-    if TINY_MODELS[name][0] is not UNet2DConditionModel:
-        return {}
+    text-encoder outputs ``(count, TEXT_TOKENS, TEXT_DIM)``, for SDXL ``added_cond_kwargs``, for SD3 pooled
+    projections, for DiT class labels."""
     generator = torch.Generator().manual_seed(seed)
+    if name == "dit":
+        return {"class_labels": torch.randint(10, (count,), generator=generator)}
+    if TINY_MODELS[name][0] not in (UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel):
+        return {}
     cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, TEXT_TOKENS, TEXT_DIM, generator=generator)}
+    if name == "sd3":
+        cond["pooled_projections"] = torch.randn(count, POOLED_DIM, generator=generator)
     if name == "sdxl_unet":
         cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, POOLED_DIM, generator=generator),
                                      "time_ids": torch.randn(count, 6, generator=generator)}

@@ -352,7 +352,8 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR/SSIM "
                                                            "(folder, 'reference' or 'latent-reference'); omit to "
                                                            "skip them."),
-    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
+    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm, euler or flow (flow matching; from the model's "
+                                                "scheduler config)."),
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
     samples: int = typer.Option(1000, help="Images to sample.", callback=_positive),
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
@@ -394,7 +395,8 @@ def sample(
     force_tables: bool = typer.Option(False, "--force-tables", help=FORCE_TABLES_HELP),
     num_samples: int = typer.Option(16, "--num-samples", help="Images to write.", callback=_positive),
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
-    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler (from the model's scheduler config)."),
+    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm, euler or flow (flow matching; from the model's "
+                                                "scheduler config)."),
     seed: int = typer.Option(0, help="Image i starts from noise seeded by (seed, i) alone."),
     batch_size: int = typer.Option(16, help="Images sampled at once.", callback=_positive),
     prompt: list[str] = PROMPT,
@@ -424,7 +426,8 @@ def calibrate(
     out: str = typer.Option(..., "--out", help="Correction tables file to write (.safetensors)."),
     method: str = typer.Option("tac", help="tac (IBC+NER), ner, ibc or ptqd."),
     steps: int = typer.Option(50, help="Sampling steps; the tables only fit this step count.", callback=_positive),
-    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm or euler; the tables only fit this sampler."),
+    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm, euler or flow (flow matching); the tables only fit "
+                                                "this sampler."),
     samples: int = typer.Option(256, help="Calibration trajectories (advanced together).", callback=_positive),
     batch_size: int = typer.Option(64, help="Samples per network call.", callback=_positive),
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),

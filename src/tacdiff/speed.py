@@ -123,10 +123,10 @@ def seconds_per_call(model: nn.Module, batch: int, repeats: int = 3, dtype: torc
     cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
     times: list[float] = []
     with peak_rss_above_start() as activation:
-        model(x, t, **cond)
+        model(x, timestep=t, **cond)
         while len(times) < repeats or (sum(times) < min_seconds and len(times) < 50):
             start = time.perf_counter()
-            model(x, t, **cond)
+            model(x, timestep=t, **cond)
             times.append(time.perf_counter() - start)
     return min(times), activation[0]
 

@@ -27,7 +27,8 @@ def test_every_tiny_model_is_a_registered_kind(name: str) -> None:
 
 
 def test_other_models_are_refused_by_the_registry() -> None:
-    with pytest.raises(TypeError, match="tacdiff supports UNet2DModel, UNet2DConditionModel; got Conv2d"):
+    with pytest.raises(TypeError, match="tacdiff supports UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, "
+                                        r"PixArtTransformer2DModel, SD3Transformer2DModel; got Conv2d"):
         tacdiff.quantize(nn.Conv2d(3, 3, 1), tacdiff.QuantConfig(act_bits=None), progress=False)
     with pytest.raises(ValueError, match=r"UNet2DModel takes no conditioning \['encoder_hidden_states'\]"):
         ModelDenoiser(tiny_model("conv_unet"))(torch.zeros(1, 3, 8, 8), torch.tensor(10),

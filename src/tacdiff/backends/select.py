@@ -117,7 +117,7 @@ def _probe(model: nn.Module, layers: dict[str, QuantWeightMixin], batch: int, ca
     handles = [layer.register_forward_pre_hook(measure(name)) for name, layer in layers.items()]
     try:
         with torch.no_grad():
-            model(x, t, **cond)
+            model(x, timestep=t, **cond)
     finally:
         for handle in handles:
             handle.remove()

@@ -40,11 +40,12 @@ from torch import Tensor, nn
 from tacdiff.correction.ibc import BiasSum, Granularity, check_granularity
 from tacdiff.correction.ner import AbsMean, NERStats, check_ner_params
 from tacdiff.correction.ptqd import PTQDStats
-from tacdiff.correction.tables import CONDITIONING_KEY, IBC_TARGETS, CorrectionTables
+from tacdiff.correction.tables import CONDITIONING_KEY, IBC_TARGETS, PREDICTION_KEY, CorrectionTables
 from tacdiff.correction.wrapper import correct_input, correct_output
 from tacdiff.distributed import Shard, shard
 from tacdiff.io.artifact import state_dict_sha256
-from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, ModelDenoiser, map_cond, sample_shape_of
+from tacdiff.models.kinds import (ClassifierFreeGuidance, Cond, Denoiser, ModelDenoiser, correction_space, map_cond,
+                                  sample_shape_of)
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
 
@@ -254,7 +255,8 @@ def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Mod
         torch.stack([row.input_bias for row in rows]), torch.stack([row.out_scale for row in rows]),
         torch.stack([row.out_bias for row in rows]), torch.tensor([row.residual_var for row in rows]),
         type(scheduler).__name__, dict(scheduler.config), num_inference_steps,
-        {**_provenance(fp_model, quant_model), "hyperparameters": hyper, CONDITIONING_KEY: conditioning.record},
+        {**_provenance(fp_model, quant_model), "hyperparameters": hyper, CONDITIONING_KEY: conditioning.record,
+         PREDICTION_KEY: correction_space(scheduler)},
         "state" if state_ibc is not None else "input")
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tacdiff.correction.tables import CorrectionTables, short_timesteps
 from tacdiff.correction.wrapper import CorrectedUNet, shift_state
-from tacdiff.models.kinds import epsilon_scheduler, prediction_type
+from tacdiff.models.kinds import denoiser_scheduler, prediction_type
 from tacdiff.models.loading import load_any_model, scheduler_class
 
 
@@ -74,7 +74,7 @@ def _corrected(pipe: DiffusionPipeline, tables: CorrectionTables, *, prompted: b
     scheduler = _tables_scheduler(pipe.scheduler, tables)
     tables.check_scheduler(scheduler, tables.num_inference_steps, force=force)
     unet = PipelineUNet(pipe.unet, tables, scheduler, pipe, prompted=prompted, force=force)
-    scheduler = epsilon_scheduler(scheduler)
+    scheduler = denoiser_scheduler(scheduler)
     if tables.ibc_target == "state":
         scheduler.step = StateShiftingStep(scheduler.step, tables)
     pipe.scheduler, pipe.unet = scheduler, unet

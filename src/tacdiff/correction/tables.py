@@ -13,6 +13,10 @@ TAC sets ``input_bias = mu_t`` (IBC) and ``out_scale = K_t`` (NER) with ``out_bi
 sets ``input_bias = 0``, ``out_bias = b_t`` and ``out_scale = 1 / (1 + k_t)``. The file holds
 those tensors, the residual variance per step (PTQD) and metadata naming the scheduler, step
 count, quantization bits, FP model hash and hyper-parameters. Writes are atomic.
+
+``eps`` is whatever the denoiser returns under the scheduler, recorded as :data:`PREDICTION_KEY`: the
+noise estimate, or under flow-matching schedulers the flow velocity (NER scales the velocity, IBC
+still shifts the sampler's latent); tables refuse a sampler of the other parameterization.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import tacdiff
 from tacdiff.io.atomic import is_regular_file, write_file_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format
 from tacdiff.quant.apply import STATE_ATTR, QuantState
-from tacdiff.models.kinds import sample_shape_of
+from tacdiff.models.kinds import correction_space, sample_shape_of
 
 FORMAT = "tacdiff-correction-tables"
 FORMAT_VERSION = "1"
@@ -135,8 +139,10 @@ class CorrectionTables:
         """Raise ``ValueError`` naming both schedules unless ``scheduler`` at ``num_inference_steps`` has the
         class, noise schedule (``alphas_cumprod``) and timestep sequence the tables were calibrated with.
 
-        ``force`` turns a class or noise-schedule mismatch into a warning; other timesteps always raise.
+        ``force`` turns a class or noise-schedule mismatch into a warning; other timesteps and another
+        parameterization (:meth:`check_prediction`) always raise.
         """
+        self.check_prediction(scheduler)
         probe = type(scheduler).from_config(scheduler.config)
         probe.set_timesteps(num_inference_steps)
         theirs = probe.timesteps.double().cpu()
@@ -153,13 +159,24 @@ class CorrectionTables:
                             f"({_betas(self.scheduler_config)} vs {_betas(dict(scheduler.config))})")
         _refuse(problems, "the sampler", force)
 
+    def check_prediction(self, scheduler: SchedulerMixin) -> None:
+        """Raise ``ValueError`` when the tables correct another parameterization (noise or flow velocity) than
+        denoisers return under ``scheduler`` (tables that do not record one are taken as noise tables)."""
+        fitted, wanted = self.metadata.get(PREDICTION_KEY, "epsilon"), correction_space(scheduler)
+        if fitted != wanted:
+            raise ValueError(f"correction tables correct {fitted!r} predictions, but under {type(scheduler).__name__} "
+                             f"the model predicts {wanted!r}; calibrate tables with this scheduler")
+
     def check_model(self, model: nn.Module, *, force: bool = False) -> None:
         """Raise ``ValueError`` naming both sides unless the tables were fitted for ``model``: the same
         output channels, sample shape, quantization config and (where both record it) FP-model hash.
 
         ``force`` turns every mismatch but the channel count into a warning (deliberate reuse).
         """
-        channels = getattr(getattr(model, "config", None), "out_channels", self.channels)
+        config = getattr(model, "config", None)
+        channels = getattr(config, "out_channels", self.channels)
+        if channels == 2 * getattr(config, "in_channels", 0):  # learned variance: the noise half is corrected
+            channels //= 2
         if channels != self.channels:
             raise ValueError(f"correction tables have {self.channels} channels but the model outputs {channels}; "
                              "use tables calibrated for this model")
@@ -220,6 +237,10 @@ class CorrectionTables:
 def is_tables_file(path: Path) -> bool:
     """Whether ``path`` is a correction tables file written by tacdiff (so ``--overwrite`` may replace it)."""
     return is_regular_file(path) and safetensors_format(path) == FORMAT
+
+
+PREDICTION_KEY = "prediction"
+"""Tables metadata: what the corrected estimate is, ``"epsilon"`` or ``"flow"`` (:func:`correction_space`)."""
 
 
 def _refuse(problems: list[str], target: str, force: bool) -> None:

@@ -1,8 +1,11 @@
 """The model-kind registry and the denoiser adapters: how tacdiff calls each diffusers model class.
 
 As in k-diffusion's ``external.py``, a denoiser is any callable ``denoiser(x, t, **cond) -> eps``
-that predicts the noise in the model input ``x`` at scheduler timestep ``t``; samplers and
-corrections only ever see that interface. :class:`ModelDenoiser` adapts a registered model:
+that predicts the noise in the model input ``x`` at scheduler timestep ``t`` or, under a
+flow-matching scheduler (sigmas, ``FlowMatchEulerDiscreteScheduler``), the flow velocity the
+scheduler consumes (:func:`prediction_type` says which); samplers and corrections only ever see that
+interface. Registered kinds: diffusers' UNets and the transformer denoisers DiT (class-conditional),
+PixArt and SD3's MMDiT (text-conditioned). :class:`ModelDenoiser` adapts a registered model:
 timestep by keyword, conditioning keywords checked against its kind, learned-variance output
 channels split off, v-prediction converted to the noise estimate. Wrappers such as
 :class:`ClassifierFreeGuidance` derive from :class:`DenoiserWrapper`, which passes the optional
@@ -16,14 +19,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
-from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import (DiTTransformer2DModel, PixArtTransformer2DModel, SchedulerMixin, SD3Transformer2DModel,
+                       UNet2DConditionModel, UNet2DModel)
 from torch import Tensor, nn
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+FLOW = "flow"
+"""The parameterization of flow-matching schedulers: the model predicts the velocity ``d x / d sigma``."""
+PREDICTION_TYPES = ("epsilon", "v_prediction", FLOW)
 
 
 class Denoiser(Protocol):
-    """Predicts the noise ``eps`` of shape ``x.shape`` from the model input ``x`` at timestep ``t``.
+    """Predicts the noise ``eps`` of shape ``x.shape`` from the model input ``x`` at timestep ``t`` (the flow
+    velocity under a flow-matching scheduler).
 
     A denoiser may also have ``correct_state(x, t, step) -> x``: the sampling loop calls it at
     the start of step number ``step`` (timestep ``t``) with that trajectory's latents ``x`` and
@@ -60,6 +67,10 @@ class ModelKind:
 MODEL_KINDS: dict[str, ModelKind] = {kind.cls.__name__: kind for kind in (
     ModelKind(UNet2DModel, frozenset({"class_labels"})),
     ModelKind(UNet2DConditionModel, frozenset({"encoder_hidden_states", "class_labels", "added_cond_kwargs"})),
+    ModelKind(DiTTransformer2DModel, frozenset({"class_labels"})),
+    ModelKind(PixArtTransformer2DModel, frozenset({"encoder_hidden_states", "added_cond_kwargs",
+                                                   "encoder_attention_mask"})),
+    ModelKind(SD3Transformer2DModel, frozenset({"encoder_hidden_states", "pooled_projections"})),
 )}
 
 
@@ -69,11 +80,12 @@ def kind_of(model: nn.Module) -> ModelKind:
         if isinstance(model, kind.cls):
             return kind
     raise TypeError(f"tacdiff supports {', '.join(MODEL_KINDS)}; got {type(model).__name__}. "
-                    "Pass the pipeline's UNet (e.g. pipe.unet), not the pipeline or another model")
+                    "Pass the pipeline's denoiser (pipe.unet or pipe.transformer), not the pipeline or another "
+                    "model")
 
 
 def sample_shape_of(model: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` of the samples a diffusers UNet makes, read from its config."""
+    """``(C, H, W)`` of the samples a diffusers UNet or transformer makes, read from its config."""
     config = getattr(model, "config", None)
     size = getattr(config, "sample_size", None)
     if config is None or size is None:
@@ -89,8 +101,15 @@ def example_inputs(model: nn.Module, batch: int) -> tuple[Tensor, Tensor, dict[s
     param = next(model.parameters())
     x = torch.zeros(batch, *sample_shape_of(model), device=param.device, dtype=param.dtype)
     config, cond = model.config, {}
-    if getattr(config, "num_class_embeds", None):
+    if getattr(config, "num_class_embeds", None) or isinstance(model, DiTTransformer2DModel):
         cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=param.device)
+    if isinstance(model, SD3Transformer2DModel):
+        cond["encoder_hidden_states"] = x.new_zeros(batch, 8, config.joint_attention_dim)
+        cond["pooled_projections"] = x.new_zeros(batch, config.pooled_projection_dim)
+    if isinstance(model, PixArtTransformer2DModel):
+        cond["encoder_hidden_states"] = x.new_zeros(batch, 8, config.caption_channels)
+        if model.use_additional_conditions:
+            cond["added_cond_kwargs"] = {"resolution": x.new_zeros(batch, 2), "aspect_ratio": x.new_zeros(batch, 1)}
     if isinstance(model, UNet2DConditionModel):
         if config.addition_embed_type is not None:
             raise ValueError(f"no example inputs for a UNet with {config.addition_embed_type!r} addition "
@@ -99,18 +118,33 @@ def example_inputs(model: nn.Module, batch: int) -> tuple[Tensor, Tensor, dict[s
     return x, torch.full((batch,), 500, device=param.device), cond
 
 
+def is_flow_matching(scheduler: SchedulerMixin) -> bool:
+    """Whether ``scheduler`` integrates a flow-matching ODE over sigmas (diffusers' ``FlowMatch*`` schedulers)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
 def prediction_type(scheduler: SchedulerMixin) -> str:
-    """The scheduler's ``prediction_type`` (``epsilon`` when it has none); ``ValueError`` for unsupported ones."""
+    """What the model predicts under ``scheduler``: its ``prediction_type`` (``epsilon`` when it has none), or
+    :data:`FLOW` for flow-matching schedulers; ``ValueError`` for unsupported ones."""
+    if is_flow_matching(scheduler):
+        return FLOW
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type {kind!r} is not supported; tacdiff supports {', '.join(PREDICTION_TYPES)}")
     return kind
 
 
-def epsilon_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
-    """A copy of ``scheduler`` that consumes noise estimates (``prediction_type="epsilon"``), as denoisers return."""
+def correction_space(scheduler: SchedulerMixin) -> str:
+    """What denoisers return under ``scheduler``, and so what corrections act on: :data:`FLOW` (velocity) for
+    flow-matching schedulers, else ``"epsilon"`` (:class:`ModelDenoiser` turns v-predictions into noise)."""
+    return FLOW if prediction_type(scheduler) == FLOW else "epsilon"
+
+
+def denoiser_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """A copy of ``scheduler`` that consumes what denoisers return: noise estimates (``prediction_type="epsilon"``)
+    or, for flow-matching schedulers, the velocity as it is."""
     copied = copy.deepcopy(scheduler)
-    if prediction_type(scheduler) != "epsilon":
+    if prediction_type(scheduler) == "v_prediction":
         copied.register_to_config(prediction_type="epsilon")
     return copied
 
@@ -178,7 +212,9 @@ class ModelDenoiser:
             raise ValueError(f"{self.kind.cls.__name__} takes no conditioning {unknown}; it takes "
                              f"{sorted(self.kind.cond_keys)}")
         dtype = getattr(self.model, "dtype", x.dtype)  # e.g. a bfloat16 model sampled from float32 noise
-        out = self.model(x.to(dtype), timestep=t, **_cast(cond, dtype), return_dict=False)[0].to(x.dtype)
+        t = torch.as_tensor(t, device=x.device)
+        timestep = t.expand(x.shape[0]) if t.ndim == 0 else t  # transformers take one timestep per sample only
+        out = self.model(x.to(dtype), timestep=timestep, **_cast(cond, dtype), return_dict=False)[0].to(x.dtype)
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, :x.shape[1]]
         return out if self.alphas_cumprod is None else v_to_eps(out, x, t, self.alphas_cumprod)

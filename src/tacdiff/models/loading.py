@@ -10,7 +10,7 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, SchedulerMixin)
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin)
 from torch import nn
 
 from tacdiff.backends import check_backend
@@ -97,8 +97,9 @@ def scheduler_class(name: object, where: str) -> type[SchedulerMixin]:
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
+    "euler": EulerDiscreteScheduler, "flow": FlowMatchEulerDiscreteScheduler,
 }
+FLOW_SCHEDULER = "flow"
 REFERENCE = "reference"
 
 
@@ -203,11 +204,25 @@ def artifact_pipeline(path: str | Path) -> Path | None:
     return folder
 
 
+def is_flow_config(config: dict[str, Any]) -> bool:
+    """Whether a scheduler config is a flow-matching one (a ``shift`` of sigmas and no beta schedule)."""
+    return "shift" in config and "beta_start" not in config
+
+
 def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
-    """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule."""
+    """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule.
+
+    ``"flow"`` (flow-matching Euler over sigmas) and the noise-prediction schedulers do not mix: a model
+    whose recorded scheduler is a flow-matching one samples with ``"flow"`` only, and the reverse.
+    """
     cls = SCHEDULERS.get(name)
     if cls is None:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if config is not None and is_flow_config(config) != (name == FLOW_SCHEDULER):
+        hint = (f"it samples by flow matching (its scheduler config has sigmas, no betas); pass --scheduler "
+                f"{FLOW_SCHEDULER}" if name != FLOW_SCHEDULER else
+                "it predicts noise on a beta schedule; pick ddim, ddpm, dpm or euler")
+        raise ValueError(f"scheduler {name!r} does not fit this model: {hint}")
     base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
     return cls.from_config(base)
 

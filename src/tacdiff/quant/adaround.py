@@ -151,7 +151,7 @@ def _run(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, dict[str, to
     x, t, cond = batch
     try:
         with torch.no_grad():
-            model(x, t, **cond)
+            model(x, timestep=t, **cond)
     except _StopForward:
         pass
 

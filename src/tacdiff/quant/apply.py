@@ -118,9 +118,12 @@ def skip_concat_splits(model: nn.Module) -> dict[str, int]:
     """Channel index where each up-block resnet's input switches from the hidden state to the skip.
 
     Up-block resnets consume ``cat([hidden, skip], dim=1)``: ``conv1`` (after norm and
-    activation) and ``conv_shortcut`` see that concatenation channel by channel.
+    activation) and ``conv_shortcut`` see that concatenation channel by channel. Models without up blocks
+    (transformers) have none.
     """
     splits: dict[str, int] = {}
+    if not hasattr(model, "up_blocks"):
+        return splits
     hidden = model.config.block_out_channels[-1]
     for b, block in enumerate(model.up_blocks):
         for j, resnet in enumerate(block.resnets):

@@ -55,7 +55,7 @@ def run_calibration(model: nn.Module, calibration: CalibrationSet, *, batch_size
     """One forward pass of ``model`` over every calibration input (for the hooks that observe it)."""
     batches = list(model_batches(model, calibration, batch_size))
     for x, t, cond in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        model(x, t, **cond)
+        model(x, timestep=t, **cond)
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
 from tacdiff.distributed import shard
-from tacdiff.models.kinds import Cond, ModelDenoiser, cond_leaves, guidance_batch, map_cond, sample_shape_of
+from tacdiff.models.kinds import (Cond, ModelDenoiser, cond_leaves, guidance_batch, is_flow_matching, map_cond,
+                                  sample_shape_of)
 from tacdiff.sampling.batching import batched_trajectories
 from tacdiff.sampling.conditioning import Conditioning, tensor_conditioning
 from tacdiff.sampling.loop import StepRecord
@@ -90,7 +91,8 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
                             batch_size: int = 64, cond: Cond | Conditioning | None = None,
                             sample_shape: tuple[int, ...] | None = None,
                             progress: bool = True) -> CalibrationSet:
-    """Run the FP ``model`` with DDIM (built from ``scheduler``'s config) and record its inputs.
+    """Run the FP ``model`` with DDIM (built from ``scheduler``'s config; a flow-matching scheduler samples as
+    itself) and record its inputs.
 
     Args:
         num_samples: trajectories; sample ``i`` starts from the noise (and, for the record, per-step
@@ -117,7 +119,8 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
     conditioning = cond if isinstance(cond, Conditioning) else tensor_conditioning(cond or {})
     kept = num_inference_steps if kept_steps is None else min(kept_steps, num_inference_steps)
     keep = sorted(set(torch.linspace(0, num_inference_steps - 1, kept).round().long().tolist()))
-    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim = type(scheduler).from_config(scheduler.config) if is_flow_matching(scheduler) else \
+        DDIMScheduler.from_config(scheduler.config)
     shape = sample_shape or sample_shape_of(model)
     param = next(model.parameters())
     inputs: dict[int, list[torch.Tensor]] = {step: [] for step in keep}

@@ -61,19 +61,31 @@ UNCONDITIONAL = Conditioning()
 
 
 def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, Any]:
-    """Seeded Gaussian stand-ins for text embeddings when a conditional UNet has no text encoder at hand
-    (with SDXL's ``added_cond_kwargs``, pooled embeddings and time ids, for ``addition_embed_type="text_time"``)."""
+    """Seeded Gaussian stand-ins for text embeddings when a text-conditioned model has no text encoder at hand
+    (with SDXL's ``added_cond_kwargs``, pooled embeddings and time ids, for ``addition_embed_type="text_time"``;
+    with SD3's pooled projections)."""
     if "encoder_hidden_states" not in kind_of(model).cond_keys:
         return {}
     generator = torch.Generator().manual_seed(seed)
     config = model.config
-    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, config.cross_attention_dim,
-                                                                 generator=generator)}
+    width = next(getattr(config, key) for key in ("cross_attention_dim", "caption_channels", "joint_attention_dim")
+                 if getattr(config, key, None))
+    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, width, generator=generator)}
+    if getattr(config, "pooled_projection_dim", None):
+        cond["pooled_projections"] = torch.randn(count, config.pooled_projection_dim, generator=generator)
     if getattr(config, "addition_embed_type", None) == "text_time":
         pooled = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
         cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, pooled, generator=generator),
                                      "time_ids": torch.randn(count, SDXL_TIME_IDS, generator=generator)}
     return cond
+
+
+def num_classes(model: torch.nn.Module) -> int:
+    """How many classes a class-conditional model (DiT, a UNet with ``num_class_embeds``) knows; 0 for others."""
+    if "class_labels" not in kind_of(model).cond_keys:
+        return 0
+    config = model.config
+    return int(getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None) or 0)
 
 
 def tensor_conditioning(cond: Cond, record: dict[str, Any] | None = None) -> Conditioning:
@@ -122,8 +134,9 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
     Text-to-image pipelines embed ``options.prompts`` (default: the pipeline folder's own, else
     :data:`~tacdiff.data.prompts.DEFAULT_PROMPTS`; :func:`~tacdiff.data.prompts.default_prompts`)
     with their own text encoder and guide with ``options.guidance_scale``. A bare text-conditioned
-    UNet (no text encoder at hand) gets seeded random stand-in embeddings for ``count`` samples,
-    with a warning. Prompt options for a model that reads no prompts raise ``ValueError``.
+    UNet or transformer (no text encoder at hand) gets seeded random stand-in embeddings for ``count``
+    samples, with a warning; a class-conditional model (DiT, a UNet with class embeddings) samples
+    class ``i mod classes`` for sample ``i``. Prompt options for a model that reads no prompts raise ``ValueError``.
     """
     if loaded.reads_prompts:
         scale = DEFAULT_GUIDANCE_SCALE if options.guidance_scale is None else options.guidance_scale
@@ -133,10 +146,14 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
     if options.given:
         raise ValueError(f"{what} reads no prompts (it is not a text-to-image pipeline folder with a text encoder); "
                          "leave out --prompt, --prompts-file, --negative-prompt and --guidance-scale")
+    classes = num_classes(loaded.model)
+    if classes:
+        return tensor_conditioning({"class_labels": torch.arange(count) % classes},
+                                   {"prompted": False, "class_labels": f"sample index mod {classes}"})
     stand_in = random_text_embeddings(loaded.model, count, derive_seed(seed, "text"))
     if not stand_in:
         return UNCONDITIONAL
-    warnings.warn(f"{what} is a text-conditioned UNet without a text encoder: it runs on seeded random stand-in "
+    warnings.warn(f"{what} is a text-conditioned model without a text encoder: it runs on seeded random stand-in "
                   "text embeddings. Pass the pipeline folder (with text_encoder/ and tokenizer/) to use prompts",
                   stacklevel=2)
     return tensor_conditioning(stand_in, {"prompted": False, "stand_in": "random text embeddings"})

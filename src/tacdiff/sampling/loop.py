@@ -3,7 +3,8 @@
 In the k-diffusion style, a denoiser is any callable ``denoiser(x, t, **cond) -> eps`` (see
 :mod:`tacdiff.models.kinds`, which adapts diffusers models to it) and the loop reports each step
 through a callback. Every trajectory gets its own copy of the scheduler (multistep solvers keep
-history), set to consume noise estimates (``prediction_type="epsilon"``), and its own generator
+history), set to consume what denoisers return (noise estimates, ``prediction_type="epsilon"``; the
+velocity under flow-matching schedulers, which start from unit noise and have no input scaling), and its own generator
 seeded alike, so paired trajectories start from the same noise and draw the same per-step noise.
 Calibration, evaluation and the CLI all go through :func:`run_trajectories`.
 """
@@ -18,7 +19,7 @@ import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
-from tacdiff.models.kinds import Denoiser, correct_state, epsilon_scheduler
+from tacdiff.models.kinds import Denoiser, correct_state, denoiser_scheduler
 
 
 @dataclass
@@ -50,6 +51,12 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[to
     return {"generator": generator} if "generator" in accepts else {}
 
 
+def _model_input(scheduler: SchedulerMixin, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``scheduler.scale_model_input(x, t)``; flow-matching schedulers have none and take ``x`` as it is."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
+
+
 @torch.no_grad()
 def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, noise: torch.Tensor, *,
                      num_inference_steps: int, seed: int | Sequence[int] = 0, cond: dict[str, Any] | None = None,
@@ -69,15 +76,15 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     cond = cond or {}
-    schedulers = [epsilon_scheduler(scheduler) for _ in denoisers]
+    schedulers = [denoiser_scheduler(scheduler) for _ in denoisers]
     for sched in schedulers:
         sched.set_timesteps(num_inference_steps, device=noise.device)
     generators = [_generators(seed, noise) for _ in denoisers]
-    states = [noise * sched.init_noise_sigma for sched in schedulers]
+    states = [noise * getattr(sched, "init_noise_sigma", 1.0) for sched in schedulers]
     timesteps = schedulers[0].timesteps
     for step, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         states = [correct_state(den, x, t, step) for den, x in zip(denoisers, states)]
-        inputs = [sched.scale_model_input(x, t) for sched, x in zip(schedulers, states)]
+        inputs = [_model_input(sched, x, t) for sched, x in zip(schedulers, states)]
         eps = [den(inp, t, **cond) for den, inp in zip(denoisers, inputs)]
         if callback is not None:
             callback(StepRecord(step, t, states, inputs, eps))

@@ -1,0 +1,106 @@
+"""Transformer denoisers (tiny real DiT, PixArt and SD3 MMDiT) through quantize -> TAC calibration -> sampling,
+and flow matching through the sampling loop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+from torch import nn
+
+import tacdiff
+from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac
+from tacdiff.models.kinds import FLOW, ModelDenoiser, correction_space, prediction_type
+from tacdiff.quant import quantization_summary
+from tacdiff.quant.attention import QuantAttnProcessor
+from tacdiff.sampling import batched_trajectories, sample, sample_noise
+
+from tiny_models import tiny_cond, tiny_model
+
+STEPS, SAMPLES = 5, 8
+SCHEDULERS = {"dit": DDIMScheduler, "pixart": DDIMScheduler, "sd3": FlowMatchEulerDiscreteScheduler}
+
+
+def _scheduler(name: str) -> SchedulerMixin:
+    return SCHEDULERS[name]() if SCHEDULERS[name] is FlowMatchEulerDiscreteScheduler else \
+        DDIMScheduler.from_config(DDPMScheduler().config)
+
+
+@pytest.fixture(scope="module", params=sorted(SCHEDULERS))
+def fitted(request: pytest.FixtureRequest) -> tuple[str, nn.Module, nn.Module, CorrectionTables]:
+    """``(name, fp, W4A8 copy, TAC tables)`` of one tiny transformer, calibrated on its own trajectories."""
+    name = request.param
+    fp, scheduler = tiny_model(name), _scheduler(name)
+    cond = tiny_cond(name, SAMPLES, seed=0)
+    inputs = tacdiff.collect_calibration_set(fp, scheduler, num_samples=SAMPLES, num_inference_steps=STEPS,
+                                             kept_steps=STEPS, cond=cond, progress=False)
+    quant = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=4, act_bits=8), inputs,
+                             progress=False)
+    tables = calibrate_tac(fp, quant, scheduler, num_inference_steps=STEPS, num_samples=SAMPLES, batch_size=4,
+                           cond=cond, progress=False)
+    return name, fp, quant, tables
+
+
+def test_every_linear_layer_of_a_transformer_is_quantized(fitted: tuple) -> None:
+    name, _, quant, _ = fitted
+    rows = quantization_summary(quant)
+    linears = [row for row in rows if row["kind"] == "linear"]
+    assert linears and all(row["weight_bits"] in (4, 8) for row in linears)
+    names = {row["name"] for row in linears}
+    if name == "dit":  # adaLN modulation, time/label embeddings, the patch embedding (a conv) and the output
+        assert any("norm1.linear" in n for n in names) and any("timestep_embedder" in n for n in names)
+        assert any(row["name"] == "pos_embed.proj" for row in rows)
+
+
+def test_attention_tacdiff_cannot_reproduce_stays_float(fitted: tuple) -> None:
+    name, fp, quant, _ = fitted
+    processors = {type(m.processor) for m in quant.modules() if hasattr(m, "processor")}
+    if name == "sd3":  # joint attention: its own processor, float matmuls (the projections are quantized)
+        assert processors == {JointAttnProcessor2_0}
+        assert not any(row["kind"] == "attention" for row in quantization_summary(quant))
+    else:
+        assert processors == {QuantAttnProcessor}
+
+
+def test_tables_record_the_parameterization_and_refuse_another(fitted: tuple) -> None:
+    name, _, _, tables = fitted
+    scheduler = _scheduler(name)
+    assert tables.metadata["prediction"] == correction_space(scheduler) == ("flow" if name == "sd3" else "epsilon")
+    other = DDIMScheduler() if name == "sd3" else FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="predictions, but under"):
+        tables.check_prediction(other)
+    tables.check_prediction(scheduler)
+
+
+def test_corrected_transformer_samples_are_finite_and_corrected(fitted: tuple) -> None:
+    name, fp, quant, tables = fitted
+    scheduler = _scheduler(name)
+    denoisers = [ModelDenoiser(fp, scheduler), ModelDenoiser(quant, scheduler),
+                 CorrectedDenoiser(ModelDenoiser(quant, scheduler), tables)]
+    (_, finals), = batched_trajectories(denoisers, scheduler, num_samples=4, sample_shape=(4, 8, 8),
+                                       num_inference_steps=STEPS, seed=9, batch_size=4,
+                                       cond=tiny_cond(name, 4, seed=9), progress=False)
+    assert all(bool(torch.isfinite(x).all()) for x in finals)
+    assert finals[0].shape == (4, 4, 8, 8)  # the learned-variance half is split off before the correction
+    assert not torch.equal(finals[1], finals[2])
+
+
+def test_flow_matching_samples_as_diffusers_does() -> None:
+    """tacdiff's loop on a flow-matching scheduler equals diffusers' own Euler loop over sigmas."""
+    model, scheduler = tiny_model("sd3"), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    cond = tiny_cond("sd3", 2, seed=1)
+    noise = sample_noise((4, 8, 8), 0, 2, seed=1)
+    assert prediction_type(scheduler) == FLOW
+    ours = sample(ModelDenoiser(model, scheduler), scheduler, noise, num_inference_steps=STEPS, cond=cond,
+                  progress=False)
+    reference = copy.deepcopy(scheduler)
+    reference.set_timesteps(STEPS)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in reference.timesteps:
+            velocity = model(x, timestep=t.expand(2), **cond, return_dict=False)[0]
+            x = reference.step(velocity, t, x, return_dict=False)[0]
+    assert torch.equal(ours, x)
