@@ -90,7 +90,7 @@ def test_bad_options_fail_with_one_message_and_write_nothing(model_dir: Path, tm
 
 def test_a_folder_without_a_unet_fails_clearly(tmp_path: Path) -> None:
     code, output = invoke("quantize", str(tmp_path), "--out", str(tmp_path / "out"), "--quiet")
-    assert code == 2 and "no diffusers UNet config.json" in output and "save_pretrained" in output, output
+    assert code == 2 and "no diffusers model config.json" in output and "save_pretrained" in output, output
 
 
 @pytest.mark.parametrize("taken", ["exists", "file_parent"])

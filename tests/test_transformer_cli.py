@@ -1,11 +1,15 @@
-"""Transformer model folders (tiny real DiT and SD3 MMDiT written by ``save_pretrained``) through the command line:
-quantize -> calibrate -> sample / eval, with class labels (DiT) and flow matching (SD3)."""
+"""Transformer model and pipeline folders (tiny real DiT and SD3 MMDiT written by ``save_pretrained``, a DiTPipeline)
+through the command line: quantize -> calibrate -> sample / eval, with class labels and names (DiT) and flow matching
+(SD3)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from typing import Callable
+
+import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
 from typer.testing import CliRunner
 
@@ -57,3 +61,30 @@ def test_an_sd3_transformer_samples_by_flow_matching(tmp_path: Path) -> None:
            "--samples", "2", *STEPS, "--json", str(tmp_path / "eval.json"), "--quiet")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["x0_psnr"] > 0 and result["fid"] is None
+
+
+@pytest.fixture(scope="module")
+def dit_pipeline_dir(pipeline_dir: Callable[[str], Path]) -> Path:
+    return pipeline_dir("dit")
+
+
+def test_a_dit_pipeline_samples_named_classes_with_guidance(dit_pipeline_dir: Path, tmp_path: Path) -> None:
+    invoke("sample", str(dit_pipeline_dir), "--class", "sneaker", "--class", "Bag", "--out", str(tmp_path / "s"),
+           "--num-samples", "3", *STEPS, "--quiet")
+    record = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert [entry["prompt"] for entry in record["images"]] == ["sneaker", "Bag", "sneaker"]
+    assert record["conditioning"]["guidance_scale"] == 4.0
+    refused = CliRunner().invoke(app, ["sample", str(dit_pipeline_dir), "--class", "giraffe", "--out",
+                                       str(tmp_path / "no"), *STEPS])
+    assert refused.exit_code == 2 and "unknown class 'giraffe'; this pipeline knows t-shirt, trousers" in refused.output
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_quantized_dit_pipeline_is_corrected_and_scored(dit_pipeline_dir: Path, tmp_path: Path) -> None:
+    invoke("quantize", str(dit_pipeline_dir), "--out", str(tmp_path / "q"), "--w-bits", "4", *CALIBRATION, "--quiet")
+    invoke("calibrate", str(tmp_path / "q"), "--fp-model", str(dit_pipeline_dir), "--out",
+           str(tmp_path / "t.safetensors"), "--samples", "4", "--batch-size", "2", *STEPS, "--quiet")
+    invoke("eval", str(tmp_path / "q"), "--fp-model", str(dit_pipeline_dir), "--tables", str(tmp_path / "t.safetensors"),
+           "--samples", "4", *STEPS, "--json", str(tmp_path / "eval.json"), "--quiet")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["fid"] is not None and result["prompt_accuracy"] is not None and result["x0_psnr"] > 0

@@ -1,7 +1,7 @@
 """Tiny real diffusers pipelines saved with ``save_pretrained``, each kind declared once: Stable Diffusion
 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel and a CLIPTokenizer built offline from a character
-vocabulary, :mod:`tacdiff.models.text`), LDM with a VQModel, and unconditional latent diffusion with an
-AutoencoderKL.
+vocabulary, :mod:`tacdiff.models.text`), LDM with a VQModel, unconditional latent diffusion with an
+AutoencoderKL, and a class-conditional DiT with named classes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
                        LDMPipeline, VQModel)
 
 from tacdiff.models.pipelines import stable_diffusion
+from tacdiff.models.reference import LATENT_REFERENCE_DIR
+from tacdiff.models.train_dit import NULL_CLASS, dit_pipeline
 from tacdiff.data.prompts import fashion_vocabulary
 from tacdiff.models.text import character_tokenizer, random_text_encoder, word_tokenizer
 from tiny_models import tiny_model
@@ -56,6 +58,13 @@ def _latent_kl(work: Path) -> DiffusionPipeline:
     return LDMPipeline(vqvae=AutoencoderKL(**_AUTOENCODER, latent_channels=4), unet=unet, scheduler=DDIMScheduler())
 
 
+def _dit(work: Path) -> DiffusionPipeline:
+    """Shaped like ``tacdiff train-dit``'s pipeline: a tiny DiT (1000 classes, as DiTPipeline's null class needs) on
+    the bundled latent reference's autoencoder (32x32 grayscale images), Fashion-MNIST class names."""
+    vae = AutoencoderKL.from_pretrained(LATENT_REFERENCE_DIR / "vae")
+    return dit_pipeline(tiny_model("dit", out_channels=4, num_embeds_ada_norm=NULL_CLASS), vae)
+
+
 TINY_PIPELINES: dict[str, Callable[[Path], DiffusionPipeline]] = {
     "sd": _stable_diffusion,     # text-to-image, 4x8x8 latents, 16x16 RGB images
     "fashion_sd": _fashion_sd,   # text-to-image, 4x8x8 latents, 16x16 grayscale images, word-level tokenizer
@@ -63,6 +72,7 @@ TINY_PIPELINES: dict[str, Callable[[Path], DiffusionPipeline]] = {
     "latent_kl": _latent_kl,     # unconditional, AutoencoderKL in LDMPipeline's autoencoder slot, 4x8x8 latents
     "ddpm": lambda work: DDPMPipeline(unet=tiny_model("conv_unet"), scheduler=DDPMScheduler()),  # pixels, 3x8x8
     "ddim": lambda work: DDIMPipeline(unet=tiny_model("conv_unet"), scheduler=DDIMScheduler()),
+    "dit": _dit,                 # class-conditional transformer, 4x8x8 latents, 32x32 grayscale images
 }
 
 

@@ -198,20 +198,23 @@ DATA_DIR = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz fil
 BACKEND = typer.Option("fake", "--backend", callback=_backend,
                        help="How quantized layers run: fake (simulated in float), int8 (integer kernels where "
                             "exact; the rest fake) or auto (int8 only where measured faster here).")
-GUIDANCE_SCALE = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (default 7.5; <= 1 "
-                                                             "turns guidance off). Tables only fit their own scale.")
+GUIDANCE_SCALE = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (default 7.5, 4 for "
+                                                             "DiT; <= 1 turns guidance off). Tables only fit their "
+                                                             "own scale.")
+CLASS = typer.Option([], "--class", help="Class name (repeatable; image i gets class i mod n). Class-conditional "
+                                         "pipelines with named classes (DiTPipeline) only; default: every class.")
 
 
 def _prompt_options(prompt: list[str], prompts_file: str | None, negative_prompt: str | None,
-                    guidance_scale: float | None) -> PromptOptions:
-    """The :class:`~tacdiff.sampling.conditioning.PromptOptions` of the four prompt options."""
+                    guidance_scale: float | None, classes: list[str] | None = None) -> PromptOptions:
+    """The :class:`~tacdiff.sampling.conditioning.PromptOptions` of the prompt options (and ``--class``)."""
     from tacdiff.data.prompts import read_prompts
     from tacdiff.sampling.conditioning import PromptOptions  # here, not at the top: it loads torch
 
     if prompt and prompts_file:
         raise ValueError("pass --prompt or --prompts-file, not both")
     prompts = tuple(prompt) if prompt else tuple(read_prompts(prompts_file)) if prompts_file else None
-    return PromptOptions(prompts, negative_prompt, guidance_scale)
+    return PromptOptions(prompts, negative_prompt, guidance_scale, tuple(classes) if classes else None)
 
 
 @app.command()
@@ -345,6 +348,28 @@ def train_latent(
     typer.echo(f"wrote {out / 'pipeline'} and {out / 'training.json'}")
 
 
+@app.command("train-dit")
+def train_dit(
+    out_dir: str = typer.Argument(..., help="Run folder; training resumes from its checkpoint there."),
+    steps: int = typer.Option(8000, help="Optimizer steps.", callback=_positive),
+    batch_size: int = typer.Option(128, help="Latents per step.", callback=_positive),
+    lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up."),
+    seed: int = TRAIN_SEED,
+    ema_decay: float = typer.Option(0.999, help="Decay of the weight EMA that is exported."),
+    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints.", callback=_positive),
+    device: str = TRAIN_DEVICE,
+    data_dir: str = DATA_DIR,
+    quiet: bool = typer.Option(False, help="Hide the progress bar."),
+) -> None:
+    """Train a small class-conditional DiT on the latent reference's autoencoder latents of Fashion-MNIST;
+    writes OUT_DIR/pipeline (a DiTPipeline folder with the class names)."""
+    from tacdiff.models.train_dit import train_dit as run
+
+    out = run(out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay,
+              checkpoint_every=checkpoint_every, device=device, data_dir=data_dir, progress=_progress(quiet))
+    typer.echo(f"wrote {out / 'pipeline'} and {out / 'training.json'}")
+
+
 @app.command()
 def eval(  # noqa: A001 - the command is `tacdiff eval`
     model: str = typer.Argument(..., help="FP diffusers model or pipeline folder, quantized artifact "
@@ -367,6 +392,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
+    class_: list[str] = CLASS,
     backend: str = BACKEND,
     quiet: bool = typer.Option(False, help="Hide progress bars."),
 ) -> None:
@@ -379,7 +405,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     _check_reports({"JSON file": json_path}, inputs=input_paths(model, fp_model, tables, prompts_file))
     result = evaluate(model, fp_model=fp_model, scheduler=scheduler, steps=steps, samples=samples, seed=seed,
                       batch_size=batch_size, device=device, tables=tables, force_tables=force_tables,
-                      prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
+                      prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale, class_),
                       backend=backend, progress=_progress(quiet))
     typer.echo(format_table(result))
     if json_path:
@@ -403,6 +429,7 @@ def sample(
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
+    class_: list[str] = CLASS,
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     backend: str = BACKEND,
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a samples folder tacdiff wrote."),
@@ -411,7 +438,7 @@ def sample(
     """Sample a model or pipeline (FP, quantized or corrected) and write one PNG per image and a grid."""
     from tacdiff.workflows import sample_dir
 
-    prompts = _prompt_options(prompt, prompts_file, negative_prompt, guidance_scale)
+    prompts = _prompt_options(prompt, prompts_file, negative_prompt, guidance_scale, class_)
     path = sample_dir(model, out, tables=tables, force_tables=force_tables, prompts=prompts,
                       num_samples=num_samples, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
                       device=device, backend=backend, overwrite=overwrite, progress=_progress(quiet))

@@ -450,7 +450,8 @@ def _weights_file(path: str | Path) -> Path:
         return file
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; pass the folder written by `tacdiff quantize`")
-    if any((d / CONFIG_NAME).is_file() and any(d.glob("diffusion_pytorch_model*")) for d in (folder, folder / "unet")):
+    denoisers = (folder, folder / "unet", folder / "transformer")
+    if any((d / CONFIG_NAME).is_file() and any(d.glob("diffusion_pytorch_model*")) for d in denoisers):
         raise ValueError(f"{folder} is a full-precision diffusers model folder, not a tacdiff quantized artifact; "
                          f"quantize it first with `tacdiff quantize {folder} --out ...`")
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}; pass the folder written by `tacdiff quantize`")

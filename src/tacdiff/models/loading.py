@@ -25,13 +25,14 @@ from tacdiff.models.reference import LATENT_REFERENCE, bundled_folder, load_refe
 
 
 def find_unet_dir(path: str | Path) -> Path:
-    """The folder holding the UNet's ``config.json``: ``path`` itself or ``path/unet``."""
+    """The folder holding the denoiser's ``config.json``: ``path`` itself, ``path/unet`` or ``path/transformer``."""
     path = Path(path)
-    for candidate in (path, path / "unet"):
+    for candidate in (path, path / "unet", path / "transformer"):
         if (candidate / "config.json").is_file():
             return candidate
-    raise FileNotFoundError(f"no diffusers UNet config.json in {path} or {path / 'unet'}; pass a folder "
-                            "written by UNet2DModel.save_pretrained or a pipeline's save_pretrained")
+    raise FileNotFoundError(f"no diffusers model config.json in {path}, {path / 'unet'} or {path / 'transformer'}; "
+                            "pass a folder written by a model's save_pretrained (e.g. UNet2DModel's) or a "
+                            "pipeline's save_pretrained")
 
 
 def load_unet(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

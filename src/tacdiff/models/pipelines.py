@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_loading, read_config, weights_variant
 
 with quiet_loading():  # importing the pipelines imports transformers, which logs notes about torchvision
-    from diffusers import DDIMPipeline, DDPMPipeline, LDMPipeline, StableDiffusionPipeline
+    from diffusers import DDIMPipeline, DDPMPipeline, DiTPipeline, LDMPipeline, StableDiffusionPipeline
 
 PIPELINE_INDEX = "model_index.json"
 
@@ -31,13 +31,15 @@ PIPELINE_INDEX = "model_index.json"
 @dataclass(frozen=True)
 class PipelineKind:
     """A supported pipeline class: the component that decodes latents (``None`` for pixel-space
-    pipelines), whether it reads prompts (tokenizer and text encoder) and the optional components
-    tacdiff does not load (it decodes latents itself: no safety checker, no image prompts)."""
+    pipelines), whether it reads prompts (tokenizer and text encoder), the optional components
+    tacdiff does not load (it decodes latents itself: no safety checker, no image prompts) and the
+    denoiser component (``unet``, or ``transformer`` for DiT)."""
 
     cls: type[DiffusionPipeline]
     decoder: str | None
     text: bool
     skipped: tuple[str, ...] = ()
+    denoiser: str = "unet"
 
 
 PIPELINE_KINDS: dict[str, PipelineKind] = {kind.cls.__name__: kind for kind in (
@@ -45,6 +47,7 @@ PIPELINE_KINDS: dict[str, PipelineKind] = {kind.cls.__name__: kind for kind in (
     PipelineKind(LDMPipeline, "vqvae", False),  # a VQModel, or an AutoencoderKL (unconditional latent diffusion)
     PipelineKind(DDPMPipeline, None, False),
     PipelineKind(DDIMPipeline, None, False),
+    PipelineKind(DiTPipeline, "vae", False, denoiser="transformer"),  # class-conditional; id2label names classes
 )}
 
 
@@ -96,7 +99,8 @@ def components_sha256(folder: str | Path) -> str:
     if kind is None:
         raise ValueError(f"{folder} has no {PIPELINE_INDEX}")
     digest = hashlib.sha256()
-    names = [name for name in component_names(read_index(folder) or {}, kind) if name not in ("unet", "scheduler")]
+    names = [name for name in component_names(read_index(folder) or {}, kind)
+             if name not in (kind.denoiser, "scheduler")]
     for name in sorted(names):
         for file in sorted(p for p in (folder / name).rglob("*") if p.is_file()):
             digest.update(f"{file.relative_to(folder).as_posix()}\n".encode())
@@ -144,8 +148,8 @@ def _load_models(folder: Path, index: dict[str, Any], names: list[str]) -> dict[
 
 
 def _check_fit(pipe: DiffusionPipeline, kind: PipelineKind, folder: Path) -> None:
-    """``ValueError`` unless the UNet, the autoencoder and the text encoder fit together."""
-    unet = pipe.unet.config
+    """``ValueError`` unless the UNet (or transformer), the autoencoder and the text encoder fit together."""
+    unet = getattr(pipe, kind.denoiser).config
     problems = []
     if kind.decoder is not None:
         latent = getattr(pipe, kind.decoder).config.latent_channels
@@ -166,7 +170,7 @@ def _check_fit(pipe: DiffusionPipeline, kind: PipelineKind, folder: Path) -> Non
 
 
 def load_components(folder: str | Path, unet: nn.Module, device: str | torch.device = "cpu") -> DiffusionPipeline:
-    """The pipeline saved in ``folder`` with ``unet`` in place of its own (which is not loaded).
+    """The pipeline saved in ``folder`` with ``unet`` in place of its own denoiser (which is not loaded).
 
     Stable Diffusion's safety checker, feature extractor and image encoder are not loaded
     (:attr:`PipelineKind.skipped`): tacdiff decodes latents itself. ``ValueError`` for an unsupported
@@ -178,14 +182,16 @@ def load_components(folder: str | Path, unet: nn.Module, device: str | torch.dev
     if kind is None:
         raise ValueError(f"{folder} has no {PIPELINE_INDEX}; pass a folder written by a pipeline's save_pretrained")
     index = read_index(folder) or {}
-    names = [name for name in component_names(index, kind) if name != "unet"]
+    names = [name for name in component_names(index, kind) if name != kind.denoiser]
     _check_component_folders(folder, names)
-    extra: dict[str, Any] = {"unet": unet, **dict.fromkeys(kind.skipped)}
+    extra: dict[str, Any] = {kind.denoiser: unet, **dict.fromkeys(kind.skipped)}
     if "safety_checker" in kind.skipped:
         extra["requires_safety_checker"] = False
     with quiet_loading():  # also diffusers' note that float16 pipelines are slow on the CPU
         extra.update(_load_models(folder, index, names))
         pipe = diffusers_load(folder, lambda: kind.cls.from_pretrained(folder, use_safetensors=True, **extra))
+        if "id2label" in index:  # DiTPipeline reads its class names from the index but does not keep them
+            pipe.register_to_config(id2label=index["id2label"])
         _check_fit(pipe, kind, folder)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)

@@ -71,7 +71,7 @@ def train_latent(out_dir: str | Path, *, autoencoder_steps: int, unet_steps: int
     stage = dict(batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay, warmup_steps=warmup_steps)
     ae = _train_autoencoder(out_dir, data, TrainSettings(**stage, model_config={"autoencoder": configs["autoencoder"]}),
                             autoencoder_steps, checkpoint_every, progress)
-    latents = _encode(ae, data)
+    latents = encode_latents(ae, data)
     scaling = 1.0 / float(latents.std())
     ae.register_to_config(scaling_factor=scaling)
     tokenizer = word_tokenizer(fashion_vocabulary(), TEXT_TOKENS)
@@ -135,7 +135,7 @@ def _batch(state: TrainState, data: Tensor, size: int) -> Tensor:
 
 
 @torch.no_grad()
-def _encode(ae: AutoencoderKL, data: Tensor, batch: int = 1000) -> Tensor:
+def encode_latents(ae: AutoencoderKL, data: Tensor, batch: int = 1000) -> Tensor:
     """The posterior means of ``data`` (unscaled latents)."""
     return torch.cat([ae.encode(data[i:i + batch]).latent_dist.mean for i in range(0, data.shape[0], batch)])
 

@@ -88,6 +88,42 @@ def num_classes(model: torch.nn.Module) -> int:
     return int(getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None) or 0)
 
 
+DIT_GUIDANCE_SCALE = 4.0
+"""``DiTPipeline``'s default guidance scale."""
+
+
+def named_classes(loaded: LoadedModel) -> dict[int, str]:
+    """``{class id: name}`` of a class-conditional pipeline with named classes (a ``DiTPipeline``'s ``id2label``,
+    whose entries list comma-separated aliases: the first one), else empty."""
+    id2label = getattr(getattr(loaded.pipeline, "config", None), "id2label", None) or {}
+    return {int(key): value.split(",")[0].strip() for key, value in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
+
+
+def class_conditioning(loaded: LoadedModel, options: PromptOptions) -> Conditioning:
+    """Conditioning of a ``DiTPipeline`` on class names: ``options.classes`` (default: every named class) in turn,
+    sample ``i`` getting ``classes[i % len(classes)]``, guided (scale 4 by default, as DiTPipeline) away from the
+    model's null class. The class names serve as the samples' prompts (e.g. for prompt accuracy)."""
+    if options.prompts or options.negative_prompt:
+        raise ValueError("a class-conditional pipeline reads class names, not prompts; pass --class NAME instead of "
+                         "--prompt / --prompts-file / --negative-prompt")
+    named = named_classes(loaded)
+    wanted = list(options.classes or named.values())
+    ids = {name.lower(): int(index) for name, index in loaded.pipeline.labels.items()}
+    unknown = [name for name in wanted if name.lower() not in ids]
+    if unknown:
+        raise ValueError(f"unknown class {unknown[0]!r}; this pipeline knows {', '.join(named.values())}")
+    chosen = torch.tensor([ids[name.lower()] for name in wanted])
+    scale = DIT_GUIDANCE_SCALE if options.guidance_scale is None else options.guidance_scale
+    null = torch.tensor([loaded.model.config.num_embeds_ada_norm])
+
+    def rows(start: int, count: int) -> Cond:
+        return {"class_labels": chosen[torch.arange(start, start + count) % len(chosen)]}
+
+    record = {"prompted": True, "guidance_scale": float(scale), "classes": wanted,
+              "prompt_set_sha256": prompt_set_sha256(wanted), "num_prompts": len(wanted)}
+    return Conditioning(rows, float(scale), {"class_labels": null}, wanted, record)
+
+
 def tensor_conditioning(cond: Cond, record: dict[str, Any] | None = None) -> Conditioning:
     """Conditioning by tensors with a leading dimension of one row per sample (no guidance)."""
     return Conditioning(lambda start, count: map_cond(cond, lambda v: v[start:start + count]),
@@ -121,10 +157,12 @@ class PromptOptions:
     prompts: tuple[str, ...] | None = None
     negative_prompt: str | None = None
     guidance_scale: float | None = None
+    classes: tuple[str, ...] | None = None
 
     @property
     def given(self) -> bool:
-        return any(value is not None for value in (self.prompts, self.negative_prompt, self.guidance_scale))
+        return any(value is not None for value in (self.prompts, self.negative_prompt, self.guidance_scale,
+                                                   self.classes))
 
 
 def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions(), *, count: int = 0,
@@ -138,6 +176,10 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
     samples, with a warning; a class-conditional model (DiT, a UNet with class embeddings) samples
     class ``i mod classes`` for sample ``i``. Prompt options for a model that reads no prompts raise ``ValueError``.
     """
+    if named_classes(loaded):
+        return class_conditioning(loaded, options)
+    if options.classes:
+        raise ValueError(f"{what} has no named classes (a DiTPipeline folder with id2label has); leave out --class")
     if loaded.reads_prompts:
         scale = DEFAULT_GUIDANCE_SCALE if options.guidance_scale is None else options.guidance_scale
         prompts = options.prompts or default_prompts(loaded.pipeline.name_or_path)
