@@ -52,3 +52,12 @@ def test_missing_asset_raises_with_fix(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(reference, "REFERENCE_MODEL_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="reference model file missing.*tacdiff train"):
         load_reference_model()
+
+
+def test_a_missing_bundled_pipeline_names_the_command_that_rebuilds_it(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    missing = (tmp_path / "gone", "tacdiff train-dit RUN")
+    monkeypatch.setitem(reference.BUNDLED_PIPELINES, reference.DIT_REFERENCE, missing)
+    with pytest.raises(FileNotFoundError, match="rebuild it with `tacdiff train-dit RUN`"):
+        reference.bundled_folder(reference.DIT_REFERENCE)
+    assert reference.bundled_folder(str(tmp_path)) == str(tmp_path)

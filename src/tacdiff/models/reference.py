@@ -36,13 +36,24 @@ LATENT_REFERENCE_DIR: Path = Path(str(files("tacdiff") / "assets" / "latent-refe
 ``tacdiff train-latent``."""
 
 
+DIT_REFERENCE = "dit-reference"
+DIT_REFERENCE_DIR: Path = Path(str(files("tacdiff") / "assets" / "dit-reference-fmnist"))
+"""The bundled class-conditional DiT (a ``DiTPipeline`` folder), made by ``tacdiff train-dit``."""
+
+BUNDLED_PIPELINES: dict[str, tuple[Path, str]] = {
+    LATENT_REFERENCE: (LATENT_REFERENCE_DIR, "tacdiff train-latent RUN"),
+    DIT_REFERENCE: (DIT_REFERENCE_DIR, "tacdiff train-dit RUN"),
+}
+"""Names of the bundled pipeline folders: ``name -> (folder, the command that rebuilds it)``."""
+
+
 def bundled_folder(spec: str | Path) -> str | Path:
-    """``spec`` with the name of a bundled pipeline (``"latent-reference"``) replaced by its folder; other specs
+    """``spec`` with the name of a bundled pipeline (:data:`BUNDLED_PIPELINES`) replaced by its folder; other specs
     (folders, ``"reference"``) unchanged."""
-    if str(spec) != LATENT_REFERENCE:
+    if str(spec) not in BUNDLED_PIPELINES:
         return spec
-    if not (LATENT_REFERENCE_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(f"bundled pipeline missing: {LATENT_REFERENCE_DIR}. Reinstall tacdiff (it ships as "
-                                "package data) or rebuild it with `tacdiff train-latent RUN` and copy RUN/pipeline "
-                                "there")
-    return LATENT_REFERENCE_DIR
+    folder, command = BUNDLED_PIPELINES[str(spec)]
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"bundled pipeline missing: {folder}. Reinstall tacdiff (it ships as package data) "
+                                f"or rebuild it with `{command}` and copy RUN/pipeline there")
+    return folder
