@@ -14,7 +14,7 @@ from torch import nn
 import tacdiff
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac
 from tacdiff.models.kinds import FLOW, ModelDenoiser, correction_space, prediction_type
-from tacdiff.quant import quantization_summary
+from tacdiff.quant import format_summary, quantization_summary
 from tacdiff.quant.attention import QuantAttnProcessor
 from tacdiff.sampling import batched_trajectories, sample, sample_noise
 
@@ -61,6 +61,8 @@ def test_attention_tacdiff_cannot_reproduce_stays_float(fitted: tuple) -> None:
     if name == "sd3":  # joint attention: its own processor, float matmuls (the projections are quantized)
         assert processors == {JointAttnProcessor2_0}
         assert not any(row["kind"] == "attention" for row in quantization_summary(quant))
+        assert "kept float (a processor tacdiff does not reproduce): transformer_blocks.0.attn " \
+               "(JointAttnProcessor2_0)" in format_summary(quant)
     else:
         assert processors == {QuantAttnProcessor}
 

@@ -312,8 +312,9 @@ def quantization_summary(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def format_summary(model: nn.Module) -> str:
-    """A plain-text table of :func:`quantization_summary` with parameter counts per bit width, and where
-    each module runs once an execution backend was chosen (:func:`tacdiff.backends.use_backend`)."""
+    """A plain-text table of :func:`quantization_summary` with parameter counts per bit width, where each
+    module runs once an execution backend was chosen (:func:`tacdiff.backends.use_backend`), and the attention
+    modules whose matmuls stay float because tacdiff does not reproduce their processor."""
     rows = quantization_summary(model)
     execution = quant_state(model).execution
     width = max(len(r["name"]) for r in rows)
@@ -329,6 +330,12 @@ def format_summary(model: nn.Module) -> str:
     fake_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
     counts["float"] = sum(p.numel() for p in model.parameters()) - fake_weights
     lines.append("weights: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
+    float_attention = [f"{name} ({type(module.processor).__name__})" for name, module in model.named_modules()
+                       if isinstance(module, Attention) and not isinstance(module.processor, QuantAttnProcessor)
+                       and not reproduces_processor(module)]
+    if float_attention:
+        lines.append("attention matmuls kept float (a processor tacdiff does not reproduce): "
+                     + ", ".join(float_attention))
     return "\n".join(lines)
 
 
