@@ -1,12 +1,21 @@
 #!/bin/bash
-# The latent reference benchmark: bash benchmarks/latent_bench.sh gptq|rtn
+# The latent reference benchmarks: bash benchmarks/latent_bench.sh gptq|rtn [MODEL] [GUIDANCE] [BITS...]
+#   MODEL: latent-reference (default; results latent_bench_*) or dit-reference (results dit_bench_*).
+#   GUIDANCE: where FP scored best in benchmarks/latent_guidance.py (1.5 for latent-reference).
 # Each bit setting runs on its own (one torch thread; two roundings side by side on a 2-core CPU), so a
-# finished setting is never lost. Guidance 1.5: where FP scored best in benchmarks/latent_guidance.py.
+# finished setting is never lost.
 set -e
 cd "$(dirname "$0")/.."
-for bits in w4a8 w3a8 w8a8; do
-  name=benchmarks/results/latent_bench_$1_$bits
-  OMP_NUM_THREADS=1 tacdiff bench --model latent-reference --bits $bits --steps 50 --samples 500 \
-    --calib-samples 128 --batch-size 250 --guidance-scale 1.5 --weight-rounding "$1" \
-    --json $name.json --markdown $name.md --plot $name.png --grid "${name}_grid.png"
+rounding=$1
+model=${2:-latent-reference}
+guidance=${3:-1.5}
+shift $(( $# < 3 ? $# : 3 ))
+prefix=${model%-reference}
+for bits in "${@:-w4a8 w3a8 w8a8}"; do
+  for b in $bits; do
+    name=benchmarks/results/${prefix}_bench_${rounding}_$b
+    OMP_NUM_THREADS=1 tacdiff bench --model "$model" --bits "$b" --steps 50 --samples 500 \
+      --calib-samples 128 --batch-size 250 --guidance-scale "$guidance" --weight-rounding "$rounding" \
+      --json $name.json --markdown $name.md --plot $name.png --grid "${name}_grid.png"
+  done
 done

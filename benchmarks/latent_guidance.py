@@ -1,11 +1,11 @@
-"""The classifier-free guidance scale at which a text-to-image pipeline's FP samples score best.
+"""The classifier-free guidance scale at which a guided pipeline's FP samples score best (text or class prompts).
 
     python benchmarks/latent_guidance.py [--model latent-reference] [--scales 1.5 2 3 4.5 6 7.5]
            [--samples 500] [--steps 50] [--seed 1] [--json F] [--markdown F]
 
 Samples the full-precision pipeline with DDIM at each scale from the same noise and prompts (the pipeline's
-default prompts: for the bundled one, class-balanced Fashion-MNIST captions) and prints FID and KID in both
-bundled feature spaces and prompt accuracy. Seed 1 keeps the choice on validation noise, apart from the
+default prompts: for the bundled one, class-balanced Fashion-MNIST captions; for a DiTPipeline, every class in
+turn) and prints FID and KID in both bundled feature spaces and prompt accuracy. Seed 1 keeps the choice on validation noise, apart from the
 benchmark's evaluation seeds (derived from seed 0). The scale is chosen on the default (``cnn``) FID; the table
 shows where the second feature space and prompt accuracy agree.
 """

@@ -42,6 +42,24 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class Stages:
+    """Seconds, seconds per step and peak RSS of each stage of a scale check, printed as they finish."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, float | None, float]] = []
+
+    def done(self, name: str, started: float, per_step: int | None = None) -> None:
+        seconds = time.perf_counter() - started
+        self.rows.append((name, seconds, None if per_step is None else seconds / per_step, peak_rss_gib()))
+        print(f"{name}: {seconds:.1f} s, peak RSS {self.rows[-1][3]:.2f} GiB", flush=True)
+
+    def markdown(self, title: str) -> str:
+        lines = [title, "", "| stage | seconds | seconds per step | peak RSS GiB |", "|---|---|---|---|"]
+        lines += [f"| {name} | {sec:.1f} | {'-' if per is None else f'{per:.1f}'} | {rss:.2f} |"
+                  for name, sec, per, rss in self.rows]
+        return "\n".join(lines)
+
+
 def save_pipeline(config_dir: Path, latent: int, folder: Path) -> int:
     """Save the scale-check pipeline to ``folder``; return the UNet's parameter count."""
     config = json.loads((config_dir / "config.json").read_text())
@@ -66,12 +84,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
-    rows = []
-
-    def stage(name: str, started: float, per_step: int | None = None) -> None:
-        seconds = time.perf_counter() - started
-        rows.append((name, seconds, None if per_step is None else seconds / per_step, peak_rss_gib()))
-        print(f"{name}: {seconds:.1f} s, peak RSS {rows[-1][3]:.2f} GiB", flush=True)
+    stages = Stages()
+    stage = stages.done
 
     prompts = PromptOptions(guidance_scale=args.guidance_scale)
     settings = CalibrationSettings(args.samples, args.steps, args.steps, 0)
@@ -101,13 +115,9 @@ def main() -> None:
         stage(f"tacdiff calibrate TAC ({args.samples} paired guided trajectories, {args.steps} steps)", started,
               args.steps)
 
-    lines = [f"SD 1.5 UNet config, random weights, {args.latent}x{args.latent} latents, guidance "
-             f"{args.guidance_scale}, batch {args.batch_size}, {args.device}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {platform.machine()}",
-             "", "| stage | seconds | seconds per step | peak RSS GiB |", "|---|---|---|---|"]
-    lines += [f"| {name} | {sec:.1f} | {'-' if per is None else f'{per:.1f}'} | {rss:.2f} |"
-              for name, sec, per, rss in rows]
-    text = "\n".join(lines)
+    text = stages.markdown(f"SD 1.5 UNet config, random weights, {args.latent}x{args.latent} latents, guidance "
+                           f"{args.guidance_scale}, batch {args.batch_size}, {args.device}, torch {torch.__version__}, "
+                           f"{torch.get_num_threads()} threads, {platform.machine()}")
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")

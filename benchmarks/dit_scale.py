@@ -1,0 +1,74 @@
+"""Scale check on a DiT-XL/2-sized transformer (28 layers, width 1152, patch 2, 32x32 latents, 1000 classes;
+random weights): `tacdiff quantize` (W8A8) and `tacdiff calibrate` (TAC) on its model folder, with seconds per
+stage and the process's peak resident memory, as `benchmarks/sd_scale.py` does for the SD 1.5 UNet.
+
+Usage: python benchmarks/dit_scale.py [--samples 2] [--steps 2] [--batch-size 1] [--device cpu]
+       [--markdown benchmarks/results/dit_scale.md]
+
+Nothing is downloaded: the model is built from DiT-XL/2's published shape (Peebles & Xie, ICCV 2023) with seeded
+random weights and saved with ``save_pretrained``; the stages are the command line's own functions
+(``quantize_dir``, ``calibrate_artifact``). Classes are drawn as sample index mod 1000, unguided. Peak memory is
+``ru_maxrss`` after each stage (a running maximum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+
+import tacdiff
+from sd_scale import Stages
+from tacdiff.correction.workflow import calibrate_artifact
+from tacdiff.workflows import CalibrationSettings, quantize_dir
+
+DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    stages = Stages()
+    settings = CalibrationSettings(args.samples, args.steps, args.steps, 0, args.batch_size)
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work) / "dit"
+        started = time.perf_counter()
+        torch.manual_seed(0)
+        model = DiTTransformer2DModel(**DIT_XL_2).eval()
+        params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(folder)
+        del model
+        stages.done(f"build and save the model ({params / 1e6:.0f}M parameters)", started)
+
+        started = time.perf_counter()
+        quantize_dir(folder, Path(work) / "w8a8", tacdiff.QuantConfig(weight_bits=8, act_bits=8),
+                     calibration=settings, device=args.device, progress=False)
+        stages.done(f"tacdiff quantize W8A8 ({args.samples} x {args.steps} DDIM steps of inputs, MSE ranges, "
+                    "held-out SQNR, artifact)", started)
+
+        started = time.perf_counter()
+        calibrate_artifact(Path(work) / "w8a8", folder, Path(work) / "tac.safetensors", steps=args.steps,
+                           samples=args.samples, batch_size=args.batch_size, device=args.device, progress=False)
+        stages.done(f"tacdiff calibrate TAC ({args.samples} paired trajectories, {args.steps} steps)", started,
+                    args.steps)
+    text = stages.markdown(f"DiT-XL/2-sized DiTTransformer2DModel, random weights, 32x32x4 latents, batch "
+                           f"{args.batch_size}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} "
+                           f"threads, {platform.machine()}")
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
