@@ -15,19 +15,19 @@ seeds the fit never saw (sampled at one fixed batch size and thread count, so on
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
 
-import tacdiff
+from tacdiff.bench import quantized_copy
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.models.reference import load_reference_model
-from tacdiff.workflows import CalibrationSettings, calibrate_inputs
+from tacdiff.sampling.conditioning import UNCONDITIONAL
+from tacdiff.workflows import CalibrationSettings
 
 TABLES = ("input_bias", "out_scale")
 
@@ -53,9 +53,8 @@ def main() -> None:
 
     fp, ddpm = load_reference_model()
     scheduler = DDIMScheduler.from_config(ddpm.config)
-    inputs = calibrate_inputs(fp, ddpm, CalibrationSettings(32, args.steps, min(25, args.steps), 1), progress=False)
-    quant = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=4, act_bits=8), inputs,
-                             progress=False)
+    quant = quantized_copy(fp, ddpm, (4, 8), CalibrationSettings(32, args.steps, min(25, args.steps), 1),
+                           UNCONDITIONAL, "rtn", progress=False)
     evaluation = dict(num_samples=args.samples, sample_shape=(1, 28, 28), num_inference_steps=args.steps, seed=7,
                       batch_size=32, progress=False)
     settings = [(threads, batch) for threads in args.threads for batch in args.batch_sizes]

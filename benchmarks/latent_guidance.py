@@ -5,8 +5,8 @@
 
 Samples the full-precision pipeline with DDIM at each scale from the same noise and prompts (the pipeline's
 default prompts: for the bundled one, class-balanced Fashion-MNIST captions; for a DiTPipeline, every class in
-turn) and prints FID and KID in both bundled feature spaces and prompt accuracy. Seed 1 keeps the choice on validation noise, apart from the
-benchmark's evaluation seeds (derived from seed 0). The scale is chosen on the default (``cnn``) FID; the table
+turn) and prints FID and KID in both bundled feature spaces and prompt accuracy. Seed 1 keeps the choice on
+validation noise, apart from the benchmark's evaluation seeds (derived from seed 0). The scale is chosen on the default (``cnn``) FID; the table
 shows where the second feature space and prompt accuracy agree.
 """
 

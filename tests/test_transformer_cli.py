@@ -84,7 +84,7 @@ def test_a_quantized_dit_pipeline_is_corrected_and_scored(dit_pipeline_dir: Path
     invoke("quantize", str(dit_pipeline_dir), "--out", str(tmp_path / "q"), "--w-bits", "4", *CALIBRATION, "--quiet")
     invoke("calibrate", str(tmp_path / "q"), "--fp-model", str(dit_pipeline_dir), "--out",
            str(tmp_path / "t.safetensors"), "--samples", "4", "--batch-size", "2", *STEPS, "--quiet")
-    invoke("eval", str(tmp_path / "q"), "--fp-model", str(dit_pipeline_dir), "--tables", str(tmp_path / "t.safetensors"),
-           "--samples", "4", *STEPS, "--json", str(tmp_path / "eval.json"), "--quiet")
+    invoke("eval", str(tmp_path / "q"), "--fp-model", str(dit_pipeline_dir), "--tables",
+           str(tmp_path / "t.safetensors"), "--samples", "4", *STEPS, "--json", str(tmp_path / "eval.json"), "--quiet")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["fid"] is not None and result["prompt_accuracy"] is not None and result["x0_psnr"] > 0
