@@ -1,6 +1,6 @@
-"""Transformer model and pipeline folders (tiny real DiT and SD3 MMDiT written by ``save_pretrained``, a DiTPipeline)
-through the command line: quantize -> calibrate -> sample / eval, with class labels and names (DiT) and flow matching
-(SD3)."""
+"""Transformer model and pipeline folders (tiny real DiT, PixArt and SD3 MMDiT written by ``save_pretrained``;
+DiTPipeline, PixArtAlphaPipeline and StableDiffusion3Pipeline folders) through the command line: quantize ->
+calibrate -> sample / eval, with class labels and names (DiT), prompts (PixArt, SD3) and flow matching (SD3)."""
 
 from __future__ import annotations
 
@@ -52,13 +52,12 @@ def test_an_sd3_transformer_samples_by_flow_matching(tmp_path: Path) -> None:
     assert "stand-in text embeddings" in output
     tables = tmp_path / "t.safetensors"
     refused = CliRunner().invoke(app, ["calibrate", str(tmp_path / "q"), "--fp-model", str(model), "--out",
-                                       str(tables), *STEPS, "--quiet"])
+                                       str(tables), "--scheduler", "ddim", *STEPS, "--quiet"])
     assert refused.exit_code == 2 and "pass --scheduler flow" in refused.output
-    invoke("calibrate", str(tmp_path / "q"), "--fp-model", str(model), "--out", str(tables), "--scheduler", "flow",
+    invoke("calibrate", str(tmp_path / "q"), "--fp-model", str(model), "--out", str(tables),  # auto: flow
            "--samples", "4", "--batch-size", "2", *STEPS, "--quiet")
     assert CorrectionTables.load(tables).metadata["prediction"] == "flow"
-    invoke("eval", str(tmp_path / "q"), "--fp-model", str(model), "--tables", str(tables), "--scheduler", "flow",
-           "--samples", "2", *STEPS, "--json", str(tmp_path / "eval.json"), "--quiet")
+    invoke("eval", str(tmp_path / "q"), "--fp-model", str(model), "--tables", str(tables), "--samples", "2", *STEPS, "--json", str(tmp_path / "eval.json"), "--quiet")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["x0_psnr"] > 0 and result["fid"] is None
 
@@ -88,3 +87,31 @@ def test_a_quantized_dit_pipeline_is_corrected_and_scored(dit_pipeline_dir: Path
            str(tmp_path / "t.safetensors"), "--samples", "4", *STEPS, "--json", str(tmp_path / "eval.json"), "--quiet")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["fid"] is not None and result["prompt_accuracy"] is not None and result["x0_psnr"] > 0
+
+
+@pytest.mark.parametrize("resolution", [False, True])
+def test_a_bare_pixart_transformer_runs_on_stand_in_caption_embeddings(tmp_path: Path, resolution: bool) -> None:
+    """Stand-in embeddings as wide as the caption projection reads (``caption_channels``), not the attention width,
+    and resolution conditioning for transformers that take it (PixArt-alpha at 1024 px)."""
+    model = tmp_path / "pixart"
+    tiny_model("pixart", use_additional_conditions=resolution).save_pretrained(model)
+    output = invoke("quantize", str(model), "--out", str(tmp_path / "q"), *CALIBRATION, "--quiet")
+    assert "stand-in text embeddings" in output and (tmp_path / "q").is_dir()
+
+
+@pytest.mark.parametrize("name, scheduler, prediction", [("sd3", "flow", "flow"), ("pixart", "ddim", "epsilon")])
+def test_text_to_image_transformer_pipelines_quantize_calibrate_and_sample_prompts(
+        pipeline_dir: Callable[[str], Path], tmp_path: Path, name: str, scheduler: str, prediction: str) -> None:
+    """A StableDiffusion3Pipeline (flow matching chosen from its scheduler) and a PixArtAlphaPipeline folder, as
+    users pass them: the default scheduler follows the model, prompts go through the pipelines' text encoders."""
+    folder, quantized, tables = pipeline_dir(name), tmp_path / "q", tmp_path / "t.safetensors"
+    invoke("quantize", str(folder), "--out", str(quantized), "--w-bits", "4", *CALIBRATION, "--quiet")
+    invoke("calibrate", str(quantized), "--fp-model", str(folder), "--out", str(tables), "--samples", "4",
+           "--batch-size", "2", "--prompt", "a sneaker", "--prompt", "a bag", *STEPS, "--quiet")
+    assert CorrectionTables.load(tables).metadata["prediction"] == prediction
+    invoke("sample", str(quantized), "--tables", str(tables), "--prompt", "a sneaker", "--prompt", "a bag", "--out",
+           str(tmp_path / "s"), "--num-samples", "3", *STEPS, "--quiet")
+    record = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert record["scheduler"] == scheduler and record["conditioning"]["guidance_scale"] == (7.0 if name == "sd3" else 4.5)
+    assert [entry["prompt"] for entry in record["images"]] == ["a sneaker", "a bag", "a sneaker"]
+    assert all((tmp_path / "s" / entry["file"]).is_file() for entry in record["images"])

@@ -55,7 +55,8 @@ from tacdiff.correction.calibrate import CALIBRATORS, fit_tables
 from tacdiff.evaluation import Method, TimedDenoiser, prompted_classes, score_methods, timed_call
 from tacdiff.metrics.fid import FID_KEYS
 from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
-from tacdiff.models.loading import REFERENCE, build_scheduler, check_settings, load_any_model
+from tacdiff.models.loading import (AUTO_SCHEDULER, FLOW_SCHEDULER, REFERENCE, build_scheduler, check_settings,
+                                   is_flow_config, load_any_model)
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.report import save_grid
 from tacdiff.sampling.batching import derive_seed
@@ -117,7 +118,7 @@ def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequenc
     if calib_samples < 1:
         raise ValueError(f"calib_samples must be >= 1, got {calib_samples}")
     for count in steps:
-        check_settings("ddim", count, samples, batch_size, device)
+        check_settings(AUTO_SCHEDULER, count, samples, batch_size, device)
         if count > num_train_timesteps:
             raise ValueError(f"steps must be <= {num_train_timesteps} (the model's training steps), got {count}")
     return [parse_bits(b) for b in bits]
@@ -135,12 +136,14 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     loaded = load_any_model(model, device)
     if loaded.quantized:
         raise ValueError(f"{model} is a quantized artifact; bench quantizes the full-precision model itself")
-    ddpm = build_scheduler("ddpm", loaded.scheduler_config)
+    config = loaded.scheduler_config
+    flow = config is not None and is_flow_config(config)
+    base = build_scheduler(FLOW_SCHEDULER if flow else "ddpm", config)  # quantization draws DDIM from its config
     pairs = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding,
-                             ddpm.config.num_train_timesteps)
+                             base.config.num_train_timesteps)
     names = [f"w{w}a{a}" for w, a in pairs]
     dev = torch.device(device)
-    fp, scheduler = loaded.model, build_scheduler("ddim", loaded.scheduler_config)
+    fp, scheduler = loaded.model, build_scheduler(AUTO_SCHEDULER, config)
     conditioning = conditioning_for(loaded, prompts, count=max(samples, calib_samples, quant_calib_samples),
                                     seed=seed, what=str(model))
     quant_settings = quant_calibration(quant_calib_samples, calib_samples, max(steps), seed)
@@ -149,7 +152,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     for name, pair in zip(names, pairs):
         _log(progress, f"quantize {name} ({rounding}, {quant_settings.samples} calibration trajectories)")
         quantized[name] = timed_call(dev, lambda pair=pair: quantized_copy(
-            fp, ddpm, pair, quant_settings, conditioning, weight_rounding, progress))
+            fp, base, pair, quant_settings, conditioning, weight_rounding, progress))
     executed = {name: _executed(quant, backend) for name, (quant, _) in quantized.items()}
 
     result = BenchResult([])
@@ -195,12 +198,12 @@ def quant_calibration(quant_calib_samples: int, calib_samples: int, steps: int, 
                                derive_seed(seed, "quantize"))
 
 
-def quantized_copy(fp: nn.Module, ddpm: SchedulerMixin, bits: tuple[int, int], settings: CalibrationSettings,
+def quantized_copy(fp: nn.Module, scheduler: SchedulerMixin, bits: tuple[int, int], settings: CalibrationSettings,
                    conditioning: Conditioning, weight_rounding: str, progress: bool) -> nn.Module:
     """A copy of ``fp`` quantized at ``bits`` (weight, activation) as the benchmark does it: activation ranges
-    from FP trajectories drawn with ``settings`` (DDPM ``ddpm``) under ``conditioning``, weights rounded by
-    ``weight_rounding`` (``"rtn"`` or ``"gptq"``)."""
-    calib = calibrate_inputs(fp, ddpm, settings, conditioning, progress=progress)
+    from FP trajectories drawn with ``settings`` (DDIM from ``scheduler``'s config, or flow matching) under
+    ``conditioning``, weights rounded by ``weight_rounding`` (``"rtn"`` or ``"gptq"``)."""
+    calib = calibrate_inputs(fp, scheduler, settings, conditioning, progress=progress)
     config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], weight_rounding=weight_rounding)
     return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 

@@ -198,9 +198,12 @@ DATA_DIR = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz fil
 BACKEND = typer.Option("fake", "--backend", callback=_backend,
                        help="How quantized layers run: fake (simulated in float), int8 (integer kernels where "
                             "exact; the rest fake) or auto (int8 only where measured faster here).")
-GUIDANCE_SCALE = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (default 7.5, 4 for "
-                                                             "DiT; <= 1 turns guidance off). Tables only fit their "
-                                                             "own scale.")
+SCHEDULER_HELP = ("auto (flow for a flow-matching model, else ddim), ddim, ddpm, dpm, euler or flow (flow matching), "
+                  "built from the model's scheduler config.")
+SCHEDULER = typer.Option("auto", help=SCHEDULER_HELP)
+GUIDANCE_SCALE = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (default: the "
+                                                             "pipeline's own: 7.5 SD, 7 SD3, 4.5 PixArt, 4 DiT; <= 1 "
+                                                             "turns guidance off). Tables only fit their own scale.")
 CLASS = typer.Option([], "--class", help="Class name (repeatable; image i gets class i mod n). Class-conditional "
                                          "pipelines with named classes (DiTPipeline) only; default: every class.")
 
@@ -253,6 +256,9 @@ def quantize(
     act_block_size: int = typer.Option(0, help="With --act-range dynamic: one range per token and block of this "
                                                "many channels in every conv/linear input, for block-scaled "
                                                "int8 matmuls (e.g. 32, as in MX formats); 0 = off."),
+    smooth_alpha: float = typer.Option(None, help="SmoothQuant channel balancing of the linear layers reading "
+                                                  "normalised tokens (transformer blocks' attention projections "
+                                                  "and first MLP layer), migration strength in [0, 1]; e.g. 0.5."),
     timestep_groups: int = typer.Option(1, help="Activation ranges per quantizer, picked by timestep.",
                                         callback=_positive),
     first_last_bits: int = typer.Option(8, help="Bits for the first and last layer; 0 treats them like the rest."),
@@ -285,7 +291,8 @@ def quantize(
 
     config = QuantConfig(weight_bits=w_bits, act_bits=a_bits or None, weight_rounding=weight_rounding,
                          weight_range=weight_range, act_range=act_range, act_block_size=act_block_size or None,
-                         timestep_groups=timestep_groups, first_last_bits=first_last_bits or None,
+                         smooth_alpha=smooth_alpha, timestep_groups=timestep_groups,
+                         first_last_bits=first_last_bits or None,
                          exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters,
                          seed=seed)
     if calib_kept_steps > calib_steps:
@@ -377,8 +384,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR/SSIM "
                                                            "(folder, 'reference' or 'latent-reference'); omit to "
                                                            "skip them."),
-    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm, euler or flow (flow matching; from the model's "
-                                                "scheduler config)."),
+    scheduler: str = SCHEDULER,
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
     samples: int = typer.Option(1000, help="Images to sample.", callback=_positive),
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
@@ -421,8 +427,7 @@ def sample(
     force_tables: bool = typer.Option(False, "--force-tables", help=FORCE_TABLES_HELP),
     num_samples: int = typer.Option(16, "--num-samples", help="Images to write.", callback=_positive),
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
-    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm, euler or flow (flow matching; from the model's "
-                                                "scheduler config)."),
+    scheduler: str = SCHEDULER,
     seed: int = typer.Option(0, help="Image i starts from noise seeded by (seed, i) alone."),
     batch_size: int = typer.Option(16, help="Images sampled at once.", callback=_positive),
     prompt: list[str] = PROMPT,
@@ -453,8 +458,7 @@ def calibrate(
     out: str = typer.Option(..., "--out", help="Correction tables file to write (.safetensors)."),
     method: str = typer.Option("tac", help="tac (IBC+NER), ner, ibc or ptqd."),
     steps: int = typer.Option(50, help="Sampling steps; the tables only fit this step count.", callback=_positive),
-    scheduler: str = typer.Option("ddim", help="ddim, ddpm, dpm, euler or flow (flow matching); the tables only fit "
-                                                "this sampler."),
+    scheduler: str = typer.Option("auto", help=f"{SCHEDULER_HELP} The tables only fit this sampler."),
     samples: int = typer.Option(256, help="Calibration trajectories (advanced together).", callback=_positive),
     batch_size: int = typer.Option(64, help="Samples per network call.", callback=_positive),
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
@@ -490,7 +494,7 @@ def calibrate(
                                       device=device, overwrite=overwrite, progress=_progress(quiet))
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
     if plot:
-        title = f"{Path(quant_artifact).name}, {scheduler.upper()} {steps}"
+        title = f"{Path(quant_artifact).name}, {tables.scheduler_class} {steps}"
         typer.echo(f"wrote {plot_tables(tables, plot, title=title)}")
 
 

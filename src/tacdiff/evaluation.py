@@ -26,7 +26,7 @@ from tacdiff.metrics.fid import FID_KEYS, fid_or_note, fid_ready
 from tacdiff.metrics.paired import Decode, PairedStepStats, paired_errors, psnr_db, ssim_sum
 from tacdiff.metrics.prompt_accuracy import prompt_accuracy
 from tacdiff.models.kinds import Cond, Denoiser, DenoiserWrapper, ModelDenoiser, sample_shape_of
-from tacdiff.models.loading import build_scheduler, check_settings, load_any_model
+from tacdiff.models.loading import build_scheduler, check_settings, load_any_model, scheduler_name
 from tacdiff.sampling.batching import Rows, batched_trajectories, to_images
 from tacdiff.sampling.conditioning import Conditioning, PromptOptions, conditioning_for
 from tacdiff.sampling.loop import StepRecord
@@ -175,7 +175,7 @@ def _check_finite(broken: int, samples: int, model: str | Path) -> None:
                          "was computed. Try more bits or other ranges, or recalibrate the tables")
 
 
-def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "ddim", steps: int = 50,
+def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler: str = "auto", steps: int = 50,
              samples: int = 1000, seed: int = 0, batch_size: int = 256, device: str = "cpu",
              tables: str | Path | None = None, force_tables: bool = False, prompts: PromptOptions = PromptOptions(),
              backend: str = "fake", progress: bool = True) -> dict[str, Any]:
@@ -252,7 +252,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         "model": str(model), "fp_model": None if fp_model is None else str(fp_model),
         "tables": None if tables is None else str(tables),
         "correction": None if tables is None else f"{correction.method} (IBC on the {correction.ibc_target})",
-        "quantized": loaded.quantized, "scheduler": scheduler, "steps": steps, "samples": samples, "seed": seed,
+        "quantized": loaded.quantized, "scheduler": scheduler_name(sched), "steps": steps, "samples": samples, "seed": seed,
         "batch_size": batch_size, "device": device, "backend": backend, "conditioning": conditioning.record, **scores,
         "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
         "x0_ssim": None if paired is None else paired.x0_ssim,

@@ -22,7 +22,7 @@ from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
 from tacdiff.metrics.paired import psnr_db, sqnr_db
 from tacdiff.models.kinds import ModelDenoiser, kind_of, sample_shape_of
 from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, LoadedModel, build_scheduler, check_settings,
-                                   find_unet_dir, input_paths, load_any_model, load_scheduler)
+                                   find_unet_dir, input_paths, load_any_model, load_scheduler, scheduler_name)
 from tacdiff.models.pipelines import component, components_sha256
 from tacdiff.models.reference import bundled_folder, load_reference_model
 from tacdiff.quant import QuantConfig, quant_state, quantize
@@ -223,7 +223,7 @@ def is_samples_folder(path: Path) -> bool:
 @torch.no_grad()
 def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | None = None,
                force_tables: bool = False, prompts: PromptOptions = PromptOptions(), num_samples: int = 16,
-               steps: int = 50, scheduler: str = "ddim", seed: int = 0, batch_size: int = 16, device: str = "cpu",
+               steps: int = 50, scheduler: str = "auto", seed: int = 0, batch_size: int = 16, device: str = "cpu",
                backend: str = "fake", overwrite: bool = False, progress: bool = True) -> Path:
     """Sample a model and write one PNG per image, ``grid.png`` and ``samples.json``.
 
@@ -247,7 +247,7 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
         raise ValueError(f"{model} makes {channels}-channel samples, not images: tacdiff sample writes 1- or "
                          "3-channel images; pass the latent pipeline folder (with its autoencoder) instead of its UNet")
     if "encoder_hidden_states" in kind_of(loaded.model).cond_keys and not loaded.reads_prompts:
-        raise ValueError(f"{model} is a text-conditioned UNet without its text encoder, so it cannot read prompts; "
+        raise ValueError(f"{model} is a text-conditioned model without its text encoder, so it cannot read prompts; "
                          "pass the pipeline folder (with text_encoder/ and tokenizer/) or an artifact quantized "
                          "from it")
     conditioning = conditioning_for(loaded, prompts, count=num_samples, seed=seed, what=str(model))
@@ -267,8 +267,8 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
                          "ranges, or recalibrate the tables")
     pixels = to_uint8(images)
     record = {"format": SAMPLES_FORMAT, "model": str(model), "tables": None if tables is None else str(tables),
-              "scheduler": scheduler, "steps": steps, "seed": seed, "batch_size": batch_size, "backend": backend,
-              "conditioning": conditioning.record,
+              "scheduler": scheduler_name(sched), "steps": steps, "seed": seed, "batch_size": batch_size,
+              "backend": backend, "conditioning": conditioning.record,
               "images": [{"file": f"{i:06d}.png", "index": i, "noise_seed": derive_seed(seed, "noise", i),
                           **({"prompt": conditioning.prompt(i)} if conditioning.prompts is not None else {})}
                          for i in range(num_samples)]}

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, LDMPipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, LDMPipeline, SchedulerMixin, StableDiffusionPipeline
 
 import tacdiff
 from tacdiff.backends.int8 import Int8Conv2d
@@ -22,16 +22,16 @@ from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_ta
 from tacdiff.correction.pipeline import PipelineUNet, StateShiftingStep
 from tacdiff.io.artifact import save_quantized
 from tacdiff.models.kinds import ModelDenoiser
-from tacdiff.models.loading import PIPELINE_KEY, load_any_model
-from tacdiff.models.pipelines import PromptEncoder
+from tacdiff.models.loading import PIPELINE_KEY, build_scheduler, load_any_model, load_scheduler
 from tacdiff.sampling import batched_trajectories, sample, sample_noise
-from tacdiff.sampling.conditioning import prompt_conditioning
+from tacdiff.sampling.batching import derive_seed
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for, named_classes
 
 from tiny_models import tiny_model
 from tiny_pipelines import save_tiny_pipeline
 
 STEPS, SCALE, SEED = 4, 5.0, 3
-PROMPTS = ["a red shoe", "a cat"]
+PROMPTS, CLASS = ["a red shoe", "a cat"], "sneaker"
 
 
 @dataclass
@@ -46,16 +46,16 @@ class World:
     branch_tables: Path | None
 
 
-def _scheduler(folder: Path) -> DDIMScheduler:
-    return DDIMScheduler.from_pretrained(folder / "scheduler")
+def _scheduler(folder: Path) -> SchedulerMixin:
+    """The sampler tables are fitted for: DDIM, or flow matching for a flow model, from the folder's config."""
+    return build_scheduler("auto", load_scheduler(None, folder).config)
 
 
-def _world(root: Path, name: str, prompts: list[str] | None) -> World:
+def _world(root: Path, name: str, options: PromptOptions | None) -> World:
     folder = save_tiny_pipeline(name, root / name)
     loaded = load_any_model(folder)
     fp, scheduler = loaded.model, _scheduler(folder)
-    cond = None if prompts is None else prompt_conditioning(PromptEncoder(loaded.pipeline), prompts,
-                                                            guidance_scale=SCALE)
+    cond = None if options is None else conditioning_for(loaded, options, count=8)
     calib = tacdiff.collect_calibration_set(fp, scheduler, num_samples=4, num_inference_steps=STEPS,
                                             kept_steps=STEPS, cond=cond, progress=False)
     quant = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=4, act_bits=8), calib, progress=False)
@@ -81,7 +81,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory: pytest.TempPathFactory) -> World:
-    return _world(tmp_path_factory.mktemp("pipelines"), "sd", PROMPTS)
+    return _world(tmp_path_factory.mktemp("pipelines"), "sd", PromptOptions(tuple(PROMPTS), guidance_scale=SCALE))
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +89,19 @@ def ldm(tmp_path_factory: pytest.TempPathFactory) -> World:
     return _world(tmp_path_factory.mktemp("pipelines"), "ldm", None)
 
 
-def _generate(pipe: StableDiffusionPipeline, noise: torch.Tensor, **overrides: object) -> torch.Tensor:
+def _generate(pipe: DiffusionPipeline, noise: torch.Tensor, **overrides: object) -> torch.Tensor:
+    """Final latents of a text-to-image pipeline's call for ``PROMPTS[0]`` from ``noise``."""
     settings = dict(num_inference_steps=STEPS, guidance_scale=SCALE, latents=noise, output_type="latent")
+    if type(pipe).__name__.startswith("PixArt"):
+        settings["use_resolution_binning"] = False  # its bins are for 256-1024 pixel models
     return pipe(PROMPTS[0], **{**settings, **overrides}).images
 
 
 def _loop(world: World, tables: Path) -> torch.Tensor:
     """tacdiff's own loop on sample 0's noise for seed ``SEED``, guided and corrected as the pipeline should be."""
     loaded, scheduler = load_any_model(world.artifact), _scheduler(world.folder)
-    cond = prompt_conditioning(PromptEncoder(loaded.pipeline), PROMPTS[:1], guidance_scale=SCALE)
+    options = PromptOptions(classes=(CLASS,)) if named_classes(loaded) else PromptOptions(tuple(PROMPTS[:1]))
+    cond = conditioning_for(loaded, dataclasses.replace(options, guidance_scale=SCALE))
     denoiser = cond.guide(CorrectedDenoiser(ModelDenoiser(loaded.model, scheduler), CorrectionTables.load(tables)))
     (_, [latents]), = batched_trajectories([denoiser], scheduler, num_samples=1, sample_shape=(4, 8, 8),
                                            num_inference_steps=STEPS, seed=SEED, cond=cond.rows, progress=False)
@@ -225,3 +229,38 @@ def test_int8_pipeline_with_tables_is_as_accurate_as_fake_quant(sd: World) -> No
         latents = _generate(pipe, noise, num_images_per_prompt=4)
         psnr[backend] = (10 * torch.log10(fp.pow(2).mean() / (latents - fp).pow(2).mean())).item()
     assert abs(psnr["fake"] - psnr["int8"]) <= 0.3, psnr
+
+
+@pytest.fixture(scope="module")
+def transformer_worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, World]:
+    root = tmp_path_factory.mktemp("transformer-pipelines")
+    options = {"pixart": PromptOptions(tuple(PROMPTS), guidance_scale=SCALE),
+               "sd3": PromptOptions(tuple(PROMPTS), guidance_scale=SCALE),
+               "dit": PromptOptions(classes=(CLASS, "bag"), guidance_scale=SCALE)}
+    return {name: _world(root, name, option) for name, option in options.items()}
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3", "dit"])
+def test_corrected_transformer_pipelines_equal_the_loop(transformer_worlds: dict[str, World], name: str) -> None:
+    """PixArt (learned variance, its DPM-Solver replaced by the tables' DDIM), SD3 (flow matching: the
+    velocity corrected) and DiT (class labels; its images, since DiTPipeline returns no latents)."""
+    world = transformer_worlds[name]
+    pipe = load_pipeline(world.artifact, world.tables)
+    assert type(pipe).__name__ == type(load_any_model(world.folder).pipeline).__name__
+    assert isinstance(pipe.transformer, PipelineUNet) and isinstance(pipe.scheduler.step, StateShiftingStep)
+    expected = _loop(world, world.tables)
+    if name == "dit":
+        loaded = load_any_model(world.artifact)
+        with torch.no_grad():
+            expected = (loaded.decode(expected) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        images = pipe(pipe.get_label_ids([CLASS]), guidance_scale=SCALE, num_inference_steps=STEPS, output_type="np",
+                      generator=torch.Generator().manual_seed(derive_seed(SEED, "noise", 0))).images
+        torch.testing.assert_close(torch.from_numpy(images), expected, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match=r"guidance scale 5.0 \(tables\) vs 4.0"):  # DiTPipeline's default
+            pipe(pipe.get_label_ids([CLASS]), num_inference_steps=STEPS)
+        return
+    noise = sample_noise((4, 8, 8), 0, 1, SEED)
+    latents = _generate(pipe, noise)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+    plain = _generate(load_pipeline(world.artifact), noise)
+    assert (plain - expected).abs().max() > 100 * (latents - expected).abs().max(), "the correction matters"

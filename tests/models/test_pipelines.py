@@ -13,7 +13,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
-from tacdiff.models.loading import load_any_model
+from tacdiff.models.loading import build_scheduler, load_any_model
 from tacdiff.models.pipelines import PIPELINE_KINDS, PromptEncoder
 from tacdiff.sampling.batching import batched_trajectories, sample_noise
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
@@ -26,34 +26,41 @@ STEPS = 3
 @pytest.mark.parametrize("name, cls, decoder, prompts, size", [
     ("sd", "StableDiffusionPipeline", "AutoencoderKL", True, 16), ("ldm", "LDMPipeline", "VQModel", False, 16),
     ("latent_kl", "LDMPipeline", "AutoencoderKL", False, 16), ("ddpm", "DDPMPipeline", None, False, 8),
-    ("ddim", "DDIMPipeline", None, False, 8)])
-def test_pipeline_folders_load_around_their_unet(pipeline_dir: Callable[[str], Path], name: str, cls: str,
-                                                 decoder: str | None, prompts: bool, size: int) -> None:
+    ("ddim", "DDIMPipeline", None, False, 8), ("pixart", "PixArtAlphaPipeline", "AutoencoderKL", True, 16),
+    ("pixart_sigma", "PixArtSigmaPipeline", "AutoencoderKL", True, 16),
+    ("sd3", "StableDiffusion3Pipeline", "AutoencoderKL", True, 16)])
+def test_pipeline_folders_load_around_their_denoiser(pipeline_dir: Callable[[str], Path], name: str, cls: str,
+                                                     decoder: str | None, prompts: bool, size: int) -> None:
     loaded = load_any_model(pipeline_dir(name))
-    assert type(loaded.pipeline).__name__ == cls and loaded.pipeline.unet is loaded.model
+    assert type(loaded.pipeline).__name__ == cls and getattr(loaded.pipeline, loaded.kind.denoiser) is loaded.model
     parts = None if loaded.kind.decoder is None else type(getattr(loaded.pipeline, loaded.kind.decoder)).__name__
     assert parts == decoder and loaded.reads_prompts is prompts and not loaded.quantized
     latents = torch.randn(2, *sample_shape_of(loaded.model))
     assert tuple(loaded.decode(latents).shape) == (2, *loaded.image_shape) == (2, 3, size, size)
 
 
+@pytest.mark.parametrize("name, scheduler, call", [
+    ("sd", "ddim", {}), ("pixart", "dpm", {"use_resolution_binning": False, "clean_caption": False}),
+    ("sd3", "auto", {})])
 @torch.no_grad()
-def test_the_loop_reproduces_stable_diffusion_with_guidance(pipeline_dir: Callable[[str], Path]) -> None:
-    """Prompt embeddings, classifier-free guidance and VAE decoding as StableDiffusionPipeline does them."""
-    loaded = load_any_model(pipeline_dir("sd"))
-    options = PromptOptions(("a red shoe",), "blurry", 4.0)
-    conditioning = conditioning_for(loaded, options)
-    scheduler = DDIMScheduler.from_config(loaded.scheduler_config)
+def test_the_loop_reproduces_text_to_image_pipelines_with_guidance(pipeline_dir: Callable[[str], Path], name: str,
+                                                                   scheduler: str, call: dict[str, bool]) -> None:
+    """Prompt embeddings (SD3's pooled projections and PixArt's attention mask too), classifier-free guidance,
+    the sampler (flow matching for SD3) and decoding (SD3's shifted latents) as the diffusers pipelines do them."""
+    loaded = load_any_model(pipeline_dir(name))
+    conditioning = conditioning_for(loaded, PromptOptions(("a red shoe",), "blurry", 4.0))
+    sched = build_scheduler(scheduler, loaded.scheduler_config)
+    assert type(sched) is type(loaded.pipeline.scheduler)
     noise = sample_noise(sample_shape_of(loaded.model), 0, 2, seed=3)
-    (_, (final,)), = batched_trajectories([conditioning.guide(ModelDenoiser(loaded.model, scheduler))], scheduler,
+    (_, (final,)), = batched_trajectories([conditioning.guide(ModelDenoiser(loaded.model, sched))], sched,
                                           num_samples=2, sample_shape=noise.shape[1:], num_inference_steps=STEPS,
                                           seed=3, cond=conditioning.rows, progress=False)
     ours = (loaded.decode(final) / 2 + 0.5).clamp(0, 1)
     theirs = loaded.pipeline(["a red shoe"] * 2, negative_prompt=["blurry"] * 2, guidance_scale=4.0,
-                             num_inference_steps=STEPS, latents=noise, output_type="pt").images
+                             num_inference_steps=STEPS, latents=noise, output_type="pt", **call).images
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     unguided = loaded.pipeline(["a red shoe"] * 2, guidance_scale=1.0, num_inference_steps=STEPS, latents=noise,
-                               output_type="pt").images
+                               output_type="pt", **call).images
     assert (unguided - theirs).abs().max() > 100 * (ours - theirs).abs().max(), "guidance matters"
 
 
@@ -97,7 +104,7 @@ def test_prompt_embeddings_are_computed_once_per_prompt(pipeline_dir: Callable[[
     encode = pipe.encode_prompt
     monkeypatch.setattr(pipe, "encode_prompt", lambda prompt, *args: calls.append(prompt) or encode(prompt, *args))
     encoder = PromptEncoder(pipe, cache_size=2)
-    embeds = encoder(["a", "b", "a"])
+    embeds = encoder(["a", "b", "a"])["encoder_hidden_states"]
     assert embeds.shape[0] == 3 and torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
     assert calls == ["a", "b"]
     encoder(["c", "a"])  # "c" evicts the least recently used prompt, "b"; "a" is still cached
@@ -155,6 +162,22 @@ def test_float16_folders_saved_as_a_variant_only_load(pipeline_dir: Callable[[st
     load_any_model(pipeline_dir("sd")).pipeline.to(torch.float16).save_pretrained(tmp_path / "half", variant="fp16")
     assert not (tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     loaded = load_any_model(tmp_path / "half")
-    embeds = PromptEncoder(loaded.pipeline)(["a cat"])
+    embeds = PromptEncoder(loaded.pipeline)(["a cat"])["encoder_hidden_states"]
     assert embeds.shape == (1, 16, 32) and torch.isfinite(embeds).all()
     assert loaded.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 16, 16)
+
+
+def test_an_sd3_folder_without_t5_embeds_prompts_with_zeros_in_its_place(pipeline_dir: Callable[[str], Path],
+                                                                         tmp_path: Path) -> None:
+    """``from_pretrained(..., text_encoder_3=None, tokenizer_3=None)`` then ``save_pretrained``: index entries of
+    nulls, no folders; diffusers pads the CLIP embeddings with zeros where T5's would be."""
+    folder = shutil.copytree(pipeline_dir("sd3"), tmp_path / "no-t5")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
+                                                         "tokenizer_3": [None, None]}))
+    for name in ("text_encoder_3", "tokenizer_3"):
+        shutil.rmtree(folder / name)
+    loaded = load_any_model(folder)
+    assert loaded.pipeline.text_encoder_3 is None
+    embeds = PromptEncoder(loaded.pipeline)(["a red shoe"])["encoder_hidden_states"]
+    assert embeds.shape == (1, 77 + 256, 32) and embeds[:, 77:].eq(0).all()  # CLIP tokens, then 256 zero tokens

@@ -14,6 +14,7 @@ from torch import nn
 import tacdiff
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac
 from tacdiff.models.kinds import FLOW, ModelDenoiser, correction_space, prediction_type
+from tacdiff.models.loading import build_scheduler
 from tacdiff.quant import format_summary, quantization_summary
 from tacdiff.quant.attention import QuantAttnProcessor
 from tacdiff.sampling import batched_trajectories, sample, sample_noise
@@ -106,3 +107,14 @@ def test_flow_matching_samples_as_diffusers_does() -> None:
             velocity = model(x, timestep=t.expand(2), **cond, return_dict=False)[0]
             x = reference.step(velocity, t, x, return_dict=False)[0]
     assert torch.equal(ours, x)
+
+
+@pytest.mark.parametrize("config, name", [({"shift": 3.0, "beta_start": 0.1}, "flow"), ({"shift": 3.0}, "ddim"),
+                                          ({"shift": 1.0, "use_dynamic_shifting": True}, "flow")])
+def test_schedulers_that_do_not_fit_a_flow_model_are_refused_by_name(config: dict[str, object], name: str) -> None:
+    """A noise scheduler for a flow model, flow matching for a beta schedule, and run-time sigma shifting (FLUX)."""
+    base = dict(FlowMatchEulerDiscreteScheduler(**{k: v for k, v in config.items() if k != "beta_start"}).config)
+    with pytest.raises(ValueError, match="use_dynamic_shifting|does not fit this model"):
+        build_scheduler(name, {**base, **config})
+    if not config.get("use_dynamic_shifting") and "beta_start" not in config:
+        assert type(build_scheduler("auto", base)) is FlowMatchEulerDiscreteScheduler

@@ -16,16 +16,17 @@ from tacdiff.sampling.conditioning import PromptOptions, conditioning_for, promp
 STEPS, SAMPLES = 3, 3
 
 
-def fake_encoder(prompts: list[str]) -> torch.Tensor:
+def fake_encoder(prompts: list[str]) -> dict[str, torch.Tensor]:
     """One distinct embedding per prompt (its length and first letter), shape (N, 2, 4)."""
-    return torch.stack([torch.full((2, 4), float(len(p)) + ord(p[:1] or " ")) for p in prompts])
+    return {"encoder_hidden_states": torch.stack([torch.full((2, 4), float(len(p)) + ord(p[:1] or " "))
+                                                  for p in prompts])}
 
 
 def test_prompts_go_round_and_rows_stream_by_index() -> None:
     conditioning = prompt_conditioning(fake_encoder, ["a", "bb"], guidance_scale=3.0, negative_prompt="zz")
     rows = conditioning.rows(1, 3)["encoder_hidden_states"]
-    assert torch.equal(rows, fake_encoder(["bb", "a", "bb"]))
-    assert torch.equal(conditioning.uncond["encoder_hidden_states"], fake_encoder(["zz"]))
+    assert torch.equal(rows, fake_encoder(["bb", "a", "bb"])["encoder_hidden_states"])
+    assert torch.equal(conditioning.uncond["encoder_hidden_states"], fake_encoder(["zz"])["encoder_hidden_states"])
     assert conditioning.guided and conditioning.prompt(2) == "a"
     assert conditioning.record["guidance_scale"] == 3.0 and conditioning.record["num_prompts"] == 2
 

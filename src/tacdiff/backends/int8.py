@@ -35,6 +35,8 @@ def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | N
         return "its activation quantizer was never calibrated (the input runs unquantized)"
     if act.block_size is not None:
         return "block-scaled activations need a block-scaled GEMM"
+    if getattr(layer, "smooth", None) is not None:
+        return "channel-balanced input (a per-channel division before quantizing, not folded into the layer before)"
     if isinstance(layer, QuantConv2d):
         if layer.groups != 1:
             return f"grouped convolution (groups={layer.groups})"

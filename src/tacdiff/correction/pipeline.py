@@ -4,11 +4,11 @@ TAC (Yao et al., ECCV 2024) corrects the quantized denoiser at every sampling st
 correction runs inside the diffusers pipeline itself, so ``pipe(prompt, num_inference_steps=...,
 guidance_scale=...)`` samples as tacdiff's own loop does:
 
-* the pipeline's ``unet`` becomes a :class:`~tacdiff.correction.wrapper.CorrectedUNet` that runs
-  ``CorrectedDenoiser(ModelDenoiser(unet, scheduler), tables)`` (output correction, and IBC on the
-  network input for ``ibc_target="input"`` tables) and checks each call against the pipeline;
-* the pipeline's scheduler consumes noise estimates, and for state tables (``ibc_target="state"``,
-  TAC's default) its ``step`` shifts the latents it returns for step ``i + 1`` by
+* the pipeline's ``unet`` (or ``transformer``) becomes a :class:`~tacdiff.correction.wrapper.CorrectedUNet`
+  that runs ``CorrectedDenoiser(ModelDenoiser(unet, scheduler), tables)`` (output correction, and IBC
+  on the network input for ``ibc_target="input"`` tables) and checks each call against the pipeline;
+* the pipeline's scheduler consumes noise estimates (velocities under flow matching), and for state
+  tables (``ibc_target="state"``, TAC's default) its ``step`` shifts the latents it returns for step ``i + 1`` by
   ``-input_bias[i + 1]``: the loop's ``correct_state`` at the start of that step, done where every
   pipeline passes its latents (``LDMPipeline`` has no step callbacks).
 """
@@ -16,6 +16,7 @@ guidance_scale=...)`` samples as tacdiff's own loop does:
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +25,11 @@ import torch
 from diffusers import DiffusionPipeline, SchedulerMixin
 from torch import Tensor, nn
 
-from tacdiff.correction.tables import CorrectionTables, short_timesteps
+from tacdiff.correction.tables import PREDICTION_KEY, CorrectionTables, short_timesteps
 from tacdiff.correction.wrapper import CorrectedUNet, shift_state
 from tacdiff.models.kinds import denoiser_scheduler, prediction_type
 from tacdiff.models.loading import load_any_model, scheduler_class
+from tacdiff.sampling.conditioning import named_classes
 
 
 def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | None = None, *,
@@ -64,22 +66,45 @@ def load_pipeline(model: str | Path, tables: str | Path | CorrectionTables | Non
         return loaded.pipeline
     if not isinstance(tables, CorrectionTables):
         tables = CorrectionTables.load(tables)
-    return _corrected(loaded.pipeline, tables, prompted=loaded.reads_prompts, force=force_tables)
+    prompted = loaded.reads_prompts or bool(named_classes(loaded))
+    return _corrected(loaded.pipeline, loaded.kind.denoiser, tables, prompted=prompted, force=force_tables)
 
 
-def _corrected(pipe: DiffusionPipeline, tables: CorrectionTables, *, prompted: bool,
+def _corrected(pipe: DiffusionPipeline, denoiser: str, tables: CorrectionTables, *, prompted: bool,
                force: bool) -> DiffusionPipeline:
-    """``pipe`` (changed in place) sampling with ``tables``: a corrected UNet and a scheduler that consumes
-    noise estimates and, for state tables, shifts the latents after every step."""
+    """``pipe`` (changed in place) sampling with ``tables``: a corrected denoiser (component ``denoiser``), a
+    scheduler that consumes what it returns and, for state tables, shifts the latents after every step, and a
+    ``__call__`` that notes its guidance scale for the checks."""
     scheduler = _tables_scheduler(pipe.scheduler, tables)
     tables.check_scheduler(scheduler, tables.num_inference_steps, force=force)
-    unet = PipelineUNet(pipe.unet, tables, scheduler, pipe, prompted=prompted, force=force)
+    wrapper = PipelineUNet(getattr(pipe, denoiser), tables, scheduler, pipe, prompted=prompted, force=force)
     scheduler = denoiser_scheduler(scheduler)
     if tables.ibc_target == "state":
         scheduler.step = StateShiftingStep(scheduler.step, tables)
-    pipe.scheduler, pipe.unet = scheduler, unet
-    pipe.save_pretrained = _not_saveable  # diffusers would write a folder without a UNet
+    pipe.scheduler = scheduler
+    setattr(pipe, denoiser, wrapper)
+    pipe.save_pretrained = _not_saveable  # diffusers would write a folder without the denoiser
+    pipe.__class__ = _noting_guidance(type(pipe))
     return pipe
+
+
+GUIDANCE_NOTE = "_tacdiff_guidance_scale"
+
+
+@functools.cache
+def _noting_guidance(cls: type[DiffusionPipeline]) -> type[DiffusionPipeline]:
+    """A subclass of ``cls`` (same name) whose ``__call__`` notes the guidance scale it runs at (its argument, or
+    the pipeline's default) before running as ``cls``: DiT and PixArt pipelines keep no ``guidance_scale``."""
+    signature = inspect.signature(cls.__call__)
+
+    def __call__(self: DiffusionPipeline, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        setattr(self, GUIDANCE_NOTE, bound.arguments.get("guidance_scale"))
+        return cls.__call__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": functools.wraps(cls.__call__)(__call__),
+                                       "__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
 def _not_saveable(*args: Any, **kwargs: Any) -> None:
@@ -171,11 +196,11 @@ class PipelineUNet(CorrectedUNet):
             raise ValueError("this UNet wrapper belongs to a pipeline built by tacdiff.load_pipeline that no longer "
                              "exists; call the pipeline, or sample with tacdiff's loop and CorrectedDenoiser")
         scheduler = pipe.scheduler
-        if prediction_type(scheduler) != "epsilon" or (
+        if prediction_type(scheduler) != self.tables.metadata.get(PREDICTION_KEY, "epsilon") or (
                 self.tables.ibc_target == "state" and not isinstance(scheduler.step, StateShiftingStep)):
             raise ValueError("the pipeline's scheduler was replaced after load_pipeline, so the correction tables "
-                             "can no longer be applied (the new one does not shift the latents or consume noise "
-                             "estimates); call load_pipeline again instead of replacing pipe.scheduler")
+                             "can no longer be applied (the new one does not shift the latents or consume what the "
+                             "corrected model returns); call load_pipeline again instead of replacing pipe.scheduler")
         _check_timesteps(scheduler, self.tables)
         if int(self.tables.index_of(timestep)[0]) == 0:
             self.tables.check_conditioning(self._conditioning_record(pipe), force=self.force)
@@ -184,5 +209,5 @@ class PipelineUNet(CorrectedUNet):
         """What this pipeline call conditions on, as :meth:`CorrectionTables.check_conditioning` reads it."""
         if not self.prompted:
             return {}
-        scale = getattr(pipe, "guidance_scale", None)
+        scale = getattr(pipe, GUIDANCE_NOTE, None)
         return {"prompted": True, "guidance_scale": None if scale is None else float(scale)}

@@ -17,7 +17,7 @@ from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 
 
 def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: str | Path, *, method: str = "tac",
-                       scheduler: str = "ddim", steps: int = 50, samples: int = 256, batch_size: int = 64,
+                       scheduler: str = "auto", steps: int = 50, samples: int = 256, batch_size: int = 64,
                        seed: int = 0, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA,
                        tau: float = DEFAULT_TAU, ibc: Granularity = DEFAULT_IBC,
                        ibc_target: str = DEFAULT_IBC_TARGET, guidance_fit: str = DEFAULT_GUIDANCE_FIT,

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import Tensor, nn
@@ -161,16 +162,17 @@ def load_correction(inner: Denoiser, path: str | Path, scheduler: SchedulerMixin
 
 
 _OUTPUTS: dict[type[nn.Module], type] = {UNet2DModel: UNet2DOutput, UNet2DConditionModel: UNet2DConditionOutput}
-"""The ``return_dict`` output class of each model kind's forward."""
+"""The ``return_dict`` output class of each model kind's forward (transformers: ``Transformer2DModelOutput``)."""
 
 
 class CorrectedUNet(nn.Module):
-    """A (quantized) diffusers UNet corrected by input-target :class:`CorrectionTables`: a drop-in for the
-    UNet inside diffusers pipelines, running ``CorrectedDenoiser(ModelDenoiser(unet, scheduler), tables)``.
+    """A (quantized) diffusers UNet or transformer corrected by input-target :class:`CorrectionTables`: a
+    drop-in for the denoiser inside diffusers pipelines, running ``CorrectedDenoiser(ModelDenoiser(unet,
+    scheduler), tables)``.
 
     Args:
-        unet: ``UNet2DModel`` or ``UNet2DConditionModel`` (a kind of
-            :data:`~tacdiff.models.kinds.MODEL_KINDS`).
+        unet: a model of a kind in :data:`~tacdiff.models.kinds.MODEL_KINDS` (``UNet2DModel``,
+            ``UNet2DConditionModel``, a DiT, PixArt or SD3 transformer).
         tables: corrections for one scheduler and step count, with ``ibc_target="input"`` (or no
             input bias): state tables need tacdiff's sampling loop and :class:`CorrectedDenoiser`,
             or a pipeline from :func:`tacdiff.load_pipeline`.
@@ -191,7 +193,7 @@ class CorrectedUNet(nn.Module):
         self.check_target(tables)
         self.unet, self.tables = unet, tables
         self._signature = inspect.signature(unet.forward)
-        self._output = _OUTPUTS[self.denoiser.inner.kind.cls]
+        self._output = _OUTPUTS.get(self.denoiser.inner.kind.cls, Transformer2DModelOutput)
 
     def check_target(self, tables: CorrectionTables) -> None:
         """Refuse tables this wrapper cannot apply: state tables with a non-zero input bias."""
@@ -216,13 +218,14 @@ class CorrectedUNet(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def forward(self, sample: Tensor, timestep: Tensor | float | int, *args: Any, return_dict: bool = True,
-                **kwargs: Any) -> Any:
+    def forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        """The model's own call (``sample`` or ``hidden_states``, ``timestep``, its conditioning keywords),
+        corrected. A learned-variance model's variance half comes back as zeros: the corrected sampler
+        does not read it, and pipelines split it off."""
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        x, timestep = bound.pop(next(iter(self._signature.parameters))), bound.pop("timestep")
         self.check_call(timestep)
-        eps = self.denoiser(sample, timestep, **self._conditioning(args, kwargs))
+        eps = self.denoiser(x, timestep, **{key: value for key, value in bound.items() if value is not None})
+        if self.config.out_channels == 2 * x.shape[1]:
+            eps = torch.cat([eps, torch.zeros_like(eps)], dim=1)
         return self._output(sample=eps) if return_dict else (eps,)
-
-    def _conditioning(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The call's arguments after ``sample, timestep`` by keyword (positional ones named), without ``None``s."""
-        bound = self._signature.bind_partial(None, None, *args, **kwargs).arguments
-        return {key: value for key, value in list(bound.items())[2:] if value is not None}

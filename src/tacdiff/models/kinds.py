@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from diffusers import (DiTTransformer2DModel, PixArtTransformer2DModel, SchedulerMixin, SD3Transformer2DModel,
@@ -118,6 +118,14 @@ def example_inputs(model: nn.Module, batch: int) -> tuple[Tensor, Tensor, dict[s
     return x, torch.full((batch,), 500, device=param.device), cond
 
 
+def text_width(model: nn.Module) -> int | None:
+    """The width of the text embeddings a text-conditioned model reads (PixArt's caption channels, SD3's joint
+    attention width, a UNet's cross-attention width); ``None`` for other models."""
+    config = model.config
+    return next((getattr(config, key) for key in ("caption_channels", "joint_attention_dim", "cross_attention_dim")
+                 if getattr(config, key, None)), None)
+
+
 def is_flow_matching(scheduler: SchedulerMixin) -> bool:
     """Whether ``scheduler`` integrates a flow-matching ODE over sigmas (diffusers' ``FlowMatch*`` schedulers)."""
     return type(scheduler).__name__.startswith("FlowMatch")
@@ -174,6 +182,13 @@ Cond = dict[str, Any]
 def map_cond(cond: Cond, fn: Callable[[Tensor], Any]) -> Cond:
     """``cond`` with ``fn`` applied to every tensor, nested dicts kept as dicts."""
     return {key: map_cond(value, fn) if isinstance(value, dict) else fn(value) for key, value in cond.items()}
+
+
+def cat_cond(conds: Sequence[Cond]) -> Cond:
+    """The conditioning of several row blocks as one: every tensor concatenated along its first dimension,
+    nested dicts alike."""
+    return {key: cat_cond([c[key] for c in conds]) if isinstance(value, dict) else torch.cat([c[key] for c in conds])
+            for key, value in conds[0].items()}
 
 
 def cond_leaves(cond: Cond, prefix: str = "") -> list[tuple[str, Tensor]]:

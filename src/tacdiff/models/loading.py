@@ -101,6 +101,8 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler, "flow": FlowMatchEulerDiscreteScheduler,
 }
 FLOW_SCHEDULER = "flow"
+AUTO_SCHEDULER = "auto"
+"""The default scheduler name: ``flow`` for a model whose scheduler config is a flow-matching one, else ``ddim``."""
 REFERENCE = "reference"
 
 
@@ -214,8 +216,11 @@ def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
     """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule.
 
     ``"flow"`` (flow-matching Euler over sigmas) and the noise-prediction schedulers do not mix: a model
-    whose recorded scheduler is a flow-matching one samples with ``"flow"`` only, and the reverse.
+    whose recorded scheduler is a flow-matching one samples with ``"flow"`` only, and the reverse;
+    ``"auto"`` picks ``"flow"`` or ``"ddim"`` by the config.
     """
+    if name == AUTO_SCHEDULER:
+        name = FLOW_SCHEDULER if config is not None and is_flow_config(config) else "ddim"
     cls = SCHEDULERS.get(name)
     if cls is None:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -224,14 +229,23 @@ def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
                 f"{FLOW_SCHEDULER}" if name != FLOW_SCHEDULER else
                 "it predicts noise on a beta schedule; pick ddim, ddpm, dpm or euler")
         raise ValueError(f"scheduler {name!r} does not fit this model: {hint}")
+    if name == FLOW_SCHEDULER and config is not None and config.get("use_dynamic_shifting"):
+        raise ValueError("the model's flow-matching scheduler shifts its sigmas by image size at run time "
+                         "(use_dynamic_shifting, as FLUX), which tacdiff does not support yet; pass --scheduler with a "
+                         "scheduler folder whose config has use_dynamic_shifting=false and a fixed shift")
     base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
     return cls.from_config(base)
 
 
+def scheduler_name(scheduler: SchedulerMixin) -> str:
+    """The :data:`SCHEDULERS` name of a scheduler that :func:`build_scheduler` made (for run records)."""
+    return next(name for name, cls in SCHEDULERS.items() if type(scheduler) is cls)
+
+
 def check_settings(scheduler: str, steps: int, samples: int, batch_size: int, device: str) -> None:
     """Raise ``ValueError`` naming the first bad setting (before anything is loaded)."""
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if scheduler not in SCHEDULERS and scheduler != AUTO_SCHEDULER:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose {AUTO_SCHEDULER} or one of {', '.join(SCHEDULERS)}")
     for name, value in (("steps", steps), ("samples", samples), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")

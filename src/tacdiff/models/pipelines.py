@@ -14,40 +14,80 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor, nn
 
+from tacdiff.models.kinds import Cond, cat_cond, map_cond, text_width
 from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_loading, read_config, weights_variant
 
 with quiet_loading():  # importing the pipelines imports transformers, which logs notes about torchvision
-    from diffusers import DDIMPipeline, DDPMPipeline, DiTPipeline, LDMPipeline, StableDiffusionPipeline
+    from diffusers import (DDIMPipeline, DDPMPipeline, DiTPipeline, LDMPipeline, PixArtAlphaPipeline,
+                           PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline)
 
 PIPELINE_INDEX = "model_index.json"
+
+
+PromptEmbedder = Callable[[DiffusionPipeline, str], Cond]
+"""How a text-to-image pipeline turns one prompt into its denoiser's text keywords (one row each)."""
+
+
+def _stable_diffusion_prompt(pipe: DiffusionPipeline, prompt: str) -> Cond:
+    embeds, _ = pipe.encode_prompt(prompt, pipe.device, 1, False)
+    return {"encoder_hidden_states": embeds}
+
+
+def _sd3_prompt(pipe: DiffusionPipeline, prompt: str) -> Cond:
+    """Both CLIP encoders' token embeddings beside T5's (zeros when the folder has no ``text_encoder_3``) and
+    the CLIP encoders' pooled projections, as ``StableDiffusion3Pipeline`` passes them to its MMDiT."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, None, None, device=pipe.device, do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _pixart_prompt(pipe: DiffusionPipeline, prompt: str) -> Cond:
+    """T5 embeddings with their attention mask (padding masked out) and, for transformers trained with
+    resolution conditioning, the image size and aspect ratio tacdiff samples at, as ``PixArt*Pipeline`` does."""
+    embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=pipe.device)
+    cond: Cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+    if pipe.transformer.use_additional_conditions:  # the config may leave it to the model (sample size 128)
+        side = float(pipe.transformer.config.sample_size * pipe.vae_scale_factor)
+        cond["added_cond_kwargs"] = {"resolution": embeds.new_tensor([[side, side]]),
+                                     "aspect_ratio": embeds.new_tensor([[1.0]])}
+    return cond
 
 
 @dataclass(frozen=True)
 class PipelineKind:
     """A supported pipeline class: the component that decodes latents (``None`` for pixel-space
-    pipelines), whether it reads prompts (tokenizer and text encoder), the optional components
-    tacdiff does not load (it decodes latents itself: no safety checker, no image prompts) and the
-    denoiser component (``unet``, or ``transformer`` for DiT)."""
+    pipelines), how it embeds a prompt (``None`` when it reads none), the optional components tacdiff
+    does not load (it decodes latents itself: no safety checker, no image prompts), the denoiser
+    component (``unet``, or ``transformer``) and the pipeline's own default guidance scale."""
 
     cls: type[DiffusionPipeline]
     decoder: str | None
-    text: bool
+    embed_prompt: PromptEmbedder | None = None
     skipped: tuple[str, ...] = ()
     denoiser: str = "unet"
+    guidance_scale: float = 7.5
+
+    @property
+    def text(self) -> bool:
+        """Whether the pipeline reads prompts (it has tokenizers and text encoders)."""
+        return self.embed_prompt is not None
 
 
+_IMAGE_PROMPTS = ("feature_extractor", "image_encoder")
 PIPELINE_KINDS: dict[str, PipelineKind] = {kind.cls.__name__: kind for kind in (
-    PipelineKind(StableDiffusionPipeline, "vae", True, ("safety_checker", "feature_extractor", "image_encoder")),
-    PipelineKind(LDMPipeline, "vqvae", False),  # a VQModel, or an AutoencoderKL (unconditional latent diffusion)
-    PipelineKind(DDPMPipeline, None, False),
-    PipelineKind(DDIMPipeline, None, False),
-    PipelineKind(DiTPipeline, "vae", False, denoiser="transformer"),  # class-conditional; id2label names classes
+    PipelineKind(StableDiffusionPipeline, "vae", _stable_diffusion_prompt, ("safety_checker", *_IMAGE_PROMPTS)),
+    PipelineKind(LDMPipeline, "vqvae"),  # a VQModel, or an AutoencoderKL (unconditional latent diffusion)
+    PipelineKind(DDPMPipeline, None),
+    PipelineKind(DDIMPipeline, None),
+    PipelineKind(DiTPipeline, "vae", denoiser="transformer", guidance_scale=4.0),  # class-conditional; id2label
+    PipelineKind(StableDiffusion3Pipeline, "vae", _sd3_prompt, _IMAGE_PROMPTS, "transformer", 7.0),  # flow matching
+    PipelineKind(PixArtAlphaPipeline, "vae", _pixart_prompt, denoiser="transformer", guidance_scale=4.5),
+    PipelineKind(PixArtSigmaPipeline, "vae", _pixart_prompt, denoiser="transformer", guidance_scale=4.5),
 )}
 
 
@@ -148,25 +188,42 @@ def _load_models(folder: Path, index: dict[str, Any], names: list[str]) -> dict[
 
 
 def _check_fit(pipe: DiffusionPipeline, kind: PipelineKind, folder: Path) -> None:
-    """``ValueError`` unless the UNet (or transformer), the autoencoder and the text encoder fit together."""
-    unet = getattr(pipe, kind.denoiser).config
+    """``ValueError`` unless the denoiser, the autoencoder and the text encoders fit together."""
+    denoiser = getattr(pipe, kind.denoiser)
     problems = []
     if kind.decoder is not None:
         latent = getattr(pipe, kind.decoder).config.latent_channels
-        if latent != unet.in_channels:
-            problems.append(f"the UNet takes {unet.in_channels}-channel latents but {kind.decoder}/ decodes {latent}")
+        if latent != denoiser.config.in_channels:
+            problems.append(f"the {kind.denoiser} takes {denoiser.config.in_channels}-channel latents but "
+                            f"{kind.decoder}/ decodes {latent}")
     if kind.text:
-        width = pipe.text_encoder.config.hidden_size
-        if width != unet.cross_attention_dim:
-            problems.append(f"the UNet attends to {unet.cross_attention_dim}-wide text embeddings but text_encoder/ "
-                            f"makes {width}-wide ones")
-        tokens, positions = pipe.tokenizer.model_max_length, pipe.text_encoder.config.max_position_embeddings
-        if tokens > positions:
-            problems.append(f"tokenizer/ makes {tokens if tokens < 1e9 else 'unbounded'} tokens per prompt but "
-                            f"text_encoder/ takes at most {positions}")
+        problems += _text_problems(pipe, kind, denoiser)
     if problems:
         raise ValueError(f"the components of {folder} do not fit together: " + "; ".join(problems)
                          + ". Restore the pipeline from save_pretrained's output")
+
+
+def _text_problems(pipe: DiffusionPipeline, kind: PipelineKind, denoiser: nn.Module) -> list[str]:
+    """What keeps the tokenizers and text encoders from feeding the denoiser: a tokenizer making more tokens
+    than its encoder has positions, or embeddings of another width than the denoiser reads."""
+    problems = []
+    for suffix in ("", "_2", "_3"):
+        tokenizer, encoder = getattr(pipe, f"tokenizer{suffix}", None), getattr(pipe, f"text_encoder{suffix}", None)
+        positions = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+        if tokenizer is not None and positions is not None and tokenizer.model_max_length > positions:
+            tokens = tokenizer.model_max_length
+            problems.append(f"tokenizer{suffix}/ makes {tokens if tokens < 1e9 else 'unbounded'} tokens per prompt "
+                            f"but text_encoder{suffix}/ takes at most {positions}")
+    if problems:
+        return problems
+    try:
+        width = kind.embed_prompt(pipe, "")["encoder_hidden_states"].shape[-1]
+    except (RuntimeError, ValueError, IndexError) as error:
+        return [f"the text encoders fail on an empty prompt ({type(error).__name__}: {' '.join(str(error).split())})"]
+    if width != text_width(denoiser):
+        return [f"the {kind.denoiser} attends to {text_width(denoiser)}-wide text embeddings but the text encoders "
+                f"make {width}-wide ones"]
+    return []
 
 
 def load_components(folder: str | Path, unet: nn.Module, device: str | torch.device = "cpu") -> DiffusionPipeline:
@@ -184,7 +241,8 @@ def load_components(folder: str | Path, unet: nn.Module, device: str | torch.dev
     index = read_index(folder) or {}
     names = [name for name in component_names(index, kind) if name != kind.denoiser]
     _check_component_folders(folder, names)
-    extra: dict[str, Any] = {kind.denoiser: unet, **dict.fromkeys(kind.skipped)}
+    absent = [name for name, entry in index.items() if isinstance(entry, list) and entry == [None, None]]
+    extra: dict[str, Any] = {kind.denoiser: unet, **dict.fromkeys([*kind.skipped, *absent])}  # e.g. SD3 without T5
     if "safety_checker" in kind.skipped:
         extra["requires_safety_checker"] = False
     with quiet_loading():  # also diffusers' note that float16 pipelines are slow on the CPU
@@ -209,20 +267,22 @@ def component(pipe: DiffusionPipeline, kind: PipelineKind, name: str) -> nn.Modu
 
 
 class PromptEncoder:
-    """Text embeddings ``(N, L, D)`` of prompts through a pipeline's own ``encode_prompt``, computed
-    once per distinct prompt and kept on the CPU for the last ``cache_size`` distinct prompts.
+    """The denoiser's text keywords for prompts (``encoder_hidden_states``, and SD3's pooled projections or
+    PixArt's attention mask: :attr:`PipelineKind.embed_prompt`, through the pipeline's own ``encode_prompt``),
+    computed once per distinct prompt and kept on the CPU for the last ``cache_size`` distinct prompts.
 
     A prompt longer than the tokenizer's limit is cut there, as diffusers does, with one warning.
     """
 
     def __init__(self, pipe: DiffusionPipeline, cache_size: int = 1024) -> None:
-        if not hasattr(pipe, "encode_prompt"):
+        kind = PIPELINE_KINDS.get(type(pipe).__name__)
+        if kind is None or not kind.text:
             raise ValueError(f"{type(pipe).__name__} reads no prompts")
-        self.pipe, self.cache_size = pipe, cache_size
-        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.pipe, self.embed, self.cache_size = pipe, kind.embed_prompt, cache_size
+        self._cache: OrderedDict[str, Cond] = OrderedDict()
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> Tensor:
+    def __call__(self, prompts: Sequence[str]) -> Cond:
         rows = []
         for prompt in prompts:
             if prompt not in self._cache:
@@ -231,24 +291,26 @@ class PromptEncoder:
                     self._cache.popitem(last=False)
             self._cache.move_to_end(prompt)
             rows.append(self._cache[prompt])
-        return torch.cat(rows)
+        return cat_cond(rows)
 
-    def _encode(self, prompt: str) -> Tensor:
+    def _encode(self, prompt: str) -> Cond:
         with quiet_loading():  # transformers and diffusers log every cut prompt twice
             length, limit = len(self.pipe.tokenizer(prompt).input_ids), self.pipe.tokenizer.model_max_length
-            embeds, _ = self.pipe.encode_prompt(prompt, self.pipe.device, 1, False)
+            cond = self.embed(self.pipe, prompt)
         if length > limit:
             warnings.warn(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} has {length} tokens; the "
                           f"text encoder reads the first {limit} (the rest is cut, as in diffusers)", stacklevel=3)
-        return embeds.cpu()
+        return map_cond(cond, lambda tensor: tensor.cpu())
 
 
 @torch.no_grad()
 def decode_latents(pipe: DiffusionPipeline, kind: PipelineKind, latents: Tensor) -> Tensor:
-    """Final latents as images in [-1, 1] (not clamped): the pipeline's decoder on ``latents / scaling_factor``,
+    """Final latents as images in [-1, 1] (not clamped): the pipeline's decoder on ``latents / scaling_factor``
+    (``+ shift_factor`` where the autoencoder has one),
     as the pipeline's own ``__call__`` does; pixel-space pipelines return ``latents`` unchanged."""
     if kind.decoder is None:
         return latents
     decoder = getattr(pipe, kind.decoder)
-    scaled = latents.to(decoder.device, decoder.dtype) / decoder.config.scaling_factor
+    shift = getattr(decoder.config, "shift_factor", None) or 0.0  # SD3's autoencoder centres its latents
+    scaled = latents.to(decoder.device, decoder.dtype) / decoder.config.scaling_factor + shift
     return decoder.decode(scaled, return_dict=False)[0].to(latents.dtype)

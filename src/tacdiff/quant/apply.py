@@ -22,6 +22,7 @@ from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, reprodu
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.gptq import quantize_weights_gptq
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
+from tacdiff.quant.smooth import balance_channels
 
 if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
     from tacdiff.sampling.calibration import CalibrationSet
@@ -156,6 +157,8 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
             continue
         cls = QuantConv2d if entry.kind == "conv" else QuantLinear
         new = cls.from_float(module, entry.weight_bits, config.weight_symmetric, entry.split, act)
+        if _balanced(entry, config):
+            new.enable_smoothing()
         model.set_submodule(entry.name, new)
     device = next(model.parameters()).device
     for name, module in model.named_modules():
@@ -167,6 +170,13 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
     state = QuantState(config, plan, router, hook)
     setattr(model, STATE_ATTR, state)
     return state
+
+
+def _balanced(entry: LayerPlan, config: QuantConfig) -> bool:
+    """Whether ``config`` balances the channels of this layer's input (SmoothQuant): linear layers matching
+    ``smooth_layers`` whose input is quantized."""
+    return (config.smooth_alpha is not None and entry.kind == "linear" and entry.act_bits is not None
+            and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in config.smooth_layers))
 
 
 def _token_dim(layer: nn.Module, block_scaled: bool) -> int | None:
@@ -219,12 +229,17 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
     if calibration is None and calibrated_acts:
         raise ValueError("calibrated activation ranges need calibration inputs; pass calibration="
                          "collect_calibration_set(model, scheduler), or set act_range='dynamic' or act_bits=None")
+    if calibration is None and config.smooth_alpha is not None:
+        raise ValueError("channel balancing (smooth_alpha) measures the layers' inputs on calibration inputs; pass "
+                         "calibration=collect_calibration_set(model, scheduler) or set smooth_alpha=None")
     fp_model = _frozen_copy(model) if config.weight_rounding == "adaround" else None
     model.eval()
     plan = plan_layers(model, config)
     undo = _Undo.record(model, plan)
     try:
         install(model, config, plan)
+        if config.smooth_alpha is not None:
+            balance_channels(model, calibration, config.smooth_alpha, batch_size=batch_size, progress=progress)
         if config.weight_rounding == "gptq":
             quantize_weights_gptq(model, calibration, config.weight_range, batch_size=batch_size, progress=progress)
         else:

@@ -12,6 +12,10 @@ from tacdiff.quant.primitives import check_bits
 _RANGE_METHODS = ("minmax", "percentile", "mse")
 _ACT_RANGES = (*_RANGE_METHODS, "dynamic")
 _ROUNDINGS = ("rtn", "gptq", "adaround")
+MODULATED_INPUTS = ("*.to_q", "*.to_k", "*.to_v", "*.add_q_proj", "*.add_k_proj", "*.add_v_proj", "*.ff.net.0.proj",
+                    "*.ff_context.net.0.proj")
+"""Linear layers reading a transformer block's normalised tokens (adaLN-modulated in DiT, PixArt and SD3 blocks;
+the text in cross-attention): the attention projections and the first MLP layer."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,15 @@ class QuantConfig:
             Off by default: as in Q-Diffusion, whose activation quantizers sit on layer
             outputs, ``x_t`` stays in full precision, because at small ``t`` the noise the
             model must estimate is far below an 8-bit step of ``x_t``'s range.
+        smooth_alpha: SmoothQuant's channel balancing (Xiao et al., ICML 2023) for the linear layers
+            matching ``smooth_layers``: every input channel ``j`` is divided by
+            ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (absolute maxima over the calibration inputs and
+            the weight's column) and the weight's column multiplied by it, so the product is unchanged while
+            outlier channels move from the activations into the weights. ``alpha`` in [0, 1] (0.5 is the
+            paper's default); None: off. The division runs at run time before the input quantizer (in the
+            adaLN blocks of DiT and SD3 it could be folded into the modulation's scale and shift).
+        smooth_layers: ``fnmatch`` patterns of the linear layers ``smooth_alpha`` balances (default
+            :data:`MODULATED_INPUTS`).
         exclude: ``fnmatch`` patterns of module names to leave in full precision.
         split_shortcut: quantize the two halves of each up-block skip concatenation
             separately (Q-Diffusion's shortcut splitting).
@@ -72,6 +85,8 @@ class QuantConfig:
     act_percentile: float = 99.99
     first_last_bits: int | None = 8
     quantize_model_input: bool = False
+    smooth_alpha: float | None = None
+    smooth_layers: tuple[str, ...] = MODULATED_INPUTS
     exclude: tuple[str, ...] = field(default_factory=tuple)
     split_shortcut: bool = True
     quantize_attention_matmuls: bool = True
@@ -116,11 +131,16 @@ class QuantConfig:
         if self.timestep_groups > self.num_train_timesteps:
             raise ValueError(f"timestep_groups ({self.timestep_groups}) cannot exceed "
                              f"num_train_timesteps ({self.num_train_timesteps})")
-        if isinstance(self.exclude, str) or not isinstance(self.exclude, (tuple, list)) or \
-                not all(isinstance(p, str) for p in self.exclude):
-            raise ValueError(f"exclude must be a sequence of name patterns, e.g. ('time_embedding.*',); "
-                             f"got {self.exclude!r}")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.smooth_alpha is not None and not (_is_number(self.smooth_alpha) and 0 <= self.smooth_alpha <= 1):
+            raise ValueError(f"smooth_alpha must be a number in [0, 1] (0.5 balances evenly) or None, got "
+                             f"{self.smooth_alpha!r}")
+        for name in ("exclude", "smooth_layers"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) or \
+                    not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"{name} must be a sequence of name patterns, e.g. ('time_embedding.*',); "
+                                 f"got {patterns!r}")
+            object.__setattr__(self, name, tuple(patterns))
 
     def to_json(self) -> str:
         """The config as a JSON string (stored in artifact metadata)."""
@@ -134,7 +154,6 @@ class QuantConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {unknown}; the artifact comes from a newer tacdiff")
-        data["exclude"] = tuple(data.get("exclude", ()))
         return cls(**data)
 
 

@@ -149,7 +149,8 @@ def _gram_matrices(model: nn.Module, group: list[tuple[str, QuantLayer]], calibr
             gram = rows.T @ rows
             grams[name] = gram if grams[name] is None else grams[name] + gram
 
-    handles = [layer.register_forward_pre_hook(lambda mod, args, name=name: accumulate(name, mod, args[0]))
+    handles = [layer.register_forward_pre_hook(lambda mod, args, name=name: accumulate(name, mod,
+                                                                                  mod.matmul_input(args[0])))
                for name, layer in group]
     try:
         run_calibration(model, calibration, batch_size=batch_size, desc=desc, progress=progress)

@@ -238,8 +238,25 @@ class QuantWeightMixin:
             self.weight.copy_(P.dequantize_tensor(self.weight_codes, self.expand(self.weight_scale),
                                                   self.expand(self.weight_zero_point), self.weight.dtype))
 
+    def enable_smoothing(self) -> None:
+        """Give the layer a per-input-channel ``smooth`` divisor (ones until :meth:`set_smoothing`)."""
+        self.register_buffer("smooth", torch.ones(self.weight.shape[1], device=self.weight.device))
+
+    def set_smoothing(self, scale: torch.Tensor) -> None:
+        """SmoothQuant's balancing: divide input channel ``j`` by ``scale[j]`` at run time and multiply the float
+        weight's input channel ``j`` by it (same product in exact arithmetic); before the weights are quantized."""
+        self.smooth.copy_(scale)
+        with torch.no_grad():
+            self.weight.mul_(scale.reshape(1, -1, *([1] * (self.weight.dim() - 2))).to(self.weight.dtype))
+
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the weights multiply before it is quantized: ``x``, divided by ``smooth`` when balanced."""
+        smooth = getattr(self, "smooth", None)
+        return x if smooth is None else x / smooth.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The float layer's forward on the fake-quantized input."""
+        """The float layer's forward on the (balanced,) fake-quantized input."""
+        x = self.matmul_input(x)
         return super().forward(x if self.act_quant is None else self.act_quant(x))
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tacdiff.data.prompts import default_prompts, prompt_of, prompt_set_sha256
-from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, kind_of, map_cond
+from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, kind_of, map_cond, text_width
 from tacdiff.models.loading import LoadedModel
 from tacdiff.models.pipelines import PromptEncoder
 from tacdiff.sampling.batching import Rows, derive_seed
@@ -24,6 +24,7 @@ from tacdiff.sampling.batching import Rows, derive_seed
 
 DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's default
 SDXL_TIME_IDS = 6  # original size, crop offset and target size, two numbers each
+PIXART_VAE_FACTOR = 8  # PixArt's autoencoder (Stable Diffusion's) upsamples latents 8x
 
 
 def _no_rows(start: int, count: int) -> Cond:
@@ -63,16 +64,17 @@ UNCONDITIONAL = Conditioning()
 def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, Any]:
     """Seeded Gaussian stand-ins for text embeddings when a text-conditioned model has no text encoder at hand
     (with SDXL's ``added_cond_kwargs``, pooled embeddings and time ids, for ``addition_embed_type="text_time"``;
-    with SD3's pooled projections)."""
+    with SD3's pooled projections, with PixArt's resolution conditioning where its transformer takes it)."""
     if "encoder_hidden_states" not in kind_of(model).cond_keys:
         return {}
     generator = torch.Generator().manual_seed(seed)
     config = model.config
-    width = next(getattr(config, key) for key in ("cross_attention_dim", "caption_channels", "joint_attention_dim")
-                 if getattr(config, key, None))
-    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, width, generator=generator)}
+    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, text_width(model), generator=generator)}
     if getattr(config, "pooled_projection_dim", None):
         cond["pooled_projections"] = torch.randn(count, config.pooled_projection_dim, generator=generator)
+    if getattr(model, "use_additional_conditions", False):  # PixArt at 1024 px: square images, 8x the latents
+        side = float(config.sample_size * PIXART_VAE_FACTOR)
+        cond["added_cond_kwargs"] = {"resolution": torch.full((count, 2), side), "aspect_ratio": torch.ones(count, 1)}
     if getattr(config, "addition_embed_type", None) == "text_time":
         pooled = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
         cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, pooled, generator=generator),
@@ -86,10 +88,6 @@ def num_classes(model: torch.nn.Module) -> int:
         return 0
     config = model.config
     return int(getattr(config, "num_class_embeds", None) or getattr(config, "num_embeds_ada_norm", None) or 0)
-
-
-DIT_GUIDANCE_SCALE = 4.0
-"""``DiTPipeline``'s default guidance scale."""
 
 
 def named_classes(loaded: LoadedModel) -> dict[int, str]:
@@ -113,7 +111,7 @@ def class_conditioning(loaded: LoadedModel, options: PromptOptions) -> Condition
     if unknown:
         raise ValueError(f"unknown class {unknown[0]!r}; this pipeline knows {', '.join(named.values())}")
     chosen = torch.tensor([ids[name.lower()] for name in wanted])
-    scale = DIT_GUIDANCE_SCALE if options.guidance_scale is None else options.guidance_scale
+    scale = loaded.kind.guidance_scale if options.guidance_scale is None else options.guidance_scale
     null = torch.tensor([loaded.model.config.num_embeds_ada_norm])
 
     def rows(start: int, count: int) -> Cond:
@@ -130,10 +128,10 @@ def tensor_conditioning(cond: Cond, record: dict[str, Any] | None = None) -> Con
                         record=dict(record or {}))
 
 
-def prompt_conditioning(encode: Callable[[Sequence[str]], Tensor], prompts: Sequence[str], *,
+def prompt_conditioning(encode: Callable[[Sequence[str]], Cond], prompts: Sequence[str], *,
                         guidance_scale: float = DEFAULT_GUIDANCE_SCALE, negative_prompt: str = "") -> Conditioning:
-    """Conditioning on text embeddings ``encode(prompts) -> (N, L, D)`` (e.g. a
-    :class:`~tacdiff.models.pipelines.PromptEncoder`), guided away from ``negative_prompt``."""
+    """Conditioning on the text keywords ``encode(prompts)`` (one row per prompt, e.g. ``encoder_hidden_states``
+    ``(N, L, D)`` from a :class:`~tacdiff.models.pipelines.PromptEncoder`), guided away from ``negative_prompt``."""
     if not prompts:
         raise ValueError("the prompt set is empty; pass at least one prompt")
     if not (guidance_scale >= 0 and guidance_scale < float("inf")):
@@ -141,18 +139,18 @@ def prompt_conditioning(encode: Callable[[Sequence[str]], Tensor], prompts: Sequ
     prompts = list(prompts)
 
     def rows(start: int, count: int) -> Cond:
-        return {"encoder_hidden_states": encode([prompt_of(prompts, i) for i in range(start, start + count)])}
+        return encode([prompt_of(prompts, i) for i in range(start, start + count)])
 
     record = {"prompted": True, "guidance_scale": float(guidance_scale), "negative_prompt": negative_prompt,
               "prompt_set_sha256": prompt_set_sha256(prompts), "num_prompts": len(prompts)}
-    return Conditioning(rows, float(guidance_scale), {"encoder_hidden_states": encode([negative_prompt])}, prompts,
-                        record)
+    return Conditioning(rows, float(guidance_scale), encode([negative_prompt]), prompts, record)
 
 
 @dataclass(frozen=True)
 class PromptOptions:
     """A run's prompt settings: ``prompts`` (``None``: the built-in default list), the negative prompt
-    and the guidance scale (``None``: Stable Diffusion's 7.5). Only text-to-image pipelines take them."""
+    and the guidance scale (``None``: the pipeline's own default,
+    :attr:`~tacdiff.models.pipelines.PipelineKind.guidance_scale`). Only conditional pipelines take them."""
 
     prompts: tuple[str, ...] | None = None
     negative_prompt: str | None = None
@@ -181,7 +179,7 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
     if options.classes:
         raise ValueError(f"{what} has no named classes (a DiTPipeline folder with id2label has); leave out --class")
     if loaded.reads_prompts:
-        scale = DEFAULT_GUIDANCE_SCALE if options.guidance_scale is None else options.guidance_scale
+        scale = loaded.kind.guidance_scale if options.guidance_scale is None else options.guidance_scale
         prompts = options.prompts or default_prompts(loaded.pipeline.name_or_path)
         return prompt_conditioning(PromptEncoder(loaded.pipeline), prompts,
                                    guidance_scale=scale, negative_prompt=options.negative_prompt or "")
