@@ -26,6 +26,7 @@ from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_ta
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.models.reference import load_reference_model
+from tacdiff.quant import QuantConfig
 from tacdiff.sampling.conditioning import UNCONDITIONAL
 from tacdiff.workflows import CalibrationSettings
 
@@ -54,7 +55,7 @@ def main() -> None:
     fp, ddpm = load_reference_model()
     scheduler = DDIMScheduler.from_config(ddpm.config)
     quant = quantized_copy(fp, ddpm, (4, 8), CalibrationSettings(32, args.steps, min(25, args.steps), 1),
-                           UNCONDITIONAL, "rtn", progress=False)
+                           UNCONDITIONAL, QuantConfig(), progress=False)
     evaluation = dict(num_samples=args.samples, sample_shape=(1, 28, 28), num_inference_steps=args.steps, seed=7,
                       batch_size=32, progress=False)
     settings = [(threads, batch) for threads in args.threads for batch in args.batch_sizes]

@@ -77,6 +77,7 @@ from tacdiff.correction.ner import check_ner_params
 from tacdiff.report.json import write_json
 from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import build_scheduler, load_any_model
+from tacdiff.quant import QuantConfig
 from tacdiff.sampling.batching import derive_seed
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 
@@ -142,7 +143,8 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
     for name, bits in zip(args.bits, pairs):
         log(f"quantize {name} ({args.weight_rounding.upper()}, {quant_settings.samples} calibration trajectories)")
         model, seconds = timed_call(dev, lambda bits=bits: quantized_copy(
-            fp, ddpm, bits, quant_settings, conditioning, args.weight_rounding, args.progress))
+            fp, ddpm, bits, quant_settings, conditioning, QuantConfig(weight_rounding=args.weight_rounding),
+            args.progress))
         methods.append(Method(name, "ptq", timed(ModelDenoiser(model, scheduler)), seconds))
         fits = [("ner", centre, False)] + [(label(s, centre), s, True) for s in settings]
         for i, (method, s, use_ibc) in enumerate(fits, 1):

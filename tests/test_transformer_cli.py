@@ -115,3 +115,14 @@ def test_text_to_image_transformer_pipelines_quantize_calibrate_and_sample_promp
     assert record["scheduler"] == scheduler and record["conditioning"]["guidance_scale"] == (7.0 if name == "sd3" else 4.5)
     assert [entry["prompt"] for entry in record["images"]] == ["a sneaker", "a bag", "a sneaker"]
     assert all((tmp_path / "s" / entry["file"]).is_file() for entry in record["images"])
+
+
+def test_bench_runs_a_flow_matching_pipeline_with_balanced_channels(pipeline_dir: Callable[[str], Path],
+                                                                     tmp_path: Path) -> None:
+    """The benchmark samples a flow model by flow matching, with PTQ's recipe options passed through."""
+    output = invoke("bench", "--model", str(pipeline_dir("sd3")), "--bits", "w8a6", "--steps", "4", "--samples", "4",
+                    "--calib-samples", "4", "--batch-size", "4", "--method", "fp", "--method", "ptq", "--method",
+                    "tac", "--act-range", "dynamic", "--smooth-alpha", "0.5", "--json", str(tmp_path / "rows.json"))
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert "dynamic ranges, smooth 0.5" in output and [row["method"] for row in rows] == ["fp", "ptq", "tac"]
+    assert all(row["x0_psnr"] > 10 for row in rows[1:])

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -129,9 +129,10 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
           methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
           batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
           model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(), backend: str = "fake",
-          progress: bool = True) -> BenchResult:
+          act_range: str = "mse", smooth_alpha: float | None = None, progress: bool = True) -> BenchResult:
     """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
     check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
+    recipe = QuantConfig(weight_rounding=weight_rounding, act_range=act_range, smooth_alpha=smooth_alpha)
     check_backend(backend)
     loaded = load_any_model(model, device)
     if loaded.quantized:
@@ -148,11 +149,11 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
                                     seed=seed, what=str(model))
     quant_settings = quant_calibration(quant_calib_samples, calib_samples, max(steps), seed)
     quantized: dict[str, tuple[nn.Module, float]] = {}
-    rounding = weight_rounding.upper()
+    how = f"{weight_rounding.upper()}, {act_range} ranges" + (f", smooth {smooth_alpha}" if smooth_alpha else "")
     for name, pair in zip(names, pairs):
-        _log(progress, f"quantize {name} ({rounding}, {quant_settings.samples} calibration trajectories)")
+        _log(progress, f"quantize {name} ({how}, {quant_settings.samples} calibration trajectories)")
         quantized[name] = timed_call(dev, lambda pair=pair: quantized_copy(
-            fp, base, pair, quant_settings, conditioning, weight_rounding, progress))
+            fp, base, pair, quant_settings, conditioning, recipe, progress))
     executed = {name: _executed(quant, backend) for name, (quant, _) in quantized.items()}
 
     result = BenchResult([])
@@ -199,12 +200,12 @@ def quant_calibration(quant_calib_samples: int, calib_samples: int, steps: int, 
 
 
 def quantized_copy(fp: nn.Module, scheduler: SchedulerMixin, bits: tuple[int, int], settings: CalibrationSettings,
-                   conditioning: Conditioning, weight_rounding: str, progress: bool) -> nn.Module:
-    """A copy of ``fp`` quantized at ``bits`` (weight, activation) as the benchmark does it: activation ranges
-    from FP trajectories drawn with ``settings`` (DDIM from ``scheduler``'s config, or flow matching) under
-    ``conditioning``, weights rounded by ``weight_rounding`` (``"rtn"`` or ``"gptq"``)."""
+                   conditioning: Conditioning, recipe: QuantConfig, progress: bool) -> nn.Module:
+    """A copy of ``fp`` quantized by ``recipe`` at ``bits`` (weight, activation) as the benchmark does it:
+    calibration inputs from FP trajectories drawn with ``settings`` (DDIM from ``scheduler``'s config, or flow
+    matching) under ``conditioning``."""
     calib = calibrate_inputs(fp, scheduler, settings, conditioning, progress=progress)
-    config = QuantConfig(weight_bits=bits[0], act_bits=bits[1], weight_rounding=weight_rounding)
+    config = replace(recipe, weight_bits=bits[0], act_bits=bits[1])
     return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 
 
@@ -212,7 +213,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
               methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
               batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
               model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(), backend: str = "fake",
-              progress: bool = True) -> list[dict[str, Any]]:
+              act_range: str = "mse", smooth_alpha: float | None = None, progress: bool = True
+              ) -> list[dict[str, Any]]:
     """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on one model (the bundled Fashion-MNIST one by default) with DDIM.
 
     Args:
@@ -230,6 +232,7 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
         prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
         backend: how the quantized models execute when sampled (:func:`tacdiff.backends.use_backend`);
             tables are fitted on the fake-quant model and apply unchanged.
+        act_range, smooth_alpha: PTQ's activation ranges and channel balancing (:class:`QuantConfig`).
     Returns:
         One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
         bundled classifier's features and ``fid_allconv``/``kid_allconv`` on the second feature space's,
@@ -240,7 +243,7 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
     return bench(bits=bits, steps=steps, methods=methods, samples=samples, calib_samples=calib_samples, seed=seed,
                  batch_size=batch_size, device=device, quant_calib_samples=quant_calib_samples,
                  weight_rounding=weight_rounding, model=model, prompts=prompts, backend=backend,
-                 progress=progress).rows
+                 act_range=act_range, smooth_alpha=smooth_alpha, progress=progress).rows
 
 
 def _executed(quant: nn.Module, backend: str) -> nn.Module:

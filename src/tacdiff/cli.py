@@ -518,6 +518,8 @@ def bench(
                                    callback=_positive),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
+    act_range: str = typer.Option("mse", help="PTQ's activation ranges: minmax, percentile, mse or dynamic."),
+    smooth_alpha: float = typer.Option(None, help="PTQ's SmoothQuant channel balancing strength (see quantize)."),
     model: str = typer.Option("reference", "--model", help="FP model or pipeline folder, 'reference' (the "
                                                            "bundled Fashion-MNIST model) or 'latent-reference' (the "
                                                            "bundled text-to-image pipeline)."),
@@ -540,7 +542,7 @@ def bench(
                    inputs=input_paths(model, prompts_file))
     result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
-                 weight_rounding=weight_rounding, model=model,
+                 weight_rounding=weight_rounding, model=model, act_range=act_range, smooth_alpha=smooth_alpha,
                  prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale), backend=backend,
                  progress=_progress(quiet))
     table = format_markdown(result.rows)

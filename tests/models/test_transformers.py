@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin
-from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from torch import nn
 
 import tacdiff
@@ -16,7 +16,8 @@ from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_ta
 from tacdiff.models.kinds import FLOW, ModelDenoiser, correction_space, prediction_type
 from tacdiff.models.loading import build_scheduler
 from tacdiff.quant import format_summary, quantization_summary
-from tacdiff.quant.attention import QuantAttnProcessor
+from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, QuantJointAttnProcessor
+from tacdiff.quant.layers import ActQuantizer, TimestepRouter
 from tacdiff.sampling import batched_trajectories, sample, sample_noise
 
 from tiny_models import tiny_cond, tiny_model
@@ -56,16 +57,48 @@ def test_every_linear_layer_of_a_transformer_is_quantized(fitted: tuple) -> None
         assert any(row["name"] == "pos_embed.proj" for row in rows)
 
 
-def test_attention_tacdiff_cannot_reproduce_stays_float(fitted: tuple) -> None:
+def test_attention_matmuls_are_quantized_joint_attention_too(fitted: tuple) -> None:
     name, fp, quant, _ = fitted
     processors = {type(m.processor) for m in quant.modules() if hasattr(m, "processor")}
-    if name == "sd3":  # joint attention: its own processor, float matmuls (the projections are quantized)
-        assert processors == {JointAttnProcessor2_0}
-        assert not any(row["kind"] == "attention" for row in quantization_summary(quant))
-        assert "kept float (a processor tacdiff does not reproduce): transformer_blocks.0.attn " \
-               "(JointAttnProcessor2_0)" in format_summary(quant)
-    else:
-        assert processors == {QuantAttnProcessor}
+    assert processors == ({QuantJointAttnProcessor} if name == "sd3" else {QuantAttnProcessor})
+    attentions = [row for row in quantization_summary(quant) if row["kind"] == "attention"]
+    assert len(attentions) == sum(hasattr(m, "processor") for m in fp.modules())
+    assert "kept float" not in format_summary(quant)
+
+
+@torch.no_grad()
+def test_the_joint_processor_equals_diffusers_with_quantizers_off() -> None:
+    """SD3's joint attention (QK-norms, a dual-attention block whose second attention sees image tokens only, a
+    last block whose text stream ends at the attention) recomputed eagerly: the same outputs."""
+    fp = tiny_model("sd3", num_layers=2, qk_norm="rms_norm", dual_attention_layers=(0,))
+    model = copy.deepcopy(fp)
+    router = TimestepRouter()
+    for attn in (m for m in model.modules() if isinstance(m, Attention)):
+        for operand in MATMUL_OPERANDS:
+            attn.add_module(operand, ActQuantizer(8, False, router))  # uncalibrated: pass-through
+        attn.set_processor(QuantJointAttnProcessor())
+    x, cond = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), tiny_cond("sd3", 2, seed=1)
+    t = torch.tensor([300.0, 300.0])
+    torch.testing.assert_close(model(x, timestep=t, **cond).sample, fp(x, timestep=t, **cond).sample,
+                               rtol=1e-4, atol=1e-5)
+
+
+class OwnJointProcessor(JointAttnProcessor2_0):
+    """A user's own processor: tacdiff cannot know what it computes."""
+
+
+def test_a_processor_tacdiff_cannot_reproduce_stays_float() -> None:
+    fp = tiny_model("sd3", num_layers=2)
+    fp.transformer_blocks[1].attn.set_processor(OwnJointProcessor())
+    cond = tiny_cond("sd3", 4, seed=0)
+    inputs = tacdiff.collect_calibration_set(fp, _scheduler("sd3"), num_samples=4, num_inference_steps=3,
+                                             kept_steps=3, cond=cond, progress=False)
+    quant = tacdiff.quantize(copy.deepcopy(fp), tacdiff.QuantConfig(weight_bits=8, act_bits=8), inputs,
+                             progress=False)
+    assert isinstance(quant.transformer_blocks[1].attn.processor, OwnJointProcessor)
+    assert isinstance(quant.transformer_blocks[0].attn.processor, QuantJointAttnProcessor)
+    assert "kept float (a processor tacdiff does not reproduce): transformer_blocks.1.attn (OwnJointProcessor)" \
+        in format_summary(quant)
 
 
 def test_tables_record_the_parameterization_and_refuse_another(fitted: tuple) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from tacdiff.models.kinds import MODEL_KINDS, cond_leaves, kind_of
 from tacdiff.quant.calibrate import calibrate_activations
-from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, reproduces_processor
+from tacdiff.quant.attention import MATMUL_OPERANDS, quant_processor, reproduces_processor
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.gptq import quantize_weights_gptq
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
@@ -153,7 +153,7 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
         if entry.kind == "attention":
             for operand in MATMUL_OPERANDS:
                 module.add_module(operand, ActQuantizer(entry.act_bits, config.act_symmetric, router, dynamic=dynamic))
-            module.set_processor(QuantAttnProcessor())
+            module.set_processor(quant_processor(module))
             continue
         cls = QuantConv2d if entry.kind == "conv" else QuantLinear
         new = cls.from_float(module, entry.weight_bits, config.weight_symmetric, entry.split, act)
@@ -346,7 +346,7 @@ def format_summary(model: nn.Module) -> str:
     counts["float"] = sum(p.numel() for p in model.parameters()) - fake_weights
     lines.append("weights: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
     float_attention = [f"{name} ({type(module.processor).__name__})" for name, module in model.named_modules()
-                       if isinstance(module, Attention) and not isinstance(module.processor, QuantAttnProcessor)
+                       if isinstance(module, Attention) and not hasattr(module, "probs_quant")
                        and not reproduces_processor(module)]
     if float_attention:
         lines.append("attention matmuls kept float (a processor tacdiff does not reproduce): "

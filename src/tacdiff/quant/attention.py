@@ -1,26 +1,47 @@
 """Activation quantization of the two attention matmuls (``q @ k^T`` and ``softmax @ v``).
 
-The projections ``to_q``/``to_k``/``to_v``/``to_out`` are ordinary quantized linears; this
-processor additionally fake-quantizes the matmul operands with quantizers attached to the
-diffusers ``Attention`` module as ``q_quant``, ``k_quant``, ``v_quant`` and ``probs_quant``.
+The projections ``to_q``/``to_k``/``to_v``/``to_out`` are ordinary quantized linears; these
+processors additionally fake-quantize the matmul operands with quantizers attached to the
+diffusers ``Attention`` module as ``q_quant``, ``k_quant``, ``v_quant`` and ``probs_quant``:
+:class:`QuantAttnProcessor` for diffusers' plain (self- and cross-) attention, and
+:class:`QuantJointAttnProcessor` for SD3's joint attention over image and text tokens.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
 
 MATMUL_OPERANDS = ("q_quant", "k_quant", "v_quant", "probs_quant")
 
 
-def reproduces_processor(attn: Attention) -> bool:
-    """Whether :class:`QuantAttnProcessor` computes what ``attn``'s own processor does.
+def quant_processor(attn: Attention) -> QuantAttnProcessor | QuantJointAttnProcessor | None:
+    """The processor that computes what ``attn``'s own does with quantized matmul operands, or None.
 
-    It reproduces diffusers' plain processors only; others (added key/value projections as in
-    ``SimpleCrossAttn`` blocks, IP-adapters, ...) keep their processor and float matmuls, while
-    their projection layers are still quantized.
+    Diffusers' plain processors (without added key/value projections, as ``SimpleCrossAttn`` blocks have
+    them) and SD3's ``JointAttnProcessor2_0`` are reproduced, matched by exact class; others (IP-adapters,
+    fused projections, a user's own) keep their processor and float matmuls, while their projection layers
+    are still quantized.
     """
-    return isinstance(attn.processor, (AttnProcessor, AttnProcessor2_0)) and attn.added_kv_proj_dim is None
+    kind = type(attn.processor)
+    if kind in (AttnProcessor, AttnProcessor2_0) and attn.added_kv_proj_dim is None:
+        return QuantAttnProcessor()
+    if kind is JointAttnProcessor2_0:
+        return QuantJointAttnProcessor()
+    return None
+
+
+def reproduces_processor(attn: Attention) -> bool:
+    """Whether tacdiff has a quantizing twin of ``attn``'s processor (:func:`quant_processor`)."""
+    return quant_processor(attn) is not None
+
+
+def quantized_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over ``(batch * heads, tokens, head_dim)`` operands, each fake-quantized by
+    ``attn``'s operand quantizers (the probabilities too), in diffusers' eager arithmetic."""
+    probs = attn.probs_quant(attn.get_attention_scores(attn.q_quant(query), attn.k_quant(key), mask))
+    return torch.bmm(probs, attn.v_quant(value))
 
 
 class QuantAttnProcessor:
@@ -46,11 +67,9 @@ class QuantAttnProcessor:
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
 
-        query = attn.q_quant(attn.head_to_batch_dim(attn.to_q(hidden_states)))
-        key = attn.k_quant(attn.head_to_batch_dim(attn.to_k(context)))
-        value = attn.v_quant(attn.head_to_batch_dim(attn.to_v(context)))
-        probs = attn.probs_quant(attn.get_attention_scores(query, key, attention_mask))
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        query, key, value = (attn.head_to_batch_dim(project(x)) for project, x in
+                             ((attn.to_q, hidden_states), (attn.to_k, context), (attn.to_v, context)))
+        hidden_states = attn.batch_to_head_dim(quantized_attention(attn, query, key, value, attention_mask))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
 
         if input_ndim == 4:
@@ -58,3 +77,35 @@ class QuantAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class QuantJointAttnProcessor:
+    """Diffusers' ``JointAttnProcessor2_0`` (SD3's MMDiT: the image tokens' and the text tokens' projections,
+    QK-normalised, attend jointly; the output splits back into the two streams) in eager arithmetic, with
+    quantized matmul operands over the joint sequence."""
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args: object,
+                 **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        batch, tokens = hidden_states.shape[:2]
+        query, key, value = self._heads(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v),
+                                        (attn.norm_q, attn.norm_k))
+        if encoder_hidden_states is not None:
+            text = self._heads(attn, encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                               (attn.norm_added_q, attn.norm_added_k))
+            query, key, value = (torch.cat(pair, dim=2) for pair in zip((query, key, value), text))
+        heads, length, head_dim = query.shape[1:]
+        out = quantized_attention(attn, *(x.reshape(batch * heads, length, head_dim) for x in (query, key, value)))
+        out = out.view(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, heads * head_dim)
+        image = attn.to_out[1](attn.to_out[0](out[:, :tokens]))
+        if encoder_hidden_states is None:
+            return image
+        text_out = out[:, tokens:]
+        return image, (text_out if attn.context_pre_only else attn.to_add_out(text_out))
+
+    @staticmethod
+    def _heads(attn: Attention, x: torch.Tensor, projections: tuple, norms: tuple) -> tuple[torch.Tensor, ...]:
+        """``x``'s query, key and value as ``(batch, heads, tokens, head_dim)``, query and key normalised."""
+        q, k, v = (project(x).unflatten(-1, (attn.heads, -1)).transpose(1, 2) for project in projections)
+        q, k = (x if norm is None else norm(x) for x, norm in zip((q, k), norms))
+        return q, k, v
