@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from diffusers import (DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
                        UNet2DConditionModel, UNet2DModel)
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 import tacdiff
+from tacdiff.quant.attention import MATMUL_OPERANDS, quant_processor
+from tacdiff.quant.layers import ActQuantizer, TimestepRouter
 
 # 8 DDIM steps over 1000 training steps visit t = 875, 750, ..., 0: two timesteps in every
 # quarter of [0, 1000), so four timestep groups all get calibration data.
@@ -122,3 +125,16 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)`` in dB."""
     noise = (reference - approximation).double().pow(2).sum()
     return (10 * torch.log10(reference.double().pow(2).sum() / noise)).item()
+
+
+def with_quant_processors(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose attention modules run tacdiff's quantizing processors behind uncalibrated
+    (pass-through) operand quantizers: what tacdiff's attention computes with every quantizer off."""
+    model = copy.deepcopy(model)
+    router = TimestepRouter()
+    for attn in (m for m in model.modules() if isinstance(m, Attention)):
+        processor = quant_processor(attn)
+        for operand in MATMUL_OPERANDS:
+            attn.add_module(operand, ActQuantizer(8, False, router))
+        attn.set_processor(processor)
+    return model

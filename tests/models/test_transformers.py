@@ -16,11 +16,10 @@ from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_ta
 from tacdiff.models.kinds import FLOW, ModelDenoiser, correction_space, prediction_type
 from tacdiff.models.loading import build_scheduler
 from tacdiff.quant import format_summary, quantization_summary
-from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor, QuantJointAttnProcessor
-from tacdiff.quant.layers import ActQuantizer, TimestepRouter
+from tacdiff.quant.attention import QuantAttnProcessor, QuantJointAttnProcessor
 from tacdiff.sampling import batched_trajectories, sample, sample_noise
 
-from tiny_models import tiny_cond, tiny_model
+from tiny_models import tiny_cond, tiny_model, with_quant_processors
 
 STEPS, SAMPLES = 5, 8
 SCHEDULERS = {"dit": DDIMScheduler, "pixart": DDIMScheduler, "sd3": FlowMatchEulerDiscreteScheduler}
@@ -71,12 +70,8 @@ def test_the_joint_processor_equals_diffusers_with_quantizers_off() -> None:
     """SD3's joint attention (QK-norms, a dual-attention block whose second attention sees image tokens only, a
     last block whose text stream ends at the attention) recomputed eagerly: the same outputs."""
     fp = tiny_model("sd3", num_layers=2, qk_norm="rms_norm", dual_attention_layers=(0,))
-    model = copy.deepcopy(fp)
-    router = TimestepRouter()
-    for attn in (m for m in model.modules() if isinstance(m, Attention)):
-        for operand in MATMUL_OPERANDS:
-            attn.add_module(operand, ActQuantizer(8, False, router))  # uncalibrated: pass-through
-        attn.set_processor(QuantJointAttnProcessor())
+    model = with_quant_processors(fp)
+    assert {type(m.processor) for m in model.modules() if isinstance(m, Attention)} == {QuantJointAttnProcessor}
     x, cond = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), tiny_cond("sd3", 2, seed=1)
     t = torch.tensor([300.0, 300.0])
     torch.testing.assert_close(model(x, timestep=t, **cond).sample, fp(x, timestep=t, **cond).sample,

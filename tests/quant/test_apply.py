@@ -13,8 +13,9 @@ import tacdiff
 from tacdiff.quant import QuantConfig, format_summary, plan_layers, quant_state, quantization_summary
 from tacdiff.quant.apply import quantize_weights_only, skip_concat_splits
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor
-from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
-from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model
+from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear
+from tiny_models import (calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model,
+                         with_quant_processors)
 
 # Floors below what the tiny random-weight models give (see benchmarks/results/act_noise_budget.md).
 # Calibrated (mse) ranges: W8A8 held-out SQNR 28.7 dB (UNet2DModel) and 26.5 dB (UNet2DConditionModel)
@@ -117,12 +118,7 @@ def test_attention_modules_quantize_their_matmul_operands(name: str, request: py
 def test_quant_processor_equals_diffusers_attention_with_quantizers_off(which: str,
                                                                          request: pytest.FixtureRequest) -> None:
     fp = request.getfixturevalue(which)
-    model = copy.deepcopy(fp)
-    router = TimestepRouter()
-    for attn in (m for m in model.modules() if isinstance(m, Attention)):
-        for operand in MATMUL_OPERANDS:
-            attn.add_module(operand, ActQuantizer(8, False, router))  # uncalibrated: pass-through
-        attn.set_processor(QuantAttnProcessor())
+    model = with_quant_processors(fp)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, fp.config.in_channels, 16, 16, generator=generator)
     cond = {"encoder_hidden_states": torch.randn(2, 7, 32, generator=generator)} if which == "cond_unet" else {}
