@@ -83,7 +83,8 @@ from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 
 FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib")
 FULL: dict[str, Any] = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "gamma": [0.0, 0.1, 1.0], "tau": [0.1, 0.5, 1.0, 2.0],
-                        "ibc": ["channel", "element"], "target": ["state", "input"], "calib": [32, 64, 128, 256],
+                        "ibc": ["channel", "element", "shrunk"], "target": ["state", "input"],
+                        "calib": [32, 64, 128, 256],
                         "samples": 256, "calib_samples": 128, "steps": 50}
 QUICK: dict[str, Any] = {"lam": [0.0, 1.0], "gamma": [0.1], "tau": [1.0], "ibc": ["channel"], "target": ["input"],
                          "calib": [8], "samples": 16, "calib_samples": 16, "steps": 10}
@@ -235,7 +236,7 @@ def main() -> None:
     parser.add_argument("--lams", type=float, nargs="+", help="NER lam values (default 0 0.25 0.5 0.75 1)")
     parser.add_argument("--gammas", type=float, nargs="+", help="NER gamma values (default 0 0.1 1)")
     parser.add_argument("--taus", type=float, nargs="+", help="NER tau values (default 0.1 0.5 1 2)")
-    parser.add_argument("--ibcs", nargs="+", help="IBC granularities (default channel element)")
+    parser.add_argument("--ibcs", nargs="+", help="IBC granularities (default channel element shrunk)")
     parser.add_argument("--targets", nargs="+", help="IBC targets (default state input)")
     parser.add_argument("--calib-sizes", type=int, nargs="+", help="calibration sizes (default 32 64 128 256)")
     parser.add_argument("--seed", type=int, default=0, help="derives the quantize/calibrate/validate seeds")

@@ -465,7 +465,8 @@ def calibrate(
     lam: float = typer.Option(0.5, help="NER: weight of the relative-distortion term (0..1)."),
     gamma: float = typer.Option(0.0, help="NER: pull of the scales towards 1."),
     tau: float = typer.Option(2.0, help="NER: mask |r| > tau * mean|r| for the relative term."),
-    ibc: str = typer.Option("element", help="IBC granularity: channel or element."),
+    ibc: str = typer.Option("element", help="IBC granularity: channel, element or shrunk (per element, James-Stein "
+                                            "shrunk towards the channel mean)."),
     ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (tacdiff's loop and load_pipeline) "
                                                  "or only the network 'input' (a plain UNet wrapper)."),
     prompt: list[str] = PROMPT,

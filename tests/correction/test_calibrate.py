@@ -49,6 +49,22 @@ def test_tables_describe_the_run(ddim_tables: CorrectionTables, fp_unet: UNet2DM
     assert ddim_tables.input_bias[1:].abs().sum() > 0 and (ddim_tables.out_scale != 1).any()
 
 
+def test_shrunk_ibc_lies_between_the_channel_and_element_means(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
+                                                              ddim_tables: CorrectionTables) -> None:
+    """Same trajectories as the element-wise default (same seed) up to the first shifted step: there the shrunk
+    bias keeps the channel means and lies on the segment from them to the element means."""
+    run = dict(num_inference_steps=STEPS, num_samples=SAMPLES, batch_size=SAMPLES, seed=0, progress=False)
+    shrunk = calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), ibc="shrunk", **run).input_bias[1]
+    element = ddim_tables.input_bias[1]  # row 0 is zero; later rows follow differently shifted trajectories
+    channel = element.mean((1, 2), keepdim=True)
+    assert shrunk.shape == element.shape
+    torch.testing.assert_close(shrunk.mean((1, 2), keepdim=True), channel, rtol=1e-4, atol=1e-7)
+    offset, full = (shrunk - channel).flatten(1), (element - channel).flatten(1)
+    keep = (offset * full).sum(1) / full.square().sum(1)
+    torch.testing.assert_close(offset, keep[:, None] * full, rtol=1e-3, atol=1e-7)  # on the segment
+    assert bool(((keep >= 0) & (keep <= 1)).all()) and keep.min() < 1, "shrinks, never past the element means"
+
+
 def test_calibration_is_deterministic(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
                                       ddim_tables: CorrectionTables) -> None:
     again = calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), num_inference_steps=STEPS, num_samples=SAMPLES,

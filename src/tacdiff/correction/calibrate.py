@@ -161,7 +161,7 @@ def _batch_stats(shard: Shard, stats: Callable[..., T], *tensors: Tensor) -> T:
 
 def _input_bias(x_hat: Tensor, x: Tensor, granularity: Granularity, shard: Shard) -> Tensor:
     """IBC's ``mu_t`` over every process's samples (float64)."""
-    return _batch_stats(shard, lambda a, b: BiasSum.of(a, b, granularity), x_hat, x).mean()
+    return _batch_stats(shard, lambda a, b: BiasSum.of(a, b, granularity), x_hat, x).estimate(granularity)
 
 
 def _tac_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
@@ -296,7 +296,8 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
             each network call (see the module docstring).
         seed: starting noise and per-step noise, as in :func:`tacdiff.sampling.batching.batched_trajectories`.
         lam, gamma, tau: NER's relative-distortion weight, pull towards 1 and mask threshold.
-        ibc: ``"element"`` (``mu_t`` of shape ``(C, H, W)``, the default) or ``"channel"`` (``(C,)``).
+        ibc: ``"element"`` (``mu_t`` of shape ``(C, H, W)``, the default), ``"channel"`` (``(C,)``) or
+            ``"shrunk"`` (per element, James-Stein shrunk towards the channel mean; :mod:`tacdiff.correction.ibc`).
             Element-wise means need more trajectories: on a tiny random-weight test UNet, 8 or 32
             of them overfit (fresh-seed x0 error above the uncorrected one) and 64 did not.
         ibc_target: ``"state"`` subtracts ``mu_t`` from the quantized trajectory's latent at the
