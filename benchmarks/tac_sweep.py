@@ -9,8 +9,8 @@
 What it sweeps: around the centre, the current defaults ``DEFAULT_LAM``, ``DEFAULT_GAMMA``,
 ``DEFAULT_TAU``, ``DEFAULT_IBC`` and ``DEFAULT_IBC_TARGET`` (:mod:`tacdiff.correction.calibrate`) with
 ``--calib-samples`` calibration trajectories, one factor at a time: lam in {0, 0.25, 0.5, 0.75, 1},
-gamma in {0, 0.1, 1}, tau in {0.1, 0.5, 1, 2}, IBC granularity in {channel, element}, IBC target in {state, input} (the
-sampler's latent or only the network input), calibration size in {32, 64, 128, 256}
+gamma in {0, 0.1, 1}, tau in {0.1, 0.5, 1, 2}, IBC granularity in {channel, element, shrunk}, IBC target in
+{state, input} (the sampler's latent or only the network input), calibration size in {32, 64, 128, 256}
 (``--lams`` etc. replace a list; ``--quick`` makes every list, the sample counts and the step
 count tiny for a smoke run). Reference rows: FP, PTQ (no correction) and NER alone at the centre.
 
