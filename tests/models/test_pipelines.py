@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from tacdiff.data import FASHION_MNIST_CLASSES
 from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import build_scheduler, load_any_model
 from tacdiff.models.pipelines import PIPELINE_KINDS, PromptEncoder
@@ -181,3 +182,22 @@ def test_an_sd3_folder_without_t5_embeds_prompts_with_zeros_in_its_place(pipelin
     assert loaded.pipeline.text_encoder_3 is None
     embeds = PromptEncoder(loaded.pipeline)(["a red shoe"])["encoder_hidden_states"]
     assert embeds.shape == (1, 77 + 256, 32) and embeds[:, 77:].eq(0).all()  # CLIP tokens, then 256 zero tokens
+
+
+def test_a_t5_tokenizer_shipped_as_a_sentencepiece_model_only_loads(pipeline_dir: Callable[[str], Path],
+                                                                     tmp_path: Path) -> None:
+    """PixArt folders on the Hub ship T5's tokenizer as ``spiece.model`` without ``tokenizer.json``."""
+    import sentencepiece
+
+    folder = shutil.copytree(pipeline_dir("pixart"), tmp_path / "spiece")
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").mkdir()
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("\n".join(f"a photo of a {name}, product photo" for name in FASHION_MNIST_CLASSES) * 10)
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer" / "spiece"),
+                                             vocab_size=36, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                             bos_id=-1, minloglevel=2)
+    (folder / "tokenizer" / "spiece.vocab").unlink()
+    loaded = load_any_model(folder)
+    embeds = PromptEncoder(loaded.pipeline)(["a photo of a sneaker", "a bag"])["encoder_hidden_states"]
+    assert embeds.shape == (2, 120, 32) and not torch.equal(embeds[0], embeds[1])
