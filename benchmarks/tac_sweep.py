@@ -10,7 +10,8 @@ What it sweeps: around the centre, the current defaults ``DEFAULT_LAM``, ``DEFAU
 ``DEFAULT_TAU``, ``DEFAULT_IBC`` and ``DEFAULT_IBC_TARGET`` (:mod:`tacdiff.correction.calibrate`) with
 ``--calib-samples`` calibration trajectories, one factor at a time: lam in {0, 0.25, 0.5, 0.75, 1},
 gamma in {0, 0.1, 1}, tau in {0.1, 0.5, 1, 2}, IBC granularity in {channel, element, shrunk}, IBC target in
-{state, input} (the sampler's latent or only the network input), calibration size in {32, 64, 128, 256}
+{state, input} (the sampler's latent or only the network input), calibration size in {32, 64, 128, 256},
+NER's per-channel bias off or on (``--biases``)
 (``--lams`` etc. replace a list; ``--quick`` makes every list, the sample counts and the step
 count tiny for a smoke run). Reference rows: FP, PTQ (no correction) and NER alone at the centre.
 
@@ -81,18 +82,19 @@ from tacdiff.quant import QuantConfig
 from tacdiff.sampling.batching import derive_seed
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 
-FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib")
+FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib", "bias")
 FULL: dict[str, Any] = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "gamma": [0.0, 0.1, 1.0], "tau": [0.1, 0.5, 1.0, 2.0],
                         "ibc": ["channel", "element", "shrunk"], "target": ["state", "input"],
-                        "calib": [32, 64, 128, 256],
+                        "calib": [32, 64, 128, 256], "bias": [False, True],
                         "samples": 256, "calib_samples": 128, "steps": 50}
 QUICK: dict[str, Any] = {"lam": [0.0, 1.0], "gamma": [0.1], "tau": [1.0], "ibc": ["channel"], "target": ["input"],
-                         "calib": [8], "samples": 16, "calib_samples": 16, "steps": 10}
+                         "calib": [8], "bias": [False], "samples": 16, "calib_samples": 16, "steps": 10}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One TAC configuration: NER's lam/gamma/tau, IBC granularity and target, calibration trajectories."""
+    """One TAC configuration: NER's lam/gamma/tau, IBC granularity and target, calibration trajectories, and
+    whether NER fits a per-channel bias too."""
 
     lam: float
     gamma: float
@@ -100,6 +102,7 @@ class Setting:
     ibc: str
     target: str
     calib: int
+    bias: bool = False
 
     def differs_in(self, centre: "Setting") -> str:
         """The one factor this setting changes from ``centre`` (``"centre"`` when none)."""
@@ -150,9 +153,8 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
         fits = [("ner", centre, False)] + [(label(s, centre), s, True) for s in settings]
         for i, (method, s, use_ibc) in enumerate(fits, 1):
             log(f"[{name} {i}/{len(fits)}] fit {method}: lam={s.lam} gamma={s.gamma} tau={s.tau} ibc={s.ibc} "
-                f"on the {s.target}, "
-                f"{s.calib} trajectories, DDIM {args.steps}")
-            options = dict(lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc, ibc_target=s.target)
+                f"on the {s.target}, {s.calib} trajectories, NER bias {s.bias}, DDIM {args.steps}")
+            options = dict(lam=s.lam, gamma=s.gamma, tau=s.tau, ibc=s.ibc, ibc_target=s.target, ner_bias=s.bias)
             tables, seconds = timed_call(dev, lambda s=s, use_ibc=use_ibc, options=options: fit_tables(
                 "tac" if use_ibc else "ner", fp, model, scheduler, options=options, num_inference_steps=args.steps,
                 num_samples=s.calib, batch_size=args.batch_size, seed=calib_seed, cond=conditioning,
@@ -190,9 +192,9 @@ def best_per_factor(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_markdown(rows: Sequence[dict[str, Any]], best: Sequence[dict[str, Any]]) -> str:
-    lines = ["| bits | method | factor | lam | gamma | tau | ibc | target | calib | FID | KID | FID allconv | "
-             "prompt acc | x0 MSE | x0 PSNR dB | fit s |",
-             "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| bits | method | factor | lam | gamma | tau | ibc | target | calib | NER bias | FID | KID | "
+             "FID allconv | prompt acc | x0 MSE | x0 PSNR dB | fit s |",
+             "|---|---|---|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [r["bits"], r["method"], r["factor"] or "-", *("-" if r[f] is None else r[f] for f in FACTORS)]
         scores = (format_cell(r.get(k), d) for k, d in (("fid", 3), ("kid", 5), ("fid_allconv", 3),
@@ -239,6 +241,7 @@ def main() -> None:
     parser.add_argument("--ibcs", nargs="+", help="IBC granularities (default channel element shrunk)")
     parser.add_argument("--targets", nargs="+", help="IBC targets (default state input)")
     parser.add_argument("--calib-sizes", type=int, nargs="+", help="calibration sizes (default 32 64 128 256)")
+    parser.add_argument("--biases", nargs="+", choices=["no", "yes"], help="NER bias off/on (default no yes)")
     parser.add_argument("--seed", type=int, default=0, help="derives the quantize/calibrate/validate seeds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256, help="trajectories per sampling batch; samples "
@@ -250,7 +253,7 @@ def main() -> None:
     args = parser.parse_args()
     base = QUICK if args.quick else FULL
     given = {"lam": args.lams, "gamma": args.gammas, "tau": args.taus, "ibc": args.ibcs, "target": args.targets,
-             "calib": args.calib_sizes}
+             "calib": args.calib_sizes, "bias": None if args.biases is None else [b == "yes" for b in args.biases]}
     values = {f: given[f] if given[f] is not None else base[f] for f in FACTORS}
     for key in ("steps", "samples", "calib_samples"):
         if getattr(args, key) is None:

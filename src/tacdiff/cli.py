@@ -476,6 +476,7 @@ def calibrate(
     guidance_fit: str = typer.Option("guided", help="With guidance (tac, ner, ibc): fit NER on the 'guided' "
                                                     "estimate, or one scale per 'branch' (unconditional and "
                                                     "conditional)."),
+    ner_bias: bool = typer.Option(False, help="NER also fits a per-channel bias, K (q - b) (not in the paper)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     plot: str = typer.Option(None, "--plot", help="Also draw the tables here (e.g. .png): a heat map of the output "
@@ -491,7 +492,7 @@ def calibrate(
     path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
                                       steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
                                       gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit,
-                                      prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
+                                      ner_bias=ner_bias, prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
                                       device=device, overwrite=overwrite, progress=_progress(quiet))
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
     if plot:

@@ -65,6 +65,18 @@ def test_shrunk_ibc_lies_between_the_channel_and_element_means(fp_unet: UNet2DMo
     assert bool(((keep >= 0) & (keep <= 1)).all()) and keep.min() < 1, "shrinks, never past the element means"
 
 
+def test_ner_with_a_bias_fits_and_applies_it(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
+                                            ddim_tables: CorrectionTables) -> None:
+    run = dict(num_inference_steps=STEPS, num_samples=SAMPLES, batch_size=SAMPLES, seed=0, progress=False)
+    tables = calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), ner_bias=True, **run)
+    assert tables.metadata["hyperparameters"]["ner_bias"] is True
+    assert tables.out_bias.abs().sum() > 0 and torch.isfinite(tables.out_bias).all()
+    plain, biased = errors(fp_unet, w4a8_unet, FRESH_SEED, tables=ddim_tables), errors(
+        fp_unet, w4a8_unet, FRESH_SEED, tables=tables)
+    print(f"fresh-seed x0 MSE: TAC {plain.x0_mse:.3g}, TAC with NER bias {biased.x0_mse:.3g}")
+    assert biased.x0_mse != plain.x0_mse and abs(biased.x0_mse - plain.x0_mse) < 0.1 * plain.x0_mse
+
+
 def test_calibration_is_deterministic(fp_unet: UNet2DModel, w4a8_unet: nn.Module,
                                       ddim_tables: CorrectionTables) -> None:
     again = calibrate_tac(fp_unet, w4a8_unet, DDIMScheduler(), num_inference_steps=STEPS, num_samples=SAMPLES,

@@ -7,17 +7,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 
 from tacdiff.correction import AbsMean, NERStats, input_bias, mask_threshold, ner_scale, ner_stats, ptqd_fit
 from tacdiff.correction.ptqd import PTQDStats
 
 
-def ner_loss(k: float, q: np.ndarray, r: np.ndarray, lam: float, gamma: float, tau: float) -> float:
-    """METHOD.md's loss for one channel, written out directly (empty mask: no relative term)."""
+def ner_loss(k: float, q: np.ndarray, r: np.ndarray, lam: float, gamma: float, tau: float, bias: float = 0.0
+             ) -> float:
+    """METHOD.md's loss for one channel, written out directly (empty mask: no relative term), of the correction
+    ``k (q - bias)``."""
     mask = np.abs(r) > tau * np.abs(r).mean()
-    relative = np.mean(((k * q[mask] - r[mask]) / r[mask]) ** 2) if mask.any() else 0.0
-    return (1 - lam) * np.mean((k * q - r) ** 2) + lam * relative + gamma * (k - 1) ** 2
+    corrected = k * (q - bias)
+    relative = np.mean(((corrected[mask] - r[mask]) / r[mask]) ** 2) if mask.any() else 0.0
+    return (1 - lam) * np.mean((corrected - r) ** 2) + lam * relative + gamma * (k - 1) ** 2
 
 
 def pair(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +45,32 @@ def test_ner_scale_is_the_numerical_minimiser(seed: int, n: int, c: int, h: int,
         closed = ner_loss(scale[ch].item(), qc, rc, lam, gamma, tau)
         assert closed <= best.fun + 1e-9 * (1 + abs(best.fun))
         assert scale[ch].item() == pytest.approx(best.x, rel=1e-4, abs=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 3), c=st.integers(1, 2), h=st.integers(2, 4),
+       lam=st.floats(0, 1), gamma=st.floats(0, 2), tau=st.floats(0, 1))
+def test_ner_with_a_bias_is_the_numerical_minimiser(seed: int, n: int, c: int, h: int, lam: float, gamma: float,
+                                                    tau: float) -> None:
+    q, r = pair(seed, (n, c, h, h))
+    scale, bias = ner_stats(q, r, tau=tau).solve_affine(lam, gamma)
+    for ch in range(c):
+        qc, rc = q[:, ch].numpy().ravel(), r[:, ch].numpy().ravel()
+        best = minimize(lambda kc: ner_loss(kc[0], qc, rc, lam, gamma, tau, kc[1] / kc[0]), x0=[1.0, 0.0],
+                        method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-14, "maxiter": 4000})
+        closed = ner_loss(scale[ch].item(), qc, rc, lam, gamma, tau, bias[ch].item())
+        assert closed <= best.fun + 1e-7 * (1 + abs(best.fun))
+        assert closed <= ner_loss(ner_scale(q, r, lam=lam, gamma=gamma, tau=tau)[ch].item(), qc, rc, lam, gamma,
+                                  tau) + 1e-12, "a bias never fits worse than the scale alone"
+
+
+def test_ner_bias_recovers_an_affine_distortion() -> None:
+    _, r = pair(5, (4, 3, 6, 6))
+    offsets = torch.tensor([0.3, -0.2, 0.0], dtype=torch.float64).view(1, 3, 1, 1)
+    q = r / 1.25 + offsets  # K = 1.25, b = offsets undo it exactly
+    scale, bias = ner_stats(q, r, tau=0.5).solve_affine(0.4, 0.0)
+    torch.testing.assert_close(scale, torch.full((3,), 1.25, dtype=torch.float64))
+    torch.testing.assert_close(bias, offsets.flatten())
 
 
 def test_ner_scale_is_one_when_estimates_match() -> None:

@@ -166,8 +166,10 @@ def _input_bias(x_hat: Tensor, x: Tensor, granularity: Granularity, shard: Shard
 
 def _tac_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
               lam: float, gamma: float, tau: float, ibc: Granularity, use_ibc: bool, use_ner: bool,
-              shard: Shard, combine: Callable[[Tensor], Tensor] | None = None) -> tuple[_Row, Tensor]:
-    """IBC then NER at one step; the estimate returned is the corrected ``K_t q``.
+              ner_bias: bool, shard: Shard, combine: Callable[[Tensor], Tensor] | None = None
+              ) -> tuple[_Row, Tensor]:
+    """IBC then NER at one step; the estimate returned is the corrected ``K_t (q - b_t)`` (``b_t = 0`` unless
+    ``ner_bias``).
 
     With ``combine``, ``q`` and ``r`` hold both guidance branches ``[uncond; cond]``: NER fits one
     ``K_t`` per branch and the estimate returned is ``combine`` of the corrected branches.
@@ -178,19 +180,25 @@ def _tac_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[
         mu = torch.zeros_like(mu)
     q = quant(correct_input(x_hat, mu))
     branches = 1 if combine is None else 2
-    scales = [_ner_scale(qb, rb, lam, gamma, tau, shard) if use_ner else torch.ones(channels)
-              for qb, rb in zip(q.chunk(branches), r.chunk(branches))]
-    scale = scales[0] if combine is None else torch.stack(scales)
-    bias = torch.zeros_like(scale)
-    corrected = torch.cat([correct_output(qb, s, torch.zeros(channels)) for qb, s in zip(q.chunk(branches), scales)])
+    identity = (torch.ones(channels), torch.zeros(channels))
+    fits = [_ner_fit(qb, rb, lam, gamma, tau, ner_bias, shard) if use_ner else identity
+            for qb, rb in zip(q.chunk(branches), r.chunk(branches))]
+    scale, bias = (torch.stack(part) for part in zip(*fits))
+    if combine is None:
+        scale, bias = scale[0], bias[0]
+    corrected = torch.cat([correct_output(qb, s, b) for qb, (s, b) in zip(q.chunk(branches), fits)])
     return _Row(t, mu, scale, bias), corrected if combine is None else combine(corrected)
 
 
-def _ner_scale(q: Tensor, r: Tensor, lam: float, gamma: float, tau: float, shard: Shard) -> Tensor:
-    """NER's per-channel ``K_t`` for quantized estimates ``q`` against FP ones ``r``, summed per batch."""
+def _ner_fit(q: Tensor, r: Tensor, lam: float, gamma: float, tau: float, bias: bool,
+             shard: Shard) -> tuple[Tensor, Tensor]:
+    """NER's per-channel ``K_t`` (and with ``bias`` its ``b_t``) for quantized estimates ``q`` against FP ones
+    ``r``, summed per batch."""
     threshold = tau * _batch_stats(shard, lambda rb: AbsMean.empty(rb.shape[1]).update(rb), r).mean()
     stats = _batch_stats(shard, lambda qb, rb: NERStats.empty(threshold).update(qb, rb), q, r)
-    return stats.solve(lam, gamma).float()
+    if bias:
+        return tuple(part.float() for part in stats.solve_affine(lam, gamma))
+    return stats.solve(lam, gamma).float(), torch.zeros(q.shape[1])
 
 
 def _ptqd_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable[[Tensor], Tensor], *,
@@ -285,7 +293,7 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
                   ibc: Granularity = DEFAULT_IBC, ibc_target: str = DEFAULT_IBC_TARGET, use_ibc: bool = True,
                   use_ner: bool = True, cond: Cond | Conditioning | None = None, progress: bool = True,
                   denoiser: Callable[[nn.Module], Denoiser] | None = None,
-                  guidance_fit: str = DEFAULT_GUIDANCE_FIT) -> CorrectionTables:
+                  guidance_fit: str = DEFAULT_GUIDANCE_FIT, ner_bias: bool = False) -> CorrectionTables:
     """Fit TAC's IBC and NER tables (Yao et al., ECCV 2024) for ``quant_model`` against ``fp_model``.
 
     Args:
@@ -307,6 +315,8 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
             network sees, which a plain UNet wrapper can do inside any diffusers pipeline, but
             the uncorrected latent keeps its bias (measured worse: see the README).
         use_ibc, use_ner: switch the parts off for ablations (method ``ner``/``ibc``).
+        ner_bias: NER fits a per-channel bias beside each scale, ``K_t (q - b_t)`` (not in the paper;
+            :meth:`~tacdiff.correction.ner.NERStats.solve_affine`); off by default.
         cond: model keyword arguments with a leading dimension ``num_samples``, or a
             :class:`~tacdiff.sampling.conditioning.Conditioning` (prompts and guidance: the tables
             are then fitted on the guided estimate that enters the sampler, and record its guidance
@@ -333,11 +343,11 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
     if guidance_fit not in GUIDANCE_FITS:
         raise ValueError(f"guidance_fit must be one of {', '.join(GUIDANCE_FITS)}, got {guidance_fit!r}")
     hyper = {"lam": lam, "gamma": gamma, "tau": tau, "ibc": ibc, "ibc_target": ibc_target, "use_ibc": use_ibc,
-             "use_ner": use_ner, "guidance_fit": guidance_fit}
+             "use_ner": use_ner, "guidance_fit": guidance_fit, "ner_bias": ner_bias}
 
     def step(*args: Any, **context: Any) -> tuple[_Row, Tensor]:
         return _tac_step(*args, lam=lam, gamma=gamma, tau=tau, ibc=ibc, use_ibc=use_ibc and not in_state,
-                         use_ner=use_ner, **context)
+                         use_ner=use_ner, ner_bias=ner_bias, **context)
 
     return _fit(method[use_ibc, use_ner], step, fp_model, quant_model, scheduler,
                 num_inference_steps=num_inference_steps, num_samples=num_samples, batch_size=batch_size,

@@ -10,6 +10,10 @@ quadratic in ``K``, so
 
     K* = [(1-lam) S_qr/N + lam S_{q/r}/N_M + gamma] / [(1-lam) S_qq/N + lam S_{qq/rr}/N_M + gamma].
 
+With ``bias`` (:meth:`NERStats.solve_affine`, an extension beyond the paper, in the spirit of PTQD's
+per-channel bias) the correction is ``K (q - b)`` and ``(K, K b)`` jointly minimise the same loss with
+``K q - K b`` in place of ``K q``: a 2x2 linear system per channel.
+
 Streaming: every term is a per-channel sum, kept by :class:`NERStats`. The mask threshold
 ``tau * mean|r|`` is *not* a sum of the terms above, so it is fixed before the sums are
 taken: :class:`NERStats` holds the threshold it was built with, and the exact two-pass
@@ -74,8 +78,9 @@ def mask_threshold(r: Tensor, tau: float) -> Tensor:
 class NERStats:
     """Per-channel sums of the NER loss for a fixed mask ``threshold`` (all ``(C,)`` float64).
 
-    ``s_qr = Σ q r``, ``s_qq = Σ q²``, ``n`` = element count over all elements;
-    ``s_q_r = Σ_M q / r``, ``s_qq_rr = Σ_M q² / r²``, ``n_mask = |M|`` over the masked ones.
+    ``s_qr = Σ q r``, ``s_qq = Σ q²``, ``s_q = Σ q``, ``s_r = Σ r``, ``n`` = element count over all
+    elements; ``s_q_r = Σ_M q / r``, ``s_qq_rr = Σ_M q² / r²``, ``s_q_rr = Σ_M q / r²``,
+    ``s_1_r = Σ_M 1 / r``, ``s_1_rr = Σ_M 1 / r²``, ``n_mask = |M|`` over the masked ones.
     Two workers' stats (same threshold) merge with ``+``.
     """
 
@@ -86,12 +91,17 @@ class NERStats:
     s_q_r: Tensor
     s_qq_rr: Tensor
     n_mask: Tensor
+    s_q: Tensor
+    s_r: Tensor
+    s_q_rr: Tensor
+    s_1_r: Tensor
+    s_1_rr: Tensor
 
     @classmethod
     def empty(cls, threshold: Tensor) -> "NERStats":
         """Zero sums for a ``(C,)`` mask threshold (e.g. ``tau * AbsMean.mean()``)."""
         threshold = torch.as_tensor(threshold, dtype=torch.float64)
-        zeros = [torch.zeros_like(threshold) for _ in range(6)]
+        zeros = [torch.zeros_like(threshold) for _ in range(len(fields(cls)) - 1)]
         return cls(threshold, *zeros)
 
     def update(self, q: Tensor, r: Tensor) -> "NERStats":
@@ -100,12 +110,13 @@ class NERStats:
         q, r = q.double(), r.double()
         shape = (1, -1) + (1,) * (r.ndim - 2)
         mask = r.abs() > self.threshold.to(r.device).view(shape)
-        safe_r = torch.where(mask, r, torch.ones_like(r))
-        ratio = torch.where(mask, q / safe_r, torch.zeros_like(q))
-        sums = (_channel_sum(q * r), _channel_sum(q * q), torch.full_like(self.n, r.numel() // r.shape[1]),
-                _channel_sum(ratio), _channel_sum(ratio * ratio), _channel_sum(mask))
-        for name, value in zip(("s_qr", "s_qq", "n", "s_q_r", "s_qq_rr", "n_mask"), sums):
-            setattr(self, name, getattr(self, name) + value.to(self.n.device))
+        inverse = torch.where(mask, 1 / torch.where(mask, r, torch.ones_like(r)), torch.zeros_like(r))
+        ratio = q * inverse
+        sums = {"s_qr": q * r, "s_qq": q * q, "s_q_r": ratio, "s_qq_rr": ratio * ratio, "n_mask": mask, "s_q": q,
+                "s_r": r, "s_q_rr": ratio * inverse, "s_1_r": inverse, "s_1_rr": inverse * inverse}
+        for name, value in sums.items():
+            setattr(self, name, getattr(self, name) + _channel_sum(value).to(self.n.device))
+        self.n = self.n + r.numel() // r.shape[1]
         return self
 
     def __add__(self, other: "NERStats") -> "NERStats":
@@ -126,6 +137,29 @@ class NERStats:
         num = (1 - lam) * self.s_qr / self.n + lam * self.s_q_r / n_mask + gamma
         den = (1 - lam) * self.s_qq / self.n + lam * self.s_qq_rr / n_mask + gamma
         return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
+
+
+    def solve_affine(self, lam: float, gamma: float) -> tuple[Tensor, Tensor]:
+        """``(C,)`` float64 ``(K, b)`` minimising the NER loss of the correction ``K (q - b)``.
+
+        Solves the normal equations in ``(K, c = K b)``; a channel whose system is singular (e.g. constant
+        ``q``) or whose ``K`` comes out 0 keeps :meth:`solve`'s scale and no bias.
+        """
+        check_ner_params(lam, gamma)
+        full, masked = (1 - lam) / self.n, lam / self.n_mask.clamp(min=1)
+        a11 = full * self.s_qq + masked * self.s_qq_rr + gamma  # the K-K, K-c and c-c curvatures
+        a12 = full * self.s_q + masked * self.s_q_rr
+        a22 = full * self.n + masked * self.s_1_rr
+        y1 = full * self.s_qr + masked * self.s_q_r + gamma
+        y2 = full * self.s_r + masked * self.s_1_r
+        det = a11 * a22 - a12 * a12
+        ok = det > 1e-12 * (a11 * a22).clamp(min=torch.finfo(torch.float64).tiny)
+        safe = torch.where(ok, det, torch.ones_like(det))
+        scale = (y1 * a22 - a12 * y2) / safe
+        shift = (a12 * y1 - a11 * y2) / safe  # c = K b
+        ok = ok & (scale.abs() > 1e-12)
+        bias = torch.where(ok, shift / torch.where(ok, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+        return torch.where(ok, scale, self.solve(lam, gamma)), bias
 
 
 def check_ner_params(lam: float, gamma: float, tau: float = 0.0) -> None:

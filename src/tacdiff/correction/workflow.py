@@ -21,7 +21,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
                        seed: int = 0, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA,
                        tau: float = DEFAULT_TAU, ibc: Granularity = DEFAULT_IBC,
                        ibc_target: str = DEFAULT_IBC_TARGET, guidance_fit: str = DEFAULT_GUIDANCE_FIT,
-                       prompts: PromptOptions = PromptOptions(),
+                       ner_bias: bool = False, prompts: PromptOptions = PromptOptions(),
                        device: str = "cpu", overwrite: bool = False,
                        progress: bool = True) -> tuple[Path, CorrectionTables]:
     """Calibrate correction tables for the quantized artifact folder against its FP model; write ``out``.
@@ -43,6 +43,8 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
         raise ValueError(f"guidance_fit must be one of {', '.join(GUIDANCE_FITS)}, got {guidance_fit!r}")
     if method == "ptqd" and guidance_fit != DEFAULT_GUIDANCE_FIT:
         raise ValueError(f"guidance_fit={guidance_fit!r} applies to tac, ner and ibc; ptqd fits the guided estimate")
+    if ner_bias and method not in ("tac", "ner"):
+        raise ValueError(f"ner_bias adds a bias to NER's scales (methods tac and ner); {method} fits no NER scales")
     check_settings(scheduler, steps, samples, batch_size, device)
     check_writable(out, overwrite, recognise=is_tables_file, what="correction tables file",
                    inputs=input_paths(quant_artifact, fp_model))
@@ -59,7 +61,8 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
                                     what=f"--fp-model {fp_model}")
     run = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, seed=seed, cond=conditioning,
                progress=progress)
-    options = dict(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit)
+    options = dict(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit,
+                   ner_bias=ner_bias)
     with torch.no_grad():
         tables = fit_tables(method, fp.model, quant.model, sched, options=options, **run)
     tables.metadata["quant_artifact"] = str(Path(quant_artifact).resolve())
