@@ -19,6 +19,7 @@ from tacdiff.models.pipelines import PIPELINE_KINDS, PromptEncoder
 from tacdiff.sampling.batching import batched_trajectories, sample_noise
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
 from tacdiff.sampling.loop import sample
+from tiny_models import tiny_model
 from tiny_pipelines import TINY_PIPELINES
 
 STEPS = 3
@@ -201,3 +202,13 @@ def test_a_t5_tokenizer_shipped_as_a_sentencepiece_model_only_loads(pipeline_dir
     loaded = load_any_model(folder)
     embeds = PromptEncoder(loaded.pipeline)(["a photo of a sneaker", "a bag"])["encoder_hidden_states"]
     assert embeds.shape == (2, 120, 32) and not torch.equal(embeds[0], embeds[1])
+
+
+def test_text_encoders_of_another_width_than_the_transformer_reads_are_refused(pipeline_dir: Callable[[str], Path],
+                                                                                tmp_path: Path) -> None:
+    folder = shutil.copytree(pipeline_dir("sd3"), tmp_path / "wide")
+    shutil.rmtree(folder / "transformer")
+    tiny_model("sd3", joint_attention_dim=48).save_pretrained(folder / "transformer")
+    with pytest.raises(ValueError, match="transformer attends to 48-wide text embeddings but the text encoders make "
+                                         "32-wide ones"):
+        load_any_model(folder)

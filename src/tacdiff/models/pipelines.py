@@ -217,7 +217,8 @@ def _text_problems(pipe: DiffusionPipeline, kind: PipelineKind, denoiser: nn.Mod
     if problems:
         return problems
     try:
-        width = kind.embed_prompt(pipe, "")["encoder_hidden_states"].shape[-1]
+        with torch.no_grad():
+            width = kind.embed_prompt(pipe, "")["encoder_hidden_states"].shape[-1]
     except (RuntimeError, ValueError, IndexError) as error:
         return [f"the text encoders fail on an empty prompt ({type(error).__name__}: {' '.join(str(error).split())})"]
     if width != text_width(denoiser):
