@@ -16,9 +16,9 @@ NER's per-channel bias off or on (``--biases``)
 count tiny for a smoke run). Reference rows: FP, PTQ (no correction) and NER alone at the centre.
 
 Model and quantization as in ``tacdiff bench`` (:mod:`tacdiff.bench`): ``--model`` (the bundled Fashion-MNIST
-DDPM by default; ``latent-reference`` or any pipeline folder, on its default prompts with classifier-free guidance
-at ``--guidance-scale``), DDIM (eta 0) from its scheduler config, ``QuantConfig(w, a)`` with ``--weight-rounding``
-once per ``--bits`` setting with activation ranges from ``min(--quant-calib-samples, --calib-samples)`` FP
+DDPM by default; ``latent-reference``, ``dit-reference`` or any pipeline folder, on its default prompts or class
+names with classifier-free guidance at ``--guidance-scale``), DDIM (eta 0) from its scheduler config,
+``QuantConfig(w, a)`` with ``--weight-rounding`` once per ``--bits`` setting with activation ranges from ``min(--quant-calib-samples, --calib-samples)`` FP
 trajectories (:func:`tacdiff.bench.quantized_copy`); every table is fitted on that one quantized model.
 
 Seeds (never tune on the evaluation seeds): quantization inputs come from
@@ -51,7 +51,6 @@ Example (the full sweep, written where the other benchmark results live):
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import shlex
 import subprocess
@@ -62,7 +61,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from fp_reference import machine  # sibling benchmark script (run as python benchmarks/tac_sweep.py)
@@ -80,7 +78,7 @@ from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import build_scheduler, load_any_model
 from tacdiff.quant import QuantConfig
 from tacdiff.sampling.batching import derive_seed
-from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
+from tacdiff.sampling.conditioning import PromptOptions, conditioning_for, named_classes
 
 FACTORS = ("lam", "gamma", "tau", "ibc", "target", "calib", "bias")
 FULL: dict[str, Any] = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "gamma": [0.0, 0.1, 1.0], "tau": [0.1, 0.5, 1.0, 2.0],
@@ -131,7 +129,8 @@ def sweep(args: argparse.Namespace, values: dict[str, Sequence[Any]]) -> list[di
     loaded = load_any_model(args.model, dev)
     fp, ddpm = loaded.model, build_scheduler("ddpm", loaded.scheduler_config)
     scheduler = build_scheduler("ddim", loaded.scheduler_config)
-    prompts = PromptOptions(guidance_scale=args.guidance_scale) if loaded.reads_prompts else PromptOptions()
+    guided = loaded.reads_prompts or bool(named_classes(loaded))  # prompts, or a DiTPipeline's class names
+    prompts = PromptOptions(guidance_scale=args.guidance_scale) if guided else PromptOptions()
     conditioning = conditioning_for(loaded, prompts, count=max(args.samples, *values["calib"], args.calib_samples),
                                     seed=args.seed, what=args.model)
     centre = Setting(DEFAULT_LAM, DEFAULT_GAMMA, DEFAULT_TAU, DEFAULT_IBC, DEFAULT_IBC_TARGET, args.calib_samples)
@@ -225,8 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference", help="'reference', 'latent-reference' or a model or "
                         "pipeline folder")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="text-to-image pipelines: the "
-                        "classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="text-to-image and class-conditional "
+                        "pipelines: the classifier-free guidance scale (default: the pipeline's own)")
     parser.add_argument("--weight-rounding", default="rtn", help="PTQ's weight rounding: rtn or gptq")
     parser.add_argument("--bits", nargs="+", default=["w4a8"], help="settings like w4a8, each quantized once")
     parser.add_argument("--steps", type=int, help="DDIM steps (default 50; quick 10)")
@@ -278,7 +277,8 @@ def main() -> None:
     best = best_per_factor(rows)
     table = format_markdown(rows, best)
     command = "OMP_NUM_THREADS=1 python " + shlex.join(sys.argv)
-    header = (f"# TAC hyper-parameter sweep ({args.model}, {args.weight_rounding.upper()} "
+    guidance = "" if args.guidance_scale is None else f", guidance {args.guidance_scale}"
+    header = (f"# TAC hyper-parameter sweep ({args.model}{guidance}, {args.weight_rounding.upper()} "
               f"{', '.join(args.bits)}, DDIM {args.steps}, {args.samples} validation "
               f"images, centre calibration {args.calib_samples} trajectories)\n\n"
               f"* Machine: {machine(args.device)}\n* Command (commit {code}, started {started}, "
