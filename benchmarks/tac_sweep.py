@@ -18,8 +18,9 @@ count tiny for a smoke run). Reference rows: FP, PTQ (no correction) and NER alo
 Model and quantization as in ``tacdiff bench`` (:mod:`tacdiff.bench`): ``--model`` (the bundled Fashion-MNIST
 DDPM by default; ``latent-reference``, ``dit-reference`` or any pipeline folder, on its default prompts or class
 names with classifier-free guidance at ``--guidance-scale``), DDIM (eta 0) from its scheduler config,
-``QuantConfig(w, a)`` with ``--weight-rounding`` once per ``--bits`` setting with activation ranges from ``min(--quant-calib-samples, --calib-samples)`` FP
-trajectories (:func:`tacdiff.bench.quantized_copy`); every table is fitted on that one quantized model.
+``QuantConfig(w, a)`` with ``--weight-rounding`` once per ``--bits`` setting with activation ranges from
+``min(--quant-calib-samples, --calib-samples)`` FP trajectories (:func:`tacdiff.bench.quantized_copy`); every
+table is fitted on that one quantized model.
 
 Seeds (never tune on the evaluation seeds): quantization inputs come from
 ``derive_seed(seed, "quantize")`` and the tables are fitted on ``derive_seed(seed, "calibrate")``,
