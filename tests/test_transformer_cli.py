@@ -57,7 +57,8 @@ def test_an_sd3_transformer_samples_by_flow_matching(tmp_path: Path) -> None:
     invoke("calibrate", str(tmp_path / "q"), "--fp-model", str(model), "--out", str(tables),  # auto: flow
            "--samples", "4", "--batch-size", "2", *STEPS, "--quiet")
     assert CorrectionTables.load(tables).metadata["prediction"] == "flow"
-    invoke("eval", str(tmp_path / "q"), "--fp-model", str(model), "--tables", str(tables), "--samples", "2", *STEPS, "--json", str(tmp_path / "eval.json"), "--quiet")
+    invoke("eval", str(tmp_path / "q"), "--fp-model", str(model), "--tables", str(tables), "--samples", "2", *STEPS,
+           "--json", str(tmp_path / "eval.json"), "--quiet")
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["x0_psnr"] > 0 and result["fid"] is None
 
@@ -112,7 +113,8 @@ def test_text_to_image_transformer_pipelines_quantize_calibrate_and_sample_promp
     invoke("sample", str(quantized), "--tables", str(tables), "--prompt", "a sneaker", "--prompt", "a bag", "--out",
            str(tmp_path / "s"), "--num-samples", "3", *STEPS, "--quiet")
     record = json.loads((tmp_path / "s" / "samples.json").read_text())
-    assert record["scheduler"] == scheduler and record["conditioning"]["guidance_scale"] == (7.0 if name == "sd3" else 4.5)
+    assert record["scheduler"] == scheduler
+    assert record["conditioning"]["guidance_scale"] == (7.0 if name == "sd3" else 4.5)
     assert [entry["prompt"] for entry in record["images"]] == ["a sneaker", "a bag", "a sneaker"]
     assert all((tmp_path / "s" / entry["file"]).is_file() for entry in record["images"])
 

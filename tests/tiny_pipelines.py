@@ -73,8 +73,8 @@ def _t5(seed: int) -> tuple[T5Tokenizer, T5EncoderModel]:
     """A T5 encoder (``TEXT_DIM`` wide) with a sentencepiece-style word-level tokenizer over the Fashion-MNIST
     captions' words (other words are ``<unk>``)."""
     words = sorted({word.lower() for word in fashion_vocabulary()})
-    tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0) for w in words],
-                            extra_ids=0)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0) for w in words]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=2 * TEXT_DIM, num_layers=2, num_heads=4)
     return tokenizer, T5EncoderModel(config).eval()

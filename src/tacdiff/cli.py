@@ -492,7 +492,8 @@ def calibrate(
     path, tables = calibrate_artifact(quant_artifact, fp_model, out, method=method, scheduler=scheduler,
                                       steps=steps, samples=samples, batch_size=batch_size, seed=seed, lam=lam,
                                       gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit,
-                                      ner_bias=ner_bias, prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
+                                      ner_bias=ner_bias,
+                                      prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
                                       device=device, overwrite=overwrite, progress=_progress(quiet))
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
     if plot:
