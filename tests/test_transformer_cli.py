@@ -128,3 +128,17 @@ def test_bench_runs_a_flow_matching_pipeline_with_balanced_channels(pipeline_dir
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert "dynamic ranges, smooth 0.5" in output and [row["method"] for row in rows] == ["fp", "ptq", "tac"]
     assert all(row["x0_psnr"] > 10 for row in rows[1:])
+
+
+def test_every_text_encoder_of_sd3_quantizes_weight_only(pipeline_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    from tacdiff.models.loading import load_any_model
+    from tacdiff.quant.layers import QuantLinear
+
+    out = tmp_path / "sd3-text"
+    invoke("quantize", str(pipeline_dir("sd3")), "--out", str(out), "--w-bits", "4", *CALIBRATION,
+           "--quantize-text-encoder", "--quiet")
+    names = sorted(p.name for p in out.glob("text_encoder*.safetensors"))
+    assert names == ["text_encoder.safetensors", "text_encoder_2.safetensors", "text_encoder_3.safetensors"]
+    pipe = load_any_model(out).pipeline
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        assert any(isinstance(m, QuantLinear) and m.w_bits == 4 for m in encoder.modules())

@@ -277,8 +277,8 @@ def quantize(
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
-    quantize_text_encoder: bool = typer.Option(False, help="Also quantize the pipeline's text encoder (weights "
-                                                           "only, --w-bits, round to nearest)."),
+    quantize_text_encoder: bool = typer.Option(False, help="Also quantize the pipeline's text encoders (SD3: all "
+                                                           "three; weights only, --w-bits, round to nearest)."),
     quantize_vae_decoder: bool = typer.Option(False, help="Also quantize the pipeline's autoencoder decoder "
                                                           "(weights only, --w-bits, round to nearest)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),

@@ -23,7 +23,7 @@ from tacdiff.metrics.paired import psnr_db, sqnr_db
 from tacdiff.models.kinds import ModelDenoiser, kind_of, sample_shape_of
 from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, LoadedModel, build_scheduler, check_settings,
                                    find_unet_dir, input_paths, load_any_model, load_scheduler, scheduler_name)
-from tacdiff.models.pipelines import component, components_sha256
+from tacdiff.models.pipelines import component, components_sha256, text_encoders
 from tacdiff.models.reference import bundled_folder, load_reference_model
 from tacdiff.quant import QuantConfig, quant_state, quantize
 from tacdiff.quant.apply import check_finite, quantize_weights_only
@@ -104,7 +104,8 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
                          "model folder it was quantized from")
     model = loaded.model
     check_finite(model, None)
-    parts = {name: _quantize_component(loaded, name, config, model_dir) for name in components}
+    parts = {name: _quantize_component(loaded, name, config, model_dir)
+             for name in _every_encoder(loaded, components)}
     scheduler = load_scheduler(scheduler_path, model_dir)
     config = replace(config, num_train_timesteps=scheduler.config.num_train_timesteps)
     conditioning = conditioning_for(loaded, prompts, count=calibration.samples, seed=calibration.seed,
@@ -143,6 +144,12 @@ def _pipeline_record(loaded: LoadedModel, model_dir: str | Path) -> dict[str, st
     if loaded.pipeline is None:
         return {}
     return {PIPELINE_KEY: str(Path(model_dir).resolve()), PIPELINE_SHA256_KEY: components_sha256(model_dir)}
+
+
+def _every_encoder(loaded: LoadedModel, components: tuple[str, ...]) -> list[str]:
+    """``components`` with ``text_encoder`` standing for every text encoder the pipeline has (SD3 has three)."""
+    encoders = [] if loaded.pipeline is None else text_encoders(loaded.pipeline, loaded.kind)
+    return [part for name in components for part in (encoders if name == "text_encoder" and encoders else [name])]
 
 
 def _quantize_component(loaded: LoadedModel, name: str, config: QuantConfig, model_dir: str | Path) -> nn.Module:

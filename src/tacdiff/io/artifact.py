@@ -50,8 +50,9 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
                   "float64": torch.float64}
 MODULE_KINDS = {"conv": nn.Conv2d, "linear": nn.Linear, "attention": Attention}
 FIX = "re-create it with tacdiff quantize"
-COMPONENT_NAMES = ("text_encoder", "vae_decoder")
-"""Pipeline components an artifact may hold quantized, each as ``<name>.safetensors``."""
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+"""Pipeline components an artifact may hold quantized, each as ``<name>.safetensors`` (SD3 has three text
+encoders)."""
 COMPONENTS_KEY = "components"
 """Metadata of ``quantized.safetensors``: ``{component: checksum of its file}`` for the components it comes with."""
 
@@ -130,9 +131,21 @@ def is_artifact_folder(path: Path) -> bool:
             and all(safetensors_format(path / name) == FORMAT for name in names & ours))
 
 
+def _untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict without the later names of tied tensors (T5's ``encoder.embed_tokens.weight`` is
+    its ``shared.weight``): loading the first name fills both, as they share storage."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor
+    return state
+
+
 def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """The state dict with each quantized weight replaced by its bit-packed codes."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """The state dict (tied tensors once) with each quantized weight replaced by its bit-packed codes."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in _untied_state(model).items()}
     shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantWeightMixin):
@@ -363,7 +376,7 @@ def _check_recorded_layers(model: nn.Module, recipe: _Recipe, file: Path) -> Non
 
 def _expected_tensors(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Dtype and shape of every tensor an artifact of the (installed) ``model`` stores."""
-    expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+    expected = {k: (v.dtype, tuple(v.shape)) for k, v in _untied_state(model).items()}
     for name, module in model.named_modules():
         if isinstance(module, QuantWeightMixin):
             del expected[f"{name}.weight"]

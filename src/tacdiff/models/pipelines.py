@@ -256,11 +256,20 @@ def load_components(folder: str | Path, unet: nn.Module, device: str | torch.dev
         return pipe.to(device)
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def text_encoders(pipe: DiffusionPipeline, kind: PipelineKind) -> list[str]:
+    """The names of the text encoders ``pipe`` has (SD3: up to three; none for pipelines without prompts)."""
+    return [name for name in TEXT_ENCODERS if kind.text and getattr(pipe, name, None) is not None]
+
+
 def component(pipe: DiffusionPipeline, kind: PipelineKind, name: str) -> nn.Module:
-    """The part of a pipeline that an artifact's component ``name`` quantizes: ``text_encoder`` (the text
-    encoder) or ``vae_decoder`` (the autoencoder's decoder, which turns latents into images)."""
-    if name == "text_encoder" and kind.text:
-        return pipe.text_encoder
+    """The part of a pipeline that an artifact's component ``name`` quantizes: a text encoder (``text_encoder``,
+    SD3's ``text_encoder_2``/``_3``) or ``vae_decoder`` (the autoencoder's decoder, which turns latents into
+    images)."""
+    if name in text_encoders(pipe, kind):
+        return getattr(pipe, name)
     if name == "vae_decoder" and kind.decoder is not None:
         return getattr(pipe, kind.decoder).decoder
     option = f"--quantize-{name.replace('_', '-')}"
