@@ -3,12 +3,13 @@
 Per model: seconds per denoiser call at each batch size for FP32, bf16, fake-quant and the int8 backend
 (W8A8 and W4A8), weight and activation memory, artifact size against the FP32 safetensors file and load
 time (:func:`tacdiff.speed.measure_speed`, also ``tacdiff bench-speed``). Models: the bundled pixel model,
-the latent reference UNet when a pipeline folder is given, and the full-size ``google/ddpm-cifar10-32`` and
+the bundled latent reference UNet and DiT (``--pipelines latent-reference dit-reference``, or any pipeline
+folder), and the full-size ``google/ddpm-cifar10-32`` and
 Stable Diffusion 1.5 UNet configs (random weights). ``--kernels`` times the int8 kernel candidates on single
 layers; ``--end-to-end`` times ``tacdiff sample``'s sampling FP32 against int8 with TAC tables on the
 bundled model, with the x0 PSNR the int8 images reach.
 
-Usage: python benchmarks/speed.py [--models reference cifar10 sd15] [--latent RUN/pipeline] [--kernels]
+Usage: python benchmarks/speed.py [--models reference cifar10 sd15] [--pipelines SPEC ...] [--kernels]
        [--end-to-end] [--markdown benchmarks/results/speed.md]
 """
 
@@ -137,7 +138,8 @@ def end_to_end(samples: int = 64, steps: int = 50) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--latent", type=Path, default=None, help="latent reference pipeline folder to time too")
+    parser.add_argument("--pipelines", nargs="*", default=[], help="bundled pipeline names or pipeline folders to "
+                        "time too (their denoisers, at batch 1, 8 and 64)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
@@ -150,8 +152,7 @@ def main() -> None:
               f"threads, torch {torch.__version__}. Speed-ups are against FP32 at the same batch size in this run.")
     sections, report = [header], {"calls": [], "artifacts": []}
     specs = [(name, *MODELS[name]) for name in args.models]
-    if args.latent is not None:
-        specs.insert(1, ("latent-reference", args.latent, (1, 8, 64)))
+    specs[1:1] = [(Path(spec).name, spec, (1, 8, 64)) for spec in args.pipelines]
     for name, spec, batches in specs:
         model = model_for_speed(spec)
         if name == "sd15":
