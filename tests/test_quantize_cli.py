@@ -123,3 +123,15 @@ def test_an_sdxl_style_unet_quantizes_from_the_command_line(tmp_path: Path) -> N
     code, output = invoke("quantize", str(tmp_path / "sdxl"), "--out", str(tmp_path / "q"), *CALIBRATION, "--quiet")
     assert code == 0, output
     assert float(read_metadata(tmp_path / "q")["held_out_sqnr_db"]) > 20.0
+
+
+def test_the_bundled_model_quantizes_by_name(tmp_path: Path) -> None:
+    """``tacdiff quantize reference``, as ``eval`` and ``sample`` take it; the artifact pairs with ``--fp-model
+    reference``."""
+    code, output = invoke("quantize", "reference", "--out", str(tmp_path / "q"), "--calib-samples", "2",
+                          "--calib-steps", "2", "--calib-kept-steps", "2", "--quiet")
+    assert code == 0, output
+    assert read_metadata(tmp_path / "q")["scheduler_class"] == "DDPMScheduler"
+    code, output = invoke("calibrate", str(tmp_path / "q"), "--fp-model", "reference", "--out",
+                          str(tmp_path / "t.safetensors"), "--samples", "2", "--steps", "2", "--quiet")
+    assert code == 0, output

@@ -21,10 +21,11 @@ from tacdiff.io.artifact import is_artifact_folder, save_quantized, state_dict_s
 from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
 from tacdiff.metrics.paired import psnr_db, sqnr_db
 from tacdiff.models.kinds import ModelDenoiser, kind_of, sample_shape_of
-from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, LoadedModel, build_scheduler, check_settings,
-                                   find_unet_dir, input_paths, load_any_model, load_scheduler, scheduler_name)
+from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, REFERENCE, LoadedModel, build_scheduler,
+                                   check_settings, find_unet_dir, input_paths, load_any_model, load_scheduler,
+                                   scheduler_name)
 from tacdiff.models.pipelines import component, components_sha256, text_encoders
-from tacdiff.models.reference import bundled_folder, load_reference_model
+from tacdiff.models.reference import REFERENCE_MODEL_DIR, bundled_folder, load_reference_model
 from tacdiff.quant import QuantConfig, quant_state, quantize
 from tacdiff.quant.apply import check_finite, quantize_weights_only
 from tacdiff.report import save_grid
@@ -94,7 +95,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     ``out_dir`` is checked first (with ``overwrite`` it may replace an earlier artifact, nothing else; never the model
     or scheduler folder); ``config.num_train_timesteps`` is replaced by the scheduler's.
     """
-    model_dir = bundled_folder(model_dir)
+    model_dir = REFERENCE_MODEL_DIR if str(model_dir) == REFERENCE else bundled_folder(model_dir)
     inputs = [model_dir] + ([scheduler_path] if scheduler_path is not None else [])
     check_writable(out_dir, overwrite, recognise=is_artifact_folder, what="quantized artifact", inputs=inputs,
                    folder=True, need_bytes=_artifact_bytes(model_dir, config.weight_bits))
