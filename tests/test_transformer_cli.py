@@ -121,12 +121,14 @@ def test_text_to_image_transformer_pipelines_quantize_calibrate_and_sample_promp
 
 def test_bench_runs_a_flow_matching_pipeline_with_balanced_channels(pipeline_dir: Callable[[str], Path],
                                                                      tmp_path: Path) -> None:
-    """The benchmark samples a flow model by flow matching, with PTQ's recipe options passed through."""
+    """The benchmark samples a flow model by flow matching, with PTQ's recipe options passed through (ranges
+    per timestep group need the flow scheduler's 1000 training timesteps)."""
     output = invoke("bench", "--model", str(pipeline_dir("sd3")), "--bits", "w8a6", "--steps", "4", "--samples", "4",
                     "--calib-samples", "4", "--batch-size", "4", "--method", "fp", "--method", "ptq", "--method",
-                    "tac", "--act-range", "dynamic", "--smooth-alpha", "0.5", "--json", str(tmp_path / "rows.json"))
+                    "tac", "--smooth-alpha", "0.5", "--timestep-groups", "2", "--json", str(tmp_path / "rows.json"))
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert "dynamic ranges, smooth 0.5" in output and [row["method"] for row in rows] == ["fp", "ptq", "tac"]
+    assert "mse ranges, smooth 0.5, 2 timestep groups" in output
+    assert [row["method"] for row in rows] == ["fp", "ptq", "tac"]
     assert all(row["x0_psnr"] > 10 for row in rows[1:])
 
 

@@ -129,10 +129,12 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
           methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
           batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
           model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(), backend: str = "fake",
-          act_range: str = "mse", smooth_alpha: float | None = None, progress: bool = True) -> BenchResult:
+          act_range: str = "mse", smooth_alpha: float | None = None, timestep_groups: int = 1,
+          progress: bool = True) -> BenchResult:
     """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
     check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
-    recipe = QuantConfig(weight_rounding=weight_rounding, act_range=act_range, smooth_alpha=smooth_alpha)
+    recipe = QuantConfig(weight_rounding=weight_rounding, act_range=act_range, smooth_alpha=smooth_alpha,
+                         timestep_groups=timestep_groups)
     check_backend(backend)
     loaded = load_any_model(model, device)
     if loaded.quantized:
@@ -149,7 +151,8 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
                                     seed=seed, what=str(model))
     quant_settings = quant_calibration(quant_calib_samples, calib_samples, max(steps), seed)
     quantized: dict[str, tuple[nn.Module, float]] = {}
-    how = f"{weight_rounding.upper()}, {act_range} ranges" + (f", smooth {smooth_alpha}" if smooth_alpha else "")
+    how = f"{weight_rounding.upper()}, {act_range} ranges" + (f", smooth {smooth_alpha}" if smooth_alpha else "") \
+        + (f", {timestep_groups} timestep groups" if timestep_groups > 1 else "")
     for name, pair in zip(names, pairs):
         _log(progress, f"quantize {name} ({how}, {quant_settings.samples} calibration trajectories)")
         quantized[name] = timed_call(dev, lambda pair=pair: quantized_copy(
@@ -205,7 +208,8 @@ def quantized_copy(fp: nn.Module, scheduler: SchedulerMixin, bits: tuple[int, in
     calibration inputs from FP trajectories drawn with ``settings`` (DDIM from ``scheduler``'s config, or flow
     matching) under ``conditioning``."""
     calib = calibrate_inputs(fp, scheduler, settings, conditioning, progress=progress)
-    config = replace(recipe, weight_bits=bits[0], act_bits=bits[1])
+    config = replace(recipe, weight_bits=bits[0], act_bits=bits[1],
+                     num_train_timesteps=scheduler.config.num_train_timesteps)
     return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 
 
@@ -213,8 +217,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
               methods: Sequence[str] = METHODS, samples: int = 1000, calib_samples: int = 256, seed: int = 0,
               batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
               model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(), backend: str = "fake",
-              act_range: str = "mse", smooth_alpha: float | None = None, progress: bool = True
-              ) -> list[dict[str, Any]]:
+              act_range: str = "mse", smooth_alpha: float | None = None, timestep_groups: int = 1,
+              progress: bool = True) -> list[dict[str, Any]]:
     """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on one model (the bundled Fashion-MNIST one by default) with DDIM.
 
     Args:
@@ -232,7 +236,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
         prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
         backend: how the quantized models execute when sampled (:func:`tacdiff.backends.use_backend`);
             tables are fitted on the fake-quant model and apply unchanged.
-        act_range, smooth_alpha: PTQ's activation ranges and channel balancing (:class:`QuantConfig`).
+        act_range, smooth_alpha, timestep_groups: PTQ's activation ranges, channel balancing and range groups
+            over timesteps (:class:`QuantConfig`).
     Returns:
         One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
         bundled classifier's features and ``fid_allconv``/``kid_allconv`` on the second feature space's,
@@ -243,7 +248,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
     return bench(bits=bits, steps=steps, methods=methods, samples=samples, calib_samples=calib_samples, seed=seed,
                  batch_size=batch_size, device=device, quant_calib_samples=quant_calib_samples,
                  weight_rounding=weight_rounding, model=model, prompts=prompts, backend=backend,
-                 act_range=act_range, smooth_alpha=smooth_alpha, progress=progress).rows
+                 act_range=act_range, smooth_alpha=smooth_alpha, timestep_groups=timestep_groups,
+                 progress=progress).rows
 
 
 def _executed(quant: nn.Module, backend: str) -> nn.Module:

@@ -523,6 +523,8 @@ def bench(
     weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
     act_range: str = typer.Option("mse", help="PTQ's activation ranges: minmax, percentile, mse or dynamic."),
     smooth_alpha: float = typer.Option(None, help="PTQ's SmoothQuant channel balancing strength (see quantize)."),
+    timestep_groups: int = typer.Option(1, help="PTQ's activation ranges per quantizer, picked by timestep.",
+                                        callback=_positive),
     model: str = typer.Option("reference", "--model", help="FP model or pipeline folder, 'reference' (the "
                                                            "bundled Fashion-MNIST model) or 'latent-reference' (the "
                                                            "bundled text-to-image pipeline)."),
@@ -546,6 +548,7 @@ def bench(
     result = run(bits=tuple(bits), steps=tuple(steps), methods=tuple(method), samples=samples,
                  calib_samples=calib_samples, seed=seed, batch_size=batch_size, device=device,
                  weight_rounding=weight_rounding, model=model, act_range=act_range, smooth_alpha=smooth_alpha,
+                 timestep_groups=timestep_groups,
                  prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale), backend=backend,
                  progress=_progress(quiet))
     table = format_markdown(result.rows)
