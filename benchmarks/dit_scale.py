@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel
 
-import tacdiff
-from sd_scale import Stages
-from tacdiff.correction.workflow import calibrate_artifact
-from tacdiff.workflows import CalibrationSettings, quantize_dir
+from sd_scale import Stages, quantize_and_calibrate
+from tacdiff.workflows import CalibrationSettings
 
 DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
@@ -51,17 +49,8 @@ def main() -> None:
         del model
         stages.done(f"build and save the model ({params / 1e6:.0f}M parameters)", started)
 
-        started = time.perf_counter()
-        quantize_dir(folder, Path(work) / "w8a8", tacdiff.QuantConfig(weight_bits=8, act_bits=8),
-                     calibration=settings, device=args.device, progress=False)
-        stages.done(f"tacdiff quantize W8A8 ({args.samples} x {args.steps} DDIM steps of inputs, MSE ranges, "
-                    "held-out SQNR, artifact)", started)
-
-        started = time.perf_counter()
-        calibrate_artifact(Path(work) / "w8a8", folder, Path(work) / "tac.safetensors", steps=args.steps,
-                           samples=args.samples, batch_size=args.batch_size, device=args.device, progress=False)
-        stages.done(f"tacdiff calibrate TAC ({args.samples} paired trajectories, {args.steps} steps)", started,
-                    args.steps)
+        quantize_and_calibrate(stages, folder, Path(work), settings, args, trajectories="trajectories",
+                               inputs=f"{args.samples} x {args.steps} DDIM steps of inputs")
     text = stages.markdown(f"DiT-XL/2-sized DiTTransformer2DModel, random weights, 32x32x4 latents, batch "
                            f"{args.batch_size}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} "
                            f"threads, {platform.machine()}")

@@ -60,6 +60,23 @@ class Stages:
         return "\n".join(lines)
 
 
+def quantize_and_calibrate(stages: Stages, folder: Path, work: Path, settings: CalibrationSettings,
+                           args: argparse.Namespace, *, inputs: str, trajectories: str,
+                           prompts: PromptOptions = PromptOptions()) -> None:
+    """Time ``tacdiff quantize`` (W8A8, MSE ranges, into ``work/w8a8``) and ``tacdiff calibrate`` (TAC) on
+    ``folder`` as stages; ``inputs`` and ``trajectories`` describe the calibration work in the stage names."""
+    started = time.perf_counter()
+    quantize_dir(folder, work / "w8a8", tacdiff.QuantConfig(weight_bits=8, act_bits=8), calibration=settings,
+                 prompts=prompts, device=args.device, progress=False)
+    stages.done(f"tacdiff quantize W8A8 ({inputs}, MSE ranges, held-out SQNR, artifact)", started)
+
+    started = time.perf_counter()
+    calibrate_artifact(work / "w8a8", folder, work / "tac.safetensors", steps=args.steps, samples=args.samples,
+                       batch_size=args.batch_size, prompts=prompts, device=args.device, progress=False)
+    stages.done(f"tacdiff calibrate TAC ({args.samples} paired {trajectories}, {args.steps} steps)", started,
+                args.steps)
+
+
 def save_pipeline(config_dir: Path, latent: int, folder: Path) -> int:
     """Save the scale-check pipeline to ``folder``; return the UNet's parameter count."""
     config = json.loads((config_dir / "config.json").read_text())
@@ -102,18 +119,8 @@ def main() -> None:
         del loaded
         stage(f"load + calibration inputs ({args.samples} x {args.steps} guided DDIM steps)", started,
               args.samples * args.steps)
-
-        started = time.perf_counter()
-        quantize_dir(folder, Path(work) / "w8a8", tacdiff.QuantConfig(weight_bits=8, act_bits=8),
-                     calibration=settings, prompts=prompts, device=args.device, progress=False)
-        stage("tacdiff quantize W8A8 (inputs, MSE ranges, held-out SQNR, artifact)", started)
-
-        started = time.perf_counter()
-        calibrate_artifact(Path(work) / "w8a8", folder, Path(work) / "tac.safetensors", steps=args.steps,
-                           samples=args.samples, batch_size=args.batch_size, prompts=prompts, device=args.device,
-                           progress=False)
-        stage(f"tacdiff calibrate TAC ({args.samples} paired guided trajectories, {args.steps} steps)", started,
-              args.steps)
+        quantize_and_calibrate(stages, folder, Path(work), settings, args, inputs="inputs",
+                               trajectories="guided trajectories", prompts=prompts)
 
     text = stages.markdown(f"SD 1.5 UNet config, random weights, {args.latent}x{args.latent} latents, guidance "
                            f"{args.guidance_scale}, batch {args.batch_size}, {args.device}, torch {torch.__version__}, "
