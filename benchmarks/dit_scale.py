@@ -14,7 +14,6 @@ random weights and saved with ``save_pretrained``; the stages are the command li
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -51,12 +50,7 @@ def main() -> None:
 
         quantize_and_calibrate(stages, folder, Path(work), settings, args, trajectories="trajectories",
                                inputs=f"{args.samples} x {args.steps} DDIM steps of inputs")
-    text = stages.markdown(f"DiT-XL/2-sized DiTTransformer2DModel, random weights, 32x32x4 latents, batch "
-                           f"{args.batch_size}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} "
-                           f"threads, {platform.machine()}")
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    stages.report("DiT-XL/2-sized DiTTransformer2DModel, random weights, 32x32x4 latents", args)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,15 @@ class Stages:
         self.rows.append((name, seconds, None if per_step is None else seconds / per_step, peak_rss_gib()))
         print(f"{name}: {seconds:.1f} s, peak RSS {self.rows[-1][3]:.2f} GiB", flush=True)
 
+    def report(self, model: str, args: argparse.Namespace) -> None:
+        """Print the table titled by ``model`` and the run's batch, device and machine; write it to
+        ``args.markdown`` when given."""
+        text = self.markdown(f"{model}, batch {args.batch_size}, {args.device}, torch {torch.__version__}, "
+                             f"{torch.get_num_threads()} threads, {platform.machine()}")
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text + "\n")
+
     def markdown(self, title: str) -> str:
         lines = [title, "", "| stage | seconds | seconds per step | peak RSS GiB |", "|---|---|---|---|"]
         lines += [f"| {name} | {sec:.1f} | {'-' if per is None else f'{per:.1f}'} | {rss:.2f} |"
@@ -122,12 +131,8 @@ def main() -> None:
         quantize_and_calibrate(stages, folder, Path(work), settings, args, inputs="inputs",
                                trajectories="guided trajectories", prompts=prompts)
 
-    text = stages.markdown(f"SD 1.5 UNet config, random weights, {args.latent}x{args.latent} latents, guidance "
-                           f"{args.guidance_scale}, batch {args.batch_size}, {args.device}, torch {torch.__version__}, "
-                           f"{torch.get_num_threads()} threads, {platform.machine()}")
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    stages.report(f"SD 1.5 UNet config, random weights, {args.latent}x{args.latent} latents, guidance "
+                  f"{args.guidance_scale}", args)
 
 
 if __name__ == "__main__":
