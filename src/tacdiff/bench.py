@@ -56,7 +56,7 @@ from tacdiff.evaluation import Method, TimedDenoiser, prompted_classes, score_me
 from tacdiff.metrics.fid import FID_KEYS
 from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import (AUTO_SCHEDULER, FLOW_SCHEDULER, REFERENCE, build_scheduler, check_settings,
-                                   is_flow_config, load_any_model)
+                                   load_any_model, resolve_scheduler)
 from tacdiff.quant import QuantConfig, quantize
 from tacdiff.report import save_grid
 from tacdiff.sampling.batching import derive_seed
@@ -140,7 +140,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     if loaded.quantized:
         raise ValueError(f"{model} is a quantized artifact; bench quantizes the full-precision model itself")
     config = loaded.scheduler_config
-    flow = config is not None and is_flow_config(config)
+    flow = resolve_scheduler(AUTO_SCHEDULER, config) == FLOW_SCHEDULER
     base = build_scheduler(FLOW_SCHEDULER if flow else "ddpm", config)  # quantization draws DDIM from its config
     pairs = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding,
                              base.config.num_train_timesteps)

@@ -195,6 +195,8 @@ NEGATIVE_PROMPT = typer.Option(None, "--negative-prompt", help="Prompt to guide 
 TRAIN_SEED = typer.Option(0, help="Seed for the initial weights and every random draw.")
 TRAIN_DEVICE = typer.Option("auto", help="torch device; 'auto' picks cuda when available.", callback=_device)
 DATA_DIR = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz files.")
+LATENT_EMA_DECAY = typer.Option(0.999, help="Decay of the weight EMA that is exported.")
+LATENT_CHECKPOINT_EVERY = typer.Option(500, help="Steps between checkpoints.", callback=_positive)
 BACKEND = typer.Option("fake", "--backend", callback=_backend,
                        help="How quantized layers run: fake (simulated in float), int8 (integer kernels where "
                             "exact; the rest fake) or auto (int8 only where measured faster here).")
@@ -339,8 +341,8 @@ def train_latent(
     batch_size: int = typer.Option(128, help="Images per step.", callback=_positive),
     lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up (both stages)."),
     seed: int = TRAIN_SEED,
-    ema_decay: float = typer.Option(0.999, help="Decay of the weight EMA that is exported."),
-    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints.", callback=_positive),
+    ema_decay: float = LATENT_EMA_DECAY,
+    checkpoint_every: int = LATENT_CHECKPOINT_EVERY,
     device: str = TRAIN_DEVICE,
     data_dir: str = DATA_DIR,
     quiet: bool = typer.Option(False, help="Hide the progress bars."),
@@ -362,8 +364,8 @@ def train_dit(
     batch_size: int = typer.Option(128, help="Latents per step.", callback=_positive),
     lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up."),
     seed: int = TRAIN_SEED,
-    ema_decay: float = typer.Option(0.999, help="Decay of the weight EMA that is exported."),
-    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints.", callback=_positive),
+    ema_decay: float = LATENT_EMA_DECAY,
+    checkpoint_every: int = LATENT_CHECKPOINT_EVERY,
     device: str = TRAIN_DEVICE,
     data_dir: str = DATA_DIR,
     quiet: bool = typer.Option(False, help="Hide the progress bar."),

@@ -138,7 +138,6 @@ class NERStats:
         den = (1 - lam) * self.s_qq / self.n + lam * self.s_qq_rr / n_mask + gamma
         return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
 
-
     def solve_affine(self, lam: float, gamma: float) -> tuple[Tensor, Tensor]:
         """``(C,)`` float64 ``(K, b)`` minimising the NER loss of the correction ``K (q - b)``.
 

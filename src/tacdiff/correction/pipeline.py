@@ -25,7 +25,7 @@ import torch
 from diffusers import DiffusionPipeline, SchedulerMixin
 from torch import Tensor, nn
 
-from tacdiff.correction.tables import PREDICTION_KEY, CorrectionTables, short_timesteps
+from tacdiff.correction.tables import CorrectionTables, short_timesteps
 from tacdiff.correction.wrapper import CorrectedUNet, shift_state
 from tacdiff.models.kinds import denoiser_scheduler, prediction_type
 from tacdiff.models.loading import load_any_model, scheduler_class
@@ -196,7 +196,7 @@ class PipelineUNet(CorrectedUNet):
             raise ValueError("this UNet wrapper belongs to a pipeline built by tacdiff.load_pipeline that no longer "
                              "exists; call the pipeline, or sample with tacdiff's loop and CorrectedDenoiser")
         scheduler = pipe.scheduler
-        if prediction_type(scheduler) != self.tables.metadata.get(PREDICTION_KEY, "epsilon") or (
+        if prediction_type(scheduler) != self.tables.prediction or (
                 self.tables.ibc_target == "state" and not isinstance(scheduler.step, StateShiftingStep)):
             raise ValueError("the pipeline's scheduler was replaced after load_pipeline, so the correction tables "
                              "can no longer be applied (the new one does not shift the latents or consume what the "

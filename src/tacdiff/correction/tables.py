@@ -159,10 +159,16 @@ class CorrectionTables:
                             f"({_betas(self.scheduler_config)} vs {_betas(dict(scheduler.config))})")
         _refuse(problems, "the sampler", force)
 
+    @property
+    def prediction(self) -> str:
+        """What the tables correct: ``"epsilon"`` (noise estimates) or the flow velocity (tables that do not
+        record :data:`PREDICTION_KEY` are noise tables)."""
+        return self.metadata.get(PREDICTION_KEY, "epsilon")
+
     def check_prediction(self, scheduler: SchedulerMixin) -> None:
         """Raise ``ValueError`` when the tables correct another parameterization (noise or flow velocity) than
-        denoisers return under ``scheduler`` (tables that do not record one are taken as noise tables)."""
-        fitted, wanted = self.metadata.get(PREDICTION_KEY, "epsilon"), correction_space(scheduler)
+        denoisers return under ``scheduler``."""
+        fitted, wanted = self.prediction, correction_space(scheduler)
         if fitted != wanted:
             raise ValueError(f"correction tables correct {fitted!r} predictions, but under {type(scheduler).__name__} "
                              f"the model predicts {wanted!r}; calibrate tables with this scheduler")

@@ -212,6 +212,14 @@ def is_flow_config(config: dict[str, Any]) -> bool:
     return "shift" in config and "beta_start" not in config
 
 
+def resolve_scheduler(name: str, config: dict[str, Any] | None) -> str:
+    """``name``, with ``"auto"`` replaced by ``"flow"`` for a flow-matching scheduler ``config`` and ``"ddim"``
+    for any other (or none)."""
+    if name != AUTO_SCHEDULER:
+        return name
+    return FLOW_SCHEDULER if config is not None and is_flow_config(config) else "ddim"
+
+
 def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
     """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule.
 
@@ -219,8 +227,7 @@ def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
     whose recorded scheduler is a flow-matching one samples with ``"flow"`` only, and the reverse;
     ``"auto"`` picks ``"flow"`` or ``"ddim"`` by the config.
     """
-    if name == AUTO_SCHEDULER:
-        name = FLOW_SCHEDULER if config is not None and is_flow_config(config) else "ddim"
+    name = resolve_scheduler(name, config)
     cls = SCHEDULERS.get(name)
     if cls is None:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")

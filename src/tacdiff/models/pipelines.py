@@ -28,6 +28,7 @@ with quiet_loading():  # importing the pipelines imports transformers, which log
                            PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline)
 
 PIPELINE_INDEX = "model_index.json"
+DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's default
 
 
 PromptEmbedder = Callable[[DiffusionPipeline, str], Cond]
@@ -70,7 +71,7 @@ class PipelineKind:
     embed_prompt: PromptEmbedder | None = None
     skipped: tuple[str, ...] = ()
     denoiser: str = "unet"
-    guidance_scale: float = 7.5
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
 
     @property
     def text(self) -> bool:

@@ -13,16 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
 
 from tacdiff.data.prompts import default_prompts, prompt_of, prompt_set_sha256
 from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, kind_of, map_cond, text_width
 from tacdiff.models.loading import LoadedModel
-from tacdiff.models.pipelines import PromptEncoder
+from tacdiff.models.pipelines import DEFAULT_GUIDANCE_SCALE, PromptEncoder
 from tacdiff.sampling.batching import Rows, derive_seed
 
 
-DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's default
 SDXL_TIME_IDS = 6  # original size, crop offset and target size, two numbers each
 PIXART_VAE_FACTOR = 8  # PixArt's autoencoder (Stable Diffusion's) upsamples latents 8x
 
