@@ -13,7 +13,6 @@ random weights and saved with ``save_pretrained``; the stages are the command li
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel
 
-from sd_scale import Stages, quantize_and_calibrate
+from sd_scale import Stages, quantize_and_calibrate, scale_parser
 from tacdiff.workflows import CalibrationSettings
 
 DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
@@ -29,13 +28,7 @@ DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, ou
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--markdown", type=Path)
-    args = parser.parse_args()
+    args = scale_parser(__doc__).parse_args()
     stages = Stages()
     settings = CalibrationSettings(args.samples, args.steps, args.steps, 0, args.batch_size)
     with tempfile.TemporaryDirectory() as work:

@@ -69,6 +69,17 @@ class Stages:
         return "\n".join(lines)
 
 
+def scale_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every scale check takes: calibration trajectories and steps, batch size, device, output."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--markdown", type=Path)
+    return parser
+
+
 def quantize_and_calibrate(stages: Stages, folder: Path, work: Path, settings: CalibrationSettings,
                            args: argparse.Namespace, *, inputs: str, trajectories: str,
                            prompts: PromptOptions = PromptOptions()) -> None:
@@ -100,15 +111,10 @@ def save_pipeline(config_dir: Path, latent: int, folder: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = scale_parser(__doc__)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--latent", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     stages = Stages()
     stage = stages.done
