@@ -3,7 +3,8 @@
 Usage: python benchmarks/device_check.py --device cuda [--dtype float32|bfloat16|float16]
 Prints, for the bundled reference model and each recipe (W8A8, W4A8, dynamic and block-scaled ranges,
 GPTQ rounding): output SQNR, quantization time, whether a saved and reloaded artifact reproduces
-outputs bit for bit on that device, and the forward time against FP.
+outputs bit for bit on that device, the forward time against FP, and the same model on the int8 backend
+(which layers run integer there, its output SQNR against the fake-quant output, its forward time).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import torch
 
 import tacdiff
+from tacdiff.backends import backend_counts, use_backend
 from tacdiff.io import load_quantized, save_quantized
 from tacdiff.models.reference import load_reference_model
 from tacdiff.workflows import output_sqnr_db
@@ -46,6 +48,12 @@ def forward_seconds(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, re
     return sorted(times[2:])[len(times[2:]) // 2]
 
 
+def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """10 log10 of ``reference``'s energy over the difference's."""
+    noise = (reference.double() - other.double()).pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(reference.double().pow(2).sum() / noise))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,8 +72,9 @@ def main() -> None:
     x = torch.randn(args.batch, 1, 28, 28, device=args.device, dtype=dtype)
     t = torch.full((args.batch,), 500, device=args.device)
     fp_time = forward_seconds(fp, x, t)
-    print("| setting | SQNR dB | quantize s | weights on | weight dtype | reload bit-exact | forward vs FP |")
-    print("|---|---|---|---|---|---|---|")
+    print("| setting | SQNR dB | quantize s | weights on | weight dtype | reload bit-exact | forward vs FP | "
+          "int8 backend | int8 vs fake SQNR dB | int8 forward vs FP |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, config in RECIPES.items():
         start = time.perf_counter()
         model = tacdiff.quantize(copy.deepcopy(fp), config, calib, progress=False)
@@ -78,8 +87,13 @@ def main() -> None:
                 exact = torch.equal(model(x, t).sample, reloaded(x, t).sample)
         weight = next(model.parameters())
         ratio = forward_seconds(model, x, t) / fp_time
-        print(f"| {label} | {sqnr:.2f} | {seconds:.1f} | {weight.device} | {weight.dtype} | {exact} | {ratio:.2f}x |",
-              flush=True)
+        twin = copy.deepcopy(model)
+        placement = backend_counts(use_backend(twin, "int8"))
+        with torch.no_grad():
+            agreement = sqnr_db(model(x, t).sample, twin(x, t).sample)
+        int8_ratio = forward_seconds(twin, x, t) / fp_time
+        print(f"| {label} | {sqnr:.2f} | {seconds:.1f} | {weight.device} | {weight.dtype} | {exact} | {ratio:.2f}x | "
+              f"{placement} | {agreement:.1f} | {int8_ratio:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

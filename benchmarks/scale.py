@@ -7,6 +7,7 @@ comparison is 1 x 2 against 2 x 1 (the same cores); 1 x 1 shows the per-process 
 configuration are compared with the first one's (tables and metrics must be equal at the same thread count).
 
     python benchmarks/scale.py --configs 1x1 1x2 2x1 --out benchmarks/results/scale_cpu
+    python benchmarks/scale.py --device cuda:0 --configs 1x4 2x4 4x4   # processes sharing one GPU
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def measure(config: str, work: Path, args: argparse.Namespace) -> dict[str, obje
     processes, threads = (int(part) for part in config.split("x"))
     folder = work / config
     artifact, tables = work / "artifact", folder / "tables.safetensors"
-    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--device", args.device]
     calib_seconds = run(processes, threads, "calibrate", str(artifact), "--fp-model", "reference", "--out",
                         str(tables), "--samples", str(args.calib_samples), *common)
     eval_json = folder / "eval.json"
@@ -62,11 +63,21 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(bool((a[key] == b[key]).all()) for key in a)
 
 
+def gpu_name(device: str) -> str:
+    """``", GPU NAME"`` when ``device`` is a CUDA device, else nothing."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    return f", {torch.cuda.get_device_name(torch.device(device))}"
+
+
 def markdown(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
     base = rows[0]
     lines = [f"`benchmarks/scale.py`: bundled W{args.w_bits}A8 model + TAC, DDIM {args.steps}, batch size "
              f"{args.batch_size}; calibrate {args.calib_samples} trajectories, eval {args.samples} images "
-             f"(paired with FP). Wall time of the whole command, start-up included. Machine: {os.cpu_count()} CPUs.",
+             f"(paired with FP) on {args.device}. Wall time of the whole command, start-up included. Machine: "
+             f"{os.cpu_count()} CPUs{gpu_name(args.device)}.",
              "", "| processes x threads | calibrate s | trajectories/s | eval s | images/s | speed-up vs "
                  f"{base['config']} (calibrate / eval) | FID | x0 PSNR | tables equal to (first run at these "
                  "threads) |",
@@ -89,14 +100,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cuda: one GPU per process (cuda:LOCAL_RANK); cuda:0: "
+                        "every process on GPU 0.")
     parser.add_argument("--out", type=Path, help="Write OUT.md and OUT.json.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run(1, os.cpu_count() or 1, "quantize", str(REFERENCE_MODEL_DIR), "--out", str(work / "artifact"),
             "--w-bits", str(args.w_bits), "--calib-samples", "32", "--calib-steps", str(args.steps),
-            "--calib-kept-steps", str(min(10, args.steps)))
-        rows = [measure(config, work, args) for config in args.configs]
+            "--calib-kept-steps", str(min(10, args.steps)), "--device", args.device)
+        rows = []
+        for config in args.configs:
+            rows.append(measure(config, work, args))
+            print({k: v for k, v in rows[-1].items() if k != "tables"}, flush=True)
     table = markdown(rows, args)
     print(table)
     if args.out:

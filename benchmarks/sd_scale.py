@@ -42,30 +42,43 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def peak_gpu_gib() -> float | None:
+    """The peak GPU memory PyTorch has allocated so far, in GiB (None when CUDA was not used)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else None
+
+
 class Stages:
-    """Seconds, seconds per step and peak RSS of each stage of a scale check, printed as they finish."""
+    """Seconds, seconds per step, peak RSS and peak GPU memory of each stage of a scale check, printed as
+    they finish."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, float, float | None, float]] = []
+        self.rows: list[tuple[str, float, float | None, float, float | None]] = []
 
     def done(self, name: str, started: float, per_step: int | None = None) -> None:
         seconds = time.perf_counter() - started
-        self.rows.append((name, seconds, None if per_step is None else seconds / per_step, peak_rss_gib()))
-        print(f"{name}: {seconds:.1f} s, peak RSS {self.rows[-1][3]:.2f} GiB", flush=True)
+        self.rows.append((name, seconds, None if per_step is None else seconds / per_step, peak_rss_gib(),
+                          peak_gpu_gib()))
+        gpu = "" if self.rows[-1][4] is None else f", peak GPU {self.rows[-1][4]:.2f} GiB"
+        print(f"{name}: {seconds:.1f} s, peak RSS {self.rows[-1][3]:.2f} GiB{gpu}", flush=True)
 
     def report(self, model: str, args: argparse.Namespace) -> None:
         """Print the table titled by ``model`` and the run's batch, device and machine; write it to
         ``args.markdown`` when given."""
-        text = self.markdown(f"{model}, batch {args.batch_size}, {args.device}, torch {torch.__version__}, "
+        device = args.device
+        if device.startswith("cuda"):
+            device += f" ({torch.cuda.get_device_name(torch.device(device))})"
+        text = self.markdown(f"{model}, batch {args.batch_size}, {device}, torch {torch.__version__}, "
                              f"{torch.get_num_threads()} threads, {platform.machine()}")
         print(text)
         if args.markdown:
             args.markdown.write_text(text + "\n")
 
     def markdown(self, title: str) -> str:
-        lines = [title, "", "| stage | seconds | seconds per step | peak RSS GiB |", "|---|---|---|---|"]
+        gpu = any(row[4] is not None for row in self.rows)
+        lines = [title, "", "| stage | seconds | seconds per step | peak RSS GiB |" + (" peak GPU GiB |" * gpu),
+                 "|---|---|---|---|" + "---|" * gpu]
         lines += [f"| {name} | {sec:.1f} | {'-' if per is None else f'{per:.1f}'} | {rss:.2f} |"
-                  for name, sec, per, rss in self.rows]
+                  + (f" {gpu_gib or 0:.2f} |" if gpu else "") for name, sec, per, rss, gpu_gib in self.rows]
         return "\n".join(lines)
 
 

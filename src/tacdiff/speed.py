@@ -63,8 +63,9 @@ def random_calibration(model: nn.Module, samples: int = 2, seed: int = 0) -> Cal
     """Gaussian model inputs at t=500 with random conditioning: ranges good enough for timing."""
     x, t, cond = example_inputs(model, samples)
     generator = torch.Generator().manual_seed(seed)
-    cond = {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v for k, v in cond.items()}
-    return CalibrationSet(torch.randn(x.shape, generator=generator), t, cond)
+    cond = {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.cpu()
+            for k, v in cond.items()}
+    return CalibrationSet(torch.randn(x.shape, generator=generator), t.cpu(), cond)
 
 
 def quantized_for_timing(fp: nn.Module, weight_bits: int, act_bits: int) -> nn.Module:

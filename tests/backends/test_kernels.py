@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tacdiff.backends.codes import activation_codes, centred_weight, unsigned_codes
+from tacdiff.backends import int_mm
 from tacdiff.backends.int_mm import Int8Matmul
 from tacdiff.backends.onednn import OneDNNConv2d
 from tacdiff.quant import primitives as P
@@ -22,7 +23,9 @@ def _reference(a_codes: torch.Tensor, a_zero: torch.Tensor, a_scale: torch.Tenso
 
 @pytest.mark.parametrize("w_bits", [4, 8])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_int8_matmul_equals_the_dequantized_product(w_bits: int, per_row: bool) -> None:
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "cuda-padded"])
+def test_int8_matmul_equals_the_dequantized_product(w_bits: int, per_row: bool, padded: bool) -> None:
+    """13 x 70 x 9: too few rows and no multiple of 8, so the CUDA layout (run here on the CPU) pads all three."""
     g = torch.Generator().manual_seed(0)
     m, k, n = 13, 70, 9
     w_codes = torch.randint(0, 2**w_bits, (k, n), generator=g)
@@ -33,11 +36,40 @@ def test_int8_matmul_equals_the_dequantized_product(w_bits: int, per_row: bool) 
     a_zero = torch.randint(0, 256, (m, 1) if per_row else (), generator=g).float()
     a_scale = torch.rand((m, 1) if per_row else (), generator=g) + 0.1
     bias = torch.randn(n, generator=g)
-    matmul = Int8Matmul(w_codes, w_zero, w_scale, bias)
+    matmul = Int8Matmul(w_codes, w_zero, w_scale, bias, padded=padded)
+    assert matmul.weight.shape[0] % 8 == 0 if padded else matmul.weight.shape[0] == k
     out = matmul((a_unsigned - 128).to(torch.int8), a_scale, a_zero - 128)
     expected = _reference(a_unsigned, a_zero, a_scale, w_codes, w_zero, w_scale, bias)
+    assert out.shape == (m, n)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)
     assert (matmul.residual_scaled is not None) == (w_bits == 8)
+
+
+def test_a_shape_cublas_refuses_is_multiplied_exactly_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (40, 64), generator=g, dtype=torch.int8)
+    weight = torch.randint(-128, 128, (64, 24), generator=g, dtype=torch.int8)
+    expected = torch._int_mm(a, weight)
+    calls = []
+
+    def refuse(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(args)
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    monkeypatch.setattr(int_mm, "_REFUSED", set())
+    assert torch.equal(int_mm.padded_int_mm(a, weight), expected)
+    assert torch.equal(int_mm.padded_int_mm(a, weight), expected)
+    assert len(calls) == 1  # the refusal is remembered for the shape
+
+
+def test_other_int_mm_errors_are_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "_int_mm", fail)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        int_mm.padded_int_mm(torch.zeros(32, 16, dtype=torch.int8), torch.zeros(16, 8, dtype=torch.int8))
 
 
 def test_centred_weight_is_exact_and_centres_where_it_fits() -> None:

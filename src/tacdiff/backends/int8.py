@@ -5,8 +5,8 @@
 quantize their input with the layer's own :class:`~tacdiff.quant.layers.ActQuantizer` ranges (the
 timestep group's calibrated range, or the per-sample / per-token range taken at run time) to the very
 codes the fake-quant layer uses. Linear layers (and 1x1 convolutions with per-token ranges) multiply
-with :class:`~tacdiff.backends.int_mm.Int8Matmul`, other convolutions with
-:class:`~tacdiff.backends.onednn.OneDNNConv2d`; a split skip concatenation (two activation and weight
+with :class:`~tacdiff.backends.int_mm.Int8Matmul` (CPU and CUDA), other convolutions with
+:class:`~tacdiff.backends.onednn.OneDNNConv2d` (CPU only); a split skip concatenation (two activation and weight
 ranges) is two convolutions summed, which is exact.
 """
 
@@ -25,9 +25,9 @@ from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, QuantWe
 def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | None:
     """Why ``layer`` cannot run on the int8 path as it is, or None when it can."""
     act = layer.act_quant
-    if device.type != "cpu":
-        return f"int8 kernels are wired for CPU only (model on {device.type})"
-    if not exact_int8_cpu():
+    if device.type not in ("cpu", "cuda"):
+        return f"int8 kernels are wired for CPU and CUDA only (model on {device.type})"
+    if device.type == "cpu" and not exact_int8_cpu():
         return "this CPU has no VNNI or AMX: its int8 kernels saturate int16 partial sums"
     if act is None:
         return "weight-only: its input is not quantized"
@@ -42,9 +42,13 @@ def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | N
             return f"grouped convolution (groups={layer.groups})"
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             return f"padding {layer.padding!r} in mode {layer.padding_mode!r}"
-        if act.dynamic and act.token_dim is not None and (layer.kernel_size, layer.stride) != ((1, 1), (1, 1)):
+        pointwise = (layer.kernel_size, layer.stride) == ((1, 1), (1, 1))
+        if act.dynamic and act.token_dim is not None and not pointwise:
             return f"per-token ranges on a {layer.kernel_size} convolution with stride {layer.stride}"
-        if not onednn_available():
+        if device.type == "cuda" and not (pointwise and (act.token_dim is not None or not act.dynamic)):
+            return ("no int8 convolution kernel is wired on CUDA (GEMMs only: linear layers and 1x1 convolutions "
+                    "with static or per-token ranges)")
+        if device.type == "cpu" and not onednn_available():
             return "this PyTorch build has no oneDNN x86 int8 convolution"
     kernel = layer.weight[0, 0].numel()
     reduction = max(s.stop - s.start for s in layer.segments()) * kernel
@@ -112,16 +116,18 @@ class Int8Conv2d(_IntLayer):
     """A :class:`QuantConv2d` run as oneDNN int8 convolutions (one per input-channel segment, summed).
 
     A static range or one range per sample (called sample by sample) feeds oneDNN; per-token ranges
-    (1x1 convolutions with dynamic ranges) run as an int8 GEMM over the positions instead. The output
-    is float32 in channels-last layout (the layout oneDNN writes; diffusers' blocks accept it).
+    (1x1 convolutions with dynamic ranges), and every 1x1 convolution on CUDA, run as an int8 GEMM over
+    the positions instead. The output is float32 in channels-last layout (the layout oneDNN writes;
+    diffusers' blocks accept it).
     """
 
     def __init__(self, layer: QuantConv2d) -> None:
         per_token = layer.act_quant.dynamic and layer.act_quant.token_dim is not None
+        gemm = per_token or layer.weight_codes.is_cuda
         weights = [layer.weight_codes[:, s].reshape(layer.out_channels, -1).t() for s in layer.segments()]
-        super().__init__(layer, weights if per_token else [])
-        self.per_token = per_token
-        if not per_token:
+        super().__init__(layer, weights if gemm else [])
+        self.gemm = gemm
+        if not gemm:
             self.convs = nn.ModuleList(
                 OneDNNConv2d(layer.weight_codes[:, s], layer.weight_zero_point[:, i], layer.weight_scale[:, i],
                              layer.bias if i == 0 else None, layer.stride, layer.padding, layer.dilation)
@@ -130,7 +136,7 @@ class Int8Conv2d(_IntLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [x[:, channels] for channels in self.segments] if len(self.segments) > 1 else [x]
-        run = self._per_token if self.per_token else self._onednn
+        run = self._gemm if self.gemm else self._onednn
         out = run(parts[0], 0)
         for i, part in enumerate(parts[1:], start=1):
             out = out + run(part, i)
@@ -147,7 +153,7 @@ class Int8Conv2d(_IntLayer):
                                               int(zero_point))
                           for n, (scale, zero_point) in enumerate(zip(scales, zero_points))])
 
-    def _per_token(self, x: torch.Tensor, segment: int) -> torch.Tensor:
+    def _gemm(self, x: torch.Tensor, segment: int) -> torch.Tensor:
         n, _, h, w = x.shape
         ph, pw = self.padding
         rows = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).reshape(-1, x.shape[1])

@@ -42,7 +42,7 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
     :func:`tacdiff.backends.int8.unsupported_reason`); ``auto`` only those measured faster at
     ``probe_batch`` samples (timings cached in ``cache``, default ``$XDG_CACHE_HOME/tacdiff``).
     Converted layers keep integer weights only: such a model cannot be converted again, copied or
-    saved (do that with the fake-quant model) and stays on the CPU.
+    saved (do that with the fake-quant model) and stays on its device.
     """
     check_backend(backend)
     state = quant_state(model)
@@ -103,7 +103,7 @@ def _probe(model: nn.Module, layers: dict[str, QuantWeightMixin], batch: int, ca
     except ValueError as error:
         return speedups, str(error).split(";")[0]
 
-    machine = _machine()
+    machine = _machine(x.device)
 
     def measure(name: str) -> Callable:
         def hook(layer: nn.Module, args: tuple) -> None:
@@ -130,20 +130,24 @@ def _probe(model: nn.Module, layers: dict[str, QuantWeightMixin], batch: int, ca
 
 def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
     """Best of ``repeats`` timed calls after one warm-up (``forward`` itself: the probe's hook is on ``layer``)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     with torch.no_grad():
         layer.forward(x)
         best = float("inf")
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             layer.forward(x)
+            sync()
             best = min(best, time.perf_counter() - start)
     return best
 
 
-def _machine() -> str:
-    """The part of a timing's cache key shared by all layers: versions, machine, CPU, threads."""
+def _machine(device: torch.device) -> str:
+    """The part of a timing's cache key shared by all layers: versions, machine, CPU, threads (and GPU)."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return "|".join(map(str, (tacdiff.__version__, KERNELS, torch.__version__, platform.machine(), _cpu_name(),
-                              torch.get_num_threads())))
+                              torch.get_num_threads(), gpu)))
 
 
 def _layer_key(layer: nn.Module, x: torch.Tensor) -> str:
