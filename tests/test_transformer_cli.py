@@ -43,10 +43,13 @@ def test_a_dit_folder_quantizes_calibrates_and_samples_images(tmp_path: Path) ->
     assert record["conditioning"]["class_labels"] == "sample index mod 10"
 
 
-def test_an_sd3_transformer_samples_by_flow_matching(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flow", [dict(shift=3.0), dict(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                     max_image_seq_len=64)], ids=["fixed-shift", "dynamic-shift"])
+def test_an_sd3_transformer_samples_by_flow_matching(tmp_path: Path, flow: dict[str, object]) -> None:
+    """Fixed sigma shifts, and shifts by image size (FLUX-style schedulers) fixed for the model's sample size."""
     model, scheduler = tmp_path / "sd3", tmp_path / "scheduler"
     tiny_model("sd3").save_pretrained(model)
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(scheduler)
+    FlowMatchEulerDiscreteScheduler(**flow).save_pretrained(scheduler)
     output = invoke("quantize", str(model), "--out", str(tmp_path / "q"), "--scheduler", str(scheduler), *CALIBRATION,
                     "--quiet")
     assert "stand-in text embeddings" in output

@@ -141,12 +141,12 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
         raise ValueError(f"{model} is a quantized artifact; bench quantizes the full-precision model itself")
     config = loaded.scheduler_config
     flow = resolve_scheduler(AUTO_SCHEDULER, config) == FLOW_SCHEDULER
-    base = build_scheduler(FLOW_SCHEDULER if flow else "ddpm", config)  # quantization draws DDIM from its config
+    base = build_scheduler(FLOW_SCHEDULER if flow else "ddpm", config, loaded.model)  # quantization draws DDIM from it
     pairs = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding,
                              base.config.num_train_timesteps)
     names = [f"w{w}a{a}" for w, a in pairs]
     dev = torch.device(device)
-    fp, scheduler = loaded.model, build_scheduler(AUTO_SCHEDULER, config)
+    fp, scheduler = loaded.model, build_scheduler(AUTO_SCHEDULER, config, loaded.model)
     conditioning = conditioning_for(loaded, prompts, count=max(samples, calib_samples, quant_calib_samples),
                                     seed=seed, what=str(model))
     quant_settings = quant_calibration(quant_calib_samples, calib_samples, max(steps), seed)

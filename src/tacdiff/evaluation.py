@@ -222,7 +222,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         raise ValueError(f"--fp-model makes {tuple(sample_shape_of(fp.model))} samples but MODEL makes {shape}; "
                          "pair a quantized model with the FP model it came from")
     config = loaded.scheduler_config or (fp.scheduler_config if fp is not None else None)
-    sched = build_scheduler(scheduler, config)
+    sched = build_scheduler(scheduler, config, loaded.model)
     if steps > sched.config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={sched.config.num_train_timesteps}, got {steps}")
     # prompts, image shape and a decoder for a side without them come from the side with a pipeline's components

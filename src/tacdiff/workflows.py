@@ -22,8 +22,8 @@ from tacdiff.io.atomic import check_writable, report_file, write_dir_atomically
 from tacdiff.metrics.paired import psnr_db, sqnr_db
 from tacdiff.models.kinds import ModelDenoiser, kind_of, sample_shape_of
 from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, REFERENCE, LoadedModel, build_scheduler,
-                                   check_settings, find_unet_dir, input_paths, load_any_model, load_scheduler,
-                                   scheduler_name)
+                                   check_settings, find_unet_dir, fit_resolution_shift, input_paths, load_any_model,
+                                   load_scheduler, scheduler_name)
 from tacdiff.models.pipelines import component, components_sha256, text_encoders
 from tacdiff.models.reference import REFERENCE_MODEL_DIR, bundled_folder, load_reference_model
 from tacdiff.quant import QuantConfig, quant_state, quantize
@@ -107,7 +107,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     check_finite(model, None)
     parts = {name: _quantize_component(loaded, name, config, model_dir)
              for name in _every_encoder(loaded, components)}
-    scheduler = load_scheduler(scheduler_path, model_dir)
+    scheduler = fit_resolution_shift(load_scheduler(scheduler_path, model_dir), model)
     config = replace(config, num_train_timesteps=scheduler.config.num_train_timesteps)
     conditioning = conditioning_for(loaded, prompts, count=calibration.samples, seed=calibration.seed,
                                     what=str(model_dir))
@@ -259,7 +259,7 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
                          "pass the pipeline folder (with text_encoder/ and tokenizer/) or an artifact quantized "
                          "from it")
     conditioning = conditioning_for(loaded, prompts, count=num_samples, seed=seed, what=str(model))
-    sched = build_scheduler(scheduler, loaded.scheduler_config)
+    sched = build_scheduler(scheduler, loaded.scheduler_config, loaded.model)
     denoiser = ModelDenoiser(loaded.model, sched)
     if tables is not None:
         denoiser = load_correction(denoiser, tables, sched, steps, force=force_tables)

@@ -13,8 +13,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from tacdiff.data import FASHION_MNIST_CLASSES
-from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
-from tacdiff.models.loading import build_scheduler, load_any_model
+from tacdiff.models.kinds import ModelDenoiser, sample_shape_of, set_timesteps
+from tacdiff.models.loading import LoadedModel, build_scheduler, load_any_model
 from tacdiff.models.pipelines import PIPELINE_KINDS, PromptEncoder
 from tacdiff.sampling.batching import batched_trajectories, sample_noise
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for
@@ -50,8 +50,18 @@ def test_the_loop_reproduces_text_to_image_pipelines_with_guidance(pipeline_dir:
     """Prompt embeddings (SD3's pooled projections and PixArt's attention mask too), classifier-free guidance,
     the sampler (flow matching for SD3) and decoding (SD3's shifted latents) as the diffusers pipelines do them."""
     loaded = load_any_model(pipeline_dir(name))
+    ours, theirs, noise = _guided_loop_and_pipeline(loaded, scheduler, call)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    unguided = loaded.pipeline(["a red shoe"] * 2, guidance_scale=1.0, num_inference_steps=STEPS, latents=noise,
+                               output_type="pt", **call).images
+    assert (unguided - theirs).abs().max() > 100 * (ours - theirs).abs().max(), "guidance matters"
+
+
+def _guided_loop_and_pipeline(loaded: LoadedModel, scheduler: str, call: dict[str, bool]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two guided images from tacdiff's loop and from the diffusers pipeline (same prompts and noise), and the noise."""
     conditioning = conditioning_for(loaded, PromptOptions(("a red shoe",), "blurry", 4.0))
-    sched = build_scheduler(scheduler, loaded.scheduler_config)
+    sched = build_scheduler(scheduler, loaded.scheduler_config, loaded.model)
     assert type(sched) is type(loaded.pipeline.scheduler)
     noise = sample_noise(sample_shape_of(loaded.model), 0, 2, seed=3)
     (_, (final,)), = batched_trajectories([conditioning.guide(ModelDenoiser(loaded.model, sched))], sched,
@@ -60,10 +70,29 @@ def test_the_loop_reproduces_text_to_image_pipelines_with_guidance(pipeline_dir:
     ours = (loaded.decode(final) / 2 + 0.5).clamp(0, 1)
     theirs = loaded.pipeline(["a red shoe"] * 2, negative_prompt=["blurry"] * 2, guidance_scale=4.0,
                              num_inference_steps=STEPS, latents=noise, output_type="pt", **call).images
+    return ours, theirs, noise
+
+
+@torch.no_grad()
+def test_the_loop_reproduces_sd3_with_a_resolution_dependent_shift(pipeline_dir: Callable[[str], Path],
+                                                                    tmp_path: Path) -> None:
+    """A flow scheduler with use_dynamic_shifting (as FLUX's) gets the shift SD3's pipeline computes for the
+    transformer's sample size (16 tokens here, between the base and max sequence lengths below)."""
+    folder = shutil.copytree(pipeline_dir("sd3"), tmp_path / "shifting")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    shifting = {"use_dynamic_shifting": True, "base_image_seq_len": 4, "max_image_seq_len": 64, "base_shift": 0.5,
+                "max_shift": 1.15}
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **shifting}))
+    loaded = load_any_model(folder)
+    ours, theirs, _ = _guided_loop_and_pipeline(loaded, "auto", {})
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-    unguided = loaded.pipeline(["a red shoe"] * 2, guidance_scale=1.0, num_inference_steps=STEPS, latents=noise,
-                               output_type="pt", **call).images
-    assert (unguided - theirs).abs().max() > 100 * (ours - theirs).abs().max(), "guidance matters"
+    fixed = build_scheduler("auto", {**loaded.scheduler_config, "use_dynamic_shifting": False})
+    fixed.set_timesteps(STEPS)
+    shifted = build_scheduler("auto", loaded.scheduler_config, loaded.model)
+    set_timesteps(shifted, STEPS)
+    assert not torch.allclose(shifted.sigmas, fixed.sigmas), "the shift changes the schedule"
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        build_scheduler("auto", loaded.scheduler_config)  # no model: no image size to shift by
 
 
 @torch.no_grad()

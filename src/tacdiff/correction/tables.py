@@ -21,6 +21,7 @@ still shifts the sampler's latent); tables refuse a sampler of the other paramet
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import tacdiff
 from tacdiff.io.atomic import is_regular_file, write_file_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format
 from tacdiff.quant.apply import STATE_ATTR, QuantState
-from tacdiff.models.kinds import correction_space, sample_shape_of
+from tacdiff.models.kinds import correction_space, sample_shape_of, set_timesteps
 
 FORMAT = "tacdiff-correction-tables"
 FORMAT_VERSION = "1"
@@ -143,8 +144,8 @@ class CorrectionTables:
         parameterization (:meth:`check_prediction`) always raise.
         """
         self.check_prediction(scheduler)
-        probe = type(scheduler).from_config(scheduler.config)
-        probe.set_timesteps(num_inference_steps)
+        probe = copy.deepcopy(scheduler)
+        set_timesteps(probe, num_inference_steps)
         theirs = probe.timesteps.double().cpu()
         if not self.same_timesteps(theirs):
             raise ValueError(f"correction tables are for {self.describe()}, but the sampler is "

@@ -55,7 +55,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     check_source(meta, fp.model, fp_model)
     quant = load_any_model(quant_artifact, device)
     config = quant.scheduler_config or fp.scheduler_config
-    sched = build_scheduler(scheduler, config)
+    sched = build_scheduler(scheduler, config, fp.model)
     # the artifact's own components (a quantized text encoder, if any) make the embeddings both models see
     conditioning = conditioning_for(quant if quant.reads_prompts else fp, prompts, count=samples, seed=seed,
                                     what=f"--fp-model {fp_model}")

@@ -148,6 +148,26 @@ def correction_space(scheduler: SchedulerMixin) -> str:
     return FLOW if prediction_type(scheduler) == FLOW else "epsilon"
 
 
+SHIFT_MU = "tacdiff_mu"
+"""The attribute :func:`tacdiff.models.loading.build_scheduler` fixes a resolution-dependent flow shift in."""
+
+
+def image_seq_len(model: nn.Module) -> int:
+    """How many tokens a transformer (patches of ``patch_size``, 1 for UNets) sees per sample: what flow-matching
+    schedulers with ``use_dynamic_shifting`` shift their sigmas by."""
+    _, height, width = sample_shape_of(model)
+    patch = getattr(model.config, "patch_size", None) or 1
+    return (height // patch) * (width // patch)
+
+
+def set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+    """``scheduler.set_timesteps``, passing the resolution shift ``mu`` where the scheduler needs one (fixed by
+    :func:`tacdiff.models.loading.build_scheduler` for the model's sample size, as diffusers' SD3 and FLUX
+    pipelines compute it for theirs)."""
+    mu = getattr(scheduler, SHIFT_MU, None)
+    scheduler.set_timesteps(num_inference_steps, device=device, **({} if mu is None else {"mu": mu}))
+
+
 def denoiser_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
     """A copy of ``scheduler`` that consumes what denoisers return: noise estimates (``prediction_type="epsilon"``)
     or, for flow-matching schedulers, the velocity as it is."""

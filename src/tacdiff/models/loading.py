@@ -17,7 +17,7 @@ from tacdiff.backends import check_backend
 from tacdiff.devices import check_device
 from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, load_quantized, read_metadata,
                                 recorded_scheduler_config)
-from tacdiff.models.kinds import MODEL_KINDS, sample_shape_of
+from tacdiff.models.kinds import MODEL_KINDS, SHIFT_MU, image_seq_len, sample_shape_of
 from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_loading, read_config, weights_variant
 from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, load_components,
                                      pipeline_kind, read_index)
@@ -220,12 +220,15 @@ def resolve_scheduler(name: str, config: dict[str, Any] | None) -> str:
     return FLOW_SCHEDULER if config is not None and is_flow_config(config) else "ddim"
 
 
-def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
+def build_scheduler(name: str, config: dict[str, Any] | None, model: nn.Module | None = None) -> SchedulerMixin:
     """``SCHEDULERS[name].from_config(config)``; ``config=None`` means a 1000-step linear DDPM schedule.
 
     ``"flow"`` (flow-matching Euler over sigmas) and the noise-prediction schedulers do not mix: a model
     whose recorded scheduler is a flow-matching one samples with ``"flow"`` only, and the reverse;
-    ``"auto"`` picks ``"flow"`` or ``"ddim"`` by the config.
+    ``"auto"`` picks ``"flow"`` or ``"ddim"`` by the config. A flow scheduler that shifts its sigmas by image
+    size (``use_dynamic_shifting``, FLUX and some SD3 folders) gets the shift ``mu`` for ``model``'s sample
+    size, by diffusers' own ``calculate_shift`` with the scheduler's ``base_/max_image_seq_len`` and
+    ``base_/max_shift``, as the SD3 and FLUX pipelines compute it.
     """
     name = resolve_scheduler(name, config)
     cls = SCHEDULERS.get(name)
@@ -236,12 +239,28 @@ def build_scheduler(name: str, config: dict[str, Any] | None) -> SchedulerMixin:
                 f"{FLOW_SCHEDULER}" if name != FLOW_SCHEDULER else
                 "it predicts noise on a beta schedule; pick ddim, ddpm, dpm or euler")
         raise ValueError(f"scheduler {name!r} does not fit this model: {hint}")
-    if name == FLOW_SCHEDULER and config is not None and config.get("use_dynamic_shifting"):
-        raise ValueError("the model's flow-matching scheduler shifts its sigmas by image size at run time "
-                         "(use_dynamic_shifting, as FLUX), which tacdiff does not support yet; pass --scheduler with a "
-                         "scheduler folder whose config has use_dynamic_shifting=false and a fixed shift")
     base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
-    return cls.from_config(base)
+    return fit_resolution_shift(cls.from_config(base), model)
+
+
+def fit_resolution_shift(scheduler: SchedulerMixin, model: nn.Module | None) -> SchedulerMixin:
+    """``scheduler``, with the shift ``mu`` for ``model``'s sample size fixed in it when it shifts its sigmas by
+    image size (``use_dynamic_shifting``; :func:`tacdiff.models.kinds.set_timesteps` passes it on)."""
+    if scheduler.config.get("use_dynamic_shifting"):
+        if model is None:
+            raise ValueError("this flow-matching scheduler shifts its sigmas by image size (use_dynamic_shifting); "
+                             "build it with the model whose samples it schedules")
+        setattr(scheduler, SHIFT_MU, resolution_shift(scheduler.config, image_seq_len(model)))
+    return scheduler
+
+
+def resolution_shift(config: dict[str, Any], tokens: int) -> float:
+    """The dynamic shift ``mu`` of a flow-matching scheduler ``config`` for ``tokens`` image tokens (diffusers' own
+    interpolation between ``base_shift`` at ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len``)."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    return calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:

@@ -6,6 +6,7 @@ and the model inputs of a uniform subset of the sampling steps are kept.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -119,8 +120,7 @@ def collect_calibration_set(model: torch.nn.Module, scheduler: SchedulerMixin, *
     conditioning = cond if isinstance(cond, Conditioning) else tensor_conditioning(cond or {})
     kept = num_inference_steps if kept_steps is None else min(kept_steps, num_inference_steps)
     keep = sorted(set(torch.linspace(0, num_inference_steps - 1, kept).round().long().tolist()))
-    ddim = type(scheduler).from_config(scheduler.config) if is_flow_matching(scheduler) else \
-        DDIMScheduler.from_config(scheduler.config)
+    ddim = copy.deepcopy(scheduler) if is_flow_matching(scheduler) else DDIMScheduler.from_config(scheduler.config)
     shape = sample_shape or sample_shape_of(model)
     param = next(model.parameters())
     inputs: dict[int, list[torch.Tensor]] = {step: [] for step in keep}

@@ -19,7 +19,7 @@ import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
-from tacdiff.models.kinds import Denoiser, correct_state, denoiser_scheduler
+from tacdiff.models.kinds import Denoiser, correct_state, denoiser_scheduler, set_timesteps
 
 
 @dataclass
@@ -78,7 +78,7 @@ def run_trajectories(denoisers: Sequence[Denoiser], scheduler: SchedulerMixin, n
     cond = cond or {}
     schedulers = [denoiser_scheduler(scheduler) for _ in denoisers]
     for sched in schedulers:
-        sched.set_timesteps(num_inference_steps, device=noise.device)
+        set_timesteps(sched, num_inference_steps, device=noise.device)
     generators = [_generators(seed, noise) for _ in denoisers]
     states = [noise * getattr(sched, "init_noise_sigma", 1.0) for sched in schedulers]
     timesteps = schedulers[0].timesteps
