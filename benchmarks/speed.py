@@ -10,7 +10,7 @@ layers; ``--end-to-end`` times ``tacdiff sample``'s sampling FP32 against int8 w
 bundled model, with the x0 PSNR the int8 images reach.
 
 Usage: python benchmarks/speed.py [--models reference cifar10 sd15] [--pipelines SPEC ...] [--kernels]
-       [--end-to-end] [--markdown benchmarks/results/speed.md]
+       [--end-to-end] [--batches N ...] [--quantize-embeddings] [--markdown benchmarks/results/speed.md]
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--pipelines", nargs="*", default=[], help="bundled pipeline names or pipeline folders to "
                         "time too (their denoisers, at batch 1, 8 and 64)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", help="Instead of each model's batch sizes.")
+    parser.add_argument("--quantize-embeddings", action="store_true", help="Quantize embedding tables too.")
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--markdown", type=Path, default=None)
@@ -157,7 +159,8 @@ def main() -> None:
         model = model_for_speed(spec)
         if name == "sd15":
             model.register_to_config(sample_size=SD_LATENT)
-        part = measure_speed(name, model, batches=batches, repeats=args.repeats)
+        part = measure_speed(name, model, batches=tuple(args.batches or batches), repeats=args.repeats,
+                             quantize_embeddings=args.quantize_embeddings)
         for key in report:
             report[key] += part[key]
         print(format_speed_markdown(part), flush=True)

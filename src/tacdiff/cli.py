@@ -264,6 +264,8 @@ def quantize(
     timestep_groups: int = typer.Option(1, help="Activation ranges per quantizer, picked by timestep.",
                                         callback=_positive),
     first_last_bits: int = typer.Option(8, help="Bits for the first and last layer; 0 treats them like the rest."),
+    quantize_embeddings: bool = typer.Option(False, help="Also quantize embedding tables (class labels; one per "
+                                                         "DiT block) weight-only at --w-bits: a smaller artifact."),
     exclude: list[str] = typer.Option([], help="fnmatch pattern of module names to keep in float (repeatable)."),
     split_shortcut: bool = typer.Option(True, help="Quantize the halves of up-block skip concatenations apart."),
     adaround_iters: int = typer.Option(500, help="Learned-rounding steps per block.", callback=_positive),
@@ -294,7 +296,7 @@ def quantize(
     config = QuantConfig(weight_bits=w_bits, act_bits=a_bits or None, weight_rounding=weight_rounding,
                          weight_range=weight_range, act_range=act_range, act_block_size=act_block_size or None,
                          smooth_alpha=smooth_alpha, timestep_groups=timestep_groups,
-                         first_last_bits=first_last_bits or None,
+                         first_last_bits=first_last_bits or None, quantize_embeddings=quantize_embeddings,
                          exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters,
                          seed=seed)
     if calib_kept_steps > calib_steps:

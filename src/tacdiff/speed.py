@@ -68,9 +68,12 @@ def random_calibration(model: nn.Module, samples: int = 2, seed: int = 0) -> Cal
     return CalibrationSet(torch.randn(x.shape, generator=generator), t.cpu(), cond)
 
 
-def quantized_for_timing(fp: nn.Module, weight_bits: int, act_bits: int) -> nn.Module:
-    """A fake-quant copy of ``fp`` (min-max weight ranges, activation ranges from random inputs)."""
-    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, weight_range="minmax", act_range="minmax")
+def quantized_for_timing(fp: nn.Module, weight_bits: int, act_bits: int, quantize_embeddings: bool = False
+                         ) -> nn.Module:
+    """A fake-quant copy of ``fp`` (min-max weight ranges, activation ranges from random inputs; embedding tables
+    quantized too with ``quantize_embeddings``)."""
+    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, weight_range="minmax", act_range="minmax",
+                         quantize_embeddings=quantize_embeddings)
     return quantize(copy.deepcopy(fp), config, random_calibration(fp), progress=False)
 
 
@@ -133,13 +136,13 @@ def seconds_per_call(model: nn.Module, batch: int, repeats: int = 3, dtype: torc
 
 
 def measure_speed(name: str, fp: nn.Module, *, bits: tuple[tuple[int, int], ...] = ((8, 8), (4, 8)),
-                  batches: tuple[int, ...] = (1, 8, 64), repeats: int = 3, progress: bool = True
-                  ) -> dict[str, list[dict[str, Any]]]:
+                  batches: tuple[int, ...] = (1, 8, 64), repeats: int = 3, quantize_embeddings: bool = False,
+                  progress: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Time every variant of ``fp`` (a registered denoiser in fp32 on the CPU) at every batch size, and
     save and load each quantized setting as an artifact.
 
-    ``bits`` are the (weight, activation) settings quantized for ``fake`` and ``int8``; ``fp32`` and
-    ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow dicts, fp32 first at each batch
+    ``bits`` are the (weight, activation) settings quantized for ``fake`` and ``int8`` (embedding tables too with
+    ``quantize_embeddings``); ``fp32`` and ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow dicts, fp32 first at each batch
     size], "artifacts": [artifact_row dicts]}``.
     """
     fp_bytes, rows, artifacts = weight_bytes(fp), [], []
@@ -161,7 +164,7 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[tuple[int, int], ...]
     time_variant(copy.deepcopy(fp).to(torch.bfloat16), "bf16", "fp", torch.bfloat16)
     with tempfile.TemporaryDirectory(prefix="tacdiff-speed-") as tmp:
         for w_bits, a_bits in bits:
-            model = quantized_for_timing(fp, w_bits, a_bits)
+            model = quantized_for_timing(fp, w_bits, a_bits, quantize_embeddings)
             artifacts.append(artifact_row(name, fp, model, Path(tmp)))
             time_variant(model, "fake", f"w{w_bits}a{a_bits}", torch.float32)
             placement = backend_counts(use_backend(model, "int8"))

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from tacdiff.backends import use_backend
-from tacdiff.backends.int8 import Int8Conv2d, Int8Linear
+from tacdiff.backends.int8 import Int8Conv2d, Int8Embedding, Int8Linear
 from tacdiff.io.artifact import save_quantized
 from tacdiff.quant.apply import format_summary
-from tacdiff.quant.layers import QuantWeightMixin
-from tiny_models import outputs, quantized_copy, sqnr_db
+from tacdiff.quant.layers import QuantEmbedding, QuantWeightMixin
+from tacdiff.speed import weight_bytes
+from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model
 
 # A quantized network amplifies last-bit float differences: one flipped activation code changes the next
 # layer's inputs by a whole step. So the fake-quant model run one sample at a time already differs from
@@ -125,3 +126,23 @@ def test_int8_model_keeps_no_float_weights(w4a8: nn.Module) -> None:
 def test_unknown_backend_is_refused(w8a8: nn.Module) -> None:
     with pytest.raises(ValueError, match="choose one of fake, int8, auto"):
         use_backend(copy.deepcopy(w8a8), "int4")
+
+
+@pytest.mark.parametrize("backend", ["int8", "auto"])
+def test_embedding_tables_keep_only_their_codes_and_look_up_the_same_rows(backend: str, tmp_path) -> None:
+    """A DiT's class-embedding tables (quantize_embeddings) under both backends: codes only, rows dequantized per
+    lookup, bit for bit the fake table's rows."""
+    model = tiny_model("dit", out_channels=4)
+    data = calibration_of(model, seed=0, num_samples=4, num_inference_steps=2, kept_steps=2,
+                          cond=tiny_cond("dit", 4, seed=0))
+    fake = quantized_copy(model, data, weight_bits=4, act_bits=8, quantize_embeddings=True)
+    twin = copy.deepcopy(fake)
+    execution = use_backend(twin, backend, cache=tmp_path)
+    names = [name for name, m in fake.named_modules() if isinstance(m, QuantEmbedding)]
+    assert names and all(execution[name] == "int8 (codes, rows dequantized per lookup)" for name in names)
+    labels = torch.tensor([[0, 3], [10, 3]])
+    for name in names:
+        table, codes_only = fake.get_submodule(name), twin.get_submodule(name)
+        assert isinstance(codes_only, Int8Embedding)
+        assert torch.equal(codes_only(labels), table(labels))
+        assert weight_bytes(codes_only) < weight_bytes(table) / 2

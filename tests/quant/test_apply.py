@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0
+from safetensors.torch import load_file
 from torch import nn
 
 import tacdiff
+from tacdiff.io import load_quantized, save_quantized
+from tacdiff.io.artifact import WEIGHTS_NAME
 from tacdiff.quant import QuantConfig, format_summary, plan_layers, quant_state, quantization_summary
 from tacdiff.quant.apply import quantize_weights_only, skip_concat_splits
 from tacdiff.quant.attention import MATMUL_OPERANDS, QuantAttnProcessor
-from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear
+from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantEmbedding, QuantLinear
 from tiny_models import (calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model,
                          with_quant_processors)
 
@@ -317,6 +321,41 @@ def test_integer_class_labels_reach_a_class_conditional_unet_as_integers(roundin
                           cond={"class_labels": torch.tensor([1, 2, 3, 4])})
     quantized = quantized_copy(model, data, weight_bits=8, act_bits=8, weight_rounding=rounding, adaround_iters=2)
     assert sqnr_db(outputs(model, data), outputs(quantized, data)) > 25.0
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_embedding_tables_quantize_weight_only_when_asked(rounding: str, tmp_path: Path) -> None:
+    """Each DiT block's class-embedding table: 4-bit codes per row, no activation quantizer, a smaller artifact
+    that reloads bit for bit; off by default."""
+    model = tiny_model("dit", out_channels=4)  # no learned variance: outputs() compares the whole output
+    data = calibration_of(model, seed=0, num_samples=4, num_inference_steps=2, kept_steps=2,
+                          cond=tiny_cond("dit", 4, seed=0))
+    sizes = {}
+    for tables in (False, True):
+        quantized = quantized_copy(model, data, weight_bits=4, act_bits=8, weight_rounding=rounding,
+                                   quantize_embeddings=tables)
+        embeddings = [m for m in quantized.modules() if isinstance(m, QuantEmbedding)]
+        assert len(embeddings) == (2 if tables else 0)
+        for table in embeddings:
+            assert table.act_quant is None and int(table.weight_codes.max()) < 16
+            assert all(len(row.unique()) <= 16 for row in table.weight), "each row is its own 4-bit grid"
+        assert sqnr_db(outputs(model, data), outputs(quantized, data)) > 10.0
+        save_quantized(quantized, tmp_path / str(tables))
+        sizes[tables] = sum(t.numel() * t.element_size() for t in load_file(tmp_path / str(tables) / WEIGHTS_NAME).values())
+        reloaded = load_quantized(tmp_path / str(tables))
+        assert torch.equal(outputs(quantized, data), outputs(reloaded, data))
+    assert "embedding" in format_summary(quantized)
+    table_bytes = sum(m.weight.numel() for m in embeddings) * 4
+    assert sizes[False] - sizes[True] > 0.5 * table_bytes  # fp32 rows -> 4-bit codes and a scale and zero per row
+
+
+def test_a_tied_embedding_table_stays_float() -> None:
+    model = tiny_model("dit")
+    first, second = (f"transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table" for i in (0, 1))
+    model.set_submodule(second, model.get_submodule(first))
+    names = [entry.name for entry in plan_layers(model, QuantConfig(quantize_embeddings=True))
+             if entry.kind == "embedding"]
+    assert names == []
 
 
 def test_excluding_every_layer_raises(unet: nn.Module) -> None:

@@ -24,7 +24,7 @@ from tacdiff.backends.int8 import is_converted, to_int8, unsupported_reason
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.kinds import example_inputs
 from tacdiff.quant.apply import quant_state
-from tacdiff.quant.layers import QuantWeightMixin
+from tacdiff.quant.layers import QuantEmbedding, QuantWeightMixin
 
 BACKENDS = ("fake", "int8", "auto")
 KERNELS = "onednn-conv+int-mm-1"  # bump when the int8 kernels change, so cached timings are measured again
@@ -40,7 +40,7 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
 
     ``int8`` converts every layer it can run exactly (see
     :func:`tacdiff.backends.int8.unsupported_reason`); ``auto`` only those measured faster at
-    ``probe_batch`` samples (timings cached in ``cache``, default ``$XDG_CACHE_HOME/tacdiff``).
+    ``probe_batch`` samples, and quantized embedding tables always (they keep their codes only) (timings cached in ``cache``, default ``$XDG_CACHE_HOME/tacdiff``).
     Converted layers keep integer weights only: such a model cannot be converted again, copied or
     saved (do that with the fake-quant model) and stays on its device.
     """
@@ -54,7 +54,8 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantWeightMixin)}
     device = next(model.parameters()).device
     reasons = {name: unsupported_reason(layer, device) for name, layer in layers.items()}
-    candidates = {name: layer for name, layer in layers.items() if reasons[name] is None}
+    candidates = {name: layer for name, layer in layers.items()  # lookups are not timed: their codes always save memory
+                  if reasons[name] is None and not isinstance(layer, QuantEmbedding)}
     speedups: dict[str, float] = {}
     if backend == "auto" and candidates:
         speedups, failure = _probe(model, candidates, probe_batch, cache)
@@ -72,6 +73,8 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
     for name in layers:
         if reasons[name] is not None:
             execution[name] = f"fake: {reasons[name]}"
+        elif isinstance(layers[name], QuantEmbedding):
+            execution[name] = "int8 (codes, rows dequantized per lookup)"
         else:
             execution[name] = "int8" if backend == "int8" else f"int8 ({speedups[name]:.2f}x faster)"
     state.execution = execution

@@ -48,7 +48,7 @@ CHECKSUM_KEY = "content_sha256"
 REQUIRED_KEYS = ("model_class", "quant_config", "plan", "code_shapes", "enabled_act_quantizers")
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                   "float64": torch.float64}
-MODULE_KINDS = {"conv": nn.Conv2d, "linear": nn.Linear, "attention": Attention}
+MODULE_KINDS = {"conv": nn.Conv2d, "linear": nn.Linear, "embedding": nn.Embedding, "attention": Attention}
 FIX = "re-create it with tacdiff quantize"
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
 """Pipeline components an artifact may hold quantized, each as ``<name>.safetensors`` (SD3 has three text

@@ -21,18 +21,21 @@ from tacdiff.quant.calibrate import calibrate_activations
 from tacdiff.quant.attention import MATMUL_OPERANDS, quant_processor, reproduces_processor
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.gptq import quantize_weights_gptq
-from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantLinear, TimestepRouter
+from tacdiff.quant.layers import (ActQuantizer, QuantConv2d, QuantEmbedding, QuantLinear, QuantWeightMixin,
+                                  TimestepRouter)
 from tacdiff.quant.smooth import balance_channels
 
 if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
     from tacdiff.sampling.calibration import CalibrationSet
 
 STATE_ATTR = "_tacdiff_quant"
+WEIGHT_LAYERS = {"conv": QuantConv2d, "linear": QuantLinear, "embedding": QuantEmbedding}
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one module is quantized: ``kind`` is ``conv``, ``linear`` or ``attention`` (matmul operands)."""
+    """How one module is quantized: ``kind`` is ``conv``, ``linear``, ``embedding`` (weight-only) or ``attention``
+    (matmul operands)."""
 
     name: str
     kind: str
@@ -102,6 +105,9 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
             a_bits = None
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         plan.append(LayerPlan(name, kind, w_bits, a_bits, splits.get(name)))
+    if config.quantize_embeddings:
+        plan += [LayerPlan(n, "embedding", config.weight_bits, None) for n in _untied_embeddings(model)
+                 if not _excluded(n, config)]
     if config.act_bits is not None and config.quantize_attention_matmuls:
         plan += [LayerPlan(n, "attention", None, config.act_bits) for n, m in model.named_modules()
                  if isinstance(m, Attention) and reproduces_processor(m) and not _excluded(n, config)]
@@ -109,6 +115,16 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         raise ValueError(f"nothing left to quantize: the exclude patterns {list(config.exclude)} match every "
                          "Conv2d and Linear layer; narrow them")
     return plan
+
+
+def _untied_embeddings(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Embedding`` modules registered once (a tied table, reachable under two names, is left out:
+    replacing it under one name would untie it)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Embedding):
+            names.setdefault(id(module), []).append(name)
+    return [found[0] for found in names.values() if len(found) == 1]
 
 
 def _excluded(name: str, config: QuantConfig) -> bool:
@@ -155,8 +171,8 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
                 module.add_module(operand, ActQuantizer(entry.act_bits, config.act_symmetric, router, dynamic=dynamic))
             module.set_processor(quant_processor(module))
             continue
-        cls = QuantConv2d if entry.kind == "conv" else QuantLinear
-        new = cls.from_float(module, entry.weight_bits, config.weight_symmetric, entry.split, act)
+        new = WEIGHT_LAYERS[entry.kind].from_float(module, entry.weight_bits, config.weight_symmetric, entry.split,
+                                                   act)
         if _balanced(entry, config):
             new.enable_smoothing()
         model.set_submodule(entry.name, new)
@@ -240,6 +256,9 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
         install(model, config, plan)
         if config.smooth_alpha is not None:
             balance_channels(model, calibration, config.smooth_alpha, batch_size=batch_size, progress=progress)
+        for module in model.modules():  # embeddings round to nearest under every rounding, before GPTQ reads inputs
+            if isinstance(module, QuantEmbedding):
+                module.quantize_weight(config.weight_range)
         if config.weight_rounding == "gptq":
             quantize_weights_gptq(model, calibration, config.weight_range, batch_size=batch_size, progress=progress)
         else:
@@ -277,7 +296,7 @@ def quantize_weights_only(module: nn.Module, config: QuantConfig) -> nn.Module:
     try:
         install(module, config, plan)
         for layer in module.modules():
-            if isinstance(layer, (QuantConv2d, QuantLinear)):
+            if isinstance(layer, QuantWeightMixin):
                 layer.quantize_weight(config.weight_range)
     except BaseException:
         undo.restore(module)
@@ -342,7 +361,7 @@ def format_summary(model: nn.Module) -> str:
     for module in model.modules():
         if hasattr(module, "w_bits") and hasattr(module, "num_weights"):
             counts[f"{module.w_bits}-bit"] = counts.get(f"{module.w_bits}-bit", 0) + module.num_weights
-    fake_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+    fake_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantWeightMixin))
     counts["float"] = sum(p.numel() for p in model.parameters()) - fake_weights
     lines.append("weights: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
     float_attention = [f"{name} ({type(module.processor).__name__})" for name, module in model.named_modules()

@@ -61,6 +61,10 @@ class QuantConfig:
             adaLN blocks of DiT and SD3 it could be folded into the modulation's scale and shift).
         smooth_layers: ``fnmatch`` patterns of the linear layers ``smooth_alpha`` balances (default
             :data:`MODULATED_INPUTS`).
+        quantize_embeddings: also quantize the ``nn.Embedding`` tables (class and label embeddings; a
+            DiT gives each block its own) weight-only at ``weight_bits``, one range per row, round to
+            nearest: lookups, so no activation to quantize, but a smaller artifact. Tables shared by two
+            modules (tied) stay float. Off by default.
         exclude: ``fnmatch`` patterns of module names to leave in full precision.
         split_shortcut: quantize the two halves of each up-block skip concatenation
             separately (Q-Diffusion's shortcut splitting).
@@ -87,6 +91,7 @@ class QuantConfig:
     quantize_model_input: bool = False
     smooth_alpha: float | None = None
     smooth_layers: tuple[str, ...] = MODULATED_INPUTS
+    quantize_embeddings: bool = False
     exclude: tuple[str, ...] = field(default_factory=tuple)
     split_shortcut: bool = True
     quantize_attention_matmuls: bool = True
@@ -107,7 +112,7 @@ class QuantConfig:
         _check_choice("act_range", self.act_range, _ACT_RANGES)
         _check_choice("weight_rounding", self.weight_rounding, _ROUNDINGS)
         for name in ("weight_symmetric", "act_symmetric", "quantize_model_input", "split_shortcut",
-                     "quantize_attention_matmuls"):
+                     "quantize_attention_matmuls", "quantize_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not _is_number(self.act_percentile) or not 50.0 < self.act_percentile <= 100.0:

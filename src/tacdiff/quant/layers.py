@@ -1,4 +1,5 @@
-"""Quantized layers: an activation quantizer with timestep-grouped ranges and fake-quant Conv2d/Linear.
+"""Quantized layers: an activation quantizer with timestep-grouped ranges, fake-quant Conv2d/Linear and
+weight-only Embedding.
 
 Weights are stored as integer codes with per-output-channel scale and zero point (two
 of each per channel when the input is a split skip concatenation); the float weight the
@@ -290,4 +291,21 @@ class QuantLinear(QuantWeightMixin, nn.Linear):
                   device=linear.weight.device, dtype=linear.weight.dtype)
         new.load_state_dict(linear.state_dict())
         new._init_quant(bits, symmetric, split, act_quant)
+        return new
+
+
+class QuantEmbedding(QuantWeightMixin, nn.Embedding):
+    """``nn.Embedding`` with integer-coded rows (one scale and zero point per row); lookups, no activation quantizer."""
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, bits: int, symmetric: bool, split: int | None,
+                   act_quant: ActQuantizer | None) -> "QuantEmbedding":
+        """A quantized copy of ``embedding`` (weights still float until :meth:`quantize_weight`)."""
+        if split is not None or act_quant is not None:
+            raise ValueError("an embedding is quantized weight-only and whole: no split, no activation quantizer")
+        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, embedding.max_norm,
+                  embedding.norm_type, embedding.scale_grad_by_freq, embedding.sparse,
+                  device=embedding.weight.device, dtype=embedding.weight.dtype)
+        new.load_state_dict(embedding.state_dict())
+        new._init_quant(bits, symmetric, None, None)
         return new
