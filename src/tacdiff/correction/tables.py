@@ -37,7 +37,7 @@ import tacdiff
 from tacdiff.io.atomic import is_regular_file, write_file_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format
 from tacdiff.quant.apply import STATE_ATTR, QuantState
-from tacdiff.models.kinds import correction_space, sample_shape_of, set_timesteps
+from tacdiff.models.kinds import correction_space, estimate_channels, sample_shape_of, set_timesteps
 
 FORMAT = "tacdiff-correction-tables"
 FORMAT_VERSION = "1"
@@ -181,9 +181,7 @@ class CorrectionTables:
         ``force`` turns every mismatch but the channel count into a warning (deliberate reuse).
         """
         config = getattr(model, "config", None)
-        channels = getattr(config, "out_channels", self.channels)
-        if channels == 2 * getattr(config, "in_channels", 0):  # learned variance: the noise half is corrected
-            channels //= 2
+        channels = estimate_channels(getattr(config, "out_channels", self.channels), getattr(config, "in_channels", 0))
         if channels != self.channels:
             raise ValueError(f"correction tables have {self.channels} channels but the model outputs {channels}; "
                              "use tables calibrated for this model")

@@ -225,6 +225,12 @@ def _cast(cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     return map_cond(cond, lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v)
 
 
+def estimate_channels(out_channels: int, in_channels: int) -> int:
+    """The channels of a denoiser's estimate: all its output channels, or the first half where there are twice its
+    input's (learned variance: the second half is the variance, which the correction leaves alone)."""
+    return out_channels // 2 if out_channels == 2 * in_channels else out_channels
+
+
 class ModelDenoiser:
     """A registered diffusers model as a denoiser ``(x, t, **cond) -> eps``.
 
@@ -250,8 +256,7 @@ class ModelDenoiser:
         t = torch.as_tensor(t, device=x.device)
         timestep = t.expand(x.shape[0]) if t.ndim == 0 else t  # transformers take one timestep per sample only
         out = self.model(x.to(dtype), timestep=timestep, **_cast(cond, dtype), return_dict=False)[0].to(x.dtype)
-        if out.shape[1] == 2 * x.shape[1]:
-            out = out[:, :x.shape[1]]
+        out = out[:, :estimate_channels(out.shape[1], x.shape[1])]
         return out if self.alphas_cumprod is None else v_to_eps(out, x, t, self.alphas_cumprod)
 
 
