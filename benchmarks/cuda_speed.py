@@ -29,6 +29,7 @@ from torch import nn
 
 from dit_scale import DIT_XL_2
 from tacdiff.backends import backend_counts, use_backend
+from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.kinds import example_inputs
 from tacdiff.speed import model_for_speed, quantized_for_timing, weight_bytes
 
@@ -70,11 +71,6 @@ def ms_per_call(call: Callable[[], object], repeats: int) -> tuple[float, float]
             call()
             times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times), ((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0)
-
-
-def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    noise = (reference.double() - other.double()).pow(2).sum()
-    return float(10 * torch.log10(reference.double().pow(2).sum() / noise.clamp_min(1e-30)))
 
 
 @torch.no_grad()

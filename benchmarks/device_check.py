@@ -19,6 +19,7 @@ import torch
 import tacdiff
 from tacdiff.backends import backend_counts, use_backend
 from tacdiff.io import load_quantized, save_quantized
+from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.reference import load_reference_model
 from tacdiff.workflows import output_sqnr_db
 
@@ -46,12 +47,6 @@ def forward_seconds(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, re
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return sorted(times[2:])[len(times[2:]) // 2]
-
-
-def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """10 log10 of ``reference``'s energy over the difference's."""
-    noise = (reference.double() - other.double()).pow(2).sum().clamp_min(1e-30)
-    return float(10 * torch.log10(reference.double().pow(2).sum() / noise))
 
 
 def main() -> None:
