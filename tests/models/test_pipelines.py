@@ -10,7 +10,7 @@ from typing import Callable
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from tacdiff.data import FASHION_MNIST_CLASSES
 from tacdiff.models.kinds import ModelDenoiser, sample_shape_of, set_timesteps
@@ -126,6 +126,19 @@ def test_a_component_with_pickled_weights_only_is_refused_unread(pipeline_dir: C
     with pytest.raises(ValueError, match="never loads pickled weights") as error:
         load_any_model(folder)
     assert str(folder / "text_encoder") in str(error.value)
+
+
+def test_the_empty_prompt_of_the_load_check_is_embedded_once(pipeline_dir: Callable[[str], Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fit check at load embeds "" to compare widths; the default negative prompt reuses it."""
+    calls: list[str] = []
+    encode = StableDiffusionPipeline.encode_prompt
+    monkeypatch.setattr(StableDiffusionPipeline, "encode_prompt",
+                        lambda pipe, prompt, *args, **kwargs: calls.append(prompt) or encode(pipe, prompt, *args, **kwargs))
+    loaded = load_any_model(pipeline_dir("sd"))
+    conditioning = conditioning_for(loaded, PromptOptions(("a red shoe",), None, 4.0))
+    conditioning.rows(0, 2)  # prompt rows are embedded when a batch asks for them
+    assert sorted(calls) == ["", "a red shoe"]
 
 
 def test_prompt_embeddings_are_computed_once_per_prompt(pipeline_dir: Callable[[str], Path],

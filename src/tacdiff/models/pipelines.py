@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +218,8 @@ def _text_problems(pipe: DiffusionPipeline, kind: PipelineKind, denoiser: nn.Mod
                             f"but text_encoder{suffix}/ takes at most {positions}")
     if problems:
         return problems
-    try:
-        with torch.no_grad():
-            width = kind.embed_prompt(pipe, "")["encoder_hidden_states"].shape[-1]
+    try:  # through the pipeline's prompt cache: sampling's default negative prompt is this one
+        width = PromptEncoder(pipe)([""])["encoder_hidden_states"].shape[-1]
     except (RuntimeError, ValueError, IndexError) as error:
         return [f"the text encoders fail on an empty prompt ({type(error).__name__}: {' '.join(str(error).split())})"]
     if width != text_width(denoiser):
@@ -277,10 +277,14 @@ def component(pipe: DiffusionPipeline, kind: PipelineKind, name: str) -> nn.Modu
     raise ValueError(f"a {kind.cls.__name__} has no {name.replace('_', ' ')} to quantize; leave out {option}")
 
 
+_PROMPT_CACHES: weakref.WeakKeyDictionary[DiffusionPipeline, OrderedDict[str, Cond]] = weakref.WeakKeyDictionary()
+
+
 class PromptEncoder:
     """The denoiser's text keywords for prompts (``encoder_hidden_states``, and SD3's pooled projections or
     PixArt's attention mask: :attr:`PipelineKind.embed_prompt`, through the pipeline's own ``encode_prompt``),
-    computed once per distinct prompt and kept on the CPU for the last ``cache_size`` distinct prompts.
+    computed once per distinct prompt and kept on the CPU for the last ``cache_size`` distinct prompts (one cache
+    per pipeline, shared by its encoders: the load-time fit check's empty prompt is sampling's negative prompt).
 
     A prompt longer than the tokenizer's limit is cut there, as diffusers does, with one warning.
     """
@@ -290,7 +294,7 @@ class PromptEncoder:
         if kind is None or not kind.text:
             raise ValueError(f"{type(pipe).__name__} reads no prompts")
         self.pipe, self.embed, self.cache_size = pipe, kind.embed_prompt, cache_size
-        self._cache: OrderedDict[str, Cond] = OrderedDict()
+        self._cache: OrderedDict[str, Cond] = _PROMPT_CACHES.setdefault(pipe, OrderedDict())
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> Cond:
