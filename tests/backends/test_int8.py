@@ -12,7 +12,7 @@ from tacdiff.backends import use_backend
 from tacdiff.backends.int8 import Int8Conv2d, Int8Embedding, Int8Linear
 from tacdiff.io.artifact import save_quantized
 from tacdiff.quant.apply import format_summary
-from tacdiff.quant.layers import QuantEmbedding, QuantWeightMixin
+from tacdiff.quant.layers import QuantConv2d, QuantEmbedding, QuantWeightMixin
 from tacdiff.speed import weight_bytes
 from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model
 
@@ -72,6 +72,23 @@ def test_every_converted_layer_agrees_with_its_fake_twin(fixture: str, request: 
         twin(data.x[index], data.timesteps[index], **data.cond_of(index))
     assert len(seen) == sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in twin.modules())
     assert min(db for _, db in seen) >= LAYER_DB, sorted(seen, key=lambda item: item[1])[:3]
+
+
+def test_pointwise_convolutions_as_gemms_agree_with_their_fake_twins(w8a8: nn.Module, held_out) -> None:
+    """The CUDA route for 1x1 convolutions with calibrated ranges (split skip halves included), run here on the CPU."""
+    layers = {name: m for name, m in w8a8.named_modules()
+              if isinstance(m, QuantConv2d) and m.kernel_size == (1, 1) and m.act_quant is not None}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
+               for name, m in layers.items()]
+    index = torch.nonzero(held_out.timesteps == held_out.timesteps[-1]).flatten()[:4]
+    with torch.no_grad():
+        w8a8(held_out.x[index], held_out.timesteps[index])
+        for handle in handles:
+            handle.remove()
+        assert any(m.split is not None for m in layers.values()) and set(inputs) == set(layers)
+        for name, layer in layers.items():
+            assert sqnr_db(layer(inputs[name]), Int8Conv2d(layer, gemm=True)(inputs[name])) >= LAYER_DB, name
 
 
 @pytest.mark.parametrize("config", [dict(weight_symmetric=True, act_symmetric=True),
