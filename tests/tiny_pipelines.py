@@ -9,7 +9,7 @@ projections and T5, flow matching, an autoencoder with a shift factor).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline,
@@ -99,18 +99,21 @@ def _pixart(cls: type[DiffusionPipeline]) -> Callable[[Path], DiffusionPipeline]
     return build
 
 
-def _sd3(work: Path) -> DiffusionPipeline:
+def _sd3(**flow: Any) -> Callable[[Path], DiffusionPipeline]:
     """SD3's three text encoders: two CLIPs whose token embeddings (side by side) and pooled projections
-    (concatenated, ``POOLED_DIM`` wide) feed the MMDiT, and T5 (``TEXT_DIM`` wide)."""
-    (tokenizer, text_encoder), (tokenizer_2, text_encoder_2) = (_clip_with_projection(seed, POOLED_DIM // 2)
-                                                                for seed in (3, 4))
-    tokenizer_3, text_encoder_3 = _t5(5)
-    torch.manual_seed(1)
-    vae = AutoencoderKL(**_AUTOENCODER, latent_channels=4, scaling_factor=1.5, shift_factor=0.1)
-    return StableDiffusion3Pipeline(transformer=tiny_model("sd3"), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    (concatenated, ``POOLED_DIM`` wide) feed the MMDiT, and T5 (``TEXT_DIM`` wide); a flow-matching scheduler
+    configured by ``flow``."""
+    def build(work: Path) -> DiffusionPipeline:
+        (tokenizer, text_encoder), (tokenizer_2, text_encoder_2) = (_clip_with_projection(seed, POOLED_DIM // 2)
+                                                                    for seed in (3, 4))
+        tokenizer_3, text_encoder_3 = _t5(5)
+        torch.manual_seed(1)
+        vae = AutoencoderKL(**_AUTOENCODER, latent_channels=4, scaling_factor=1.5, shift_factor=0.1)
+        return StableDiffusion3Pipeline(transformer=tiny_model("sd3"), scheduler=FlowMatchEulerDiscreteScheduler(**flow),
+                                        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                                        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    return build
 
 
 TINY_PIPELINES: dict[str, Callable[[Path], DiffusionPipeline]] = {
@@ -123,7 +126,9 @@ TINY_PIPELINES: dict[str, Callable[[Path], DiffusionPipeline]] = {
     "dit": _dit,                 # class-conditional transformer, 4x8x8 latents, 32x32 grayscale images
     "pixart": _pixart(PixArtAlphaPipeline),  # text-to-image transformer, T5 text, 4x8x8 latents, 16x16 RGB images
     "pixart_sigma": _pixart(PixArtSigmaPipeline),
-    "sd3": _sd3,                 # MMDiT, flow matching, CLIP + CLIP + T5 text, 4x8x8 latents, 16x16 RGB images
+    "sd3": _sd3(shift=3.0),      # MMDiT, flow matching, CLIP + CLIP + T5 text, 4x8x8 latents, 16x16 RGB images
+    # the same with sigmas shifted by image size, as FLUX's scheduler: 16 tokens between the base and max lengths
+    "sd3_shifting": _sd3(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64),
 }
 
 

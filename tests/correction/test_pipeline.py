@@ -22,7 +22,7 @@ from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_ta
 from tacdiff.correction.pipeline import PipelineUNet, StateShiftingStep
 from tacdiff.io.artifact import save_quantized
 from tacdiff.models.kinds import ModelDenoiser
-from tacdiff.models.loading import PIPELINE_KEY, build_scheduler, load_any_model, load_scheduler
+from tacdiff.models.loading import PIPELINE_KEY, LoadedModel, build_scheduler, load_any_model
 from tacdiff.sampling import batched_trajectories, sample, sample_noise
 from tacdiff.sampling.batching import derive_seed
 from tacdiff.sampling.conditioning import PromptOptions, conditioning_for, named_classes
@@ -46,15 +46,15 @@ class World:
     branch_tables: Path | None
 
 
-def _scheduler(folder: Path) -> SchedulerMixin:
-    """The sampler tables are fitted for: DDIM, or flow matching for a flow model, from the folder's config."""
-    return build_scheduler("auto", load_scheduler(None, folder).config)
+def _scheduler(loaded: LoadedModel) -> SchedulerMixin:
+    """The sampler tables are fitted for: DDIM, or flow matching for a flow model, from the recorded config."""
+    return build_scheduler("auto", loaded.scheduler_config, loaded.model)
 
 
 def _world(root: Path, name: str, options: PromptOptions | None) -> World:
     folder = save_tiny_pipeline(name, root / name)
     loaded = load_any_model(folder)
-    fp, scheduler = loaded.model, _scheduler(folder)
+    fp, scheduler = loaded.model, _scheduler(loaded)
     cond = None if options is None else conditioning_for(loaded, options, count=8)
     calib = tacdiff.collect_calibration_set(fp, scheduler, num_samples=4, num_inference_steps=STEPS,
                                             kept_steps=STEPS, cond=cond, progress=False)
@@ -99,7 +99,8 @@ def _generate(pipe: DiffusionPipeline, noise: torch.Tensor, **overrides: object)
 
 def _loop(world: World, tables: Path) -> torch.Tensor:
     """tacdiff's own loop on sample 0's noise for seed ``SEED``, guided and corrected as the pipeline should be."""
-    loaded, scheduler = load_any_model(world.artifact), _scheduler(world.folder)
+    loaded = load_any_model(world.artifact)
+    scheduler = _scheduler(loaded)
     options = PromptOptions(classes=(CLASS,)) if named_classes(loaded) else PromptOptions(tuple(PROMPTS[:1]))
     cond = conditioning_for(loaded, dataclasses.replace(options, guidance_scale=SCALE))
     denoiser = cond.guide(CorrectedDenoiser(ModelDenoiser(loaded.model, scheduler), CorrectionTables.load(tables)))
@@ -148,7 +149,7 @@ def test_a_replaced_scheduler_raises(sd: World) -> None:
 
 def test_the_step_hook_looks_like_the_step_and_checks_the_schedule(sd: World) -> None:
     tables = CorrectionTables.load(sd.tables)
-    scheduler = _scheduler(sd.folder)
+    scheduler = _scheduler(load_any_model(sd.folder))
     scheduler.step = StateShiftingStep(scheduler.step, tables)
     assert {"eta", "generator"} <= set(inspect.signature(scheduler.step).parameters)
     copied = copy.deepcopy(scheduler)
@@ -189,7 +190,8 @@ def test_unconditional_ldm_pipeline_equals_the_loop(ldm: World) -> None:
     assert isinstance(pipe, LDMPipeline)
     run = dict(batch_size=2, num_inference_steps=STEPS, output_type="np")
     images = pipe(generator=torch.Generator().manual_seed(SEED), **run).images
-    loaded, scheduler = load_any_model(ldm.artifact), _scheduler(ldm.folder)
+    loaded = load_any_model(ldm.artifact)
+    scheduler = _scheduler(loaded)
     noise = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(SEED))
     denoiser = CorrectedDenoiser(ModelDenoiser(loaded.model, scheduler), CorrectionTables.load(ldm.tables))
     latents = sample(denoiser, scheduler, noise, num_inference_steps=STEPS, progress=False)
@@ -236,14 +238,16 @@ def transformer_worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Wo
     root = tmp_path_factory.mktemp("transformer-pipelines")
     options = {"pixart": PromptOptions(tuple(PROMPTS), guidance_scale=SCALE),
                "sd3": PromptOptions(tuple(PROMPTS), guidance_scale=SCALE),
+               "sd3_shifting": PromptOptions(tuple(PROMPTS), guidance_scale=SCALE),
                "dit": PromptOptions(classes=(CLASS, "bag"), guidance_scale=SCALE)}
     return {name: _world(root, name, option) for name, option in options.items()}
 
 
-@pytest.mark.parametrize("name", ["pixart", "sd3", "dit"])
+@pytest.mark.parametrize("name", ["pixart", "sd3", "sd3_shifting", "dit"])
 def test_corrected_transformer_pipelines_equal_the_loop(transformer_worlds: dict[str, World], name: str) -> None:
     """PixArt (learned variance, its DPM-Solver replaced by the tables' DDIM), SD3 (flow matching: the
-    velocity corrected) and DiT (class labels; its images, since DiTPipeline returns no latents)."""
+    velocity corrected; with sigmas shifted by image size too) and DiT (class labels; its images, since
+    DiTPipeline returns no latents)."""
     world = transformer_worlds[name]
     pipe = load_pipeline(world.artifact, world.tables)
     assert type(pipe).__name__ == type(load_any_model(world.folder).pipeline).__name__

@@ -74,16 +74,10 @@ def _guided_loop_and_pipeline(loaded: LoadedModel, scheduler: str, call: dict[st
 
 
 @torch.no_grad()
-def test_the_loop_reproduces_sd3_with_a_resolution_dependent_shift(pipeline_dir: Callable[[str], Path],
-                                                                    tmp_path: Path) -> None:
+def test_the_loop_reproduces_sd3_with_a_resolution_dependent_shift(pipeline_dir: Callable[[str], Path]) -> None:
     """A flow scheduler with use_dynamic_shifting (as FLUX's) gets the shift SD3's pipeline computes for the
-    transformer's sample size (16 tokens here, between the base and max sequence lengths below)."""
-    folder = shutil.copytree(pipeline_dir("sd3"), tmp_path / "shifting")
-    config_file = folder / "scheduler" / "scheduler_config.json"
-    shifting = {"use_dynamic_shifting": True, "base_image_seq_len": 4, "max_image_seq_len": 64, "base_shift": 0.5,
-                "max_shift": 1.15}
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **shifting}))
-    loaded = load_any_model(folder)
+    transformer's sample size (16 tokens here, between the scheduler's base and max sequence lengths)."""
+    loaded = load_any_model(pipeline_dir("sd3_shifting"))
     ours, theirs, _ = _guided_loop_and_pipeline(loaded, "auto", {})
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     fixed = build_scheduler("auto", {**loaded.scheduler_config, "use_dynamic_shifting": False})

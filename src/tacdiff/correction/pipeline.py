@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tacdiff.correction.tables import CorrectionTables, short_timesteps
 from tacdiff.correction.wrapper import CorrectedUNet, shift_state
 from tacdiff.models.kinds import denoiser_scheduler, prediction_type
-from tacdiff.models.loading import load_any_model, scheduler_class
+from tacdiff.models.loading import fit_resolution_shift, load_any_model, scheduler_class
 from tacdiff.sampling.conditioning import named_classes
 
 
@@ -75,7 +75,7 @@ def _corrected(pipe: DiffusionPipeline, denoiser: str, tables: CorrectionTables,
     """``pipe`` (changed in place) sampling with ``tables``: a corrected denoiser (component ``denoiser``), a
     scheduler that consumes what it returns and, for state tables, shifts the latents after every step, and a
     ``__call__`` that notes its guidance scale for the checks."""
-    scheduler = _tables_scheduler(pipe.scheduler, tables)
+    scheduler = fit_resolution_shift(_tables_scheduler(pipe.scheduler, tables), getattr(pipe, denoiser))
     tables.check_scheduler(scheduler, tables.num_inference_steps, force=force)
     wrapper = PipelineUNet(getattr(pipe, denoiser), tables, scheduler, pipe, prompted=prompted, force=force)
     scheduler = denoiser_scheduler(scheduler)
