@@ -76,38 +76,36 @@ def ms_per_call(call: Callable[[], object], repeats: int) -> tuple[float, float]
 @torch.no_grad()
 def time_model(name: str, fp: nn.Module, batches: tuple[int, ...], repeats: int) -> list[dict]:
     """Every variant of ``fp`` (on the GPU) at every batch size."""
-    variants: dict[str, tuple[nn.Module, torch.dtype, str]] = {
-        "fp32": (fp, torch.float32, ""), "bf16": (copy.deepcopy(fp).to(torch.bfloat16), torch.bfloat16, "")}
+    # label: (model, dtype, int8 placement, the label whose output its SQNR is measured against)
+    variants: dict[str, tuple[nn.Module, torch.dtype, str, str | None]] = {
+        "fp32": (fp, torch.float32, "", None), "bf16": (copy.deepcopy(fp).to(torch.bfloat16), torch.bfloat16, "", None)}
     for w_bits in (8, 4):
         fake = quantized_for_timing(fp, w_bits, 8)
-        # fake W4A8 is only the int8 W4A8 model's reference ("_": run, not timed)
-        variants["fake W8A8" if w_bits == 8 else "_fake W4A8"] = (fake, torch.float32, "")
         twin = copy.deepcopy(fake)
         placement = backend_counts(use_backend(twin, "int8"))
-        variants[f"int8 W{w_bits}A8"] = (twin, torch.float32, placement)
+        variants[f"fake W{w_bits}A8"] = (fake, torch.float32, "", "fp32")
+        variants[f"int8 W{w_bits}A8"] = (twin, torch.float32, placement, f"fake W{w_bits}A8")
+    untimed = {"fake W4A8"}  # run only as the int8 W4A8 model's reference
     rows, fp32_ms = [], {}
     for batch in batches:
         x, t, cond = example_inputs(fp, batch)
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(x.shape, generator=generator)
         outputs = {}
-        for label, (model, dtype, placement) in variants.items():
+        for label, (model, dtype, placement, reference) in variants.items():
             inputs = x.to(DEVICE, dtype), t.to(DEVICE)
             kwargs = {k: (v.to(dtype) if v.is_floating_point() else v).to(DEVICE) for k, v in cond.items()}
             outputs[label] = model(inputs[0], timestep=inputs[1], **kwargs).sample.float()
-            if label.startswith("_"):
+            if label in untimed:
                 continue
             ms, peak = ms_per_call(lambda: model(inputs[0], timestep=inputs[1], **kwargs), repeats)
             fp32_ms.setdefault(batch, ms)
             rows.append({"model": name, "variant": label, "batch": batch, "ms": ms,
                          "speedup": fp32_ms[batch] / ms, "weight_mib": weight_bytes(model) / 2**20,
                          "peak_call_mib": peak, "placement": placement})
-            if label.startswith("int8"):
-                bits = label.split()[1]
-                reference = outputs[f"fake {bits}"] if f"fake {bits}" in outputs else outputs[f"_fake {bits}"]
-                rows[-1]["sqnr_vs_fake_db"] = sqnr_db(reference, outputs[label])
-            if label.startswith("fake"):
-                rows[-1]["sqnr_vs_fp32_db"] = sqnr_db(outputs["fp32"], outputs[label])
+            if reference is not None:
+                key = "sqnr_vs_fp32_db" if reference == "fp32" else "sqnr_vs_fake_db"
+                rows[-1][key] = sqnr_db(outputs[reference], outputs[label])
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -109,8 +109,9 @@ def _sd3(**flow: Any) -> Callable[[Path], DiffusionPipeline]:
         tokenizer_3, text_encoder_3 = _t5(5)
         torch.manual_seed(1)
         vae = AutoencoderKL(**_AUTOENCODER, latent_channels=4, scaling_factor=1.5, shift_factor=0.1)
-        return StableDiffusion3Pipeline(transformer=tiny_model("sd3"), scheduler=FlowMatchEulerDiscreteScheduler(**flow),
-                                        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        return StableDiffusion3Pipeline(transformer=tiny_model("sd3"),
+                                        scheduler=FlowMatchEulerDiscreteScheduler(**flow), vae=vae,
+                                        text_encoder=text_encoder, tokenizer=tokenizer,
                                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                                         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     return build

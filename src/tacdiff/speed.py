@@ -142,8 +142,8 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[tuple[int, int], ...]
     save and load each quantized setting as an artifact.
 
     ``bits`` are the (weight, activation) settings quantized for ``fake`` and ``int8`` (embedding tables too with
-    ``quantize_embeddings``); ``fp32`` and ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow dicts, fp32 first at each batch
-    size], "artifacts": [artifact_row dicts]}``.
+    ``quantize_embeddings``); ``fp32`` and ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow
+    dicts, fp32 first at each batch size], "artifacts": [artifact_row dicts]}``.
     """
     fp_bytes, rows, artifacts = weight_bytes(fp), [], []
     steps = tqdm(total=(2 + 2 * len(bits)) * len(batches), desc=f"speed {name}", disable=not progress)

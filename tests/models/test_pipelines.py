@@ -127,8 +127,8 @@ def test_the_empty_prompt_of_the_load_check_is_embedded_once(pipeline_dir: Calla
     """The fit check at load embeds "" to compare widths; the default negative prompt reuses it."""
     calls: list[str] = []
     encode = StableDiffusionPipeline.encode_prompt
-    monkeypatch.setattr(StableDiffusionPipeline, "encode_prompt",
-                        lambda pipe, prompt, *args, **kwargs: calls.append(prompt) or encode(pipe, prompt, *args, **kwargs))
+    monkeypatch.setattr(StableDiffusionPipeline, "encode_prompt", lambda pipe, prompt, *args, **kwargs:
+                        calls.append(prompt) or encode(pipe, prompt, *args, **kwargs))
     loaded = load_any_model(pipeline_dir("sd"))
     conditioning = conditioning_for(loaded, PromptOptions(("a red shoe",), None, 4.0))
     conditioning.rows(0, 2)  # prompt rows are embedded when a batch asks for them

@@ -125,7 +125,8 @@ class Int8Conv2d(_IntLayer):
     """
 
     def __init__(self, layer: QuantConv2d, gemm: bool | None = None) -> None:
-        """``gemm``: run as a GEMM over positions (default: for per-token ranges, and on CUDA; 1x1 convolutions only)."""
+        """``gemm``: run as a GEMM over positions (default: for per-token ranges, and on CUDA; 1x1 convolutions
+        only)."""
         per_token = layer.act_quant.dynamic and layer.act_quant.token_dim is not None
         gemm = per_token or layer.weight_codes.is_cuda if gemm is None else gemm
         weights = [layer.weight_codes[:, s].reshape(layer.out_channels, -1).t() for s in layer.segments()]

@@ -40,7 +40,8 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
 
     ``int8`` converts every layer it can run exactly (see
     :func:`tacdiff.backends.int8.unsupported_reason`); ``auto`` only those measured faster at
-    ``probe_batch`` samples, and quantized embedding tables always (they keep their codes only) (timings cached in ``cache``, default ``$XDG_CACHE_HOME/tacdiff``).
+    ``probe_batch`` samples (timings cached in ``cache``, default ``$XDG_CACHE_HOME/tacdiff``), and quantized
+    embedding tables always, untimed (their codes-only lookups save memory).
     Converted layers keep integer weights only: such a model cannot be converted again, copied or
     saved (do that with the fake-quant model) and stays on its device.
     """

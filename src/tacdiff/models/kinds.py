@@ -160,7 +160,8 @@ def image_seq_len(model: nn.Module) -> int:
     return (height // patch) * (width // patch)
 
 
-def set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+def set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int,
+                  device: torch.device | str | None = None) -> None:
     """``scheduler.set_timesteps``, passing the resolution shift ``mu`` where the scheduler needs one (fixed by
     :func:`tacdiff.models.loading.build_scheduler` for the model's sample size, as diffusers' SD3 and FLUX
     pipelines compute it for theirs)."""
