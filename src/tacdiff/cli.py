@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from tacdiff import distributed
+from tacdiff import interrupts
 from tacdiff.io.atomic import check_writable, report_file
 
 if TYPE_CHECKING:
@@ -35,40 +34,24 @@ class _Commands(TyperGroup):
     """The command group with the one error boundary of the command line."""
 
     def invoke(self, ctx: typer.Context) -> Any:
-        interrupted = threading.Event()
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is signal.default_int_handler:  # leave an ignored SIGINT (a background job) ignored
-            signal.signal(signal.SIGINT, lambda *_: _interrupt(interrupted))
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _warning_line
                 return super().invoke(ctx)
-        except (typer.Exit, typer.Abort):
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):  # an interrupt is reported by tacdiff.__main__
             raise
         except typer.TyperException as error:  # bad usage: the same one line as any other error
             _report(error.format_message())
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            _report("interrupted; nothing was written")
-            raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - the boundary: one clear line, not a traceback
-            if interrupted.is_set():  # e.g. numpy refusing a second import after Ctrl-C broke the first
-                _report("interrupted; nothing was written")
-                raise typer.Exit(130) from None
+            if interrupts.INTERRUPTED.is_set():  # e.g. numpy refusing a second import after Ctrl-C broke the first
+                raise KeyboardInterrupt from None
             if _debug(ctx):
                 raise
             _report(_message(error))
             raise typer.Exit(2) from None
         finally:
-            signal.signal(signal.SIGINT, previous)
             distributed.shutdown()
-
-
-def _interrupt(interrupted: threading.Event) -> None:
-    """SIGINT handler: remember the interrupt (a library may swallow the KeyboardInterrupt mid-import and
-    fail later for another reason), then raise it as Python's default handler does."""
-    interrupted.set()
-    raise KeyboardInterrupt
 
 
 def _report(message: str) -> None:

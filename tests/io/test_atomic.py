@@ -14,6 +14,7 @@ import pytest
 
 import tacdiff.io.atomic as atomic
 from fs_support import tmpfs
+from tacdiff.interrupts import INTERRUPTED
 from tacdiff.io.atomic import check_writable, write_dir_atomically, write_file_atomically, write_text_atomically
 
 
@@ -302,3 +303,29 @@ def test_the_two_rename_fallback_replaces_too(tmp_path: Path, monkeypatch: pytes
     write_dir(target, fill_dir("new"), overwrite=True)
     assert set(contents(target).values()) == {"new"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.fixture
+def swallowed_interrupt() -> Iterator[None]:
+    """A Ctrl-C that arrived earlier and that a library swallowed: only the remembered flag is left."""
+    INTERRUPTED.set()
+    try:
+        yield
+    finally:
+        INTERRUPTED.clear()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_nothing_is_put_in_place_after_a_swallowed_interrupt(writer, tmp_path: Path, existing: bool,
+                                                             swallowed_interrupt: None) -> None:
+    write, fill, _ = writer
+    target = tmp_path / "out"
+    if existing:
+        INTERRUPTED.clear()
+        write(target, fill("old"), overwrite=True)
+        INTERRUPTED.set()
+    with pytest.raises(KeyboardInterrupt):
+        write(target, fill("new"), overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
+    if existing:
+        assert set(contents(target).values()) == {"old"}

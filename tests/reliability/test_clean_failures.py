@@ -226,10 +226,11 @@ def test_python_load_on_a_missing_device_is_a_clear_error(world: World) -> None:
         load_quantized(world.root / "w4a8", device="cuda")
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.5])
+@pytest.mark.parametrize("delay", [0.1, 0.3, 1.5])
 def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path: Path, delay: float) -> None:
-    """An interrupt during the first seconds (torch and diffusers still importing) ends with the same one line
-    as any other interrupt, not a traceback: the package imports them only when a command needs them."""
+    """An interrupt during the first seconds (typer, pydantic, torch and diffusers still importing) ends with the
+    same one line as any other interrupt, not a traceback and not a silent status (typer's own for an interrupt
+    while it parses the options)."""
     # a runner started in the background (`cmd &` in a script) passes SIGINT on ignored; a terminal does not
     process = subprocess.Popen([sys.executable, "-m", "tacdiff", "eval", "reference", "--samples", "2", "--quiet"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -241,3 +242,21 @@ def test_ctrl_c_while_the_command_line_starts_is_one_line(tmp_path: Path, delay:
     # torch imports) as unhandled and ends the process by SIGINT after our exit(130); a shell sees 130 either way
     assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "error: interrupted; nothing was written"
+
+
+def test_an_interrupt_a_library_swallowed_still_ends_the_command_line(monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A command that ran on after a library swallowed the Ctrl-C (its outputs were refused by the atomic
+    writers) still ends with the interrupt's line and status, not success."""
+    from tacdiff.__main__ import main
+    from tacdiff.interrupts import INTERRUPTED
+
+    monkeypatch.setattr(sys, "argv", ["tacdiff", "--help"])
+    INTERRUPTED.set()
+    try:
+        with pytest.raises(SystemExit) as end:
+            main()
+    finally:
+        INTERRUPTED.clear()
+    assert end.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted; nothing was written"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tacdiff.distributed import main_process_writes
+from tacdiff.interrupts import check_not_interrupted
 
 Recognise = Callable[[Path], bool]
 """Whether an existing path holds output that tacdiff wrote and may replace."""
@@ -66,6 +67,7 @@ def write_file_atomically(path: str | Path, fill: Callable[[Path], None], overwr
         tmp.chmod(0o666 & ~_umask())  # mkstemp creates 0600
         if path.exists():
             _check_replaceable(path, overwrite, recognise, what, folder=False)  # appeared while filling?
+        check_not_interrupted()  # a library may have swallowed a Ctrl-C: still write nothing
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
@@ -93,6 +95,7 @@ def write_dir_atomically(path: str | Path, fill: Callable[[Path], None], overwri
     try:
         fill(tmp)
         _relax_permissions(tmp)
+        check_not_interrupted()
         if path.exists():
             _check_replaceable(path, overwrite, recognise, what, folder=True)  # appeared while filling?
             _swap(tmp, path)  # tmp now holds the old folder
