@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler
 
 from tacdiff.bench import quantized_copy
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.models.reference import load_reference_model
@@ -82,7 +83,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.markdown:
-        args.markdown.write_text(table + "\n")
+        write_text_atomically(args.markdown, table + "\n")
 
 
 if __name__ == "__main__":

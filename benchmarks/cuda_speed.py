@@ -29,6 +29,7 @@ from torch import nn
 
 from dit_scale import DIT_XL_2
 from tacdiff.backends import backend_counts, use_backend
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.kinds import example_inputs
 from tacdiff.speed import model_for_speed, quantized_for_timing, weight_bytes
@@ -164,8 +165,9 @@ def main() -> None:
     text = markdown(calls, gemms, args.repeats)
     print(text)
     if args.out:
-        args.out.with_suffix(".md").write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"calls": calls, "gemms": gemms}, indent=1) + "\n")
+        write_text_atomically(args.out.with_suffix(".md"), text + "\n")
+        report = json.dumps({"calls": calls, "gemms": gemms}, indent=1)
+        write_text_atomically(args.out.with_suffix(".json"), report + "\n")
 
 
 if __name__ == "__main__":

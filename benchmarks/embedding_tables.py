@@ -17,6 +17,7 @@ from pathlib import Path
 
 import tacdiff
 from tacdiff.io.artifact import WEIGHTS_NAME
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.reference import bundled_folder
 from tacdiff.workflows import CalibrationSettings, quantize_dir
 
@@ -46,7 +47,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        args.markdown.write_text(text + "\n")
+        write_text_atomically(args.markdown, text + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import tacdiff
 from tacdiff.bench import parse_bits
 from tacdiff.correction import CorrectedDenoiser, calibrate_tac
 from tacdiff.data.prompts import read_prompts
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.metrics.paired import paired_errors
 from tacdiff.models.kinds import ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import build_scheduler, load_any_model
@@ -78,7 +79,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        args.markdown.write_text(text + "\n")
+        write_text_atomically(args.markdown, text + "\n")
 
 
 if __name__ == "__main__":

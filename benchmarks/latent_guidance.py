@@ -21,6 +21,7 @@ import torch
 
 from tacdiff.bench import format_cell
 from tacdiff.evaluation import evaluate
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.sampling.conditioning import PromptOptions
 
 COLUMNS = (("fid", 3), ("kid", 5), ("fid_allconv", 3), ("kid_allconv", 5), ("prompt_accuracy", 3),
@@ -62,9 +63,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.markdown:
-        args.markdown.write_text(table + "\n", encoding="utf-8")
+        write_text_atomically(args.markdown, table + "\n")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "best": agree}, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(args.json, json.dumps({"rows": rows, "best": agree}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

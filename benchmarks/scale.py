@@ -23,6 +23,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.reference import REFERENCE_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parent
@@ -116,10 +117,10 @@ def main() -> None:
     table = markdown(rows, args)
     print(table)
     if args.out:
-        args.out.with_suffix(".md").write_text(table + "\n")
+        write_text_atomically(args.out.with_suffix(".md"), table + "\n")
         for row in rows:
             row.pop("tables")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_text_atomically(args.out.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

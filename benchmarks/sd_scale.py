@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 import tacdiff
 from tacdiff.correction.workflow import calibrate_artifact
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.loading import load_any_model
 from tacdiff.models.pipelines import SD_SCHEDULER_CONFIG, stable_diffusion
 from tacdiff.models.text import character_tokenizer, random_text_encoder
@@ -71,7 +72,7 @@ class Stages:
                              f"{torch.get_num_threads()} threads, {platform.machine()}")
         print(text)
         if args.markdown:
-            args.markdown.write_text(text + "\n")
+            write_text_atomically(args.markdown, text + "\n")
 
     def markdown(self, title: str) -> str:
         gpu = any(row[4] is not None for row in self.rows)

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from tacdiff.io.atomic import write_text_atomically
 from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
@@ -174,9 +175,9 @@ def main() -> None:
         print(sections[-1], flush=True)
     text = "\n\n".join(sections) + "\n"
     if args.markdown:
-        args.markdown.write_text(text)
+        write_text_atomically(args.markdown, text)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        write_text_atomically(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

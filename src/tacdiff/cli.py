@@ -176,6 +176,8 @@ PROMPT = typer.Option([], "--prompt", help="Prompt (repeatable; image i gets pro
 PROMPTS_FILE = typer.Option(None, "--prompts-file", help="Text file with one prompt per line (instead of --prompt).")
 NEGATIVE_PROMPT = typer.Option(None, "--negative-prompt", help="Prompt to guide away from (default: the empty one).")
 TRAIN_SEED = typer.Option(0, help="Seed for the initial weights and every random draw.")
+TRAIN_LR = typer.Option(3e-4, help="AdamW learning rate after warm-up (every stage).")
+QUIET = typer.Option(False, help="Hide progress bars.")
 TRAIN_DEVICE = typer.Option("auto", help="torch device; 'auto' picks cuda when available.", callback=_device)
 DATA_DIR = typer.Option(None, help="Folder with the Fashion-MNIST *-ubyte.gz files.")
 LATENT_EMA_DECAY = typer.Option(0.999, help="Decay of the weight EMA that is exported.")
@@ -211,7 +213,7 @@ def demo(
     samples: int = typer.Option(16, help="Images per model (paired: same noise for every model).", callback=_positive),
     steps: int = typer.Option(50, help="DDIM steps.", callback=_positive),
     seed: int = typer.Option(0, help="Seed for calibration and sampling noise."),
-    quiet: bool = typer.Option(False, help="Hide progress bars."),
+    quiet: bool = QUIET,
 ) -> None:
     """Quantize the bundled Fashion-MNIST model to W8A8 and W4A8, correct W4A8 with TAC, compare with FP."""
     from tacdiff.workflows import run_demo
@@ -302,13 +304,13 @@ def train(
     out_dir: str = typer.Argument(..., help="Run folder; resumes from OUT_DIR/checkpoint/ when present."),
     steps: int = typer.Option(6000, help="Total optimizer steps (6000 built the bundled model).", callback=_positive),
     batch_size: int = typer.Option(256, help="Images per step.", callback=_positive),
-    lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up."),
+    lr: float = TRAIN_LR,
     seed: int = TRAIN_SEED,
     ema_decay: float = typer.Option(0.9995, help="Decay of the weight EMA that is exported."),
     checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints.", callback=_positive),
     device: str = TRAIN_DEVICE,
     data_dir: str = DATA_DIR,
-    quiet: bool = typer.Option(False, help="Hide the progress bar."),
+    quiet: bool = QUIET,
 ) -> None:
     """Train the reference DDPM (UNet2DModel, epsilon prediction) on Fashion-MNIST."""
     from tacdiff.models.train import train as train_model
@@ -324,13 +326,13 @@ def train_latent(
     autoencoder_steps: int = typer.Option(3000, help="Autoencoder steps (stage 1).", callback=_positive),
     unet_steps: int = typer.Option(20000, help="UNet and text-encoder steps (stage 2).", callback=_positive),
     batch_size: int = typer.Option(128, help="Images per step.", callback=_positive),
-    lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up (both stages)."),
+    lr: float = TRAIN_LR,
     seed: int = TRAIN_SEED,
     ema_decay: float = LATENT_EMA_DECAY,
     checkpoint_every: int = LATENT_CHECKPOINT_EVERY,
     device: str = TRAIN_DEVICE,
     data_dir: str = DATA_DIR,
-    quiet: bool = typer.Option(False, help="Hide the progress bars."),
+    quiet: bool = QUIET,
 ) -> None:
     """Train a small text-to-image latent diffusion pipeline (AutoencoderKL, text-conditioned UNet, CLIP text
     encoder) on Fashion-MNIST class captions; writes OUT_DIR/pipeline (a StableDiffusionPipeline folder)."""
@@ -347,13 +349,13 @@ def train_dit(
     out_dir: str = typer.Argument(..., help="Run folder; training resumes from its checkpoint there."),
     steps: int = typer.Option(8000, help="Optimizer steps.", callback=_positive),
     batch_size: int = typer.Option(128, help="Latents per step.", callback=_positive),
-    lr: float = typer.Option(3e-4, help="AdamW learning rate after warm-up."),
+    lr: float = TRAIN_LR,
     seed: int = TRAIN_SEED,
     ema_decay: float = LATENT_EMA_DECAY,
     checkpoint_every: int = LATENT_CHECKPOINT_EVERY,
     device: str = TRAIN_DEVICE,
     data_dir: str = DATA_DIR,
-    quiet: bool = typer.Option(False, help="Hide the progress bar."),
+    quiet: bool = QUIET,
 ) -> None:
     """Train a small class-conditional DiT on the latent reference's autoencoder latents of Fashion-MNIST;
     writes OUT_DIR/pipeline (a DiTPipeline folder with the class names)."""
@@ -387,7 +389,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
     guidance_scale: float = GUIDANCE_SCALE,
     class_: list[str] = CLASS,
     backend: str = BACKEND,
-    quiet: bool = typer.Option(False, help="Hide progress bars."),
+    quiet: bool = QUIET,
 ) -> None:
     """Sample a model or pipeline and report FID/KID (grayscale, 28x28 or larger) and, with --fp-model, paired
     x0 MSE/PSNR/SSIM (on decoded images for latent pipelines)."""
@@ -425,7 +427,7 @@ def sample(
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     backend: str = BACKEND,
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a samples folder tacdiff wrote."),
-    quiet: bool = typer.Option(False, help="Hide progress bars."),
+    quiet: bool = QUIET,
 ) -> None:
     """Sample a model or pipeline (FP, quantized or corrected) and write one PNG per image and a grid."""
     from tacdiff.workflows import sample_dir
@@ -468,7 +470,7 @@ def calibrate(
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     plot: str = typer.Option(None, "--plot", help="Also draw the tables here (e.g. .png): a heat map of the output "
                                                   "scales over steps x channels, and IBC's bias size per step."),
-    quiet: bool = typer.Option(False, help="Hide progress bars."),
+    quiet: bool = QUIET,
 ) -> None:
     """Fit per-timestep correction tables (TAC, its ablations or PTQD) for a quantized model."""
     from tacdiff.correction.workflow import calibrate_artifact
@@ -520,7 +522,7 @@ def bench(
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
     backend: str = BACKEND,
-    quiet: bool = typer.Option(False, help="Hide progress bars."),
+    quiet: bool = QUIET,
 ) -> None:
     """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on one model: FID, KID, x0 error, time."""
     from tacdiff.bench import bench as run
@@ -563,7 +565,7 @@ def bench_speed(
                                         "calls repeat for 2 s).", callback=_positive),
     json_path: str = typer.Option(None, "--json", help="Write the report here as JSON (atomically)."),
     markdown: str = typer.Option(None, "--markdown", help="Write the tables here as markdown (atomically)."),
-    quiet: bool = typer.Option(False, help="Hide progress bars."),
+    quiet: bool = QUIET,
 ) -> None:
     """Time FP32, bf16, fake-quant and int8 per denoiser call side by side; weight and activation memory,
     artifact size against the FP32 file, load time (CPU)."""
