@@ -70,3 +70,18 @@ def test_parse_bits_rejects(text):
 
 def test_parse_bits():
     assert parse_bits("W3A8") == (3, 8)
+
+
+def test_tac_options_reach_the_corrected_rows_only():
+    settings = dict(bits=("w4a8",), steps=(5,), methods=("fp", "ptq", "ptqd", "ibc"), samples=8, calib_samples=8,
+                    batch_size=8, progress=False)
+    default, channel = ({r["method"]: r["x0_mse"] for r in run_bench(tac_options=options, **settings)}
+                        for options in (None, {"ibc": "channel"}))
+    assert default["ibc"] != channel["ibc"]
+    assert (default["ptq"], default["ptqd"]) == (channel["ptq"], channel["ptqd"])
+
+
+def test_a_bad_tac_option_is_refused_before_work(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--ibc", "pixel", "--json", str(tmp_path / "b.json"), "--quiet"])
+    assert result.exit_code == 2 and "pixel" in result.output and "element" in result.output
+    assert list(tmp_path.iterdir()) == []

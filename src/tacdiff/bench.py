@@ -42,7 +42,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers import SchedulerMixin
@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from tacdiff.backends import check_backend, use_backend
 from tacdiff.correction import CorrectedDenoiser
-from tacdiff.correction.calibrate import CALIBRATORS, fit_tables
+from tacdiff.correction.calibrate import CALIBRATORS, check_tac_options, fit_tables
 from tacdiff.evaluation import Method, TimedDenoiser, prompted_classes, score_methods, timed_call
 from tacdiff.metrics.fid import FID_KEYS
 from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
@@ -130,9 +130,11 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
           batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
           model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(), backend: str = "fake",
           act_range: str = "mse", smooth_alpha: float | None = None, timestep_groups: int = 1,
-          progress: bool = True) -> BenchResult:
+          tac_options: Mapping[str, Any] | None = None, progress: bool = True) -> BenchResult:
     """Run the benchmark; see :func:`run_bench` (this also returns the per-step curves for the plot)."""
     check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding)
+    options = dict(tac_options or {})
+    check_tac_options(**options)
     recipe = QuantConfig(weight_rounding=weight_rounding, act_range=act_range, smooth_alpha=smooth_alpha,
                          timestep_groups=timestep_groups)
     check_backend(backend)
@@ -175,7 +177,8 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
             for method in (m for m in CORRECTED if m in wanted):
                 _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
                 tables, seconds = timed_call(dev, lambda method=method, quant=quant: fit_tables(
-                    method, fp, quant, scheduler, num_inference_steps=count, num_samples=calib_samples,
+                    method, fp, quant, scheduler, options={} if method == "ptqd" else options,
+                    num_inference_steps=count, num_samples=calib_samples,
                     batch_size=batch_size, seed=calib_seed, cond=conditioning, progress=progress))
                 candidates.append(Method(name, method, timed(CorrectedDenoiser(runs, tables)), seconds))
         _log(progress, f"sample {len(candidates)} denoisers x {samples} paired images, DDIM {count}")
@@ -218,7 +221,7 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
               batch_size: int = 256, device: str = "cpu", quant_calib_samples: int = 64, weight_rounding: str = "rtn",
               model: str | Path = REFERENCE, prompts: PromptOptions = PromptOptions(), backend: str = "fake",
               act_range: str = "mse", smooth_alpha: float | None = None, timestep_groups: int = 1,
-              progress: bool = True) -> list[dict[str, Any]]:
+              tac_options: Mapping[str, Any] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on one model (the bundled Fashion-MNIST one by default) with DDIM.
 
     Args:
@@ -238,6 +241,9 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
             tables are fitted on the fake-quant model and apply unchanged.
         act_range, smooth_alpha, timestep_groups: PTQ's activation ranges, channel balancing and range groups
             over timesteps (:class:`QuantConfig`).
+        tac_options: TAC's hyper-parameters for the ``tac``, ``ner`` and ``ibc`` rows (keywords of
+            :func:`~tacdiff.correction.calibrate.check_tac_options`: ``lam``, ``gamma``, ``tau``, ``ibc``,
+            ``ibc_target``, ``guidance_fit``, ``ner_bias``); the defaults where absent. PTQD has none.
     Returns:
         One dict per (bits, steps, method) with exactly :data:`ROW_KEYS`: ``fid``/``kid`` on the
         bundled classifier's features and ``fid_allconv``/``kid_allconv`` on the second feature space's,
@@ -249,7 +255,7 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
                  batch_size=batch_size, device=device, quant_calib_samples=quant_calib_samples,
                  weight_rounding=weight_rounding, model=model, prompts=prompts, backend=backend,
                  act_range=act_range, smooth_alpha=smooth_alpha, timestep_groups=timestep_groups,
-                 progress=progress).rows
+                 tac_options=tac_options, progress=progress).rows
 
 
 def _executed(quant: nn.Module, backend: str) -> nn.Module:

@@ -439,6 +439,19 @@ def sample(
     typer.echo(f"wrote {num_samples} images, grid.png and samples.json to {path}")
 
 
+# TAC's hyper-parameters (calibrate and bench); the defaults are tacdiff.correction.calibrate's DEFAULT_*
+LAM = typer.Option(0.5, help="NER: weight of the relative-distortion term (0..1).")
+GAMMA = typer.Option(0.0, help="NER: pull of the scales towards 1.")
+TAU = typer.Option(2.0, help="NER: mask |r| > tau * mean|r| for the relative term.")
+IBC = typer.Option("element", help="IBC granularity: channel, element or shrunk (per element, James-Stein shrunk "
+                                   "towards the channel mean).")
+IBC_TARGET = typer.Option("state", help="IBC shifts the sampler 'state' (tacdiff's loop and load_pipeline) or only "
+                                        "the network 'input' (a plain UNet wrapper).")
+GUIDANCE_FIT = typer.Option("guided", help="With guidance (tac, ner, ibc): fit NER on the 'guided' estimate, or one "
+                                           "scale per 'branch' (unconditional and conditional).")
+NER_BIAS = typer.Option(False, help="NER also fits a per-channel bias, K (q - b) (not in the paper).")
+
+
 @app.command()
 def calibrate(
     quant_artifact: str = typer.Argument(..., help="Quantized artifact folder (tacdiff quantize --out)."),
@@ -451,21 +464,17 @@ def calibrate(
     samples: int = typer.Option(256, help="Calibration trajectories (advanced together).", callback=_positive),
     batch_size: int = typer.Option(64, help="Samples per network call.", callback=_positive),
     seed: int = typer.Option(0, help="Seed of the starting and per-step noise."),
-    lam: float = typer.Option(0.5, help="NER: weight of the relative-distortion term (0..1)."),
-    gamma: float = typer.Option(0.0, help="NER: pull of the scales towards 1."),
-    tau: float = typer.Option(2.0, help="NER: mask |r| > tau * mean|r| for the relative term."),
-    ibc: str = typer.Option("element", help="IBC granularity: channel, element or shrunk (per element, James-Stein "
-                                            "shrunk towards the channel mean)."),
-    ibc_target: str = typer.Option("state", help="IBC shifts the sampler 'state' (tacdiff's loop and load_pipeline) "
-                                                 "or only the network 'input' (a plain UNet wrapper)."),
+    lam: float = LAM,
+    gamma: float = GAMMA,
+    tau: float = TAU,
+    ibc: str = IBC,
+    ibc_target: str = IBC_TARGET,
     prompt: list[str] = PROMPT,
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
-    guidance_fit: str = typer.Option("guided", help="With guidance (tac, ner, ibc): fit NER on the 'guided' "
-                                                    "estimate, or one scale per 'branch' (unconditional and "
-                                                    "conditional)."),
-    ner_bias: bool = typer.Option(False, help="NER also fits a per-channel bias, K (q - b) (not in the paper)."),
+    guidance_fit: str = GUIDANCE_FIT,
+    ner_bias: bool = NER_BIAS,
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     plot: str = typer.Option(None, "--plot", help="Also draw the tables here (e.g. .png): a heat map of the output "
@@ -521,10 +530,18 @@ def bench(
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
     guidance_scale: float = GUIDANCE_SCALE,
+    lam: float = LAM,
+    gamma: float = GAMMA,
+    tau: float = TAU,
+    ibc: str = IBC,
+    ibc_target: str = IBC_TARGET,
+    guidance_fit: str = GUIDANCE_FIT,
+    ner_bias: bool = NER_BIAS,
     backend: str = BACKEND,
     quiet: bool = QUIET,
 ) -> None:
-    """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on one model: FID, KID, x0 error, time."""
+    """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on one model: FID, KID, x0 error, time. The TAC
+    options apply to the tac, ner and ibc rows."""
     from tacdiff.bench import bench as run
     from tacdiff.bench import format_markdown
     from tacdiff.io.atomic import write_text_atomically
@@ -539,6 +556,8 @@ def bench(
                  weight_rounding=weight_rounding, model=model, act_range=act_range, smooth_alpha=smooth_alpha,
                  timestep_groups=timestep_groups,
                  prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale), backend=backend,
+                 tac_options=dict(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target,
+                                  guidance_fit=guidance_fit, ner_bias=ner_bias),
                  progress=_progress(quiet))
     table = format_markdown(result.rows)
     typer.echo(table)

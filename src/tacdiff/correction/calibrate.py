@@ -331,17 +331,12 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
     Returns:
         :class:`CorrectionTables` (method ``tac``, ``ner``, ``ibc`` or ``none``).
     """
-    check_granularity(ibc)
-    check_ner_params(lam, gamma, tau)
-    if ibc_target not in IBC_TARGETS:
-        raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
+    check_tac_options(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit)
     in_state = use_ibc and ibc_target == "state"
     if use_ibc and not in_state and isinstance(scheduler, DDPMScheduler):
         warnings.warn("IBC on the network input only was measured to make the drift grow on the stochastic DDPM "
                       "sampler (see tacdiff.correction.ibc); prefer ibc_target='state'", stacklevel=2)
     method = {(True, True): "tac", (False, True): "ner", (True, False): "ibc", (False, False): "none"}
-    if guidance_fit not in GUIDANCE_FITS:
-        raise ValueError(f"guidance_fit must be one of {', '.join(GUIDANCE_FITS)}, got {guidance_fit!r}")
     hyper = {"lam": lam, "gamma": gamma, "tau": tau, "ibc": ibc, "ibc_target": ibc_target, "use_ibc": use_ibc,
              "use_ner": use_ner, "guidance_fit": guidance_fit, "ner_bias": ner_bias}
 
@@ -353,6 +348,19 @@ def calibrate_tac(fp_model: nn.Module, quant_model: nn.Module, scheduler: Schedu
                 num_inference_steps=num_inference_steps, num_samples=num_samples, batch_size=batch_size,
                 seed=seed, cond=cond, progress=progress, hyper=hyper, denoiser=denoiser,
                 state_ibc=ibc if in_state else None, per_branch=guidance_fit == "branch")
+
+
+def check_tac_options(*, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA, tau: float = DEFAULT_TAU,
+                      ibc: str = DEFAULT_IBC, ibc_target: str = DEFAULT_IBC_TARGET,
+                      guidance_fit: str = DEFAULT_GUIDANCE_FIT, ner_bias: bool = False) -> None:
+    """``ValueError`` naming the first of TAC's hyper-parameters (:func:`calibrate_tac`) out of its range; call it
+    before long work. ``ner_bias`` is accepted for symmetry (any bool)."""
+    check_granularity(ibc)
+    check_ner_params(lam, gamma, tau)
+    if ibc_target not in IBC_TARGETS:
+        raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
+    if guidance_fit not in GUIDANCE_FITS:
+        raise ValueError(f"guidance_fit must be one of {', '.join(GUIDANCE_FITS)}, got {guidance_fit!r}")
 
 
 def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from tacdiff.correction.calibrate import (CALIBRATORS, DEFAULT_GAMMA, DEFAULT_GUIDANCE_FIT, DEFAULT_IBC,
-                                         DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU, GUIDANCE_FITS, fit_tables)
-from tacdiff.correction.ibc import Granularity, check_granularity
-from tacdiff.correction.tables import IBC_TARGETS, CorrectionTables, is_tables_file
+                                         DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU, check_tac_options, fit_tables)
+from tacdiff.correction.ibc import Granularity
+from tacdiff.correction.tables import CorrectionTables, is_tables_file
 from tacdiff.io.artifact import check_source, read_metadata
 from tacdiff.io.atomic import check_writable
 from tacdiff.models.loading import build_scheduler, check_settings, input_paths, load_any_model
@@ -36,11 +36,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     """
     if method not in CALIBRATORS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CALIBRATORS)}")
-    check_granularity(ibc)
-    if ibc_target not in IBC_TARGETS:
-        raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
-    if guidance_fit not in GUIDANCE_FITS:
-        raise ValueError(f"guidance_fit must be one of {', '.join(GUIDANCE_FITS)}, got {guidance_fit!r}")
+    check_tac_options(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit)
     if method == "ptqd" and guidance_fit != DEFAULT_GUIDANCE_FIT:
         raise ValueError(f"guidance_fit={guidance_fit!r} applies to tac, ner and ibc; ptqd fits the guided estimate")
     if ner_bias and method not in ("tac", "ner"):
