@@ -354,7 +354,8 @@ def check_tac_options(*, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA,
                       ibc: str = DEFAULT_IBC, ibc_target: str = DEFAULT_IBC_TARGET,
                       guidance_fit: str = DEFAULT_GUIDANCE_FIT, ner_bias: bool = False) -> None:
     """``ValueError`` naming the first of TAC's hyper-parameters (:func:`calibrate_tac`) out of its range; call it
-    before long work. ``ner_bias`` is accepted for symmetry (any bool)."""
+    before long work. Takes every option ``fit_tables`` passes on (``ner_bias`` needs no check), so a whole
+    options mapping can be checked as ``check_tac_options(**options)``."""
     check_granularity(ibc)
     check_ner_params(lam, gamma, tau)
     if ibc_target not in IBC_TARGETS:
