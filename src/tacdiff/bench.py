@@ -177,9 +177,9 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
             for method in (m for m in CORRECTED if m in wanted):
                 _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
                 tables, seconds = timed_call(dev, lambda method=method, quant=quant: fit_tables(
-                    method, fp, quant, scheduler, options={} if method == "ptqd" else options,
-                    num_inference_steps=count, num_samples=calib_samples,
-                    batch_size=batch_size, seed=calib_seed, cond=conditioning, progress=progress))
+                    method, fp, quant, scheduler, options=options, num_inference_steps=count,
+                    num_samples=calib_samples, batch_size=batch_size, seed=calib_seed, cond=conditioning,
+                    progress=progress))
                 candidates.append(Method(name, method, timed(CorrectedDenoiser(runs, tables)), seconds))
         _log(progress, f"sample {len(candidates)} denoisers x {samples} paired images, DDIM {count}")
         scored = score_methods(

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from typer.core import TyperGroup
 
-from tacdiff import distributed
-from tacdiff import interrupts
+from tacdiff import distributed, interrupts
 from tacdiff.io.atomic import check_writable, report_file
 
 if TYPE_CHECKING:
