@@ -128,11 +128,36 @@ class Shard:
             out.append(_rebuild(parts[0], pieces))
         return out
 
+    def relay(self, step: Callable[[Tensor | None], Tensor], like: Tensor) -> Tensor:
+        """Run ``step`` in one process after another, in rank order, each on the previous rank's result (None in
+        rank 0), and return the last rank's result (shaped and typed as ``like``) in every process, on the CPU.
+        This is how a sequential sum runs split and stays bit-identical: each rank adds its own terms, in order,
+        to the sum of the ranks before it. Unsplit, it is ``step(None)``."""
+        if not self.split:
+            return step(None)
+        dist, here, last = _dist(), rank(), world_size() - 1
+        previous = None
+        if here > 0:
+            previous = like.new_empty(like.shape, device="cpu")
+            dist.recv(previous, src=here - 1)
+        out = step(previous).cpu().contiguous()
+        if here < last:
+            dist.send(out, dst=here + 1)
+        dist.broadcast(out, src=last)
+        return out
+
     def sum(self, values: Tensor) -> Tensor:
         """``values`` summed over the ranks, in float64 on the CPU."""
-        total = values.detach().double().cpu().clone()
+        return self._all_reduce(values.double(), "SUM")
+
+    def maximum(self, values: Tensor) -> Tensor:
+        """The element-wise maximum of ``values`` over the ranks (exact in any split), on the CPU."""
+        return self._all_reduce(values, "MAX")
+
+    def _all_reduce(self, values: Tensor, op: str) -> Tensor:
+        total = values.detach().cpu().clone()
         if self.split:
-            _dist().all_reduce(total)
+            _dist().all_reduce(total, op=getattr(_dist().ReduceOp, op))
         return total
 
 

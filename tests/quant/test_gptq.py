@@ -13,7 +13,7 @@ import tacdiff
 import tacdiff.quant.gptq as gptq
 from tacdiff.quant import primitives as P
 from tacdiff.quant.apply import install, plan_layers
-from tacdiff.quant.calibrate import run_calibration
+from tacdiff.quant.calibrate import run_batches
 from tacdiff.quant.gptq import gptq_codes, quantize_weights_gptq
 from tacdiff.quant.layers import QuantConv2d, QuantLinear
 from tiny_models import outputs, quantized_copy, sqnr_db
@@ -137,7 +137,7 @@ def test_gram_matrices_over_the_memory_budget_take_several_passes(unet: nn.Modul
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     passes = []
     monkeypatch.setattr(gptq, "MAX_GRAM_BYTES", 4 * 600 ** 2)  # a few layers per pass
-    monkeypatch.setattr(gptq, "run_calibration", lambda *a, **k: (passes.append(1), run_calibration(*a, **k)))
+    monkeypatch.setattr(gptq, "run_batches", lambda *a, **k: (passes.append(1), run_batches(*a, **k)))
     model = quantized_copy(unet, calibration, weight_bits=4, act_bits=None, weight_rounding="gptq")
     assert len(passes) > 3
     # Later groups see the earlier ones already quantized, so the codes differ a little from one pass.

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tacdiff.distributed import Shard, shard
 from tacdiff.quant import primitives as P
 from tacdiff.quant.config import QuantConfig
 from tacdiff.quant.layers import ActQuantizer, RangeObserver
+from tacdiff.quant.shards import merge_observers, split_observers
 
 if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
     from tacdiff.sampling.calibration import CalibrationSet
@@ -42,43 +44,66 @@ def activations_unquantized(model: nn.Module) -> Iterator[None]:
             q.enabled, q.observer = enabled, observer
 
 
-def model_batches(model: nn.Module, calibration: CalibrationSet, batch_size: int
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+def model_batches(model: nn.Module, calibration: CalibrationSet, batch_size: int) -> Iterator[Batch]:
     """``calibration``'s batches on ``model``'s device and in its dtype."""
     param = next(model.parameters())
     return calibration.batches(batch_size, param.device, param.dtype)
 
 
+def split_batches(model: nn.Module, calibration: CalibrationSet, batch_size: int) -> tuple[list[Batch], Shard]:
+    """``calibration``'s batches and this process's share of them: under ``torchrun`` a contiguous block of
+    whole batches (:func:`tacdiff.distributed.shard`), otherwise all of them."""
+    batches = list(model_batches(model, calibration, batch_size))
+    return batches, shard(len(batches), 1)
+
+
 @torch.no_grad()
+def run_batches(model: nn.Module, batches: Sequence[Batch], *, desc: str, progress: bool = True) -> None:
+    """One forward pass of ``model`` over ``batches`` (for the hooks that observe it)."""
+    for x, t, cond in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        model(x, timestep=t, **cond)
+
+
 def run_calibration(model: nn.Module, calibration: CalibrationSet, *, batch_size: int, desc: str,
                     progress: bool = True) -> None:
     """One forward pass of ``model`` over every calibration input (for the hooks that observe it)."""
-    batches = list(model_batches(model, calibration, batch_size))
-    for x, t, cond in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        model(x, timestep=t, **cond)
+    run_batches(model, list(model_batches(model, calibration, batch_size)), desc=desc, progress=progress)
 
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config: QuantConfig, *,
                           batch_size: int = 64, progress: bool = True) -> None:
-    """Choose and set the range of every activation quantizer of a quantized ``model``."""
+    """Choose and set the range of every activation quantizer of a quantized ``model``.
+
+    Under ``torchrun`` every process observes its share of the batches and the observers are merged into
+    exactly what one process observes (:mod:`tacdiff.quant.shards`)."""
     quantizers = activation_quantizers(model)
     groups = quantizers[0].router.groups if quantizers else 1
-    for i, q in enumerate(quantizers):
+    batches, mine = split_batches(model, calibration, batch_size)
+    for q in quantizers:
         q.enabled = False
-        q.observer = RangeObserver(groups, len(q.scale[0]), seed=config.seed + i)
     try:
-        run_calibration(model, calibration, batch_size=batch_size, desc="calibrating activations", progress=progress)
-        for q in tqdm(quantizers, desc="choosing ranges", disable=not progress, leave=False):
-            ranges = _ranges(q.observer, groups, len(q.scale[0]), q, config)
-            if ranges is None:
-                warnings.warn(f"activation quantizer {q.name!r} saw no calibration data and stays in "
-                              "full precision; its module is not used in the forward pass", stacklevel=2)
-                continue
-            q.set_ranges(ranges[0].to(q.scale.device), ranges[1].to(q.scale.device))
+        observers = (split_observers(model, quantizers, batches, mine, config.seed) if mine.split else
+                     [RangeObserver(groups, len(q.scale[0]), seed=config.seed + i) for i, q in enumerate(quantizers)])
+        for q, observer in zip(quantizers, observers):
+            q.observer = observer
+        run_batches(model, [batches[i] for i in mine.samples], desc="calibrating activations", progress=progress)
+        if mine.split:
+            observers = merge_observers(observers, mine)
     finally:
         for q in quantizers:
             q.observer = None
+    for q, observer in tqdm(list(zip(quantizers, observers)), desc="choosing ranges", disable=not progress,
+                            leave=False):
+        ranges = _ranges(observer, groups, len(q.scale[0]), q, config)
+        if ranges is None:
+            warnings.warn(f"activation quantizer {q.name!r} saw no calibration data and stays in "
+                          "full precision; its module is not used in the forward pass", stacklevel=2)
+            continue
+        q.set_ranges(ranges[0].to(q.scale.device), ranges[1].to(q.scale.device))
 
 
 def _ranges(observer: RangeObserver, groups: int, segments: int, q: ActQuantizer,

@@ -11,6 +11,7 @@ scale and zero point) is the one round-to-nearest picks; only the integer codes 
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -19,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tacdiff.quant import primitives as P
-from tacdiff.quant.calibrate import activations_unquantized, run_calibration
+from tacdiff.distributed import Shard, rank, world_size
+from tacdiff.quant.calibrate import Batch, activations_unquantized, run_batches, split_batches
 from tacdiff.quant.layers import QuantConv2d, QuantLinear
 
 if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
@@ -30,6 +32,7 @@ MIN_RANK_FRACTION = 0.9  # below this, the calibration inputs are too few to tun
 RANK_RTOL = 1e-5
 BLOCK = 128  # columns rounded between two full updates of the rest (GPTQ's lazy batch updates)
 MAX_GRAM_BYTES = 1 << 30  # Gram matrices held at once; more layers take more calibration passes
+MAX_HELD_BYTES = 1 << 32  # per-batch Gram terms a process holds until the earlier processes' sum arrives
 MAX_UNFOLD_BYTES = 1 << 28  # unfolded convolution inputs per chunk while accumulating H
 
 QuantLayer = QuantConv2d | QuantLinear
@@ -99,14 +102,14 @@ def quantize_weights_gptq(model: nn.Module, calibration: CalibrationSet, method:
         elif isinstance(layer, (QuantConv2d, QuantLinear)):
             layer.quantize_weight(method)
             rounded_to_nearest.append(name)
-    groups = _groups(supported)
+    groups = _groups(supported, MAX_GRAM_BYTES)
     with activations_unquantized(model):
         for g, group in enumerate(groups):
             desc = f"GPTQ inputs {g + 1}/{len(groups)}"
             grams = _gram_matrices(model, group, calibration, batch_size, progress, desc)
             for name, layer in tqdm(group, desc="GPTQ rounding", disable=not progress, leave=False):
                 gram = grams.pop(name)
-                if gram is None or gram_rank_fraction(gram) < MIN_RANK_FRACTION:
+                if gram_rank_fraction(gram) < MIN_RANK_FRACTION:
                     layer.quantize_weight(method)
                     rounded_to_nearest.append(name)
                     continue
@@ -124,13 +127,14 @@ def _columns(layer: QuantLayer) -> int:
     return layer.weight[0].numel()
 
 
-def _groups(layers: list[tuple[str, QuantLayer]]) -> list[list[tuple[str, QuantLayer]]]:
-    """Consecutive layers cut into groups whose float32 Gram matrices fit in ``MAX_GRAM_BYTES``."""
+def _groups(layers: list[tuple[str, QuantLayer]], budget: int) -> list[list[tuple[str, QuantLayer]]]:
+    """Consecutive layers cut into groups whose float32 Gram matrices fit in ``budget`` bytes (a layer larger
+    than that is a group of its own)."""
     groups: list[list[tuple[str, QuantLayer]]] = []
-    used = MAX_GRAM_BYTES
+    used = budget
     for entry in layers:
         size = 4 * _columns(entry[1]) ** 2
-        if used + size > MAX_GRAM_BYTES:
+        if used + size > budget:
             groups.append([])
             used = 0
         groups[-1].append(entry)
@@ -139,25 +143,68 @@ def _groups(layers: list[tuple[str, QuantLayer]]) -> list[list[tuple[str, QuantL
 
 
 def _gram_matrices(model: nn.Module, group: list[tuple[str, QuantLayer]], calibration: CalibrationSet,
-                   batch_size: int, progress: bool, desc: str) -> dict[str, torch.Tensor | None]:
-    """``X Xᵀ`` of each layer's inputs over the calibration set (None for a layer never called)."""
-    grams: dict[str, torch.Tensor | None] = {name: None for name, _ in group}
+                   batch_size: int, progress: bool, desc: str) -> dict[str, torch.Tensor]:
+    """``X Xᵀ`` of each layer's inputs over the calibration set, summed in float32 in batch order (zero for a layer
+    never called).
+
+    Under ``torchrun`` each process computes its share of the batches' terms and the sum is relayed from rank
+    to rank (:meth:`~tacdiff.distributed.Shard.relay`), so it is bit-identical to one process's. The terms a
+    process holds until its turn are bounded by ``MAX_HELD_BYTES``: more take several passes over the share,
+    and where that would be no faster than one process, every process runs all batches.
+    """
+    batches, mine = split_batches(model, calibration, batch_size)
+    if mine.split:
+        most = -(-len(batches) // world_size())  # the largest share
+        parts = _groups(group, MAX_HELD_BYTES // most)
+        if len(parts) * most < len(batches):
+            return {name: gram for i, part in enumerate(parts)
+                    for name, gram in _gram_pass(model, part, batches, mine, progress, f"{desc}, part {i + 1}/{len(parts)}").items()}
+    return _gram_pass(model, group, batches, Shard(range(len(batches)), 1), progress, desc)
+
+
+def _gram_pass(model: nn.Module, group: list[tuple[str, QuantLayer]], batches: list[Batch], mine: Shard,
+               progress: bool, desc: str) -> dict[str, torch.Tensor]:
+    """One pass of :func:`_gram_matrices` over this process's share ``mine`` of ``batches``."""
+    sums = {name: layer.weight.new_zeros(_columns(layer), _columns(layer), dtype=torch.float32)
+            for name, layer in group}
+    held: dict[str, list[torch.Tensor]] = {name: [] for name in sums}
+    hold = mine.split and rank() > 0  # added to the earlier ranks' sum when it arrives
 
     def accumulate(name: str, layer: QuantLayer, x: torch.Tensor) -> None:
         for rows in _input_rows(layer, x):
             rows = rows.float()
-            gram = rows.T @ rows
-            grams[name] = gram if grams[name] is None else grams[name] + gram
+            if hold:
+                held[name].append(rows.T @ rows)
+            else:
+                sums[name] += rows.T @ rows
 
     handles = [layer.register_forward_pre_hook(lambda mod, args, name=name: accumulate(name, mod,
                                                                                   mod.matmul_input(args[0])))
                for name, layer in group]
     try:
-        run_calibration(model, calibration, batch_size=batch_size, desc=desc, progress=progress)
+        run_batches(model, [batches[i] for i in mine.samples], desc=desc, progress=progress)
     finally:
         for handle in handles:
             handle.remove()
-    return grams
+    if not mine.split:
+        return sums
+
+    def add_held(previous: torch.Tensor | None) -> torch.Tensor:
+        if previous is not None:
+            for (name, total), start in zip(sums.items(), _offsets(sums)):
+                total.copy_(previous[start:start + total.numel()].view_as(total))
+                for term in held.pop(name):
+                    total += term
+        return torch.cat([total.flatten().cpu() for total in sums.values()])
+
+    flat = mine.relay(add_held, torch.empty(sum(total.numel() for total in sums.values())))
+    return {name: flat[start:start + total.numel()].view_as(total).to(total.device)
+            for (name, total), start in zip(sums.items(), _offsets(sums))}
+
+
+def _offsets(tensors: dict[str, torch.Tensor]) -> list[int]:
+    """Where each of ``tensors`` starts in their flattened concatenation."""
+    return [0, *itertools.accumulate(t.numel() for t in tensors.values())][:-1]
 
 
 def _input_rows(layer: QuantLayer, x: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -56,28 +56,40 @@ class RangeObserver:
                  seed: int = 0) -> None:
         self.values: list[list[list[torch.Tensor]]] = [[[] for _ in range(segments)] for _ in range(groups)]
         self.rate: list[list[float | None]] = [[None] * segments for _ in range(groups)]  # values kept per value
-        self.per_call, self.cap = per_call, cap
+        self.groups, self.segments, self.per_call, self.cap, self.seed = groups, segments, per_call, cap, seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def observe(self, parts: list[torch.Tensor], group: int, name: str) -> None:
         """Record each segment's values for ``group``; non-finite values raise ``ValueError``."""
         for seg, x in enumerate(parts):
-            flat = x.detach().reshape(-1).float()
-            if not torch.isfinite(flat).all():
-                raise ValueError(f"NaN or inf in the activations entering {name!r} during calibration; "
-                                 "check the model's weights and the calibration inputs")
-            rate = self.rate[group][seg]
-            if rate is None:
-                rate = self.rate[group][seg] = self.per_call / flat.numel()
-            count = min(flat.numel(), max(1, round(rate * flat.numel())))
-            pick = torch.randint(flat.numel(), (count,), generator=self.generator)
-            store = self.values[group][seg]
-            store.append(torch.cat([flat[pick.to(flat.device)], flat.amin()[None], flat.amax()[None]]).cpu())
-            if sum(v.numel() for v in store) > self.cap:
-                merged = torch.cat(store)
-                keep = torch.randperm(merged.numel(), generator=self.generator)[: self.cap // 2]
-                store[:] = [merged[keep], merged.amin()[None], merged.amax()[None]]
-                self.rate[group][seg] = rate * keep.numel() / merged.numel()
+            self.add(group, seg, self.entry(x, self.draw(group, seg, x.numel()), name))
+
+    def draw(self, group: int, segment: int, numel: int) -> torch.Tensor:
+        """Positions of the values that a call of ``numel`` values contributes (advances the random stream)."""
+        rate = self.rate[group][segment]
+        if rate is None:
+            rate = self.rate[group][segment] = self.per_call / numel
+        count = min(numel, max(1, round(rate * numel)))
+        return torch.randint(numel, (count,), generator=self.generator)
+
+    @staticmethod
+    def entry(x: torch.Tensor, pick: torch.Tensor, name: str) -> torch.Tensor:
+        """What a call stores: the values of ``x`` at ``pick``, then its min and max, on the CPU."""
+        flat = x.detach().reshape(-1).float()
+        if not torch.isfinite(flat).all():
+            raise ValueError(f"NaN or inf in the activations entering {name!r} during calibration; "
+                             "check the model's weights and the calibration inputs")
+        return torch.cat([flat[pick.to(flat.device)], flat.amin()[None], flat.amax()[None]]).cpu()
+
+    def add(self, group: int, segment: int, entry: torch.Tensor) -> None:
+        """Store one call's :meth:`entry`; past ``cap`` values, keep a random half (advances the random stream)."""
+        store = self.values[group][segment]
+        store.append(entry)
+        if sum(v.numel() for v in store) > self.cap:
+            merged = torch.cat(store)
+            keep = torch.randperm(merged.numel(), generator=self.generator)[: self.cap // 2]
+            store[:] = [merged[keep], merged.amin()[None], merged.amax()[None]]
+            self.rate[group][segment] = self.rate[group][segment] * keep.numel() / merged.numel()
 
     def samples(self, group: int, segment: int) -> torch.Tensor | None:
         """All recorded values of one group and segment, or None if none were seen."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tacdiff.quant.calibrate import activations_unquantized, run_calibration
+from tacdiff.quant.calibrate import activations_unquantized, run_batches, split_batches
 from tacdiff.quant.layers import QuantLinear
 
 if TYPE_CHECKING:  # quant/ sits below sampling/: the calibration set is only named here
@@ -50,12 +50,14 @@ def balance_channels(model: nn.Module, calibration: CalibrationSet, alpha: float
 
     handles = [layer.register_forward_pre_hook(lambda mod, args, name=name: record(name, args[0]))
                for name, layer in layers]
+    batches, mine = split_batches(model, calibration, batch_size)  # under torchrun, a share each
     try:
         with activations_unquantized(model):
-            run_calibration(model, calibration, batch_size=batch_size, desc="balancing channels", progress=progress)
+            run_batches(model, [batches[i] for i in mine.samples], desc="balancing channels", progress=progress)
     finally:
         for handle in handles:
             handle.remove()
     for name, layer in layers:
         if name in absmax:  # a layer the calibration inputs never reach keeps unit divisors
-            layer.set_smoothing(smoothing_scales(absmax[name].to(layer.weight.device), layer.weight, alpha))
+            seen = mine.maximum(absmax[name]).to(layer.weight.device)
+            layer.set_smoothing(smoothing_scales(seen, layer.weight, alpha))
