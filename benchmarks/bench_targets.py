@@ -49,6 +49,11 @@ TARGETS = {"pixel": Targets(w4a8_fid_vs_fp=0.05),
            "latent": Targets(w4a8_fid_vs_fp=0.10, w3a8_beats_ptqd=True, prompt_points=0.02, calib_vs_sampling=2.5)}
 
 
+def bench_rows(data: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a ``tacdiff bench --json`` file: ``{"settings", "rows"}``, or a bare list (older files)."""
+    return data["rows"] if isinstance(data, dict) else data
+
+
 def index(rows: list[dict[str, Any]]) -> Rows:
     """Rows keyed by (bits, steps, method); FP's row is shared by every bits setting of its step count.
     ``ValueError`` when two runs' FP rows disagree (other seeds or models)."""
@@ -144,7 +149,7 @@ def main() -> None:
     if args.samples < 1 or args.calib_samples < 1:
         parser.error("--samples and --calib-samples must be >= 1")
     try:
-        rows = index([row for path in args.bench_json for row in json.loads(Path(path).read_text())])
+        rows = index([row for path in args.bench_json for row in bench_rows(json.loads(Path(path).read_text()))])
     except ValueError as error:
         parser.error(str(error))
     missing = sorted({" ".join(map(str, key)) for bits, steps, _ in rows if bits != "fp"

@@ -19,8 +19,11 @@ def test_bench_cli_writes_rows_table_and_plot(tmp_path):
             "--batch-size", "8", "--seed", "0", "--quiet"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    rows, settings = report["rows"], report["settings"]
     assert [r["method"] for r in rows] == list(METHODS)
+    assert settings["bits"] == ["w4a8"] and settings["samples"] == 8 and settings["recipe"]["weight_rounding"] == "rtn"
+    assert settings["tac_options"]["lam"] == 0.5 and settings["tac_options"]["ibc"] == "element"
     for row in rows:
         assert tuple(row) == ROW_KEYS
         assert row["steps"] == 5
@@ -34,6 +37,7 @@ def test_bench_cli_writes_rows_table_and_plot(tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG" and f"wrote {tmp_path / 'grid.png'}" in result.output
     assert all(r["prompt_accuracy"] is None and r["fid_allconv"] is not None for r in rows)  # unconditional model
     assert "| w4a8 | 5 | tac |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.md").read_text().startswith("Settings: model=reference, bits=['w4a8'], steps=[5]")
     assert "| fp | 5 | fp |" in result.output
 
 
@@ -57,7 +61,7 @@ def test_gptq_rounding_lowers_the_ptq_error():
 
 
 def test_bad_weight_rounding_is_a_clear_error():
-    result = CliRunner().invoke(app, ["bench", "--weight-rounding", "adaround", "--samples", "8", "--quiet"])
+    result = CliRunner().invoke(app, ["bench", "--weight-rounding", "nearest", "--samples", "8", "--quiet"])
     assert result.exit_code == 2
     assert "weight_rounding" in result.output and "gptq" in result.output
 

@@ -49,9 +49,10 @@ from diffusers import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
+from tacdiff import __version__
 from tacdiff.backends import check_backend, use_backend
 from tacdiff.correction import CorrectedDenoiser
-from tacdiff.correction.calibrate import CALIBRATORS, check_tac_options, fit_tables
+from tacdiff.correction.calibrate import CALIBRATORS, check_tac_options, fit_tables, tac_settings
 from tacdiff.evaluation import Method, TimedDenoiser, prompted_classes, score_methods, timed_call
 from tacdiff.metrics.fid import FID_KEYS
 from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
@@ -64,7 +65,7 @@ from tacdiff.sampling.conditioning import Conditioning, PromptOptions, condition
 from tacdiff.workflows import CalibrationSettings, calibrate_inputs
 
 METHODS = ("fp", "ptq", "ptqd", "ner", "ibc", "tac")
-ROUNDINGS = ("rtn", "gptq")  # learned rounding takes minutes per setting; quantize it apart and use tacdiff eval
+ROUNDINGS = ("rtn", "gptq", "adaround")  # learned rounding (Q-Diffusion's base) takes minutes per bit setting
 CORRECTED = tuple(m for m in METHODS if m in CALIBRATORS)
 ROW_KEYS = ("bits", "steps", "method", *FID_KEYS, "prompt_accuracy", "x0_mse", "x0_psnr", "x0_ssim",
             "calib_seconds", "sample_seconds")
@@ -85,10 +86,12 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 @dataclass
 class BenchResult:
-    """Rows (see :data:`ROW_KEYS`), per-step curves ``{(bits, steps): {method: (T,) ‖x̂_t − x_t‖²}}`` and
-    each row's first :data:`GRID_SAMPLES` images ``{(label, steps): (n, C, H, W)}`` (the same noise and prompts)."""
+    """Rows (see :data:`ROW_KEYS`), the run's settings (what made them: model, sizes, seed, PTQ recipe, TAC's
+    options, guidance, machine), per-step curves ``{(bits, steps): {method: (T,) ‖x̂_t − x_t‖²}}`` and each
+    row's first :data:`GRID_SAMPLES` images ``{(label, steps): (n, C, H, W)}`` (the same noise and prompts)."""
 
     rows: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
     step_errors: dict[tuple[str, int], dict[str, list[float]]] = field(default_factory=dict)
     timesteps: dict[int, list[float]] = field(default_factory=dict)
     first_images: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
@@ -161,7 +164,13 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
             fp, base, pair, quant_settings, conditioning, recipe, progress))
     executed = {name: _executed(quant, backend) for name, (quant, _) in quantized.items()}
 
-    result = BenchResult([])
+    result = BenchResult([], settings={
+        "model": str(model), "bits": names, "steps": list(steps), "samples": samples, "calib_samples": calib_samples,
+        "quant_calib_samples": quant_settings.samples, "seed": seed, "batch_size": batch_size, "device": device,
+        "backend": backend, "recipe": {"weight_rounding": weight_rounding, "act_range": act_range,
+                                       "smooth_alpha": smooth_alpha, "timestep_groups": timestep_groups},
+        "tac_options": tac_settings(options), "conditioning": conditioning.record,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "tacdiff": __version__})
     calib_seed, eval_seed = derive_seed(seed, "calibrate"), derive_seed(seed, "evaluate")
     labels = prompted_classes(conditioning, samples, loaded.image_shape)
     wanted = [m for m in METHODS if m in methods]
@@ -234,7 +243,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
         batch_size: trajectories per batch when sampling, and samples per network call when calibrating.
         device: torch device.
         quant_calib_samples: FP trajectories for PTQ's calibration inputs (capped at ``calib_samples``).
-        weight_rounding: PTQ's weight rounding, ``"rtn"`` or ``"gptq"``.
+        weight_rounding: PTQ's weight rounding, ``"rtn"``, ``"gptq"`` or ``"adaround"`` (learned; minutes per bit
+            setting on a CPU).
         model: ``"reference"`` or a full-precision diffusers model or pipeline folder.
         prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
         backend: how the quantized models execute when sampled (:func:`tacdiff.backends.use_backend`);
@@ -279,6 +289,15 @@ def format_cell(value: Any, digits: int) -> str:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def format_settings(settings: Mapping[str, Any]) -> str:
+    """A run's :attr:`BenchResult.settings` as one line for a report (nested records flattened)."""
+    def items(record: Mapping[str, Any]) -> list[str]:
+        return [f"{key}={value}" if not isinstance(value, Mapping) else ", ".join(items(value))
+                for key, value in record.items() if value != {}]
+
+    return "Settings: " + ", ".join(items(settings))
 
 
 def format_markdown(rows: Sequence[dict[str, Any]]) -> str:

@@ -517,7 +517,8 @@ def bench(
     batch_size: int = typer.Option(256, help="Trajectories per sampling batch; samples per calibration call.",
                                    callback=_positive),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
-    weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn or gptq."),
+    weight_rounding: str = typer.Option("rtn", help="PTQ's weight rounding: rtn, gptq or adaround (learned: "
+                                        "minutes per bit setting on a CPU)."),
     act_range: str = typer.Option("mse", help="PTQ's activation ranges: minmax, percentile, mse or dynamic."),
     smooth_alpha: float = typer.Option(None, help="PTQ's SmoothQuant channel balancing strength (see quantize)."),
     timestep_groups: int = typer.Option(1, help="PTQ's activation ranges per quantizer, picked by timestep.",
@@ -542,7 +543,7 @@ def bench(
     """Benchmark FP, PTQ, PTQD and TAC (with NER/IBC ablations) on one model: FID, KID, x0 error, time. The TAC
     options apply to the tac, ner and ibc rows."""
     from tacdiff.bench import bench as run
-    from tacdiff.bench import format_markdown
+    from tacdiff.bench import format_markdown, format_settings
     from tacdiff.io.atomic import write_text_atomically
     from tacdiff.report.json import write_json
     from tacdiff.models.loading import input_paths
@@ -558,10 +559,10 @@ def bench(
                  tac_options=dict(lam=lam, gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target,
                                   guidance_fit=guidance_fit, ner_bias=ner_bias),
                  progress=_progress(quiet))
-    table = format_markdown(result.rows)
+    table = f"{format_settings(result.settings)}\n\n{format_markdown(result.rows)}"
     typer.echo(table)
     if json_path:
-        typer.echo(f"wrote {write_json(json_path, result.rows)}")
+        typer.echo(f"wrote {write_json(json_path, {'settings': result.settings, 'rows': result.rows})}")
     if markdown:
         path = write_text_atomically(markdown, table + "\n")
         typer.echo(f"wrote {path}")

@@ -29,9 +29,10 @@ fit ``q ~ (1 + k_t) r + b_t`` involves no exposure bias.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin
@@ -362,6 +363,12 @@ def check_tac_options(*, lam: float = DEFAULT_LAM, gamma: float = DEFAULT_GAMMA,
         raise ValueError(f"ibc_target must be 'state' or 'input', got {ibc_target!r}")
     if guidance_fit not in GUIDANCE_FITS:
         raise ValueError(f"guidance_fit must be one of {', '.join(GUIDANCE_FITS)}, got {guidance_fit!r}")
+
+
+def tac_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` completed with the default of every TAC option :func:`check_tac_options` takes (for records)."""
+    defaults = {name: param.default for name, param in inspect.signature(check_tac_options).parameters.items()}
+    return {**defaults, **options}
 
 
 def calibrate_ptqd(fp_model: nn.Module, quant_model: nn.Module, scheduler: SchedulerMixin, *,
