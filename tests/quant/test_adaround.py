@@ -151,6 +151,14 @@ def test_same_seed_is_bit_identical(unet: UNet2DModel, calibration: tacdiff.Cali
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_learns_under_no_grad_as_it_does_outside(unet: UNet2DModel, calibration: tacdiff.CalibrationSet) -> None:
+    config, data = adaround_config(adaround_iters=5), calibration.subset(16)
+    with torch.no_grad():  # as in the benchmark, which samples under no_grad
+        inside = tacdiff.quantize(copy.deepcopy(unet), config, data, progress=False).state_dict()
+    outside = tacdiff.quantize(copy.deepcopy(unet), config, data, progress=False).state_dict()
+    assert all(torch.equal(inside[k], outside[k]) for k in outside)
+
+
 def test_soft_weight_starts_at_the_float_weight() -> None:
     torch.manual_seed(0)
     float_layer = nn.Linear(16, 8)

@@ -281,6 +281,7 @@ def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (output.float() - target.float()).pow(2).sum(1).mean()
 
 
+@torch.enable_grad()  # callers may sample under no_grad (the benchmark does)
 def _reconstruct(unit: nn.Module, layers: list[tuple[str, QuantConv2d | QuantLinear]],
                  fp_weights: list[torch.Tensor], data: _UnitData, config: QuantConfig, seed: int,
                  report: Callable[[float], None]) -> None:
