@@ -10,8 +10,9 @@ rank runs all of it, which gives the same answers.
 Statistics that feed back into sampling (TAC's and PTQD's per-step sums) are kept per batch, gathered
 from every rank and added in batch order (:meth:`Shard.merge`), so they are bit-identical to a
 one-process run; end-of-run metrics are float64 sums all-reduced (:meth:`Shard.sum`), equal to a
-one-process run up to float64 rounding. Rank 0 writes every output (:func:`main_process_writes`)
-while the others wait at a barrier.
+one-process run up to float64 rounding; a running sum too large to keep per batch (GPTQ's Gram
+matrices) is handed from rank to rank, each adding its own batches in order (:meth:`Shard.relay`).
+Rank 0 writes every output (:func:`main_process_writes`) while the others wait at a barrier.
 """
 
 from __future__ import annotations

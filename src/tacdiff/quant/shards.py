@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Call:
-    """One segment of one call of a quantizer: its timestep group, segment, size and which process runs it."""
+    """One segment of one call of a quantizer: its timestep group, segment, size, and ``owner``: this process's
+    rank when it runs the call, -1 when another process does."""
 
     group: int
     segment: int
@@ -45,7 +46,7 @@ class _SizeRecorder:
 
 
 @dataclass
-class _ShardObserver:
+class ShardObserver:
     """Stands in for a quantizer's observer in one process: replays the one-process random stream over every
     process's :class:`Call` and stores the entries of this process's calls."""
 
@@ -78,15 +79,15 @@ class _ShardObserver:
 
 
 def split_observers(model: nn.Module, quantizers: Sequence[ActQuantizer], batches: Sequence[Batch], mine: Shard,
-                    seed: int) -> list[_ShardObserver]:
+                    seed: int) -> list[ShardObserver]:
     """Observers for ``quantizers`` (seeded ``seed + i`` for quantizer ``i``) to install while this process runs
     its share ``mine`` of ``batches``; :func:`merge_observers` then makes them the one-process observers."""
     calls = _predicted_calls(model, quantizers, batches, mine)
-    return [_ShardObserver(calls[i], RangeObserver(q.router.groups, len(q.scale[0]), seed=seed + i))
+    return [ShardObserver(calls[i], RangeObserver(q.router.groups, len(q.scale[0]), seed=seed + i))
             for i, q in enumerate(quantizers)]
 
 
-def merge_observers(observers: Sequence[_ShardObserver], mine: Shard) -> list[RangeObserver]:
+def merge_observers(observers: Sequence[ShardObserver], mine: Shard) -> list[RangeObserver]:
     """In every process, the observers one process gets over all batches: every process's stored values gathered
     in batch order and replayed through a fresh observer of the same seed."""
     merged = []
