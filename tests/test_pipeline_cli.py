@@ -169,7 +169,7 @@ def test_bench_runs_a_text_to_image_pipeline_with_guidance(pipeline_dir: Callabl
                           "2", "--calib-samples", "2", "--batch-size", "2", "--method", "fp", "--method", "tac",
                           "--prompt", "a red shoe", *SD_PROMPTS, "--quiet", "--json", tmp_path / "rows.json")
     assert code == 0, output
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [(r["bits"], r["method"]) for r in rows] == [("fp", "fp"), ("w4a8", "tac")]
     assert rows[0]["fid"] is None and 5 < rows[1]["x0_psnr"] < 80, "no FID off 28x28; paired on decoded images"
 

@@ -129,7 +129,7 @@ def test_bench_runs_a_flow_matching_pipeline_with_balanced_channels(pipeline_dir
     output = invoke("bench", "--model", str(pipeline_dir("sd3")), "--bits", "w8a6", "--steps", "4", "--samples", "4",
                     "--calib-samples", "4", "--batch-size", "4", "--method", "fp", "--method", "ptq", "--method",
                     "tac", "--smooth-alpha", "0.5", "--timestep-groups", "2", "--json", str(tmp_path / "rows.json"))
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert "mse ranges, smooth 0.5, 2 timestep groups" in output
     assert [row["method"] for row in rows] == ["fp", "ptq", "tac"]
     assert all(row["x0_psnr"] > 10 for row in rows[1:])
