@@ -1,5 +1,5 @@
 #!/bin/bash
-# The latent reference benchmarks: bash benchmarks/latent_bench.sh gptq|rtn [MODEL] [GUIDANCE] [BITS...]
+# The latent reference benchmarks: bash benchmarks/latent_bench.sh gptq|rtn|adaround [MODEL] [GUIDANCE] [BITS...]
 #   MODEL: latent-reference (default; results latent_bench_*) or dit-reference (results dit_bench_*).
 #   GUIDANCE: where FP scored best in benchmarks/latent_guidance.py (1.5 for latent-reference).
 # Each bit setting runs on its own (one torch thread; two roundings side by side on a 2-core CPU), so a
