@@ -96,6 +96,10 @@ class Shard:
     batch_size: int
     split: bool = False
 
+    def take(self, items: Sequence[T]) -> list[T]:
+        """The entries of ``items`` (one per sample, or per batch when sharded with batch size 1) this shard holds."""
+        return [items[i] for i in self.samples]
+
     def gather_rows(self, local: Tensor) -> Tensor:
         """Every rank's ``local`` rows (samples of this shard, in order) concatenated in sample order, on the CPU."""
         import torch

@@ -90,7 +90,7 @@ def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config:
                      [RangeObserver(groups, len(q.scale[0]), seed=config.seed + i) for i, q in enumerate(quantizers)])
         for q, observer in zip(quantizers, observers):
             q.observer = observer
-        run_batches(model, [batches[i] for i in mine.samples], desc="calibrating activations", progress=progress)
+        run_batches(model, mine.take(batches), desc="calibrating activations", progress=progress)
         if mine.split:
             observers = merge_observers(observers, mine)
     finally:

@@ -182,7 +182,7 @@ def _gram_pass(model: nn.Module, group: list[tuple[str, QuantLayer]], batches: l
                                                                                   mod.matmul_input(args[0])))
                for name, layer in group]
     try:
-        run_batches(model, [batches[i] for i in mine.samples], desc=desc, progress=progress)
+        run_batches(model, mine.take(batches), desc=desc, progress=progress)
     finally:
         for handle in handles:
             handle.remove()

@@ -53,7 +53,7 @@ def balance_channels(model: nn.Module, calibration: CalibrationSet, alpha: float
     batches, mine = split_batches(model, calibration, batch_size)  # under torchrun, a share each
     try:
         with activations_unquantized(model):
-            run_batches(model, [batches[i] for i in mine.samples], desc="balancing channels", progress=progress)
+            run_batches(model, mine.take(batches), desc="balancing channels", progress=progress)
     finally:
         for handle in handles:
             handle.remove()
