@@ -14,6 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tacdiff.quant.layers import RangeObserver
+from tacdiff.quant.shards import Call, ShardObserver
+
 TESTS = Path(__file__).resolve().parents[1]
 
 # Runs the cases in one process or under torchrun; rank 0 saves each quantized model, every rank counts its
@@ -96,3 +99,10 @@ def test_each_process_runs_only_its_share_of_the_calibration_passes(folders: tup
     shares = [json.loads((two / f"{case}.calls.{rank}.json").read_text()) for rank in range(2)]
     # The FP trajectories and the PTQ passes split; the few probe passes (one per batch size) do not.
     assert max(shares) < 0.75 * alone, f"one process ran {alone} forward passes, each of two ran {shares}"
+
+
+def test_a_call_the_probe_did_not_predict_is_a_clear_error() -> None:
+    observer = ShardObserver([Call(group=0, segment=0, numel=10, owner=0)], RangeObserver(1, 1))
+    observer.observe([torch.randn(10)], group=0, name="mid_block.act_quant")  # as predicted
+    with pytest.raises(RuntimeError, match="'mid_block.act_quant'.*quantize in one process"):
+        observer.observe([torch.randn(12)], group=0, name="mid_block.act_quant")
