@@ -59,7 +59,8 @@ def measure(config: str, work: Path, args: argparse.Namespace) -> dict[str, obje
                        "--samples", str(args.samples), *common, "--json", str(eval_json))
     scores = json.loads(eval_json.read_text())
     return {"config": config, "processes": processes, "threads": threads, "quantize_seconds": quantize_seconds,
-            "artifact": load_file(str(artifact / "quantized.safetensors")), "calibrate_seconds": calib_seconds, "trajectories_per_s": args.calib_samples / calib_seconds,
+            "artifact": load_file(str(artifact / "quantized.safetensors")), "calibrate_seconds": calib_seconds,
+            "trajectories_per_s": args.calib_samples / calib_seconds,
             "eval_seconds": eval_seconds, "images_per_s": args.samples / eval_seconds,
             "eval_sampling_seconds": scores["sampling_seconds"],
             "fid": scores["fid"], "x0_psnr": scores["x0_psnr"], "tables": load_file(str(tables))}

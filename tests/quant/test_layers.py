@@ -282,3 +282,15 @@ def test_the_input_goes_through_the_activation_quantizer(index: int) -> None:
     plain.quantize_weight("minmax")
     assert torch.equal(twin(x), plain(act(x)))
     assert not torch.equal(twin(x), plain(x))
+
+
+def test_a_fresh_range_observer_replays_the_same_sample() -> None:
+    observer = RangeObserver(groups=2, segments=1, per_call=50, cap=300, seed=3)
+    calls = [torch.randn(7, 40, generator=torch.Generator().manual_seed(i)) for i in range(30)]
+    for i, x in enumerate(calls):
+        observer.observe([x], group=i % 2, name="layer")
+    fresh = observer.fresh()
+    assert fresh.samples(0, 0) is None, "empty"
+    for i, x in enumerate(calls):
+        fresh.observe([x], group=i % 2, name="layer")
+    assert all(torch.equal(fresh.samples(g, 0), observer.samples(g, 0)) for g in range(2))

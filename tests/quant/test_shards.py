@@ -52,7 +52,8 @@ for case, (name, config) in CASES.items():
     tacdiff.quantize(model, tacdiff.QuantConfig(**config), calibration, batch_size=6, progress=False)
     if distributed.is_main():
         save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, f"{{out}}/{{case}}.safetensors")
-        save_file({{k: v.contiguous() for k, v in grams.items()}} or {{"none": torch.zeros(1)}}, f"{{out}}/{{case}}.grams.safetensors")
+        save_file({{k: v.contiguous() for k, v in grams.items()}} or {{"none": torch.zeros(1)}},
+                  f"{{out}}/{{case}}.grams.safetensors")
     with open(f"{{out}}/{{case}}.calls.{{distributed.rank()}}.json", "w") as f:
         json.dump(len(calls), f)
 distributed.shutdown()

@@ -86,8 +86,9 @@ def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config:
     for q in quantizers:
         q.enabled = False
     try:
-        observers = (split_observers(model, quantizers, batches, mine, config.seed) if mine.split else
-                     [RangeObserver(groups, len(q.scale[0]), seed=config.seed + i) for i, q in enumerate(quantizers)])
+        observers = [RangeObserver(groups, len(q.scale[0]), seed=config.seed + i) for i, q in enumerate(quantizers)]
+        if mine.split:
+            observers = split_observers(model, quantizers, batches, mine, observers)
         for q, observer in zip(quantizers, observers):
             q.observer = observer
         run_batches(model, mine.take(batches), desc="calibrating activations", progress=progress)

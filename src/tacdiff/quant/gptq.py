@@ -157,8 +157,9 @@ def _gram_matrices(model: nn.Module, group: list[tuple[str, QuantLayer]], calibr
         most = -(-len(batches) // world_size())  # the largest share
         parts = _groups(group, MAX_HELD_BYTES // most)
         if len(parts) * most < len(batches):
-            return {name: gram for i, part in enumerate(parts)
-                    for name, gram in _gram_pass(model, part, batches, mine, progress, f"{desc}, part {i + 1}/{len(parts)}").items()}
+            passes = [_gram_pass(model, part, batches, mine, progress, f"{desc}, part {i + 1}/{len(parts)}")
+                      for i, part in enumerate(parts)]
+            return {name: gram for grams in passes for name, gram in grams.items()}
     return _gram_pass(model, group, batches, Shard(range(len(batches)), 1), progress, desc)
 
 

@@ -39,9 +39,13 @@ class TimestepRouter:
                              f"({sorted(set(groups.tolist()))}); call the model once per timestep group")
         return int(groups[0])
 
+    def group_for(self, timestep: torch.Tensor | float | int) -> int:
+        """The group a forward pass at ``timestep`` runs in (0, unchecked, when there is one group)."""
+        return self.group_of(timestep) if self.groups > 1 else 0
+
     def set_timestep(self, timestep: torch.Tensor | float | int) -> None:
         """Select the group of ``timestep`` for the next forward pass."""
-        self.group = self.group_of(timestep) if self.groups > 1 else 0
+        self.group = self.group_for(timestep)
 
 
 class RangeObserver:
@@ -90,6 +94,10 @@ class RangeObserver:
             keep = torch.randperm(merged.numel(), generator=self.generator)[: self.cap // 2]
             store[:] = [merged[keep], merged.amin()[None], merged.amax()[None]]
             self.rate[group][segment] = self.rate[group][segment] * keep.numel() / merged.numel()
+
+    def fresh(self) -> "RangeObserver":
+        """An empty observer with this one's settings and seed (its random stream from the start)."""
+        return RangeObserver(self.groups, self.segments, per_call=self.per_call, cap=self.cap, seed=self.seed)
 
     def samples(self, group: int, segment: int) -> torch.Tensor | None:
         """All recorded values of one group and segment, or None if none were seen."""

@@ -79,12 +79,11 @@ class ShardObserver:
 
 
 def split_observers(model: nn.Module, quantizers: Sequence[ActQuantizer], batches: Sequence[Batch], mine: Shard,
-                    seed: int) -> list[ShardObserver]:
-    """Observers for ``quantizers`` (seeded ``seed + i`` for quantizer ``i``) to install while this process runs
-    its share ``mine`` of ``batches``; :func:`merge_observers` then makes them the one-process observers."""
+                    observers: Sequence[RangeObserver]) -> list[ShardObserver]:
+    """Stand-ins for the fresh ``observers`` of ``quantizers`` to install while this process runs its share
+    ``mine`` of ``batches``; :func:`merge_observers` then makes them the one-process observers."""
     calls = _predicted_calls(model, quantizers, batches, mine)
-    return [ShardObserver(calls[i], RangeObserver(q.router.groups, len(q.scale[0]), seed=seed + i))
-            for i, q in enumerate(quantizers)]
+    return [ShardObserver(quantizer_calls, observer) for quantizer_calls, observer in zip(calls, observers)]
 
 
 def merge_observers(observers: Sequence[ShardObserver], mine: Shard) -> list[RangeObserver]:
@@ -95,7 +94,7 @@ def merge_observers(observers: Sequence[ShardObserver], mine: Shard) -> list[Ran
         observer.skip_others()
         own = torch.cat(observer.own) if observer.own else torch.empty(0)
         entries = mine.gather_rows(own).split(observer.sizes)
-        fresh = RangeObserver(observer.replay.groups, observer.replay.segments, seed=observer.replay.seed)
+        fresh = observer.replay.fresh()
         for call, entry in zip(observer.calls, entries):
             fresh.draw(call.group, call.segment, call.numel)
             fresh.add(call.group, call.segment, entry)
@@ -120,6 +119,6 @@ def _predicted_calls(model: nn.Module, quantizers: Sequence[ActQuantizer], batch
             per_size[x.shape[0]] = [recorder.calls for recorder in recorders]
         owner = owners.get(index, -1)  # -1: another process's batch
         for q, sizes, out in zip(quantizers, per_size[x.shape[0]], calls):
-            group = q.router.group_of(t) if q.router.groups > 1 else 0
+            group = q.router.group_for(t)
             out.extend(Call(group, seg, numel, owner) for call in sizes for seg, numel in enumerate(call))
     return calls
