@@ -16,6 +16,7 @@ Usage: python benchmarks/speed.py [--models reference cifar10 sd15] [--pipelines
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
@@ -39,14 +41,15 @@ SD_LATENT = 32
 DEPRECATED = "needs quantized tensors (PyTorch 2.13 warns: deprecated)"
 
 
-def _best_ms(fn: Callable[[], object], repeats: int = 5) -> float:
+def _best_ms(fn: Callable[[], object], repeats: int = 5, min_seconds: float = 1.0) -> float:
+    """Fastest of at least ``repeats`` calls after one warm-up, more (up to 100) until ``min_seconds`` are timed."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 100):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
 
 
 def kernel_table() -> str:
@@ -100,13 +103,39 @@ def kernel_table() -> str:
                 ("torch._int_mm", lambda: matmul(activation_codes(x, scale, zero, 8)[0], scale, zero - 128),
                  "chosen for linear layers"),
                 ("torch.ao dynamic int8 Linear", lambda: dynamic(x), f"{DEPRECATED}; one dynamic range per call"),
-                ("torch._weight_int8pack_mm", lambda: packed(x, w_int8, w_scales), "weight-only int8")):
+                ("torch._weight_int8pack_mm", lambda: packed(x, w_int8, w_scales), "weight-only int8"),
+                *_compiled_linears(x, weight, matmul)):
             ms = _best_ms(fn)
             lines.append(f"| {label} | {name} | {ms:.2f} | {fp32 / ms:.2f} | {note} |")
+    if importlib.util.find_spec("torchao") is None:
+        lines.append("\ntorchao is not installed: its rows are missing (`pip install -c constraints.txt -e \".[bench]\"`).")
     return "\n".join(lines)
 
 
-def end_to_end(samples: int = 64, steps: int = 50) -> str:
+def _compiled_linears(x: torch.Tensor, weight: torch.Tensor, matmul: nn.Module
+                      ) -> list[tuple[str, Callable[[], object], str]]:
+    """Linear-layer candidates under ``torch.compile`` (Inductor's x86 C++ backend): tacdiff's own
+    quantize + ``torch._int_mm`` + epilogue, and torchao's int8 dynamic-activation config when torchao is
+    installed (``pip install -c constraints.txt -e ".[bench]"``). Each compiles in its warm-up call."""
+    from tacdiff.backends.codes import activation_codes
+
+    scale, zero = torch.tensor(0.05), torch.tensor(128.0)
+    ours = torch.compile(lambda rows: matmul(activation_codes(rows, scale, zero, 8)[0], scale, zero - 128))
+    rows = [("torch._int_mm, torch.compile", lambda: ours(x), "tacdiff's layer compiled (quantize, epilogue fused)")]
+    try:
+        import torchao
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        return rows
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data.copy_(weight)
+    quantize_(linear, Int8DynamicActivationInt8WeightConfig())
+    compiled = torch.compile(linear)
+    return rows + [("torchao int8 dynamic, torch.compile", lambda: compiled(x),
+                    f"torchao {torchao.__version__}: its own recipe (per-token dynamic activations, symmetric weights)")]
+
+
+def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50) -> str:
     """Sampling time of the bundled model, FP32 against W8A8 + TAC on the fake and the int8 backend (each
     sampled alone), and the x0 PSNR each reaches against FP (paired run); the fake model at half the
     batch size shows how far the PSNR moves with float summation order alone."""
@@ -116,7 +145,7 @@ def end_to_end(samples: int = 64, steps: int = 50) -> str:
     from tacdiff.quant import QuantConfig
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
-    lines = [f"DDIM {steps}, {samples} images, batch {samples} unless noted",
+    lines = [f"DDIM {steps}, {samples} images, batch {batch} unless noted",
              "", "| model | backend | tables | sampling s | x fp32 | x0 PSNR dB |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="tacdiff-e2e-") as tmp:
         artifact, tables = Path(tmp) / "w8a8", Path(tmp) / "tac.safetensors"
@@ -124,13 +153,13 @@ def end_to_end(samples: int = 64, steps: int = 50) -> str:
                      calibration=CalibrationSettings(64, 50, 25, 0), progress=False)
         calibrate_artifact(artifact, "reference", tables, steps=steps, samples=64, progress=False)
         common = dict(steps=steps, samples=samples, progress=False)
-        fp_seconds = evaluate("reference", batch_size=samples, **common)["sampling_seconds"]
+        fp_seconds = evaluate("reference", batch_size=batch, **common)["sampling_seconds"]
         lines.append(f"| reference | fp32 | - | {fp_seconds:.1f} | 1.00 | - |")
-        for backend, batch in (("fake", samples), ("fake", samples // 2), ("int8", samples)):
-            alone = evaluate(artifact, tables=tables, backend=backend, batch_size=batch, **common)
-            paired = evaluate(artifact, fp_model="reference", tables=tables, backend=backend, batch_size=batch,
+        for backend, size in (("fake", batch), ("fake", batch // 2), ("int8", batch)):
+            alone = evaluate(artifact, tables=tables, backend=backend, batch_size=size, **common)
+            paired = evaluate(artifact, fp_model="reference", tables=tables, backend=backend, batch_size=size,
                               **common)
-            note = "" if batch == samples else f" (batch {batch})"
+            note = "" if size == batch else f" (batch {size})"
             lines.append(f"| W8A8 | {backend}{note} | TAC | {alone['sampling_seconds']:.1f} | "
                          f"{fp_seconds / alone['sampling_seconds']:.2f} | {paired['x0_psnr']:.2f} |")
     return "\n".join(lines)
@@ -146,6 +175,7 @@ def main() -> None:
     parser.add_argument("--quantize-embeddings", action="store_true", help="Quantize embedding tables too.")
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
+    parser.add_argument("--end-to-end-samples", type=int, default=64, help="Images per end-to-end row (batch 64).")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -166,12 +196,13 @@ def main() -> None:
             report[key] += part[key]
         print(format_speed_markdown(part), flush=True)
         del model
-    sections.append(format_speed_markdown(report))
+    if report["calls"]:
+        sections.append(format_speed_markdown(report))
     if args.kernels:
         sections.append(kernel_table())
         print(sections[-1], flush=True)
     if args.end_to_end:
-        sections.append(end_to_end())
+        sections.append(end_to_end(args.end_to_end_samples))
         print(sections[-1], flush=True)
     text = "\n\n".join(sections) + "\n"
     if args.markdown:

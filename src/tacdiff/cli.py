@@ -96,9 +96,20 @@ app = typer.Typer(help="Quantize diffusers models and correct their error over t
                   no_args_is_help=True, add_completion=False, cls=_Commands)
 
 
+def _version(value: bool) -> None:
+    """Option callback: print the version and stop."""
+    if value:
+        from tacdiff import __version__
+
+        typer.echo(f"tacdiff {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(ctx: typer.Context,
-         debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks (also {DEBUG_ENV}=1).")) -> None:
+         debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks (also {DEBUG_ENV}=1)."),
+         version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version,
+                                      is_eager=True)) -> None:
     """tacdiff: low-bit diffusers models with timestep-aware correction."""
     ctx.meta["tacdiff.debug"] = debug
     _log_to_stderr()

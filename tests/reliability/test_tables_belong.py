@@ -71,6 +71,13 @@ def test_tables_for_another_step_count_are_refused_even_when_forced(world: World
     assert_one_error(code, output, "correction tables are for DDIMScheduler, 2 steps")
 
 
+def test_tables_for_another_model_and_schedule_name_the_model(world: World, tmp_path: Path) -> None:
+    """Another model's tables also miss this sampler's schedule; the error names the model, which no schedule fixes."""
+    tables = retabled(world, tmp_path, other_shape)
+    code, output = cli("eval", world.root / "w4a8", "--tables", tables, "--steps", "3", "--samples", "2", "--quiet")
+    assert_one_error(code, output, "sample shape (3, 32, 32) (tables) vs (3, 16, 16)")
+
+
 @pytest.mark.parametrize("wrap", [lambda model, tables, **kw: CorrectedDenoiser(ModelDenoiser(model), tables, **kw),
                                   lambda model, tables, **kw: CorrectedUNet(model, tables, **kw)])
 def test_python_wrappers_check_the_model_too(world: World, wrap: Callable) -> None:

@@ -76,8 +76,8 @@ def _corrected(pipe: DiffusionPipeline, denoiser: str, tables: CorrectionTables,
     scheduler that consumes what it returns and, for state tables, shifts the latents after every step, and a
     ``__call__`` that notes its guidance scale for the checks."""
     scheduler = fit_resolution_shift(_tables_scheduler(pipe.scheduler, tables), getattr(pipe, denoiser))
-    tables.check_scheduler(scheduler, tables.num_inference_steps, force=force)
     wrapper = PipelineUNet(getattr(pipe, denoiser), tables, scheduler, pipe, prompted=prompted, force=force)
+    tables.check_scheduler(scheduler, tables.num_inference_steps, force=force)  # after the model check: clearer
     scheduler = denoiser_scheduler(scheduler)
     if tables.ibc_target == "state":
         scheduler.step = StateShiftingStep(scheduler.step, tables)

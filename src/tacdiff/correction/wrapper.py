@@ -157,8 +157,9 @@ def load_correction(inner: Denoiser, path: str | Path, scheduler: SchedulerMixin
     """``inner`` corrected by the tables file ``path``, after checking that they fit ``scheduler`` at
     ``num_inference_steps`` and the model ``inner`` wraps (``force`` warns instead, where it may)."""
     tables = CorrectionTables.load(path)
+    corrected = CorrectedDenoiser(inner, tables, force=force)  # the model first: it names tables for another model
     tables.check_scheduler(scheduler, num_inference_steps, force=force)
-    return CorrectedDenoiser(inner, tables, force=force)
+    return corrected
 
 
 _OUTPUTS: dict[type[nn.Module], type] = {UNet2DModel: UNet2DOutput, UNet2DConditionModel: UNet2DConditionOutput}
