@@ -72,7 +72,9 @@ def test_dynamic_activation_ranges_survive_the_artifact(model_dir: Path, tmp_pat
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--w-bits", "9"), "weight_bits"),
+    (("--w-bits", "9"), "'--w-bits': a bit width must be an integer in 2..8, got 9"),
+    (("--a-bits", "1"), "'--a-bits': a bit width must be an integer in 2..8, got 1"),
+    (("--first-last-bits", "16"), "'--first-last-bits': a bit width"),
     (("--act-range", "entropy"), "act_range"),
     (("--act-range", "dynamic", "--timestep-groups", "4"), "timestep_groups"),
     (("--act-block-size", "32"), "act_block_size"),

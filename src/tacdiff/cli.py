@@ -172,6 +172,21 @@ def _device(value: str) -> str:
     return distributed.local_device(value)
 
 
+def _bit_width(value: int) -> int:
+    """Option callback: a bit width the quantizer supports."""
+    from tacdiff.quant.primitives import check_bits
+
+    try:
+        return check_bits(value, "a bit width")
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def _bit_width_or_off(value: int) -> int:
+    """Option callback: a bit width, or 0 for off."""
+    return value if value == 0 else _bit_width(value)
+
+
 def _positive(value: int) -> int:
     """Option callback: a count of at least 1."""
     if value < 1:
@@ -243,8 +258,9 @@ def quantize(
     model_dir: str = typer.Argument(..., help="Folder from UNet2DModel/UNet2DConditionModel.save_pretrained "
                                                "(or a pipeline folder with unet/, or 'latent-reference')."),
     out: str = typer.Option(..., "--out", help="Output folder for the quantized artifact."),
-    w_bits: int = typer.Option(8, "--w-bits", help="Weight bits (2-8), per output channel."),
-    a_bits: int = typer.Option(8, "--a-bits", help="Activation bits (2-8); 0 quantizes weights only."),
+    w_bits: int = typer.Option(8, "--w-bits", help="Weight bits (2-8), per output channel.", callback=_bit_width),
+    a_bits: int = typer.Option(8, "--a-bits", help="Activation bits (2-8); 0 quantizes weights only.",
+                               callback=_bit_width_or_off),
     weight_rounding: str = typer.Option("rtn", help="rtn (round to nearest), gptq (error-compensating, "
                                                     "seconds) or adaround (learned, minutes)."),
     weight_range: str = typer.Option("mse", help="Weight clipping: minmax, percentile or mse."),
@@ -258,7 +274,8 @@ def quantize(
                                                   "and first MLP layer), migration strength in [0, 1]; e.g. 0.5."),
     timestep_groups: int = typer.Option(1, help="Activation ranges per quantizer, picked by timestep.",
                                         callback=_positive),
-    first_last_bits: int = typer.Option(8, help="Bits for the first and last layer; 0 treats them like the rest."),
+    first_last_bits: int = typer.Option(8, help="Bits for the first and last layer; 0 treats them like the rest.",
+                                        callback=_bit_width_or_off),
     quantize_embeddings: bool = typer.Option(False, help="Also quantize embedding tables (class labels; one per "
                                                          "DiT block) weight-only at --w-bits: a smaller artifact."),
     exclude: list[str] = typer.Option([], help="fnmatch pattern of module names to keep in float (repeatable)."),
