@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -74,3 +75,14 @@ def test_a_bare_text_unet_runs_on_stand_in_embeddings_with_a_warning(pipeline_di
         conditioning = conditioning_for(loaded, count=2, seed=1)
     assert conditioning.rows(0, 2)["encoder_hidden_states"].shape[0] == 2 and not conditioning.guided
     assert conditioning.record["prompted"] is False
+
+
+def test_words_outside_the_vocabulary_warn_and_still_run(pipeline_dir: Callable[[str], Path]) -> None:
+    loaded = load_any_model("latent-reference")  # a word-level tokenizer with an unknown token
+    with pytest.warns(UserWarning, match="prompt 'a zebra': 'zebra' not in the tokenizer's vocabulary"):
+        conditioning = conditioning_for(loaded, PromptOptions(("a zebra", "sneakers")))
+    assert conditioning.rows(0, 2)["encoder_hidden_states"].shape[0] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conditioning_for(loaded, PromptOptions(("a photo of a sneaker", "an ankle boot"), "t-shirt"))
+        conditioning_for(load_any_model(pipeline_dir("sd")), PromptOptions(("a zebra",)))  # byte-level BPE: no unknowns

@@ -178,6 +178,7 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
         raise ValueError(f"{what} has no named classes (a DiTPipeline folder with id2label has); leave out --class")
     if loaded.reads_prompts:
         scale = loaded.kind.guidance_scale if options.guidance_scale is None else options.guidance_scale
+        _warn_unknown_words(loaded.pipeline, [*(options.prompts or []), options.negative_prompt or ""])
         prompts = options.prompts or default_prompts(loaded.pipeline.name_or_path)
         return prompt_conditioning(PromptEncoder(loaded.pipeline), prompts,
                                    guidance_scale=scale, negative_prompt=options.negative_prompt or "")
@@ -195,3 +196,22 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
                   "text embeddings. Pass the pipeline folder (with text_encoder/ and tokenizer/) to use prompts",
                   stacklevel=2)
     return tensor_conditioning(stand_in, {"prompted": False, "stand_in": "random text embeddings"})
+
+
+def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
+    """The words of ``prompt`` that ``tokenizer`` reads as its unknown token (none for byte-level BPE, such as CLIP's)."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return []
+    return [word for word in prompt.split() if unknown in tokenizer(word, add_special_tokens=False).input_ids]
+
+
+def _warn_unknown_words(pipeline: Any, prompts: Sequence[str]) -> None:
+    """Warn once per prompt whose words the pipeline's (first) tokenizer does not know: they read as unknown tokens."""
+    tokenizer = getattr(pipeline, "tokenizer", None)
+    for prompt in dict.fromkeys(prompts):
+        words = unknown_words(tokenizer, prompt) if tokenizer is not None else []
+        if words:
+            warnings.warn(f"prompt {prompt!r}: {', '.join(map(repr, words))} not in the tokenizer's vocabulary "
+                          "(read as an unknown token)", stacklevel=3)
+
