@@ -95,6 +95,11 @@ def test_a_folder_without_a_unet_fails_clearly(tmp_path: Path) -> None:
     assert code == 2 and "no diffusers model config.json" in output and "save_pretrained" in output, output
 
 
+def test_a_missing_folder_fails_as_it_does_for_the_other_commands(tmp_path: Path) -> None:
+    code, output = invoke("quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 2 and "model folder not found" in output and "'dit-reference'" in output, output
+
+
 @pytest.mark.parametrize("taken", ["exists", "file_parent"])
 def test_an_unusable_out_fails_before_any_work(model_dir: Path, tmp_path: Path, taken: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:

@@ -92,6 +92,9 @@ def _check_reports(paths: dict[str, str | None], inputs: list[str | Path]) -> No
         if path:
             check_writable(path, overwrite=True, recognise=REPORTS[what], what=what, inputs=inputs)
 
+BUNDLED = "'reference' (pixel UNet), 'latent-reference' (text-to-image) or 'dit-reference' (DiT)"
+"""The bundled models, as the help texts name them."""
+
 app = typer.Typer(help="Quantize diffusers models and correct their error over the sampling trajectory.",
                   no_args_is_help=True, add_completion=False, cls=_Commands)
 
@@ -255,8 +258,8 @@ def demo(
 
 @app.command()
 def quantize(
-    model_dir: str = typer.Argument(..., help="Folder from UNet2DModel/UNet2DConditionModel.save_pretrained "
-                                               "(or a pipeline folder with unet/, or 'latent-reference')."),
+    model_dir: str = typer.Argument(..., help="A diffusers model or pipeline folder, or a bundled model "
+                                               f"({BUNDLED})."),
     out: str = typer.Option(..., "--out", help="Output folder for the quantized artifact."),
     w_bits: int = typer.Option(8, "--w-bits", help="Weight bits (2-8), per output channel.", callback=_bit_width),
     a_bits: int = typer.Option(8, "--a-bits", help="Activation bits (2-8); 0 quantizes weights only.",
@@ -396,10 +399,9 @@ def train_dit(
 @app.command()
 def eval(  # noqa: A001 - the command is `tacdiff eval`
     model: str = typer.Argument(..., help="FP diffusers model or pipeline folder, quantized artifact "
-                               "folder, 'reference' or 'latent-reference'."),
+                               f"folder, or a bundled model ({BUNDLED})."),
     fp_model: str = typer.Option(None, "--fp-model", help="FP model to pair with for x0 MSE/PSNR/SSIM "
-                                                           "(folder, 'reference' or 'latent-reference'); omit to "
-                                                           "skip them."),
+                                                           f"(folder, or {BUNDLED}); omit to skip them."),
     scheduler: str = SCHEDULER,
     steps: int = typer.Option(50, help="Sampling steps.", callback=_positive),
     samples: int = typer.Option(1000, help="Images to sample.", callback=_positive),
@@ -437,7 +439,7 @@ def eval(  # noqa: A001 - the command is `tacdiff eval`
 @app.command()
 def sample(
     model: str = typer.Argument(..., help="FP diffusers model or pipeline folder, quantized artifact "
-                               "folder, 'reference' or 'latent-reference'."),
+                               f"folder, or a bundled model ({BUNDLED})."),
     out: str = typer.Option(..., "--out", help="Folder for the PNG files, grid.png and samples.json."),
     tables: str = typer.Option(None, "--tables", help="Correction tables (tacdiff calibrate --out) for MODEL."),
     force_tables: bool = typer.Option(False, "--force-tables", help=FORCE_TABLES_HELP),
@@ -483,7 +485,7 @@ NER_BIAS = typer.Option(False, help="NER also fits a per-channel bias, K (q - b)
 def calibrate(
     quant_artifact: str = typer.Argument(..., help="Quantized artifact folder (tacdiff quantize --out)."),
     fp_model: str = typer.Option(..., "--fp-model", help="The FP model it was quantized from (folder, "
-                                  "'reference' or 'latent-reference')."),
+                                  f"or {BUNDLED})."),
     out: str = typer.Option(..., "--out", help="Correction tables file to write (.safetensors)."),
     method: str = typer.Option("tac", help="tac (IBC+NER), ner, ibc or ptqd."),
     steps: int = typer.Option(50, help="Sampling steps; the tables only fit this step count.", callback=_positive),
@@ -551,9 +553,8 @@ def bench(
     smooth_alpha: float = typer.Option(None, help="PTQ's SmoothQuant channel balancing strength (see quantize)."),
     timestep_groups: int = typer.Option(1, help="PTQ's activation ranges per quantizer, picked by timestep.",
                                         callback=_positive),
-    model: str = typer.Option("reference", "--model", help="FP model or pipeline folder, 'reference' (the "
-                                                           "bundled Fashion-MNIST model) or 'latent-reference' (the "
-                                                           "bundled text-to-image pipeline)."),
+    model: str = typer.Option("reference", "--model", help="FP model or pipeline folder, or a bundled model "
+                                                           f"({BUNDLED})."),
     prompt: list[str] = PROMPT,
     prompts_file: str = PROMPTS_FILE,
     negative_prompt: str = NEGATIVE_PROMPT,
@@ -602,8 +603,7 @@ def bench(
 
 @app.command("bench-speed")
 def bench_speed(
-    model: list[str] = typer.Option(["reference"], "--model", help="Model to time (repeatable): 'reference', "
-                                    "'latent-reference', a "
+    model: list[str] = typer.Option(["reference"], "--model", help=f"Model to time (repeatable): {BUNDLED}, a "
                                     "diffusers model or pipeline folder, or a folder holding only a model "
                                     "config.json (random weights)."),
     batch: list[int] = typer.Option([1, 8, 64], "--batch", help="Batch size per call (repeatable)."),

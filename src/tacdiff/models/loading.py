@@ -21,7 +21,7 @@ from tacdiff.models.kinds import MODEL_KINDS, SHIFT_MU, image_seq_len, sample_sh
 from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_loading, read_config, weights_variant
 from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, load_components,
                                      pipeline_kind, read_index)
-from tacdiff.models.reference import LATENT_REFERENCE, bundled_folder, load_reference_model
+from tacdiff.models.reference import BUNDLED_PIPELINES, bundled_folder, load_reference_model
 
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -30,9 +30,17 @@ def find_unet_dir(path: str | Path) -> Path:
     for candidate in (path, path / "unet", path / "transformer"):
         if (candidate / "config.json").is_file():
             return candidate
+    if not path.is_dir():
+        raise FileNotFoundError(_not_found(path))
     raise FileNotFoundError(f"no diffusers model config.json in {path}, {path / 'unet'} or {path / 'transformer'}; "
                             "pass a folder written by a model's save_pretrained (e.g. UNet2DModel's) or a "
                             "pipeline's save_pretrained")
+
+
+def _not_found(path: Path) -> str:
+    bundled = ", ".join(f"'{name}'" for name in (REFERENCE, *BUNDLED_PIPELINES))
+    return (f"model folder not found: {path}; pass a diffusers model or pipeline folder, a quantized artifact folder "
+            f"(tacdiff quantize --out) or a bundled model ({bundled})")
 
 
 def load_unet(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -162,9 +170,7 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
         return LoadedModel(model, dict(scheduler.config), quantized=False)
     path = Path(bundled_folder(spec))
     if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}; pass a diffusers model or pipeline folder, a "
-                                f"quantized artifact folder (tacdiff quantize --out), '{REFERENCE}' or "
-                                f"'{LATENT_REFERENCE}'")
+        raise FileNotFoundError(_not_found(path))
     quantized = (path / WEIGHTS_NAME).is_file()
     if backend != "fake" and not quantized:
         raise ValueError(f"backend {backend!r} runs quantized artifacts, but {path} is a full-precision model; "
