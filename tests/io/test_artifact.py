@@ -187,7 +187,7 @@ def failing_save_file(*args: object, **kwargs: object) -> None:
 
 def test_a_failed_save_leaves_nothing_behind(w8a8: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
-    monkeypatch.setattr(artifact, "save_file", failing_save_file)
+    monkeypatch.setattr(artifact, "save_safetensors", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(w8a8, tmp_path / "nested" / "artifact")
     assert list((tmp_path / "nested").iterdir()) == [], "no output folder and no temporary folder"
@@ -197,7 +197,7 @@ def test_a_failed_overwrite_keeps_the_previous_artifact(w8a8: nn.Module, tmp_pat
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     path = save_quantized(w8a8, tmp_path / "artifact")
     before = {p.name: p.read_bytes() for p in path.iterdir()}
-    monkeypatch.setattr(artifact, "save_file", failing_save_file)
+    monkeypatch.setattr(artifact, "save_safetensors", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(w8a8, path, overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before

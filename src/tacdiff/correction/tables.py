@@ -30,12 +30,11 @@ from typing import Any
 
 import torch
 from diffusers import SchedulerMixin
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import tacdiff
 from tacdiff.io.atomic import is_regular_file, write_file_atomically
-from tacdiff.io.formats import read_safetensors, safetensors_format
+from tacdiff.io.formats import read_safetensors, safetensors_format, save_safetensors
 from tacdiff.quant.apply import STATE_ATTR, QuantState
 from tacdiff.models.kinds import correction_space, estimate_channels, sample_shape_of, set_timesteps
 
@@ -215,7 +214,7 @@ class CorrectionTables:
                 "scheduler_config": json.dumps(self.scheduler_config, sort_keys=True, default=str),
                 "num_inference_steps": str(self.num_inference_steps), "ibc_target": self.ibc_target,
                 "extra": json.dumps(self.metadata, sort_keys=True, default=str)}
-        return write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite,
+        return write_file_atomically(path, lambda tmp: save_safetensors(tensors, tmp, meta), overwrite,
                                      recognise=is_tables_file, what="correction tables file")
 
     @classmethod

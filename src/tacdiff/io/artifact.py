@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import Attention
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import tacdiff
@@ -33,7 +33,7 @@ from tacdiff.backends import use_backend
 from tacdiff.backends.int8 import is_converted
 from tacdiff.devices import check_device
 from tacdiff.io.atomic import write_dir_atomically
-from tacdiff.io.formats import read_safetensors, safetensors_format
+from tacdiff.io.formats import read_safetensors, safetensors_format, save_safetensors
 from tacdiff.quant import primitives as P
 from tacdiff.models.kinds import MODEL_KINDS
 from tacdiff.quant.apply import LayerPlan, install, quant_state
@@ -99,7 +99,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, metadata: dict[str,
     def fill(tmp: Path) -> None:
         model.save_config(tmp)
         for name, (tensors, meta) in files.items():
-            save_file(tensors, tmp / name, metadata=meta)
+            save_safetensors(tensors, tmp / name, meta)
 
     return write_dir_atomically(out_dir, fill, overwrite=overwrite, recognise=is_artifact_folder,
                                 what="quantized artifact")

@@ -1,4 +1,5 @@
-"""Reading tacdiff's safetensors files: one reader checks that a file is the kind of file expected.
+"""tacdiff's safetensors files: one reader checks that a file is the kind of file expected, one writer makes
+the same tensors and metadata the same bytes.
 
 Artifacts, correction tables and FID assets all name their kind in the safetensors metadata
 (``format``, and ``format_version`` where the layout may change); :func:`read_safetensors`
@@ -7,11 +8,30 @@ turns every way a path can fail to be that kind into one clear error naming the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import safe_open
+from safetensors.torch import safe_open, save_file
 from torch import Tensor
+
+HEADER_LENGTH_BYTES = 8  # a safetensors file starts with its JSON header's length, little-endian u64
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, then the header's keys put in sorted order in place, so that the same
+    tensors and metadata always give the same bytes (safetensors writes its metadata in hash order, which
+    changes from process to process). The sorted header is the same JSON, so it has the same length."""
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(HEADER_LENGTH_BYTES), "little")
+        header = json.loads(handle.read(length))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # always, for the JSON safetensors writes; else the file stays as written
+            handle.seek(HEADER_LENGTH_BYTES)
+            handle.write(text.ljust(length))
 
 
 def safetensors_format(path: str | Path) -> str | None:

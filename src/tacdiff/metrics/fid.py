@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
@@ -24,7 +23,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tacdiff.data import to_uint8
 from tacdiff.data.fashion_mnist import to_canvas
 from tacdiff.io.atomic import write_file_atomically
-from tacdiff.io.formats import read_safetensors
+from tacdiff.io.formats import read_safetensors, save_safetensors
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fid"
 CLASSIFIER_FORMAT = "tacdiff-fid-classifier/1"
@@ -214,7 +213,7 @@ def save_reference(images: Tensor, path: str | Path, *, extractor: FeatureExtrac
     meta = {**(metadata or {}), "format": REFERENCE_FORMAT, "weights_sha256": extractor.weights_sha256,
             "num_samples": str(features.shape[0]), "num_features": str(features.shape[1])}
     tensors = {**_fid_state(features), "features": features.half()}
-    write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_file_atomically(path, lambda tmp: save_safetensors(tensors, tmp, meta))
 
 
 def _load_reference(path: str | Path, extractor: FeatureExtractor) -> tuple[dict[str, Tensor], Tensor]:
