@@ -131,6 +131,8 @@ def test_layers_the_int8_path_cannot_run_stay_fake_with_a_reason(w8a8_blocked: n
     assert any(where.startswith("fake: attention") for where in execution.values())
     summary = format_summary(twin)
     assert "runs" in summary.splitlines()[0] and "int8" in summary
+    weights = [line for line in summary.splitlines() if line.startswith("weights: ")]
+    assert weights == [line for line in format_summary(w8a8).splitlines() if line.startswith("weights: ")]
 
 
 def test_int8_model_keeps_no_float_weights(w4a8: nn.Module) -> None:

@@ -70,6 +70,7 @@ class _IntLayer(nn.Module):
         self.w_bits = layer.w_bits
         self.segments = layer.segments()
         self.num_weights = layer.num_weights
+        self.float_numel = 0 if layer.bias is None else layer.bias.numel()  # the bias, kept outside parameters
         self._qparams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.matmuls = nn.ModuleList(
             Int8Matmul(codes, layer.weight_zero_point[:, i], layer.weight_scale[:, i],

@@ -362,7 +362,8 @@ def format_summary(model: nn.Module) -> str:
         if hasattr(module, "w_bits") and hasattr(module, "num_weights"):
             counts[f"{module.w_bits}-bit"] = counts.get(f"{module.w_bits}-bit", 0) + module.num_weights
     fake_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantWeightMixin))
-    counts["float"] = sum(p.numel() for p in model.parameters()) - fake_weights
+    held_apart = sum(getattr(m, "float_numel", 0) for m in model.modules())  # int8 layers' biases
+    counts["float"] = sum(p.numel() for p in model.parameters()) - fake_weights + held_apart
     lines.append("weights: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
     float_attention = [f"{name} ({type(module.processor).__name__})" for name, module in model.named_modules()
                        if isinstance(module, Attention) and not hasattr(module, "probs_quant")
