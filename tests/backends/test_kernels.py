@@ -43,6 +43,9 @@ def test_int8_matmul_equals_the_dequantized_product(w_bits: int, per_row: bool, 
     assert out.shape == (m, n)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)
     assert (matmul.residual_scaled is not None) == (w_bits == 8)
+    if not per_row:  # a static range's epilogue, computed once ahead, gives the same bits
+        ahead = matmul.epilogue(a_scale, a_zero - 128)
+        assert torch.equal(matmul((a_unsigned - 128).to(torch.int8), a_scale, a_zero - 128, ahead), out)
 
 
 def test_a_shape_cublas_refuses_is_multiplied_exactly_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:

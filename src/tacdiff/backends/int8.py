@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tacdiff.backends.codes import MAX_REDUCTION, activation_codes, exact_int8_cpu, unsigned_codes
-from tacdiff.backends.int_mm import Int8Matmul
+from tacdiff.backends.int_mm import Epilogue, Int8Matmul
 from tacdiff.backends.onednn import OneDNNConv2d, onednn_available
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantEmbedding, QuantLinear, QuantWeightMixin
 from tacdiff.quant.primitives import dequantize_tensor
@@ -71,7 +71,7 @@ class _IntLayer(nn.Module):
         self.segments = layer.segments()
         self.num_weights = layer.num_weights
         self.float_numel = 0 if layer.bias is None else layer.bias.numel()  # the bias, kept outside parameters
-        self._qparams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._qparams: dict[tuple, tuple[torch.Tensor, torch.Tensor, Epilogue | None]] = {}
         self.matmuls = nn.ModuleList(
             Int8Matmul(codes, layer.weight_zero_point[:, i], layer.weight_scale[:, i],
                        layer.bias if i == 0 else None)
@@ -79,25 +79,33 @@ class _IntLayer(nn.Module):
 
     def static_qparams(self, segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The current timestep group's scale and zero point (0-d, in ``dtype``), cached until the ranges change."""
+        return self._static(segment, dtype)[:2]
+
+    def _static(self, segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Epilogue | None]:
+        """:meth:`static_qparams` and the segment's GEMM epilogue for them (None where oneDNN runs it), cached."""
         act = self.act_quant
         key = (act.router.group, segment, dtype, id(act.scale), act.scale._version, id(act.zero_point),
                act.zero_point._version)
         if key not in self._qparams:
-            scale, zero_point = act.static_qparams(dtype)
-            self._qparams[key] = scale[segment], zero_point[segment]
+            scale, zero_point = (value[segment] for value in act.static_qparams(dtype))
+            epilogue = (self.matmuls[segment].epilogue(scale, zero_point - 2 ** (act.bits - 1))
+                        if len(self.matmuls) > segment else None)
+            self._qparams[key] = scale, zero_point, epilogue
         return self._qparams[key]
 
-    def quantize_input(self, rows: torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """int8 codes of ``rows`` ``(M, K)``, their scale and residual zero point: 0-d for a static range,
-        ``(M, 1)`` for per-token dynamic ones."""
+    def quantize_input(self, rows: torch.Tensor, segment: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Epilogue | None]:
+        """int8 codes of ``rows`` ``(M, K)``, their scale and residual zero point (0-d for a static range,
+        ``(M, 1)`` for per-token dynamic ones) and, for a static range, the GEMM epilogue computed ahead."""
         act = self.act_quant
         if act.dynamic:
             lo, hi = rows.detach().amin(1, keepdim=True), rows.detach().amax(1, keepdim=True)
             scale, zero_point = act.dynamic_qparams(lo, hi)
+            epilogue = None
         else:
-            scale, zero_point = self.static_qparams(segment, rows.dtype)
+            scale, zero_point, epilogue = self._static(segment, rows.dtype)
         codes, residual = activation_codes(rows, scale, zero_point, act.bits)
-        return codes, scale, residual
+        return codes, scale, residual, epilogue
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, a_bits={self.act_quant.bits}, segments={len(self.segments)}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,14 @@ def pad_weight(weight: torch.Tensor, multiple: int = CUDA_MULTIPLE) -> torch.Ten
     return weight if weight.t().is_contiguous() else weight.t().contiguous().t()
 
 
+class Epilogue(NamedTuple):
+    """:meth:`Int8Matmul.epilogue`: the activation scale (0-d) and the per-column float32 scale and shift."""
+
+    a_scale: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
 class Int8Matmul(nn.Module):
     """``(A - r) * a_scale @ (W - rw) * w_scale + bias`` for int8 ``A`` ``(M, K)``, with ``W`` ``(K, N)`` stored.
 
@@ -63,7 +73,7 @@ class Int8Matmul(nn.Module):
         if codes.shape[0] > MAX_REDUCTION:
             raise ValueError(f"reduction length {codes.shape[0]} exceeds {MAX_REDUCTION} (int32 exactness)")
         weight, residual = centred_weight(codes, zero_point)
-        self.out_features = weight.shape[1]
+        self.inner, self.out_features = weight.shape
         self.w_scale = scale.detach().float().contiguous()
         self.colsum_scaled = weight.sum(0, dtype=torch.int32).float() * self.w_scale
         self.residual_scaled = residual * self.w_scale if residual.any() else None
@@ -72,20 +82,30 @@ class Int8Matmul(nn.Module):
         self.register_buffer("weight", pad_weight(weight) if self.padded else weight.contiguous())
         self.bias = None if bias is None else bias.detach().float()
 
-    def forward(self, a: torch.Tensor, a_scale: torch.Tensor, a_residual: torch.Tensor) -> torch.Tensor:
-        """The float32 product ``(M, N)``."""
+    def epilogue(self, a_scale: torch.Tensor, a_residual: torch.Tensor) -> Epilogue:
+        """The float epilogue of one activation range (0-d ``a_scale`` and ``a_residual``):
+        ``out = acc * scale + shift - (a_scale * rowsum(A)) * residual_scaled``, with the per-column vectors
+        precomputed (a layer with a static range reuses them at every call)."""
+        a_scale, a_residual = a_scale.float(), a_residual.float()
+        shift = -a_scale * a_residual * self.colsum_scaled
+        if self.residual_scaled is not None:
+            shift = shift + a_scale * self.inner * a_residual * self.residual_scaled
+        return Epilogue(a_scale, a_scale * self.w_scale, shift if self.bias is None else shift + self.bias)
+
+    def forward(self, a: torch.Tensor, a_scale: torch.Tensor, a_residual: torch.Tensor,
+                epilogue: Epilogue | None = None) -> torch.Tensor:
+        """The float32 product ``(M, N)``; ``epilogue``: :meth:`epilogue` of a 0-d ``a_scale``, computed ahead."""
         acc = padded_int_mm(a, self.weight) if self.padded else torch._int_mm(a, self.weight)
         n = self.out_features
-        rowsum = None if self.residual_scaled is None else acc[:, n: n + 1].float()
-        acc = acc[:, :n]
+        if a_scale.dim() == 0:  # one range: one fused multiply-add (and the rank-1 term of a weight residual)
+            a_scale, scale, shift = epilogue or self.epilogue(a_scale, a_residual)
+            out = torch.addcmul(shift, acc[:, :n], scale)
+            if self.residual_scaled is None:
+                return out
+            return out.sub_((a_scale * acc[:, n: n + 1].float()) * self.residual_scaled)
         a_scale, a_residual = a_scale.float(), a_residual.float()
-        if a_scale.dim() == 0:  # one range: the epilogue is one fused multiply-add
-            shift = -a_scale * a_residual * self.colsum_scaled
-            if rowsum is not None:
-                shift = shift + a_scale * a.shape[1] * a_residual * self.residual_scaled
-            out = torch.addcmul(shift if self.bias is None else shift + self.bias, acc, a_scale * self.w_scale)
-            return out if rowsum is None else out.sub_((a_scale * rowsum) * self.residual_scaled)
-        out = acc.float().mul_(self.w_scale).sub_(a_residual * self.colsum_scaled)
+        rowsum = None if self.residual_scaled is None else acc[:, n: n + 1].float()
+        out = acc[:, :n].float().mul_(self.w_scale).sub_(a_residual * self.colsum_scaled)
         if rowsum is not None:
             out.sub_(rowsum.sub_(a.shape[1] * a_residual) * self.residual_scaled)
         out.mul_(a_scale)
