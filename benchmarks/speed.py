@@ -98,13 +98,15 @@ def kernel_table() -> str:
         w_int8, w_scales = torch.randint(-128, 127, (k, k), dtype=torch.int8), torch.rand(k)
         fp32 = _best_ms(lambda: F.linear(x, weight))
         label = f"linear {k}->{k}, {m} rows"
+
+        def int8_linear(rows: torch.Tensor) -> torch.Tensor:
+            return matmul(activation_codes(rows, scale, zero, 8)[0], scale, zero - 128)
         for name, fn, note in (
                 ("fp32 F.linear", lambda: F.linear(x, weight), ""),
-                ("torch._int_mm", lambda: matmul(activation_codes(x, scale, zero, 8)[0], scale, zero - 128),
-                 "chosen for linear layers"),
+                ("torch._int_mm", lambda: int8_linear(x), "chosen for linear layers"),
                 ("torch.ao dynamic int8 Linear", lambda: dynamic(x), f"{DEPRECATED}; one dynamic range per call"),
                 ("torch._weight_int8pack_mm", lambda: packed(x, w_int8, w_scales), "weight-only int8"),
-                *_compiled_linears(x, weight, matmul)):
+                *_compiled_linears(x, weight, int8_linear)):
             ms = _best_ms(fn)
             lines.append(f"| {label} | {name} | {ms:.2f} | {fp32 / ms:.2f} | {note} |")
     if importlib.util.find_spec("torchao") is None:
@@ -112,15 +114,12 @@ def kernel_table() -> str:
     return "\n".join(lines)
 
 
-def _compiled_linears(x: torch.Tensor, weight: torch.Tensor, matmul: nn.Module
+def _compiled_linears(x: torch.Tensor, weight: torch.Tensor, int8_linear: Callable[[torch.Tensor], torch.Tensor]
                       ) -> list[tuple[str, Callable[[], object], str]]:
     """Linear-layer candidates under ``torch.compile`` (Inductor's x86 C++ backend): tacdiff's own
-    quantize + ``torch._int_mm`` + epilogue, and torchao's int8 dynamic-activation config when torchao is
-    installed (``pip install -c constraints.txt -e ".[bench]"``). Each compiles in its warm-up call."""
-    from tacdiff.backends.codes import activation_codes
-
-    scale, zero = torch.tensor(0.05), torch.tensor(128.0)
-    ours = torch.compile(lambda rows: matmul(activation_codes(rows, scale, zero, 8)[0], scale, zero - 128))
+    quantize + ``torch._int_mm`` + epilogue (``int8_linear``), and torchao's int8 dynamic-activation config when
+    torchao is installed (``pip install -c constraints.txt -e ".[bench]"``). Each compiles in its warm-up call."""
+    ours = torch.compile(int8_linear)
     rows = [("torch._int_mm, torch.compile", lambda: ours(x), "tacdiff's layer compiled (quantize, epilogue fused)")]
     try:
         import torchao

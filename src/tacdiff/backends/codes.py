@@ -28,9 +28,14 @@ def activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     in ``x``'s dtype), so the codes equal the fake-quant path's exactly.
     """
     half = 2 ** (bits - 1)
-    residual = zero_point - half
+    residual = residual_zero_point(zero_point, bits)
     codes = torch.div(x, scale).round_().add_(residual).clamp_(-half, half - 1)
     return codes.to(torch.int8), residual
+
+
+def residual_zero_point(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """``r = zero_point - 2**(bits-1)``: the zero point left over once unsigned codes are shifted into int8."""
+    return zero_point - 2 ** (bits - 1)
 
 
 def unsigned_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tacdiff.backends.codes import MAX_REDUCTION, activation_codes, exact_int8_cpu, unsigned_codes
+from tacdiff.backends.codes import (MAX_REDUCTION, activation_codes, exact_int8_cpu, residual_zero_point,
+                                    unsigned_codes)
 from tacdiff.backends.int_mm import Epilogue, Int8Matmul
 from tacdiff.backends.onednn import OneDNNConv2d, onednn_available
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantEmbedding, QuantLinear, QuantWeightMixin
@@ -88,7 +89,7 @@ class _IntLayer(nn.Module):
                act.zero_point._version)
         if key not in self._qparams:
             scale, zero_point = (value[segment] for value in act.static_qparams(dtype))
-            epilogue = (self.matmuls[segment].epilogue(scale, zero_point - 2 ** (act.bits - 1))
+            epilogue = (self.matmuls[segment].epilogue(scale, residual_zero_point(zero_point, act.bits))
                         if len(self.matmuls) > segment else None)
             self._qparams[key] = scale, zero_point, epilogue
         return self._qparams[key]

@@ -199,7 +199,8 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
 
 
 def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
-    """The words of ``prompt`` that ``tokenizer`` reads as its unknown token (none for byte-level BPE, such as CLIP's)."""
+    """The words of ``prompt`` that ``tokenizer`` reads as its unknown token (none for byte-level BPE, such as CLIP's,
+    and none without a tokenizer)."""
     unknown = getattr(tokenizer, "unk_token_id", None)
     if unknown is None:
         return []
@@ -210,7 +211,7 @@ def _warn_unknown_words(pipeline: Any, prompts: Sequence[str]) -> None:
     """Warn once per prompt whose words the pipeline's (first) tokenizer does not know: they read as unknown tokens."""
     tokenizer = getattr(pipeline, "tokenizer", None)
     for prompt in dict.fromkeys(prompts):
-        words = unknown_words(tokenizer, prompt) if tokenizer is not None else []
+        words = unknown_words(tokenizer, prompt)
         if words:
             warnings.warn(f"prompt {prompt!r}: {', '.join(map(repr, words))} not in the tokenizer's vocabulary "
                           "(read as an unknown token)", stacklevel=3)
