@@ -75,9 +75,13 @@ def test_dynamic_activation_ranges_survive_the_artifact(model_dir: Path, tmp_pat
     (("--w-bits", "9"), "'--w-bits': a bit width must be an integer in 2..8, got 9"),
     (("--a-bits", "1"), "'--a-bits': a bit width must be an integer in 2..8, got 1"),
     (("--first-last-bits", "16"), "'--first-last-bits': a bit width"),
-    (("--act-range", "entropy"), "act_range"),
-    (("--act-range", "dynamic", "--timestep-groups", "4"), "timestep_groups"),
-    (("--act-block-size", "32"), "act_block_size"),
+    (("--act-range", "entropy"), "--act-range must be one of minmax, percentile, mse, dynamic; got 'entropy'"),
+    (("--act-range", "dynamic", "--timestep-groups", "4"), "--timestep-groups > 1 picks calibrated ranges by "
+                                                           "timestep, and --act-range dynamic has none"),
+    (("--act-block-size", "32"), "--act-block-size takes ranges at run time and needs --act-range dynamic (got "
+                                 "--act-range mse)"),
+    (("--smooth-alpha", "2"), "--smooth-alpha must be a number in [0, 1]"),
+    (("--exclude", "up_block.*"), "exclude pattern 'up_block.*' matches no module"),
     (("--device", "nonsense"), "not a torch device"),
     pytest.param(("--device", "cuda"), "no CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from tacdiff import distributed, interrupts
 from tacdiff.io.atomic import check_writable, report_file
@@ -47,10 +48,14 @@ class _Commands(TyperGroup):
                 raise KeyboardInterrupt from None
             if _debug(ctx):
                 raise
-            _report(_message(error))
+            _report(_in_flags(_message(error), self._subcommand(ctx)))
             raise typer.Exit(2) from None
         finally:
             distributed.shutdown()
+
+    def _subcommand(self, ctx: typer.Context) -> TyperCommand | None:
+        name = ctx.invoked_subcommand or (ctx.protected_args[0] if ctx.protected_args else None)
+        return self.get_command(ctx, name) if name else None
 
 
 def _report(message: str) -> None:
@@ -64,6 +69,19 @@ def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__
 
 def _debug(ctx: typer.Context) -> bool:
     return bool(ctx.meta.get("tacdiff.debug")) or os.environ.get(DEBUG_ENV, "").strip().lower() in TRUE_WORDS
+
+
+def _in_flags(message: str, command: TyperCommand | None) -> str:
+    """``message`` with the command's Python parameter names (those with an underscore, as library errors
+    name them: ``act_block_size``, ``act_range='dynamic'``) replaced by its flags (``--act-block-size``,
+    ``--act-range dynamic``)."""
+    for param in command.params if command else []:
+        if param.param_type_name == "option" and param.name and "_" in param.name:
+            flag = max(param.opts, key=len)
+            message = re.sub(rf"\b{param.name}=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;)]+))",
+                             lambda m: f"{flag} {next(g for g in m.groups() if g is not None)}", message)
+            message = re.sub(rf"\b{param.name}\b", flag, message)
+    return message
 
 
 def _message(error: Exception) -> str:

@@ -26,7 +26,7 @@ from tacdiff.models.loading import (PIPELINE_KEY, PIPELINE_SHA256_KEY, REFERENCE
                                    load_scheduler, scheduler_name)
 from tacdiff.models.pipelines import component, components_sha256, text_encoders
 from tacdiff.models.reference import REFERENCE_MODEL_DIR, bundled_folder, load_reference_model
-from tacdiff.quant import QuantConfig, quant_state, quantize
+from tacdiff.quant import QuantConfig, plan_layers, quant_state, quantize
 from tacdiff.quant.apply import check_finite, quantize_weights_only
 from tacdiff.report import save_grid
 from tacdiff.report.images import IMAGE_CHANNELS, save_png, tile, to_uint8
@@ -105,6 +105,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
                          "model folder it was quantized from")
     model = loaded.model
     check_finite(model, None)
+    plan_layers(model, config)  # a recipe that does not fit the model (an exclude pattern naming nothing) fails now
     parts = {name: _quantize_component(loaded, name, config, model_dir)
              for name in _every_encoder(loaded, components)}
     scheduler = fit_resolution_shift(load_scheduler(scheduler_path, model_dir), model)

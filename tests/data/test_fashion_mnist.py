@@ -86,7 +86,7 @@ def test_truncated_gzip_of_real_file(real_dir: Path, tmp_path: Path) -> None:
 
 
 def test_missing_dir_hints_install(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*--data-dir"):
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*data_dir"):
         load_fashion_mnist("train", tmp_path / "nope")
 
 

@@ -364,6 +364,11 @@ def test_excluding_every_layer_raises(unet: nn.Module) -> None:
         tacdiff.quantize(copy.deepcopy(unet), QuantConfig(act_bits=None, exclude=("*",)), progress=False)
 
 
+def test_exclude_pattern_matching_nothing_raises(unet: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"exclude pattern 'up_block.\*' matches no module.*'conv_in' or '\w"):
+        plan_layers(unet, QuantConfig(exclude=("conv_out", "up_block.*")))
+
+
 def test_quantizing_twice_raises(unet: nn.Module) -> None:
     model = quantized_copy(unet, None, weight_bits=8, act_bits=None)
     with pytest.raises(ValueError, match="already quantized"):

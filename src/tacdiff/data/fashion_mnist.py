@@ -29,8 +29,8 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(
             f"Fashion-MNIST file not found: {path}. Install it with "
-            "`apt-get install dataset-fashion-mnist` or pass --data-dir (data_dir=) "
-            "pointing at a folder with the four *-ubyte.gz files.")
+            "`apt-get install dataset-fashion-mnist` or pass data_dir, a folder with the four *-ubyte.gz "
+            "files.")
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()

@@ -93,6 +93,7 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not layers:
         raise ValueError("model has no Conv2d or Linear layers to quantize")
+    _check_patterns_match(model, config.exclude)
     edges = {layers[0][0], layers[-1][0]} if config.first_last_bits is not None else set()
     splits = skip_concat_splits(model) if config.split_shortcut else {}
     plan = []
@@ -125,6 +126,16 @@ def _untied_embeddings(model: nn.Module) -> list[str]:
         if isinstance(module, nn.Embedding):
             names.setdefault(id(module), []).append(name)
     return [found[0] for found in names.values() if len(found) == 1]
+
+
+def _check_patterns_match(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    """Every exclude pattern names some module of ``model`` (one that matches nothing is most likely a typo)."""
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            nested = [name for name in names if "." in name] or names
+            raise ValueError(f"exclude pattern {pattern!r} matches no module of the model; module names look like "
+                             f"{names[0]!r} or {nested[len(nested) // 2]!r} (fnmatch: * stands for any text)")
 
 
 def _excluded(name: str, config: QuantConfig) -> bool:
