@@ -8,8 +8,9 @@ either does on the bundled model: it quantizes it once (W4A8, round to nearest),
 and thread count on the same calibration trajectories (same seeds), and reports the largest relative change
 of each table against the first setting, plus the x0 PSNR of the corrected model against FP on evaluation
 seeds the fit never saw (sampled at one fixed batch size and thread count, so only the tables differ).
+``--backend int8`` does the same on the integer backend, whose integer sums do not depend on either.
 
-    python benchmarks/batch_invariance.py --batch-sizes 8 16 32 --threads 1 2 --markdown out.md
+    python benchmarks/batch_invariance.py --batch-sizes 8 16 32 --threads 1 2 [--backend int8] --markdown out.md
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
+from tacdiff.backends import use_backend
 from tacdiff.bench import quantized_copy
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac
 from tacdiff.io.atomic import write_text_atomically
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--samples", type=int, default=64, help="Evaluation images (paired with FP).")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--backend", choices=["fake", "int8"], default="fake")
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
 
@@ -57,6 +60,7 @@ def main() -> None:
     scheduler = DDIMScheduler.from_config(ddpm.config)
     quant = quantized_copy(fp, ddpm, (4, 8), CalibrationSettings(32, args.steps, min(25, args.steps), 1),
                            UNCONDITIONAL, QuantConfig(), progress=False)
+    use_backend(quant, args.backend)
     evaluation = dict(num_samples=args.samples, sample_shape=(1, 28, 28), num_inference_steps=args.steps, seed=7,
                       batch_size=32, progress=False)
     settings = [(threads, batch) for threads in args.threads for batch in args.batch_sizes]
@@ -68,7 +72,8 @@ def main() -> None:
                                                progress=False)
     torch.set_num_threads(args.threads[0])
     base_key = settings[0]
-    lines = [f"`benchmarks/batch_invariance.py`: bundled model W4A8 (RTN), TAC defaults fitted on "
+    lines = [f"`benchmarks/batch_invariance.py --backend {args.backend}`: bundled model W4A8 (RTN) on the "
+             f"{args.backend} backend, TAC defaults fitted on "
              f"{args.calib_samples} trajectories (the same seeds), DDIM {args.steps}; x0 PSNR of the corrected "
              f"model against FP on {args.samples} evaluation images (other seeds, batch 32, "
              f"{args.threads[0]} thread). Change: max |table - table at {base_key[0]} thread(s), batch "

@@ -134,33 +134,42 @@ def _compiled_linears(x: torch.Tensor, weight: torch.Tensor, int8_linear: Callab
                     f"torchao {torchao.__version__}: its own recipe (per-token dynamic activations, symmetric weights)")]
 
 
-def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50) -> str:
+def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches: tuple[int, ...] = ()) -> str:
     """Sampling time of the bundled model, FP32 against W8A8 + TAC on the fake and the int8 backend (each
-    sampled alone), and the x0 PSNR each reaches against FP (paired run); the fake model at half the
-    batch size shows how far the PSNR moves with float summation order alone."""
+    sampled alone, at ``batch``), and the x0 PSNR against FP (paired run) of each backend with TAC tables fitted
+    on either backend, on images held out from the tables' calibration; with ``psnr_batches``, also at those batch
+    sizes (only the float summation order changes) with the tables of the backend's own."""
     from tacdiff.correction.workflow import calibrate_artifact
     from tacdiff.evaluation import evaluate
     from tacdiff.models.reference import REFERENCE_MODEL_DIR
     from tacdiff.quant import QuantConfig
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
-    lines = [f"DDIM {steps}, {samples} images, batch {batch} unless noted",
-             "", "| model | backend | tables | sampling s | x fp32 | x0 PSNR dB |", "|---|---|---|---|---|---|"]
+    backends, calibration_seed, seed = ("fake", "int8"), 0, 1
+    lines = [f"DDIM {steps}, {samples} images (seed {seed}; the tables were fitted on 64 trajectories of seed "
+             f"{calibration_seed}), batch {batch} unless noted", "",
+             "| model | backend | tables fitted on | sampling s | x fp32 | x0 PSNR dB |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="tacdiff-e2e-") as tmp:
-        artifact, tables = Path(tmp) / "w8a8", Path(tmp) / "tac.safetensors"
+        artifact = Path(tmp) / "w8a8"
         quantize_dir(REFERENCE_MODEL_DIR, artifact, QuantConfig(weight_bits=8, act_bits=8),
                      calibration=CalibrationSettings(64, 50, 25, 0), progress=False)
-        calibrate_artifact(artifact, "reference", tables, steps=steps, samples=64, progress=False)
-        common = dict(steps=steps, samples=samples, progress=False)
+        tables = {backend: Path(tmp) / f"tac-{backend}.safetensors" for backend in backends}
+        for backend, path in tables.items():
+            calibrate_artifact(artifact, "reference", path, steps=steps, samples=64, seed=calibration_seed,
+                               backend=backend, progress=False)
+        common = dict(steps=steps, samples=samples, seed=seed, progress=False)
         fp_seconds = evaluate("reference", batch_size=batch, **common)["sampling_seconds"]
         lines.append(f"| reference | fp32 | - | {fp_seconds:.1f} | 1.00 | - |")
-        for backend, size in (("fake", batch), ("fake", batch // 2), ("int8", batch)):
-            alone = evaluate(artifact, tables=tables, backend=backend, batch_size=size, **common)
-            paired = evaluate(artifact, fp_model="reference", tables=tables, backend=backend, batch_size=size,
-                              **common)
-            note = "" if size == batch else f" (batch {size})"
-            lines.append(f"| W8A8 | {backend}{note} | TAC | {alone['sampling_seconds']:.1f} | "
-                         f"{fp_seconds / alone['sampling_seconds']:.2f} | {paired['x0_psnr']:.2f} |")
+        for backend in backends:
+            seconds = evaluate(artifact, tables=tables[backend], backend=backend, batch_size=batch,
+                               **common)["sampling_seconds"]
+            runs = [(fitted, batch) for fitted in backends] + [(backend, size) for size in psnr_batches]
+            for fitted, size in runs:
+                timing = f"{seconds:.1f} | {fp_seconds / seconds:.2f}" if (fitted, size) == (backend, batch) else "- | -"
+                paired = evaluate(artifact, fp_model="reference", tables=tables[fitted], backend=backend,
+                                  batch_size=size, **common)
+                note = "" if size == batch else f" (batch {size})"
+                lines.append(f"| W8A8 + TAC | {backend}{note} | {fitted} | {timing} | {paired['x0_psnr']:.2f} |")
     return "\n".join(lines)
 
 
@@ -175,6 +184,8 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--end-to-end-samples", type=int, default=64, help="Images per end-to-end row (batch 64).")
+    parser.add_argument("--end-to-end-psnr-batches", type=int, nargs="*", default=[],
+                        help="Further batch sizes for the end-to-end x0 PSNR of both backends (no timing).")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -201,7 +212,7 @@ def main() -> None:
         sections.append(kernel_table())
         print(sections[-1], flush=True)
     if args.end_to_end:
-        sections.append(end_to_end(args.end_to_end_samples))
+        sections.append(end_to_end(args.end_to_end_samples, psnr_batches=tuple(args.end_to_end_psnr_batches)))
         print(sections[-1], flush=True)
     text = "\n\n".join(sections) + "\n"
     if args.markdown:

@@ -7,7 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+import tacdiff.bench as bench_module
+from tacdiff.backends.codes import exact_int8_cpu
+from tacdiff.backends.int8 import is_converted
 from tacdiff.bench import METHODS, ROW_KEYS, parse_bits, run_bench
+from tacdiff.correction.calibrate import fit_tables
 from tacdiff.cli import app
 
 
@@ -58,6 +62,20 @@ def test_gptq_rounding_lowers_the_ptq_error():
     rtn, gptq = (next(r for r in run_bench(weight_rounding=rounding, **settings) if r["method"] == "ptq")
                  for rounding in ("rtn", "gptq"))
     assert gptq["x0_mse"] < rtn["x0_mse"]
+
+
+def test_tables_are_fitted_on_the_backend_the_rows_run_on(monkeypatch):
+    fitted_on = []
+
+    def recording(method, fp, quant, *args, **kwargs):
+        fitted_on.append(is_converted(quant))
+        return fit_tables(method, fp, quant, *args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "fit_tables", recording)
+    rows = run_bench(bits=("w8a8",), steps=(3,), methods=("fp", "ptq", "tac"), samples=4, calib_samples=4,
+                     batch_size=4, backend="int8", progress=False)
+    assert [r["method"] for r in rows] == ["fp", "ptq", "tac"]
+    assert fitted_on == [exact_int8_cpu()]
 
 
 def test_bad_weight_rounding_is_a_clear_error():

@@ -180,13 +180,13 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
 
         candidates = [Method(FP_BITS, "fp", timed(ModelDenoiser(fp, scheduler)), 0.0)]
         for name in names:
-            quant, quant_seconds = quantized[name]
+            quant_seconds = quantized[name][1]
             runs = ModelDenoiser(executed[name], scheduler)
             candidates.append(Method(name, "ptq", timed(runs), quant_seconds))
             for method in (m for m in CORRECTED if m in wanted):
                 _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
-                tables, seconds = timed_call(dev, lambda method=method, quant=quant: fit_tables(
-                    method, fp, quant, scheduler, options=options, num_inference_steps=count,
+                tables, seconds = timed_call(dev, lambda method=method, runs=runs: fit_tables(
+                    method, fp, runs.model, scheduler, options=options, num_inference_steps=count,
                     num_samples=calib_samples, batch_size=batch_size, seed=calib_seed, cond=conditioning,
                     progress=progress))
                 candidates.append(Method(name, method, timed(CorrectedDenoiser(runs, tables)), seconds))
@@ -247,8 +247,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
             setting on a CPU).
         model: ``"reference"`` or a full-precision diffusers model or pipeline folder.
         prompts: prompts, negative prompt and guidance scale of text-to-image pipelines.
-        backend: how the quantized models execute when sampled (:func:`tacdiff.backends.use_backend`);
-            tables are fitted on the fake-quant model and apply unchanged.
+        backend: how the quantized models execute (:func:`tacdiff.backends.use_backend`), when the tables are
+            fitted and when they are sampled.
         act_range, smooth_alpha, timestep_groups: PTQ's activation ranges, channel balancing and range groups
             over timesteps (:class:`QuantConfig`).
         tac_options: TAC's hyper-parameters for the ``tac``, ``ner`` and ``ibc`` rows (keywords of

@@ -523,6 +523,10 @@ def calibrate(
     guidance_fit: str = GUIDANCE_FIT,
     ner_bias: bool = NER_BIAS,
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda.", callback=_device),
+    backend: str = typer.Option("fake", "--backend", callback=_backend,
+                                help="How the quantized model runs while fitting: fake, int8 or auto. The tables "
+                                     "apply on any backend but fit the one they were fitted on best: fit on the "
+                                     "backend you sample with."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it is a tables file tacdiff wrote (nothing else)."),
     plot: str = typer.Option(None, "--plot", help="Also draw the tables here (e.g. .png): a heat map of the output "
                                                   "scales over steps x channels, and IBC's bias size per step."),
@@ -539,7 +543,8 @@ def calibrate(
                                       gamma=gamma, tau=tau, ibc=ibc, ibc_target=ibc_target, guidance_fit=guidance_fit,
                                       ner_bias=ner_bias,
                                       prompts=_prompt_options(prompt, prompts_file, negative_prompt, guidance_scale),
-                                      device=device, overwrite=overwrite, progress=_progress(quiet))
+                                      device=device, backend=backend, overwrite=overwrite,
+                                      progress=_progress(quiet))
     typer.echo(f"{tables.method}: {tables.describe()}; wrote {path}")
     if plot:
         title = f"{Path(quant_artifact).name}, {tables.scheduler_class} {steps}"

@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 from typer.testing import CliRunner
 
+from tacdiff.backends.codes import exact_int8_cpu
 from tacdiff.cli import app, calibrate
 from tacdiff.correction import CorrectionTables
 from tacdiff.correction.calibrate import DEFAULT_GAMMA, DEFAULT_IBC, DEFAULT_IBC_TARGET, DEFAULT_LAM, DEFAULT_TAU
@@ -49,6 +50,22 @@ def test_calibrate_writes_tables(folders: Path, method: str) -> None:
     assert tables.method == method and tables.num_inference_steps == 3 and tables.scheduler_class == "DDIMScheduler"
     assert tables.metadata["weight_bits"] == 4 and str(out) in output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(plot) in output
+
+
+@pytest.mark.skipif(not exact_int8_cpu(), reason="no int8 layers run on a CPU without VNNI or AMX")
+def test_calibrate_fits_the_tables_on_the_backend_it_is_given(folders: Path) -> None:
+    fitted = {}
+    for backend in ("fake", "int8"):
+        out = folders / f"on-{backend}.safetensors"
+        code, output = invoke("calibrate", str(folders / "w4a8"), "--fp-model", str(folders / "fp"), "--out",
+                              str(out), "--backend", backend, "--steps", "3", "--samples", "4", "--batch-size", "2",
+                              "--quiet")
+        assert code == 0, output
+        fitted[backend] = CorrectionTables.load(out)
+        assert fitted[backend].metadata["backend"] == backend
+    fake, int8 = fitted["fake"], fitted["int8"]
+    assert not torch.equal(fake.input_bias, int8.input_bias)  # the int8 trajectories differ in the last bits
+    assert (fake.out_scale - int8.out_scale).abs().max() < 0.05 * fake.out_scale.abs().max()  # the same model
 
 
 @pytest.mark.parametrize("change, message", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,15 @@ def test_inconsistent_tables_raise(w4a8_unet: nn.Module, ddim_tables: Correction
     bare = ModelDenoiser(w4a8_unet).__call__  # a denoiser without a model to check: the samples are checked
     with pytest.raises(ValueError, match="2 channels but the samples have 3"):
         CorrectedDenoiser(bare, two_channel)(x, t)
+
+
+def test_tables_fitted_on_another_backend_warn(w4a8_unet: nn.Module, ddim_tables: CorrectionTables) -> None:
+    assert ddim_tables.metadata["backend"] == "fake"  # the fake-quant model they were fitted on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CorrectedDenoiser(ModelDenoiser(w4a8_unet), ddim_tables)
+    int8_fitted = copy.copy(ddim_tables)
+    int8_fitted.metadata = {**ddim_tables.metadata, "backend": "int8"}
+    with pytest.warns(UserWarning, match="fitted with the model running on the int8 backend, and it now runs on "
+                                         "fake.*tacdiff calibrate --backend fake"):
+        CorrectedDenoiser(ModelDenoiser(w4a8_unet), int8_fitted)

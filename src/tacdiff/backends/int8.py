@@ -207,3 +207,8 @@ def to_int8(layer: QuantWeightMixin) -> Int8Linear | Int8Conv2d | Int8Embedding:
 def is_converted(model: nn.Module) -> bool:
     """Whether any layer of ``model`` runs on the int8 path."""
     return any(isinstance(m, INT_LAYERS) for m in model.modules())
+
+
+def backend_of(model: nn.Module) -> str:
+    """``"int8"`` when any layer of ``model`` runs on the int8 path, else ``"fake"``."""
+    return "int8" if is_converted(model) else "fake"

@@ -38,6 +38,7 @@ import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 from torch import Tensor, nn
 
+from tacdiff.backends.int8 import backend_of
 from tacdiff.correction.ibc import BiasSum, Granularity, check_granularity
 from tacdiff.correction.ner import AbsMean, NERStats, check_ner_params
 from tacdiff.correction.ptqd import PTQDStats
@@ -214,7 +215,7 @@ def _ptqd_step(x_hat: Tensor, x_fp: Tensor, r: Tensor, t: float, quant: Callable
 
 
 def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
-    """FP model hash, sample shape and the quantized model's bits (when tacdiff quantized it)."""
+    """FP model hash, sample shape and the quantized model's bits and backend (when tacdiff quantized it)."""
     from tacdiff.quant.apply import quant_state
 
     meta: dict[str, Any] = {"fp_model_sha256": state_dict_sha256(fp_model),
@@ -223,7 +224,8 @@ def _provenance(fp_model: nn.Module, quant_model: nn.Module) -> dict[str, Any]:
         config = quant_state(quant_model).config
     except ValueError:
         return meta
-    return {**meta, "weight_bits": config.weight_bits, "act_bits": config.act_bits, "quant_config": config.to_json()}
+    return {**meta, "weight_bits": config.weight_bits, "act_bits": config.act_bits, "quant_config": config.to_json(),
+            "backend": backend_of(quant_model)}
 
 
 def _fit(method: str, step: Callable[..., tuple[_Row, Tensor]], fp_model: nn.Module, quant_model: nn.Module,

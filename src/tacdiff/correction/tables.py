@@ -33,6 +33,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 import tacdiff
+from tacdiff.backends.int8 import backend_of
 from tacdiff.io.atomic import is_regular_file, write_file_atomically
 from tacdiff.io.formats import read_safetensors, safetensors_format, save_safetensors
 from tacdiff.quant.apply import STATE_ATTR, QuantState
@@ -188,6 +189,11 @@ class CorrectionTables:
             warnings.warn("these correction tables record no provenance (FP-model hash, quantization config, "
                           "sample shape), so tacdiff cannot check that they belong to this model", stacklevel=2)
         _refuse(_model_mismatches(self.metadata, model), "this model", force)
+        fitted, running = self.metadata.get("backend"), backend_of(model)
+        if fitted is not None and fitted != running:
+            warnings.warn(f"these tables were fitted with the model running on the {fitted} backend, and it now runs "
+                          f"on {running}: they apply, but fit the backend they were fitted on best (fit them with "
+                          f"`tacdiff calibrate --backend {running}`)", stacklevel=2)
 
     def check_conditioning(self, record: dict[str, Any], *, force: bool = False) -> None:
         """Raise ``ValueError`` unless ``record`` (a :class:`~tacdiff.sampling.conditioning.Conditioning`'s

@@ -22,7 +22,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
                        tau: float = DEFAULT_TAU, ibc: Granularity = DEFAULT_IBC,
                        ibc_target: str = DEFAULT_IBC_TARGET, guidance_fit: str = DEFAULT_GUIDANCE_FIT,
                        ner_bias: bool = False, prompts: PromptOptions = PromptOptions(),
-                       device: str = "cpu", overwrite: bool = False,
+                       device: str = "cpu", backend: str = "fake", overwrite: bool = False,
                        progress: bool = True) -> tuple[Path, CorrectionTables]:
     """Calibrate correction tables for the quantized artifact folder against its FP model; write ``out``.
 
@@ -33,6 +33,9 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     classifier-free guidance: the tables correct the guided estimate (or each branch, with
     ``guidance_fit="branch"``) and record the guidance scale, which
     :meth:`CorrectionTables.check_conditioning` compares, and the prompt-set hash.
+    ``backend``: how the quantized model runs while the tables are fitted (:func:`tacdiff.backends.use_backend`);
+    tables apply on any backend, but fit the one they were fitted on best (recorded in their metadata: ``"int8"``
+    where any layer ran on integer kernels, else ``"fake"``).
     """
     if method not in CALIBRATORS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CALIBRATORS)}")
@@ -49,7 +52,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     if fp.quantized:
         raise ValueError(f"--fp-model {fp_model} is a quantized artifact; pass the full-precision model")
     check_source(meta, fp.model, fp_model)
-    quant = load_any_model(quant_artifact, device)
+    quant = load_any_model(quant_artifact, device, backend)
     config = quant.scheduler_config or fp.scheduler_config
     sched = build_scheduler(scheduler, config, fp.model)
     # the artifact's own components (a quantized text encoder, if any) make the embeddings both models see
