@@ -54,8 +54,7 @@ class _Commands(TyperGroup):
             distributed.shutdown()
 
     def _subcommand(self, ctx: typer.Context) -> TyperCommand | None:
-        name = ctx.invoked_subcommand or (ctx.protected_args[0] if ctx.protected_args else None)
-        return self.get_command(ctx, name) if name else None
+        return self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
 
 
 def _report(message: str) -> None:
