@@ -8,7 +8,8 @@ either does on the bundled model: it quantizes it once (W4A8, round to nearest),
 and thread count on the same calibration trajectories (same seeds), and reports the largest relative change
 of each table against the first setting, plus the x0 PSNR of the corrected model against FP on evaluation
 seeds the fit never saw (sampled at one fixed batch size and thread count, so only the tables differ).
-``--backend int8`` does the same on the integer backend, whose integer sums do not depend on either.
+``--backend int8`` does the same on the integer backend: its integer sums do not depend on either, but the
+layers that stay float (the first convolution, the attention matmuls, normalisation) still can.
 
     python benchmarks/batch_invariance.py --batch-sizes 8 16 32 --threads 1 2 [--backend int8] --markdown out.md
 """

@@ -145,9 +145,9 @@ def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches
     from tacdiff.quant import QuantConfig
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
-    backends, calibration_seed, seed = ("fake", "int8"), 0, 1
-    lines = [f"DDIM {steps}, {samples} images (seed {seed}; the tables were fitted on 64 trajectories of seed "
-             f"{calibration_seed}), batch {batch} unless noted", "",
+    backends, calibration_samples, calibration_seed, seed = ("fake", "int8"), 64, 0, 1
+    lines = [f"DDIM {steps}, {samples} images (seed {seed}; the tables were fitted on {calibration_samples} "
+             f"trajectories of seed {calibration_seed}), batch {batch} unless noted", "",
              "| model | backend | tables fitted on | sampling s | x fp32 | x0 PSNR dB |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="tacdiff-e2e-") as tmp:
         artifact = Path(tmp) / "w8a8"
@@ -155,8 +155,8 @@ def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches
                      calibration=CalibrationSettings(64, 50, 25, 0), progress=False)
         tables = {backend: Path(tmp) / f"tac-{backend}.safetensors" for backend in backends}
         for backend, path in tables.items():
-            calibrate_artifact(artifact, "reference", path, steps=steps, samples=64, seed=calibration_seed,
-                               backend=backend, progress=False)
+            calibrate_artifact(artifact, "reference", path, steps=steps, samples=calibration_samples,
+                               seed=calibration_seed, backend=backend, progress=False)
         common = dict(steps=steps, samples=samples, seed=seed, progress=False)
         fp_seconds = evaluate("reference", batch_size=batch, **common)["sampling_seconds"]
         lines.append(f"| reference | fp32 | - | {fp_seconds:.1f} | 1.00 | - |")
