@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import tacdiff
-from tacdiff.bench import parse_bits
+from tacdiff.quant.config import parse_bits
 from tacdiff.correction import CorrectedDenoiser, calibrate_tac
 from tacdiff.data.prompts import read_prompts
 from tacdiff.io.atomic import write_text_atomically

@@ -14,7 +14,8 @@ Models:
 
 For every setting (W8A8, W6A8, W4A8, W3A8, weight-only W8 and W4 with calibrated MSE activation
 ranges; W8A8 and W4A8 with dynamic activation ranges, and with block-scaled dynamic ranges,
-one per token and block of 32 channels), or the ``--rtn-settings``, with
+one per token and block of 32 channels; W8A8 and W4A8 with symmetric weights, the recipe whose 8-bit
+weights the int8 backend runs without a zero-point channel), or the ``--rtn-settings``, with
 round-to-nearest, for the ``--gptq-settings`` of the ``--gptq-models`` with GPTQ rounding, and
 for the ``--adaround-settings`` of the ``--adaround-models`` with learned rounding, it prints
 one markdown table row: the output SQNR in dB against the FP model on held-out inputs (other
@@ -46,11 +47,12 @@ from tacdiff.models.reference import load_reference_model
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
 
 CIFAR_DIR = Path("/work/shared/configs/ddpm-cifar10-32")
-# (label, weight bits, activation bits, activation ranges, activation block size)
-SETTINGS = [("W8A8", 8, 8, "mse", None), ("W6A8", 6, 8, "mse", None), ("W4A8", 4, 8, "mse", None),
-            ("W3A8", 3, 8, "mse", None), ("W8", 8, None, "mse", None), ("W4", 4, None, "mse", None),
-            ("W8A8 dynamic", 8, 8, "dynamic", None), ("W4A8 dynamic", 4, 8, "dynamic", None),
-            ("W8A8 block32", 8, 8, "dynamic", 32), ("W4A8 block32", 4, 8, "dynamic", 32)]
+# (label, weight bits, activation bits, activation ranges, activation block size, symmetric weights)
+SETTINGS = [("W8A8", 8, 8, "mse", None, False), ("W6A8", 6, 8, "mse", None, False), ("W4A8", 4, 8, "mse", None, False),
+            ("W3A8", 3, 8, "mse", None, False), ("W8", 8, None, "mse", None, False), ("W4", 4, None, "mse", None, False),
+            ("W8A8 dynamic", 8, 8, "dynamic", None, False), ("W4A8 dynamic", 4, 8, "dynamic", None, False),
+            ("W8A8 block32", 8, 8, "dynamic", 32, False), ("W4A8 block32", 4, 8, "dynamic", 32, False),
+            ("W8A8 symmetric", 8, 8, "mse", None, True), ("W4A8 symmetric", 4, 8, "mse", None, True)]
 
 
 @dataclass
@@ -199,11 +201,11 @@ def run(args: argparse.Namespace) -> None:
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         profiled = None
         for method, labels in rounding_plan(name, args):
-            for label, w_bits, a_bits, act_range, block in SETTINGS:
+            for label, w_bits, a_bits, act_range, block, symmetric in SETTINGS:
                 if label not in labels:
                     continue
                 config = tacdiff.QuantConfig(weight_bits=w_bits, act_bits=a_bits, act_range=act_range,
-                                             act_block_size=block, weight_rounding=method,
+                                             act_block_size=block, weight_symmetric=symmetric, weight_rounding=method,
                                              adaround_iters=args.adaround_iters)
                 model = copy.deepcopy(work.model)
                 synchronize(device)

@@ -134,24 +134,33 @@ def _compiled_linears(x: torch.Tensor, weight: torch.Tensor, int8_linear: Callab
                     f"torchao {torchao.__version__}: its own recipe (per-token dynamic activations, symmetric weights)")]
 
 
-def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches: tuple[int, ...] = ()) -> str:
-    """Sampling time of the bundled model, FP32 against W8A8 + TAC on the fake and the int8 backend (each
+def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches: tuple[int, ...] = (),
+               setting: str = "w8a8") -> str:
+    """Sampling time of the bundled model, FP32 against ``setting`` + TAC on the fake and the int8 backend (each
     sampled alone, at ``batch``), and the x0 PSNR against FP (paired run) of each backend with TAC tables fitted
-    on either backend, on images held out from the tables' calibration; with ``psnr_batches``, also at those batch
-    sizes (only the float summation order changes) with the tables of the backend's own."""
+    on either backend, on images held out from the tables' calibration, with each row's PSNR gap to the fake
+    backend with fake-fitted tables (same images) and its 95% bootstrap interval over images; with
+    ``psnr_batches``, also at those batch sizes (only the float summation order changes) with the tables of the
+    backend's own."""
     from tacdiff.correction.workflow import calibrate_artifact
     from tacdiff.evaluation import evaluate
+    from tacdiff.metrics import psnr_gap
     from tacdiff.models.reference import REFERENCE_MODEL_DIR
     from tacdiff.quant import QuantConfig
+    from tacdiff.speed import parse_setting
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
+    weight_bits, act_bits, symmetric = parse_setting(setting)
     backends, calibration_samples, calibration_seed, seed = ("fake", "int8"), 64, 0, 1
     lines = [f"DDIM {steps}, {samples} images (seed {seed}; the tables were fitted on {calibration_samples} "
-             f"trajectories of seed {calibration_seed}), batch {batch} unless noted", "",
-             "| model | backend | tables fitted on | sampling s | x fp32 | x0 PSNR dB |", "|---|---|---|---|---|---|"]
+             f"trajectories of seed {calibration_seed}), batch {batch} unless noted; gap: x0 PSNR minus the fake "
+             "backend's with fake-fitted tables on the same images, [95% bootstrap interval over images]", "",
+             "| model | backend | tables fitted on | sampling s | x fp32 | x0 PSNR dB | gap dB |",
+             "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="tacdiff-e2e-") as tmp:
-        artifact = Path(tmp) / "w8a8"
-        quantize_dir(REFERENCE_MODEL_DIR, artifact, QuantConfig(weight_bits=8, act_bits=8),
+        artifact = Path(tmp) / setting
+        quantize_dir(REFERENCE_MODEL_DIR, artifact, QuantConfig(weight_bits=weight_bits, act_bits=act_bits,
+                                                                weight_symmetric=symmetric),
                      calibration=CalibrationSettings(64, 50, 25, 0), progress=False)
         tables = {backend: Path(tmp) / f"tac-{backend}.safetensors" for backend in backends}
         for backend, path in tables.items():
@@ -159,7 +168,8 @@ def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches
                                seed=calibration_seed, backend=backend, progress=False)
         common = dict(steps=steps, samples=samples, seed=seed, progress=False)
         fp_seconds = evaluate("reference", batch_size=batch, **common)["sampling_seconds"]
-        lines.append(f"| reference | fp32 | - | {fp_seconds:.1f} | 1.00 | - |")
+        lines.append(f"| reference | fp32 | - | {fp_seconds:.1f} | 1.00 | - | - |")
+        base = None
         for backend in backends:
             seconds = evaluate(artifact, tables=tables[backend], backend=backend, batch_size=batch,
                                **common)["sampling_seconds"]
@@ -168,8 +178,11 @@ def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches
                 timing = f"{seconds:.1f} | {fp_seconds / seconds:.2f}" if (fitted, size) == (backend, batch) else "- | -"
                 paired = evaluate(artifact, fp_model="reference", tables=tables[fitted], backend=backend,
                                   batch_size=size, **common)
+                base = base or paired["x0_mse_per_image"]  # the first row: fake backend, fake-fitted tables
+                gap = "%+.2f [%+.2f, %+.2f]" % psnr_gap(base, paired["x0_mse_per_image"])
                 note = "" if size == batch else f" (batch {size})"
-                lines.append(f"| W8A8 + TAC | {backend}{note} | {fitted} | {timing} | {paired['x0_psnr']:.2f} |")
+                lines.append(f"| {setting.upper()} + TAC | {backend}{note} | {fitted} | {timing} | "
+                             f"{paired['x0_psnr']:.2f} | {gap} |")
     return "\n".join(lines)
 
 
@@ -184,6 +197,8 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--end-to-end-samples", type=int, default=64, help="Images per end-to-end row (batch 64).")
+    parser.add_argument("--end-to-end-bits", default="w8a8", help="Quantized setting of the end-to-end rows, e.g. "
+                        "w8a8-sym (symmetric weights).")
     parser.add_argument("--end-to-end-psnr-batches", type=int, nargs="*", default=[],
                         help="Further batch sizes for the end-to-end x0 PSNR of both backends (no timing).")
     parser.add_argument("--markdown", type=Path, default=None)
@@ -212,7 +227,8 @@ def main() -> None:
         sections.append(kernel_table())
         print(sections[-1], flush=True)
     if args.end_to_end:
-        sections.append(end_to_end(args.end_to_end_samples, psnr_batches=tuple(args.end_to_end_psnr_batches)))
+        sections.append(end_to_end(args.end_to_end_samples, psnr_batches=tuple(args.end_to_end_psnr_batches),
+                                   setting=args.end_to_end_bits))
         print(sections[-1], flush=True)
     text = "\n\n".join(sections) + "\n"
     if args.markdown:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import tacdiff.bench as bench_module
 from tacdiff.backends.codes import exact_int8_cpu
 from tacdiff.backends.int8 import is_converted
-from tacdiff.bench import METHODS, ROW_KEYS, parse_bits, run_bench
+from tacdiff.bench import METHODS, ROW_KEYS, run_bench
 from tacdiff.correction.calibrate import fit_tables
 from tacdiff.cli import app
 
@@ -82,16 +82,6 @@ def test_bad_weight_rounding_is_a_clear_error():
     result = CliRunner().invoke(app, ["bench", "--weight-rounding", "nearest", "--samples", "8", "--quiet"])
     assert result.exit_code == 2
     assert "--weight-rounding must be one of rtn, gptq, adaround" in result.output, result.output
-
-
-@pytest.mark.parametrize("text", ["w4", "a8w4", "w1a8", "w4a9", ""])
-def test_parse_bits_rejects(text):
-    with pytest.raises(ValueError, match="w4a8"):
-        parse_bits(text)
-
-
-def test_parse_bits():
-    assert parse_bits("W3A8") == (3, 8)
 
 
 def test_tac_options_reach_the_corrected_rows_only():

@@ -10,12 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
-from tacdiff.speed import measure_speed, model_for_speed
+from tacdiff.quant.config import QuantConfig
+from tacdiff.speed import measure_speed, model_for_speed, parse_setting, setting_label
 from tiny_models import tiny_model
 
 
 def test_every_variant_is_timed_and_int8_weights_are_small() -> None:
-    report = measure_speed("tiny", tiny_model("unet"), bits=((4, 8),), batches=(1, 2), repeats=1, progress=False)
+    report = measure_speed("tiny", tiny_model("unet"), bits=("w4a8",), batches=(1, 2), repeats=1, progress=False)
     calls = report["calls"]
     assert [(r["variant"], r["batch"]) for r in calls] == [(v, b) for b in (1, 2) for v in ("fp32", "bf16", "fake",
                                                                                               "int8")]
@@ -43,3 +44,15 @@ def test_bench_speed_command_writes_json(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "speed.json").read_text())
     assert len(report["calls"]) == 4 and len(report["artifacts"]) == 1
     assert "| int8 | w8a8 | 1 |" in result.output
+
+
+@pytest.mark.parametrize("text, expected", [("w8a8", (8, 8, False)), ("W8A8-sym", (8, 8, True)), (" w4a6 ", (4, 6, False))])
+def test_parse_setting(text: str, expected: tuple[int, int, bool]) -> None:
+    assert parse_setting(text) == expected
+    assert setting_label(QuantConfig(*expected[:2], weight_symmetric=expected[2])) == text.strip().lower()
+
+
+@pytest.mark.parametrize("text", ["w8a8sym", "w8a8-symmetric", "sym", "w9a8-sym"])
+def test_parse_setting_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="w8a8-sym"):
+        parse_setting(text)

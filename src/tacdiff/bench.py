@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -59,6 +58,7 @@ from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import (AUTO_SCHEDULER, FLOW_SCHEDULER, REFERENCE, build_scheduler, check_settings,
                                    load_any_model, resolve_scheduler)
 from tacdiff.quant import QuantConfig, quantize
+from tacdiff.quant.config import parse_bits
 from tacdiff.report import save_grid
 from tacdiff.sampling.batching import derive_seed
 from tacdiff.sampling.conditioning import Conditioning, PromptOptions, conditioning_for
@@ -73,16 +73,6 @@ FP_BITS = "fp"
 GRID_SAMPLES = 10
 """Images per method kept for the sample grid (with the default Fashion prompts, one per class)."""
 NUM_TRAIN_TIMESTEPS = 1000
-_BITS = re.compile(r"^w(\d)a(\d)$")
-
-
-def parse_bits(text: str) -> tuple[int, int]:
-    """``"w4a8"`` -> ``(4, 8)``; ``ValueError`` naming the value unless it is ``w<2..8>a<2..8>``."""
-    match = _BITS.match(text.strip().lower())
-    if match is None or not all(2 <= int(b) <= 8 for b in match.groups()):
-        raise ValueError(f"bits must look like w4a8 (weight and activation bits each 2..8), got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
 
 @dataclass
 class BenchResult:

@@ -284,6 +284,8 @@ def quantize(
     weight_rounding: str = typer.Option("rtn", help="rtn (round to nearest), gptq (error-compensating, "
                                                     "seconds) or adaround (learned, minutes)."),
     weight_range: str = typer.Option("mse", help="Weight clipping: minmax, percentile or mse."),
+    weight_symmetric: bool = typer.Option(False, help="Symmetric weight ranges (zero at code 2^(bits-1)): at 8 bits "
+                                                      "the int8 backend then needs no zero-point channel (faster)."),
     act_range: str = typer.Option("mse", help="Activation range: minmax, percentile or mse (calibrated), or "
                                               "dynamic (min-max at run time, per token or per sample)."),
     act_block_size: int = typer.Option(0, help="With --act-range dynamic: one range per token and block of this "
@@ -326,11 +328,11 @@ def quantize(
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
     config = QuantConfig(weight_bits=w_bits, act_bits=a_bits or None, weight_rounding=weight_rounding,
-                         weight_range=weight_range, act_range=act_range, act_block_size=act_block_size or None,
-                         smooth_alpha=smooth_alpha, timestep_groups=timestep_groups,
-                         first_last_bits=first_last_bits or None, quantize_embeddings=quantize_embeddings,
-                         exclude=tuple(exclude), split_shortcut=split_shortcut, adaround_iters=adaround_iters,
-                         seed=seed)
+                         weight_range=weight_range, weight_symmetric=weight_symmetric, act_range=act_range,
+                         act_block_size=act_block_size or None, smooth_alpha=smooth_alpha,
+                         timestep_groups=timestep_groups, first_last_bits=first_last_bits or None,
+                         quantize_embeddings=quantize_embeddings, exclude=tuple(exclude), split_shortcut=split_shortcut,
+                         adaround_iters=adaround_iters, seed=seed)
     if calib_kept_steps > calib_steps:
         raise ValueError(f"--calib-kept-steps {calib_kept_steps} is more than the {calib_steps} steps of each "
                          "calibration trajectory; pass --calib-kept-steps <= --calib-steps")
@@ -629,7 +631,8 @@ def bench_speed(
                                     "diffusers model or pipeline folder, or a folder holding only a model "
                                     "config.json (random weights)."),
     batch: list[int] = typer.Option([1, 8, 64], "--batch", help="Batch size per call (repeatable)."),
-    bits: list[str] = typer.Option(["w8a8", "w4a8"], "--bits", help="Quantized setting like w4a8 (repeatable)."),
+    bits: list[str] = typer.Option(["w8a8", "w8a8-sym", "w4a8"], "--bits", help="Quantized setting like w4a8; "
+                                   "-sym for symmetric weights, e.g. w8a8-sym (repeatable)."),
     repeats: int = typer.Option(3, help="Least timed calls per variant and batch size (the fastest counts; short "
                                         "calls repeat for 2 s).", callback=_positive),
     json_path: str = typer.Option(None, "--json", help="Write the report here as JSON (atomically)."),
@@ -638,18 +641,18 @@ def bench_speed(
 ) -> None:
     """Time FP32, bf16, fake-quant and int8 per denoiser call side by side; weight and activation memory,
     artifact size against the FP32 file, load time (CPU)."""
-    from tacdiff.bench import parse_bits
     from tacdiff.io.atomic import write_text_atomically
     from tacdiff.report.json import write_json
-    from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
+    from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed, parse_setting
 
-    pairs = tuple(parse_bits(b) for b in bits)
+    for setting in bits:
+        parse_setting(setting)
     if any(b < 1 for b in batch):
         raise typer.BadParameter("batch sizes must be >= 1", param_hint="--batch")
     _check_reports({"JSON file": json_path, "markdown file": markdown}, inputs=[])
     report: dict[str, list] = {"calls": [], "artifacts": []}
     for spec in model:
-        part = measure_speed(spec, model_for_speed(spec), bits=pairs, batches=tuple(batch), repeats=repeats,
+        part = measure_speed(spec, model_for_speed(spec), bits=tuple(bits), batches=tuple(batch), repeats=repeats,
                              progress=_progress(quiet))
         for key in report:
             report[key] += part[key]

@@ -207,6 +207,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         ``kid_std_allconv`` (the two bundled feature spaces; None unless the model makes grayscale images of
         at least 28x28, centre-cropped to it), ``x0_mse``/``x0_psnr``/``x0_ssim``
         (None without ``fp_model``; PSNR with peak-to-peak 2; SSIM of the final images, mean over samples),
+        ``x0_mse_per_image`` (each image's x0 MSE, in sample order; None without ``fp_model``),
         ``per_step`` paired series (or None), ``prompt_accuracy`` and ``prompt_accuracy_per_class``
         (:func:`~tacdiff.metrics.prompt_accuracy.prompt_accuracy`; None unless the images are
         grayscale and every prompt names one Fashion-MNIST class), ``note`` and ``seconds``
@@ -257,6 +258,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         "conditioning": conditioning.record, **scores,
         "x0_mse": None if paired is None else paired.x0_mse, "x0_psnr": None if paired is None else paired.x0_psnr,
         "x0_ssim": None if paired is None else paired.x0_ssim,
+        "x0_mse_per_image": None if paired is None else paired.x0_mse_per_image.tolist(),
         "per_step": None if paired is None else paired.per_step(), "note": note,
         "prompt_accuracy": None if accuracy is None else accuracy["overall"],
         "prompt_accuracy_per_class": None if accuracy is None else accuracy["per_class"],

@@ -32,10 +32,14 @@ from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, save_quantized
 from tacdiff.models.folders import quiet_loading, read_config
 from tacdiff.models.kinds import MODEL_KINDS, example_inputs, sample_shape_of
 from tacdiff.quant.apply import quant_state, quantize
-from tacdiff.quant.config import QuantConfig
+from tacdiff.quant.config import QuantConfig, parse_bits
 from tacdiff.sampling.calibration import CalibrationSet
 
 VARIANTS = ("fp32", "bf16", "fake", "int8")
+SYMMETRIC_SUFFIX = "-sym"
+SETTINGS = ("w8a8", "w8a8-sym", "w4a8")
+"""Default quantized settings: W8A8 with asymmetric weights (the default recipe; the int8 backend adds a zero-point
+channel per layer) and with symmetric ones (none needed), and W4A8 (whose centred codes always fit int8)."""
 
 
 @dataclass
@@ -68,12 +72,27 @@ def random_calibration(model: nn.Module, samples: int = 2, seed: int = 0) -> Cal
     return CalibrationSet(torch.randn(x.shape, generator=generator), t.cpu(), cond)
 
 
-def quantized_for_timing(fp: nn.Module, weight_bits: int, act_bits: int, quantize_embeddings: bool = False
-                         ) -> nn.Module:
-    """A fake-quant copy of ``fp`` (min-max weight ranges, activation ranges from random inputs; embedding tables
-    quantized too with ``quantize_embeddings``)."""
-    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, weight_range="minmax", act_range="minmax",
-                         quantize_embeddings=quantize_embeddings)
+def parse_setting(text: str) -> tuple[int, int, bool]:
+    """``"w4a8"`` -> ``(4, 8, False)``; a ``-sym`` suffix (``"w8a8-sym"``) asks for symmetric weight ranges."""
+    plain = text.strip().lower().removesuffix(SYMMETRIC_SUFFIX)
+    try:
+        return (*parse_bits(plain), plain != text.strip().lower())
+    except ValueError:
+        raise ValueError(f"a setting looks like w4a8, or w8a8{SYMMETRIC_SUFFIX} for symmetric weights (bits 2..8), "
+                         f"got {text!r}") from None
+
+
+def setting_label(config: QuantConfig) -> str:
+    """The :func:`parse_setting` text of ``config``'s bits and weight symmetry."""
+    return f"w{config.weight_bits}a{config.act_bits}" + (SYMMETRIC_SUFFIX if config.weight_symmetric else "")
+
+
+def quantized_for_timing(fp: nn.Module, setting: str, quantize_embeddings: bool = False) -> nn.Module:
+    """A fake-quant copy of ``fp`` at ``setting`` (see :func:`parse_setting`; min-max weight ranges, activation
+    ranges from random inputs; embedding tables quantized too with ``quantize_embeddings``)."""
+    weight_bits, act_bits, symmetric = parse_setting(setting)
+    config = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, weight_symmetric=symmetric,
+                         weight_range="minmax", act_range="minmax", quantize_embeddings=quantize_embeddings)
     return quantize(copy.deepcopy(fp), config, random_calibration(fp), progress=False)
 
 
@@ -135,19 +154,20 @@ def seconds_per_call(model: nn.Module, batch: int, repeats: int = 3, dtype: torc
     return min(times), activation[0]
 
 
-def measure_speed(name: str, fp: nn.Module, *, bits: tuple[tuple[int, int], ...] = ((8, 8), (4, 8)),
+def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
                   batches: tuple[int, ...] = (1, 8, 64), repeats: int = 3, quantize_embeddings: bool = False,
                   progress: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Time every variant of ``fp`` (a registered denoiser in fp32 on the CPU) at every batch size, and
     save and load each quantized setting as an artifact.
 
-    ``bits`` are the (weight, activation) settings quantized for ``fake`` and ``int8`` (embedding tables too with
-    ``quantize_embeddings``); ``fp32`` and ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow
+    ``bits`` are the settings (see :func:`parse_setting`) quantized for ``fake`` and ``int8`` (embedding tables
+    too with ``quantize_embeddings``); ``fp32`` and ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow
     dicts, fp32 first at each batch size], "artifacts": [artifact_row dicts]}``.
     """
     fp_bytes, rows, artifacts = weight_bytes(fp), [], []
     steps = tqdm(total=(2 + 2 * len(bits)) * len(batches), desc=f"speed {name}", disable=not progress)
     baseline: dict[int, float] = {}
+    labels = ["fp"]
 
     def time_variant(model: nn.Module, variant: str, label: str, dtype: torch.dtype, placement: str = "") -> None:
         for batch in batches:
@@ -163,15 +183,16 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[tuple[int, int], ...]
     time_variant(fp, "fp32", "fp", torch.float32)
     time_variant(copy.deepcopy(fp).to(torch.bfloat16), "bf16", "fp", torch.bfloat16)
     with tempfile.TemporaryDirectory(prefix="tacdiff-speed-") as tmp:
-        for w_bits, a_bits in bits:
-            model = quantized_for_timing(fp, w_bits, a_bits, quantize_embeddings)
+        for setting in bits:
+            model = quantized_for_timing(fp, setting, quantize_embeddings)
+            labels.append(setting_label(quant_state(model).config))
+            label = labels[-1]
             artifacts.append(artifact_row(name, fp, model, Path(tmp)))
-            time_variant(model, "fake", f"w{w_bits}a{a_bits}", torch.float32)
+            time_variant(model, "fake", label, torch.float32)
             placement = backend_counts(use_backend(model, "int8"))
-            time_variant(model, "int8", f"w{w_bits}a{a_bits}", torch.float32, placement)
+            time_variant(model, "int8", label, torch.float32, placement)
             del model
     steps.close()
-    labels = ["fp"] + [f"w{w}a{a}" for w, a in bits]
     rows.sort(key=lambda r: (r.batch, labels.index(r.bits), VARIANTS.index(r.variant)))
     return {"calls": [asdict(row) for row in rows], "artifacts": artifacts}
 
@@ -180,7 +201,7 @@ def artifact_row(name: str, fp: nn.Module, fake: nn.Module, tmp: Path) -> dict[s
     """Size of ``fake``'s artifact against ``fp``'s safetensors file (and the ``bits / 32 + 0.03`` target),
     and seconds to load each (the artifact onto the int8 backend)."""
     config = quant_state(fake).config
-    fp_dir, artifact = tmp / f"fp-{id(fp)}", tmp / f"w{config.weight_bits}a{config.act_bits}"
+    fp_dir, artifact = tmp / f"fp-{id(fp)}", tmp / setting_label(config)
     if not fp_dir.exists():
         fp.save_pretrained(fp_dir)
     artifact = save_quantized(fake, artifact, overwrite=True)
@@ -193,7 +214,7 @@ def artifact_row(name: str, fp: nn.Module, fake: nn.Module, tmp: Path) -> dict[s
     load_quantized(artifact, backend="int8")
     load = time.perf_counter() - start
     ratio = (artifact / WEIGHTS_NAME).stat().st_size / fp_file.stat().st_size
-    return {"model": name, "bits": f"w{config.weight_bits}a{config.act_bits}", "fp32_mib": fp_file.stat().st_size / 2**20,
+    return {"model": name, "bits": setting_label(config), "fp32_mib": fp_file.stat().st_size / 2**20,
             "artifact_mib": (artifact / WEIGHTS_NAME).stat().st_size / 2**20, "ratio": ratio,
             "target_ratio": config.weight_bits / 32 + 0.03, "fp32_load_seconds": fp_load, "int8_load_seconds": load}
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 from torch import nn
 
 from tacdiff.backends import use_backend
-from tacdiff.backends.int8 import Int8Conv2d, Int8Embedding, Int8Linear
+from tacdiff.backends.int8 import Int8Conv2d, Int8Embedding, Int8Linear, adds_weight_zero_point
 from tacdiff.io.artifact import save_quantized
 from tacdiff.quant.apply import format_summary
 from tacdiff.quant.layers import QuantConv2d, QuantEmbedding, QuantWeightMixin
@@ -100,6 +101,20 @@ def test_other_recipes_agree_too(config: dict, unet: nn.Module, calibration, hel
     fp, fake, int8 = outputs(unet, held_out), outputs(model, held_out), outputs(twin, held_out)
     assert sqnr_db(fake, int8) >= sqnr_db(fake, _one_at_a_time(model, held_out)) - MARGIN_DB
     assert abs(sqnr_db(fp, fake) - sqnr_db(fp, int8)) <= ACCURACY_DB
+    if config.get("weight_symmetric"):  # 8-bit codes centred on 128 fit int8 as they are
+        assert not adds_weight_zero_point(twin)
+
+
+def test_asymmetric_8bit_weights_add_their_zero_points_back(w8a8: nn.Module, w4a8: nn.Module,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="tacdiff"):
+        twin, _ = _int8_copy(w8a8)
+    assert sum(adds_weight_zero_point(m) for m in twin.modules() if isinstance(m, (Int8Conv2d, Int8Linear))) > 10
+    assert "--weight-symmetric" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tacdiff"):
+        twin, _ = _int8_copy(w4a8)  # centred 4-bit codes always fit int8
+    assert not adds_weight_zero_point(twin) and "--weight-symmetric" not in caplog.text
 
 
 def test_an_uncalibrated_quantizer_keeps_its_layer_fake(w8a8: nn.Module) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 import tacdiff
 from tacdiff.metrics import PairedErrors, PairedStepStats, paired_errors, psnr_db, sqnr_db
-from tacdiff.metrics.paired import ssim_sum
+from tacdiff.metrics.paired import psnr_gap, ssim_sum
 from tacdiff.models.kinds import ModelDenoiser
 from tacdiff.sampling import StepRecord
 from tiny_models import tiny_model
@@ -103,6 +103,7 @@ def test_on_batch_sees_clamped_images_in_order(fp: UNet2DModel, w4: nn.Module) -
     ref, est = torch.cat([r for _, r, _ in seen]), torch.cat([e for _, _, e in seen])
     assert ref.abs().max() <= 1 and est.abs().max() <= 1
     assert result.x0_mse == pytest.approx((est.double() - ref.double()).pow(2).mean().item())
+    assert torch.equal(result.x0_mse_per_image, (est.double() - ref.double()).pow(2).flatten(1).mean(1))
 
 
 def test_sample_noise_is_independent_of_batching() -> None:
@@ -151,3 +152,21 @@ def test_ssim_is_one_for_equal_images_and_falls_with_noise() -> None:
     slightly, badly = (images + s * torch.randn(images.shape, generator=g) for s in (0.05, 0.5))
     assert 4.0 > ssim_sum(images, slightly) > ssim_sum(images, badly)
     assert ssim_sum(images[..., :8, :8], images[..., :8, :8]) == pytest.approx(4.0)  # a window that fits 8 px
+
+
+def test_psnr_gap_is_the_psnr_difference_with_an_interval_around_it() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(200, generator=g, dtype=torch.float64) * 0.01
+    gap, low, high = psnr_gap(base, base / 2)  # half the error everywhere: +3.01 dB on every resample
+    assert gap == pytest.approx(10 * math.log10(2)) and low == pytest.approx(gap) and high == pytest.approx(gap)
+    other = base * torch.exp(torch.randn(200, generator=g, dtype=torch.float64))  # noisy, no change on average
+    gap, low, high = psnr_gap(base, other)
+    assert gap == pytest.approx(psnr_db(other.mean().item()) - psnr_db(base.mean().item()))
+    assert low < gap < high and high - low > 0.1
+    assert psnr_gap(base, other, confidence=0.5)[1] > low  # a narrower interval
+
+
+@pytest.mark.parametrize("base, other", [([1.0, 2.0], [1.0]), ([1.0], [1.0]), ([[1.0, 2.0]], [[1.0, 2.0]])])
+def test_psnr_gap_needs_two_equal_lists(base, other) -> None:
+    with pytest.raises(ValueError, match="equal-length"):
+        psnr_gap(base, other)

@@ -1,4 +1,4 @@
-"""QuantConfig validation and its JSON form (stored in artifact metadata)."""
+"""QuantConfig validation, its JSON form (stored in artifact metadata) and the "w4a8" bits notation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tacdiff.quant.config import QuantConfig
+from tacdiff.quant.config import QuantConfig, parse_bits
 
 INVALID = [
     ("weight_bits", 1), ("weight_bits", 9), ("weight_bits", True), ("weight_bits", 4.0), ("weight_bits", "8"),
@@ -109,3 +109,13 @@ def test_from_json_validates_values() -> None:
 
 def test_from_json_fills_missing_fields_with_defaults() -> None:
     assert QuantConfig.from_json(json.dumps({"weight_bits": 4})) == QuantConfig(weight_bits=4)
+
+
+@pytest.mark.parametrize("text", ["w4", "a8w4", "w1a8", "w4a9", ""])
+def test_parse_bits_rejects(text):
+    with pytest.raises(ValueError, match="w4a8"):
+        parse_bits(text)
+
+
+def test_parse_bits():
+    assert parse_bits("W3A8") == (3, 8)

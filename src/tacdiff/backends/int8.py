@@ -204,6 +204,12 @@ def to_int8(layer: QuantWeightMixin) -> Int8Linear | Int8Conv2d | Int8Embedding:
     return Int8Conv2d(layer) if isinstance(layer, QuantConv2d) else Int8Linear(layer)
 
 
+def adds_weight_zero_point(layer: nn.Module) -> bool:
+    """Whether an int8 layer adds a weight zero point back at run time: 8-bit weight codes whose centred values
+    do not fit int8 (asymmetric ranges), an extra output channel and pass per call (symmetric ones need none)."""
+    return any(getattr(m, "residual_scaled", None) is not None for m in layer.modules())
+
+
 def is_converted(model: nn.Module) -> bool:
     """Whether any layer of ``model`` runs on the int8 path."""
     return any(isinstance(m, INT_LAYERS) for m in model.modules())

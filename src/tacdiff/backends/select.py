@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import tacdiff
-from tacdiff.backends.int8 import is_converted, to_int8, unsupported_reason
+from tacdiff.backends.int8 import adds_weight_zero_point, is_converted, to_int8, unsupported_reason
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.kinds import example_inputs
 from tacdiff.quant.apply import quant_state
@@ -70,6 +70,10 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
     twins = {name: to_int8(layer) for name, layer in layers.items() if reasons[name] is None}  # all built, then swapped
     for name, twin in twins.items():
         model.set_submodule(name, twin)
+    offset = sum(adds_weight_zero_point(twin) for twin in twins.values())
+    if offset:
+        LOG.info("%d int8 layers add their weight zero points back at run time (asymmetric 8-bit weights); "
+                 "quantize with --weight-symmetric (QuantConfig(weight_symmetric=True)) for faster int8", offset)
     execution = {e.name: ATTENTION_REASON for e in state.plan if e.kind == "attention" and e.act_bits}
     for name in layers:
         if reasons[name] is not None:

@@ -11,7 +11,7 @@ from tacdiff.metrics.fid import (
     load_feature_extractor,
     save_reference,
 )
-from tacdiff.metrics.paired import PairedErrors, PairedStepStats, paired_errors, psnr_db, sqnr_db
+from tacdiff.metrics.paired import PairedErrors, PairedStepStats, paired_errors, psnr_db, psnr_gap, sqnr_db
 from tacdiff.metrics.prompt_accuracy import prompt_accuracy
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "paired_errors",
     "prompt_accuracy",
     "psnr_db",
+    "psnr_gap",
     "save_reference",
     "sqnr_db",
 ]

@@ -46,6 +46,25 @@ def psnr_db(mse: float, peak_to_peak: float = PEAK_TO_PEAK) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(peak_to_peak ** 2 / mse)
 
 
+def psnr_gap(base: Sequence[float] | Tensor, other: Sequence[float] | Tensor, *, confidence: float = 0.95,
+             resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """``PSNR(other) − PSNR(base)`` in dB from per-image MSEs of the same images (e.g.
+    :attr:`PairedErrors.x0_mse_per_image` of two runs on the same noise), with a ``confidence`` percentile-bootstrap
+    interval: images are resampled with replacement, in pairs, so that the images both runs find hard count once.
+    Returns ``(gap, low, high)``."""
+    base, other = torch.as_tensor(base, dtype=torch.float64), torch.as_tensor(other, dtype=torch.float64)
+    if base.shape != other.shape or base.dim() != 1 or len(base) < 2:
+        raise ValueError(f"need two equal-length lists of per-image MSEs (2 or more), got shapes {tuple(base.shape)} "
+                         f"and {tuple(other.shape)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    picks = torch.randint(len(base), (resamples, len(base)), generator=torch.Generator().manual_seed(seed))
+    gaps = 10.0 * torch.log10(base[picks].mean(1) / other[picks].mean(1))
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(gaps, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return 10.0 * math.log10(base.mean().item() / other.mean().item()), low, high
+
+
 def ssim_sum(reference: Tensor, estimate: Tensor) -> float:
     """Sum over samples of the SSIM (torchmetrics; Wang et al. 2004) of ``estimate`` against ``reference``,
     images ``(N, C, H, W)`` in [-1, 1] (data range 2), Gaussian window of 11 pixels (the largest odd size
@@ -145,6 +164,8 @@ class PairedErrors:
         timesteps: ``(T,)`` the scheduler timesteps, in sampling order.
         x0_mse: mean over samples and pixels of ``(x̂_0 − x_0)²``, final images clamped to [-1, 1].
         x0_psnr: ``10·log10(2² / x0_mse)`` dB (peak-to-peak 2 for images in [-1, 1]); ``inf`` if equal.
+        x0_mse_per_image: ``(num_samples,)`` each image's mean over pixels of ``(x̂_0 − x_0)²`` (for intervals
+            on paired differences: resample images, not pixels).
         x0_ssim: mean over samples of the final images' SSIM (:func:`ssim_sum`); 1 if equal.
         state_sq_err: ``(T,)`` mean over samples of the per-sample ``‖x̂_t − x_t‖²`` (latents before step t).
         eps_sq_err: ``(T,)`` mean over samples of the per-sample ``‖ε̂_t − ε_t‖²``.
@@ -157,6 +178,7 @@ class PairedErrors:
     x0_mse: float
     x0_psnr: float
     x0_ssim: float
+    x0_mse_per_image: Tensor
     state_sq_err: Tensor
     eps_sq_err: Tensor
     input_bias: Tensor
@@ -193,7 +215,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
         :class:`PairedErrors`; the images are not kept.
     """
     stats = PairedStepStats()
-    sq_err, ssim, elements = 0.0, 0.0, 0
+    sq_err, ssim, elements, per_image = 0.0, 0.0, 0, []
     decoders = decode if isinstance(decode, tuple) else (decode, decode)
     mine = shard(num_samples, batch_size)
     for start, (ref, est) in batched_trajectories(
@@ -202,6 +224,7 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
             dtype=dtype, cond=cond, callback=stats, samples=mine.samples, progress=progress):
         ref, est = (to_images(final if fn is None else fn(final)) for fn, final in zip(decoders, (ref, est)))
         sq_err += (est.double() - ref.double()).pow(2).sum().item()
+        per_image.append((est.double() - ref.double()).pow(2).flatten(1).mean(1).cpu())
         ssim += ssim_sum(ref, est)
         elements += ref.numel()
         if on_batch is not None:
@@ -211,4 +234,5 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
     mse = sq_err / elements
     state_sq, eps_sq = stats.mean_sq_norms()
     return PairedErrors(num_samples, num_inference_steps, torch.tensor(stats.timesteps), mse, psnr_db(mse),
-                        ssim / num_samples, state_sq, eps_sq, stats.mean_input_bias())
+                        ssim / num_samples, mine.gather_rows(torch.cat(per_image)), state_sq, eps_sq,
+                        stats.mean_input_bias())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from tacdiff.quant.primitives import check_bits
 _RANGE_METHODS = ("minmax", "percentile", "mse")
 _ACT_RANGES = (*_RANGE_METHODS, "dynamic")
 _ROUNDINGS = ("rtn", "gptq", "adaround")
+_BITS = re.compile(r"^w(\d)a(\d)$")
 MODULATED_INPUTS = ("*.to_q", "*.to_k", "*.to_v", "*.add_q_proj", "*.add_k_proj", "*.add_v_proj", "*.ff.net.0.proj",
                     "*.ff_context.net.0.proj")
 """Linear layers reading a transformer block's normalised tokens (adaLN-modulated in DiT, PixArt and SD3 blocks;
@@ -174,3 +176,11 @@ def _is_number(value: object) -> bool:
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"w4a8"`` -> ``(4, 8)``; ``ValueError`` naming the value unless it is ``w<2..8>a<2..8>``."""
+    match = _BITS.match(text.strip().lower())
+    if match is None or not all(2 <= int(b) <= 8 for b in match.groups()):
+        raise ValueError(f"bits must look like w4a8 (weight and activation bits each 2..8), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
