@@ -185,8 +185,8 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
     with tempfile.TemporaryDirectory(prefix="tacdiff-speed-") as tmp:
         for setting in bits:
             model = quantized_for_timing(fp, setting, quantize_embeddings)
-            labels.append(setting_label(quant_state(model).config))
-            label = labels[-1]
+            label = setting_label(quant_state(model).config)
+            labels.append(label)
             artifacts.append(artifact_row(name, fp, model, Path(tmp)))
             time_variant(model, "fake", label, torch.float32)
             placement = backend_counts(use_backend(model, "int8"))

@@ -223,8 +223,9 @@ def paired_errors(reference: Denoiser, estimate: Denoiser, scheduler: SchedulerM
             num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, device=device,
             dtype=dtype, cond=cond, callback=stats, samples=mine.samples, progress=progress):
         ref, est = (to_images(final if fn is None else fn(final)) for fn, final in zip(decoders, (ref, est)))
-        sq_err += (est.double() - ref.double()).pow(2).sum().item()
-        per_image.append((est.double() - ref.double()).pow(2).flatten(1).mean(1).cpu())
+        squares = (est.double() - ref.double()).pow(2)
+        sq_err += squares.sum().item()
+        per_image.append(squares.flatten(1).mean(1).cpu())
         ssim += ssim_sum(ref, est)
         elements += ref.numel()
         if on_batch is not None:
