@@ -12,23 +12,13 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
 
+from tacdiff.devices import cpu_name
 from tacdiff.evaluation import evaluate
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else what platform reports."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine(device: str) -> str:

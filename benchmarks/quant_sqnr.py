@@ -43,6 +43,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 import tacdiff
+from tacdiff.devices import cpu_name
 from tacdiff.models.reference import load_reference_model
 from tacdiff.sampling import CalibrationSet, collect_calibration_set
 
@@ -143,15 +144,7 @@ def relative_forward_time(fp: nn.Module, quantized: nn.Module, batch: tuple[torc
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = (f"CPU {cpu} ({torch.get_num_threads()} torch threads, {len(os.sched_getaffinity(0))} "
+    text = (f"CPU {cpu_name()} ({torch.get_num_threads()} torch threads, {len(os.sched_getaffinity(0))} "
             f"cores available); torch {torch.__version__}; diffusers {diffusers.__version__}; "
             f"python {platform.python_version()}; device {device}")
     if device.type == "cuda":

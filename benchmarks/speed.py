@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tacdiff.devices import cpu_name
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
 
@@ -210,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
 
     header = (f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}. Machine: "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+              f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {torch.get_num_threads()} "
               f"threads, torch {torch.__version__}. Speed-ups are against FP32 at the same batch size in this run.")
     sections, report = [header], {"calls": [], "artifacts": []}
     specs = [(name, *MODELS[name]) for name in args.models]

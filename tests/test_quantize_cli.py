@@ -35,12 +35,13 @@ def invoke(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+@pytest.mark.parametrize("rounding, symmetric", [("rtn", False), ("gptq", False), ("rtn", True)])
 def test_quantize_writes_an_artifact_equal_to_quantizing_in_python(model_dir: Path, tmp_path: Path,
-                                                                   rounding: str) -> None:
+                                                                   rounding: str, symmetric: bool) -> None:
     out = tmp_path / "w4a8"
     code, output = invoke("quantize", str(model_dir), "--w-bits", "4", "--a-bits", "8", "--out", str(out),
-                          "--weight-rounding", rounding, *CALIBRATION, "--quiet")
+                          "--weight-rounding", rounding, *(["--weight-symmetric"] if symmetric else []),
+                          *CALIBRATION, "--quiet")
     assert code == 0, output
     assert "W4A8: output SQNR" in output and str(out) in output
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "quantized.safetensors"]
@@ -48,9 +49,10 @@ def test_quantize_writes_an_artifact_equal_to_quantizing_in_python(model_dir: Pa
 
     fp = tiny_model("unet")
     calibration = calibrate_inputs(fp, load_scheduler(None, model_dir), CalibrationSettings(4, 4, 4, 0), progress=False)
-    config = tacdiff.QuantConfig(weight_bits=4, act_bits=8, weight_rounding=rounding)
+    config = tacdiff.QuantConfig(weight_bits=4, act_bits=8, weight_rounding=rounding, weight_symmetric=symmetric)
     expected = tacdiff.quantize(copy.deepcopy(fp), config, calibration, progress=False)
     loaded = load_quantized(out)
+    assert quant_state(loaded).config == config
     x, t, _ = next(calibration.batches(8))
     with torch.no_grad():
         assert torch.equal(loaded(x, t).sample, expected(x, t).sample)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 
@@ -23,3 +26,14 @@ def check_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                          "use cuda:0 or another index below that")
     return parsed
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what ``platform`` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -21,6 +21,7 @@ from torch import nn
 
 import tacdiff
 from tacdiff.backends.int8 import adds_weight_zero_point, is_converted, to_int8, unsupported_reason
+from tacdiff.devices import cpu_name
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.kinds import example_inputs
 from tacdiff.quant.apply import quant_state
@@ -154,7 +155,7 @@ def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
 def _machine(device: torch.device) -> str:
     """The part of a timing's cache key shared by all layers: versions, machine, CPU, threads (and GPU)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return "|".join(map(str, (tacdiff.__version__, KERNELS, torch.__version__, platform.machine(), _cpu_name(),
+    return "|".join(map(str, (tacdiff.__version__, KERNELS, torch.__version__, platform.machine(), cpu_name(),
                               torch.get_num_threads(), gpu)))
 
 
@@ -165,16 +166,6 @@ def _layer_key(layer: nn.Module, x: torch.Tensor) -> str:
     return "|".join(map(str, (type(layer).__name__, layer.extra_repr(), act.dynamic, act.token_dim,
                               layer.w_symmetric, residual, tuple(x.shape), x.dtype,
                               x.is_contiguous(memory_format=torch.channels_last))))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _cache_dir() -> Path:
