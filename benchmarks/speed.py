@@ -1,16 +1,17 @@
 """Speed and memory of quantized execution against FP32, each model in one run (issue 16).
 
 Per model: seconds per denoiser call at each batch size for FP32, bf16, fake-quant and the int8 backend
-(W8A8 and W4A8), weight and activation memory, artifact size against the FP32 safetensors file and load
-time (:func:`tacdiff.speed.measure_speed`, also ``tacdiff bench-speed``). Models: the bundled pixel model,
-the bundled latent reference UNet and DiT (``--pipelines latent-reference dit-reference``, or any pipeline
-folder), and the full-size ``google/ddpm-cifar10-32`` and
+(W8A8 with asymmetric and with symmetric weights, and W4A8), weight and activation memory, artifact size
+against the FP32 safetensors file and load time (:func:`tacdiff.speed.measure_speed`, also ``tacdiff
+bench-speed``). Models: the bundled pixel model, the bundled latent reference UNet and DiT (``--pipelines
+latent-reference dit-reference``, or any pipeline folder), and the full-size ``google/ddpm-cifar10-32`` and
 Stable Diffusion 1.5 UNet configs (random weights). ``--kernels`` times the int8 kernel candidates on single
 layers; ``--end-to-end`` times ``tacdiff sample``'s sampling FP32 against int8 with TAC tables on the
-bundled model, with the x0 PSNR the int8 images reach.
+bundled model, with the x0 PSNR the int8 images reach and its gap to the fake model's (bootstrap interval).
 
 Usage: python benchmarks/speed.py [--models reference cifar10 sd15] [--pipelines SPEC ...] [--kernels]
-       [--end-to-end] [--batches N ...] [--quantize-embeddings] [--markdown benchmarks/results/speed.md]
+       [--end-to-end [--end-to-end-seed S] [--end-to-end-bits w8a8-sym]] [--batches N ...]
+       [--quantize-embeddings] [--markdown benchmarks/results/speed.md]
 """
 
 from __future__ import annotations
