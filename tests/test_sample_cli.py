@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,13 @@ def test_backend_on_a_full_precision_model_is_refused(folders: Path, tmp_path: P
     assert code != 0 and "full-precision model" in output and not (tmp_path / "s").exists()
     code, output = invoke("sample", folders / "w4a8", "--out", tmp_path / "s", "--backend", "int4", *FAST)
     assert code != 0 and "choose one of fake, int8, auto" in output
+
+
+def test_an_existing_out_is_refused_before_the_model_stack_loads(tmp_path: Path) -> None:
+    """Without --overwrite an existing OUT fails at once, before importing the workflows (diffusers, torch)."""
+    (tmp_path / "taken").mkdir()
+    script = ("import sys\nfrom typer.testing import CliRunner\nfrom tacdiff.cli import app\n"
+              f"result = CliRunner().invoke(app, ['sample', 'reference', '--out', {str(tmp_path / 'taken')!r}])\n"
+              "print(result.exit_code, 'tacdiff.workflows' in sys.modules, result.output)")
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert output.startswith("2 False error: ") and "already exists" in output, output

@@ -109,6 +109,13 @@ def _check_reports(paths: dict[str, str | None], inputs: list[str | Path]) -> No
         if path:
             check_writable(path, overwrite=True, recognise=REPORTS[what], what=what, inputs=inputs)
 
+
+def _refuse_existing_out(out: str, overwrite: bool, *inputs: str | None) -> None:
+    """Before the slow imports: an OUT that exists fails at once without --overwrite (the command checks the rest)."""
+    if not overwrite:
+        check_writable(out, inputs=[path for path in inputs if path])
+
+
 BUNDLED = "'reference' (pixel UNet), 'latent-reference' (text-to-image) or 'dit-reference' (DiT)"
 """The bundled models, as the help texts name them."""
 
@@ -324,6 +331,7 @@ def quantize(
     quiet: bool = typer.Option(False, help="Hide progress bars and the layer table."),
 ) -> None:
     """Quantize the UNet of a diffusers model or pipeline folder; write integer weights, ranges and metadata."""
+    _refuse_existing_out(out, overwrite, model_dir)
     from tacdiff.quant import QuantConfig, format_summary
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
@@ -478,6 +486,7 @@ def sample(
     quiet: bool = QUIET,
 ) -> None:
     """Sample a model or pipeline (FP, quantized or corrected) and write one PNG per image and a grid."""
+    _refuse_existing_out(out, overwrite, model, tables)
     from tacdiff.workflows import sample_dir
 
     prompts = _prompt_options(prompt, prompts_file, negative_prompt, guidance_scale, class_)
@@ -534,6 +543,7 @@ def calibrate(
     quiet: bool = QUIET,
 ) -> None:
     """Fit per-timestep correction tables (TAC, its ablations or PTQD) for a quantized model."""
+    _refuse_existing_out(out, overwrite, quant_artifact, fp_model)
     from tacdiff.correction.workflow import calibrate_artifact
     from tacdiff.models.loading import input_paths
     from tacdiff.report.plots import plot_tables
