@@ -175,8 +175,8 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
             candidates.append(Method(name, "ptq", timed(runs), quant_seconds))
             for method in (m for m in CORRECTED if m in wanted):
                 _log(progress, f"calibrate {method} for {name}, DDIM {count}, {calib_samples} trajectories")
-                tables, seconds = timed_call(dev, lambda method=method, runs=runs: fit_tables(
-                    method, fp, runs.model, scheduler, options=options, num_inference_steps=count,
+                tables, seconds = timed_call(dev, lambda method=method, quant=executed[name]: fit_tables(
+                    method, fp, quant, scheduler, options=options, num_inference_steps=count,
                     num_samples=calib_samples, batch_size=batch_size, seed=calib_seed, cond=conditioning,
                     progress=progress))
                 candidates.append(Method(name, method, timed(CorrectedDenoiser(runs, tables)), seconds))

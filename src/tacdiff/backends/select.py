@@ -71,10 +71,11 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
     twins = {name: to_int8(layer) for name, layer in layers.items() if reasons[name] is None}  # all built, then swapped
     for name, twin in twins.items():
         model.set_submodule(name, twin)
-    offset = sum(adds_weight_zero_point(twin) for twin in twins.values())
-    if offset:
+    with_zero_points = sum(adds_weight_zero_point(twin) for twin in twins.values())
+    if with_zero_points:
         LOG.info("%d int8 layers add their weight zero points back at run time (asymmetric 8-bit weights); "
-                 "quantize with --weight-symmetric (QuantConfig(weight_symmetric=True)) for faster int8", offset)
+                 "quantize with --weight-symmetric (QuantConfig(weight_symmetric=True)) for faster int8",
+                 with_zero_points)
     execution = {e.name: ATTENTION_REASON for e in state.plan if e.kind == "attention" and e.act_bits}
     for name in layers:
         if reasons[name] is not None:
