@@ -10,7 +10,7 @@ layers; ``--end-to-end`` times ``tacdiff sample``'s sampling FP32 against int8 w
 bundled model, with the x0 PSNR the int8 images reach and its gap to the fake model's (bootstrap interval).
 
 Usage: python benchmarks/speed.py [--models reference cifar10 sd15] [--pipelines SPEC ...] [--kernels]
-       [--end-to-end [--end-to-end-seed S] [--end-to-end-bits w8a8-sym]] [--batches N ...]
+       [--end-to-end [--end-to-end-seed S] [--end-to-end-bits w8a8-sym] [--end-to-end-untimed]] [--batches N ...]
        [--quantize-embeddings] [--markdown benchmarks/results/speed.md]
 """
 
@@ -137,19 +137,20 @@ def _compiled_linears(x: torch.Tensor, weight: torch.Tensor, int8_linear: Callab
 
 
 def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches: tuple[int, ...] = (),
-               setting: str = "w8a8", seed: int = 1) -> str:
+               setting: str = "w8a8", seed: int = 1, timed: bool = True) -> str:
     """Sampling time of the bundled model, FP32 against ``setting`` + TAC on the fake and the int8 backend (each
     sampled alone, at ``batch``), and the x0 PSNR against FP (paired run) of each backend with TAC tables fitted
     on either backend, on images held out from the tables' calibration, with each row's PSNR gap to the fake
     backend with fake-fitted tables (same images) and its 95% bootstrap interval over images; with
     ``psnr_batches``, also at those batch sizes (only the float summation order changes) with the tables of the
-    backend's own. ``seed``: the images' (the tables are fitted on seed 0)."""
+    backend's own. ``seed``: the images' (the tables are fitted on seed 0). Without ``timed``, only the x0 PSNR of
+    each backend with its own tables (no timing passes, no cross-backend tables: a third of the sampling, for
+    larger image counts)."""
     from tacdiff.correction.workflow import calibrate_artifact
     from tacdiff.evaluation import evaluate
     from tacdiff.metrics import psnr_gap
     from tacdiff.models.reference import REFERENCE_MODEL_DIR
-    from tacdiff.quant import QuantConfig
-    from tacdiff.speed import parse_setting
+    from tacdiff.quant.config import QuantConfig, parse_setting
     from tacdiff.workflows import CalibrationSettings, quantize_dir
 
     weight_bits, act_bits, symmetric = parse_setting(setting)
@@ -171,15 +172,19 @@ def end_to_end(samples: int = 64, batch: int = 64, steps: int = 50, psnr_batches
             calibrate_artifact(artifact, "reference", path, steps=steps, samples=calibration_samples,
                                seed=calibration_seed, backend=backend, progress=False)
         common = dict(steps=steps, samples=samples, seed=seed, progress=False)
-        fp_seconds = evaluate("reference", batch_size=batch, **common)["sampling_seconds"]
-        lines.append(f"| reference | fp32 | - | {fp_seconds:.1f} | 1.00 | - | - |")
+        if timed:
+            fp_seconds = evaluate("reference", batch_size=batch, **common)["sampling_seconds"]
+            lines.append(f"| reference | fp32 | - | {fp_seconds:.1f} | 1.00 | - | - |")
         base = None
         for backend in backends:
-            seconds = evaluate(artifact, tables=tables[backend], backend=backend, batch_size=batch,
-                               **common)["sampling_seconds"]
-            runs = [(fitted, batch) for fitted in backends] + [(backend, size) for size in psnr_batches]
+            if timed:
+                seconds = evaluate(artifact, tables=tables[backend], backend=backend, batch_size=batch,
+                                   **common)["sampling_seconds"]
+            fitted_on = backends if timed else (backend,)
+            runs = [(fitted, batch) for fitted in fitted_on] + [(backend, size) for size in psnr_batches]
             for fitted, size in runs:
-                timing = f"{seconds:.1f} | {fp_seconds / seconds:.2f}" if (fitted, size) == (backend, batch) else "- | -"
+                timing = (f"{seconds:.1f} | {fp_seconds / seconds:.2f}" if timed and (fitted, size) == (backend, batch)
+                          else "- | -")
                 paired = evaluate(artifact, fp_model="reference", tables=tables[fitted], backend=backend,
                                   batch_size=size, **common)
                 base = base or paired["x0_mse_per_image"]  # the first row: fake backend, fake-fitted tables
@@ -207,6 +212,8 @@ def main() -> None:
                         "the tables' calibration seed).")
     parser.add_argument("--end-to-end-psnr-batches", type=int, nargs="*", default=[],
                         help="Further batch sizes for the end-to-end x0 PSNR of both backends (no timing).")
+    parser.add_argument("--end-to-end-untimed", action="store_true",
+                        help="Only each backend's x0 PSNR with its own tables (no timing, no cross-backend tables).")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -234,7 +241,8 @@ def main() -> None:
         print(sections[-1], flush=True)
     if args.end_to_end:
         sections.append(end_to_end(args.end_to_end_samples, psnr_batches=tuple(args.end_to_end_psnr_batches),
-                                   setting=args.end_to_end_bits, seed=args.end_to_end_seed))
+                                   setting=args.end_to_end_bits, seed=args.end_to_end_seed,
+                                   timed=not args.end_to_end_untimed))
         print(sections[-1], flush=True)
     text = "\n\n".join(sections) + "\n"
     if args.markdown:

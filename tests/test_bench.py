@@ -13,6 +13,7 @@ from tacdiff.backends.int8 import is_converted
 from tacdiff.bench import METHODS, ROW_KEYS, run_bench
 from tacdiff.correction.calibrate import fit_tables
 from tacdiff.cli import app
+from tacdiff.quant.apply import quantize
 
 
 def test_bench_cli_writes_rows_table_and_plot(tmp_path):
@@ -76,6 +77,20 @@ def test_tables_are_fitted_on_the_backend_the_rows_run_on(monkeypatch):
                      batch_size=4, backend="int8", progress=False)
     assert [r["method"] for r in rows] == ["fp", "ptq", "tac"]
     assert fitted_on == [exact_int8_cpu()]
+
+
+def test_a_sym_setting_quantizes_with_symmetric_weights(monkeypatch):
+    recipes = []
+
+    def recording(model, config, *args, **kwargs):
+        recipes.append((config.weight_bits, config.act_bits, config.weight_symmetric))
+        return quantize(model, config, *args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "quantize", recording)
+    rows = run_bench(bits=("W8A8-sym", "w4a8"), steps=(3,), methods=("fp", "ptq"), samples=4, calib_samples=4,
+                     batch_size=4, progress=False)
+    assert recipes == [(8, 8, True), (4, 8, False)]
+    assert [r["bits"] for r in rows] == ["fp", "w8a8-sym", "w4a8"]
 
 
 def test_bad_weight_rounding_is_a_clear_error():

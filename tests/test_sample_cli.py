@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,17 @@ def test_an_existing_out_is_refused_before_the_model_stack_loads(tmp_path: Path)
               "print(result.exit_code, 'tacdiff.workflows' in sys.modules, result.output)")
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert output.startswith("2 False error: ") and "already exists" in output, output
+
+
+def test_progress_bars_update_rarely_when_stderr_is_a_file(tmp_path: Path) -> None:
+    """tqdm reads TQDM_MININTERVAL when imported: the CLI sets it before importing tqdm, unless the user did."""
+    (tmp_path / "taken").mkdir()
+    script = ("import io\nfrom typer.testing import CliRunner\nfrom tacdiff.cli import app\n"
+              f"CliRunner().invoke(app, ['sample', 'reference', '--out', {str(tmp_path / 'taken')!r}])\n"
+              "from tqdm import tqdm\nprint(tqdm(total=1, file=io.StringIO()).mininterval)")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    for given, expected in ((None, "30.0"), ("2", "2.0")):
+        extra = {} if given is None else {"TQDM_MININTERVAL": given}
+        output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                env={**env, **extra}).stdout
+        assert output.strip() == expected, output

@@ -10,8 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
-from tacdiff.quant.config import QuantConfig
-from tacdiff.speed import measure_speed, model_for_speed, parse_setting, setting_label
+from tacdiff.speed import measure_speed, model_for_speed
 from tiny_models import tiny_model
 
 
@@ -25,6 +24,12 @@ def test_every_variant_is_timed_and_int8_weights_are_small() -> None:
     assert int8["weight_ratio"] < 0.35 and int8["placement"].startswith("int8: ")
     (artifact,) = report["artifacts"]
     assert artifact["bits"] == "w4a8" and 0 < artifact["ratio"] < 1 and artifact["target_ratio"] == 4 / 32 + 0.03
+
+
+def test_nested_conditioning_is_timed() -> None:
+    """SDXL's UNet takes ``added_cond_kwargs`` (pooled text embeddings and time ids) as a nested dict."""
+    report = measure_speed("sdxl", tiny_model("sdxl_unet"), bits=("w8a8",), batches=(1,), repeats=1, progress=False)
+    assert [r["variant"] for r in report["calls"]] == ["fp32", "bf16", "fake", "int8"]
 
 
 def test_a_config_only_folder_builds_random_weights(tmp_path: Path) -> None:
@@ -44,15 +49,3 @@ def test_bench_speed_command_writes_json(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "speed.json").read_text())
     assert len(report["calls"]) == 4 and len(report["artifacts"]) == 1
     assert "| int8 | w8a8 | 1 |" in result.output
-
-
-@pytest.mark.parametrize("text, expected", [("w8a8", (8, 8, False)), ("W8A8-sym", (8, 8, True)), (" w4a6 ", (4, 6, False))])
-def test_parse_setting(text: str, expected: tuple[int, int, bool]) -> None:
-    assert parse_setting(text) == expected
-    assert setting_label(QuantConfig(*expected[:2], weight_symmetric=expected[2])) == text.strip().lower()
-
-
-@pytest.mark.parametrize("text", ["w8a8sym", "w8a8-symmetric", "sym", "w9a8-sym"])
-def test_parse_setting_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="w8a8-sym"):
-        parse_setting(text)

@@ -58,7 +58,7 @@ from tacdiff.models.kinds import Denoiser, ModelDenoiser, sample_shape_of
 from tacdiff.models.loading import (AUTO_SCHEDULER, FLOW_SCHEDULER, REFERENCE, build_scheduler, check_settings,
                                    load_any_model, resolve_scheduler)
 from tacdiff.quant import QuantConfig, quantize
-from tacdiff.quant.config import parse_bits
+from tacdiff.quant.config import parse_setting
 from tacdiff.report import save_grid
 from tacdiff.sampling.batching import derive_seed
 from tacdiff.sampling.conditioning import Conditioning, PromptOptions, conditioning_for
@@ -94,8 +94,9 @@ class BenchResult:
 
 def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequence[str], samples: int,
                      calib_samples: int, batch_size: int, device: str, weight_rounding: str,
-                     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[tuple[int, int]]:
-    """Raise ``ValueError`` naming the first bad setting; return the ``(weight, activation)`` bit pairs."""
+                     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[tuple[int, int, bool]]:
+    """Raise ``ValueError`` naming the first bad setting; return the bit settings as
+    :func:`~tacdiff.quant.config.parse_setting` reads them (weight bits, activation bits, symmetric weights)."""
     if weight_rounding not in ROUNDINGS:
         raise ValueError(f"weight_rounding must be one of {', '.join(ROUNDINGS)} for the benchmark, "
                          f"got {weight_rounding!r}")
@@ -114,7 +115,7 @@ def check_bench_args(bits: Sequence[str], steps: Sequence[int], methods: Sequenc
         check_settings(AUTO_SCHEDULER, count, samples, batch_size, device)
         if count > num_train_timesteps:
             raise ValueError(f"steps must be <= {num_train_timesteps} (the model's training steps), got {count}")
-    return [parse_bits(b) for b in bits]
+    return [parse_setting(b) for b in bits]
 
 
 @torch.no_grad()
@@ -137,9 +138,9 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     config = loaded.scheduler_config
     flow = resolve_scheduler(AUTO_SCHEDULER, config) == FLOW_SCHEDULER
     base = build_scheduler(FLOW_SCHEDULER if flow else "ddpm", config, loaded.model)  # quantization draws DDIM from it
-    pairs = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding,
+    bit_settings = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding,
                              base.config.num_train_timesteps)
-    names = [f"w{w}a{a}" for w, a in pairs]
+    names = [b.strip().lower() for b in bits]
     dev = torch.device(device)
     fp, scheduler = loaded.model, build_scheduler(AUTO_SCHEDULER, config, loaded.model)
     conditioning = conditioning_for(loaded, prompts, count=max(samples, calib_samples, quant_calib_samples),
@@ -148,10 +149,10 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     quantized: dict[str, tuple[nn.Module, float]] = {}
     how = f"{weight_rounding.upper()}, {act_range} ranges" + (f", smooth {smooth_alpha}" if smooth_alpha else "") \
         + (f", {timestep_groups} timestep groups" if timestep_groups > 1 else "")
-    for name, pair in zip(names, pairs):
+    for name, setting in zip(names, bit_settings):
         _log(progress, f"quantize {name} ({how}, {quant_settings.samples} calibration trajectories)")
-        quantized[name] = timed_call(dev, lambda pair=pair: quantized_copy(
-            fp, base, pair, quant_settings, conditioning, recipe, progress))
+        quantized[name] = timed_call(dev, lambda setting=setting: quantized_copy(
+            fp, base, setting, quant_settings, conditioning, recipe, progress))
     executed = {name: _executed(quant, backend) for name, (quant, _) in quantized.items()}
 
     result = BenchResult([], settings={
@@ -204,13 +205,13 @@ def quant_calibration(quant_calib_samples: int, calib_samples: int, steps: int, 
                                derive_seed(seed, "quantize"))
 
 
-def quantized_copy(fp: nn.Module, scheduler: SchedulerMixin, bits: tuple[int, int], settings: CalibrationSettings,
+def quantized_copy(fp: nn.Module, scheduler: SchedulerMixin, bits: tuple[int, int, bool], settings: CalibrationSettings,
                    conditioning: Conditioning, recipe: QuantConfig, progress: bool) -> nn.Module:
-    """A copy of ``fp`` quantized by ``recipe`` at ``bits`` (weight, activation) as the benchmark does it:
-    calibration inputs from FP trajectories drawn with ``settings`` (DDIM from ``scheduler``'s config, or flow
-    matching) under ``conditioning``."""
+    """A copy of ``fp`` quantized by ``recipe`` at ``bits`` (weight bits, activation bits, symmetric weights) as
+    the benchmark does it: calibration inputs from FP trajectories drawn with ``settings`` (DDIM from
+    ``scheduler``'s config, or flow matching) under ``conditioning``."""
     calib = calibrate_inputs(fp, scheduler, settings, conditioning, progress=progress)
-    config = replace(recipe, weight_bits=bits[0], act_bits=bits[1],
+    config = replace(recipe, weight_bits=bits[0], act_bits=bits[1], weight_symmetric=bits[2],
                      num_train_timesteps=scheduler.config.num_train_timesteps)
     return quantize(copy.deepcopy(fp), config, calib, progress=progress)
 
@@ -224,7 +225,8 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
     """Benchmark FP, PTQ, PTQD, NER, IBC and TAC on one model (the bundled Fashion-MNIST one by default) with DDIM.
 
     Args:
-        bits: settings like ``"w4a8"`` (weight bits, activation bits); each is quantized once.
+        bits: settings like ``"w4a8"`` (weight bits, activation bits), ``"w8a8-sym"`` for symmetric weight
+            ranges; each is quantized once.
         steps: DDIM step counts; correction tables are fitted per bit setting and step count.
         methods: the rows wanted (FP is always sampled: it is the paired reference).
         samples: evaluation images per method, all from the same noise.

@@ -140,7 +140,16 @@ def main(ctx: typer.Context,
     """tacdiff: low-bit diffusers models with timestep-aware correction."""
     ctx.meta["tacdiff.debug"] = debug
     _log_to_stderr()
+    _thin_progress_in_logs()
     _join_process_group()
+
+
+def _thin_progress_in_logs() -> None:
+    """Progress bars redraw in place with carriage returns, which a log file keeps, one line per redraw: when
+    stderr is not a terminal, bars update every 30 s instead (tqdm's ``TQDM_MININTERVAL``, unless already set;
+    read when tqdm is imported, which the commands do after this)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 
 def _join_process_group() -> None:
@@ -573,7 +582,8 @@ def bench(
                                 callback=_positive),
     calib_samples: int = typer.Option(256, help="Calibration trajectories for the correction tables.",
                                       callback=_positive),
-    bits: list[str] = typer.Option(["w8a8", "w4a8", "w3a8"], "--bits", help="Setting like w4a8 (repeatable)."),
+    bits: list[str] = typer.Option(["w8a8", "w4a8", "w3a8"], "--bits",
+                                 help="Setting like w4a8, or w8a8-sym for symmetric weights (repeatable)."),
     steps: list[int] = typer.Option([50, 100], "--steps", help="DDIM step count (repeatable)."),
     method: list[str] = typer.Option(["fp", "ptq", "ptqd", "ner", "ibc", "tac"], "--method",
                                      help="Rows to report (repeatable): fp, ptq, ptqd, ner, ibc, tac."),
@@ -653,7 +663,8 @@ def bench_speed(
     artifact size against the FP32 file, load time (CPU)."""
     from tacdiff.io.atomic import write_text_atomically
     from tacdiff.report.json import write_json
-    from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed, parse_setting
+    from tacdiff.quant.config import parse_setting
+    from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
 
     for setting in bits:
         parse_setting(setting)

@@ -30,13 +30,12 @@ from tqdm.auto import tqdm
 from tacdiff.backends import backend_counts, use_backend
 from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, save_quantized
 from tacdiff.models.folders import quiet_loading, read_config
-from tacdiff.models.kinds import MODEL_KINDS, example_inputs, sample_shape_of
+from tacdiff.models.kinds import MODEL_KINDS, example_inputs, map_cond, sample_shape_of
 from tacdiff.quant.apply import quant_state, quantize
-from tacdiff.quant.config import QuantConfig, parse_bits
+from tacdiff.quant.config import QuantConfig, parse_setting, setting_label
 from tacdiff.sampling.calibration import CalibrationSet
 
 VARIANTS = ("fp32", "bf16", "fake", "int8")
-SYMMETRIC_SUFFIX = "-sym"
 SETTINGS = ("w8a8", "w8a8-sym", "w4a8")
 """Default quantized settings: W8A8 with asymmetric weights (the default recipe; the int8 backend adds a zero-point
 channel per layer) and with symmetric ones (none needed), and W4A8 (whose centred codes always fit int8)."""
@@ -67,24 +66,8 @@ def random_calibration(model: nn.Module, samples: int = 2, seed: int = 0) -> Cal
     """Gaussian model inputs at t=500 with random conditioning: ranges good enough for timing."""
     x, t, cond = example_inputs(model, samples)
     generator = torch.Generator().manual_seed(seed)
-    cond = {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.cpu()
-            for k, v in cond.items()}
+    cond = map_cond(cond, lambda v: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.cpu())
     return CalibrationSet(torch.randn(x.shape, generator=generator), t.cpu(), cond)
-
-
-def parse_setting(text: str) -> tuple[int, int, bool]:
-    """``"w4a8"`` -> ``(4, 8, False)``; a ``-sym`` suffix (``"w8a8-sym"``) asks for symmetric weight ranges."""
-    plain = text.strip().lower().removesuffix(SYMMETRIC_SUFFIX)
-    try:
-        return (*parse_bits(plain), plain != text.strip().lower())
-    except ValueError:
-        raise ValueError(f"a setting looks like w4a8, or w8a8{SYMMETRIC_SUFFIX} for symmetric weights (bits 2..8), "
-                         f"got {text!r}") from None
-
-
-def setting_label(config: QuantConfig) -> str:
-    """The :func:`parse_setting` text of ``config``'s bits and weight symmetry."""
-    return f"w{config.weight_bits}a{config.act_bits}" + (SYMMETRIC_SUFFIX if config.weight_symmetric else "")
 
 
 def quantized_for_timing(fp: nn.Module, setting: str, quantize_embeddings: bool = False) -> nn.Module:
@@ -143,7 +126,7 @@ def seconds_per_call(model: nn.Module, batch: int, repeats: int = 3, dtype: torc
     been timed: short calls are the noisy ones), and the peak activation MiB while calling."""
     x, t, cond = example_inputs(model, batch)
     x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+    cond = map_cond(cond, lambda v: v.to(dtype) if v.is_floating_point() else v)
     times: list[float] = []
     with peak_rss_above_start() as activation:
         model(x, timestep=t, **cond)

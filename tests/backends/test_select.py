@@ -48,11 +48,13 @@ def test_an_unreadable_cache_is_measured_again(w8a8: nn.Module, tmp_path: Path) 
 
 
 def test_auto_without_example_inputs_keeps_layers_fake_with_the_reason(tmp_path: Path) -> None:
-    from tiny_models import calibration_of, quantized_copy, tiny_cond, tiny_model
+    """A Kandinsky-2.2-style UNet (image embeddings as ``added_cond_kwargs``) has no example inputs to probe with."""
+    import torch
+    from tiny_models import TEXT_DIM, calibration_of, quantized_copy, tiny_cond, tiny_model
 
-    sdxl = tiny_model("sdxl_unet")
-    model = quantized_copy(sdxl, calibration_of(sdxl, 0, num_samples=2, cond=tiny_cond("sdxl_unet", 2, 0)),
-                           weight_bits=8, act_bits=8)
+    kandinsky = tiny_model("cond_unet", addition_embed_type="image", encoder_hid_dim=TEXT_DIM)
+    cond = {**tiny_cond("cond_unet", 2, 0), "added_cond_kwargs": {"image_embeds": torch.randn(2, TEXT_DIM)}}
+    model = quantized_copy(kandinsky, calibration_of(kandinsky, 0, num_samples=2, cond=cond), weight_bits=8, act_bits=8)
     execution = use_backend(model, "auto", cache=tmp_path)
     assert not any(v.startswith("int8") for v in execution.values())
-    assert any("auto could not probe (no example inputs for a UNet with 'text_time'" in v for v in execution.values())
+    assert any("auto could not probe (no example inputs for a UNet with 'image'" in v for v in execution.values())

@@ -12,7 +12,7 @@ from torch import nn
 import tacdiff
 from tacdiff.correction import calibrate_tac
 from tacdiff.models.kinds import (MODEL_KINDS, ClassifierFreeGuidance, DenoiserWrapper, ModelDenoiser, cond_leaves,
-                                  kind_of, map_cond, v_to_eps)
+                                  example_inputs, kind_of, map_cond, v_to_eps)
 from tacdiff.sampling import run_trajectories, sample_noise
 
 from tiny_models import TINY_MODELS, tiny_cond, tiny_model
@@ -24,6 +24,33 @@ STEPS = 4
 def test_every_tiny_model_is_a_registered_kind(name: str) -> None:
     model = tiny_model(name)
     assert kind_of(model) is MODEL_KINDS[type(model).__name__]
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_example_inputs_run_every_tiny_model(name: str) -> None:
+    """The auto backend's probe and the speed benchmark call each model once on these (SDXL's nested
+    ``added_cond_kwargs`` and PixArt's and SD3's text conditioning included)."""
+    model = tiny_model(name)
+    x, t, cond = example_inputs(model, 3)
+    with torch.no_grad():
+        out = model(x, timestep=t, **cond).sample
+    assert out.shape[0] == 3 and out.shape[2:] == x.shape[2:]
+
+
+def test_example_inputs_of_a_unet_projecting_its_text() -> None:
+    """DeepFloyd IF-style: text embeddings of another width, projected inside the UNet and pooled into the time
+    embedding (``addition_embed_type="text"``)."""
+    model = tiny_model("cond_unet", addition_embed_type="text", encoder_hid_dim=48, addition_embed_type_num_heads=4)
+    x, t, cond = example_inputs(model, 2)
+    assert cond["encoder_hidden_states"].shape[-1] == 48
+    with torch.no_grad():
+        assert model(x, timestep=t, **cond).sample.shape == x.shape
+
+
+def test_example_inputs_name_addition_embeddings_they_cannot_make() -> None:
+    kandinsky = tiny_model("cond_unet", addition_embed_type="image", encoder_hid_dim=32)
+    with pytest.raises(ValueError, match="'image' addition embeddings"):
+        example_inputs(kandinsky, 1)
 
 
 def test_other_models_are_refused_by_the_registry() -> None:

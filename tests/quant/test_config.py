@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tacdiff.quant.config import QuantConfig, parse_bits
+from tacdiff.quant.config import QuantConfig, parse_bits, parse_setting, setting_label
 
 INVALID = [
     ("weight_bits", 1), ("weight_bits", 9), ("weight_bits", True), ("weight_bits", 4.0), ("weight_bits", "8"),
@@ -119,3 +119,15 @@ def test_parse_bits_rejects(text):
 
 def test_parse_bits():
     assert parse_bits("W3A8") == (3, 8)
+
+
+@pytest.mark.parametrize("text, expected", [("w8a8", (8, 8, False)), ("W8A8-sym", (8, 8, True)), (" w4a6 ", (4, 6, False))])
+def test_parse_setting(text: str, expected: tuple[int, int, bool]) -> None:
+    assert parse_setting(text) == expected
+    assert setting_label(QuantConfig(*expected[:2], weight_symmetric=expected[2])) == text.strip().lower()
+
+
+@pytest.mark.parametrize("text", ["w8a8sym", "w8a8-symmetric", "sym", "w9a8-sym"])
+def test_parse_setting_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="w8a8-sym"):
+        parse_setting(text)

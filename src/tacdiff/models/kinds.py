@@ -26,6 +26,8 @@ from torch import Tensor, nn
 FLOW = "flow"
 """The parameterization of flow-matching schedulers: the model predicts the velocity ``d x / d sigma``."""
 PREDICTION_TYPES = ("epsilon", "v_prediction", FLOW)
+SDXL_TIME_IDS = 6  # original size, crop offset and target size, two numbers each
+PIXART_VAE_FACTOR = 8  # PixArt's autoencoder (Stable Diffusion's) upsamples latents 8x
 
 
 class Denoiser(Protocol):
@@ -96,34 +98,52 @@ def sample_shape_of(model: nn.Module) -> tuple[int, int, int]:
 
 def example_inputs(model: nn.Module, batch: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Zero-valued inputs ``(x, t, cond)`` for one forward pass of a registered model at ``batch``
-    (probes and benchmarks; text conditioning as 8 tokens)."""
+    (probes and benchmarks; conditioning shaped as :func:`random_text_embeddings` makes it, 8 tokens)."""
     kind_of(model)
-    param = next(model.parameters())
+    config, param = model.config, next(model.parameters())
+    addition = getattr(config, "addition_embed_type", None)
+    if addition not in (None, "text", "text_time"):
+        raise ValueError(f"no example inputs for a UNet with {addition!r} addition embeddings; pick the backend "
+                         "explicitly instead of 'auto'")
     x = torch.zeros(batch, *sample_shape_of(model), device=param.device, dtype=param.dtype)
-    config, cond = model.config, {}
+    cond = map_cond(random_text_embeddings(model, batch, seed=0, length=8),
+                    lambda v: torch.zeros(v.shape, device=param.device, dtype=param.dtype))
     if getattr(config, "num_class_embeds", None) or isinstance(model, DiTTransformer2DModel):
         cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=param.device)
-    if isinstance(model, SD3Transformer2DModel):
-        cond["encoder_hidden_states"] = x.new_zeros(batch, 8, config.joint_attention_dim)
-        cond["pooled_projections"] = x.new_zeros(batch, config.pooled_projection_dim)
-    if isinstance(model, PixArtTransformer2DModel):
-        cond["encoder_hidden_states"] = x.new_zeros(batch, 8, config.caption_channels)
-        if model.use_additional_conditions:
-            cond["added_cond_kwargs"] = {"resolution": x.new_zeros(batch, 2), "aspect_ratio": x.new_zeros(batch, 1)}
-    if isinstance(model, UNet2DConditionModel):
-        if config.addition_embed_type is not None:
-            raise ValueError(f"no example inputs for a UNet with {config.addition_embed_type!r} addition "
-                             "embeddings; pick the backend explicitly instead of 'auto'")
-        cond["encoder_hidden_states"] = x.new_zeros(batch, 8, config.cross_attention_dim)
     return x, torch.full((batch,), 500, device=param.device), cond
+
+
+def random_text_embeddings(model: nn.Module, count: int, seed: int, length: int = 77) -> dict[str, Any]:
+    """Seeded Gaussian stand-ins for text embeddings when a text-conditioned model has no text encoder at hand
+    (with SDXL's ``added_cond_kwargs``, pooled embeddings and time ids, for ``addition_embed_type="text_time"``;
+    with SD3's pooled projections, with PixArt's resolution conditioning where its transformer takes it)."""
+    if "encoder_hidden_states" not in kind_of(model).cond_keys:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, text_width(model), generator=generator)}
+    if getattr(config, "pooled_projection_dim", None):
+        cond["pooled_projections"] = torch.randn(count, config.pooled_projection_dim, generator=generator)
+    if getattr(model, "use_additional_conditions", False):  # PixArt at 1024 px: square images, 8x the latents
+        side = float(config.sample_size * PIXART_VAE_FACTOR)
+        cond["added_cond_kwargs"] = {"resolution": torch.full((count, 2), side), "aspect_ratio": torch.ones(count, 1)}
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, pooled, generator=generator),
+                                     "time_ids": torch.randn(count, SDXL_TIME_IDS, generator=generator)}
+    return cond
 
 
 def text_width(model: nn.Module) -> int | None:
     """The width of the text embeddings a text-conditioned model reads (PixArt's caption channels, SD3's joint
-    attention width, a UNet's cross-attention width); ``None`` for other models."""
+    attention width, a UNet's cross-attention width, or the width its ``text_proj`` projects from); ``None`` for
+    other models."""
     config = model.config
-    return next((getattr(config, key) for key in ("caption_channels", "joint_attention_dim", "cross_attention_dim")
-                 if getattr(config, key, None)), None)
+    if getattr(config, "encoder_hid_dim_type", None) == "text_proj":
+        return config.encoder_hid_dim
+    width = next((getattr(config, key) for key in ("caption_channels", "joint_attention_dim", "cross_attention_dim")
+                  if getattr(config, key, None)), None)
+    return width[0] if isinstance(width, (list, tuple)) else width  # per-block widths all read the same states
 
 
 def is_flow_matching(scheduler: SchedulerMixin) -> bool:

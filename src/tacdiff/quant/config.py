@@ -14,6 +14,7 @@ _RANGE_METHODS = ("minmax", "percentile", "mse")
 _ACT_RANGES = (*_RANGE_METHODS, "dynamic")
 _ROUNDINGS = ("rtn", "gptq", "adaround")
 _BITS = re.compile(r"^w(\d)a(\d)$")
+SYMMETRIC_SUFFIX = "-sym"
 MODULATED_INPUTS = ("*.to_q", "*.to_k", "*.to_v", "*.add_q_proj", "*.add_k_proj", "*.add_v_proj", "*.ff.net.0.proj",
                     "*.ff_context.net.0.proj")
 """Linear layers reading a transformer block's normalised tokens (adaLN-modulated in DiT, PixArt and SD3 blocks;
@@ -184,3 +185,18 @@ def parse_bits(text: str) -> tuple[int, int]:
     if match is None or not all(2 <= int(b) <= 8 for b in match.groups()):
         raise ValueError(f"bits must look like w4a8 (weight and activation bits each 2..8), got {text!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+def parse_setting(text: str) -> tuple[int, int, bool]:
+    """``"w4a8"`` -> ``(4, 8, False)``; a ``-sym`` suffix (``"w8a8-sym"``) asks for symmetric weight ranges."""
+    plain = text.strip().lower().removesuffix(SYMMETRIC_SUFFIX)
+    try:
+        return (*parse_bits(plain), plain != text.strip().lower())
+    except ValueError:
+        raise ValueError(f"a setting looks like w4a8, or w8a8{SYMMETRIC_SUFFIX} for symmetric weights (bits 2..8), "
+                         f"got {text!r}") from None
+
+
+def setting_label(config: QuantConfig) -> str:
+    """The :func:`parse_setting` text of ``config``'s bits and weight symmetry."""
+    return f"w{config.weight_bits}a{config.act_bits}" + (SYMMETRIC_SUFFIX if config.weight_symmetric else "")

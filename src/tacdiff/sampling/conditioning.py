@@ -15,14 +15,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tacdiff.data.prompts import default_prompts, prompt_of, prompt_set_sha256
-from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, kind_of, map_cond, text_width
+from tacdiff.models.kinds import ClassifierFreeGuidance, Cond, Denoiser, kind_of, map_cond, random_text_embeddings
 from tacdiff.models.loading import LoadedModel
 from tacdiff.models.pipelines import DEFAULT_GUIDANCE_SCALE, PromptEncoder
 from tacdiff.sampling.batching import Rows, derive_seed
 
 
-SDXL_TIME_IDS = 6  # original size, crop offset and target size, two numbers each
-PIXART_VAE_FACTOR = 8  # PixArt's autoencoder (Stable Diffusion's) upsamples latents 8x
 
 
 def _no_rows(start: int, count: int) -> Cond:
@@ -57,27 +55,6 @@ class Conditioning:
 
 
 UNCONDITIONAL = Conditioning()
-
-
-def random_text_embeddings(model: torch.nn.Module, count: int, seed: int, length: int = 77) -> dict[str, Any]:
-    """Seeded Gaussian stand-ins for text embeddings when a text-conditioned model has no text encoder at hand
-    (with SDXL's ``added_cond_kwargs``, pooled embeddings and time ids, for ``addition_embed_type="text_time"``;
-    with SD3's pooled projections, with PixArt's resolution conditioning where its transformer takes it)."""
-    if "encoder_hidden_states" not in kind_of(model).cond_keys:
-        return {}
-    generator = torch.Generator().manual_seed(seed)
-    config = model.config
-    cond: dict[str, Any] = {"encoder_hidden_states": torch.randn(count, length, text_width(model), generator=generator)}
-    if getattr(config, "pooled_projection_dim", None):
-        cond["pooled_projections"] = torch.randn(count, config.pooled_projection_dim, generator=generator)
-    if getattr(model, "use_additional_conditions", False):  # PixArt at 1024 px: square images, 8x the latents
-        side = float(config.sample_size * PIXART_VAE_FACTOR)
-        cond["added_cond_kwargs"] = {"resolution": torch.full((count, 2), side), "aspect_ratio": torch.ones(count, 1)}
-    if getattr(config, "addition_embed_type", None) == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
-        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(count, pooled, generator=generator),
-                                     "time_ids": torch.randn(count, SDXL_TIME_IDS, generator=generator)}
-    return cond
 
 
 def num_classes(model: torch.nn.Module) -> int:
