@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tacdiff.devices import cpu_name
+from tacdiff.devices import machine_line
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
 
@@ -218,9 +216,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    header = (f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}. Machine: "
-              f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {torch.get_num_threads()} "
-              f"threads, torch {torch.__version__}. Speed-ups are against FP32 at the same batch size in this run.")
+    header = (f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}. Machine: {machine_line()}. "
+              "Speed-ups are against FP32 at the same batch size in this run.")
     sections, report = [header], {"calls": [], "artifacts": []}
     specs = [(name, *MODELS[name]) for name in args.models]
     specs[1:1] = [(Path(spec).name, spec, (1, 8, 64)) for spec in args.pipelines]

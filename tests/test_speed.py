@@ -4,13 +4,15 @@ against wall-clock limits: speed targets live in benchmarks/speed.py)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
-from tacdiff.speed import measure_speed, model_for_speed
+from tacdiff.speed import SpeedRow, measure_speed, model_for_speed, relative_to_fp32
 from tiny_models import tiny_model
 
 
@@ -32,12 +34,27 @@ def test_nested_conditioning_is_timed() -> None:
     assert [r["variant"] for r in report["calls"]] == ["fp32", "bf16", "fake", "int8"]
 
 
+def test_speed_ups_are_against_the_faster_fp32_timing_and_a_busy_machine_warns(caplog) -> None:
+    def row(variant: str, batch: int, seconds: float) -> SpeedRow:
+        return SpeedRow("m", variant, "fp" if variant == "fp32" else "w8a8", batch, seconds, 0.0, 1.0, 1.0, 0.0, "")
+
+    rows = [row("fp32", 1, 2.0), row("fp32", 8, 1.0), row("int8", 1, 0.5), row("int8", 8, 0.5), row("fp32", 1, 1.0),
+            row("fp32", 8, 1.1)]
+    with caplog.at_level(logging.WARNING, logger="tacdiff.speed"):
+        result = {(r.variant, r.batch): (r.seconds, r.speedup) for r in relative_to_fp32(rows)}
+    assert result == {("fp32", 1): (1.0, 1.0), ("fp32", 8): (1.0, 1.0), ("int8", 1): (0.5, 2.0), ("int8", 8): (0.5, 2.0)}
+    assert [r.getMessage().split(" took")[0] for r in caplog.records] == ["m: FP32 at batch 1"]
+
+
 def test_a_config_only_folder_builds_random_weights(tmp_path: Path) -> None:
     model = tiny_model("unet")
     model.save_config(tmp_path)
     assert type(model_for_speed(tmp_path)) is type(model)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
     with pytest.raises(ValueError, match="VQModel"):
+        model_for_speed(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"sample_size": 8}))
+    with pytest.raises(ValueError, match="names no _class_name; tacdiff times UNet2DModel"):
         model_for_speed(tmp_path)
 
 
@@ -48,4 +65,7 @@ def test_bench_speed_command_writes_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "speed.json").read_text())
     assert len(report["calls"]) == 4 and len(report["artifacts"]) == 1
+    assert f"{torch.get_num_threads()} threads, torch {torch.__version__}" in report["machine"]
     assert "| int8 | w8a8 | 1 |" in result.output
+    fastest = max(report["calls"], key=lambda r: r["speedup"])
+    assert f"Fastest: {fastest['model']} batch 1 {fastest['variant']}" in result.output

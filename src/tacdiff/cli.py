@@ -664,6 +664,7 @@ def bench_speed(
     from tacdiff.io.atomic import write_text_atomically
     from tacdiff.report.json import write_json
     from tacdiff.quant.config import parse_setting
+    from tacdiff.devices import machine_line
     from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
 
     for setting in bits:
@@ -677,9 +678,10 @@ def bench_speed(
                              progress=_progress(quiet))
         for key in report:
             report[key] += part[key]
-    table = format_speed_markdown(report)
+    machine = machine_line()
+    table = f"Machine: {machine}. Speed-ups are against FP32 at the same batch size.\n\n{format_speed_markdown(report)}"
     typer.echo(table)
     if json_path:
-        typer.echo(f"wrote {write_json(json_path, report)}")
+        typer.echo(f"wrote {write_json(json_path, {'machine': machine, **report})}")
     if markdown:
         typer.echo(f"wrote {write_text_atomically(markdown, table + chr(10))}")

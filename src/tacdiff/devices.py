@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -37,3 +38,10 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """Where timings were taken, for a report's header, e.g. ``"AMD EPYC 9B14 (x86_64), 2 CPUs, 2 threads, torch
+    2.13.0+cpu"``."""
+    return (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")

@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
+import logging
 import os
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +37,9 @@ from tacdiff.quant.config import QuantConfig, parse_setting, setting_label
 from tacdiff.sampling.calibration import CalibrationSet
 
 VARIANTS = ("fp32", "bf16", "fake", "int8")
+BUSY_SPREAD = 0.25
+"""How much slower one of the two FP32 timings at a batch size may be than the other before the run warns."""
+LOG = logging.getLogger(__name__)
 SETTINGS = ("w8a8", "w8a8-sym", "w4a8")
 """Default quantized settings: W8A8 with asymmetric weights (the default recipe; the int8 backend adds a zero-point
 channel per layer) and with symmetric ones (none needed), and W4A8 (whose centred codes always fit int8)."""
@@ -146,20 +150,22 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
     ``bits`` are the settings (see :func:`parse_setting`) quantized for ``fake`` and ``int8`` (embedding tables
     too with ``quantize_embeddings``); ``fp32`` and ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow
     dicts, fp32 first at each batch size], "artifacts": [artifact_row dicts]}``.
+
+    FP32 is timed first and again last; each speed-up is against the faster of the two, and where they differ by
+    more than :data:`BUSY_SPREAD` a warning says the machine was busy (the ratios at that batch size are not to be
+    trusted).
     """
     fp_bytes, rows, artifacts = weight_bytes(fp), [], []
-    steps = tqdm(total=(2 + 2 * len(bits)) * len(batches), desc=f"speed {name}", disable=not progress)
-    baseline: dict[int, float] = {}
+    steps = tqdm(total=(3 + 2 * len(bits)) * len(batches), desc=f"speed {name}", disable=not progress)
     labels = ["fp"]
 
     def time_variant(model: nn.Module, variant: str, label: str, dtype: torch.dtype, placement: str = "") -> None:
         for batch in batches:
             gc.collect()
             seconds, activation = seconds_per_call(model, batch, repeats, dtype)
-            baseline.setdefault(batch, seconds)
             weights = weight_bytes(model)
-            rows.append(SpeedRow(name, variant, label, batch, seconds, baseline[batch] / seconds, weights / 2**20,
-                                 weights / fp_bytes, activation, placement))
+            rows.append(SpeedRow(name, variant, label, batch, seconds, 0.0, weights / 2**20, weights / fp_bytes,
+                                 activation, placement))
             steps.update()
 
     # one variant alive at a time beside the FP32 model, so that full-size models fit in memory
@@ -175,9 +181,27 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
             placement = backend_counts(use_backend(model, "int8"))
             time_variant(model, "int8", label, torch.float32, placement)
             del model
+    time_variant(fp, "fp32", "fp", torch.float32)
     steps.close()
+    rows = relative_to_fp32(rows)
     rows.sort(key=lambda r: (r.batch, labels.index(r.bits), VARIANTS.index(r.variant)))
     return {"calls": [asdict(row) for row in rows], "artifacts": artifacts}
+
+
+def relative_to_fp32(rows: list[SpeedRow]) -> list[SpeedRow]:
+    """``rows`` with one fp32 row per batch size (the faster of its two timings) and every speed-up against it;
+    a warning where the two fp32 timings differ by more than :data:`BUSY_SPREAD`."""
+    fp32: dict[int, SpeedRow] = {}
+    for row in (r for r in rows if r.variant == "fp32"):
+        first = fp32.setdefault(row.batch, row)
+        slow, fast = sorted((first.seconds, row.seconds), reverse=True)
+        if slow > (1 + BUSY_SPREAD) * fast:
+            LOG.warning("%s: FP32 at batch %d took %.4f s per call at one time and %.4f s at another: the machine "
+                        "was busy, so the speed-ups at this batch size are not reliable; time again on a quiet "
+                        "machine", row.model, row.batch, slow, fast)
+        fp32[row.batch] = min(first, row, key=lambda r: r.seconds)
+    others = [r for r in rows if r.variant != "fp32"]
+    return [replace(r, speedup=fp32[r.batch].seconds / r.seconds) for r in [*fp32.values(), *others]]
 
 
 def artifact_row(name: str, fp: nn.Module, fake: nn.Module, tmp: Path) -> dict[str, Any]:
@@ -210,6 +234,7 @@ def format_speed_markdown(report: dict[str, list[dict[str, Any]]]) -> str:
         lines.append(f"| {r['model']} | {r['variant']} | {r['bits']} | {r['batch']} | {r['seconds']:.4f} | "
                      f"{r['speedup']:.2f} | {r['weight_mib']:.1f} | {r['weight_ratio']:.2f} | "
                      f"{r['activation_mib']:.0f} |")
+    lines += ["", fastest_summary(report["calls"])]
     lines += ["", "| model | bits | fp32 file MiB | artifact MiB | x fp32 | target | fp32 load s | int8 load s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in report["artifacts"]:
@@ -217,6 +242,19 @@ def format_speed_markdown(report: dict[str, list[dict[str, Any]]]) -> str:
                      f"{r['ratio']:.3f} | {r['target_ratio']:.3f} | {r['fp32_load_seconds']:.2f} | "
                      f"{r['int8_load_seconds']:.2f} |")
     return "\n".join(lines)
+
+
+def fastest_summary(calls: list[dict[str, Any]]) -> str:
+    """One line naming the fastest variant of each model at each batch size, e.g. ``"Fastest: cifar10 batch 8
+    int8 w4a8 (2.17x FP32)"``: on some machines and models that is bf16, not an integer backend."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for call in calls:
+        key = (call["model"], call["batch"])
+        if key not in best or call["speedup"] > best[key]["speedup"]:
+            best[key] = call
+    return "Fastest: " + "; ".join(f"{r['model']} batch {r['batch']} {r['variant']}"
+                                   f"{'' if r['bits'] == 'fp' else ' ' + r['bits']} ({r['speedup']:.2f}x FP32)"
+                                   for r in best.values())
 
 
 def model_for_speed(spec: str | Path) -> nn.Module:
@@ -230,11 +268,12 @@ def model_for_speed(spec: str | Path) -> nn.Module:
     config = path / "unet" / "config.json" if (path / "unet" / "config.json").is_file() else path / "config.json"
     has_weights = any(config.parent.glob("*.safetensors")) or any(config.parent.glob("*.bin"))
     if str(spec) == "reference" or not config.is_file() or has_weights:
-        return load_any_model(spec).model
+        return load_any_model(spec, sampled=False).model  # timing makes its own inputs
     record = read_config(config)
     kind = MODEL_KINDS.get(record.get("_class_name", ""))
     if kind is None:
-        raise ValueError(f"{config} describes a {record.get('_class_name')!r}; tacdiff times {', '.join(MODEL_KINDS)}")
+        named = f"describes a {record['_class_name']!r}" if "_class_name" in record else "names no _class_name"
+        raise ValueError(f"{config} {named}; tacdiff times {', '.join(MODEL_KINDS)}")
     torch.manual_seed(0)
     model = kind.cls.from_config(record).eval()
     sample_shape_of(model)

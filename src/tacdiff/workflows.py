@@ -108,7 +108,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, config: QuantConfig
     plan_layers(model, config)  # a recipe that does not fit the model (an exclude pattern naming nothing) fails now
     parts = {name: _quantize_component(loaded, name, config, model_dir)
              for name in _every_encoder(loaded, components)}
-    scheduler = fit_resolution_shift(load_scheduler(scheduler_path, model_dir), model)
+    scheduler = fit_resolution_shift(load_scheduler(scheduler_path, model_dir, model), model)
     config = replace(config, num_train_timesteps=scheduler.config.num_train_timesteps)
     conditioning = conditioning_for(loaded, prompts, count=calibration.samples, seed=calibration.seed,
                                     what=str(model_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 import tacdiff
 from tacdiff.correction import calibrate_tac
 from tacdiff.models.kinds import (MODEL_KINDS, ClassifierFreeGuidance, DenoiserWrapper, ModelDenoiser, cond_leaves,
-                                  example_inputs, kind_of, map_cond, v_to_eps)
+                                  example_inputs, kind_of, map_cond, unsupplied_inputs, v_to_eps)
+from tacdiff.models.loading import load_any_model
 from tacdiff.sampling import run_trajectories, sample_noise
 
 from tiny_models import TINY_MODELS, tiny_cond, tiny_model
@@ -45,6 +47,36 @@ def test_example_inputs_of_a_unet_projecting_its_text() -> None:
     assert cond["encoder_hidden_states"].shape[-1] == 48
     with torch.no_grad():
         assert model(x, timestep=t, **cond).sample.shape == x.shape
+
+
+@pytest.mark.parametrize("overrides", [
+    {"class_embed_type": "timestep"}, {"class_embed_type": "identity"},
+    {"class_embed_type": "projection", "projection_class_embeddings_input_dim": 12},
+    {"class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 12}])
+def test_example_inputs_fit_each_class_embedding(overrides: dict) -> None:
+    """UNets whose class embedding takes a timestep (e.g. a noise level) or a vector instead of class ids."""
+    model = tiny_model("cond_unet", **overrides)
+    x, t, cond = example_inputs(model, 2)
+    with torch.no_grad():
+        assert model(x, timestep=t, **cond).sample.shape == x.shape
+
+
+@pytest.mark.parametrize("name, overrides, reason", [
+    ("cond_unet", {"addition_embed_type": "image", "encoder_hid_dim": 32}, "image embeddings"),
+    ("conv_unet", {"class_embed_type": "timestep"}, "class embeddings of type 'timestep'"),
+    ("cond_unet", {"in_channels": 7}, "7 input channels for 4 predicted ones")])
+def test_models_reading_inputs_tacdiff_cannot_make_are_refused_at_load(tmp_path, name: str, overrides: dict,
+                                                                         reason: str) -> None:
+    """Kandinsky-style image embeddings, a noise-level class embedding, an upscaler's image channels: one clear error
+    before any sampling (diffusers' own would come from deep inside the first forward pass)."""
+    tiny_model(name, **overrides).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=f"reads .*{re.escape(reason)}.*cannot supply"):
+        load_any_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_every_tiny_model_has_the_inputs_tacdiff_makes(name: str) -> None:
+    assert unsupplied_inputs(tiny_model(name)) is None
 
 
 def test_example_inputs_name_addition_embeddings_they_cannot_make() -> None:

@@ -14,7 +14,7 @@ from torch import nn
 import tacdiff
 from tacdiff.correction import CorrectedDenoiser, CorrectionTables, calibrate_tac
 from tacdiff.models.kinds import FLOW, ModelDenoiser, correction_space, prediction_type
-from tacdiff.models.loading import build_scheduler
+from tacdiff.models.loading import build_scheduler, load_any_model, resolve_scheduler
 from tacdiff.quant import format_summary, quantization_summary
 from tacdiff.quant.attention import QuantAttnProcessor, QuantJointAttnProcessor
 from tacdiff.sampling import batched_trajectories, sample, sample_noise
@@ -146,3 +146,12 @@ def test_schedulers_that_do_not_fit_a_flow_model_are_refused_by_name(config: dic
         build_scheduler(name, {**base, **config})
     if not config.get("use_dynamic_shifting") and "beta_start" not in config:
         assert type(build_scheduler("auto", base)) is FlowMatchEulerDiscreteScheduler
+
+
+@pytest.mark.parametrize("name, expected", [("sd3", "flow"), ("dit", "ddim"), ("pixart", "ddim")])
+def test_a_bare_transformer_folder_gets_the_schedule_it_was_trained_for(tmp_path, name: str, expected: str) -> None:
+    """No scheduler config beside the model: SD3's transformer samples by flow matching (shift 3.0), others DDPM."""
+    tiny_model(name).save_pretrained(tmp_path / name)
+    config = load_any_model(tmp_path / name).scheduler_config
+    assert resolve_scheduler("auto", config) == expected
+    assert config.get("shift", 3.0) == 3.0

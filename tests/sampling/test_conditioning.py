@@ -77,6 +77,18 @@ def test_a_bare_text_unet_runs_on_stand_in_embeddings_with_a_warning(pipeline_di
     assert conditioning.record["prompted"] is False
 
 
+def test_a_bare_unet_with_classes_and_text_gets_both(tmp_path: Path) -> None:
+    from tiny_models import tiny_model
+
+    tiny_model("cond_unet", num_class_embeds=5).save_pretrained(tmp_path / "unet")
+    with pytest.warns(UserWarning, match="stand-in"):
+        conditioning = conditioning_for(load_any_model(tmp_path / "unet"), count=7, seed=1)
+    rows = conditioning.rows(0, 7)
+    assert rows["class_labels"].tolist() == [0, 1, 2, 3, 4, 0, 1] and rows["encoder_hidden_states"].shape[0] == 7
+    assert conditioning.record == {"prompted": False, "class_labels": "sample index mod 5",
+                                   "stand_in": "random text embeddings"}
+
+
 def test_words_outside_the_vocabulary_warn_and_still_run(pipeline_dir: Callable[[str], Path]) -> None:
     loaded = load_any_model("latent-reference")  # a word-level tokenizer with an unknown token
     with pytest.warns(UserWarning, match="prompt 'a zebra': 'zebra' not in the tokenizer's vocabulary"):

@@ -96,21 +96,62 @@ def sample_shape_of(model: nn.Module) -> tuple[int, int, int]:
     return (config.in_channels, height, width)
 
 
+TEXT_ADDITIONS = (None, "text", "text_time")
+"""The ``addition_embed_type`` values of UNets tacdiff can condition: none, text (DeepFloyd IF), SDXL's text and time
+ids; the others take image embeddings (Kandinsky)."""
+
+
+def unsupplied_inputs(model: nn.Module) -> str | None:
+    """What ``model`` reads besides its noisy input that tacdiff cannot make up when it samples, or ``None``: image
+    embeddings, an image concatenated to its input (upscalers, inpainting), class embeddings of anything but ids."""
+    config = model.config
+    addition = getattr(config, "addition_embed_type", None)
+    if addition not in TEXT_ADDITIONS:
+        return f"image embeddings (addition_embed_type {addition!r}, as Kandinsky's UNets)"
+    embed_type = getattr(config, "class_embed_type", None)
+    if embed_type is not None:
+        return f"class embeddings of type {embed_type!r} (tacdiff conditions on class ids only, num_class_embeds)"
+    channels = config.in_channels
+    predicted = getattr(config, "out_channels", None) or channels
+    if predicted not in (channels, 2 * channels):
+        return (f"an image beside its noisy input ({channels} input channels for {predicted} predicted ones, as "
+                "upscaling and inpainting UNets)")
+    return None
+
+
 def example_inputs(model: nn.Module, batch: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Zero-valued inputs ``(x, t, cond)`` for one forward pass of a registered model at ``batch``
     (probes and benchmarks; conditioning shaped as :func:`random_text_embeddings` makes it, 8 tokens)."""
     kind_of(model)
     config, param = model.config, next(model.parameters())
     addition = getattr(config, "addition_embed_type", None)
-    if addition not in (None, "text", "text_time"):
-        raise ValueError(f"no example inputs for a UNet with {addition!r} addition embeddings; pick the backend "
-                         "explicitly instead of 'auto'")
+    if addition not in TEXT_ADDITIONS:
+        raise ValueError(f"no example inputs for a UNet with {addition!r} addition embeddings (image embeddings; "
+                         "tacdiff makes text, SDXL's text_time and class-id conditioning)")
     x = torch.zeros(batch, *sample_shape_of(model), device=param.device, dtype=param.dtype)
     cond = map_cond(random_text_embeddings(model, batch, seed=0, length=8),
                     lambda v: torch.zeros(v.shape, device=param.device, dtype=param.dtype))
-    if getattr(config, "num_class_embeds", None) or isinstance(model, DiTTransformer2DModel):
-        cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=param.device)
+    labels = _example_class_labels(model, batch)
+    if labels is not None:
+        cond["class_labels"] = labels.to(param.device, param.dtype if labels.is_floating_point() else labels.dtype)
     return x, torch.full((batch,), 500, device=param.device), cond
+
+
+def _example_class_labels(model: nn.Module, batch: int) -> Tensor | None:
+    """Zero class labels of the form the model's class embedding takes: class ids (DiT, ``num_class_embeds``),
+    a timestep per sample (``class_embed_type="timestep"``, e.g. a noise level), or vectors to project
+    (``"projection"``, ``"simple_projection"``) or to add as they are (``"identity"``); ``None`` for none."""
+    config = model.config
+    embed_type = getattr(config, "class_embed_type", None)
+    if isinstance(model, DiTTransformer2DModel) or (embed_type is None and getattr(config, "num_class_embeds", None)):
+        return torch.zeros(batch, dtype=torch.long)
+    if embed_type == "timestep":
+        return torch.zeros(batch)
+    if embed_type in ("projection", "simple_projection"):
+        return torch.zeros(batch, config.projection_class_embeddings_input_dim)
+    if embed_type == "identity":
+        return torch.zeros(batch, model.time_embedding.linear_2.out_features)
+    return None
 
 
 def random_text_embeddings(model: nn.Module, count: int, seed: int, length: int = 77) -> dict[str, Any]:

@@ -10,14 +10,14 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin)
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin, SD3Transformer2DModel)
 from torch import nn
 
 from tacdiff.backends import check_backend
 from tacdiff.devices import check_device
 from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, load_quantized, read_metadata,
                                 recorded_scheduler_config)
-from tacdiff.models.kinds import MODEL_KINDS, SHIFT_MU, image_seq_len, sample_shape_of
+from tacdiff.models.kinds import MODEL_KINDS, SHIFT_MU, image_seq_len, sample_shape_of, unsupplied_inputs
 from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_loading, read_config, weights_variant
 from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, load_components,
                                      pipeline_kind, read_index)
@@ -67,8 +67,9 @@ def _check_weights_format(folder: Path) -> None:
     check_safetensors(folder, required=True)
 
 
-def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None) -> SchedulerMixin:
-    """A scheduler from ``path``, else from the model's pipeline folder, else a 1000-step linear DDPM.
+def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None,
+                   model: nn.Module | None = None) -> SchedulerMixin:
+    """A scheduler from ``path``, else from the model's pipeline folder, else :func:`default_scheduler` of ``model``.
 
     ``path`` may be a scheduler folder or a pipeline folder with ``scheduler/``.
     """
@@ -85,6 +86,15 @@ def load_scheduler(path: str | Path | None, model_dir: str | Path | None = None)
     if path is not None:
         raise FileNotFoundError(f"no scheduler_config.json in {path} or {Path(path) / 'scheduler'}; pass a scheduler "
                                 "folder (or a pipeline folder with scheduler/), or leave --scheduler out")
+    return default_scheduler(model)
+
+
+def default_scheduler(model: nn.Module | None) -> SchedulerMixin:
+    """The schedule of a model folder with no scheduler config beside it: flow matching for SD3's transformer
+    (trained for it; diffusers' SD3 pipelines ship ``FlowMatchEulerDiscreteScheduler`` with shift 3.0), a 1000-step
+    linear DDPM for every other model."""
+    if isinstance(model, SD3Transformer2DModel):
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SHIFT)
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
 
@@ -109,6 +119,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler, "flow": FlowMatchEulerDiscreteScheduler,
 }
 FLOW_SCHEDULER = "flow"
+SD3_SHIFT = 3.0
 AUTO_SCHEDULER = "auto"
 """The default scheduler name: ``flow`` for a model whose scheduler config is a flow-matching one, else ``ddim``."""
 REFERENCE = "reference"
@@ -151,7 +162,8 @@ class LoadedModel:
         return latents if self.kind is None else decode_latents(self.pipeline, self.kind, latents)
 
 
-def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend: str = "fake") -> LoadedModel:
+def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend: str = "fake",
+                   sampled: bool = True) -> LoadedModel:
     """Load ``"reference"``, ``"latent-reference"`` (the bundled text-to-image pipeline), a quantized artifact
     folder, or a diffusers model or pipeline folder, in eval mode.
 
@@ -159,7 +171,9 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
     their components (:func:`~tacdiff.models.pipelines.load_components`): full precision, or
     quantized where the artifact holds them (``--quantize-text-encoder``, ``--quantize-vae-decoder``).
     ``backend`` runs a quantized artifact's denoiser on that execution backend
-    (:func:`tacdiff.backends.use_backend`); full-precision models take ``"fake"`` only.
+    (:func:`tacdiff.backends.use_backend`); full-precision models take ``"fake"`` only. A model that reads inputs
+    tacdiff cannot make up (:func:`~tacdiff.models.kinds.unsupplied_inputs`) is refused unless ``sampled`` is False
+    (for timing alone).
     """
     check_backend(backend)
     if backend != "fake" and str(spec) == REFERENCE:
@@ -180,7 +194,12 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
             artifact_pipeline(path)
     else:  # an unsupported pipeline class raises before any weights load
         pipeline_dir = path if pipeline_kind(path) is not None else None
-        model, config = load_unet(path, device), dict(load_scheduler(None, path).config)
+        model = load_unet(path, device)
+        config = dict(load_scheduler(None, path, model).config)
+    missing = unsupplied_inputs(model) if sampled else None
+    if missing is not None:
+        raise ValueError(f"{path} reads {missing}, which tacdiff cannot supply when it samples; quantize it from Python "
+                         "with calibration inputs of your own (tacdiff.quantize), or time it with tacdiff bench-speed")
     if pipeline_dir is None:
         return LoadedModel(model, config, quantized)
     pipe, kind = load_components(pipeline_dir, model, device), pipeline_kind(pipeline_dir)

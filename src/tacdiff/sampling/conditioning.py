@@ -162,17 +162,20 @@ def conditioning_for(loaded: LoadedModel, options: PromptOptions = PromptOptions
     if options.given:
         raise ValueError(f"{what} reads no prompts (it is not a text-to-image pipeline folder with a text encoder); "
                          "leave out --prompt, --prompts-file, --negative-prompt and --guidance-scale")
+    cond: dict[str, Any] = {}
+    record: dict[str, Any] = {"prompted": False}
     classes = num_classes(loaded.model)
     if classes:
-        return tensor_conditioning({"class_labels": torch.arange(count) % classes},
-                                   {"prompted": False, "class_labels": f"sample index mod {classes}"})
+        cond["class_labels"] = torch.arange(count) % classes
+        record["class_labels"] = f"sample index mod {classes}"
     stand_in = random_text_embeddings(loaded.model, count, derive_seed(seed, "text"))
-    if not stand_in:
-        return UNCONDITIONAL
-    warnings.warn(f"{what} is a text-conditioned model without a text encoder: it runs on seeded random stand-in "
-                  "text embeddings. Pass the pipeline folder (with text_encoder/ and tokenizer/) to use prompts",
-                  stacklevel=2)
-    return tensor_conditioning(stand_in, {"prompted": False, "stand_in": "random text embeddings"})
+    if stand_in:  # a model may read both, e.g. a UNet with class embeddings and cross-attention
+        warnings.warn(f"{what} is a text-conditioned model without a text encoder: it runs on seeded random stand-in "
+                      "text embeddings. Pass the pipeline folder (with text_encoder/ and tokenizer/) to use prompts",
+                      stacklevel=2)
+        cond.update(stand_in)
+        record["stand_in"] = "random text embeddings"
+    return tensor_conditioning(cond, record) if cond else UNCONDITIONAL
 
 
 def unknown_words(tokenizer: Any, prompt: str) -> list[str]:
