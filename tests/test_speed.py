@@ -34,6 +34,16 @@ def test_nested_conditioning_is_timed() -> None:
     assert [r["variant"] for r in report["calls"]] == ["fp32", "bf16", "fake", "int8"]
 
 
+def test_a_model_that_fails_in_bf16_is_timed_without_bf16_rows(caplog) -> None:
+    """diffusers' UNet2DModel feeds a timestep class embedding fp32 inputs even in bf16."""
+    model = tiny_model("conv_unet", class_embed_type="timestep")
+    with caplog.at_level(logging.WARNING, logger="tacdiff.speed"):
+        report = measure_speed("noise-level", model, bits=("w8a8",), batches=(1,), repeats=1, progress=False)
+    variants = [r["variant"] for r in report["calls"]]
+    assert variants in (["fp32", "bf16", "fake", "int8"], ["fp32", "fake", "int8"])
+    assert ("bf16" in variants) != any("does not run in bf16" in r.getMessage() for r in caplog.records)
+
+
 def test_speed_ups_are_against_the_faster_fp32_timing_and_a_busy_machine_warns(caplog) -> None:
     def row(variant: str, batch: int, seconds: float) -> SpeedRow:
         return SpeedRow("m", variant, "fp" if variant == "fp32" else "w8a8", batch, seconds, 0.0, 1.0, 1.0, 0.0, "")
