@@ -52,7 +52,8 @@ def test_speed_ups_are_against_the_faster_fp32_timing_and_a_busy_machine_warns(c
             row("fp32", 8, 1.1)]
     with caplog.at_level(logging.WARNING, logger="tacdiff.speed"):
         result = {(r.variant, r.batch): (r.seconds, r.speedup) for r in relative_to_fp32(rows)}
-    assert result == {("fp32", 1): (1.0, 1.0), ("fp32", 8): (1.0, 1.0), ("int8", 1): (0.5, 2.0), ("int8", 8): (0.5, 2.0)}
+    assert result == {("fp32", 1): (1.0, 1.0), ("fp32", 8): (1.0, 1.0), ("int8", 1): (0.5, 2.0),
+                      ("int8", 8): (0.5, 2.0)}
     assert [r.getMessage().split(" took")[0] for r in caplog.records] == ["m: FP32 at batch 1"]
 
 

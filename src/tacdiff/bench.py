@@ -138,8 +138,8 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
     config = loaded.scheduler_config
     flow = resolve_scheduler(AUTO_SCHEDULER, config) == FLOW_SCHEDULER
     base = build_scheduler(FLOW_SCHEDULER if flow else "ddpm", config, loaded.model)  # quantization draws DDIM from it
-    bit_settings = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device, weight_rounding,
-                             base.config.num_train_timesteps)
+    bit_settings = check_bench_args(bits, steps, methods, samples, calib_samples, batch_size, device,
+                                    weight_rounding, base.config.num_train_timesteps)
     names = [b.strip().lower() for b in bits]
     dev = torch.device(device)
     fp, scheduler = loaded.model, build_scheduler(AUTO_SCHEDULER, config, loaded.model)

@@ -583,7 +583,7 @@ def bench(
     calib_samples: int = typer.Option(256, help="Calibration trajectories for the correction tables.",
                                       callback=_positive),
     bits: list[str] = typer.Option(["w8a8", "w4a8", "w3a8"], "--bits",
-                                 help="Setting like w4a8, or w8a8-sym for symmetric weights (repeatable)."),
+                                   help="Setting like w4a8, or w8a8-sym for symmetric weights (repeatable)."),
     steps: list[int] = typer.Option([50, 100], "--steps", help="DDIM step count (repeatable)."),
     method: list[str] = typer.Option(["fp", "ptq", "ptqd", "ner", "ibc", "tac"], "--method",
                                      help="Rows to report (repeatable): fp, ptq, ptqd, ner, ibc, tac."),
@@ -661,10 +661,10 @@ def bench_speed(
 ) -> None:
     """Time FP32, bf16, fake-quant and int8 per denoiser call side by side; weight and activation memory,
     artifact size against the FP32 file, load time (CPU)."""
-    from tacdiff.io.atomic import write_text_atomically
-    from tacdiff.report.json import write_json
-    from tacdiff.quant.config import parse_setting
     from tacdiff.devices import machine_line
+    from tacdiff.io.atomic import write_text_atomically
+    from tacdiff.quant.config import parse_setting
+    from tacdiff.report.json import write_json
     from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
 
     for setting in bits:

@@ -121,7 +121,8 @@ def test_parse_bits():
     assert parse_bits("W3A8") == (3, 8)
 
 
-@pytest.mark.parametrize("text, expected", [("w8a8", (8, 8, False)), ("W8A8-sym", (8, 8, True)), (" w4a6 ", (4, 6, False))])
+@pytest.mark.parametrize("text, expected", [("w8a8", (8, 8, False)), ("W8A8-sym", (8, 8, True)),
+                                            (" w4a6 ", (4, 6, False))])
 def test_parse_setting(text: str, expected: tuple[int, int, bool]) -> None:
     assert parse_setting(text) == expected
     assert setting_label(QuantConfig(*expected[:2], weight_symmetric=expected[2])) == text.strip().lower()

@@ -198,8 +198,8 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
         config = dict(load_scheduler(None, path, model).config)
     missing = unsupplied_inputs(model) if sampled else None
     if missing is not None:
-        raise ValueError(f"{path} reads {missing}, which tacdiff cannot supply when it samples; quantize it from Python "
-                         "with calibration inputs of your own (tacdiff.quantize)")
+        raise ValueError(f"{path} reads {missing}, which tacdiff cannot supply when it samples; quantize it from "
+                         "Python with calibration inputs of your own (tacdiff.quantize)")
     if pipeline_dir is None:
         return LoadedModel(model, config, quantized)
     pipe, kind = load_components(pipeline_dir, model, device), pipeline_kind(pipeline_dir)
