@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
+from tacdiff.io import save_quantized
+from tacdiff.models import loading
 from tiny_models import tiny_model
 
 FAST = ("--steps", "3", "--batch-size", "4", "--quiet")
@@ -145,3 +148,14 @@ def test_progress_bars_update_rarely_when_stderr_is_a_file(tmp_path: Path) -> No
         output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                                 env={**env, **extra}).stdout
         assert output.strip() == expected, output
+
+
+def test_a_model_it_cannot_sample_is_refused_before_int8_conversion(cond_w8a8: torch.nn.Module, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal of a bare latent UNet needs the loaded model, but not its int8 layers (minutes at SD scale)."""
+    artifact = save_quantized(cond_w8a8, tmp_path / "artifact")
+    converted = []
+    monkeypatch.setattr(loading, "use_backend", lambda *args: converted.append(args))
+    code, output = invoke("sample", artifact, "--out", tmp_path / "s", "--backend", "int8", *FAST)
+    assert code == 2 and "makes 4-channel samples, not images" in output, output
+    assert converted == [] and not (tmp_path / "s").exists()

@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
-from tacdiff.speed import SpeedRow, measure_speed, model_for_speed, relative_to_fp32
+from tacdiff.speed import (SpeedRow, float_parameters, format_speed_markdown, measure_speed, model_for_speed,
+                           quantized_for_timing, relative_to_fp32)
 from tiny_models import tiny_model
 
 
@@ -26,6 +27,24 @@ def test_every_variant_is_timed_and_int8_weights_are_small() -> None:
     assert int8["weight_ratio"] < 0.35 and int8["placement"].startswith("int8: ")
     (artifact,) = report["artifacts"]
     assert artifact["bits"] == "w4a8" and 0 < artifact["ratio"] < 1 and artifact["target_ratio"] == 4 / 32 + 0.03
+    assert artifact["met"] == (artifact["ratio"] <= artifact["target_ratio"])
+
+
+def test_an_artifact_above_its_size_target_is_flagged_with_its_float_parameters() -> None:
+    """The DiT keeps its class-embedding tables float by default; the report says so and names the fix."""
+    dit = tiny_model("dit")
+    kept = float_parameters(quantized_for_timing(dit, "w8a8"))
+    tables = sum(m.weight.numel() for m in dit.modules() if isinstance(m, torch.nn.Embedding))
+    assert kept["Embedding"] == pytest.approx(tables / sum(p.numel() for p in dit.parameters()))
+    assert float_parameters(quantized_for_timing(dit, "w8a8", quantize_embeddings=True)).get("Embedding") is None
+    row = {"model": "dit", "bits": "w8a8", "fp32_mib": 1.0, "artifact_mib": 0.5, "ratio": 0.5, "target_ratio": 0.28,
+           "met": False, "float_parameters": kept, "fp32_load_seconds": 0.0, "int8_load_seconds": 0.0}
+    text = format_speed_markdown({"calls": [], "artifacts": [row, {**row, "model": "small", "ratio": 0.2,
+                                                                   "met": True}]})
+    assert "| 0.500 | 0.280 | no |" in text and "| 0.200 | 0.280 | yes |" in text
+    assert f"dit w8a8 is above the size target: {sum(kept.values()):.0%} of its parameters stay float (" in text
+    assert f"Embedding {kept['Embedding']:.0%}" in text
+    assert "--quantize-embeddings" in text and "small w8a8 is above" not in text
 
 
 def test_nested_conditioning_is_timed() -> None:

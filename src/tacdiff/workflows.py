@@ -8,6 +8,7 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,18 @@ def is_samples_folder(path: Path) -> bool:
     return {entry.name for entry in path.iterdir()} <= ours
 
 
+def _check_samples_images(loaded: LoadedModel, what: str | Path) -> None:
+    """``ValueError`` unless ``loaded`` makes images that ``tacdiff sample`` can write and reads what it is given."""
+    channels = loaded.image_shape[0]
+    if channels not in IMAGE_CHANNELS:
+        raise ValueError(f"{what} makes {channels}-channel samples, not images: tacdiff sample writes 1- or "
+                         "3-channel images; pass the latent pipeline folder (with its autoencoder) instead of its UNet")
+    if "encoder_hidden_states" in kind_of(loaded.model).cond_keys and not loaded.reads_prompts:
+        raise ValueError(f"{what} is a text-conditioned model without its text encoder, so it cannot read prompts; "
+                         "pass the pipeline folder (with text_encoder/ and tokenizer/) or an artifact quantized "
+                         "from it")
+
+
 @torch.no_grad()
 def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | None = None,
                force_tables: bool = False, prompts: PromptOptions = PromptOptions(), num_samples: int = 16,
@@ -250,15 +263,7 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     check_settings(scheduler, steps, num_samples, batch_size, device)
     check_writable(out_dir, overwrite, recognise=is_samples_folder, what="samples folder",
                    inputs=input_paths(model, tables), folder=True)
-    loaded = load_any_model(model, device, backend)
-    channels = loaded.image_shape[0]
-    if channels not in IMAGE_CHANNELS:
-        raise ValueError(f"{model} makes {channels}-channel samples, not images: tacdiff sample writes 1- or "
-                         "3-channel images; pass the latent pipeline folder (with its autoencoder) instead of its UNet")
-    if "encoder_hidden_states" in kind_of(loaded.model).cond_keys and not loaded.reads_prompts:
-        raise ValueError(f"{model} is a text-conditioned model without its text encoder, so it cannot read prompts; "
-                         "pass the pipeline folder (with text_encoder/ and tokenizer/) or an artifact quantized "
-                         "from it")
+    loaded = load_any_model(model, device, backend, check=partial(_check_samples_images, what=model))
     conditioning = conditioning_for(loaded, prompts, count=num_samples, seed=seed, what=str(model))
     sched = build_scheduler(scheduler, loaded.scheduler_config, loaded.model)
     denoiser = ModelDenoiser(loaded.model, sched)

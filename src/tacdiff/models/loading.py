@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import diffusers
 import torch
@@ -13,7 +13,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolve
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin, SD3Transformer2DModel)
 from torch import nn
 
-from tacdiff.backends import check_backend
+from tacdiff.backends import check_backend, use_backend
 from tacdiff.devices import check_device
 from tacdiff.io.artifact import (WEIGHTS_NAME, component_files, load_component, load_quantized, read_metadata,
                                 recorded_scheduler_config)
@@ -163,7 +163,7 @@ class LoadedModel:
 
 
 def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend: str = "fake",
-                   sampled: bool = True) -> LoadedModel:
+                   sampled: bool = True, check: Callable[[LoadedModel], None] | None = None) -> LoadedModel:
     """Load ``"reference"``, ``"latent-reference"`` (the bundled text-to-image pipeline), a quantized artifact
     folder, or a diffusers model or pipeline folder, in eval mode.
 
@@ -173,7 +173,8 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
     ``backend`` runs a quantized artifact's denoiser on that execution backend
     (:func:`tacdiff.backends.use_backend`); full-precision models take ``"fake"`` only. A model that reads inputs
     tacdiff cannot make up (:func:`~tacdiff.models.kinds.unsupplied_inputs`) is refused unless ``sampled`` is False
-    (for timing alone).
+    (for timing alone). ``check`` (raising on a model its caller cannot use) sees the loaded model before its
+    layers are converted to ``backend``, so a refusal costs no conversion.
     """
     check_backend(backend)
     if backend != "fake" and str(spec) == REFERENCE:
@@ -190,7 +191,7 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
         raise ValueError(f"backend {backend!r} runs quantized artifacts, but {path} is a full-precision model; "
                          "quantize it first (tacdiff quantize) or leave the backend at 'fake'")
     if quantized:
-        model, config, pipeline_dir = load_quantized(path, device, backend=backend), recorded_scheduler_config(path), \
+        model, config, pipeline_dir = load_quantized(path, device), recorded_scheduler_config(path), \
             artifact_pipeline(path)
     else:  # an unsupported pipeline class raises before any weights load
         pipeline_dir = path if pipeline_kind(path) is not None else None
@@ -200,12 +201,17 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
     if missing is not None:
         raise ValueError(f"{path} reads {missing}, which tacdiff cannot supply when it samples; quantize it from "
                          "Python with calibration inputs of your own (tacdiff.quantize)")
-    if pipeline_dir is None:
-        return LoadedModel(model, config, quantized)
-    pipe, kind = load_components(pipeline_dir, model, device), pipeline_kind(pipeline_dir)
-    for name, file in (component_files(path) if quantized else {}).items():
-        load_component(component(pipe, kind, name), file)
-    return LoadedModel(model, config, quantized, pipe, kind)
+    loaded = LoadedModel(model, config, quantized)
+    if pipeline_dir is not None:
+        pipe, kind = load_components(pipeline_dir, model, device), pipeline_kind(pipeline_dir)
+        for name, file in (component_files(path) if quantized else {}).items():
+            load_component(component(pipe, kind, name), file)
+        loaded = LoadedModel(model, config, quantized, pipe, kind)
+    if check is not None:
+        check(loaded)
+    if backend != "fake":  # only quantized artifacts get here with another backend (above)
+        use_backend(model, backend)
+    return loaded
 
 
 PIPELINE_KEY = "pipeline_folder"
