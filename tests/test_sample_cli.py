@@ -159,3 +159,13 @@ def test_a_model_it_cannot_sample_is_refused_before_int8_conversion(cond_w8a8: t
     code, output = invoke("sample", artifact, "--out", tmp_path / "s", "--backend", "int8", *FAST)
     assert code == 2 and "makes 4-channel samples, not images" in output, output
     assert converted == [] and not (tmp_path / "s").exists()
+
+
+def test_auto_probes_at_the_sampling_batch_size(folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which kernel wins depends on the batch size, so --backend auto times the layers at the one it samples with."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    code, output = invoke("sample", folders / "w4a8", "--out", tmp_path / "s", "--backend", "auto", "--num-samples",
+                          "3", *FAST, "--batch-size", "2")
+    assert code == 0, output
+    shapes = [key.split("|(")[1] for key in json.loads((tmp_path / "cache" / "tacdiff" / "backend-probe.json").read_text())]
+    assert shapes and all(shape.startswith("2, ") for shape in shapes), shapes

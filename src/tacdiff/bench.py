@@ -153,7 +153,7 @@ def bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence[int
         _log(progress, f"quantize {name} ({how}, {quant_settings.samples} calibration trajectories)")
         quantized[name] = timed_call(dev, lambda setting=setting: quantized_copy(
             fp, base, setting, quant_settings, conditioning, recipe, progress))
-    executed = {name: _executed(quant, backend) for name, (quant, _) in quantized.items()}
+    executed = {name: _executed(quant, backend, min(batch_size, samples)) for name, (quant, _) in quantized.items()}
 
     result = BenchResult([], settings={
         "model": str(model), "bits": names, "steps": list(steps), "samples": samples, "calib_samples": calib_samples,
@@ -260,12 +260,12 @@ def run_bench(*, bits: Sequence[str] = ("w8a8", "w4a8", "w3a8"), steps: Sequence
                  tac_options=tac_options, progress=progress).rows
 
 
-def _executed(quant: nn.Module, backend: str) -> nn.Module:
-    """``quant`` itself for the fake backend, else a copy running on ``backend``."""
+def _executed(quant: nn.Module, backend: str, batch: int) -> nn.Module:
+    """``quant`` itself for the fake backend, else a copy running on ``backend`` (``auto`` probed at ``batch``)."""
     if backend == "fake":
         return quant
     twin = copy.deepcopy(quant)
-    use_backend(twin, backend)
+    use_backend(twin, backend, probe_batch=batch)
     return twin
 
 

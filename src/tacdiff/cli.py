@@ -245,7 +245,7 @@ LATENT_EMA_DECAY = typer.Option(0.999, help="Decay of the weight EMA that is exp
 LATENT_CHECKPOINT_EVERY = typer.Option(500, help="Steps between checkpoints.", callback=_positive)
 BACKEND = typer.Option("fake", "--backend", callback=_backend,
                        help="How quantized layers run: fake (simulated in float), int8 (integer kernels where "
-                            "exact; the rest fake) or auto (int8 only where measured faster here).")
+                            "exact; the rest fake) or auto (int8 only where measured faster here, at --batch-size).")
 SCHEDULER_HELP = ("auto (flow for a flow-matching model, else ddim), ddim, ddpm, dpm, euler or flow (flow matching), "
                   "built from the model's scheduler config.")
 SCHEDULER = typer.Option("auto", help=SCHEDULER_HELP)

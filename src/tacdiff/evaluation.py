@@ -214,7 +214,7 @@ def evaluate(model: str | Path, *, fp_model: str | Path | None = None, scheduler
         (sampling plus metrics, models already loaded) with ``sampling_seconds``.
     """
     check_settings(scheduler, steps, samples, batch_size, device)
-    loaded = load_any_model(model, device, backend)
+    loaded = load_any_model(model, device, backend, probe_batch=min(batch_size, samples))
     fp = load_any_model(fp_model, device) if fp_model is not None else None
     if fp is not None and loaded.quantized:
         check_source(read_metadata(model), fp.model, fp_model)

@@ -263,7 +263,8 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
     check_settings(scheduler, steps, num_samples, batch_size, device)
     check_writable(out_dir, overwrite, recognise=is_samples_folder, what="samples folder",
                    inputs=input_paths(model, tables), folder=True)
-    loaded = load_any_model(model, device, backend, check=partial(_check_samples_images, what=model))
+    loaded = load_any_model(model, device, backend, check=partial(_check_samples_images, what=model),
+                            probe_batch=min(batch_size, num_samples))
     conditioning = conditioning_for(loaded, prompts, count=num_samples, seed=seed, what=str(model))
     sched = build_scheduler(scheduler, loaded.scheduler_config, loaded.model)
     denoiser = ModelDenoiser(loaded.model, sched)

@@ -52,7 +52,7 @@ def calibrate_artifact(quant_artifact: str | Path, fp_model: str | Path, out: st
     if fp.quantized:
         raise ValueError(f"--fp-model {fp_model} is a quantized artifact; pass the full-precision model")
     check_source(meta, fp.model, fp_model)
-    quant = load_any_model(quant_artifact, device, backend)
+    quant = load_any_model(quant_artifact, device, backend, probe_batch=min(batch_size, samples))
     config = quant.scheduler_config or fp.scheduler_config
     sched = build_scheduler(scheduler, config, fp.model)
     # the artifact's own components (a quantized text encoder, if any) make the embeddings both models see

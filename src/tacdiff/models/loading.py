@@ -163,7 +163,8 @@ class LoadedModel:
 
 
 def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend: str = "fake",
-                   sampled: bool = True, check: Callable[[LoadedModel], None] | None = None) -> LoadedModel:
+                   sampled: bool = True, check: Callable[[LoadedModel], None] | None = None,
+                   probe_batch: int = 8) -> LoadedModel:
     """Load ``"reference"``, ``"latent-reference"`` (the bundled text-to-image pipeline), a quantized artifact
     folder, or a diffusers model or pipeline folder, in eval mode.
 
@@ -171,7 +172,8 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
     their components (:func:`~tacdiff.models.pipelines.load_components`): full precision, or
     quantized where the artifact holds them (``--quantize-text-encoder``, ``--quantize-vae-decoder``).
     ``backend`` runs a quantized artifact's denoiser on that execution backend
-    (:func:`tacdiff.backends.use_backend`); full-precision models take ``"fake"`` only. A model that reads inputs
+    (:func:`tacdiff.backends.use_backend`; ``"auto"`` times its layers at ``probe_batch`` samples, best the batch
+    size the caller will run); full-precision models take ``"fake"`` only. A model that reads inputs
     tacdiff cannot make up (:func:`~tacdiff.models.kinds.unsupplied_inputs`) is refused unless ``sampled`` is False
     (for timing alone). ``check`` (raising on a model its caller cannot use) sees the loaded model before its
     layers are converted to ``backend``, so a refusal costs no conversion.
@@ -210,7 +212,7 @@ def load_any_model(spec: str | Path, device: str | torch.device = "cpu", backend
     if check is not None:
         check(loaded)
     if backend != "fake":  # only quantized artifacts get here with another backend (above)
-        use_backend(model, backend)
+        use_backend(model, backend, probe_batch=probe_batch)
     return loaded
 
 
