@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_utils import no_init_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -334,7 +335,8 @@ def _build_model(folder: Path, model_class: str, file: Path) -> nn.Module:
         raise ValueError(f"{config_file} names the model class {config['_class_name']!r} but {file} holds a "
                          f"quantized {model_class}; restore {CONFIG_NAME} or {FIX}")
     try:
-        return kind.cls.from_config(config)
+        with no_init_weights():  # every parameter is then loaded from the artifact or dequantized from its codes
+            return kind.cls.from_config(config)
     except Exception as error:  # diffusers raises many types for bad configs; report them all the same way
         raise ValueError(f"{config_file} cannot build a {model_class} ({type(error).__name__}: "
                          f"{_one_line(error)}); restore {CONFIG_NAME} or {FIX}") from None
@@ -356,7 +358,7 @@ def _install_plan(model: nn.Module, config: QuantConfig, plan: list[LayerPlan], 
     if len({entry.name for entry in plan}) < len(plan):
         raise _corrupt(file, "its plan names a module twice")
     try:
-        install(model, config, plan)
+        install(model, config, plan, copy_state=False)  # every tensor comes from the artifact
     except ValueError as error:  # bits that the layers reject
         raise _corrupt(file, f"its plan does not fit the model ({_one_line(error)})") from None
 

@@ -163,8 +163,9 @@ def skip_concat_splits(model: nn.Module) -> dict[str, int]:
     return splits
 
 
-def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> QuantState:
-    """Swap modules per ``plan`` (weights still float) and attach the timestep router; in place.
+def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan], copy_state: bool = True) -> QuantState:
+    """Swap modules per ``plan`` (weights still float; uninitialised without ``copy_state``, for a caller that loads
+    every tensor itself) and attach the timestep router; in place.
 
     Only denoisers (:data:`~tacdiff.models.kinds.MODEL_KINDS`) route timesteps; other modules
     (a text encoder, an autoencoder's decoder) are quantized by :func:`quantize_weights_only`.
@@ -183,7 +184,7 @@ def install(model: nn.Module, config: QuantConfig, plan: list[LayerPlan]) -> Qua
             module.set_processor(quant_processor(module))
             continue
         new = WEIGHT_LAYERS[entry.kind].from_float(module, entry.weight_bits, config.weight_symmetric, entry.split,
-                                                   act)
+                                                   act, copy_state)
         if _balanced(entry, config):
             new.enable_smoothing()
         model.set_submodule(entry.name, new)

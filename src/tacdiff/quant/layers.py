@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from tacdiff.quant import primitives as P
 
@@ -290,12 +291,14 @@ class QuantConv2d(QuantWeightMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int, symmetric: bool, split: int | None,
-                   act_quant: ActQuantizer | None) -> "QuantConv2d":
-        """A quantized copy of ``conv`` (weights still float until :meth:`quantize_weight`)."""
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                  device=conv.weight.device, dtype=conv.weight.dtype)
-        new.load_state_dict(conv.state_dict())
+                   act_quant: ActQuantizer | None, copy_state: bool = True) -> "QuantConv2d":
+        """A quantized copy of ``conv`` (weights still float until :meth:`quantize_weight`; left uninitialised
+        without ``copy_state``, for a caller that loads every tensor itself)."""
+        new = skip_init(cls, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                        device=conv.weight.device, dtype=conv.weight.dtype)
+        if copy_state:
+            new.load_state_dict(conv.state_dict())
         new._init_quant(bits, symmetric, split, act_quant)
         return new
 
@@ -305,11 +308,12 @@ class QuantLinear(QuantWeightMixin, nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, symmetric: bool, split: int | None,
-                   act_quant: ActQuantizer | None) -> "QuantLinear":
-        """A quantized copy of ``linear`` (weights still float until :meth:`quantize_weight`)."""
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                  device=linear.weight.device, dtype=linear.weight.dtype)
-        new.load_state_dict(linear.state_dict())
+                   act_quant: ActQuantizer | None, copy_state: bool = True) -> "QuantLinear":
+        """A quantized copy of ``linear`` (as :meth:`QuantConv2d.from_float`)."""
+        new = skip_init(cls, linear.in_features, linear.out_features, linear.bias is not None,
+                        device=linear.weight.device, dtype=linear.weight.dtype)
+        if copy_state:
+            new.load_state_dict(linear.state_dict())
         new._init_quant(bits, symmetric, split, act_quant)
         return new
 
@@ -319,13 +323,14 @@ class QuantEmbedding(QuantWeightMixin, nn.Embedding):
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding, bits: int, symmetric: bool, split: int | None,
-                   act_quant: ActQuantizer | None) -> "QuantEmbedding":
-        """A quantized copy of ``embedding`` (weights still float until :meth:`quantize_weight`)."""
+                   act_quant: ActQuantizer | None, copy_state: bool = True) -> "QuantEmbedding":
+        """A quantized copy of ``embedding`` (as :meth:`QuantConv2d.from_float`)."""
         if split is not None or act_quant is not None:
             raise ValueError("an embedding is quantized weight-only and whole: no split, no activation quantizer")
-        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, embedding.max_norm,
-                  embedding.norm_type, embedding.scale_grad_by_freq, embedding.sparse,
-                  device=embedding.weight.device, dtype=embedding.weight.dtype)
-        new.load_state_dict(embedding.state_dict())
+        new = skip_init(cls, embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                        embedding.max_norm, embedding.norm_type, embedding.scale_grad_by_freq, embedding.sparse,
+                        device=embedding.weight.device, dtype=embedding.weight.dtype)
+        if copy_state:
+            new.load_state_dict(embedding.state_dict())
         new._init_quant(bits, symmetric, None, None)
         return new

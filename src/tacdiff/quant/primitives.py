@@ -203,6 +203,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
     if packed.numel() != expected:
         raise ValueError(f"packed codes hold {packed.numel()} bytes, expected {expected} for "
                          f"{numel} {bits}-bit values; the artifact is corrupt")
-    planes = np.unpackbits(packed.numpy(), bitorder="little")[: numel * bits].reshape(numel, bits)
-    values = np.packbits(planes, axis=1, bitorder="little")[:, 0]
-    return torch.from_numpy(values.copy()).reshape(shape)
+    if bits == 8:
+        return packed.clone().reshape(shape)
+    # every 8 codes fill exactly `bits` bytes: read each such group as one little-endian word and shift the codes out
+    groups = -(-numel // 8)
+    grouped = torch.cat([packed, packed.new_zeros(groups * bits - packed.numel())]).view(groups, bits).long()
+    words = (grouped << (8 * torch.arange(bits))).sum(1, keepdim=True)
+    codes = (words >> (bits * torch.arange(8))) & (2**bits - 1)
+    return codes.reshape(-1)[:numel].to(torch.uint8).reshape(shape)
