@@ -53,6 +53,9 @@ def test_fake_quantized_values_lie_on_the_grid(data: tuple[torch.Tensor, int | N
     codes = P.quantize_tensor(x, scale, zp, bits)
     assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 2 ** bits - 1
     assert torch.equal(P.dequantize_tensor(codes, scale, zp), y), "fake quantization = dequantize(quantize)"
+    for dtype in (torch.float32, torch.bfloat16):  # in place into a weight: the same values
+        written = P.dequantize_tensor(codes.to(torch.uint8), scale, zp, dtype, out=torch.empty_like(y, dtype=dtype))
+        assert torch.equal(written, y.to(dtype))
 
 
 @SWEEP

@@ -257,8 +257,8 @@ class QuantWeightMixin:
     def refresh_weight(self) -> None:
         """Recompute the float weight from the stored codes (after loading a state dict)."""
         with torch.no_grad():
-            self.weight.copy_(P.dequantize_tensor(self.weight_codes, self.expand(self.weight_scale),
-                                                  self.expand(self.weight_zero_point), self.weight.dtype))
+            P.dequantize_tensor(self.weight_codes, self.expand(self.weight_scale), self.expand(self.weight_zero_point),
+                                self.weight.dtype, out=self.weight)
 
     def enable_smoothing(self) -> None:
         """Give the layer a per-input-channel ``smooth`` divisor (ones until :meth:`set_smoothing`)."""

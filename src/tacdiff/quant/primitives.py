@@ -89,9 +89,13 @@ def quantize_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
 
 def dequantize_tensor(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Real values ``(codes - zero_point) * scale`` in ``dtype``."""
-    return ((codes.to(scale.dtype) - zero_point) * scale).to(dtype)
+                      dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Real values ``(codes - zero_point) * scale`` in ``dtype``, or written into ``out`` (of the scale's dtype: the
+    same arithmetic in place, no temporaries)."""
+    if out is not None and out.dtype == scale.dtype:
+        return torch.sub(codes, zero_point, out=out).mul_(scale)
+    values = ((codes.to(scale.dtype) - zero_point) * scale).to(dtype)
+    return values if out is None else out.copy_(values)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
