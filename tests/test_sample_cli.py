@@ -169,3 +169,13 @@ def test_auto_probes_at_the_sampling_batch_size(folders: Path, tmp_path: Path, m
     assert code == 0, output
     shapes = [key.split("|(")[1] for key in json.loads((tmp_path / "cache" / "tacdiff" / "backend-probe.json").read_text())]
     assert shapes and all(shape.startswith("2, ") for shape in shapes), shapes
+
+
+def test_a_full_precision_model_that_makes_nan_is_not_told_to_add_bits(tmp_path: Path) -> None:
+    model = tiny_model("unet")
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan")
+    code, output = invoke("sample", tmp_path / "nan", "--out", tmp_path / "s", *FAST)
+    assert code == 2 and "produced NaN or inf samples" in output and "full precision" in output, output
+    assert "more bits" not in output and not (tmp_path / "s").exists()

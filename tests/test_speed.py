@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from tacdiff.cli import app
-from tacdiff.speed import (SpeedRow, float_parameters, format_speed_markdown, measure_speed, model_for_speed,
-                           quantized_for_timing, relative_to_fp32)
+from tacdiff import speed
+from tacdiff.speed import (SpeedRow, artifact_row, format_speed_markdown, measure_speed, model_for_speed,
+                           quantized_for_timing, relative_to_fp32, seconds_per_call)
 from tiny_models import tiny_model
 
 
@@ -30,21 +32,39 @@ def test_every_variant_is_timed_and_int8_weights_are_small() -> None:
     assert artifact["met"] == (artifact["ratio"] <= artifact["target_ratio"])
 
 
-def test_an_artifact_above_its_size_target_is_flagged_with_its_float_parameters() -> None:
+def test_an_artifact_above_its_size_target_is_flagged_with_what_its_file_holds(tmp_path: Path) -> None:
     """The DiT keeps its class-embedding tables float by default; the report says so and names the fix."""
     dit = tiny_model("dit")
-    kept = float_parameters(quantized_for_timing(dit, "w8a8"))
-    tables = sum(m.weight.numel() for m in dit.modules() if isinstance(m, torch.nn.Embedding))
-    assert kept["Embedding"] == pytest.approx(tables / sum(p.numel() for p in dit.parameters()))
-    assert float_parameters(quantized_for_timing(dit, "w8a8", quantize_embeddings=True)).get("Embedding") is None
-    row = {"model": "dit", "bits": "w8a8", "fp32_mib": 1.0, "artifact_mib": 0.5, "ratio": 0.5, "target_ratio": 0.28,
-           "met": False, "float_parameters": kept, "fp32_load_seconds": 0.0, "int8_load_seconds": 0.0}
-    text = format_speed_markdown({"calls": [], "artifacts": [row, {**row, "model": "small", "ratio": 0.2,
-                                                                   "met": True}]})
+    rows = {embeddings: artifact_row("dit", dit, quantized_for_timing(dit, "w8a8", embeddings), tmp_path)
+            for embeddings in (False, True)}
+    for row in rows.values():
+        parts = row["breakdown"]
+        total = parts["codes"] + parts["quantization parameters"] + sum(parts["float tensors"].values()) + parts["header"]
+        assert total == pytest.approx(row["ratio"]) and min(parts["codes"], parts["header"]) > 0
+    tables = sum(m.weight.numel() * 4 for m in dit.modules() if isinstance(m, torch.nn.Embedding))
+    fp_bytes = rows[False]["fp32_mib"] * 2**20
+    assert rows[False]["breakdown"]["float tensors"]["Embedding"] == pytest.approx(tables / fp_bytes)
+    assert "Embedding" not in rows[True]["breakdown"]["float tensors"]
+    over = {**rows[False], "ratio": 0.5, "met": False}
+    text = format_speed_markdown({"calls": [], "artifacts": [over, {**over, "model": "small", "ratio": 0.2,
+                                                                    "met": True}]})
     assert "| 0.500 | 0.280 | no |" in text and "| 0.200 | 0.280 | yes |" in text
-    assert f"dit w8a8 is above the size target: {sum(kept.values()):.0%} of its parameters stay float (" in text
-    assert f"Embedding {kept['Embedding']:.0%}" in text
-    assert "--quantize-embeddings" in text and "small w8a8 is above" not in text
+    assert "dit w8a8 is above the size target (0.500 > 0.280). Of the FP32 file, codes take" in text
+    assert "Embedding" in text and "--quantize-embeddings" in text and "small w8a8 is above" not in text
+
+def test_activation_memory_is_measured_after_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first call allocates once (thread pools, kernel caches); counting it inflated whichever variant ran first."""
+    model, calls, at_entry = tiny_model("conv_unet"), [], []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+
+    @contextmanager
+    def window():
+        at_entry.append(len(calls))
+        yield [0.0]
+
+    monkeypatch.setattr(speed, "peak_rss_above_start", window)
+    seconds_per_call(model, 1, repeats=2, min_seconds=0.0)
+    assert at_entry == [1] and len(calls) == 3
 
 
 def test_nested_conditioning_is_timed() -> None:
@@ -99,3 +119,28 @@ def test_bench_speed_command_writes_json(tmp_path: Path) -> None:
     assert "| int8 | w8a8 | 1 |" in result.output
     fastest = max(report["calls"], key=lambda r: r["speedup"])
     assert f"Fastest: {fastest['model']} batch 1 {fastest['variant']}" in result.output
+
+
+def test_bench_speed_quantizes_embedding_tables_on_request(tmp_path: Path) -> None:
+    tiny_model("dit").save_pretrained(tmp_path / "dit")
+    result = CliRunner().invoke(app, ["bench-speed", "--model", str(tmp_path / "dit"), "--batch", "1", "--bits", "w8a8",
+                                      "--repeats", "1", "--quantize-embeddings", "--json", str(tmp_path / "s.json"),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    (artifact,) = json.loads((tmp_path / "s.json").read_text())["artifacts"]
+    assert "Embedding" not in artifact["breakdown"]["float tensors"]
+
+
+def test_bench_speed_refuses_a_bad_model_before_timing_any(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def timed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was timed before every --model was checked")
+
+    monkeypatch.setattr(speed, "measure_speed", timed)
+    tiny_model("conv_unet").save_pretrained(tmp_path / "fp")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    for bad, message in ((tmp_path / "vae", "describes a 'AutoencoderKL'"), (tmp_path / "missing", "not found")):
+        result = CliRunner().invoke(app, ["bench-speed", "--model", str(tmp_path / "fp"), "--model", str(bad),
+                                          "--batch", "1", "--json", str(tmp_path / "s.json"), "--quiet"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "s.json").exists()

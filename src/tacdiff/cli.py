@@ -223,9 +223,9 @@ def _bit_width_or_off(value: int) -> int:
     return value if value == 0 else _bit_width(value)
 
 
-def _positive(value: int) -> int:
-    """Option callback: a count of at least 1."""
-    if value < 1:
+def _positive(value: int | None) -> int | None:
+    """Option callback: a count of at least 1 (or None: not given)."""
+    if value is not None and value < 1:
         raise typer.BadParameter(f"must be at least 1, got {value}")
     return value
 
@@ -322,8 +322,8 @@ def quantize(
     scheduler: str = typer.Option(None, help="Scheduler folder (default: the pipeline's, else linear DDPM-1000)."),
     calib_samples: int = typer.Option(64, help="Calibration trajectories.", callback=_positive),
     calib_steps: int = typer.Option(50, help="DDIM steps per calibration trajectory.", callback=_positive),
-    calib_kept_steps: int = typer.Option(25, help="Steps per trajectory kept as calibration inputs.",
-                                         callback=_positive),
+    calib_kept_steps: int = typer.Option(None, help="Steps per trajectory kept as calibration inputs [default: 25, "
+                                         "or every step of shorter trajectories].", callback=_positive),
     batch_size: int = typer.Option(64, help="Calibration trajectories sampled at once (the unit of work that "
                                             "processes share under torchrun).", callback=_positive),
     seed: int = typer.Option(0, help="Seed for calibration noise and every random choice."),
@@ -350,6 +350,8 @@ def quantize(
                          timestep_groups=timestep_groups, first_last_bits=first_last_bits or None,
                          quantize_embeddings=quantize_embeddings, exclude=tuple(exclude), split_shortcut=split_shortcut,
                          adaround_iters=adaround_iters, seed=seed)
+    if calib_kept_steps is None:
+        calib_kept_steps = min(CalibrationSettings.kept_steps, calib_steps)
     if calib_kept_steps > calib_steps:
         raise ValueError(f"--calib-kept-steps {calib_kept_steps} is more than the {calib_steps} steps of each "
                          "calibration trajectory; pass --calib-kept-steps <= --calib-steps")
@@ -657,6 +659,8 @@ def bench_speed(
                                         "calls repeat for 2 s).", callback=_positive),
     json_path: str = typer.Option(None, "--json", help="Write the report here as JSON (atomically)."),
     markdown: str = typer.Option(None, "--markdown", help="Write the tables here as markdown (atomically)."),
+    quantize_embeddings: bool = typer.Option(False, help="Also quantize embedding tables (as tacdiff quantize "
+                                                         "--quantize-embeddings)."),
     quiet: bool = QUIET,
 ) -> None:
     """Time FP32, bf16, fake-quant and int8 per denoiser call side by side; weight and activation memory,
@@ -665,17 +669,19 @@ def bench_speed(
     from tacdiff.io.atomic import write_text_atomically
     from tacdiff.quant.config import parse_setting
     from tacdiff.report.json import write_json
-    from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
+    from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed, timed_config
 
     for setting in bits:
         parse_setting(setting)
+    for spec in model:
+        timed_config(spec)
     if any(b < 1 for b in batch):
         raise typer.BadParameter("batch sizes must be >= 1", param_hint="--batch")
     _check_reports({"JSON file": json_path, "markdown file": markdown}, inputs=[])
     report: dict[str, list] = {"calls": [], "artifacts": []}
     for spec in model:
         part = measure_speed(spec, model_for_speed(spec), bits=tuple(bits), batches=tuple(batch), repeats=repeats,
-                             progress=_progress(quiet))
+                             quantize_embeddings=quantize_embeddings, progress=_progress(quiet))
         for key in report:
             report[key] += part[key]
     machine = machine_line()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,13 +35,15 @@ from tacdiff.models.folders import quiet_loading, read_config
 from tacdiff.models.kinds import MODEL_KINDS, example_inputs, map_cond, sample_shape_of
 from tacdiff.quant.apply import quant_state, quantize
 from tacdiff.quant.config import QuantConfig, parse_setting, setting_label
-from tacdiff.quant.layers import QuantWeightMixin
+from tacdiff.quant.layers import ActQuantizer
 from tacdiff.sampling.calibration import CalibrationSet
 
 VARIANTS = ("fp32", "bf16", "fake", "int8")
 BUSY_SPREAD = 0.25
 """How much slower one of the two FP32 timings at a batch size may be than the other before the run warns."""
 LOG = logging.getLogger(__name__)
+QUANT_PARAMETERS = (".weight_scale", ".weight_zero_point", ".smooth")
+"""Ends of the names of tensors that parametrise quantization (not the model's own weights)."""
 SETTINGS = ("w8a8", "w8a8-sym", "w4a8")
 """Default quantized settings: W8A8 with asymmetric weights (the default recipe; the int8 backend adds a zero-point
 channel per layer) and with symmetric ones (none needed), and W4A8 (whose centred codes always fit int8)."""
@@ -128,13 +131,14 @@ def _rss_bytes() -> int:
 def seconds_per_call(model: nn.Module, batch: int, repeats: int = 3, dtype: torch.dtype = torch.float32,
                      min_seconds: float = 2.0) -> tuple[float, float]:
     """Fastest of at least ``repeats`` calls after one warm-up (more, up to 50, until ``min_seconds`` have
-    been timed: short calls are the noisy ones), and the peak activation MiB while calling."""
+    been timed: short calls are the noisy ones), and the peak activation MiB while calling (measured after the
+    warm-up, so that one-time allocations such as thread pools and kernel caches do not count)."""
     x, t, cond = example_inputs(model, batch)
     x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     cond = map_cond(cond, lambda v: v.to(dtype) if v.is_floating_point() else v)
     times: list[float] = []
+    model(x, timestep=t, **cond)
     with peak_rss_above_start() as activation:
-        model(x, timestep=t, **cond)
         while len(times) < repeats or (sum(times) < min_seconds and len(times) < 50):
             start = time.perf_counter()
             model(x, timestep=t, **cond)
@@ -172,7 +176,7 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
     # one variant alive at a time beside the FP32 model, so that full-size models fit in memory
     time_variant(fp, "fp32", "fp", torch.float32)
     try:
-        time_variant(copy.deepcopy(fp).to(torch.bfloat16), "bf16", "fp", torch.bfloat16)
+        time_variant(_bf16_copy(fp), "bf16", "fp", torch.bfloat16)
     except RuntimeError as error:  # diffusers casts some embeddings back to fp32 (UNet2DModel's timestep classes)
         LOG.warning("%s does not run in bf16 (%s); its table has no bf16 rows", name, str(error).splitlines()[0])
     with tempfile.TemporaryDirectory(prefix="tacdiff-speed-") as tmp:
@@ -190,6 +194,23 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
     rows = relative_to_fp32(rows)
     rows.sort(key=lambda r: (r.batch, labels.index(r.bits), VARIANTS.index(r.variant)))
     return {"calls": [asdict(row) for row in rows], "artifacts": artifacts}
+
+
+@contextmanager
+def _silenced(logger: str) -> Iterator[None]:
+    """``logger``'s info and warnings off for the duration (errors still log)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _bf16_copy(model: nn.Module) -> nn.Module:
+    with quiet_loading():  # diffusers warns on any dtype cast of a model that keeps modules in float32
+        return copy.deepcopy(model).to(torch.bfloat16)
 
 
 def relative_to_fp32(rows: list[SpeedRow]) -> list[SpeedRow]:
@@ -222,27 +243,38 @@ def artifact_row(name: str, fp: nn.Module, fake: nn.Module, tmp: Path) -> dict[s
         type(fp).from_pretrained(fp_dir)
     fp_load = time.perf_counter() - start
     start = time.perf_counter()
-    load_quantized(artifact, backend="int8")
+    with _silenced(use_backend.__module__):  # the timed conversion of the same model has logged its placement
+        load_quantized(artifact, backend="int8")
     load = time.perf_counter() - start
     ratio = (artifact / WEIGHTS_NAME).stat().st_size / fp_file.stat().st_size
     target = config.weight_bits / 32 + 0.03
     return {"model": name, "bits": setting_label(config), "fp32_mib": fp_file.stat().st_size / 2**20,
             "artifact_mib": (artifact / WEIGHTS_NAME).stat().st_size / 2**20, "ratio": ratio,
-            "target_ratio": target, "met": ratio <= target, "float_parameters": float_parameters(fake),
+            "target_ratio": target, "met": ratio <= target,
+            "breakdown": artifact_breakdown(artifact / WEIGHTS_NAME, fp_file.stat().st_size, fake),
             "fp32_load_seconds": fp_load, "int8_load_seconds": load}
 
 
-def float_parameters(model: nn.Module) -> dict[str, float]:
-    """Share of a quantized ``model``'s parameters that stay float, by the class of the module holding them
-    (largest first): what keeps an artifact above ``bits / 32`` of the FP32 file."""
-    total = sum(p.numel() for p in model.parameters())
-    shares: dict[str, float] = {}
-    for module in model.modules():
-        quantized = module.weight if isinstance(module, QuantWeightMixin) else None
-        kept = sum(p.numel() for p in module.parameters(recurse=False) if p is not quantized)
-        if kept:
-            shares[type(module).__name__] = shares.get(type(module).__name__, 0.0) + kept / total
-    return dict(sorted(shares.items(), key=lambda item: -item[1]))
+def artifact_breakdown(file: Path, fp_bytes: int, model: nn.Module) -> dict[str, Any]:
+    """What the artifact ``file`` of the quantized ``model`` stores, as shares of the ``fp_bytes`` FP32 file: integer
+    codes, quantization parameters (weight scales and zero points, activation ranges), float tensors (parameters and
+    buffers, by the class of the module holding them, largest first) and the file header (names, shapes, metadata)."""
+    modules = dict(model.named_modules())
+    shares = {"codes": 0, "quantization parameters": 0, "float tensors": {}, "header": file.stat().st_size}
+    for name, tensor in load_file(file).items():
+        size = tensor.numel() * tensor.element_size()
+        owner = modules.get(name.rpartition(".")[0])
+        shares["header"] -= size
+        if name.endswith(".weight_codes"):
+            shares["codes"] += size
+        elif isinstance(owner, ActQuantizer) or name.endswith(QUANT_PARAMETERS):
+            shares["quantization parameters"] += size
+        else:
+            floats = shares["float tensors"]
+            floats[type(owner).__name__] = floats.get(type(owner).__name__, 0) + size
+    floats = sorted(shares["float tensors"].items(), key=lambda item: -item[1])
+    return {**{k: v / fp_bytes for k, v in shares.items() if k != "float tensors"},
+            "float tensors": {cls: size / fp_bytes for cls, size in floats}}
 
 
 def format_speed_markdown(report: dict[str, list[dict[str, Any]]]) -> str:
@@ -260,17 +292,21 @@ def format_speed_markdown(report: dict[str, list[dict[str, Any]]]) -> str:
         lines.append(f"| {r['model']} | {r['bits']} | {r['fp32_mib']:.1f} | {r['artifact_mib']:.1f} | "
                      f"{r['ratio']:.3f} | {r['target_ratio']:.3f} | {'yes' if r['met'] else 'no'} | "
                      f"{r['fp32_load_seconds']:.2f} | {r['int8_load_seconds']:.2f} |")
-    lines += [above_target_note(r) for r in report["artifacts"] if not r["met"]]
+    notes = [above_target_note(r) for r in report["artifacts"] if not r["met"]]
+    lines += ["", *notes] if notes else []
     return "\n".join(lines)
 
 
 def above_target_note(artifact: dict[str, Any]) -> str:
-    """Why an artifact row is above its size target: the parameters that stay float, by module class."""
-    kept = artifact["float_parameters"]
-    largest = ", ".join(f"{cls} {share:.0%}" for cls, share in list(kept.items())[:3] if share >= 0.005)
-    hint = "; `tacdiff quantize --quantize-embeddings` stores embedding tables as codes" if "Embedding" in kept else ""
-    return (f"\n{artifact['model']} {artifact['bits']} is above the size target: {sum(kept.values()):.0%} of its "
-            f"parameters stay float ({largest or 'biases and norms'}){hint}.")
+    """Why an artifact row is above its size target: what its file holds (:func:`artifact_breakdown`)."""
+    parts = artifact["breakdown"]
+    floats = parts["float tensors"]
+    largest = ", ".join(f"{cls} {share:.3f}" for cls, share in list(floats.items())[:3] if share >= 0.0005)
+    hint = "; --quantize-embeddings stores embedding tables as codes" if "Embedding" in floats else ""
+    return (f"{artifact['model']} {artifact['bits']} is above the size target ({artifact['ratio']:.3f} > "
+            f"{artifact['target_ratio']:.3f}). Of the FP32 file, codes take {parts['codes']:.3f}, float tensors "
+            f"{sum(floats.values()):.3f} ({largest or 'none'}), quantization parameters "
+            f"{parts['quantization parameters']:.3f}, the file header {parts['header']:.3f}{hint}.")
 
 
 def fastest_summary(calls: list[dict[str, Any]]) -> str:
@@ -286,24 +322,33 @@ def fastest_summary(calls: list[dict[str, Any]]) -> str:
                                    for r in best.values())
 
 
+def timed_config(spec: str | Path) -> Path | None:
+    """The ``config.json`` that :func:`model_for_speed` builds ``spec`` from (None for the bundled pixel model), checked
+    to name a class tacdiff times: a bad ``--model`` fails before any other is timed."""
+    from tacdiff.models.loading import find_unet_dir  # models.loading reaches the pipelines; load it on use
+    from tacdiff.models.reference import bundled_folder
+
+    if str(spec) == "reference":
+        return None
+    config = find_unet_dir(bundled_folder(spec)) / "config.json"
+    record = read_config(config)
+    if record.get("_class_name") not in MODEL_KINDS:
+        named = f"describes a {record['_class_name']!r}" if "_class_name" in record else "names no _class_name"
+        raise ValueError(f"{config} {named}; tacdiff times {', '.join(MODEL_KINDS)}")
+    return config
+
+
 def model_for_speed(spec: str | Path) -> nn.Module:
     """The fp32 denoiser of ``spec``: ``"reference"``, ``"latent-reference"``, a diffusers model or pipeline
     folder, or a folder with only a model ``config.json`` (built with seeded random weights, e.g.
     ``../shared/configs/sd-1.5-unet``)."""
-    from tacdiff.models.loading import load_any_model  # models.loading reaches the pipelines; load it on use
-    from tacdiff.models.reference import bundled_folder
+    from tacdiff.models.loading import load_any_model
 
-    path = Path(bundled_folder(spec))
-    config = path / "unet" / "config.json" if (path / "unet" / "config.json").is_file() else path / "config.json"
-    has_weights = any(config.parent.glob("*.safetensors")) or any(config.parent.glob("*.bin"))
-    if str(spec) == "reference" or not config.is_file() or has_weights:
+    config = timed_config(spec)
+    if config is None or any(config.parent.glob("*.safetensors")) or any(config.parent.glob("*.bin")):
         return load_any_model(spec, sampled=False).model  # timing makes its own inputs
     record = read_config(config)
-    kind = MODEL_KINDS.get(record.get("_class_name", ""))
-    if kind is None:
-        named = f"describes a {record['_class_name']!r}" if "_class_name" in record else "names no _class_name"
-        raise ValueError(f"{config} {named}; tacdiff times {', '.join(MODEL_KINDS)}")
     torch.manual_seed(0)
-    model = kind.cls.from_config(record).eval()
+    model = MODEL_KINDS[record["_class_name"]].cls.from_config(record).eval()
     sample_shape_of(model)
     return model

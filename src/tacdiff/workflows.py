@@ -235,7 +235,7 @@ def _check_samples_images(loaded: LoadedModel, what: str | Path) -> None:
     channels = loaded.image_shape[0]
     if channels not in IMAGE_CHANNELS:
         raise ValueError(f"{what} makes {channels}-channel samples, not images: tacdiff sample writes 1- or "
-                         "3-channel images; pass the latent pipeline folder (with its autoencoder) instead of its UNet")
+                         "3-channel images; pass the latent pipeline folder (with its autoencoder) instead of its denoiser")
     if "encoder_hidden_states" in kind_of(loaded.model).cond_keys and not loaded.reads_prompts:
         raise ValueError(f"{what} is a text-conditioned model without its text encoder, so it cannot read prompts; "
                          "pass the pipeline folder (with text_encoder/ and tokenizer/) or an artifact quantized "
@@ -278,8 +278,9 @@ def sample_dir(model: str | Path, out_dir: str | Path, *, tables: str | Path | N
         samples=mine.samples, progress=progress)]
     images = mine.gather_rows(torch.cat(finals))
     if not bool(torch.isfinite(images).all()):
-        raise ValueError(f"{model} produced NaN or inf samples; nothing was written. Try more bits or other "
-                         "ranges, or recalibrate the tables")
+        fix = ("Try more bits or other ranges, or recalibrate the tables" if loaded.quantized or tables is not None
+               else "The model is full precision: check its weights and that its scheduler config fits it")
+        raise ValueError(f"{model} produced NaN or inf samples; nothing was written. {fix}")
     pixels = to_uint8(images)
     record = {"format": SAMPLES_FORMAT, "model": str(model), "tables": None if tables is None else str(tables),
               "scheduler": scheduler_name(sched), "steps": steps, "seed": seed, "batch_size": batch_size,

@@ -136,11 +136,17 @@ def test_a_converted_model_is_not_copied_saved_or_converted_again(w8a8: nn.Modul
         use_backend(twin, "fake")
 
 
-def test_layers_the_int8_path_cannot_run_stay_fake_with_a_reason(w8a8_blocked: nn.Module, w8a8: nn.Module) -> None:
-    _, execution = _int8_copy(w8a8_blocked)
+def test_layers_the_int8_path_cannot_run_stay_fake_with_a_reason(w8a8_blocked: nn.Module, w8a8: nn.Module,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        _, execution = _int8_copy(w8a8_blocked)
     assert "fake: block-scaled activations need a block-scaled GEMM" in execution.values()
     assert not any(where.startswith("int8") for where in execution.values())
-    twin, execution = _int8_copy(w8a8)
+    assert "runs no layer on integer kernels" in caplog.text and "block-scaled activations" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        twin, execution = _int8_copy(w8a8)
+    assert "runs no layer" not in caplog.text
     weight_only = [name for name, where in execution.items() if "weight-only" in where]
     assert weight_only == ["conv_in"]  # its input is the model input, left unquantized by default
     assert any(where.startswith("fake: attention") for where in execution.values())

@@ -64,11 +64,14 @@ def test_example_inputs_fit_each_class_embedding(overrides: dict) -> None:
 @pytest.mark.parametrize("name, overrides, reason", [
     ("cond_unet", {"addition_embed_type": "image", "encoder_hid_dim": 32}, "image embeddings"),
     ("conv_unet", {"class_embed_type": "timestep"}, "class embeddings of type 'timestep'"),
-    ("cond_unet", {"in_channels": 7}, "7 input channels for 4 predicted ones")])
+    ("cond_unet", {"in_channels": 7}, "7 input channels for 4 predicted ones"),
+    ("cond_unet", {"time_cond_proj_dim": 16}, "a guidance-scale embedding"),
+    ("conv_unet", {"time_embedding_type": "fourier"}, "noise levels in place of timesteps")])
 def test_models_reading_inputs_tacdiff_cannot_make_are_refused_at_load(tmp_path, name: str, overrides: dict,
                                                                          reason: str) -> None:
-    """Kandinsky-style image embeddings, a noise-level class embedding, an upscaler's image channels: one clear error
-    before any sampling (diffusers' own would come from deep inside the first forward pass)."""
+    """Kandinsky-style image embeddings, a noise-level class embedding, an upscaler's image channels, LCM's guidance
+    embedding, score-SDE noise levels: one clear error before any sampling (diffusers' own would come from deep inside
+    the first forward pass, or none at all)."""
     tiny_model(name, **overrides).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match=f"reads .*{re.escape(reason)}.*cannot supply"):
         load_any_model(tmp_path / "m")

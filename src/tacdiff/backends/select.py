@@ -73,9 +73,9 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
         model.set_submodule(name, twin)
     with_zero_points = sum(adds_weight_zero_point(twin) for twin in twins.values())
     if with_zero_points:
-        LOG.info("%d int8 layers add their weight zero points back at run time (asymmetric 8-bit weights); "
-                 "quantize with --weight-symmetric (QuantConfig(weight_symmetric=True)) for faster int8",
-                 with_zero_points)
+        LOG.info("%d int8 %s their weight zero points back at run time (asymmetric 8-bit weights); quantize with "
+                 "--weight-symmetric (QuantConfig(weight_symmetric=True)) for faster int8", with_zero_points,
+                 "layer adds" if with_zero_points == 1 else "layers add")
     execution = {e.name: ATTENTION_REASON for e in state.plan if e.kind == "attention" and e.act_bits}
     for name in layers:
         if reasons[name] is not None:
@@ -86,6 +86,10 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
             execution[name] = "int8" if backend == "int8" else f"int8 ({speedups[name]:.2f}x faster)"
     state.execution = execution
     LOG.info("backend %s: %s", backend, backend_counts(execution))
+    if backend == "int8" and layers and not twins:
+        reasons_seen = sorted({reason for reason in reasons.values() if reason is not None})
+        LOG.warning("backend int8 runs no layer on integer kernels, so the model runs as fake-quant: %s",
+                    "; ".join(reasons_seen[:3]))
     return execution
 
 

@@ -34,7 +34,10 @@ def check_safetensors(folder: Path, *, required: bool) -> None:
     weights = sorted(p.name for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     if any(w.endswith(".safetensors") for w in weights) or not (weights or required):
         return
-    raise ValueError(f"{folder} has no safetensors weights{f' (only {weights})' if weights else ''}; tacdiff never "
+    if not weights:
+        raise ValueError(f"{folder} holds a config but no weights; pass a folder written by save_pretrained (tacdiff "
+                         "bench-speed alone times a config-only folder, with random weights)")
+    raise ValueError(f"{folder} has no safetensors weights (only {weights}); tacdiff never "
                      "loads pickled weights. Re-save it with save_pretrained(..., safe_serialization=True) from a "
                      "trusted environment")
 

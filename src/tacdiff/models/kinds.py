@@ -103,11 +103,17 @@ ids; the others take image embeddings (Kandinsky)."""
 
 def unsupplied_inputs(model: nn.Module) -> str | None:
     """What ``model`` reads besides its noisy input that tacdiff cannot make up when it samples, or ``None``: image
-    embeddings, an image concatenated to its input (upscalers, inpainting), class embeddings of anything but ids."""
+    embeddings, an image concatenated to its input (upscalers, inpainting), class embeddings of anything but ids, a
+    guidance-scale embedding (LCM), noise levels in place of timesteps (score-SDE models' Fourier embedding)."""
     config = model.config
     addition = getattr(config, "addition_embed_type", None)
     if addition not in TEXT_ADDITIONS:
         return f"image embeddings (addition_embed_type {addition!r}, as Kandinsky's UNets)"
+    if getattr(config, "time_cond_proj_dim", None) is not None:
+        return "a guidance-scale embedding beside the timestep (time_cond_proj_dim, as latent consistency models)"
+    if getattr(config, "time_embedding_type", None) == "fourier":
+        return ("noise levels in place of timesteps (a Fourier time embedding, as score-SDE models; tacdiff's "
+                "schedulers give DDPM timesteps, and log(0) at the last step)")
     embed_type = getattr(config, "class_embed_type", None)
     if embed_type is not None:
         return f"class embeddings of type {embed_type!r} (tacdiff conditions on class ids only, num_class_embeds)"

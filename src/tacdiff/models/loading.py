@@ -3,6 +3,7 @@ quantized artifacts and the bundled reference model; schedulers by name."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,10 @@ from tacdiff.models.folders import check_safetensors, diffusers_load, quiet_load
 from tacdiff.models.pipelines import (PipelineKind, component, components_sha256, decode_latents, load_components,
                                      pipeline_kind, read_index)
 from tacdiff.models.reference import BUNDLED_PIPELINES, bundled_folder, load_reference_model
+
+LOG = logging.getLogger(__name__)
+LEARNED_VARIANCES = ("learned", "learned_range")
+"""DDPM variance types that read a predicted variance (the second half of the model's output channels)."""
 
 
 def find_unet_dir(path: str | Path) -> Path:
@@ -273,6 +278,11 @@ def build_scheduler(name: str, config: dict[str, Any] | None, model: nn.Module |
                 "it predicts noise on a beta schedule; pick ddim, ddpm, dpm or euler")
         raise ValueError(f"scheduler {name!r} does not fit this model: {hint}")
     base = config if config is not None else dict(DDPMScheduler(num_train_timesteps=1000).config)
+    if cls is DDPMScheduler and base.get("variance_type") in LEARNED_VARIANCES:
+        LOG.warning("the scheduler config's variance_type %r reads a variance the model predicts, but tacdiff samples "
+                    "with its noise estimate only: ddpm uses variance_type 'fixed_small' instead",
+                    base["variance_type"])
+        base = {**base, "variance_type": "fixed_small"}
     return fit_resolution_shift(cls.from_config(base), model)
 
 
