@@ -11,7 +11,7 @@ bundled model, with the x0 PSNR the int8 images reach and its gap to the fake mo
 
 Usage: python benchmarks/speed.py [--models reference cifar10 sd15] [--pipelines SPEC ...] [--kernels]
        [--end-to-end [--end-to-end-seed S] [--end-to-end-bits w8a8-sym] [--end-to-end-untimed]] [--batches N ...]
-       [--quantize-embeddings] [--markdown benchmarks/results/speed.md]
+       [--bits w8a8 ...] [--sd-latent 64] [--quantize-embeddings] [--markdown benchmarks/results/speed.md]
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from torch import nn
 
 from tacdiff.devices import machine_line
 from tacdiff.io.atomic import write_text_atomically
-from tacdiff.speed import format_speed_markdown, measure_speed, model_for_speed
+from tacdiff.speed import SETTINGS, format_speed_markdown, measure_speed, model_for_speed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 MODELS = {"reference": ("reference", (1, 8, 64)), "cifar10": (CONFIGS / "ddpm-cifar10-32" / "unet", (1, 8, 64)),
-          # batch 64 of the SD UNet takes minutes per call on two cores; its latents are 32x32 here (256x256 images)
+          # batch 64 of the SD UNet takes minutes per call on two cores; its latents are 32x32 by default (256x256
+          # images; --sd-latent 64 for the config's own 512x512)
           "sd15": (CONFIGS / "sd-1.5-unet", (1, 8))}
-SD_LATENT = 32
 DEPRECATED = "needs quantized tensors (PyTorch 2.13 warns: deprecated)"
 
 
@@ -200,6 +200,8 @@ def main() -> None:
                         "time too (their denoisers, at batch 1, 8 and 64)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", help="Instead of each model's batch sizes.")
+    parser.add_argument("--bits", nargs="+", default=list(SETTINGS), help="Quantized settings to time.")
+    parser.add_argument("--sd-latent", type=int, default=32, help="Latent side of the SD 1.5 UNet (its config: 64).")
     parser.add_argument("--quantize-embeddings", action="store_true", help="Quantize embedding tables too.")
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
@@ -224,9 +226,9 @@ def main() -> None:
     for name, spec, batches in specs:
         model = model_for_speed(spec)
         if name == "sd15":
-            model.register_to_config(sample_size=SD_LATENT)
-        part = measure_speed(name, model, batches=tuple(args.batches or batches), repeats=args.repeats,
-                             quantize_embeddings=args.quantize_embeddings)
+            model.register_to_config(sample_size=args.sd_latent)
+        part = measure_speed(name, model, bits=tuple(args.bits), batches=tuple(args.batches or batches),
+                             repeats=args.repeats, quantize_embeddings=args.quantize_embeddings)
         for key in report:
             report[key] += part[key]
         print(format_speed_markdown(part), flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 
 import pytest
 import torch
@@ -18,10 +19,13 @@ from tacdiff.speed import weight_bytes
 from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model
 
 # A quantized network amplifies last-bit float differences: one flipped activation code changes the next
-# layer's inputs by a whole step. So the fake-quant model run one sample at a time already differs from
-# itself run batched by ~34 dB at the output. The int8 model must agree with fake at least that well
-# (less this margin), match fake's accuracy against FP within 0.3 dB, and agree per layer (same input).
+# layer's inputs by a whole step. The int8 layers differ from their fake twins by about 5e-7 relative (~126 dB on
+# the tiny UNet: float epilogues in another order), so the reference is the fake model itself with every quantized
+# layer's input moved by that much (and run one sample at a time): the median of such draws, which spans
+# 25-42 dB at W8A4 from draw to draw (and one draw alone differs between CPUs). The int8 model must agree with fake
+# at least that well (less this margin), match fake's accuracy against FP within 0.3 dB, and agree per layer.
 MARGIN_DB, ACCURACY_DB, LAYER_DB = 3.0, 0.3, 60.0
+PERTURBED_DRAWS, PERTURBATION = 3, 2.0**-21
 
 
 def _int8_copy(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
@@ -35,6 +39,25 @@ def _one_at_a_time(model: nn.Module, data) -> torch.Tensor:
                       for i in range(len(data.x))])
 
 
+def _self_agreement_db(model: nn.Module, data, reference: torch.Tensor) -> float:
+    """The median SQNR against ``reference`` (``model``'s own outputs) of ``model`` run one sample at a time and
+    with every quantized layer's input moved by :data:`PERTURBATION` (relative: 4 float32 ulps, the int8 layers'
+    own difference) in :data:`PERTURBED_DRAWS` seeded draws: last-bit differences in every layer, as int8 makes them."""
+    runs = [_one_at_a_time(model, data)]
+    layers = [m for m in model.modules() if isinstance(m, QuantWeightMixin) and m.act_quant is not None]
+    for seed in range(PERTURBED_DRAWS):
+        generator = torch.Generator().manual_seed(seed)
+
+        def nudge(layer: nn.Module, args: tuple) -> tuple:
+            return (args[0] * (1 + PERTURBATION * torch.randn(args[0].shape, generator=generator)), *args[1:])
+
+        handles = [layer.register_forward_pre_hook(nudge) for layer in layers]
+        runs.append(outputs(model, data))
+        for handle in handles:
+            handle.remove()
+    return statistics.median(sqnr_db(reference, run) for run in runs)
+
+
 @pytest.mark.parametrize("fixture", ["w8a8", "w4a8", "w8a8_grouped", "w8a8_dynamic", "cond_w8a8",
                                      "cond_w8a8_dynamic_gptq"])
 def test_int8_model_agrees_with_fake_quant(fixture: str, request: pytest.FixtureRequest) -> None:
@@ -46,7 +69,7 @@ def test_int8_model_agrees_with_fake_quant(fixture: str, request: pytest.Fixture
     assert any(isinstance(m, (Int8Conv2d, Int8Linear)) for m in twin.modules())
     assert not any(isinstance(m, QuantWeightMixin) and m.act_quant is not None for m in twin.modules()), execution
     fake, int8 = outputs(model, data), outputs(twin, data)
-    assert sqnr_db(fake, int8) >= sqnr_db(fake, _one_at_a_time(model, data)) - MARGIN_DB
+    assert sqnr_db(fake, int8) >= _self_agreement_db(model, data, fake) - MARGIN_DB
     assert abs(sqnr_db(fp, fake) - sqnr_db(fp, int8)) <= ACCURACY_DB
 
 
@@ -99,7 +122,7 @@ def test_other_recipes_agree_too(config: dict, unet: nn.Module, calibration, hel
     twin, execution = _int8_copy(model)
     assert sum(where == "int8" for where in execution.values()) > 10
     fp, fake, int8 = outputs(unet, held_out), outputs(model, held_out), outputs(twin, held_out)
-    assert sqnr_db(fake, int8) >= sqnr_db(fake, _one_at_a_time(model, held_out)) - MARGIN_DB
+    assert sqnr_db(fake, int8) >= _self_agreement_db(model, held_out, fake) - MARGIN_DB
     assert abs(sqnr_db(fp, fake) - sqnr_db(fp, int8)) <= ACCURACY_DB
     if config.get("weight_symmetric"):  # 8-bit codes centred on 128 fit int8 as they are
         assert not adds_weight_zero_point(twin)

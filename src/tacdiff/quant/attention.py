@@ -36,12 +36,44 @@ def reproduces_processor(attn: Attention) -> bool:
     return quant_processor(attn) is not None
 
 
+ATTENTION_BLOCK = 2**20
+"""Attention scores per block (4 MiB in float32): :func:`quantized_attention` computes long sequences block by
+block, so that each block's softmax and probability quantization run in cache, not over the whole matrix."""
+
+
 def quantized_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over ``(batch * heads, tokens, head_dim)`` operands, each fake-quantized by
-    ``attn``'s operand quantizers (the probabilities too), in diffusers' eager arithmetic."""
-    probs = attn.probs_quant(attn.get_attention_scores(attn.q_quant(query), attn.k_quant(key), mask))
-    return torch.bmm(probs, attn.v_quant(value))
+    ``attn``'s operand quantizers (the probabilities too), in diffusers' eager arithmetic.
+
+    With a calibrated static range for the probabilities (and no observer recording them), the scores are
+    computed in blocks of heads and query rows of at most :data:`ATTENTION_BLOCK` elements: every probability
+    is the same function of its own row, so the result is that of the whole matrix (up to the float rounding of
+    a smaller matmul), 2-3x faster at SD 1.5's 4096 tokens and without the ``heads x tokens^2`` tensor.
+    """
+    query, key, value = attn.q_quant(query), attn.k_quant(key), attn.v_quant(value)
+    heads, rows = _block_shape(*query.shape[:2], key.shape[1])
+    probs_quant = attn.probs_quant
+    if probs_quant.dynamic or probs_quant.observer is not None or (heads, rows) == query.shape[:2]:
+        return torch.bmm(probs_quant(attn.get_attention_scores(query, key, mask)), value)
+    out = value.new_empty(*query.shape[:2], value.shape[2])
+    for h in range(0, len(query), heads):
+        for r in range(0, query.shape[1], rows):
+            block_mask = None if mask is None else _block_of(mask, slice(h, h + heads), slice(r, r + rows))
+            scores = attn.get_attention_scores(query[h: h + heads, r: r + rows], key[h: h + heads], block_mask)
+            out[h: h + heads, r: r + rows] = torch.bmm(probs_quant(scores), value[h: h + heads])
+    return out
+
+
+def _block_of(mask: torch.Tensor, heads: slice, rows: slice) -> torch.Tensor:
+    """The part of an additive attention mask ``(batch * heads or 1, queries or 1, keys)`` for a block."""
+    return mask[heads if len(mask) > 1 else slice(None), rows if mask.shape[1] > 1 else slice(None)]
+
+
+def _block_shape(batch_heads: int, rows: int, keys: int) -> tuple[int, int]:
+    """Heads and query rows per block of :func:`quantized_attention`: whole rows, as many as fit."""
+    block_rows = min(rows, max(1, ATTENTION_BLOCK // keys))
+    return min(batch_heads, max(1, ATTENTION_BLOCK // (block_rows * keys))), block_rows
 
 
 class QuantAttnProcessor:
