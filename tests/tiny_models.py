@@ -138,3 +138,16 @@ def with_quant_processors(model: nn.Module) -> nn.Module:
             attn.add_module(operand, ActQuantizer(8, False, router))
         attn.set_processor(processor)
     return model
+
+
+def attention_with_ranges(heads: int, head_dim: int, bits: int = 8, dynamic: bool = False) -> Attention:
+    """A diffusers ``Attention`` whose operand quantizers have static ranges [-3, 3] (q, k), [-2.5, 3.5] (v: its
+    zero point is not centred) and [0, 1] (probabilities), or per-sample dynamic ones."""
+    attn = Attention(query_dim=heads * head_dim, heads=heads, dim_head=head_dim)
+    router = TimestepRouter()
+    ranges = {"q_quant": (-3.0, 3.0), "k_quant": (-3.0, 3.0), "v_quant": (-2.5, 3.5), "probs_quant": (0.0, 1.0)}
+    for operand, (lo, hi) in ranges.items():
+        quantizer = ActQuantizer(bits, False, router, dynamic=dynamic)
+        quantizer.set_ranges(torch.tensor([[lo]]), torch.tensor([[hi]]))
+        attn.add_module(operand, quantizer)
+    return attn

@@ -11,12 +11,17 @@ import torch
 from torch import nn
 
 from tacdiff.backends import use_backend
-from tacdiff.backends.int8 import Int8Conv2d, Int8Embedding, Int8Linear, adds_weight_zero_point
+from tacdiff.backends.int8 import (Int8AttentionValues, Int8Conv2d, Int8Embedding, Int8Linear, adds_weight_zero_point,
+                                   values_kernel_reason)
+from tacdiff.backends.select import ATTENTION_INT8
 from tacdiff.io.artifact import save_quantized
-from tacdiff.quant.apply import format_summary
+from tacdiff.quant import attention
+from tacdiff.quant.apply import format_summary, quant_state
+from tacdiff.quant.attention import quantized_attention
 from tacdiff.quant.layers import QuantConv2d, QuantEmbedding, QuantWeightMixin
 from tacdiff.speed import weight_bytes
-from tiny_models import calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond, tiny_model
+from tiny_models import (attention_with_ranges, calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond,
+                         tiny_model)
 
 # A quantized network amplifies last-bit float differences: one flipped activation code changes the next
 # layer's inputs by a whole step. The int8 layers differ from their fake twins by about 5e-7 relative (~126 dB on
@@ -172,7 +177,8 @@ def test_layers_the_int8_path_cannot_run_stay_fake_with_a_reason(w8a8_blocked: n
     assert "runs no layer" not in caplog.text
     weight_only = [name for name, where in execution.items() if "weight-only" in where]
     assert weight_only == ["conv_in"]  # its input is the model input, left unquantized by default
-    assert any(where.startswith("fake: attention") for where in execution.values())
+    attentions = [e.name for e in quant_state(w8a8).plan if e.kind == "attention"]
+    assert attentions and all(execution[name] == ATTENTION_INT8 for name in attentions)
     summary = format_summary(twin)
     assert "runs" in summary.splitlines()[0] and "int8" in summary
     weights = [line for line in summary.splitlines() if line.startswith("weights: ")]
@@ -209,3 +215,37 @@ def test_embedding_tables_keep_only_their_codes_and_look_up_the_same_rows(backen
         assert isinstance(codes_only, Int8Embedding)
         assert torch.equal(codes_only(labels), table(labels))
         assert weight_bytes(codes_only) < weight_bytes(table) / 2
+
+
+@pytest.mark.parametrize("keys", [24, 77])  # a multiple of 8 and not
+@pytest.mark.parametrize("bits", [8, 6])
+def test_attention_values_on_int8_equal_the_fake_product(keys: int, bits: int) -> None:
+    attn = attention_with_ranges(heads=3, head_dim=8, bits=bits)
+    generator = torch.Generator().manual_seed(keys)
+    probs = torch.randn(3, 40, keys, generator=generator).mul_(3).softmax(-1)
+    value = torch.randn(3, keys, 8, generator=generator) * 2
+    fake = torch.bmm(attn.probs_quant(probs), attn.v_quant(value))
+    product = Int8AttentionValues(attn)(value)
+    torch.testing.assert_close(product(probs, slice(None)), fake, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(product(probs[1:], slice(1, 3)), fake[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_attention_on_int8_matches_fake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of heads and query rows, each on the integer product, against the whole matrix in float."""
+    attn = attention_with_ranges(heads=4, head_dim=8)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, n, 8, generator=generator) for n in (48, 32, 32))
+    with torch.no_grad():
+        fake = quantized_attention(attn, q, k, v)
+        attn.values_kernel = Int8AttentionValues(attn)
+        monkeypatch.setattr(attention, "ATTENTION_BLOCK", 5 * 32)
+        int8 = quantized_attention(attn, q, k, v)
+    assert sqnr_db(fake, int8) >= LAYER_DB
+
+
+def test_attention_with_dynamic_ranges_stays_fake_with_a_reason(w8a8_dynamic: nn.Module) -> None:
+    _, execution = _int8_copy(w8a8_dynamic)
+    attentions = [e.name for e in quant_state(w8a8_dynamic).plan if e.kind == "attention"]
+    assert attentions and all("fake: attention matmul operands (dynamic ranges" in execution[name]
+                              for name in attentions)
+    assert values_kernel_reason(attention_with_ranges(2, 8), torch.device("meta")) is not None

@@ -7,24 +7,12 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from tacdiff.quant import attention
-from tacdiff.quant.attention import MATMUL_OPERANDS, quantized_attention
-from tacdiff.quant.layers import ActQuantizer, RangeObserver, TimestepRouter
+from tacdiff.quant.attention import quantized_attention
+from tacdiff.quant.layers import RangeObserver
+from tiny_models import attention_with_ranges
 
 HEADS, QUERIES, KEYS, HEAD_DIM = 6, 40, 24, 8
 PROBS_STEP = 1 / 255
-
-
-def quantized_attn(dynamic: bool = False) -> Attention:
-    """A diffusers ``Attention`` with 8-bit operand quantizers: ranges [-3, 3] for q, k, v and [0, 1] for the
-    probabilities (or per-sample dynamic ranges)."""
-    attn = Attention(query_dim=HEADS * HEAD_DIM, heads=HEADS, dim_head=HEAD_DIM)
-    router = TimestepRouter()
-    for operand in MATMUL_OPERANDS:
-        quantizer = ActQuantizer(8, False, router, dynamic=dynamic)
-        lo = 0.0 if operand == "probs_quant" else -3.0
-        quantizer.set_ranges(torch.tensor([[lo]]), torch.tensor([[1.0 if operand == "probs_quant" else 3.0]]))
-        attn.add_module(operand, quantizer)
-    return attn
 
 
 def operands(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,7 +32,7 @@ def probs_calls(attn: Attention) -> list[int]:
 @pytest.mark.parametrize("block", [KEYS, 5 * KEYS, 3 * QUERIES * KEYS])  # one row, five rows, three heads at a time
 @pytest.mark.parametrize("masked", [False, True])
 def test_blocks_give_the_whole_matrix_result(block: int, masked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    attn = quantized_attn()
+    attn = attention_with_ranges(HEADS, HEAD_DIM)
     q, k, v, mask = operands()
     mask = mask if masked else None
     with torch.no_grad():
@@ -59,7 +47,7 @@ def test_blocks_give_the_whole_matrix_result(block: int, masked: bool, monkeypat
 
 
 def test_a_mask_shared_by_heads_and_rows_broadcasts_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    attn = quantized_attn()
+    attn = attention_with_ranges(HEADS, HEAD_DIM)
     q, k, v, mask = operands(1)
     shared = mask[:1, :1]
     with torch.no_grad():
@@ -72,7 +60,7 @@ def test_a_mask_shared_by_heads_and_rows_broadcasts_in_blocks(monkeypatch: pytes
 @pytest.mark.parametrize("why", ["dynamic", "observed"])
 def test_ranges_of_the_whole_matrix_keep_it_whole(why: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-sample dynamic ranges and range observers (calibration) need every probability of a head at once."""
-    attn = quantized_attn(dynamic=why == "dynamic")
+    attn = attention_with_ranges(HEADS, HEAD_DIM, dynamic=why == "dynamic")
     if why == "observed":
         attn.probs_quant.observer = RangeObserver(groups=1, segments=1)
     monkeypatch.setattr(attention, "ATTENTION_BLOCK", KEYS)

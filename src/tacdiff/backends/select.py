@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 import tacdiff
-from tacdiff.backends.int8 import adds_weight_zero_point, is_converted, to_int8, unsupported_reason
+from tacdiff.backends.int8 import (Int8AttentionValues, adds_weight_zero_point, is_converted, to_int8,
+                                   unsupported_reason, values_kernel_reason)
 from tacdiff.devices import cpu_name
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.kinds import example_inputs
@@ -30,7 +31,7 @@ from tacdiff.quant.layers import QuantEmbedding, QuantWeightMixin
 BACKENDS = ("fake", "int8", "auto")
 KERNELS = "onednn-conv+int-mm-1"  # bump when the int8 kernels change, so cached timings are measured again
 LOG = logging.getLogger(__name__)
-ATTENTION_REASON = "fake: attention matmul operands (no integer batched-matmul kernel wired)"
+ATTENTION_INT8 = "int8: probabilities @ values (q @ k^T in float, its operands' quantization simulated)"
 
 
 def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8,
@@ -76,7 +77,8 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
         LOG.info("%d int8 %s their weight zero points back at run time (asymmetric 8-bit weights); quantize with "
                  "--weight-symmetric (QuantConfig(weight_symmetric=True)) for faster int8", with_zero_points,
                  "layer adds" if with_zero_points == 1 else "layers add")
-    execution = {e.name: ATTENTION_REASON for e in state.plan if e.kind == "attention" and e.act_bits}
+    execution = {e.name: _attach_values_kernel(model.get_submodule(e.name), backend, device)
+                 for e in state.plan if e.kind == "attention" and e.act_bits}
     for name in layers:
         if reasons[name] is not None:
             execution[name] = f"fake: {reasons[name]}"
@@ -91,6 +93,16 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
         LOG.warning("backend int8 runs no layer on integer kernels, so the model runs as fake-quant: %s",
                     "; ".join(reasons_seen[:3]))
     return execution
+
+
+def _attach_values_kernel(attn: nn.Module, backend: str, device: torch.device) -> str:
+    """Run ``attn``'s ``probabilities @ values`` on :class:`Int8AttentionValues` where it can (``int8`` only:
+    ``auto`` times layers, not attention); returns where its matmuls run."""
+    reason = "auto converts timed layers only" if backend == "auto" else values_kernel_reason(attn, device)
+    if reason is not None:
+        return f"fake: attention matmul operands ({reason})"
+    attn.values_kernel = Int8AttentionValues(attn)
+    return ATTENTION_INT8
 
 
 def backend_counts(execution: dict[str, str]) -> str:
