@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tacdiff.backends import int8 as int8_backend
 from tacdiff.backends import use_backend
 from tacdiff.backends.int8 import (Int8AttentionValues, Int8Conv2d, Int8Embedding, Int8Linear, adds_weight_zero_point,
                                    values_kernel_reason)
@@ -219,7 +220,9 @@ def test_embedding_tables_keep_only_their_codes_and_look_up_the_same_rows(backen
 
 @pytest.mark.parametrize("keys", [24, 77])  # a multiple of 8 and not
 @pytest.mark.parametrize("bits", [8, 6])
-def test_attention_values_on_int8_equal_the_fake_product(keys: int, bits: int) -> None:
+def test_attention_values_on_int8_equal_the_fake_product(keys: int, bits: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int8_backend, "MIN_KEYS", 1)
     attn = attention_with_ranges(heads=3, head_dim=8, bits=bits)
     generator = torch.Generator().manual_seed(keys)
     probs = torch.randn(3, 40, keys, generator=generator).mul_(3).softmax(-1)
@@ -239,8 +242,15 @@ def test_blocked_attention_on_int8_matches_fake(monkeypatch: pytest.MonkeyPatch)
         fake = quantized_attention(attn, q, k, v)
         attn.values_kernel = Int8AttentionValues(attn)
         monkeypatch.setattr(attention, "ATTENTION_BLOCK", 5 * 32)
-        int8 = quantized_attention(attn, q, k, v)
-    assert sqnr_db(fake, int8) >= LAYER_DB
+        calls = []
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b, real=torch._int_mm: calls.append(1) or real(a, b))
+        below = quantized_attention(attn, q, k, v)  # 32 keys < MIN_KEYS: float
+        assert not calls
+        monkeypatch.setattr(int8_backend, "MIN_KEYS", 32)
+        int8_blocks = quantized_attention(attn, q, k, v)
+    assert len(calls) == 4 * -(-48 // 5)  # one GEMM per head in every block of 5 query rows
+    torch.testing.assert_close(below, fake, rtol=0, atol=3 / 255)
+    assert sqnr_db(fake, int8_blocks) >= LAYER_DB
 
 
 def test_attention_with_dynamic_ranges_stays_fake_with_a_reason(w8a8_dynamic: nn.Module) -> None:

@@ -170,6 +170,17 @@ def test_exclude_patterns_leave_modules_in_full_precision(unet: nn.Module) -> No
     assert not plan & set(excluded)
 
 
+def test_quantizers_that_see_no_data_are_named_in_one_warning(unet: nn.Module,
+                                                            calibration: tacdiff.CalibrationSet) -> None:
+    model = copy.deepcopy(unet)
+    model.spare = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))  # never called by the forward pass
+    with pytest.warns(UserWarning, match="2 activation quantizers saw no calibration data") as record:
+        tacdiff.quantize(model, QuantConfig(act_range="minmax"), calibration, progress=False)
+    messages = [str(w.message) for w in record if "saw no calibration data" in str(w.message)]
+    assert len(messages) == 1 and "spare.0" in messages[0] and "spare.1" in messages[0]
+    assert not model.spare[0].act_quant.enabled
+
+
 def observed_skip_splits(model: nn.Module, data: tacdiff.CalibrationSet) -> dict[str, int]:
     """Channel index where each up-block resnet's input switches to the skip tensor, seen in a real forward.
 

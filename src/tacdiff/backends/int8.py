@@ -7,7 +7,8 @@ timestep group's calibrated range, or the per-sample / per-token range taken at 
 codes the fake-quant layer uses. Linear layers (and 1x1 convolutions with per-token ranges) multiply
 with :class:`~tacdiff.backends.int_mm.Int8Matmul` (CPU and CUDA), other convolutions with
 :class:`~tacdiff.backends.onednn.OneDNNConv2d` (CPU only); a split skip concatenation (two activation and weight
-ranges) is two convolutions summed, which is exact.
+ranges) is two convolutions summed, which is exact. :class:`Int8AttentionValues` runs the second matmul of a
+quantized attention (``probabilities @ values``) the same way.
 """
 
 from __future__ import annotations
@@ -196,6 +197,10 @@ class Int8Embedding(nn.Module):
         return f"{self.codes.shape[0]}, {self.codes.shape[1]}, w_bits={self.w_bits}"
 
 
+MIN_KEYS = 1024
+"""Fewest keys for which :class:`Int8AttentionValues` runs: self-attention over 32x32 latents and larger."""
+
+
 class Int8AttentionValues:
     """``probabilities @ values`` of a quantized attention (:func:`tacdiff.quant.attention.quantized_attention`,
     attached as ``attn.values_kernel``) on int8 GEMMs, one per head: the probabilities' and the values' codes
@@ -209,8 +214,9 @@ class Int8AttentionValues:
 
     def __call__(self, value: torch.Tensor) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
         """The product with ``value`` ``(batch * heads, keys, dim)``: ``(probabilities, heads) -> output``; None
-        for more keys than int32 sums exactly (:data:`MAX_REDUCTION`), which then run in float."""
-        if value.shape[1] > MAX_REDUCTION:
+        (run it in float) below :data:`MIN_KEYS` keys, where one small GEMM per head costs more in calls than it
+        saves, and above :data:`MAX_REDUCTION`, where int32 sums would not be exact."""
+        if not MIN_KEYS <= value.shape[1] <= MAX_REDUCTION:
             return None
         v_scale, v_zero_point = (q[0] for q in self.v_quant.static_qparams(value.dtype))
         p_scale, p_zero_point = (q[0] for q in self.probs_quant.static_qparams(value.dtype))

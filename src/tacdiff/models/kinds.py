@@ -91,7 +91,9 @@ def sample_shape_of(model: nn.Module) -> tuple[int, int, int]:
     config = getattr(model, "config", None)
     size = getattr(config, "sample_size", None)
     if config is None or size is None:
-        raise ValueError("cannot read the sample shape from the model config; pass sample_shape=(C, H, W)")
+        raise ValueError("the model's config has no sample_size, so tacdiff cannot tell the size of the samples; "
+                         "set \"sample_size\" in its config.json (the side of its input, e.g. 64 for SD 1.5's "
+                         "latents), or from Python pass sample_shape=(C, H, W)")
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return (config.in_channels, height, width)
 

@@ -97,14 +97,20 @@ def calibrate_activations(model: nn.Module, calibration: CalibrationSet, config:
     finally:
         for q in quantizers:
             q.observer = None
+    unused = []
     for q, observer in tqdm(list(zip(quantizers, observers)), desc="choosing ranges", disable=not progress,
                             leave=False):
         ranges = _ranges(observer, groups, len(q.scale[0]), q, config)
         if ranges is None:
-            warnings.warn(f"activation quantizer {q.name!r} saw no calibration data and stays in "
-                          "full precision; its module is not used in the forward pass", stacklevel=2)
+            unused.append(q.name)
             continue
         q.set_ranges(ranges[0].to(q.scale.device), ranges[1].to(q.scale.device))
+    if unused:
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        listed = ", ".join(repr(name) for name in unused[:3]) + more
+        warnings.warn(f"{len(unused)} activation {'quantizer' if len(unused) == 1 else 'quantizers'} saw no "
+                      f"calibration data and stay in full precision (their modules are not used in the forward "
+                      f"pass): {listed}", stacklevel=2)
 
 
 def _ranges(observer: RangeObserver, groups: int, segments: int, q: ActQuantizer,
