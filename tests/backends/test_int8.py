@@ -27,9 +27,10 @@ from tiny_models import (attention_with_ranges, calibration_of, outputs, quantiz
 # A quantized network amplifies last-bit float differences: one flipped activation code changes the next
 # layer's inputs by a whole step. The int8 layers differ from their fake twins by about 5e-7 relative (~126 dB on
 # the tiny UNet: float epilogues in another order), so the reference is the fake model itself with every quantized
-# layer's input moved by that much (and run one sample at a time): the median of such draws, which spans
-# 25-42 dB at W8A4 from draw to draw (and one draw alone differs between CPUs). The int8 model must agree with fake
-# at least that well (less this margin), match fake's accuracy against FP within 0.3 dB, and agree per layer.
+# layer's input moved by that much (and run one sample at a time): the median of such draws, since one draw alone
+# varies (model inputs moved by a millionth gave 25-42 dB at W8A4) and differs between CPUs. The int8 model must
+# agree with fake at least that well (less this margin), match fake's accuracy against FP within 0.3 dB, and agree
+# per layer.
 MARGIN_DB, ACCURACY_DB, LAYER_DB = 3.0, 0.3, 60.0
 PERTURBED_DRAWS, PERTURBATION = 3, 2.0**-21
 
