@@ -23,6 +23,7 @@ from tacdiff.backends.codes import (MAX_REDUCTION, activation_codes, exact_int8_
                                     unsigned_codes)
 from tacdiff.backends.int_mm import Epilogue, Int8Matmul, padded_int_mm
 from tacdiff.backends.onednn import OneDNNConv2d, onednn_available
+from tacdiff.quant.attention import VALUES_KERNEL
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantEmbedding, QuantLinear, QuantWeightMixin
 from tacdiff.quant.primitives import dequantize_tensor
 
@@ -32,10 +33,8 @@ def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | N
     if isinstance(layer, QuantEmbedding):
         return None  # a lookup of integer rows runs anywhere
     act = layer.act_quant
-    if device.type not in ("cpu", "cuda"):
-        return f"int8 kernels are wired for CPU and CUDA only (model on {device.type})"
-    if device.type == "cpu" and not exact_int8_cpu():
-        return "this CPU has no VNNI or AMX: its int8 kernels saturate int16 partial sums"
+    if (reason := device_reason(device)) is not None:
+        return reason
     if act is None:
         return "weight-only: its input is not quantized"
     if not (act.dynamic or act.enabled):
@@ -61,6 +60,15 @@ def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | N
     reduction = max(s.stop - s.start for s in layer.segments()) * kernel
     if reduction > MAX_REDUCTION:
         return f"reduction length {reduction} > {MAX_REDUCTION} would overflow int32"
+    return None
+
+
+def device_reason(device: torch.device) -> str | None:
+    """Why no exact int8 GEMM runs on ``device``, or None when one does."""
+    if device.type not in ("cpu", "cuda"):
+        return f"int8 kernels are wired for CPU and CUDA only (model on {device.type})"
+    if device.type == "cpu" and not exact_int8_cpu():
+        return "this CPU has no VNNI or AMX: its int8 kernels saturate int16 partial sums"
     return None
 
 
@@ -203,11 +211,11 @@ MIN_KEYS = 1024
 
 class Int8AttentionValues:
     """``probabilities @ values`` of a quantized attention (:func:`tacdiff.quant.attention.quantized_attention`,
-    attached as ``attn.values_kernel``) on int8 GEMMs, one per head: the probabilities' and the values' codes
-    under their calibrated static ranges (the very codes the fake quantizers use), with the values stored
-    column-major, padded to a multiple of 8 columns (6x faster than 40 columns here), one of which is all ones:
-    it returns each row's code sum for the values' zero point. Only the float rounding of the product differs
-    from the fake path."""
+    attached as :data:`~tacdiff.quant.attention.VALUES_KERNEL`) on int8 GEMMs, one per head: the probabilities'
+    and the values' codes under their calibrated static ranges (the very codes the fake quantizers use), with the
+    values stored column-major and padded to a multiple of 8 columns (``torch._int_mm`` on the CPU ran several
+    times slower on 40 row-major columns), one of which is all ones: it returns each row's code sum for the
+    values' zero point. Only the float rounding of the product differs from the fake path."""
 
     def __init__(self, attn: nn.Module) -> None:
         self.probs_quant, self.v_quant = attn.probs_quant, attn.v_quant
@@ -243,8 +251,8 @@ class Int8AttentionValues:
 
 def values_kernel_reason(attn: nn.Module, device: torch.device) -> str | None:
     """Why :class:`Int8AttentionValues` cannot run ``attn``'s ``probabilities @ values``, or None when it can."""
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and not exact_int8_cpu()):
-        return "no exact int8 GEMM on this device"
+    if (reason := device_reason(device)) is not None:
+        return reason
     quantizers = (attn.probs_quant, attn.v_quant)
     if any(q.dynamic for q in quantizers):
         return "dynamic ranges (one per head and sample, taken over the whole matrix)"
@@ -271,7 +279,7 @@ def adds_weight_zero_point(layer: nn.Module) -> bool:
 
 def is_converted(model: nn.Module) -> bool:
     """Whether any layer (or attention product) of ``model`` runs on the int8 path."""
-    return any(isinstance(m, INT_LAYERS) or hasattr(m, "values_kernel") for m in model.modules())
+    return any(isinstance(m, INT_LAYERS) or hasattr(m, VALUES_KERNEL) for m in model.modules())
 
 
 def backend_of(model: nn.Module) -> str:

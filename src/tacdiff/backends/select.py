@@ -26,6 +26,7 @@ from tacdiff.devices import cpu_name
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.kinds import example_inputs
 from tacdiff.quant.apply import quant_state
+from tacdiff.quant.attention import VALUES_KERNEL
 from tacdiff.quant.layers import QuantEmbedding, QuantWeightMixin
 
 BACKENDS = ("fake", "int8", "auto")
@@ -101,7 +102,7 @@ def _attach_values_kernel(attn: nn.Module, backend: str, device: torch.device) -
     reason = "auto converts timed layers only" if backend == "auto" else values_kernel_reason(attn, device)
     if reason is not None:
         return f"fake: attention matmul operands ({reason})"
-    attn.values_kernel = Int8AttentionValues(attn)
+    setattr(attn, VALUES_KERNEL, Int8AttentionValues(attn))
     return ATTENTION_INT8
 
 

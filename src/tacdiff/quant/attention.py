@@ -38,6 +38,9 @@ def reproduces_processor(attn: Attention) -> bool:
     return quant_processor(attn) is not None
 
 
+VALUES_KERNEL = "values_kernel"
+"""The attribute of an ``Attention`` module where an execution backend attaches its ``probabilities @ values``
+kernel (see :func:`_values_product`)."""
 ATTENTION_BLOCK = 2**20
 """Attention scores per block (4 MiB in float32): :func:`quantized_attention` computes long sequences block by
 block, so that each block's softmax and probability quantization run in cache, not over the whole matrix."""
@@ -70,9 +73,9 @@ def quantized_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor,
 
 def _values_product(attn: Attention, value: torch.Tensor) -> Callable[[torch.Tensor, slice], torch.Tensor]:
     """``(probabilities, heads) -> quantized probabilities @ quantized values[heads]``: on the integer kernel an
-    execution backend attached as ``attn.values_kernel`` (see :mod:`tacdiff.backends.int8`; it may decline a
+    execution backend attached as :data:`VALUES_KERNEL` (see :mod:`tacdiff.backends.int8`; it may decline a
     call by returning None), else in float with the quantizers simulated."""
-    kernel = getattr(attn, "values_kernel", None)
+    kernel = getattr(attn, VALUES_KERNEL, None)
     product = None if kernel is None else kernel(value)
     if product is not None:
         return product
