@@ -56,7 +56,7 @@ def kernel_table() -> str:
     """int8 kernel candidates on one 3x3 convolution and one linear layer each, quantize/dequantize included."""
     from tacdiff.backends.codes import activation_codes, unsigned_codes
     from tacdiff.backends.int_mm import Int8Matmul
-    from tacdiff.backends.onednn import OneDNNConv2d
+    from tacdiff.backends.onednn import OneDNNConv2d, OneDNNLinear
 
     lines = ["| layer | kernel | ms | x fp32 | note |", "|---|---|---|---|---|"]
     for n, c, h in ((8, 128, 32), (8, 320, 32)):
@@ -91,7 +91,9 @@ def kernel_table() -> str:
             lines.append(f"| {label} | {name} | {ms:.2f} | {fp32 / ms:.2f} | {note} |")
     for m, k in ((8192, 320), (2048, 1280)):
         x, weight = torch.randn(m, k), torch.randn(k, k)
-        matmul = Int8Matmul(torch.randint(0, 256, (k, k)), torch.full((k,), 128.0), torch.rand(k) * 0.01, None)
+        codes, w_scale = torch.randint(0, 256, (k, k)), torch.rand(k) * 0.01
+        matmul = Int8Matmul(codes, torch.full((k,), 128.0), w_scale, None)
+        onednn = OneDNNLinear(codes.t(), torch.full((k,), 128.0), w_scale, None)
         scale, zero = torch.tensor(0.05), torch.tensor(128.0)
         dynamic = torch.ao.nn.quantized.dynamic.Linear(k, k)
         packed = torch.ops.aten._weight_int8pack_mm
@@ -103,7 +105,9 @@ def kernel_table() -> str:
             return matmul(activation_codes(rows, scale, zero, 8)[0], scale, zero - 128)
         for name, fn, note in (
                 ("fp32 F.linear", lambda: F.linear(x, weight), ""),
-                ("torch._int_mm", lambda: int8_linear(x), "chosen for linear layers"),
+                ("torch._int_mm", lambda: int8_linear(x), "chosen for linear layers on CPUs with VNNI or AMX"),
+                ("oneDNN qlinear_pointwise", lambda: onednn(unsigned_codes(x, scale, zero, 8), 0.05, 128),
+                 "chosen for linear layers on CPUs without VNNI or AMX"),
                 ("torch.ao dynamic int8 Linear", lambda: dynamic(x), f"{DEPRECATED}; one dynamic range per call"),
                 ("torch._weight_int8pack_mm", lambda: packed(x, w_int8, w_scales), "weight-only int8"),
                 *_compiled_linears(x, weight, int8_linear)):
@@ -203,6 +207,8 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", default=list(SETTINGS), help="Quantized settings to time.")
     parser.add_argument("--sd-latent", type=int, default=32, help="Latent side of the SD 1.5 UNet (its config: 64).")
     parser.add_argument("--quantize-embeddings", action="store_true", help="Quantize embedding tables too.")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="Skip the bf16 rows (minutes per call on "
+                        "CPUs without native bf16, e.g. AVX2).")
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--end-to-end-samples", type=int, default=64, help="Images per end-to-end row (batch 64).")
@@ -228,7 +234,7 @@ def main() -> None:
         if name == "sd15":
             model.register_to_config(sample_size=args.sd_latent)
         part = measure_speed(name, model, bits=tuple(args.bits), batches=tuple(args.batches or batches),
-                             repeats=args.repeats, quantize_embeddings=args.quantize_embeddings)
+                             repeats=args.repeats, quantize_embeddings=args.quantize_embeddings, bf16=args.bf16)
         for key in report:
             report[key] += part[key]
         print(format_speed_markdown(part), flush=True)

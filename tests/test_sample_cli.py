@@ -67,8 +67,11 @@ def test_same_seed_same_bytes_other_seed_other_images(folders: Path, tmp_path: P
 
 
 def test_more_samples_keep_the_first_ones(folders: Path, tmp_path: Path) -> None:
+    """Image i's noise depends on (seed, i) alone, so at the same batch size the first images are the same bits (a
+    batch of another size may round differently: oneDNN's AVX2 convolutions do)."""
     for name, count in (("few", "2"), ("many", "4")):
-        code, output = invoke("sample", folders / "fp", "--out", tmp_path / name, "--num-samples", count, *FAST)
+        code, output = invoke("sample", folders / "fp", "--out", tmp_path / name, "--num-samples", count, "--steps",
+                              "3", "--batch-size", "2", "--quiet")
         assert code == 0, output
     assert all(files(tmp_path / "few")[f] == files(tmp_path / "many")[f] for f in ("000000.png", "000001.png"))
 

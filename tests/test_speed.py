@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,20 @@ def test_speed_ups_are_against_the_faster_fp32_timing_and_a_busy_machine_warns(c
     assert [r.getMessage().split(" took")[0] for r in caplog.records] == ["m: FP32 at batch 1"]
 
 
+def test_an_int8_row_that_converted_no_layer_is_marked_and_never_fastest() -> None:
+    """On a CPU without VNNI or AMX a W8A8 model stays fake on the int8 backend: its row must not read as int8."""
+    def row(variant: str, bits: str, seconds: float, placement: str = "") -> dict:
+        return asdict(SpeedRow("m", variant, bits, 8, seconds, 1.0 / seconds, 1.0, 1.0, 0.0, placement))
+
+    calls = [row("fp32", "fp", 1.0), row("int8", "w8a8", 0.5, "int8: 0 modules, fake: 55"),
+             row("int8", "w4a8", 0.8, "int8: 52 modules, fake: 3")]
+    text = format_speed_markdown({"calls": calls, "artifacts": []})
+    assert "| m | int8 (no layer converted) | w8a8 | 8 |" in text and "| m | int8 | w4a8 | 8 |" in text
+    assert "Fastest: m batch 8 int8 w4a8 (1.25x FP32)" in text
+    assert "int8 placement: m w8a8: int8: 0 modules, fake: 55; m w4a8: int8: 52 modules, fake: 3" in text
+    assert "A row marked (no layer converted) timed the fake-quant model" in text
+
+
 def test_a_config_only_folder_builds_random_weights(tmp_path: Path) -> None:
     model = tiny_model("unet")
     model.save_config(tmp_path)
@@ -111,12 +126,12 @@ def test_a_config_only_folder_builds_random_weights(tmp_path: Path) -> None:
 def test_bench_speed_command_writes_json(tmp_path: Path) -> None:
     tiny_model("conv_unet").save_pretrained(tmp_path / "fp")
     result = CliRunner().invoke(app, ["bench-speed", "--model", str(tmp_path / "fp"), "--batch", "1", "--bits",
-                                      "w8a8", "--repeats", "1", "--json", str(tmp_path / "speed.json"), "--quiet"])
+                                      "w4a8", "--repeats", "1", "--json", str(tmp_path / "speed.json"), "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "speed.json").read_text())
     assert len(report["calls"]) == 4 and len(report["artifacts"]) == 1
     assert f"{torch.get_num_threads()} threads, torch {torch.__version__}" in report["machine"]
-    assert "| int8 | w8a8 | 1 |" in result.output
+    assert "| int8 | w4a8 | 1 |" in result.output and "int8 placement: " in result.output
     fastest = max(report["calls"], key=lambda r: r["speedup"])
     assert f"Fastest: {fastest['model']} batch 1 {fastest['variant']}" in result.output
 

@@ -41,7 +41,16 @@ def cpu_name() -> str:
 
 
 def machine_line() -> str:
-    """Where timings were taken, for a report's header, e.g. ``"AMD EPYC 9B14 (x86_64), 2 CPUs, 2 threads, torch
-    2.13.0+cpu"``."""
-    return (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    """Where timings were taken, for a report's header, e.g. ``"AMD EPYC 9B14 (x86_64; AVX512, VNNI), 2 CPUs, 2
+    threads, torch 2.13.0+cpu"``."""
+    return (f"{cpu_name()} ({platform.machine()}; {cpu_features()}), {os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def cpu_features() -> str:
+    """The vector instructions PyTorch uses here and the int8 units it found, e.g. ``"AVX512, VNNI"``, and a cap on
+    oneDNN's instructions (``ONEDNN_MAX_CPU_ISA``) where one is set: what decides the int8 backend's kernels."""
+    units = [name for name, found in (("VNNI", torch.cpu._is_vnni_supported()),
+                                      ("AMX", torch.cpu._is_amx_tile_supported())) if found]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return ", ".join([torch.backends.cpu.get_cpu_capability(), *units, *([f"oneDNN capped at {cap}"] if cap else [])])

@@ -148,12 +148,12 @@ def seconds_per_call(model: nn.Module, batch: int, repeats: int = 3, dtype: torc
 
 def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
                   batches: tuple[int, ...] = (1, 8, 64), repeats: int = 3, quantize_embeddings: bool = False,
-                  progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+                  bf16: bool = True, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Time every variant of ``fp`` (a registered denoiser in fp32 on the CPU) at every batch size, and
     save and load each quantized setting as an artifact.
 
     ``bits`` are the settings (see :func:`parse_setting`) quantized for ``fake`` and ``int8`` (embedding tables
-    too with ``quantize_embeddings``); ``fp32`` and ``bf16`` rows carry ``bits="fp"``. Returns ``{"calls": [SpeedRow
+    too with ``quantize_embeddings``); ``fp32`` and ``bf16`` rows (none with ``bf16=False``) carry ``bits="fp"``. Returns ``{"calls": [SpeedRow
     dicts, fp32 first at each batch size], "artifacts": [artifact_row dicts]}``.
 
     FP32 is timed first and again last; each speed-up is against the faster of the two, and where they differ by
@@ -161,7 +161,7 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
     trusted).
     """
     fp_bytes, rows, artifacts = weight_bytes(fp), [], []
-    steps = tqdm(total=(3 + 2 * len(bits)) * len(batches), desc=f"speed {name}", disable=not progress)
+    steps = tqdm(total=(2 + bf16 + 2 * len(bits)) * len(batches), desc=f"speed {name}", disable=not progress)
     labels = ["fp"]
 
     def time_variant(model: nn.Module, variant: str, label: str, dtype: torch.dtype, placement: str = "") -> None:
@@ -176,7 +176,8 @@ def measure_speed(name: str, fp: nn.Module, *, bits: tuple[str, ...] = SETTINGS,
     # one variant alive at a time beside the FP32 model, so that full-size models fit in memory
     time_variant(fp, "fp32", "fp", torch.float32)
     try:
-        time_variant(_bf16_copy(fp), "bf16", "fp", torch.bfloat16)
+        if bf16:
+            time_variant(_bf16_copy(fp), "bf16", "fp", torch.bfloat16)
     except RuntimeError as error:  # diffusers casts some embeddings back to fp32 (UNet2DModel's timestep classes)
         LOG.warning("%s does not run in bf16 (%s); its table has no bf16 rows", name, str(error).splitlines()[0])
     with tempfile.TemporaryDirectory(prefix="tacdiff-speed-") as tmp:
@@ -282,10 +283,18 @@ def format_speed_markdown(report: dict[str, list[dict[str, Any]]]) -> str:
     lines = ["| model | variant | bits | batch | s/call | x fp32 | weights MiB | x fp32 weights | activations MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["calls"]:
-        lines.append(f"| {r['model']} | {r['variant']} | {r['bits']} | {r['batch']} | {r['seconds']:.4f} | "
+        variant = f"{r['variant']} (no layer converted)" if ran_fake(r) else r["variant"]
+        lines.append(f"| {r['model']} | {variant} | {r['bits']} | {r['batch']} | {r['seconds']:.4f} | "
                      f"{r['speedup']:.2f} | {r['weight_mib']:.1f} | {r['weight_ratio']:.2f} | "
                      f"{r['activation_mib']:.0f} |")
+    placements = {(r["model"], r["bits"]): r["placement"] for r in report["calls"] if r["variant"] == "int8"}
     lines += ["", fastest_summary(report["calls"])]
+    if placements:
+        lines += ["", "int8 placement: " + "; ".join(f"{model} {bits}: {where}" for (model, bits), where in placements.items())]
+    if any(ran_fake(r) for r in report["calls"]):
+        lines += ["", "A row marked (no layer converted) timed the fake-quant model: on this machine no layer of that "
+                  "setting runs on integer kernels (`tacdiff.format_summary` of a model loaded with backend=\"int8\" "
+                  "says why; on CPUs without VNNI or AMX, 8-bit weights with 8-bit activations stay fake)."]
     lines += ["", "| model | bits | fp32 file MiB | artifact MiB | x fp32 | target | met | fp32 load s | int8 load s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in report["artifacts"]:
@@ -309,11 +318,16 @@ def above_target_note(artifact: dict[str, Any]) -> str:
             f"{parts['quantization parameters']:.3f}, the file header {parts['header']:.3f}{hint}.")
 
 
+def ran_fake(call: dict[str, Any]) -> bool:
+    """Whether an int8 row of :func:`measure_speed` converted no layer, so that it timed the fake-quant model."""
+    return call["variant"] == "int8" and call["placement"].startswith("int8: 0 modules")
+
+
 def fastest_summary(calls: list[dict[str, Any]]) -> str:
     """One line naming the fastest variant of each model at each batch size, e.g. ``"Fastest: cifar10 batch 8
     int8 w4a8 (2.17x FP32)"``: on some machines and models that is bf16, not an integer backend."""
     best: dict[tuple[str, int], dict[str, Any]] = {}
-    for call in calls:
+    for call in (c for c in calls if not ran_fake(c)):
         key = (call["model"], call["batch"])
         if key not in best or call["speedup"] > best[key]["speedup"]:
             best[key] = call

@@ -12,8 +12,9 @@ from torch import nn
 
 from tacdiff.backends import int8 as int8_backend
 from tacdiff.backends import use_backend
-from tacdiff.backends.int8 import (Int8AttentionValues, Int8Conv2d, Int8Embedding, Int8Linear, adds_weight_zero_point,
-                                   values_kernel_reason)
+from tacdiff.backends.int8 import (NO_VNNI, Int8AttentionValues, Int8Conv2d, Int8Embedding, Int8Linear,
+                                   adds_weight_zero_point, values_kernel_reason)
+from tacdiff.backends.int_mm import Int8Matmul
 from tacdiff.backends.select import ATTENTION_INT8
 from tacdiff.io.artifact import save_quantized
 from tacdiff.quant import attention
@@ -21,6 +22,7 @@ from tacdiff.quant.apply import format_summary, quant_state
 from tacdiff.quant.attention import quantized_attention
 from tacdiff.quant.layers import QuantConv2d, QuantEmbedding, QuantWeightMixin
 from tacdiff.speed import weight_bytes
+from int8_support import needs_exact_int8, pretend_no_vnni
 from tiny_models import (attention_with_ranges, calibration_of, outputs, quantized_copy, sqnr_db, tiny_cond,
                          tiny_model)
 
@@ -65,24 +67,49 @@ def _self_agreement_db(model: nn.Module, data, reference: torch.Tensor) -> float
     return statistics.median(sqnr_db(reference, run) for run in runs)
 
 
-@pytest.mark.parametrize("fixture", ["w8a8", "w4a8", "w8a8_grouped", "w8a8_dynamic", "cond_w8a8",
-                                     "cond_w8a8_dynamic_gptq"])
-def test_int8_model_agrees_with_fake_quant(fixture: str, request: pytest.FixtureRequest) -> None:
+@pytest.fixture(scope="module")
+def w8a7(unet: nn.Module, calibration) -> nn.Module:
+    """7-bit activations: any int8 weight keeps int16 pair sums exact, so every layer runs on a CPU without VNNI."""
+    return quantized_copy(unet, calibration, weight_bits=8, act_bits=7)
+
+
+W8A8 = [pytest.param(name, marks=needs_exact_int8) for name in ("w8a8", "w8a8_grouped", "w8a8_dynamic", "cond_w8a8",
+                                                                 "cond_w8a8_dynamic_gptq", "cond_w8a8_grouped")]
+
+
+@pytest.mark.parametrize("fixture", [*W8A8[:5], "w4a8", "w8a7", "without-vnni-w4a8", "without-vnni-w8a7"])
+def test_int8_model_agrees_with_fake_quant(fixture: str, request: pytest.FixtureRequest,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer with a quantized input runs int8; without VNNI all but the few whose int16 pair sums would
+    overflow (8-bit layers kept at 8-bit activations), on oneDNN's kernels only (no ``torch._int_mm``)."""
+    if fixture.startswith("without-vnni-"):
+        pretend_no_vnni(monkeypatch)
+        fixture = fixture.removeprefix("without-vnni-")
+    without_vnni = not int8_backend.exact_int8_cpu()
     model = request.getfixturevalue(fixture)
     cond = fixture.startswith("cond")
     data = request.getfixturevalue("cond_held_out" if cond else "held_out")
     fp = outputs(request.getfixturevalue("cond_unet" if cond else "unet"), data)
     twin, execution = _int8_copy(model)
     assert any(isinstance(m, (Int8Conv2d, Int8Linear)) for m in twin.modules())
-    assert not any(isinstance(m, QuantWeightMixin) and m.act_quant is not None for m in twin.modules()), execution
+    left = [name for name, m in twin.named_modules() if isinstance(m, QuantWeightMixin) and m.act_quant is not None]
+    if without_vnni:
+        assert all(execution[name].startswith(f"fake: {NO_VNNI}, which 8-bit activations") for name in left), execution
+        assert len(left) <= 2 and not any(isinstance(m, Int8Matmul) for m in twin.modules())
+        assert all(m.onednn is not None for m in twin.modules() if isinstance(m, Int8Linear))
+    else:
+        assert not left, execution
     fake, int8 = outputs(model, data), outputs(twin, data)
     assert sqnr_db(fake, int8) >= _self_agreement_db(model, data, fake) - MARGIN_DB
     assert abs(sqnr_db(fp, fake) - sqnr_db(fp, int8)) <= ACCURACY_DB
 
 
-@pytest.mark.parametrize("fixture", ["w8a8", "w8a8_grouped", "w8a8_dynamic", "cond_w8a8_dynamic_gptq",
-                                     "cond_w8a8_grouped"])
-def test_every_converted_layer_agrees_with_its_fake_twin(fixture: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("fixture", [*W8A8[:3], *W8A8[4:], "w4a8", "without-vnni-w4a8"])
+def test_every_converted_layer_agrees_with_its_fake_twin(fixture: str, request: pytest.FixtureRequest,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if fixture.startswith("without-vnni-"):
+        pretend_no_vnni(monkeypatch)
+        fixture = fixture.removeprefix("without-vnni-")
     model = request.getfixturevalue(fixture)
     data = request.getfixturevalue("cond_held_out" if fixture.startswith("cond") else "held_out")
     twin, _ = _int8_copy(model)
@@ -105,6 +132,7 @@ def test_every_converted_layer_agrees_with_its_fake_twin(fixture: str, request: 
     assert min(db for _, db in seen) >= LAYER_DB, sorted(seen, key=lambda item: item[1])[:3]
 
 
+@needs_exact_int8
 def test_pointwise_convolutions_as_gemms_agree_with_their_fake_twins(w8a8: nn.Module, held_out) -> None:
     """The CUDA route for 1x1 convolutions with calibrated ranges (split skip halves included), run here on the CPU."""
     layers = {name: m for name, m in w8a8.named_modules()
@@ -122,7 +150,7 @@ def test_pointwise_convolutions_as_gemms_agree_with_their_fake_twins(w8a8: nn.Mo
             assert sqnr_db(layer(inputs[name]), Int8Conv2d(layer, gemm=True)(inputs[name])) >= LAYER_DB, name
 
 
-@pytest.mark.parametrize("config", [dict(weight_symmetric=True, act_symmetric=True),
+@pytest.mark.parametrize("config", [pytest.param(dict(weight_symmetric=True, act_symmetric=True), marks=needs_exact_int8),
                                     dict(weight_bits=3, act_bits=6), dict(weight_bits=8, act_bits=4)])
 def test_other_recipes_agree_too(config: dict, unet: nn.Module, calibration, held_out) -> None:
     model = quantized_copy(unet, calibration, **config)
@@ -135,6 +163,7 @@ def test_other_recipes_agree_too(config: dict, unet: nn.Module, calibration, hel
         assert not adds_weight_zero_point(twin)
 
 
+@needs_exact_int8
 def test_asymmetric_8bit_weights_add_their_zero_points_back(w8a8: nn.Module, w4a8: nn.Module,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="tacdiff"):
@@ -155,8 +184,8 @@ def test_an_uncalibrated_quantizer_keeps_its_layer_fake(w8a8: nn.Module) -> None
                                                           "(the input runs unquantized)")
 
 
-def test_a_converted_model_is_not_copied_saved_or_converted_again(w8a8: nn.Module, tmp_path) -> None:
-    twin, _ = _int8_copy(w8a8)
+def test_a_converted_model_is_not_copied_saved_or_converted_again(w4a8: nn.Module, tmp_path) -> None:
+    twin, _ = _int8_copy(w4a8)
     with pytest.raises(TypeError, match="copy the fake-quant model"):
         copy.deepcopy(twin)
     with pytest.raises(ValueError, match="save the fake-quant model"):
@@ -166,6 +195,7 @@ def test_a_converted_model_is_not_copied_saved_or_converted_again(w8a8: nn.Modul
         use_backend(twin, "fake")
 
 
+@needs_exact_int8
 def test_layers_the_int8_path_cannot_run_stay_fake_with_a_reason(w8a8_blocked: nn.Module, w8a8: nn.Module,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
@@ -254,9 +284,30 @@ def test_blocked_attention_on_int8_matches_fake(monkeypatch: pytest.MonkeyPatch)
     assert sqnr_db(fake, int8_blocks) >= LAYER_DB
 
 
+@needs_exact_int8
 def test_attention_with_dynamic_ranges_stays_fake_with_a_reason(w8a8_dynamic: nn.Module) -> None:
     _, execution = _int8_copy(w8a8_dynamic)
     attentions = [e.name for e in quant_state(w8a8_dynamic).plan if e.kind == "attention"]
     assert attentions and all("fake: attention matmul operands (dynamic ranges" in execution[name]
                               for name in attentions)
     assert values_kernel_reason(attention_with_ranges(2, 8), torch.device("meta")) is not None
+
+
+def test_without_vnni_what_int16_pair_sums_cannot_hold_stays_fake_with_the_reason(
+        w8a8: nn.Module, w8a8_dynamic: nn.Module, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """8-bit activations times full-range 8-bit weights, dynamic and per-token ranges (torch._int_mm) and the
+    attention product (torch._int_mm) all stay fake on a CPU without VNNI or AMX, each saying why."""
+    pretend_no_vnni(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        _, execution = _int8_copy(w8a8)
+    attentions = [e.name for e in quant_state(w8a8).plan if e.kind == "attention"]
+    layers = [name for name in execution if name not in attentions and name != "conv_in"]
+    assert layers and all(execution[name].startswith(f"fake: {NO_VNNI}, which 8-bit activations times centred "
+                                                     "weights up to 128 overflow") for name in layers)
+    assert attentions and all(execution[name].endswith("torch._int_mm is not exact there)") for name in attentions)
+    assert "runs no layer on integer kernels" in caplog.text and "6 bits or fewer" in caplog.text
+    _, execution = _int8_copy(w8a8_dynamic)
+    linears = [name for name, m in w8a8_dynamic.named_modules() if isinstance(m, nn.Linear) and m.act_quant is not None]
+    assert linears and all("torch._int_mm, which dynamic and per-token ranges need, is not exact there" in
+                           execution[name] for name in linears)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tacdiff.backends.codes import activation_codes, centred_weight, unsigned_codes
+from tacdiff.backends.codes import (activation_codes, centred_weight, max_centred_weight, pair_sums_fit_int16,
+                                    unsigned_codes)
 from tacdiff.backends import int_mm
 from tacdiff.backends.int_mm import Int8Matmul
-from tacdiff.backends.onednn import OneDNNConv2d
+from tacdiff.backends.onednn import OneDNNConv2d, OneDNNLinear
 from tacdiff.quant import primitives as P
 from tacdiff.quant.layers import ActQuantizer, TimestepRouter
+
+from int8_support import needs_exact_int8
 
 
 def _reference(a_codes: torch.Tensor, a_zero: torch.Tensor, a_scale: torch.Tensor, w_codes: torch.Tensor,
@@ -21,7 +24,7 @@ def _reference(a_codes: torch.Tensor, a_zero: torch.Tensor, a_scale: torch.Tenso
     return a @ w + bias.double()
 
 
-@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("w_bits", [4, pytest.param(8, marks=needs_exact_int8)])
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("padded", [False, True], ids=["plain", "cuda-padded"])
 def test_int8_matmul_equals_the_dequantized_product(w_bits: int, per_row: bool, padded: bool) -> None:
@@ -52,7 +55,7 @@ def test_a_shape_cublas_refuses_is_multiplied_exactly_in_float64(monkeypatch: py
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (40, 64), generator=g, dtype=torch.int8)
     weight = torch.randint(-128, 128, (64, 24), generator=g, dtype=torch.int8)
-    expected = torch._int_mm(a, weight)
+    expected = (a.long() @ weight.long()).int()
     calls = []
 
     def refuse(*args: torch.Tensor) -> torch.Tensor:
@@ -103,22 +106,66 @@ def test_reduction_longer_than_int32_allows_is_refused() -> None:
         Int8Matmul(torch.zeros(70_000, 2, dtype=torch.uint8), torch.zeros(2), torch.ones(2), None)
 
 
+# (weight bits, activation bits): 8 x 8 needs exact int32 sums; 4 x 8 and 8 x 7 keep int16 pair sums exact anywhere
+BITS = [(4, 8), pytest.param((8, 8), marks=needs_exact_int8), (8, 7)]
+
+
+def _quantized_input(x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 codes of ``x`` under a fixed asymmetric range, their scale and zero point, and the dequantized input
+    in float64 (exact, unlike bfloat16 arithmetic)."""
+    scale = torch.tensor(0.03 * 2 ** (8 - a_bits), dtype=x.dtype)
+    zero = torch.tensor(float(77 >> (8 - a_bits)), dtype=x.dtype)
+    dequantized = (P.quantize_tensor(x, scale, zero, a_bits).double() - float(zero)) * float(scale)
+    return unsigned_codes(x, scale, zero, a_bits), scale, zero, dequantized
+
+
+def _weight(shape: tuple[int, ...], w_bits: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Weight codes, zero points (channel 0's at 0: at 8 bits it needs the all-ones channel), scales, bias, and
+    the dequantized weight in float64."""
+    codes = torch.randint(0, 2**w_bits, shape, generator=g)
+    w_zero, w_scale = torch.randint(0, 2**w_bits, shape[:1], generator=g).float(), torch.rand(shape[0], generator=g) + 0.1
+    w_zero[0] = 0
+    view = (-1,) + (1,) * (len(shape) - 1)
+    dequantized = (codes.double() - w_zero.double().view(view)) * w_scale.double().view(view)
+    return codes, w_zero, w_scale, torch.randn(shape[0], generator=g), dequantized
+
+
 @pytest.mark.parametrize("geometry", [((1, 1), (1, 1), (1, 1)), ((2, 2), (1, 1), (1, 1)), ((1, 1), (2, 2), (2, 2))])
-@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_onednn_conv_equals_the_dequantized_convolution(geometry: tuple, w_bits: int, dtype: torch.dtype) -> None:
+def test_onednn_conv_equals_the_dequantized_convolution(geometry: tuple, bits: tuple[int, int],
+                                                        dtype: torch.dtype) -> None:
     stride, padding, dilation = geometry
-    g = torch.Generator().manual_seed(2)
-    codes = torch.randint(0, 2**w_bits, (6, 5, 3, 3), generator=g)
-    w_zero, w_scale = torch.randint(0, 2**w_bits, (6,), generator=g).float(), torch.rand(6, generator=g) + 0.1
-    w_zero[0] = 0  # at 8 bits this channel needs the all-ones channel
-    bias = torch.randn(6, generator=g)
-    x = (torch.randn(2, 5, 9, 9, generator=g) * 2).to(dtype)
-    scale, zero = torch.tensor(0.03, dtype=dtype), torch.tensor(77.0, dtype=dtype)
+    (w_bits, a_bits), g = bits, torch.Generator().manual_seed(2)
+    codes, w_zero, w_scale, bias, w_deq = _weight((6, 5, 3, 3), w_bits, g)
+    x_codes, scale, zero, x_deq = _quantized_input((torch.randn(2, 5, 9, 9, generator=g) * 2).to(dtype), a_bits)
     conv = OneDNNConv2d(codes, w_zero, w_scale, bias, stride, padding, dilation)
     assert (conv.residual_scaled is not None) == (w_bits == 8)
-    out = conv(unsigned_codes(x, scale, zero, 8), float(scale), int(zero))
-    x_deq = (P.quantize_tensor(x, scale, zero, 8).double() - float(zero)) * float(scale)  # exact, unlike bf16 math
-    w_deq = (codes.double() - w_zero.double()[:, None, None, None]) * w_scale.double()[:, None, None, None]
+    out = conv(x_codes, float(scale), int(zero))
     expected = torch.nn.functional.conv2d(x_deq, w_deq, bias.double(), stride, padding, dilation)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_onednn_linear_equals_the_dequantized_product(bits: tuple[int, int]) -> None:
+    """The kernel for linear layers on CPUs without VNNI, against float64 on the same codes (its worst case included:
+    the largest activation code times the largest weight in every pair)."""
+    (w_bits, a_bits), g = bits, torch.Generator().manual_seed(3)
+    codes, w_zero, w_scale, bias, w_deq = _weight((9, 70), w_bits, g)
+    x = torch.randn(13, 70, generator=g) * 2
+    x[:, :4] = 1e3  # clamped to the largest code
+    codes[1:, :4], w_zero[1:] = 0, 2**w_bits - 1  # centred to -(2**w_bits - 1), or -128 at 8 bits
+    w_deq = (codes.double() - w_zero.double()[:, None]) * w_scale.double()[:, None]
+    x_codes, scale, zero, x_deq = _quantized_input(x, a_bits)
+    linear = OneDNNLinear(codes, w_zero, w_scale, bias)
+    assert (linear.residual_scaled is not None) == (w_bits == 8)
+    torch.testing.assert_close(linear(x_codes, float(scale), int(zero)).double(), x_deq @ w_deq.t() + bias.double(),
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_int16_pair_sums_bound_the_weights_that_run_without_vnni() -> None:
+    assert pair_sums_fit_int16(8, 64) and not pair_sums_fit_int16(8, 65)
+    assert pair_sums_fit_int16(7, 128) and pair_sums_fit_int16(4, 128)
+    codes = torch.tensor([[0, 255, 3], [255, 128, 5]])
+    assert max_centred_weight(codes, torch.tensor([0.0, 128.0, 4.0])) == 128
+    assert max_centred_weight(codes[:, 2:], torch.tensor([4.0])) == 1

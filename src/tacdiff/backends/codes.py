@@ -8,16 +8,20 @@ operands, so each operand is stored shifted, ``A = codes - c``, and the zero poi
 
 Activations shift by ``2**(bits-1)``; each weight channel by its own zero point when the centred
 codes fit in int8 (always below 8 bits, so ``rw = 0`` and the ``rowsum(A)`` term vanishes), else by 128.
-The integer sums are exact in int32 while the reduction length stays below :data:`MAX_REDUCTION`
-(and on CPUs with VNNI or AMX: see :func:`exact_int8_cpu`).
+The integer sums are exact in int32 while the reduction length stays below :data:`MAX_REDUCTION`;
+on CPUs without VNNI or AMX only while each pair of products fits int16 (:func:`pair_sums_fit_int16`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 
 MAX_REDUCTION = (2**31 - 1) // (255 * 128)  # oneDNN sums uint8 x int8 products in int32 (_int_mm: int8 x int8)
+INT16_MAX = 2**15 - 1
+NO_VNNI_ISAS = ("SSE41", "AVX", "AVX2", "AVX512_CORE")  # values of ONEDNN_MAX_CPU_ISA that rule VNNI and AMX out
 
 
 def activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
@@ -54,6 +58,21 @@ def centred_weight(codes: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch
 
 
 def exact_int8_cpu() -> bool:
-    """Whether this CPU multiplies int8 exactly into int32 (VNNI or AMX). Older x86 CPUs sum pairs of
-    uint8 x int8 products in saturating int16 (``vpmaddubsw``), which full-range 8-bit codes overflow."""
+    """Whether this CPU multiplies int8 exactly into int32 (VNNI or AMX, and oneDNN not capped below them
+    with ``ONEDNN_MAX_CPU_ISA``). Older x86 CPUs sum pairs of uint8 x int8 products in saturating int16
+    (``vpmaddubsw``): see :func:`pair_sums_fit_int16`."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in NO_VNNI_ISAS:
+        return False
     return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pair_sums_fit_int16(act_bits: int, max_abs_weight: int) -> bool:
+    """Whether two products of unsigned ``act_bits`` activation codes and int8 weights of magnitude up to
+    ``max_abs_weight`` sum within int16: the condition under which oneDNN's uint8 x int8 kernels are exact on a
+    CPU without VNNI or AMX (8-bit activations: centred weights up to 64; 7-bit ones: any int8 weight)."""
+    return 2 * (2**act_bits - 1) * max_abs_weight <= INT16_MAX
+
+
+def max_centred_weight(codes: torch.Tensor, zero_point: torch.Tensor) -> int:
+    """The largest magnitude of :func:`centred_weight`'s int8 ``W`` for ``codes`` ``(K, N)``."""
+    return int(centred_weight(codes, zero_point)[0].to(torch.int16).abs().max())

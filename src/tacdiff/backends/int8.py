@@ -5,10 +5,12 @@
 quantize their input with the layer's own :class:`~tacdiff.quant.layers.ActQuantizer` ranges (the
 timestep group's calibrated range, or the per-sample / per-token range taken at run time) to the very
 codes the fake-quant layer uses. Linear layers (and 1x1 convolutions with per-token ranges) multiply
-with :class:`~tacdiff.backends.int_mm.Int8Matmul` (CPU and CUDA), other convolutions with
-:class:`~tacdiff.backends.onednn.OneDNNConv2d` (CPU only); a split skip concatenation (two activation and weight
+with :class:`~tacdiff.backends.int_mm.Int8Matmul` (CUDA, and CPUs with VNNI or AMX), other convolutions
+with :class:`~tacdiff.backends.onednn.OneDNNConv2d` (CPU only); on CPUs without VNNI or AMX, linear layers
+with static ranges run on :class:`~tacdiff.backends.onednn.OneDNNLinear` instead, and a layer runs int8 there
+only where its codes keep int16 pair sums exact. A split skip concatenation (two activation and weight
 ranges) is two convolutions summed, which is exact. :class:`Int8AttentionValues` runs the second matmul of a
-quantized attention (``probabilities @ values``) the same way.
+quantized attention (``probabilities @ values``) on ``torch._int_mm``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tacdiff.backends.codes import (MAX_REDUCTION, activation_codes, exact_int8_cpu, residual_zero_point,
-                                    unsigned_codes)
+from tacdiff.backends.codes import (MAX_REDUCTION, activation_codes, exact_int8_cpu, max_centred_weight,
+                                    pair_sums_fit_int16, residual_zero_point, unsigned_codes)
 from tacdiff.backends.int_mm import Epilogue, Int8Matmul, padded_int_mm
-from tacdiff.backends.onednn import OneDNNConv2d, onednn_available
+from tacdiff.backends.onednn import OneDNNConv2d, OneDNNLinear, onednn_available
 from tacdiff.quant.attention import VALUES_KERNEL
 from tacdiff.quant.layers import ActQuantizer, QuantConv2d, QuantEmbedding, QuantLinear, QuantWeightMixin
 from tacdiff.quant.primitives import dequantize_tensor
@@ -54,21 +56,50 @@ def unsupported_reason(layer: QuantWeightMixin, device: torch.device) -> str | N
         if device.type == "cuda" and not (pointwise and (act.token_dim is not None or not act.dynamic)):
             return ("no int8 convolution kernel is wired on CUDA (GEMMs only: linear layers and 1x1 convolutions "
                     "with static or per-token ranges)")
-        if device.type == "cpu" and not onednn_available():
-            return "this PyTorch build has no oneDNN x86 int8 convolution"
+    if uses_onednn(layer, device) and not onednn_available():
+        return "this PyTorch build has no oneDNN x86 int8 kernels"
     kernel = layer.weight[0, 0].numel()
     reduction = max(s.stop - s.start for s in layer.segments()) * kernel
     if reduction > MAX_REDUCTION:
         return f"reduction length {reduction} > {MAX_REDUCTION} would overflow int32"
+    if device.type == "cpu" and not exact_int8_cpu():
+        return _int16_reason(layer)
     return None
 
 
+NO_VNNI = "this CPU has no VNNI or AMX, so its int8 kernels sum pairs of products in saturating int16"
+
+
+def _int16_reason(layer: QuantLinear | QuantConv2d) -> str | None:
+    """Why ``layer`` would not be exact on a CPU without VNNI or AMX, or None when it would."""
+    if not uses_onednn(layer, torch.device("cpu")):
+        return f"{NO_VNNI} (torch._int_mm, which dynamic and per-token ranges need, is not exact there)"
+    out = layer.weight_codes.shape[0]
+    largest = max(max_centred_weight(layer.weight_codes[:, s].reshape(out, -1).t(), layer.weight_zero_point[:, i])
+                  for i, s in enumerate(layer.segments()))
+    bits = layer.act_quant.bits
+    if pair_sums_fit_int16(bits, largest):
+        return None
+    return (f"{NO_VNNI}, which {bits}-bit activations times centred weights up to {largest} overflow (weights of "
+            "6 bits or fewer, or activations of 7 bits or fewer, always fit)")
+
+
+def uses_onednn(layer: QuantLinear | QuantConv2d, device: torch.device) -> bool:
+    """Whether ``layer`` runs on a oneDNN kernel rather than an int8 GEMM (``torch._int_mm``) on ``device``:
+    convolutions on the CPU but for per-token ranges, and, on CPUs without VNNI or AMX, linear layers with
+    static ranges."""
+    act = layer.act_quant
+    if device.type != "cpu":
+        return False
+    if isinstance(layer, QuantConv2d):
+        return not (act.dynamic and act.token_dim is not None)
+    return not act.dynamic and not exact_int8_cpu()
+
+
 def device_reason(device: torch.device) -> str | None:
-    """Why no exact int8 GEMM runs on ``device``, or None when one does."""
+    """Why no int8 kernel runs on ``device`` at all, or None when some do."""
     if device.type not in ("cpu", "cuda"):
         return f"int8 kernels are wired for CPU and CUDA only (model on {device.type})"
-    if device.type == "cpu" and not exact_int8_cpu():
-        return "this CPU has no VNNI or AMX: its int8 kernels saturate int16 partial sums"
     return None
 
 
@@ -92,6 +123,11 @@ class _IntLayer(nn.Module):
     def static_qparams(self, segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The current timestep group's scale and zero point (0-d, in ``dtype``), cached until the ranges change."""
         return self._static(segment, dtype)[:2]
+
+    def run_static(self, kernel: OneDNNConv2d | OneDNNLinear, x: torch.Tensor, segment: int) -> torch.Tensor:
+        """``kernel`` on the uint8 codes of ``x`` under the current timestep group's range for ``segment``."""
+        scale, zero_point = self.static_qparams(segment, x.dtype)
+        return kernel(unsigned_codes(x, scale, zero_point, self.act_quant.bits), float(scale), int(zero_point))
 
     def _static(self, segment: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Epilogue | None]:
         """:meth:`static_qparams` and the segment's GEMM epilogue for them (None where oneDNN runs it), cached."""
@@ -124,15 +160,22 @@ class _IntLayer(nn.Module):
 
 
 class Int8Linear(_IntLayer):
-    """A :class:`QuantLinear` run as an int8 GEMM (per-token dynamic ranges scale whole rows)."""
+    """A :class:`QuantLinear` run as an int8 GEMM (per-token dynamic ranges scale whole rows), or on
+    :class:`OneDNNLinear` where :func:`uses_onednn` says so."""
 
     def __init__(self, layer: QuantLinear) -> None:
-        super().__init__(layer, [layer.weight_codes.t()])
+        onednn = uses_onednn(layer, layer.weight_codes.device)
+        super().__init__(layer, [] if onednn else [layer.weight_codes.t()])
+        self.onednn = (OneDNNLinear(layer.weight_codes, layer.weight_zero_point[:, 0], layer.weight_scale[:, 0],
+                                    layer.bias) if onednn else None)
         self.out_features = layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        out = self.matmuls[0](*self.quantize_input(flat, 0))
+        if self.onednn is not None:
+            out = self.run_static(self.onednn, flat, 0)
+        else:
+            out = self.matmuls[0](*self.quantize_input(flat, 0))
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -148,8 +191,7 @@ class Int8Conv2d(_IntLayer):
     def __init__(self, layer: QuantConv2d, gemm: bool | None = None) -> None:
         """``gemm``: run as a GEMM over positions (default: for per-token ranges, and on CUDA; 1x1 convolutions
         only)."""
-        per_token = layer.act_quant.dynamic and layer.act_quant.token_dim is not None
-        gemm = per_token or layer.weight_codes.is_cuda if gemm is None else gemm
+        gemm = not uses_onednn(layer, layer.weight_codes.device) if gemm is None else gemm
         weights = [layer.weight_codes[:, s].reshape(layer.out_channels, -1).t() for s in layer.segments()]
         super().__init__(layer, weights if gemm else [])
         self.gemm = gemm
@@ -171,8 +213,7 @@ class Int8Conv2d(_IntLayer):
     def _onednn(self, x: torch.Tensor, segment: int) -> torch.Tensor:
         act = self.act_quant
         if not act.dynamic:
-            scale, zero_point = self.static_qparams(segment, x.dtype)
-            return self.convs[segment](unsigned_codes(x, scale, zero_point, act.bits), float(scale), int(zero_point))
+            return self.run_static(self.convs[segment], x, segment)
         lo = x.detach().flatten(1).amin(1)
         scales, zero_points = act.dynamic_qparams(lo, x.detach().flatten(1).amax(1))
         return torch.cat([self.convs[segment](unsigned_codes(x[n: n + 1], scale, zero_point, act.bits), float(scale),
@@ -253,6 +294,8 @@ def values_kernel_reason(attn: nn.Module, device: torch.device) -> str | None:
     """Why :class:`Int8AttentionValues` cannot run ``attn``'s ``probabilities @ values``, or None when it can."""
     if (reason := device_reason(device)) is not None:
         return reason
+    if device.type == "cpu" and not exact_int8_cpu():
+        return f"{NO_VNNI}; torch._int_mm is not exact there"
     quantizers = (attn.probs_quant, attn.v_quant)
     if any(q.dynamic for q in quantizers):
         return "dynamic ranges (one per head and sample, taken over the whole matrix)"

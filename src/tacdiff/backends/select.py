@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import tacdiff
+from tacdiff.backends.codes import exact_int8_cpu
 from tacdiff.backends.int8 import (Int8AttentionValues, adds_weight_zero_point, is_converted, to_int8,
                                    unsupported_reason, values_kernel_reason)
 from tacdiff.devices import cpu_name
@@ -30,7 +31,7 @@ from tacdiff.quant.attention import VALUES_KERNEL
 from tacdiff.quant.layers import QuantEmbedding, QuantWeightMixin
 
 BACKENDS = ("fake", "int8", "auto")
-KERNELS = "onednn-conv+int-mm-1"  # bump when the int8 kernels change, so cached timings are measured again
+KERNELS = "onednn-conv+int-mm-2"  # bump when the int8 kernels change, so cached timings are measured again
 LOG = logging.getLogger(__name__)
 ATTENTION_INT8 = "int8: probabilities @ values (q @ k^T in float, its operands' quantization simulated)"
 
@@ -171,10 +172,11 @@ def _seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
 
 
 def _machine(device: torch.device) -> str:
-    """The part of a timing's cache key shared by all layers: versions, machine, CPU, threads (and GPU)."""
+    """The part of a timing's cache key shared by all layers: versions, machine, CPU (and whether its int8 sums are
+    exact: see :func:`~tacdiff.backends.codes.exact_int8_cpu`), threads (and GPU)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return "|".join(map(str, (tacdiff.__version__, KERNELS, torch.__version__, platform.machine(), cpu_name(),
-                              torch.get_num_threads(), gpu)))
+                              exact_int8_cpu(), torch.get_num_threads(), gpu)))
 
 
 def _layer_key(layer: nn.Module, x: torch.Tensor) -> str:
