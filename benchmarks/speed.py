@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -38,6 +40,7 @@ MODELS = {"reference": ("reference", (1, 8, 64)), "cifar10": (CONFIGS / "ddpm-ci
           # batch 64 of the SD UNet takes minutes per call on two cores; its latents are 32x32 by default (256x256
           # images; --sd-latent 64 for the config's own 512x512)
           "sd15": (CONFIGS / "sd-1.5-unet", (1, 8))}
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")  # set: named in the header
 DEPRECATED = "needs quantized tensors (PyTorch 2.13 warns: deprecated)"
 
 
@@ -56,7 +59,7 @@ def kernel_table() -> str:
     """int8 kernel candidates on one 3x3 convolution and one linear layer each, quantize/dequantize included."""
     from tacdiff.backends.codes import activation_codes, unsigned_codes
     from tacdiff.backends.int_mm import Int8Matmul
-    from tacdiff.backends.onednn import OneDNNConv2d, OneDNNLinear
+    from tacdiff.backends.onednn import OneDNNConv2d
 
     lines = ["| layer | kernel | ms | x fp32 | note |", "|---|---|---|---|---|"]
     for n, c, h in ((8, 128, 32), (8, 320, 32)):
@@ -90,32 +93,66 @@ def kernel_table() -> str:
             ms = _best_ms(fn)
             lines.append(f"| {label} | {name} | {ms:.2f} | {fp32 / ms:.2f} | {note} |")
     for m, k in ((8192, 320), (2048, 1280)):
-        x, weight = torch.randn(m, k), torch.randn(k, k)
-        codes, w_scale = torch.randint(0, 256, (k, k)), torch.rand(k) * 0.01
-        matmul = Int8Matmul(codes, torch.full((k,), 128.0), w_scale, None)
-        onednn = OneDNNLinear(codes.t(), torch.full((k,), 128.0), w_scale, None)
+        x, weight, int8_linear, onednn = _linear_case(m, k)
         scale, zero = torch.tensor(0.05), torch.tensor(128.0)
         dynamic = torch.ao.nn.quantized.dynamic.Linear(k, k)
         packed = torch.ops.aten._weight_int8pack_mm
         w_int8, w_scales = torch.randint(-128, 127, (k, k), dtype=torch.int8), torch.rand(k)
         fp32 = _best_ms(lambda: F.linear(x, weight))
         label = f"linear {k}->{k}, {m} rows"
-
-        def int8_linear(rows: torch.Tensor) -> torch.Tensor:
-            return matmul(activation_codes(rows, scale, zero, 8)[0], scale, zero - 128)
         for name, fn, note in (
                 ("fp32 F.linear", lambda: F.linear(x, weight), ""),
                 ("torch._int_mm", lambda: int8_linear(x), "chosen for linear layers on CPUs with VNNI or AMX"),
                 ("oneDNN qlinear_pointwise", lambda: onednn(unsigned_codes(x, scale, zero, 8), 0.05, 128),
                  "chosen for linear layers on CPUs without VNNI or AMX"),
                 ("torch.ao dynamic int8 Linear", lambda: dynamic(x), f"{DEPRECATED}; one dynamic range per call"),
-                ("torch._weight_int8pack_mm", lambda: packed(x, w_int8, w_scales), "weight-only int8"),
-                *_compiled_linears(x, weight, int8_linear)):
+                ("torch._weight_int8pack_mm", lambda: packed(x, w_int8, w_scales), "weight-only int8")):
             ms = _best_ms(fn)
             lines.append(f"| {label} | {name} | {ms:.2f} | {fp32 / ms:.2f} | {note} |")
+        for name, ms, note in _compiled_in_child(m, k):
+            lines.append(f"| {label} | {name} | {ms:.2f} | {fp32 / ms:.2f} | {note} |" if ms is not None else
+                         f"| {label} | {name} | - | - | {note} |")
     if importlib.util.find_spec("torchao") is None:
         lines.append("\ntorchao is not installed: its rows are missing (`pip install -c constraints.txt -e \".[bench]\"`).")
     return "\n".join(lines)
+
+
+def _linear_case(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+    """One linear layer's input ``(m, k)``, FP32 weight, tacdiff's int8 layer on ``torch._int_mm`` (quantize, GEMM,
+    epilogue) and its oneDNN twin: seeded, so that a child process builds the same."""
+    from tacdiff.backends.codes import activation_codes
+    from tacdiff.backends.int_mm import Int8Matmul
+    from tacdiff.backends.onednn import OneDNNLinear
+
+    generator = torch.Generator().manual_seed(m + k)
+    x, weight = torch.randn(m, k, generator=generator), torch.randn(k, k, generator=generator)
+    codes, w_scale = torch.randint(0, 256, (k, k), generator=generator), torch.rand(k, generator=generator) * 0.01
+    matmul = Int8Matmul(codes, torch.full((k,), 128.0), w_scale, None)
+    scale, zero = torch.tensor(0.05), torch.tensor(128.0)
+
+    def int8_linear(rows: torch.Tensor) -> torch.Tensor:
+        return matmul(activation_codes(rows, scale, zero, 8)[0], scale, zero - 128)
+    return x, weight, int8_linear, OneDNNLinear(codes.t(), torch.full((k,), 128.0), w_scale, None)
+
+
+def _compiled_in_child(m: int, k: int) -> list[tuple[str, float | None, str]]:
+    """:func:`_compiled_linears` timed in a child process (``(name, ms, note)`` rows): Inductor's compiled int8 GEMM
+    aborted the whole process with a double free on an AMD EPYC with AVX-512 VNNI (torch 2.13), and one candidate
+    must not take the table down."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_time_compiled, args=(m, k, queue))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        return [("torch.compile candidates", None, f"the child process timing them died (exit code {child.exitcode}): "
+                 "a fault in PyTorch's compiled kernel on this machine")]
+    return queue.get()
+
+
+def _time_compiled(m: int, k: int, queue: multiprocessing.Queue) -> None:
+    x, weight, int8_linear, _ = _linear_case(m, k)
+    queue.put([(name, _best_ms(fn), note) for name, fn, note in _compiled_linears(x, weight, int8_linear)])
 
 
 def _compiled_linears(x: torch.Tensor, weight: torch.Tensor, int8_linear: Callable[[torch.Tensor], torch.Tensor]
@@ -224,7 +261,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    header = (f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}. Machine: {machine_line()}. "
+    caps = "".join(f"{name}={os.environ[name]} " for name in ISA_CAPS if name in os.environ)
+    header = (f"`{caps}python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}. Machine: {machine_line()}. "
               "Speed-ups are against FP32 at the same batch size in this run.")
     sections, report = [header], {"calls": [], "artifacts": []}
     specs = [(name, *MODELS[name]) for name in args.models]
