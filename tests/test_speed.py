@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from tacdiff.cli import app
 from tacdiff import speed
-from tacdiff.speed import (SpeedRow, artifact_row, format_speed_markdown, measure_speed, model_for_speed,
-                           quantized_for_timing, relative_to_fp32, seconds_per_call)
+from tacdiff.speed import (SpeedRow, artifact_row, fastest_summary, format_speed_markdown, measure_speed,
+                           model_for_speed, quantized_for_timing, relative_to_fp32, seconds_per_call)
 from tiny_models import tiny_model
 
 
@@ -95,6 +95,9 @@ def test_speed_ups_are_against_the_faster_fp32_timing_and_a_busy_machine_warns(c
     assert result == {("fp32", 1): (1.0, 1.0), ("fp32", 8): (1.0, 1.0), ("int8", 1): (0.5, 2.0),
                       ("int8", 8): (0.5, 2.0)}
     assert [r.getMessage().split(" took")[0] for r in caplog.records] == ["m: FP32 at batch 1"]
+    calls = [asdict(r) for r in relative_to_fp32(rows)]
+    assert "Fastest: m batch 1 int8 w8a8 (2.00x FP32, busy: FP32 timings 2.00x apart); m batch 8 int8 w8a8 (2.00x " \
+           "FP32)" in fastest_summary(calls)
 
 
 def test_an_int8_row_that_converted_no_layer_is_marked_and_never_fastest() -> None:

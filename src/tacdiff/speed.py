@@ -63,6 +63,7 @@ class SpeedRow:
     weight_ratio: float
     activation_mib: float
     placement: str
+    fp32_spread: float = 1.0  # slower / faster of the two FP32 timings at this batch size (busy above 1 + BUSY_SPREAD)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -226,8 +227,11 @@ def relative_to_fp32(rows: list[SpeedRow]) -> list[SpeedRow]:
                         "was busy, so the speed-ups at this batch size are not reliable; time again on a quiet "
                         "machine", row.model, row.batch, slow, fast)
         fp32[row.batch] = min(first, row, key=lambda r: r.seconds)
+    spread = {batch: max(r.seconds for r in rows if r.variant == "fp32" and r.batch == batch) / row.seconds
+              for batch, row in fp32.items()}
     others = [r for r in rows if r.variant != "fp32"]
-    return [replace(r, speedup=fp32[r.batch].seconds / r.seconds) for r in [*fp32.values(), *others]]
+    return [replace(r, speedup=fp32[r.batch].seconds / r.seconds, fp32_spread=spread[r.batch])
+            for r in [*fp32.values(), *others]]
 
 
 def artifact_row(name: str, fp: nn.Module, fake: nn.Module, tmp: Path) -> dict[str, Any]:
@@ -332,8 +336,15 @@ def fastest_summary(calls: list[dict[str, Any]]) -> str:
         if key not in best or call["speedup"] > best[key]["speedup"]:
             best[key] = call
     return "Fastest: " + "; ".join(f"{r['model']} batch {r['batch']} {r['variant']}"
-                                   f"{'' if r['bits'] == 'fp' else ' ' + r['bits']} ({r['speedup']:.2f}x FP32)"
-                                   for r in best.values())
+                                   f"{'' if r['bits'] == 'fp' else ' ' + r['bits']} ({r['speedup']:.2f}x FP32"
+                                   f"{busy_caveat(r)})" for r in best.values())
+
+
+def busy_caveat(call: dict[str, Any]) -> str:
+    """``", busy: ..."`` where the two FP32 timings of ``call``'s batch size differed by more than
+    :data:`BUSY_SPREAD` (its speed-up is then not to be trusted), else ``""``."""
+    spread = call.get("fp32_spread", 1.0)
+    return f", busy: FP32 timings {spread:.2f}x apart" if spread > 1 + BUSY_SPREAD else ""
 
 
 def timed_config(spec: str | Path) -> Path | None:
