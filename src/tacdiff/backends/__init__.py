@@ -1,8 +1,8 @@
 """How quantized layers execute: fake (simulated in float) or integer kernels, chosen at load.
 
-One module per kernel family: :mod:`~tacdiff.backends.int_mm` (``torch._int_mm``, for linear layers) and
-:mod:`~tacdiff.backends.onednn` (oneDNN's int8 convolution, and its int8 linear layer for CPUs without VNNI or
-AMX, where ``torch._int_mm`` is neither exact nor fast), over the shared code arithmetic of
+One module per kernel family: :mod:`~tacdiff.backends.int_mm` (``torch._int_mm``: dynamic and per-token
+ranges, and CUDA) and :mod:`~tacdiff.backends.onednn` (oneDNN's int8 convolution and linear layer, on the CPU),
+over the shared code arithmetic of
 :mod:`~tacdiff.backends.codes`; :mod:`~tacdiff.backends.int8` builds the integer layers and
 :mod:`~tacdiff.backends.select` applies a backend to a model with one verb, :func:`use_backend`.
 

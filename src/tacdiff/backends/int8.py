@@ -4,11 +4,11 @@
 :class:`~tacdiff.quant.layers.QuantConv2d`: they keep the integer weight codes only (no float copy) and
 quantize their input with the layer's own :class:`~tacdiff.quant.layers.ActQuantizer` ranges (the
 timestep group's calibrated range, or the per-sample / per-token range taken at run time) to the very
-codes the fake-quant layer uses. Linear layers (and 1x1 convolutions with per-token ranges) multiply
-with :class:`~tacdiff.backends.int_mm.Int8Matmul` (CUDA, and CPUs with VNNI or AMX), other convolutions
-with :class:`~tacdiff.backends.onednn.OneDNNConv2d` (CPU only); on CPUs without VNNI or AMX, linear layers
-with static ranges run on :class:`~tacdiff.backends.onednn.OneDNNLinear` instead, and a layer runs int8 there
-only where its codes keep int16 pair sums exact. A split skip concatenation (two activation and weight
+codes the fake-quant layer uses. On the CPU, convolutions run on :class:`~tacdiff.backends.onednn.OneDNNConv2d`
+and linear layers with static ranges on :class:`~tacdiff.backends.onednn.OneDNNLinear`; layers with dynamic or
+per-token ranges (linear, 1x1 convolutions), and every linear layer and 1x1 convolution on CUDA, multiply with
+:class:`~tacdiff.backends.int_mm.Int8Matmul`. On CPUs without VNNI or AMX a layer runs int8 only where its codes
+keep int16 pair sums exact, and never on ``torch._int_mm``. A split skip concatenation (two activation and weight
 ranges) is two convolutions summed, which is exact. :class:`Int8AttentionValues` runs the second matmul of a
 quantized attention (``probabilities @ values``) on ``torch._int_mm``.
 """
@@ -85,15 +85,15 @@ def _int16_reason(layer: QuantLinear | QuantConv2d) -> str | None:
 
 
 def uses_onednn(layer: QuantLinear | QuantConv2d, device: torch.device) -> bool:
-    """Whether ``layer`` runs on a oneDNN kernel rather than an int8 GEMM (``torch._int_mm``) on ``device``:
-    convolutions on the CPU but for per-token ranges, and, on CPUs without VNNI or AMX, linear layers with
-    static ranges."""
+    """Whether ``layer`` runs on a oneDNN kernel rather than an int8 GEMM (``torch._int_mm``) on ``device``: on the
+    CPU, convolutions but for per-token ranges, and linear layers with static ranges (oneDNN's linear kernel applies
+    the scales, zero point and bias itself; ``benchmarks/linear_kernels.py`` times it against ``torch._int_mm``)."""
     act = layer.act_quant
     if device.type != "cpu":
         return False
     if isinstance(layer, QuantConv2d):
         return not (act.dynamic and act.token_dim is not None)
-    return not act.dynamic and not exact_int8_cpu()
+    return not act.dynamic
 
 
 def device_reason(device: torch.device) -> str | None:
@@ -160,8 +160,8 @@ class _IntLayer(nn.Module):
 
 
 class Int8Linear(_IntLayer):
-    """A :class:`QuantLinear` run as an int8 GEMM (per-token dynamic ranges scale whole rows), or on
-    :class:`OneDNNLinear` where :func:`uses_onednn` says so."""
+    """A :class:`QuantLinear` run on :class:`OneDNNLinear` where :func:`uses_onednn` says so, else as an int8 GEMM
+    (per-token dynamic ranges scale whole rows)."""
 
     def __init__(self, layer: QuantLinear) -> None:
         onednn = uses_onednn(layer, layer.weight_codes.device)

@@ -84,8 +84,9 @@ class OneDNNConv2d(_OneDNNKernel):
 
 class OneDNNLinear(_OneDNNKernel):
     """oneDNN int8 linear layer: uint8 activation codes ``(M, K)`` (one scale and zero point per call) times
-    stored weight codes ``(N, K)``, returning float32 ``(M, N)``. Unlike ``torch._int_mm`` it runs exactly on
-    CPUs without VNNI, within :func:`~tacdiff.backends.codes.pair_sums_fit_int16`."""
+    stored weight codes ``(N, K)``, returning float32 ``(M, N)``, with the scales, zero point and bias applied in the
+    kernel. Unlike ``torch._int_mm`` it runs exactly on CPUs without VNNI, within
+    :func:`~tacdiff.backends.codes.pair_sums_fit_int16`."""
 
     def __init__(self, codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> None:

@@ -31,7 +31,7 @@ from tacdiff.quant.attention import VALUES_KERNEL
 from tacdiff.quant.layers import QuantEmbedding, QuantWeightMixin
 
 BACKENDS = ("fake", "int8", "auto")
-KERNELS = "onednn-conv+int-mm-2"  # bump when the int8 kernels change, so cached timings are measured again
+KERNELS = "onednn-conv-linear+int-mm-3"  # bump when the int8 kernels change, so cached timings are measured again
 LOG = logging.getLogger(__name__)
 ATTENTION_INT8 = "int8: probabilities @ values (q @ k^T in float, its operands' quantization simulated)"
 
