@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from speed import MODELS
 from tacdiff.backends import use_backend
 from tacdiff.backends.int8 import Int8Linear
 from tacdiff.backends.int_mm import Int8Matmul
 from tacdiff.backends.onednn import OneDNNLinear
 from tacdiff.devices import machine_line
+from tacdiff.metrics.paired import sqnr_db
 from tacdiff.models.kinds import example_inputs
 from tacdiff.quant.layers import QuantLinear
 from tacdiff.speed import model_for_speed, quantized_for_timing
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
-MODELS = {"cifar10": CONFIGS / "ddpm-cifar10-32" / "unet", "sd15": CONFIGS / "sd-1.5-unet"}
+FULL_SIZE = ("cifar10", "sd15")
 
 
 def both_kernels(fake: nn.Module) -> dict[str, tuple[OneDNNLinear, Int8Matmul]]:
@@ -50,7 +50,7 @@ def select(model: nn.Module, kernels: dict[str, tuple[OneDNNLinear, Int8Matmul]]
 
 
 def compare(name: str, setting: str, batch: int, rounds: int) -> str:
-    fp = model_for_speed(MODELS[name])
+    fp = model_for_speed(MODELS[name][0])
     if name == "sd15":
         fp.register_to_config(sample_size=32)
     model = quantized_for_timing(fp, setting)
@@ -75,8 +75,7 @@ def compare(name: str, setting: str, batch: int, rounds: int) -> str:
             start = time.perf_counter()
             call()
             seconds[kind].append(time.perf_counter() - start)
-    noise = (outputs["int_mm"] - outputs["onednn"]).pow(2).mean()
-    sqnr = 10 * torch.log10(outputs["int_mm"].pow(2).mean() / noise).item()
+    sqnr = sqnr_db(outputs["int_mm"], outputs["onednn"])
     ratio = min(seconds["int_mm"]) / min(seconds["onednn"])
     per_round = "; ".join(f"{kind}: " + ", ".join(f"{s:.3f}" for s in values) for kind, values in seconds.items())
     return (f"| {name} | {setting} | {batch} | {len(kernels)} | {per_round} | {ratio:.2f} | {sqnr:.1f} |")
@@ -84,7 +83,7 @@ def compare(name: str, setting: str, batch: int, rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(FULL_SIZE), choices=FULL_SIZE)
     parser.add_argument("--bits", default="w8a8")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)

@@ -102,9 +102,9 @@ def kernel_table() -> str:
         label = f"linear {k}->{k}, {m} rows"
         for name, fn, note in (
                 ("fp32 F.linear", lambda: F.linear(x, weight), ""),
-                ("torch._int_mm", lambda: int8_linear(x), "chosen for linear layers on CPUs with VNNI or AMX"),
+                ("torch._int_mm", lambda: int8_linear(x), "chosen for linear layers with dynamic ranges"),
                 ("oneDNN qlinear_pointwise", lambda: onednn(unsigned_codes(x, scale, zero, 8), 0.05, 128),
-                 "chosen for linear layers on CPUs without VNNI or AMX"),
+                 "chosen for linear layers with calibrated ranges"),
                 ("torch.ao dynamic int8 Linear", lambda: dynamic(x), f"{DEPRECATED}; one dynamic range per call"),
                 ("torch._weight_int8pack_mm", lambda: packed(x, w_int8, w_scales), "weight-only int8")):
             ms = _best_ms(fn)

@@ -219,16 +219,16 @@ def relative_to_fp32(rows: list[SpeedRow]) -> list[SpeedRow]:
     """``rows`` with one fp32 row per batch size (the faster of its two timings) and every speed-up against it;
     a warning where the two fp32 timings differ by more than :data:`BUSY_SPREAD`."""
     fp32: dict[int, SpeedRow] = {}
+    spread: dict[int, float] = {}
     for row in (r for r in rows if r.variant == "fp32"):
         first = fp32.setdefault(row.batch, row)
         slow, fast = sorted((first.seconds, row.seconds), reverse=True)
+        spread[row.batch] = slow / fast
         if slow > (1 + BUSY_SPREAD) * fast:
             LOG.warning("%s: FP32 at batch %d took %.4f s per call at one time and %.4f s at another: the machine "
                         "was busy, so the speed-ups at this batch size are not reliable; time again on a quiet "
                         "machine", row.model, row.batch, slow, fast)
         fp32[row.batch] = min(first, row, key=lambda r: r.seconds)
-    spread = {batch: max(r.seconds for r in rows if r.variant == "fp32" and r.batch == batch) / row.seconds
-              for batch, row in fp32.items()}
     others = [r for r in rows if r.variant != "fp32"]
     return [replace(r, speedup=fp32[r.batch].seconds / r.seconds, fp32_spread=spread[r.batch])
             for r in [*fp32.values(), *others]]
