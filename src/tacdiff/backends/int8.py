@@ -81,7 +81,8 @@ def _int16_reason(layer: QuantLinear | QuantConv2d) -> str | None:
     if pair_sums_fit_int16(bits, largest):
         return None
     return (f"{NO_VNNI}, which {bits}-bit activations times centred weights up to {largest} overflow (weights of "
-            "6 bits or fewer, or activations of 7 bits or fewer, always fit)")
+            "6 bits or fewer, or activations of 7 bits or fewer, always fit: quantize with --a-bits 7 or --w-bits 6, "
+            "and --first-last-bits for the first and last layers)")
 
 
 def uses_onednn(layer: QuantLinear | QuantConv2d, device: torch.device) -> bool:
