@@ -81,8 +81,9 @@ def _int16_reason(layer: QuantLinear | QuantConv2d) -> str | None:
     if pair_sums_fit_int16(bits, largest):
         return None
     return (f"{NO_VNNI}, which {bits}-bit activations times centred weights up to {largest} overflow (weights of "
-            "6 bits or fewer, or activations of 7 bits or fewer, always fit: quantize with --a-bits 7 or --w-bits 6, "
-            "and --first-last-bits for the first and last layers)")
+            "6 bits or fewer, symmetric 7-bit weights or activations of 7 bits or fewer always fit: quantize with "
+            "--w-bits 6, --w-bits 7 --weight-symmetric or --a-bits 7, and --first-last-bits for the first and last "
+            "layers)")
 
 
 def uses_onednn(layer: QuantLinear | QuantConv2d, device: torch.device) -> bool:
