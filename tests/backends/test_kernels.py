@@ -169,3 +169,14 @@ def test_int16_pair_sums_bound_the_weights_that_run_without_vnni() -> None:
     codes = torch.tensor([[0, 255, 3], [255, 128, 5]])
     assert max_centred_weight(codes, torch.tensor([0.0, 128.0, 4.0])) == 128
     assert max_centred_weight(codes[:, 2:], torch.tensor([4.0])) == 1
+
+
+@pytest.mark.parametrize("bits,symmetric,fits", [(6, False, True), (7, True, True), (7, False, False)])
+def test_which_weight_recipes_fit_int16_pair_sums_with_8_bit_activations(bits: int, symmetric: bool,
+                                                                          fits: bool) -> None:
+    """What the no-VNNI refusal tells users to quantize with: 6-bit or symmetric 7-bit weights always fit, while
+    asymmetric 7-bit weights of a lopsided channel (range [-0.2, 1]) do not."""
+    weight = torch.linspace(-0.2, 1.0, 64).repeat(3, 1).t()  # (K, N): every column lopsided
+    scale, zero_point = P.qparams_from_range(weight.amin(0), weight.amax(0), bits, symmetric)
+    codes = P.quantize_tensor(weight, scale, zero_point, bits)
+    assert pair_sums_fit_int16(8, max_centred_weight(codes, zero_point)) == fits
