@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from tacdiff.host_memory import freed_memory_kept
+
 
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a ``torch.device`` if this machine can compute on it; ``ValueError`` naming the fix."""
@@ -42,9 +44,11 @@ def cpu_name() -> str:
 
 def machine_line() -> str:
     """Where timings were taken, for a report's header, e.g. ``"AMD EPYC 9B14 (x86_64; AVX512, VNNI), 2 CPUs, 2
-    threads, torch 2.13.0+cpu"``."""
+    threads, torch 2.13.0+cpu, freed memory kept"`` (the last part where
+    :func:`~tacdiff.host_memory.keep_freed_memory` is in effect)."""
+    kept = ", freed memory kept" if freed_memory_kept() else ""
     return (f"{cpu_name()} ({platform.machine()}; {cpu_features()}), {os.cpu_count()} CPUs, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}{kept}")
 
 
 def cpu_features() -> str:

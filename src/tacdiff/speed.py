@@ -12,10 +12,8 @@ random inputs (the speed of a layer does not depend on its ranges).
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -30,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tacdiff.backends import backend_counts, use_backend
+from tacdiff.host_memory import rss_bytes, trim_heap
 from tacdiff.io.artifact import WEIGHTS_NAME, load_quantized, save_quantized
 from tacdiff.models.folders import quiet_loading, read_config
 from tacdiff.models.kinds import MODEL_KINDS, example_inputs, map_cond, sample_shape_of
@@ -95,12 +94,12 @@ def peak_rss_above_start() -> Iterator[list[float]]:
     back to the system first (glibc ``malloc_trim``), so that memory the calls allocate shows up."""
     result = [0.0]
     gc.collect()
-    _trim_heap()
-    start, peak, done = _rss_bytes(), [0], threading.Event()
+    trim_heap()
+    start, peak, done = rss_bytes(), [0], threading.Event()
 
     def poll() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], rss_bytes())
             done.wait(0.002)
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -110,22 +109,7 @@ def peak_rss_above_start() -> Iterator[list[float]]:
     finally:
         done.set()
         thread.join()
-        result[0] = max(0, max(peak[0], _rss_bytes()) - start) / 2**20
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the numbers may then miss reused memory
-        pass
-
-
-def _rss_bytes() -> int:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
+        result[0] = max(0, max(peak[0], rss_bytes()) - start) / 2**20
 
 
 @torch.no_grad()
