@@ -58,3 +58,13 @@ def test_auto_without_example_inputs_keeps_layers_fake_with_the_reason(tmp_path:
     execution = use_backend(model, "auto", cache=tmp_path)
     assert not any(v.startswith("int8") for v in execution.values())
     assert any("auto could not probe (no example inputs for a UNet with 'image'" in v for v in execution.values())
+
+
+def test_integer_execution_on_the_cpu_keeps_freed_memory(w4a8: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(select, "freed_memory_kept", lambda: False)
+    monkeypatch.setattr(select, "keep_freed_memory", lambda: calls.append("kept") or True)
+    use_backend(copy.deepcopy(w4a8), "fake")
+    assert not calls
+    use_backend(copy.deepcopy(w4a8), "int8")
+    assert calls == ["kept"]

@@ -24,6 +24,7 @@ from tacdiff.backends.codes import exact_int8_cpu
 from tacdiff.backends.int8 import (Int8AttentionValues, adds_weight_zero_point, is_converted, to_int8,
                                    unsupported_reason, values_kernel_reason)
 from tacdiff.devices import cpu_name
+from tacdiff.host_memory import freed_memory_kept, keep_freed_memory
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.models.kinds import example_inputs
 from tacdiff.quant.apply import quant_state
@@ -47,7 +48,9 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
     ``probe_batch`` samples (timings cached in ``cache``, default ``$XDG_CACHE_HOME/tacdiff``), and quantized
     embedding tables always, untimed (their codes-only lookups save memory).
     Converted layers keep integer weights only: such a model cannot be converted again, copied or
-    saved (do that with the fake-quant model) and stays on its device.
+    saved (do that with the fake-quant model) and stays on its device. On the CPU this also keeps the process's
+    freed memory for reuse (:func:`tacdiff.host_memory.keep_freed_memory`): the integer layers' extra temporaries
+    would otherwise be page-faulted in afresh on every call.
     """
     check_backend(backend)
     state = quant_state(model)
@@ -58,6 +61,8 @@ def use_backend(model: nn.Module, backend: str = "fake", *, probe_batch: int = 8
         return {}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantWeightMixin)}
     device = next(model.parameters()).device
+    if device.type == "cpu" and not freed_memory_kept() and keep_freed_memory():
+        LOG.info("freed memory is kept for reuse from now on in this process (tacdiff.host_memory)")
     reasons = {name: unsupported_reason(layer, device) for name, layer in layers.items()}
     candidates = {name: layer for name, layer in layers.items()  # lookups are not timed: their codes always save memory
                   if reasons[name] is None and not isinstance(layer, QuantEmbedding)}
