@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tacdiff.devices import machine_line
-from tacdiff.host_memory import keep_freed_memory
+from tacdiff.host_memory import OPT_OUT, keep_freed_memory
 from tacdiff.io.atomic import write_text_atomically
 from tacdiff.speed import SETTINGS, format_speed_markdown, measure_speed, model_for_speed
 
@@ -259,11 +259,14 @@ def main() -> None:
     parser.add_argument("--end-to-end-untimed", action="store_true",
                         help="Only each backend's x0 PSNR with its own tables (no timing, no cross-backend tables).")
     parser.add_argument("--default-allocator", action="store_true", help="Leave glibc's allocator as it is (by "
-                        "default freed memory is kept for the next call, as the tacdiff command line keeps it).")
+                        "default freed memory is kept for the next call, as the tacdiff command line and use_backend "
+                        "keep it): sets TACDIFF_KEEP_FREED_MEMORY=0.")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not args.default_allocator:
+    if args.default_allocator:
+        os.environ[OPT_OUT] = "0"  # use_backend keeps freed memory too, unless told not to
+    else:
         keep_freed_memory()
 
     caps = "".join(f"{name}={os.environ[name]} " for name in ISA_CAPS if name in os.environ)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tacdiff.host_memory import _glibc, rss_bytes
+from tacdiff import host_memory
+from tacdiff.host_memory import OPT_OUT, _glibc, keep_freed_memory, rss_bytes
 
 CALLS = """
 import json, resource
@@ -46,6 +47,13 @@ def test_kept_freed_memory_stops_repeated_calls_from_faulting_pages_in() -> None
                                       check=True).stdout)
     assert found["kept"] is True
     assert sum(found["after"][-5:]) <= sum(found["default"][-5:]) / 10, found
+
+
+def test_the_environment_opts_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_memory, "_kept", False)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: pytest.fail("the allocator was touched despite the opt-out"))
+    monkeypatch.setenv(OPT_OUT, "0")
+    assert keep_freed_memory() is False
 
 
 def test_resident_memory_is_read() -> None:

@@ -1,11 +1,11 @@
 """The process's own memory on the host: glibc's allocator settings, handing freed memory back, resident size.
 
-A denoiser call on the CPU allocates and frees the same activations every call. By default glibc hands large
-freed blocks back to the system, so the next call page-faults (and the kernel zeroes) them in afresh: on the
-2-core virtual machines tacdiff is benchmarked on that was 2,800 faults per call of the bundled pixel model in
-FP32 and 5,700 on the int8 backend (which makes more temporaries), about a third of the int8 model's time at
-batch 8. :func:`keep_freed_memory` keeps them for the next call instead, as the allocators PyTorch's CPU tuning
-guide recommends (jemalloc, tcmalloc) do. Nothing here imports torch.
+A denoiser call on the CPU allocates and frees the same activations every call. By default glibc hands many
+freed blocks back to the system, so the next call page-faults them in afresh (and the kernel zeroes them): on
+a 2-core virtual machine that was thousands of faults per call of the bundled pixel model, twice as many on the
+int8 backend (whose layers make more temporaries) as in FP32. :func:`keep_freed_memory` keeps them for the next
+call instead, as the allocators PyTorch's CPU tuning guide recommends (jemalloc, tcmalloc) do; the README's
+"Integer execution" section measures what that is worth. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ MMAP_THRESHOLD_MAX = 32 * 2**20
 """The largest threshold glibc accepts on 64-bit systems: blocks up to it come from the reusable heap."""
 TRIM_THRESHOLD = 2**31 - 1
 """Free memory at the top of the heap kept before glibc hands it back on its own (the largest ``int``)."""
-
-
-_kept = False
+OPT_OUT = "TACDIFF_KEEP_FREED_MEMORY"
+"""Set to 0 (or false, no, off) and :func:`keep_freed_memory` leaves the allocator as it is."""
+_kept = False  # whether keep_freed_memory has set the allocator in this process
 
 
 @cache
@@ -39,10 +39,12 @@ def keep_freed_memory() -> bool:
     """Have glibc keep freed blocks of up to 32 MiB on its heap for reuse, and hand the heap's free top back to
     the system only beyond 2 GiB (or on :func:`trim_heap`), so that repeated model calls stop page-faulting their
     activations in afresh. The process's peak resident memory stays what it was; memory freed after the peak is
-    kept for the next call rather than returned. The ``tacdiff`` command line sets this for every command; from
-    Python call it once, before timing or sampling. Returns whether the allocator took the settings (False off
-    glibc)."""
+    kept for the next call rather than returned. The ``tacdiff`` command line sets this for every command, and
+    :func:`tacdiff.backends.use_backend` on the CPU; ``TACDIFF_KEEP_FREED_MEMORY=0`` opts out. Returns whether the
+    allocator took the settings (False off glibc, or opted out)."""
     global _kept
+    if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
+        return _kept
     libc = _glibc()
     if libc is not None:  # setting either threshold also stops glibc from moving both with the sizes it sees freed
         _kept = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) & bool(libc.mallopt(M_TRIM_THRESHOLD,

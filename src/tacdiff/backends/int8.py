@@ -82,8 +82,8 @@ def _int16_reason(layer: QuantLinear | QuantConv2d) -> str | None:
         return None
     return (f"{NO_VNNI}, which {bits}-bit activations times centred weights up to {largest} overflow (weights of "
             "6 bits or fewer, symmetric 7-bit weights or activations of 7 bits or fewer always fit: quantize with "
-            "--w-bits 6, --w-bits 7 --weight-symmetric or --a-bits 7, and --first-last-bits for the first and last "
-            "layers)")
+            "--w-bits 6 (of these, the most accurate on the bundled model) or --a-bits 7, and --first-last-bits for "
+            "the first and last layers)")
 
 
 def uses_onednn(layer: QuantLinear | QuantConv2d, device: torch.device) -> bool:
