@@ -5,8 +5,8 @@ Each round starts one child process per allocator mode (their order alternates b
 growing busier does not favour one mode). A child times FP32 and the int8 backend in turns (fastest call of each
 after a warm-up) and counts the minor page faults of further calls; the parent prints every round and the medians.
 
-Usage: python benchmarks/allocator.py [--models reference cifar10] [--bits w4a8] [--batch 8] [--rounds 3]
-       [--markdown benchmarks/results/allocator.md]
+Usage: python benchmarks/allocator.py [--models reference cifar10 sd15] [--bits w4a8] [--batch 8] [--rounds 3]
+       [--calls 8] [--sd-latent 32] [--markdown benchmarks/results/allocator.md]
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def child(spec: str, setting: str, batch: int, mode: str, calls: int) -> dict[str, float]:
-    """One fresh process's measurement (see the module docstring)."""
+def child(model: str, setting: str, batch: int, mode: str, calls: int, sd_latent: int) -> dict[str, float]:
+    """One fresh process's measurement of ``model`` (a name of ``benchmarks/speed.py`` or a model folder)."""
     from tacdiff.host_memory import OPT_OUT, keep_freed_memory
 
     if mode == "default":
@@ -43,7 +43,11 @@ def child(spec: str, setting: str, batch: int, mode: str, calls: int) -> dict[st
     from tacdiff.models.kinds import example_inputs
     from tacdiff.speed import model_for_speed, quantized_for_timing
 
-    fp = model_for_speed(spec).eval()
+    from speed import MODELS  # benchmarks/speed.py's model names
+
+    fp = model_for_speed(str(MODELS[model][0]) if model in MODELS else model).eval()
+    if model == "sd15":
+        fp.register_to_config(sample_size=sd_latent)
     int8 = quantized_for_timing(fp, setting)
     use_backend(int8, "int8")
     x, t, cond = example_inputs(fp, batch)
@@ -69,7 +73,7 @@ def child(spec: str, setting: str, batch: int, mode: str, calls: int) -> dict[st
 
 def run_child(model: str, args: argparse.Namespace, mode: str) -> dict[str, float]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--models", model, "--bits", args.bits,
-               "--batch", str(args.batch), "--calls", str(args.calls)]
+               "--batch", str(args.batch), "--calls", str(args.calls), "--sd-latent", str(args.sd_latent)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"child {mode} for {model} failed:\n{done.stderr[-2000:]}")
@@ -99,15 +103,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=8, help="Timed calls per variant and child.")
+    parser.add_argument("--sd-latent", type=int, default=32, help="Latent side of the SD 1.5 UNet (its config: 64).")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
-    sys.path.insert(0, str(HERE))
-    from speed import MODELS  # the same model names as benchmarks/speed.py
-
     if args.child:
-        spec = str(MODELS[args.models[0]][0]) if args.models[0] in MODELS else args.models[0]
-        print(json.dumps(child(spec, args.bits, args.batch, args.child, args.calls)))
+        sys.path.insert(0, str(HERE))
+        print(json.dumps(child(args.models[0], args.bits, args.batch, args.child, args.calls, args.sd_latent)))
         return
     from tacdiff.devices import machine_line
     from tacdiff.io.atomic import write_text_atomically
