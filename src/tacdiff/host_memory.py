@@ -41,7 +41,7 @@ def keep_freed_memory() -> bool:
     activations in afresh. The process's peak resident memory stays what it was; memory freed after the peak is
     kept for the next call rather than returned. The ``tacdiff`` command line sets this for every command, and
     :func:`tacdiff.backends.use_backend` on the CPU; ``TACDIFF_KEEP_FREED_MEMORY=0`` opts out. Returns whether the
-    allocator took the settings (False off glibc, or opted out)."""
+    settings are in effect (False off glibc, or when opted out before any call kept them)."""
     global _kept
     if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
         return _kept
